@@ -1,0 +1,42 @@
+"""hf_capgap: distill language models along the law of capacity gap, on the Hugging Face stack.
+
+Public names are imported lazily so that light entry points (``hf_capgap.law``, ``hf-capgap --help``)
+start without loading torch or transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "DistillationConfig": "hf_capgap.config",
+    "DistillationTrainer": "hf_capgap.trainer",
+    "divergence": "hf_capgap.losses",
+    "TeacherCache": "hf_capgap.cache",
+    "CapacityGapLaw": "hf_capgap.law",
+    "prune_model": "hf_capgap.pruning",
+    "build_ladder": "hf_capgap.ladder",
+    "load_corpus": "hf_capgap.data",
+    "tokenize_and_pack": "hf_capgap.data",
+    "evaluate_perplexity": "hf_capgap.evaluation",
+    "push_student": "hf_capgap.hub",
+    "render_model_card": "hf_capgap.hub",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'hf_capgap' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,209 @@
+"""Atomic artifact writing and manifests.
+
+Every artifact hf_capgap writes (teacher caches, pruned students, pretrained teachers, sweep results)
+lands in a directory that appears only once complete, next to a ``capgap_manifest.json`` recording
+what produced it. Loading re-reads the manifest and refuses stale or foreign artifacts by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = "capgap_manifest.json"
+
+
+class ArtifactError(ValueError):
+    """An artifact on disk is missing, incomplete, corrupted or was made from different inputs."""
+
+
+def _package_version() -> str:
+    from hf_capgap import __version__
+
+    return __version__
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+@contextlib.contextmanager
+def atomic_directory(final: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that is renamed to ``final`` only if the block succeeds.
+
+    A crash or exception leaves no trace at ``final``: the temporary directory is removed.
+    """
+    final = Path(final)
+    if final.exists() and not overwrite:
+        raise ArtifactError(f"{final} already exists; remove it or pass overwrite=True.")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        if final.exists():
+            trash = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".old"))
+            os.replace(final, trash / "old")
+            os.replace(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def json_sha256(obj: Any) -> str:
+    """Stable hash of a JSON-serialisable object (keys sorted)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def write_manifest(
+    directory: str | os.PathLike,
+    kind: str,
+    format_version: int,
+    fields: Mapping[str, Any],
+    *,
+    checksum_files: bool = True,
+) -> dict[str, Any]:
+    """Write ``capgap_manifest.json`` into ``directory``, with a sha256 of every file in it."""
+    directory = Path(directory)
+    manifest: dict[str, Any] = {
+        "kind": kind,
+        "format_version": format_version,
+        "hf_capgap_version": _package_version(),
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **fields,
+    }
+    if checksum_files:
+        manifest["files"] = {
+            str(p.relative_to(directory)): file_sha256(p)
+            for p in sorted(directory.rglob("*"))
+            if p.is_file() and p.name != MANIFEST_NAME and not p.name.startswith(".")
+        }
+    atomic_write_json(directory / MANIFEST_NAME, manifest)
+    return manifest
+
+
+def read_manifest(
+    directory: str | os.PathLike,
+    kind: str,
+    format_version: int,
+    *,
+    expected: Mapping[str, Any] | None = None,
+    verify_files: bool = False,
+) -> dict[str, Any]:
+    """Load and check a manifest; raise :class:`ArtifactError` naming the first problem found.
+
+    ``expected`` maps manifest fields to the values the caller is about to rely on (fingerprints of
+    the teacher, tokenizer, dataset ...); a ``None`` value skips that field.
+    """
+    directory = Path(directory)
+    path = directory / MANIFEST_NAME
+    if not path.is_file():
+        raise ArtifactError(
+            f"{directory} has no {MANIFEST_NAME}: it is not a complete hf_capgap {kind} "
+            "(an interrupted write, or a folder made by something else). Rebuild it."
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ArtifactError(f"{path} is not valid JSON ({err}); rebuild the {kind}.") from err
+    if manifest.get("kind") != kind:
+        raise ArtifactError(f"{directory} holds a {manifest.get('kind')!r}, not a {kind!r}.")
+    if manifest.get("format_version") != format_version:
+        raise ArtifactError(
+            f"{directory}: {kind} format_version is {manifest.get('format_version')}, this hf_capgap "
+            f"reads {format_version}; rebuild it with this version."
+        )
+    for field, want in (expected or {}).items():
+        if want is None:
+            continue
+        have = manifest.get(field)
+        if have != want:
+            raise ArtifactError(
+                f"{directory}: manifest field {field!r} is {have!r} but the caller has {want!r}; the "
+                f"{kind} was built from different inputs. Rebuild it for these inputs."
+            )
+    if verify_files:
+        verify_manifest_files(directory, manifest)
+    return manifest
+
+
+def verify_manifest_files(directory: str | os.PathLike, manifest: Mapping[str, Any]) -> None:
+    directory = Path(directory)
+    for name, digest in manifest.get("files", {}).items():
+        path = directory / name
+        if not path.is_file():
+            raise ArtifactError(f"{path} is listed in the manifest but missing; rebuild the artifact.")
+        if file_sha256(path) != digest:
+            raise ArtifactError(f"{path} does not match its manifest checksum (corrupted or modified).")
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Hash of what decides token ids: the vocabulary, merges and special tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        payload: Any = json.loads(backend.to_str())
+        payload.pop("truncation", None)
+        payload.pop("padding", None)
+    else:
+        payload = sorted(tokenizer.get_vocab().items())
+    return json_sha256({"tokenizer": payload, "special": tokenizer.all_special_tokens})
+
+
+def model_fingerprint(model: Any) -> str:
+    """Hash of a model's architecture config and every weight (order-independent of device/dtype views)."""
+    import torch
+
+    digest = hashlib.sha256()
+    config = model.config.to_dict()
+    for volatile in ("_name_or_path", "transformers_version", "torch_dtype", "dtype"):
+        config.pop(volatile, None)
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        data = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(data.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def dataset_fingerprint(dataset: Any) -> str:
+    """The ``datasets`` fingerprint, which changes whenever content or processing changes."""
+    fingerprint = getattr(dataset, "_fingerprint", None)
+    if fingerprint is None:
+        raise ArtifactError("dataset has no fingerprint: pass a datasets.Dataset (not a list or torch Dataset).")
+    return fingerprint

@@ -1,0 +1,42 @@
+"""The ``hf-capgap`` command line.
+
+Each sub-command lives in ``hf_capgap/commands/<name>.py`` and exposes ``register(subparsers)``;
+those modules import only argparse at module level so ``hf-capgap --help`` starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMAND_MODULES = ("law", "cache", "prune", "hub")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-capgap", description="Distill language models along the law of capacity gap."
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"hf_capgap.commands.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"hf_capgap.commands.{name}":
+                raise
+            continue
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"hf-capgap {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Sub-commands of ``hf-capgap``: each module defines ``register(subparsers)`` and imports lazily."""
