@@ -1,0 +1,1 @@
+"""Embedded public-domain corpus (see README.md in this folder)."""

@@ -1,0 +1,1 @@
+"""Jinja model-card templates, rendered by hf_capgap.hub through huggingface_hub.ModelCard."""
