@@ -1,0 +1,265 @@
+"""TeacherCache: run a teacher once over a packed dataset and keep its next-token distributions.
+
+In a capacity-gap sweep every student is distilled from the same few teachers, so the teacher's
+forward pass is paid once and reused for every epoch and every student. Storing only the top-k
+log-probs biases the distillation target (Anshumann et al., ACL 2025, "Sparse Logit Sampling"), so a
+cache keeps either the top-k *plus the exact tail mass*, unbiased samples, or the dense distribution.
+
+On disk a cache is a directory of Arrow shards (memory-mapped on load) and a manifest written last::
+
+    shard-00000.arrow ... shard-NNNNN.arrow   rows [j*R, (j+1)*R) of the dataset, in order
+    capgap_manifest.json                       settings, fingerprints, per-shard rows and sha256
+
+Per row of length L the cache holds L-1 positions: position t is the teacher's distribution over
+the token after ``input_ids[t]``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from hf_capgap.artifacts import ArtifactError, file_sha256, read_manifest
+
+KIND = "teacher_cache"
+FORMAT_VERSION = 1
+MODES = ("topk", "sampled", "dense")
+DTYPES = ("float16", "bfloat16")
+
+LOGPROB_FLOOR = -1.0e4
+"""Stored in place of log(0) (e.g. the tail when the top-k hold all the mass): finite, so fp16/bf16
+storage and downstream arithmetic never meet inf or nan, and exp(LOGPROB_FLOOR) is exactly 0."""
+
+SIGNAL_COLUMNS: dict[str, tuple[str, ...]] = {
+    "topk": ("topk_ids", "topk_logprobs", "tail_logprob"),
+    "sampled": ("sample_ids", "sample_counts", "sample_logprobs"),
+    "dense": ("logprobs",),
+}
+CACHE_COLUMNS: tuple[str, ...] = (
+    "input_ids",
+    "labels",
+    *(name for columns in SIGNAL_COLUMNS.values() for name in columns),
+)
+"""Every column a cache row may hold; keep them past ``remove_unused_columns``."""
+
+TEACHER_BATCH_KEYS: dict[str, tuple[str, ...]] = {
+    "topk": ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail_logprob"),
+    "sampled": ("teacher_sample_ids", "teacher_sample_counts", "teacher_sample_logprobs"),
+    "dense": ("teacher_logprobs",),
+}
+"""Keys :meth:`TeacherCache.collate` adds to a batch, next to input_ids/attention_mask/labels."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.arrow"
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Fixed row ranges: shard j covers rows [j*rows_per_shard, (j+1)*rows_per_shard)."""
+
+    num_rows: int
+    rows_per_shard: int
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_rows // self.rows_per_shard)
+
+    def rows(self, index: int) -> tuple[int, int]:
+        start = index * self.rows_per_shard
+        return start, min(start + self.rows_per_shard, self.num_rows)
+
+
+def arrow_row_count(path: Path) -> int:
+    """Rows in an Arrow IPC stream; raises ArtifactError when the file is unreadable or truncated."""
+    try:
+        with pa.memory_map(str(path)) as source:
+            return pa.ipc.open_stream(source).read_all().num_rows
+    except (pa.ArrowInvalid, OSError) as err:
+        raise ArtifactError(f"{path} is not a readable Arrow shard ({err}); rebuild the cache.") from err
+
+
+def _as_long(values: Sequence[Any]) -> "torch.Tensor":  # noqa: F821
+    import torch
+
+    return torch.from_numpy(np.stack([np.asarray(v, dtype=np.int64) for v in values]))
+
+
+def _as_float(values: Sequence[Any], stored_as_bf16_bits: bool) -> "torch.Tensor":  # noqa: F821
+    import torch
+
+    if stored_as_bf16_bits:
+        bits = np.stack([np.asarray(v, dtype=np.uint16) for v in values]).view(np.int16)
+        return torch.from_numpy(bits).view(torch.bfloat16).float()
+    return torch.from_numpy(np.stack([np.asarray(v, dtype=np.float32) for v in values]))
+
+
+class TeacherCache:
+    """A finished teacher cache: manifest, memory-mapped rows and a collator for the trainer."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+        self.path = path
+        self.manifest = manifest
+        self._dataset = None
+
+    @classmethod
+    def build(
+        cls,
+        teacher: Any,
+        dataset: Any,
+        path: str | os.PathLike,
+        *,
+        mode: str = "topk",
+        k: int = 64,
+        temperature: float = 1.0,
+        batch_size: int = 8,
+        shard_tokens: int = 262144,
+        tokenizer: Any = None,
+        dtype: str = "float16",
+        seed: int = 0,
+        progress: bool = True,
+        overwrite: bool = False,
+    ) -> TeacherCache:
+        """Run ``teacher`` (an HF causal LM) over a packed ``dataset`` and write the cache at ``path``.
+
+        Resumable: rerunning after a crash keeps finished shards. Under accelerate/torch.distributed
+        each rank builds its share of shards. A complete cache with the same settings is reused as
+        is; one with other settings is refused unless ``overwrite=True``.
+        """
+        from hf_capgap.cache_build import build_cache
+
+        build_cache(
+            teacher,
+            dataset,
+            Path(path),
+            mode=mode,
+            k=k,
+            temperature=temperature,
+            batch_size=batch_size,
+            shard_tokens=shard_tokens,
+            tokenizer=tokenizer,
+            dtype=dtype,
+            seed=seed,
+            progress=progress,
+            overwrite=overwrite,
+        )
+        return cls.load(path)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        *,
+        teacher_fingerprint: str | None = None,
+        tokenizer_fingerprint: str | None = None,
+        dataset_fingerprint: str | None = None,
+        temperature: float | None = None,
+        verify: bool = False,
+    ) -> TeacherCache:
+        """Open a cache, refusing one built from other inputs than the fingerprints given.
+
+        Shards are checked cheaply (present, right size, right row count); ``verify=True`` also
+        compares every shard's sha256 with the manifest.
+        """
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"no teacher cache at {path}; build one with TeacherCache.build.")
+        manifest = read_manifest(
+            path,
+            KIND,
+            FORMAT_VERSION,
+            expected={
+                "teacher_fingerprint": teacher_fingerprint,
+                "tokenizer_fingerprint": tokenizer_fingerprint,
+                "dataset_fingerprint": dataset_fingerprint,
+                "temperature": None if temperature is None else float(temperature),
+            },
+        )
+        cache = cls(path, manifest)
+        cache._check_shards(checksums=verify)
+        return cache
+
+    def verify(self) -> None:
+        """Check every shard's checksum, size and row count against the manifest."""
+        self._check_shards(checksums=True)
+
+    def _check_shards(self, *, checksums: bool) -> None:
+        for shard in self.manifest["shards"]:
+            file = self.path / shard["file"]
+            if not file.is_file():
+                raise ArtifactError(f"{file} is listed in the manifest but missing; rebuild the cache.")
+            size = file.stat().st_size
+            if size != shard["bytes"]:
+                raise ArtifactError(
+                    f"{file} has {size} bytes, the manifest records {shard['bytes']} (truncated or "
+                    "modified); rebuild the cache."
+                )
+            if checksums and file_sha256(file) != shard["sha256"]:
+                raise ArtifactError(f"{file} does not match its manifest sha256 (corrupted); rebuild the cache.")
+            rows = arrow_row_count(file)
+            if rows != shard["num_rows"]:
+                raise ArtifactError(
+                    f"{file} holds {rows} rows, the manifest records {shard['num_rows']}; rebuild the cache."
+                )
+
+    def __len__(self) -> int:
+        return int(self.manifest["num_sequences"])
+
+    @property
+    def mode(self) -> str:
+        return self.manifest["mode"]
+
+    @property
+    def bytes_per_token(self) -> float:
+        """On-disk bytes of the teacher signal (not input_ids/labels) per predicted position."""
+        return self.manifest["signal_bytes"] / self.manifest["num_positions"]
+
+    @property
+    def dataset(self) -> Any:
+        """All shards as one memory-mapped ``datasets.Dataset``, rows in dataset order."""
+        if self._dataset is None:
+            import datasets
+
+            shards = [datasets.Dataset.from_file(str(self.path / s["file"])) for s in self.manifest["shards"]]
+            self._dataset = datasets.concatenate_datasets(shards) if len(shards) > 1 else shards[0]
+        return self._dataset
+
+    def collate(self, features: list[Mapping[str, Any]]) -> dict[str, Any]:
+        """Batch cache rows into tensors: the model inputs plus the ``teacher_*`` signal."""
+        import torch
+
+        if not features:
+            raise ValueError("collate got an empty list of features; the batch must hold at least one row.")
+        input_ids = _as_long([f["input_ids"] for f in features])
+        has_labels = "labels" in features[0] and features[0]["labels"] is not None
+        labels = _as_long([f["labels"] for f in features]) if has_labels else input_ids.clone()
+        batch: dict[str, Any] = {
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+            "labels": labels,
+        }
+        bf16 = self.manifest["dtype"] == "bfloat16"
+        if self.mode == "topk":
+            batch["teacher_topk_ids"] = _as_long([f["topk_ids"] for f in features])
+            batch["teacher_topk_logprobs"] = _as_float([f["topk_logprobs"] for f in features], bf16)
+            batch["teacher_tail_logprob"] = _as_float([f["tail_logprob"] for f in features], False)
+        elif self.mode == "sampled":
+            batch["teacher_sample_ids"] = _as_long([f["sample_ids"] for f in features])
+            batch["teacher_sample_counts"] = _as_float([f["sample_counts"] for f in features], False)
+            batch["teacher_sample_logprobs"] = _as_float([f["sample_logprobs"] for f in features], bf16)
+        else:
+            batch["teacher_logprobs"] = _as_float([f["logprobs"] for f in features], bf16)
+        return batch
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return (
+            f"TeacherCache({str(self.path)!r}, mode={m['mode']!r}, k={m['k']}, sequences={m['num_sequences']}, "
+            f"bytes_per_token={self.bytes_per_token:.1f})"
+        )

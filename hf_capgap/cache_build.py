@@ -1,0 +1,408 @@
+"""Building a teacher cache: validate, run the teacher shard by shard, write the manifest last.
+
+A build is resumable and can be spread over processes. Shard j always covers the same rows, is
+written under a temporary name and renamed only once complete, so a rerun keeps finished shards and
+redoes the rest. Under accelerate / torch.distributed with world size W, rank r builds the shards
+with j % W == r and rank 0 writes the manifest after a barrier: the files equal a one-process build.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from hf_capgap.artifacts import (
+    MANIFEST_NAME,
+    ArtifactError,
+    atomic_write_json,
+    dataset_fingerprint,
+    file_sha256,
+    model_fingerprint,
+    tokenizer_fingerprint,
+    write_manifest,
+)
+from hf_capgap.cache import (
+    DTYPES,
+    FORMAT_VERSION,
+    KIND,
+    LOGPROB_FLOOR,
+    MODES,
+    SIGNAL_COLUMNS,
+    ShardPlan,
+    arrow_row_count,
+    shard_name,
+)
+
+SPEC_NAME = ".build_spec.json"
+"""Settings of an unfinished build, so a rerun with other inputs cannot mix its shards in."""
+
+UINT16_VOCAB_LIMIT = 1 << 16
+
+
+def build_cache(
+    teacher: Any,
+    dataset: Any,
+    path: Path,
+    *,
+    mode: str = "topk",
+    k: int = 64,
+    temperature: float = 1.0,
+    batch_size: int = 8,
+    shard_tokens: int = 262144,
+    tokenizer: Any = None,
+    dtype: str = "float16",
+    seed: int = 0,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> None:
+    """Write (or finish) the cache at ``path``; every input is checked before the teacher runs."""
+    _check_options(mode, k, temperature, batch_size, shard_tokens, dtype)
+    seq_len, has_labels, max_id = _inspect_dataset(dataset)
+    vocab_size = int(teacher.config.vocab_size)
+    _check_vocab(mode, k, vocab_size, max_id, tokenizer)
+    spec = {
+        "mode": mode,
+        "k": vocab_size if mode == "dense" else k,
+        "temperature": float(temperature),
+        "dtype": dtype,
+        "seed": seed,
+        "vocab_size": vocab_size,
+        "id_dtype": "uint16" if vocab_size <= UINT16_VOCAB_LIMIT else "uint32",
+        "seq_len": seq_len,
+        "has_labels": has_labels,
+        "num_sequences": len(dataset),
+        "rows_per_shard": max(1, shard_tokens // seq_len),
+        "teacher_fingerprint": model_fingerprint(teacher),
+        "tokenizer_fingerprint": None if tokenizer is None else tokenizer_fingerprint(tokenizer),
+        "dataset_fingerprint": dataset_fingerprint(dataset),
+    }
+    from accelerate import PartialState
+
+    state = PartialState()
+    found = _inspect_directory(path, spec, overwrite=overwrite)
+    if found == "complete":
+        return
+    state.wait_for_everyone()
+    if state.is_main_process:
+        _claim_directory(path, stale=found == "stale", spec=spec)
+    state.wait_for_everyone()
+    plan = ShardPlan(spec["num_sequences"], spec["rows_per_shard"])
+    own = [j for j in range(plan.num_shards) if j % state.num_processes == state.process_index]
+    _build_shards(teacher, dataset, path, spec, plan, own, batch_size, progress and state.is_main_process)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        teacher_name = getattr(teacher, "name_or_path", "") or teacher.config.name_or_path
+        _write_final_manifest(path, spec, plan, teacher_name)
+    state.wait_for_everyone()
+
+
+def _check_options(mode: str, k: int, temperature: float, batch_size: int, shard_tokens: int, dtype: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not a cache mode; use one of {', '.join(MODES)}.")
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k={k!r} must be a positive int (entries kept per position).")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature={temperature!r} must be a finite number > 0.")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be a positive int.")
+    if not isinstance(shard_tokens, int) or shard_tokens < 1:
+        raise ValueError(f"shard_tokens={shard_tokens!r} must be a positive int.")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not a storage dtype; use one of {', '.join(DTYPES)}.")
+
+
+def _inspect_dataset(dataset: Any) -> tuple[int, bool, int]:
+    """Return (seq_len, has_labels, max token id) of a packed dataset, or raise naming the problem."""
+    import pyarrow.compute as pc
+    from datasets import Dataset
+
+    if not isinstance(dataset, Dataset):
+        raise ValueError(f"dataset must be a datasets.Dataset (tokenized and packed), got {type(dataset).__name__}.")
+    if "input_ids" not in dataset.column_names:
+        raise ValueError(f"dataset has no 'input_ids' column (columns: {dataset.column_names}); tokenize and pack it first.")
+    if len(dataset) == 0:
+        raise ValueError("dataset is empty: there is nothing to cache; check the tokenize/pack step.")
+    table = dataset.with_format("arrow")[:]
+    lengths = {}
+    for column in ("input_ids", "labels"):
+        if column in dataset.column_names:
+            values = pc.list_value_length(table[column])
+            lengths[column] = (pc.min(values).as_py(), pc.max(values).as_py())
+    low, high = lengths["input_ids"]
+    if low != high:
+        raise ValueError(
+            f"dataset rows of 'input_ids' have lengths {low}..{high}; the cache needs fixed-length packed rows "
+            "(use hf_capgap.data.tokenize_and_pack)."
+        )
+    if high < 2:
+        raise ValueError(f"dataset rows have {high} token(s); a row needs at least 2 to predict a next token.")
+    if "labels" in lengths and lengths["labels"] != (high, high):
+        raise ValueError(f"dataset 'labels' rows must have the input_ids length {high}, got {lengths['labels']}.")
+    ids = pc.list_flatten(table["input_ids"])
+    if pc.min(ids).as_py() < 0:
+        raise ValueError("dataset 'input_ids' holds negative ids; token ids must be >= 0.")
+    return high, "labels" in lengths, pc.max(ids).as_py()
+
+
+def _check_vocab(mode: str, k: int, vocab_size: int, max_id: int, tokenizer: Any) -> None:
+    if mode != "dense" and k > vocab_size:
+        raise ValueError(f"k={k} exceeds the teacher vocabulary ({vocab_size}); use k <= {vocab_size} or mode='dense'.")
+    if max_id >= vocab_size:
+        raise ValueError(
+            f"dataset holds token id {max_id} but the teacher vocabulary has {vocab_size} ids; the dataset was "
+            "tokenized for another model."
+        )
+    if tokenizer is not None and len(tokenizer) > vocab_size:
+        raise ValueError(
+            f"tokenizer has {len(tokenizer)} tokens but the teacher vocabulary has {vocab_size}; pass the "
+            "teacher's own tokenizer."
+        )
+
+
+def _mismatches(have: dict[str, Any], spec: dict[str, Any]) -> list[str]:
+    return [f"{field}: on disk {have.get(field)!r}, requested {want!r}" for field, want in spec.items() if have.get(field) != want]
+
+
+def _is_cache_file(name: str) -> bool:
+    return name in (MANIFEST_NAME, SPEC_NAME) or (name.startswith(("shard-", ".shard-")) and ".arrow" in name)
+
+
+def _inspect_directory(path: Path, spec: dict[str, Any], *, overwrite: bool) -> str:
+    """Say what ``path`` holds: 'complete' (same settings), 'stale' (to replace) or 'build' (new/resume).
+
+    Read-only, so every rank runs it and all raise together; foreign or mismatched contents are refused.
+    """
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"cache path {path} is a file; pass a directory path.")
+    names = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    foreign = [name for name in names if not _is_cache_file(name)]
+    if foreign:
+        raise ArtifactError(f"{path} holds files that are not part of a teacher cache ({foreign[:3]}); choose an empty or new path.")
+    for name, what in ((MANIFEST_NAME, "a complete cache"), (SPEC_NAME, "an unfinished cache build")):
+        if name not in names:
+            continue
+        have = json.loads((path / name).read_text())
+        problems = _mismatches(have, spec) if have.get("kind", KIND) == KIND else ["kind: not a teacher cache"]
+        if not problems:
+            return "complete" if name == MANIFEST_NAME else "build"
+        if not overwrite:
+            raise ArtifactError(
+                f"{path} holds {what} made with other settings ({'; '.join(problems)}); pass overwrite=True "
+                "to replace it, or choose another path."
+            )
+        return "stale"
+    return "build"
+
+
+def _claim_directory(path: Path, *, stale: bool, spec: dict[str, Any]) -> None:
+    """Remove a replaced cache (manifest first, so it never looks complete) and record this build's spec."""
+    if stale:
+        names = [MANIFEST_NAME, *(p.name for p in path.iterdir() if p.name != MANIFEST_NAME)]
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                (path / name).unlink()
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path / SPEC_NAME, spec)
+
+
+def _build_shards(
+    teacher: Any,
+    dataset: Any,
+    path: Path,
+    spec: dict[str, Any],
+    plan: ShardPlan,
+    shard_indices: list[int],
+    batch_size: int,
+    progress: bool,
+) -> None:
+    import torch
+    from tqdm.auto import tqdm
+
+    todo = [j for j in shard_indices if not _shard_is_complete(path / shard_name(j), plan, j)]
+    rows = dataset.with_format("numpy", columns=["input_ids", "labels"] if spec["has_labels"] else ["input_ids"])
+    schema = _schema(spec)
+    was_training = teacher.training
+    teacher.eval()
+    bar = tqdm(total=sum(plan.rows(j)[1] - plan.rows(j)[0] for j in todo), desc="teacher cache", unit="seq", disable=not progress)
+    try:
+        with torch.inference_mode():
+            for j in todo:
+                start, end = plan.rows(j)
+                final = path / shard_name(j)
+                tmp = path / f".{final.name}.tmp"
+                with open(tmp, "wb") as handle, pa.ipc.new_stream(handle, schema) as writer:
+                    for low in range(start, end, batch_size):
+                        high = min(low + batch_size, end)
+                        writer.write_batch(_encode_batch(teacher, rows[low:high], low, spec, schema))
+                        bar.update(high - low)
+                with open(tmp, "rb+") as handle:
+                    os.fsync(handle.fileno())
+                os.replace(tmp, final)
+    finally:
+        bar.close()
+        teacher.train(was_training)
+
+
+def _shard_is_complete(final: Path, plan: ShardPlan, index: int) -> bool:
+    """A renamed shard is complete by construction; still check its rows and drop any stale temp file."""
+    with contextlib.suppress(FileNotFoundError):
+        (final.parent / f".{final.name}.tmp").unlink()
+    if not final.exists():
+        return False
+    start, end = plan.rows(index)
+    try:
+        if arrow_row_count(final) == end - start:
+            return True
+    except ArtifactError:
+        pass
+    final.unlink()
+    return False
+
+
+def _value_type(spec: dict[str, Any]) -> pa.DataType:
+    """fp16 as Arrow half floats; bf16 (which Arrow lacks) as its raw bit pattern in uint16."""
+    return pa.float16() if spec["dtype"] == "float16" else pa.uint16()
+
+
+def _schema(spec: dict[str, Any]) -> pa.Schema:
+    ids = pa.uint16() if spec["id_dtype"] == "uint16" else pa.uint32()
+    length, positions, k = spec["seq_len"], spec["seq_len"] - 1, spec["k"]
+    value = _value_type(spec)
+
+    def per_position(item: pa.DataType, width: int) -> pa.DataType:
+        return pa.list_(pa.list_(item, width), positions)
+
+    fields = [pa.field("input_ids", pa.list_(ids, length))]
+    if spec["has_labels"]:
+        fields.append(pa.field("labels", pa.list_(pa.int32(), length)))
+    if spec["mode"] == "topk":
+        fields += [
+            pa.field("topk_ids", per_position(ids, k)),
+            pa.field("topk_logprobs", per_position(value, k)),
+            pa.field("tail_logprob", pa.list_(pa.float32(), positions)),
+        ]
+    elif spec["mode"] == "sampled":
+        counts = pa.uint8() if k < 256 else pa.uint16() if k < 65536 else pa.uint32()
+        fields += [
+            pa.field("sample_ids", per_position(ids, k)),
+            pa.field("sample_counts", per_position(counts, k)),
+            pa.field("sample_logprobs", per_position(value, k)),
+        ]
+    else:
+        fields.append(pa.field("logprobs", per_position(value, k)))
+    return pa.schema(fields)
+
+
+def _nested(array: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
+    """A [rows, d1, d2, ...] numpy array as nested fixed-size lists of ``arrow_type``."""
+    if not pa.types.is_fixed_size_list(arrow_type):
+        return pa.array(np.ascontiguousarray(array).reshape(-1), type=arrow_type)
+    inner = _nested(array, arrow_type.value_type)
+    return pa.FixedSizeListArray.from_arrays(inner, arrow_type.list_size)
+
+
+def _stored_values(values: Any, spec: dict[str, Any]) -> np.ndarray:
+    import torch
+
+    values = values.clamp(min=LOGPROB_FLOOR)
+    if spec["dtype"] == "float16":
+        return values.to(torch.float16).cpu().numpy()
+    return values.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
+
+
+def _encode_batch(teacher: Any, rows: dict[str, np.ndarray], first_row: int, spec: dict[str, Any], schema: pa.Schema) -> pa.RecordBatch:
+    """Run the teacher on one batch of rows and encode its signal as an Arrow record batch."""
+    import torch
+
+    device = next(teacher.parameters()).device
+    input_ids = torch.as_tensor(np.asarray(rows["input_ids"], dtype=np.int64), device=device)
+    logits = teacher(input_ids=input_ids).logits[:, :-1, : spec["vocab_size"]]
+    logprobs = torch.log_softmax(logits.float() / spec["temperature"], dim=-1)
+    id_np = np.uint16 if spec["id_dtype"] == "uint16" else np.uint32
+    columns: dict[str, np.ndarray] = {"input_ids": input_ids.cpu().numpy().astype(id_np)}
+    if spec["has_labels"]:
+        columns["labels"] = np.asarray(rows["labels"], dtype=np.int32)
+    if spec["mode"] == "topk":
+        top_values, top_ids = logprobs.topk(spec["k"], dim=-1)
+        # Exact tail mass: logsumexp over the ids outside the top-k (no 1 - sum cancellation).
+        tail = torch.logsumexp(logprobs.scatter(-1, top_ids, float("-inf")), dim=-1)
+        columns["topk_ids"] = top_ids.cpu().numpy().astype(id_np)
+        columns["topk_logprobs"] = _stored_values(top_values, spec)
+        columns["tail_logprob"] = tail.clamp(min=LOGPROB_FLOOR).cpu().numpy().astype(np.float32)
+    elif spec["mode"] == "sampled":
+        ids, counts = _sample_rows(logprobs, first_row, spec)
+        counts_type = schema.field("sample_counts").type.value_type.value_type.to_pandas_dtype()
+        sample_logprobs = torch.where(counts > 0, logprobs.gather(-1, ids), torch.zeros((), device=device))
+        columns["sample_ids"] = ids.cpu().numpy().astype(id_np)
+        columns["sample_counts"] = counts.cpu().numpy().astype(counts_type)
+        columns["sample_logprobs"] = _stored_values(sample_logprobs, spec)
+    else:
+        columns["logprobs"] = _stored_values(logprobs, spec)
+    return pa.RecordBatch.from_arrays([_nested(columns[f.name], f.type) for f in schema], schema=schema)
+
+
+def _sample_rows(logprobs: Any, first_row: int, spec: dict[str, Any]) -> tuple[Any, Any]:
+    """k draws with replacement per position, as ascending unique ids + counts padded to k (count 0).
+
+    Each row draws from its own generator seeded by (seed, row index): rebuilds, batch sizes and
+    process counts never change which tokens a row gets.
+    """
+    import torch
+
+    k = spec["k"]
+    all_ids, all_counts = [], []
+    for offset, row in enumerate(logprobs):
+        state = np.random.SeedSequence([spec["seed"], first_row + offset]).generate_state(1, np.uint64)[0]
+        generator = torch.Generator(device=row.device).manual_seed(int(state))
+        draws = torch.multinomial(row.exp(), k, replacement=True, generator=generator).sort(dim=-1).values
+        first = torch.ones_like(draws, dtype=torch.bool)
+        first[:, 1:] = draws[:, 1:] != draws[:, :-1]
+        slot = first.long().cumsum(dim=-1) - 1
+        all_ids.append(torch.zeros_like(draws).scatter_(-1, slot, draws))
+        all_counts.append(torch.zeros_like(draws).scatter_add_(-1, slot, torch.ones_like(draws)))
+    return torch.stack(all_ids), torch.stack(all_counts)
+
+
+def _signal_bytes(file: Path, mode: str) -> int:
+    with pa.memory_map(str(file)) as source:
+        table = pa.ipc.open_stream(source).read_all()
+        return sum(table.column(name).nbytes for name in SIGNAL_COLUMNS[mode])
+
+
+def _write_final_manifest(path: Path, spec: dict[str, Any], plan: ShardPlan, teacher_name: str) -> None:
+    shards = []
+    for j in range(plan.num_shards):
+        file = path / shard_name(j)
+        start, end = plan.rows(j)
+        rows = arrow_row_count(file)
+        if rows != end - start:
+            raise ArtifactError(f"{file} holds {rows} rows instead of {end - start}; rerun the build to redo it.")
+        shards.append(
+            {
+                "file": file.name,
+                "rows": [start, end],
+                "num_rows": rows,
+                "bytes": file.stat().st_size,
+                "sha256": file_sha256(file),
+                "signal_bytes": _signal_bytes(file, spec["mode"]),
+            }
+        )
+    fields = {
+        **spec,
+        "teacher_name": teacher_name,
+        "value_storage": "float16" if spec["dtype"] == "float16" else "bfloat16 bit pattern in uint16",
+        "logprob_floor": LOGPROB_FLOOR,
+        "num_tokens": spec["num_sequences"] * spec["seq_len"],
+        "num_positions": spec["num_sequences"] * (spec["seq_len"] - 1),
+        "signal_bytes": sum(s["signal_bytes"] for s in shards),
+        "shards": shards,
+    }
+    write_manifest(path, KIND, FORMAT_VERSION, fields, checksum_files=False)
+    (path / SPEC_NAME).unlink()
