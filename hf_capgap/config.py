@@ -1,0 +1,90 @@
+"""DistillationConfig: TrainingArguments plus the knobs of KL-on-logits distillation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from hf_capgap.losses import DIVERGENCES, check_beta
+
+TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+FUSED_LM_HEAD_CHOICES = ("auto", "always", "never")
+
+
+@dataclass
+class DistillationConfig(TrainingArguments):
+    """Arguments for :class:`hf_capgap.DistillationTrainer`.
+
+    The defaults are MiniMA's: 0.5 x LM cross-entropy + 0.5 x forward KL(teacher || student) at T = 1.
+    """
+
+    loss: str = field(
+        default="forward_kl",
+        metadata={
+            "help": "Divergence between teacher and student next-token distributions: forward_kl "
+            "(KL(teacher||student), MiniMA's), reverse_kl, jsd (generalized JSD with `beta`), skew_kl "
+            "(DistiLLM's skewed forward KL with skew `beta`) or tvd (total variation).",
+            "choices": DIVERGENCES,
+        },
+    )
+    temperature: float = field(
+        default=1.0,
+        metadata={"help": "Both logits are divided by T before the softmax; the divergence is scaled by T^2."},
+    )
+    alpha: float = field(
+        default=0.5,
+        metadata={"help": "Weight of the distillation term; (1 - alpha) weights the ordinary LM cross-entropy."},
+    )
+    beta: float = field(
+        default=0.5,
+        metadata={
+            "help": "jsd: teacher weight of the mixture, in (0, 1). skew_kl: skew of the mixture "
+            "beta*teacher + (1-beta)*student, in [0, 1). Ignored by the other losses."
+        },
+    )
+    chunk_size: int = field(
+        default=1024,
+        metadata={
+            "help": "Tokens per chunk of the memory-lean loss: peak extra memory grows with chunk_size x vocab."
+        },
+    )
+    fused_lm_head: str = field(
+        default="auto",
+        metadata={
+            "help": "Compute the loss from last hidden states and the lm_head weight chunk by chunk so the full "
+            "[tokens, vocab] logits are never materialised. 'auto' uses it where the model allows it "
+            "(plain linear head, no logit post-processing, no sharded head).",
+            "choices": FUSED_LM_HEAD_CHOICES,
+        },
+    )
+    teacher_dtype: str = field(
+        default="auto",
+        metadata={"help": "dtype the frozen teacher runs in; 'auto' keeps the dtype it was loaded with.",
+                  "choices": TEACHER_DTYPES},
+    )
+    teacher_cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "Path of a TeacherCache built by `TeacherCache.build` / `hf-capgap cache build`. When set, "
+            "the teacher's signal is read from the cache and no teacher model is needed."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.loss not in DIVERGENCES:
+            raise ValueError(f"DistillationConfig.loss={self.loss!r} is not one of {', '.join(DIVERGENCES)}.")
+        if not self.temperature > 0:
+            raise ValueError(f"DistillationConfig.temperature must be > 0, got {self.temperature}.")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"DistillationConfig.alpha must be in [0, 1], got {self.alpha}.")
+        check_beta(self.loss, self.beta)
+        if self.chunk_size < 1:
+            raise ValueError(f"DistillationConfig.chunk_size must be a positive number of tokens, got {self.chunk_size}.")
+        if self.fused_lm_head not in FUSED_LM_HEAD_CHOICES:
+            raise ValueError(
+                f"DistillationConfig.fused_lm_head={self.fused_lm_head!r} must be one of {FUSED_LM_HEAD_CHOICES}."
+            )
+        if self.teacher_dtype not in TEACHER_DTYPES:
+            raise ValueError(f"DistillationConfig.teacher_dtype={self.teacher_dtype!r} must be one of {TEACHER_DTYPES}.")
+        super().__post_init__()

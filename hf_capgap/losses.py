@@ -1,0 +1,341 @@
+"""Divergences between teacher and student next-token distributions, dense and sparse.
+
+Plain torch, importable without the Trainer. Two entry points:
+
+* :func:`divergence` is the readable dense reference: full log-softmax of both sides, one formula.
+* :func:`distillation_loss` is what the trainer runs: the same values and gradients, computed chunk
+  by chunk inside one autograd Function so that no [tokens, vocab] intermediate outlives its chunk.
+  Given last hidden states and the lm_head weight it never materialises the student logits at all.
+  It also takes sparse teacher signals from a teacher cache: {top-k + tail} buckets, or samples.
+
+All divergences work on the last dimension of two log-distributions over the same support, so the
+top-k case is the same formula applied to k + 1 buckets (the top-k tokens and the rest).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd")
+IGNORE_INDEX = -100
+
+
+def check_beta(kind: str, beta: float) -> None:
+    """Raise if ``beta`` is outside the range where ``kind`` is defined."""
+    if kind == "jsd" and not 0.0 < beta < 1.0:
+        raise ValueError(f"beta must be in (0, 1) for loss='jsd' (teacher weight of the mixture), got {beta}.")
+    if kind == "skew_kl" and not 0.0 <= beta < 1.0:
+        raise ValueError(f"beta must be in [0, 1) for loss='skew_kl' (skew of the mixture), got {beta}.")
+
+
+def _kl_terms(log_a: Tensor, log_b: Tensor) -> Tensor:
+    """Elementwise a * (log a - log b), with 0 where a == 0 (so -inf log-probs give 0, not NaN)."""
+    return torch.where(log_a == -math.inf, torch.zeros_like(log_a), log_a.exp() * (log_a - log_b))
+
+
+def _log_mixture(log_p: Tensor, log_q: Tensor, weight_p: float) -> Tensor:
+    """log(weight_p * p + (1 - weight_p) * q), computed in log space."""
+    if weight_p == 0.0:
+        return log_q
+    return torch.logaddexp(log_p + math.log(weight_p), log_q + math.log1p(-weight_p))
+
+
+def bucket_divergence(log_p: Tensor, log_q: Tensor, kind: str, beta: float = 0.5) -> Tensor:
+    """Divergence between teacher ``log_p`` and student ``log_q`` along the last dim, one value per row."""
+    if kind == "forward_kl":
+        terms = _kl_terms(log_p, log_q)
+    elif kind == "reverse_kl":
+        terms = _kl_terms(log_q, log_p)
+    elif kind == "jsd":
+        log_m = _log_mixture(log_p, log_q, beta)
+        terms = beta * _kl_terms(log_p, log_m) + (1.0 - beta) * _kl_terms(log_q, log_m)
+    elif kind == "skew_kl":
+        terms = _kl_terms(log_p, _log_mixture(log_p, log_q, beta))
+    elif kind == "tvd":
+        terms = 0.5 * (log_p.exp() - log_q.exp()).abs()
+    else:
+        raise ValueError(f"unknown divergence kind={kind!r}; choose one of {', '.join(DIVERGENCES)}.")
+    return terms.sum(dim=-1)
+
+
+def divergence(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+) -> Tensor:
+    """Reference distillation divergence, scaled by T^2, averaged over positions whose label is not -100.
+
+    ``labels`` are already aligned with the logits (position i of the logits predicts ``labels[i]``).
+    Both logits are divided by ``temperature`` before the softmax; multiplying by T^2 keeps gradient
+    magnitudes comparable across temperatures (Hinton et al., 2015).
+    """
+    check_beta(kind, beta)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ."
+        )
+    valid = labels != IGNORE_INDEX
+    if not valid.any():
+        raise ValueError("every label is -100: there is no position to distill on.")
+    log_q = F.log_softmax(student_logits[valid].float() / temperature, dim=-1)
+    log_p = F.log_softmax(teacher_logits[valid].float() / temperature, dim=-1)
+    return bucket_divergence(log_p, log_q, kind, beta).mean() * temperature**2
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """What :func:`distillation_loss` computes: alpha * T^2 * D(teacher, student) + (1 - alpha) * CE."""
+
+    kind: str = "forward_kl"
+    beta: float = 0.5
+    temperature: float = 1.0
+    alpha: float = 0.5
+    chunk_size: int = 1024
+    vocab_size: int | None = None  # real vocabulary: columns past it (padding) are ignored
+
+    def __post_init__(self) -> None:
+        if self.kind not in DIVERGENCES:
+            raise ValueError(f"kind={self.kind!r} is not one of {', '.join(DIVERGENCES)}.")
+        check_beta(self.kind, self.beta)
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}.")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}.")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Teacher signals. Each holds [N, ...] tensors aligned with the student rows and knows how to
+# compute its divergence to a chunk of student logits.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DenseTeacher:
+    """Full teacher logits [N, V] (online teacher), or log-probs already at temperature (dense cache)."""
+
+    logits: Tensor
+    tempered_logprobs: bool = False
+
+    def take(self, index: slice | Tensor) -> DenseTeacher:
+        return replace(self, logits=self.logits[index])
+
+    def log_probs(self, vocab: int, temperature: float) -> Tensor:
+        values = self.logits[:, :vocab].float()
+        return values if self.tempered_logprobs else F.log_softmax(values / temperature, dim=-1)
+
+    def divergence(self, student_logits: Tensor, spec: LossSpec) -> Tensor:
+        vocab = student_logits.shape[-1]
+        log_q = F.log_softmax(student_logits / spec.temperature, dim=-1)
+        return bucket_divergence(self.log_probs(vocab, spec.temperature), log_q, spec.kind, spec.beta)
+
+
+@dataclass(frozen=True)
+class FusedTeacher:
+    """Teacher last hidden states [N, H] and lm_head: teacher logits are built one chunk at a time."""
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None = None
+
+    def take(self, index: slice | Tensor) -> FusedTeacher:
+        return replace(self, hidden=self.hidden[index])
+
+    def divergence(self, student_logits: Tensor, spec: LossSpec) -> Tensor:
+        vocab = student_logits.shape[-1]
+        logits = F.linear(self.hidden, self.weight[:vocab], None if self.bias is None else self.bias[:vocab])
+        return DenseTeacher(logits).divergence(student_logits, spec)
+
+
+@dataclass(frozen=True)
+class TopKTeacher:
+    """The teacher's k most likely tokens per position and the log of the remaining mass (tail).
+
+    The divergence is taken over k + 1 buckets: each top-k token, and everything else. On the teacher
+    side the buckets are exact (no renormalisation); the student's tail bucket is the log-sum-exp of
+    its log-probs outside the teacher's top-k.
+    """
+
+    ids: Tensor  # [N, k] long
+    logprobs: Tensor  # [N, k] teacher log-probs at the cache temperature
+    tail_logprob: Tensor  # [N] log(1 - sum of top-k probs)
+
+    def take(self, index: slice | Tensor) -> TopKTeacher:
+        return TopKTeacher(self.ids[index], self.logprobs[index], self.tail_logprob[index])
+
+    def divergence(self, student_logits: Tensor, spec: LossSpec) -> Tensor:
+        log_q = F.log_softmax(student_logits / spec.temperature, dim=-1)
+        log_q_top = log_q.gather(-1, self.ids)
+        log_q_tail = torch.logsumexp(log_q.scatter(-1, self.ids, -math.inf), dim=-1, keepdim=True)
+        log_p = torch.cat([self.logprobs.float(), self.tail_logprob.float().unsqueeze(-1)], dim=-1)
+        return bucket_divergence(log_p, torch.cat([log_q_top, log_q_tail], dim=-1), spec.kind, spec.beta)
+
+
+@dataclass(frozen=True)
+class SampledTeacher:
+    """k draws (with replacement) from the teacher per position, stored as unique ids with counts.
+
+    The Monte-Carlo forward KL  sum_j (c_j / k) (log p(x_j) - log q(x_j))  is an unbiased estimate of
+    KL(p || q), and its gradient  (q - p_hat) / T  an unbiased estimate of the true gradient (q - p) / T.
+    """
+
+    ids: Tensor  # [N, k] long; padding slots have count 0
+    counts: Tensor  # [N, k]
+    logprobs: Tensor  # [N, k] teacher log-probs of ids at the cache temperature
+
+    def take(self, index: slice | Tensor) -> SampledTeacher:
+        return SampledTeacher(self.ids[index], self.counts[index], self.logprobs[index])
+
+    def divergence(self, student_logits: Tensor, spec: LossSpec) -> Tensor:
+        if spec.kind != "forward_kl":
+            raise ValueError(
+                f"a sampled teacher cache estimates forward_kl only; got loss={spec.kind!r}. "
+                "Use loss='forward_kl', or build the cache with mode='topk' or 'dense'."
+            )
+        log_q = F.log_softmax(student_logits / spec.temperature, dim=-1).gather(-1, self.ids)
+        counts = self.counts.float()
+        weights = counts / counts.sum(dim=-1, keepdim=True)
+        terms = torch.where(weights > 0, weights * (self.logprobs.float() - log_q), torch.zeros_like(log_q))
+        return terms.sum(dim=-1)
+
+
+TeacherSignal = DenseTeacher | FusedTeacher | TopKTeacher | SampledTeacher
+
+
+# ----------------------------------------------------------------------------------------------
+# Chunked loss
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DistillationLossOutput:
+    """``loss`` is differentiable; the parts are detached sums for logging."""
+
+    loss: Tensor
+    distill_sum: Tensor  # sum over positions of T^2 * D
+    ce_sum: Tensor  # sum over positions of the LM cross-entropy
+    num_tokens: int
+
+
+def _chunk_loss_and_grad(
+    logits: Tensor, teacher: TeacherSignal, labels: Tensor, spec: LossSpec
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(sum of T^2 * D, sum of CE, d(alpha * T^2 * D + (1 - alpha) * CE)/d logits) for one chunk."""
+    logits = logits.detach().requires_grad_(True)
+    zero = logits.new_zeros(())
+    with torch.enable_grad():
+        distill = teacher.divergence(logits, spec).sum() * spec.temperature**2 if spec.alpha > 0 else zero
+        ce = F.cross_entropy(logits, labels, reduction="sum") if spec.alpha < 1 else zero
+        total = spec.alpha * distill + (1.0 - spec.alpha) * ce
+    (grad,) = torch.autograd.grad(total, logits)
+    return distill.detach(), ce.detach(), grad
+
+
+class _ChunkedDistillation(torch.autograd.Function):
+    """Loss and gradient computed together, chunk by chunk, in the forward pass.
+
+    Only the gradient w.r.t. the input (logits [N, V], or hidden [N, H] plus lm_head weight) is kept;
+    every [chunk, vocab] intermediate is freed before the next chunk. ``backward`` only rescales.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        student: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        teacher: TeacherSignal,
+        labels: Tensor,
+        spec: LossSpec,
+        normalizer: float,
+        inplace_grad: bool,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        fused = weight is not None
+        vocab = spec.vocab_size or (weight.shape[0] if fused else student.shape[-1])
+        grad_student = student if inplace_grad and not fused else torch.empty_like(student)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if fused else None
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if bias is not None else None
+        distill_sum = student.new_zeros((), dtype=torch.float32)
+        ce_sum = student.new_zeros((), dtype=torch.float32)
+        for start in range(0, student.shape[0], spec.chunk_size):
+            rows = slice(start, start + spec.chunk_size)
+            chunk = student[rows]
+            if fused:
+                logits = F.linear(chunk, weight[:vocab], None if bias is None else bias[:vocab])
+            else:
+                logits = chunk[:, :vocab]
+            distill, ce, grad = _chunk_loss_and_grad(logits.float(), teacher.take(rows), labels[rows], spec)
+            distill_sum += distill
+            ce_sum += ce
+            if fused:
+                grad = grad.to(weight.dtype)
+                grad_student[rows] = grad @ weight[:vocab]
+                grad_weight[:vocab].add_(grad.t() @ chunk.to(weight.dtype))
+                if grad_bias is not None:
+                    grad_bias[:vocab].add_(grad.float().sum(dim=0))
+            else:
+                grad_student[rows, :vocab] = grad
+                grad_student[rows, vocab:] = 0
+        loss = (spec.alpha * distill_sum + (1.0 - spec.alpha) * ce_sum) / normalizer
+        ctx.save_for_backward(grad_student, grad_weight, grad_bias)
+        ctx.normalizer = normalizer
+        ctx.mark_non_differentiable(distill_sum, ce_sum)
+        return loss, distill_sum, ce_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, *_unused: Tensor):  # type: ignore[override]
+        grad_student, grad_weight, grad_bias = ctx.saved_tensors
+        scale = grad_loss / ctx.normalizer
+        grads = [grad_student.mul_(scale.to(grad_student.dtype))]
+        for grad, needed in ((grad_weight, ctx.needs_input_grad[1]), (grad_bias, ctx.needs_input_grad[2])):
+            grads.append(grad.mul_(scale) if grad is not None and needed else None)
+        return grads[0], grads[1], grads[2], None, None, None, None, None
+
+
+def distillation_loss(
+    student: Tensor,
+    teacher: TeacherSignal,
+    labels: Tensor,
+    spec: LossSpec,
+    *,
+    lm_head_weight: Tensor | None = None,
+    lm_head_bias: Tensor | None = None,
+    num_items_in_batch: int | Tensor | None = None,
+    inplace_grad: bool = False,
+) -> DistillationLossOutput:
+    """alpha * T^2 * D(teacher || student) + (1 - alpha) * CE, summed over labelled rows / normaliser.
+
+    ``student`` is either logits [N, V] or, with ``lm_head_weight`` [V, H], last hidden states [N, H].
+    ``labels`` [N] are aligned with the rows; rows labelled -100 are skipped. The sum is divided by
+    ``num_items_in_batch`` when given (the token count of the whole accumulated batch, which makes
+    gradient accumulation exact) and otherwise by the number of labelled rows. ``inplace_grad`` lets
+    the logits buffer be reused for its own gradient; only pass it for a tensor nothing else reads.
+    """
+    if student.dim() != 2 or labels.dim() != 1 or labels.shape[0] != student.shape[0]:
+        raise ValueError(
+            f"expected student [N, V or H] and labels [N], got {tuple(student.shape)} and {tuple(labels.shape)}."
+        )
+    valid = labels != IGNORE_INDEX
+    num_tokens = int(valid.sum())
+    if num_tokens == 0:
+        raise ValueError(
+            "every label in the batch is -100: there is no position to train on. Check the collator "
+            "(labels must be input_ids with padding masked) and drop empty rows from the dataset."
+        )
+    if num_tokens < labels.shape[0]:
+        student, teacher, labels = student[valid], teacher.take(valid), labels[valid]
+        inplace_grad = True  # the boolean-index copy belongs to us
+    normalizer = float(num_items_in_batch) if num_items_in_batch is not None else float(num_tokens)
+    loss, distill_sum, ce_sum = _ChunkedDistillation.apply(
+        student, lm_head_weight, lm_head_bias, teacher, labels, spec, normalizer, inplace_grad
+    )
+    return DistillationLossOutput(loss, distill_sum, ce_sum, num_tokens)
