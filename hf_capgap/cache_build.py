@@ -12,6 +12,8 @@ import contextlib
 import json
 import math
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,9 +85,7 @@ def build_cache(
         "tokenizer_fingerprint": None if tokenizer is None else tokenizer_fingerprint(tokenizer),
         "dataset_fingerprint": dataset_fingerprint(dataset),
     }
-    from accelerate import PartialState
-
-    state = PartialState()
+    state = _ProcessGroup.current()
     found = _inspect_directory(path, spec, overwrite=overwrite)
     if found == "complete":
         return
@@ -101,6 +101,33 @@ def build_cache(
         teacher_name = getattr(teacher, "name_or_path", "") or teacher.config.name_or_path
         _write_final_manifest(path, spec, plan, teacher_name)
     state.wait_for_everyone()
+
+
+@dataclass(frozen=True)
+class _ProcessGroup:
+    """This process's place among the build's processes (one, or the ranks of a distributed launch)."""
+
+    process_index: int
+    num_processes: int
+    wait_for_everyone: Callable[[], None]
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.process_index == 0
+
+    @classmethod
+    def current(cls) -> _ProcessGroup:
+        import torch
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size(), dist.barrier)
+        from accelerate import PartialState
+
+        # PartialState only picks the gloo CPU backend when told to use the CPU.
+        use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
+        state = PartialState(cpu=use_cpu)
+        return cls(state.process_index, state.num_processes, state.wait_for_everyone)
 
 
 def _check_options(mode: str, k: int, temperature: float, batch_size: int, shard_tokens: int, dtype: str) -> None:
