@@ -175,7 +175,10 @@ class TopKTeacher:
     def divergence(self, student_logits: Tensor, spec: LossSpec) -> Tensor:
         log_q = F.log_softmax(student_logits / spec.temperature, dim=-1)
         log_q_top = log_q.gather(-1, self.ids)
-        log_q_tail = torch.logsumexp(log_q.scatter(-1, self.ids, -math.inf), dim=-1, keepdim=True)
+        # A huge finite fill instead of -inf keeps the tail (and its gradient) finite when the top-k
+        # covers the whole vocabulary.
+        outside = log_q.scatter(-1, self.ids, torch.finfo(log_q.dtype).min / 2)
+        log_q_tail = torch.logsumexp(outside, dim=-1, keepdim=True)
         log_p = torch.cat([self.logprobs.float(), self.tail_logprob.float().unsqueeze(-1)], dim=-1)
         return bucket_divergence(log_p, torch.cat([log_q_top, log_q_tail], dim=-1), spec.kind, spec.beta)
 

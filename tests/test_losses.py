@@ -1,0 +1,250 @@
+"""The chunked / fused losses against plain dense PyTorch computations: value and gradient."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hf_capgap.losses import (
+    DIVERGENCES,
+    DenseTeacher,
+    FusedTeacher,
+    LossSpec,
+    SampledTeacher,
+    TopKTeacher,
+    divergence,
+    distillation_loss,
+)
+
+BETA = {"forward_kl": 0.5, "reverse_kl": 0.5, "jsd": 0.3, "skew_kl": 0.1, "tvd": 0.5}
+
+
+def plain_divergence(log_p: torch.Tensor, log_q: torch.Tensor, kind: str, beta: float) -> torch.Tensor:
+    """Textbook formulas on probabilities, written independently of hf_capgap.losses."""
+    p, q = log_p.exp(), log_q.exp()
+    if kind == "forward_kl":
+        return (p * (log_p - log_q)).sum(-1)
+    if kind == "reverse_kl":
+        return (q * (log_q - log_p)).sum(-1)
+    if kind == "jsd":
+        m = beta * p + (1 - beta) * q
+        return beta * (p * (log_p - m.log())).sum(-1) + (1 - beta) * (q * (log_q - m.log())).sum(-1)
+    if kind == "skew_kl":
+        m = beta * p + (1 - beta) * q
+        return (p * (log_p - m.log())).sum(-1)
+    return 0.5 * (p - q).abs().sum(-1)
+
+
+def plain_objective(student_logits, teacher_logits, labels, kind, beta, temperature, alpha):
+    valid = labels != -100
+    s, t = student_logits[valid].float(), teacher_logits[valid].float()
+    log_q = torch.log_softmax(s / temperature, -1)
+    log_p = torch.log_softmax(t / temperature, -1)
+    distill = plain_divergence(log_p, log_q, kind, beta).mean() * temperature**2
+    return alpha * distill + (1 - alpha) * F.cross_entropy(s, labels[valid])
+
+
+def make_batch(n=40, vocab=37, hidden=12, masked_every=4, dtype=torch.float32):
+    hidden_states = torch.randn(n, hidden, dtype=dtype)
+    weight = (torch.randn(vocab, hidden) / math.sqrt(hidden)).to(dtype)
+    teacher = torch.randn(n, vocab, dtype=dtype) * 2
+    labels = torch.randint(0, vocab, (n,))
+    if masked_every:
+        labels[::masked_every] = -100
+    return hidden_states, weight, teacher, labels
+
+
+@pytest.mark.parametrize("kind", DIVERGENCES)
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 0.5])
+def test_reference_divergence_matches_plain_formula(kind, temperature):
+    _, _, teacher, labels = make_batch()
+    student = torch.randn_like(teacher, requires_grad=True)
+    ours = divergence(student, teacher, labels, kind, BETA[kind], temperature)
+    plain = plain_objective(student, teacher, labels, kind, BETA[kind], temperature, alpha=1.0)
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-6)
+    (g_ours,) = torch.autograd.grad(ours, student)
+    (g_plain,) = torch.autograd.grad(plain, student)
+    torch.testing.assert_close(g_ours, g_plain, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", DIVERGENCES)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("fused", [False, True])
+def test_chunked_loss_equals_dense_reference(kind, temperature, alpha, fused):
+    hidden, weight, teacher, labels = make_batch()
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    spec = LossSpec(kind=kind, beta=BETA[kind], temperature=temperature, alpha=alpha, chunk_size=7)
+    if fused:
+        ours = distillation_loss(hidden, DenseTeacher(teacher), labels, spec, lm_head_weight=weight).loss
+    else:
+        ours = distillation_loss(hidden @ weight.t(), DenseTeacher(teacher), labels, spec).loss
+    plain = plain_objective(hidden @ weight.t(), teacher, labels, kind, BETA[kind], temperature, alpha)
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-6)
+    grads_ours = torch.autograd.grad(ours, (hidden, weight))
+    grads_plain = torch.autograd.grad(plain, (hidden, weight))
+    for ours_grad, plain_grad in zip(grads_ours, grads_plain, strict=True):
+        torch.testing.assert_close(ours_grad, plain_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_teacher_equals_dense_teacher_and_bias_grad():
+    hidden, weight, _, labels = make_batch()
+    bias = torch.randn(weight.shape[0], requires_grad=True)
+    weight.requires_grad_(True)
+    teacher_hidden, teacher_weight = torch.randn(hidden.shape[0], 9), torch.randn(weight.shape[0], 9)
+    spec = LossSpec(kind="jsd", beta=0.4, temperature=1.5, alpha=0.5, chunk_size=5)
+    fused = distillation_loss(
+        hidden, FusedTeacher(teacher_hidden, teacher_weight), labels, spec, lm_head_weight=weight, lm_head_bias=bias
+    ).loss
+    plain = plain_objective(
+        F.linear(hidden, weight, bias), teacher_hidden @ teacher_weight.t(), labels, "jsd", 0.4, 1.5, 0.5
+    )
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(fused, (weight, bias)), torch.autograd.grad(plain, (weight, bias)), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_bf16_inputs_match_reference_on_the_same_bf16_values(fused):
+    hidden, weight, teacher, labels = make_batch(dtype=torch.bfloat16)
+    hidden.requires_grad_(True)
+    spec = LossSpec(kind="forward_kl", temperature=2.0, alpha=0.5, chunk_size=8)
+    if fused:
+        ours = distillation_loss(hidden, DenseTeacher(teacher), labels, spec, lm_head_weight=weight).loss
+    else:
+        ours = distillation_loss(hidden @ weight.t(), DenseTeacher(teacher), labels, spec).loss
+    plain = plain_objective(hidden @ weight.t(), teacher, labels, "forward_kl", 0.5, 2.0, 0.5)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5)
+    (g_ours,) = torch.autograd.grad(ours, hidden)
+    (g_plain,) = torch.autograd.grad(plain, hidden)
+    assert g_ours.dtype == torch.bfloat16
+    torch.testing.assert_close(g_ours.float(), g_plain.float(), rtol=2e-2, atol=2e-3)
+
+
+def test_padded_vocab_is_ignored():
+    """Rows past the real vocabulary (embedding padding) take no part in the loss and get zero grad."""
+    _, _, teacher, labels = make_batch(vocab=30)
+    student = torch.randn(teacher.shape[0], 30, requires_grad=True)
+    padded_student = F.pad(student, (0, 6), value=5.0)
+    padded_teacher = F.pad(teacher, (0, 2), value=-3.0)
+    spec = LossSpec(kind="reverse_kl", temperature=1.0, alpha=0.5, chunk_size=16, vocab_size=30)
+    ours = distillation_loss(padded_student, DenseTeacher(padded_teacher), labels, spec).loss
+    plain = plain_objective(student, teacher, labels, "reverse_kl", 0.5, 1.0, 0.5)
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-6)
+    (grad,) = torch.autograd.grad(ours, student)
+    torch.testing.assert_close(grad, torch.autograd.grad(plain, student)[0], rtol=1e-5, atol=1e-7)
+
+
+def test_all_masked_batch_raises_instead_of_nan():
+    _, _, teacher, _ = make_batch()
+    labels = torch.full((teacher.shape[0],), -100)
+    with pytest.raises(ValueError, match="-100"):
+        distillation_loss(torch.randn_like(teacher), DenseTeacher(teacher), labels, LossSpec())
+    with pytest.raises(ValueError, match="-100"):
+        divergence(torch.randn_like(teacher), teacher, labels)
+
+
+@pytest.mark.parametrize(
+    "field,kwargs",
+    [("kind", {"kind": "kl"}), ("temperature", {"temperature": 0.0}), ("alpha", {"alpha": 1.5}),
+     ("beta", {"kind": "jsd", "beta": 1.0}), ("beta", {"kind": "skew_kl", "beta": 1.0})],
+)
+def test_invalid_spec_names_the_field(field, kwargs):
+    with pytest.raises(ValueError, match=field):
+        LossSpec(**kwargs)
+
+
+def topk_signal(teacher_logits: torch.Tensor, k: int, temperature: float) -> TopKTeacher:
+    log_p = torch.log_softmax(teacher_logits / temperature, -1)
+    values, ids = log_p.topk(k, dim=-1)
+    tail = torch.log1p(-values.exp().sum(-1).clamp(max=1 - 1e-7))
+    return TopKTeacher(ids, values, tail)
+
+
+@pytest.mark.parametrize("kind", DIVERGENCES)
+def test_topk_loss_equals_plain_bucketed_divergence(kind):
+    _, _, teacher, labels = make_batch(vocab=40)
+    student = torch.randn_like(teacher, requires_grad=True)
+    k, temperature = 6, 1.5
+    signal = topk_signal(teacher, k, temperature)
+    spec = LossSpec(kind=kind, beta=BETA[kind], temperature=temperature, alpha=1.0, chunk_size=9)
+    ours = distillation_loss(student, signal, labels, spec).loss
+
+    valid = labels != -100
+    log_q = torch.log_softmax(student[valid] / temperature, -1)
+    ids = signal.ids[valid]
+    q_top = log_q.gather(-1, ids).exp()
+    in_top = torch.zeros_like(log_q, dtype=torch.bool).scatter(-1, ids, True)
+    q_tail = (log_q.exp() * (~in_top)).sum(-1, keepdim=True)
+    p_buckets = torch.cat([signal.logprobs[valid].exp(), signal.tail_logprob[valid].exp()[:, None]], -1)
+    q_buckets = torch.cat([q_top, q_tail], -1)
+    plain = plain_divergence(p_buckets.log(), q_buckets.log(), kind, BETA[kind]).mean() * temperature**2
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        torch.autograd.grad(ours, student)[0], torch.autograd.grad(plain, student)[0], rtol=1e-4, atol=1e-7
+    )
+
+
+def test_topk_with_full_vocabulary_is_exact_forward_kl():
+    _, _, teacher, labels = make_batch(vocab=16)
+    student = torch.randn_like(teacher)
+    signal = topk_signal(teacher, 16, 1.0)
+    signal = TopKTeacher(signal.ids, signal.logprobs, torch.full_like(signal.tail_logprob, -1e4))
+    spec = LossSpec(kind="forward_kl", alpha=1.0)
+    ours = distillation_loss(student, signal, labels, spec).loss
+    torch.testing.assert_close(ours, divergence(student, teacher, labels), rtol=1e-4, atol=1e-5)
+
+
+def test_sampled_estimator_is_unbiased_for_the_gradient():
+    """Averaged over many sampled caches, the sampled gradient converges to the dense forward-KL one."""
+    vocab, n, k, draws = 12, 6, 8, 3000
+    teacher = torch.randn(n, vocab) * 2
+    labels = torch.zeros(n, dtype=torch.long)
+    student = torch.randn(n, vocab, requires_grad=True)
+    spec = LossSpec(kind="forward_kl", alpha=1.0, chunk_size=4)
+    log_p = torch.log_softmax(teacher, -1)
+    samples = torch.multinomial(log_p.exp(), k * draws, replacement=True).view(n, draws, k)
+    total = torch.zeros_like(student)
+    for d in range(draws):
+        counts = torch.zeros(n, vocab).scatter_add_(-1, samples[:, d], torch.ones(n, k))
+        counts, ids = counts.topk(k, dim=-1)  # unique ids with counts, padded with count 0
+        signal = SampledTeacher(ids, counts, log_p.gather(-1, ids))
+        total += torch.autograd.grad(distillation_loss(student, signal, labels, spec).loss, student)[0]
+    dense_grad = torch.autograd.grad(divergence(student, teacher, labels), student)[0]
+    torch.testing.assert_close(total / draws, dense_grad, rtol=0, atol=0.01)
+
+
+def test_sampled_rejects_other_divergences():
+    ids = torch.zeros(4, 2, dtype=torch.long)
+    signal = SampledTeacher(ids, torch.ones(4, 2), torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="forward_kl"):
+        distillation_loss(torch.randn(4, 5), signal, torch.zeros(4, dtype=torch.long), LossSpec(kind="tvd"))
+
+
+def test_gradient_accumulation_invariance_with_variable_length_rows():
+    """One batch of 8 rows == 4 micro-batches of 2 when normalised by num_items_in_batch."""
+    vocab, hidden = 23, 10
+    lengths = [3, 9, 5, 12, 2, 7, 11, 4]
+    weight = torch.randn(vocab, hidden, requires_grad=True)
+    rows = [torch.randn(length, hidden) for length in lengths]
+    teachers = [torch.randn(length, vocab) for length in lengths]
+    labels = [torch.randint(0, vocab, (length,)) for length in lengths]
+    spec = LossSpec(kind="forward_kl", alpha=0.5, temperature=2.0, chunk_size=5)
+
+    def loss_of(indices, num_items):
+        h = torch.cat([rows[i] for i in indices])
+        t = DenseTeacher(torch.cat([teachers[i] for i in indices]))
+        y = torch.cat([labels[i] for i in indices])
+        return distillation_loss(h, t, y, spec, lm_head_weight=weight, num_items_in_batch=num_items).loss
+
+    total_tokens = sum(lengths)
+    (full,) = torch.autograd.grad(loss_of(range(8), None), weight)
+    accumulated = torch.zeros_like(weight)
+    for start in range(0, 8, 2):
+        accumulated += torch.autograd.grad(loss_of(range(start, start + 2), total_tokens), weight)[0]
+    torch.testing.assert_close(accumulated, full, rtol=1e-5, atol=1e-7)
