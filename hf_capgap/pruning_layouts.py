@@ -1,0 +1,251 @@
+"""Where each supported architecture keeps its prunable units, and what a pruned shape looks like.
+
+A *unit* is what pruning keeps or drops whole: a hidden dimension (one index shared by the residual
+stream of every layer, the embeddings, the norms and the output head), an attention unit (a KV head
+together with the query heads that read it; a plain head without GQA) or an MLP neuron. Every weight
+lists, per axis, the unit that axis indexes and how many consecutive rows or columns one unit spans.
+Slicing, weight-magnitude scores and parameter counts all read that one table, so they cannot drift
+apart.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+from transformers import PretrainedConfig
+
+HIDDEN = "hidden"
+HEADS = "heads"
+NEURONS = "neurons"
+
+_LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PruneShape:
+    """The size of a pruned student, in the teacher's own config terms.
+
+    ``num_key_value_heads=None`` keeps the teacher's query-heads-per-KV-head ratio (KV groups are kept
+    or dropped whole, so that ratio cannot change).
+    """
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int | None = None
+    intermediate_size: int
+
+    @classmethod
+    def of(cls, config: PretrainedConfig) -> PruneShape:
+        return cls(
+            hidden_size=config.hidden_size,
+            num_hidden_layers=config.num_hidden_layers,
+            num_attention_heads=config.num_attention_heads,
+            num_key_value_heads=_kv_heads(config),
+            intermediate_size=config.intermediate_size,
+        )
+
+    @classmethod
+    def from_value(cls, value: PruneShape | Mapping[str, Any]) -> PruneShape:
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, Mapping):
+            raise ValueError(f"shape must be a PruneShape or a dict, got {type(value).__name__}.")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"shape has unknown keys {unknown}; allowed keys are {sorted(known)}.")
+        missing = sorted(f.name for f in fields(cls) if f.name not in value and f.name != "num_key_value_heads")
+        if missing:
+            raise ValueError(f"shape is missing {missing}; give every size of the student.")
+        return cls(**value)
+
+    def to_dict(self) -> dict[str, int | None]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One axis of a weight that indexes ``unit``, ``span`` consecutive entries per unit."""
+
+    unit: str
+    span: int = 1
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The module paths and weight axes of one architecture family."""
+
+    name: str
+    model_types: tuple[str, ...]
+    layers: str
+    attention_output: str
+    mlp_output: str
+
+    def weight_axes(self, config: PretrainedConfig) -> dict[str, dict[int, Axis]]:
+        """Axes of every weight, keyed by name with the layer index written as ``*``."""
+        hidden, neuron = Axis(HIDDEN), Axis(NEURONS)
+        query = Axis(HEADS, head_dim(config) * config.num_attention_heads // _kv_heads(config))
+        layer = f"{self.layers}.*."
+        axes: dict[str, dict[int, Axis]] = {"lm_head.weight": {1: hidden}}
+        if self.name == "gpt_neox":
+            axes |= {
+                "gpt_neox.embed_in.weight": {1: hidden},
+                "gpt_neox.final_layer_norm.weight": {0: hidden},
+                "gpt_neox.final_layer_norm.bias": {0: hidden},
+                # Fused projection laid out head by head: [q_h, k_h, v_h] for each head h.
+                f"{layer}attention.query_key_value.weight": {0: Axis(HEADS, 3 * head_dim(config)), 1: hidden},
+                f"{layer}attention.query_key_value.bias": {0: Axis(HEADS, 3 * head_dim(config))},
+                f"{layer}attention.dense.weight": {0: hidden, 1: query},
+                f"{layer}attention.dense.bias": {0: hidden},
+                f"{layer}mlp.dense_h_to_4h.weight": {0: neuron, 1: hidden},
+                f"{layer}mlp.dense_h_to_4h.bias": {0: neuron},
+                f"{layer}mlp.dense_4h_to_h.weight": {0: hidden, 1: neuron},
+                f"{layer}mlp.dense_4h_to_h.bias": {0: hidden},
+            }
+            norms = ("input_layernorm.weight", "input_layernorm.bias", "post_attention_layernorm.weight",
+                     "post_attention_layernorm.bias")
+        else:
+            key_value = Axis(HEADS, head_dim(config))
+            axes |= {"model.embed_tokens.weight": {1: hidden}, "model.norm.weight": {0: hidden}}
+            for proj, span in (("q_proj", query), ("k_proj", key_value), ("v_proj", key_value)):
+                axes[f"{layer}self_attn.{proj}.weight"] = {0: span, 1: hidden}
+                axes[f"{layer}self_attn.{proj}.bias"] = {0: span}
+            axes[f"{layer}self_attn.o_proj.weight"] = {0: hidden, 1: query}
+            axes[f"{layer}self_attn.o_proj.bias"] = {0: hidden}
+            for proj in ("gate_proj", "up_proj"):
+                axes[f"{layer}mlp.{proj}.weight"] = {0: neuron, 1: hidden}
+                axes[f"{layer}mlp.{proj}.bias"] = {0: neuron}
+            axes[f"{layer}mlp.down_proj.weight"] = {0: hidden, 1: neuron}
+            axes[f"{layer}mlp.down_proj.bias"] = {0: hidden}
+            norms = ("input_layernorm.weight", "post_attention_layernorm.weight")
+        for norm in norms:
+            axes[f"{layer}{norm}"] = {0: hidden}
+        return axes
+
+
+LAYOUTS = (
+    Layout("llama", ("llama", "mistral", "qwen2"), "model.layers", "self_attn.o_proj", "mlp.down_proj"),
+    Layout("gpt_neox", ("gpt_neox",), "gpt_neox.layers", "attention.dense", "mlp.dense_4h_to_h"),
+)
+SUPPORTED_MODEL_TYPES = tuple(t for layout in LAYOUTS for t in layout.model_types)
+
+
+def layout_for(config: PretrainedConfig) -> Layout:
+    for layout in LAYOUTS:
+        if config.model_type in layout.model_types:
+            return layout
+    raise ValueError(
+        f"model_type {config.model_type!r} is not supported for pruning; supported model types are "
+        f"{', '.join(SUPPORTED_MODEL_TYPES)} (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
+        "GPTNeoXForCausalLM)."
+    )
+
+
+def head_dim(config: PretrainedConfig) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _kv_heads(config: PretrainedConfig) -> int:
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
+def layer_index(name: str) -> int | None:
+    match = _LAYER_INDEX.search(name)
+    return int(match.group(1)) if match else None
+
+
+def template_name(name: str) -> str:
+    return _LAYER_INDEX.sub(".layers.*.", name, count=1)
+
+
+def unit_counts(shape: PruneShape) -> dict[str, int]:
+    return {HIDDEN: shape.hidden_size, HEADS: shape.num_key_value_heads, NEURONS: shape.intermediate_size}
+
+
+def validate_shape(config: PretrainedConfig, shape: PruneShape) -> PruneShape:
+    """Check ``shape`` against the teacher and fill in ``num_key_value_heads``; raise before any work."""
+    layout_for(config)
+    teacher = PruneShape.of(config)
+    group = teacher.num_attention_heads // teacher.num_key_value_heads
+    for field in fields(PruneShape):
+        value = getattr(shape, field.name)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"shape.{field.name} must be a positive integer, got {value!r}.")
+        if value > getattr(teacher, field.name):
+            raise ValueError(
+                f"shape.{field.name}={value} exceeds the teacher's {getattr(teacher, field.name)}; pruning "
+                "only removes structure, so ask for at most the teacher's size."
+            )
+    if shape.hidden_size % shape.num_attention_heads:
+        raise ValueError(
+            f"shape.num_attention_heads={shape.num_attention_heads} does not divide "
+            f"shape.hidden_size={shape.hidden_size}; choose a hidden size that is a multiple of the heads."
+        )
+    kv_heads = shape.num_key_value_heads or shape.num_attention_heads // group
+    if shape.num_attention_heads % kv_heads or shape.num_attention_heads // kv_heads != group:
+        raise ValueError(
+            f"shape.num_attention_heads={shape.num_attention_heads} must be {group} x "
+            f"shape.num_key_value_heads (the teacher's query heads per KV head, since KV groups are kept "
+            f"whole); use a multiple of {group} heads and leave num_key_value_heads unset."
+        )
+    if getattr(config, "head_dim", None) is None and shape.hidden_size != shape.num_attention_heads * head_dim(config):
+        raise ValueError(
+            f"{config.model_type} derives the head size from hidden_size / num_attention_heads, so "
+            f"shape.hidden_size must be num_attention_heads x {head_dim(config)} = "
+            f"{shape.num_attention_heads * head_dim(config)}, got {shape.hidden_size}."
+        )
+    return PruneShape(**{**shape.to_dict(), "num_key_value_heads": kv_heads})
+
+
+def pruned_config(config: PretrainedConfig, shape: PruneShape, kept_layers: list[int] | None = None) -> PretrainedConfig:
+    """The teacher's config resized to ``shape``: rope, norms, tying, dtype and head size carry over."""
+    shape = validate_shape(config, shape)
+    kept_layers = list(range(shape.num_hidden_layers)) if kept_layers is None else kept_layers
+    values = config.to_dict()
+    values |= {
+        "hidden_size": shape.hidden_size,
+        "num_hidden_layers": shape.num_hidden_layers,
+        "num_attention_heads": shape.num_attention_heads,
+        "intermediate_size": shape.intermediate_size,
+    }
+    if layout_for(config).name == "llama":
+        values["num_key_value_heads"] = shape.num_key_value_heads
+    if "head_dim" in values:
+        values["head_dim"] = head_dim(config)
+    if isinstance(values.get("layer_types"), list):
+        values["layer_types"] = [config.layer_types[i] for i in kept_layers]
+    if isinstance(values.get("max_window_layers"), int):
+        values["max_window_layers"] = sum(i < config.max_window_layers for i in kept_layers)
+    return type(config).from_dict(values)
+
+
+def meta_model(config: PretrainedConfig) -> torch.nn.Module:
+    """The model ``config`` describes, with shapes but no storage (a 7B model costs nothing)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def shape_params(teacher: torch.nn.Module, shape: PruneShape) -> int:
+    """Parameters of the student ``shape`` cut from ``teacher`` (which may live on the meta device)."""
+    config = teacher.config
+    axes = layout_for(config).weight_axes(config)
+    have, want = unit_counts(PruneShape.of(config)), unit_counts(validate_shape(config, shape))
+    total = 0
+    for name, param in teacher.named_parameters():
+        index = layer_index(name)
+        if index not in (None, 0):
+            continue
+        numel = param.numel()
+        for axis in axes.get(template_name(name), {}).values():
+            numel = numel // have[axis.unit] * want[axis.unit]
+        total += numel * (shape.num_hidden_layers if index == 0 else 1)
+    return total
