@@ -305,3 +305,28 @@ def test_shards_are_plain_arrow_streams(teacher, dataset, tmp_path):
         table = pa.ipc.open_stream(source).read_all()
     assert table.column_names == ["input_ids", "labels", "topk_ids", "topk_logprobs", "tail_logprob"]
     assert sum(s["bytes"] for s in cache.manifest["shards"]) == sum(p.stat().st_size for p in cache.path.glob("shard-*"))
+
+
+def test_cli_builds_describes_and_verifies(teacher, dataset, tmp_path, capsys):
+    from hf_capgap.cli import main
+
+    teacher.save_pretrained(tmp_path / "teacher")
+    dataset.save_to_disk(tmp_path / "data")
+    out = tmp_path / "cache"
+    build = ["cache", "build", str(tmp_path / "teacher"), "--dataset", str(tmp_path / "data"), "--out", str(out)]
+    assert main([*build, "--mode", "topk", "--k", "4", "--shard-tokens", str(4 * SEQ_LEN)]) == 0
+    assert main(["cache", "info", str(out)]) == 0
+    info = capsys.readouterr().out
+    assert "mode         topk" in info and "bytes/token  20.0" in info and f"sequences    {len(dataset)}" in info
+    assert main(["cache", "verify", str(out)]) == 0
+    assert "ok: 3 shards" in capsys.readouterr().out
+
+    cached = full_batch(TeacherCache.load(out))["teacher_topk_ids"]
+    assert torch.equal(cached, reference_logprobs(teacher, dataset).topk(4, dim=-1).indices)
+
+    shard = out / "shard-00002.arrow"
+    shard.write_bytes(shard.read_bytes()[::-1])
+    assert main(["cache", "verify", str(out)]) == 2
+    assert "shard-00002.arrow" in capsys.readouterr().err
+    assert main([*build[:4], str(tmp_path / "missing"), "--out", str(tmp_path / "other")]) == 2
+    assert "is not a folder" in capsys.readouterr().err and not (tmp_path / "other").exists()

@@ -1,0 +1,126 @@
+"""``hf-capgap cache``: build a teacher cache once, then check or describe it."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("cache", help="build, verify or describe a teacher cache")
+    actions = parser.add_subparsers(dest="cache_command", required=True)
+
+    build = actions.add_parser("build", help="run a teacher over a packed dataset and store its log-probs")
+    build.add_argument("teacher", help="folder of the teacher (save_pretrained of a causal LM, with its tokenizer)")
+    source = build.add_mutually_exclusive_group(required=True)
+    source.add_argument("--dataset", help="save_to_disk folder of a tokenized, packed dataset (column input_ids)")
+    source.add_argument("--corpus", choices=["embedded"], help="tokenize and pack the corpus shipped with hf_capgap")
+    build.add_argument("--split", default="train", help="split to cache when the dataset has several")
+    build.add_argument("--seq-len", type=int, default=128, help="row length when packing --corpus")
+    build.add_argument("--out", required=True, help="cache folder to write (a rerun resumes it)")
+    build.add_argument("--mode", choices=["topk", "sampled", "dense"], default="topk", help="what to keep per position")
+    build.add_argument("--k", type=int, default=64, help="top-k entries or samples per position")
+    build.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the teacher")
+    build.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16", help="storage of log-probs")
+    build.add_argument("--batch-size", type=int, default=8, help="rows per teacher forward")
+    build.add_argument("--shard-tokens", type=int, default=262144, help="tokens per shard file")
+    build.add_argument("--seed", type=int, default=0, help="seed of the sampled mode")
+    build.add_argument("--teacher-dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    build.add_argument("--device", help="device of the teacher (default: cuda if available, else cpu)")
+    build.add_argument("--overwrite", action="store_true", help="replace a cache built with other settings")
+    build.set_defaults(handler=_build)
+
+    verify = actions.add_parser("verify", help="check every shard of a cache against its manifest checksums")
+    verify.add_argument("path", help="cache folder")
+    verify.set_defaults(handler=_verify)
+
+    info = actions.add_parser("info", help="print what a cache holds and how it was made")
+    info.add_argument("path", help="cache folder")
+    info.set_defaults(handler=_info)
+
+
+def _load_dataset(args: argparse.Namespace, tokenizer: object) -> object:
+    import datasets
+
+    if args.corpus:
+        from hf_capgap.data import load_corpus, tokenize_and_pack
+
+        if tokenizer is None:
+            raise ValueError(f"--corpus embedded needs the teacher's tokenizer, but {args.teacher} has none.")
+        corpus = load_corpus()
+        if args.split not in corpus:
+            raise ValueError(f"--split {args.split!r} is not in the corpus; use one of {list(corpus)}.")
+        return tokenize_and_pack(corpus[args.split], tokenizer, args.seq_len)
+    loaded = datasets.load_from_disk(args.dataset)
+    if isinstance(loaded, datasets.DatasetDict):
+        if args.split not in loaded:
+            raise ValueError(f"--split {args.split!r} is not in {args.dataset}; use one of {list(loaded)}.")
+        return loaded[args.split]
+    return loaded
+
+
+def _build(args: argparse.Namespace) -> int:
+    teacher_dir = Path(args.teacher)
+    if not (teacher_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{teacher_dir} has no config.json; pass a folder written by save_pretrained.")
+    if args.dataset and not Path(args.dataset).is_dir():
+        raise FileNotFoundError(f"--dataset {args.dataset} is not a folder; pass a save_to_disk folder.")
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_capgap.cache import TeacherCache
+
+    has_tokenizer = any((teacher_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir) if has_tokenizer else None
+    dataset = _load_dataset(args, tokenizer)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=getattr(torch, args.teacher_dtype)).to(device)
+    cache = TeacherCache.build(
+        teacher,
+        dataset,
+        args.out,
+        mode=args.mode,
+        k=args.k,
+        temperature=args.temperature,
+        batch_size=args.batch_size,
+        shard_tokens=args.shard_tokens,
+        tokenizer=tokenizer,
+        dtype=args.dtype,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
+    print(f"wrote {cache!r}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from hf_capgap.cache import TeacherCache
+
+    cache = TeacherCache.load(args.path, verify=True)
+    print(f"ok: {len(cache.manifest['shards'])} shards, {len(cache)} sequences match the manifest of {args.path}")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from hf_capgap.cache import TeacherCache
+
+    cache = TeacherCache.load(args.path)
+    m = cache.manifest
+    rows = [
+        ("mode", m["mode"]),
+        ("k", m["k"]),
+        ("temperature", m["temperature"]),
+        ("storage", f"ids {m['id_dtype']}, log-probs {m['value_storage']}"),
+        ("sequences", m["num_sequences"]),
+        ("tokens", f"{m['num_tokens']} (seq_len {m['seq_len']})"),
+        ("shards", len(m["shards"])),
+        ("bytes/token", f"{cache.bytes_per_token:.1f}"),
+        ("teacher", f"{m['teacher_name'] or '(unnamed)'} {m['teacher_fingerprint']}"),
+        ("tokenizer", m["tokenizer_fingerprint"]),
+        ("dataset", m["dataset_fingerprint"]),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    return 0
