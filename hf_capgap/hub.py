@@ -1,0 +1,327 @@
+"""Model cards derived from the capacity-gap law, and pushing an exported student to the Hub.
+
+The card states where the teacher/student pair sits against the law (fitted or the paper's), how
+the teacher was pruned and distilled, and how the student compares to the teacher, the pruned
+initialisation and a same-size model trained from scratch. The upload is the exported folder as is:
+it is checked for completeness before any request, and the token only ever travels in headers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from hf_capgap.artifacts import atomic_write_bytes
+
+CARD_TEMPLATE = "student.md"
+PLOT_NAME = "capacity_gap_law.png"
+CARD_TAGS = ("distillation", "capacity-gap-law", "hf_capgap")
+LAW_KEYS = ("ratio", "ratio_ci", "intercept", "r2", "source", "families", "citation")
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_WEIGHT_PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
+
+
+class HubUploadError(RuntimeError):
+    """The push reached the Hub but did not complete; the local folder is untouched."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PruningShape:
+    """Architecture of the pruned student, and the fraction of teacher parameters it kept."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    kept_fraction: float
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingSetup:
+    """Distillation loss and the hyperparameters a reader needs to reproduce the run."""
+
+    loss: str
+    alpha: float
+    temperature: float
+    learning_rate: float
+    steps: int
+    tokens: int
+    batch_size: int
+    seq_len: int
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldOutScore:
+    """Held-out mean token cross-entropy (nats) and its perplexity."""
+
+    loss: float
+    perplexity: float
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentCardInfo:
+    """Everything the student card says; ``law`` is ``CapacityGapLaw.to_dict()``."""
+
+    model_name: str
+    teacher: str
+    teacher_params: int
+    student_params: int
+    law: Mapping[str, Any]
+    pruning: PruningShape
+    training: TrainingSetup
+    teacher_eval: HeldOutScore
+    pruned_eval: HeldOutScore
+    distilled_eval: HeldOutScore
+    scratch_eval: HeldOutScore | None
+    eval_dataset: str
+    datasets: Sequence[str] = ()
+    license: str = "apache-2.0"
+    law_plot: str | None = None
+    limitations: Sequence[str] = ()
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> StudentCardInfo:
+        """Build from plain JSON-like data (nested mappings for the nested records)."""
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown card info field(s) {unknown}; expected only {sorted(known)}.")
+        missing = sorted(
+            field.name
+            for field in dataclasses.fields(cls)
+            if field.name not in data
+            and field.default is dataclasses.MISSING
+            and field.default_factory is dataclasses.MISSING
+        )
+        if missing:
+            raise ValueError(f"card info is missing field(s) {missing}.")
+        nested = {"pruning": PruningShape, "training": TrainingSetup}
+        nested |= {name: HeldOutScore for name in ("teacher_eval", "pruned_eval", "distilled_eval", "scratch_eval")}
+        values = dict(data)
+        for name, record in nested.items():
+            value = values.get(name)
+            if isinstance(value, Mapping):
+                try:
+                    values[name] = record(**value)
+                except TypeError as err:
+                    raise ValueError(f"card info field {name!r}: {err}; expected fields of {record.__name__}.") from err
+        return cls(**values)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field that cannot make a truthful card."""
+        for name in ("teacher_params", "student_params"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive parameter count, got {getattr(self, name)}.")
+        missing = [key for key in LAW_KEYS if key not in self.law]
+        if missing:
+            raise ValueError(f"law is missing key(s) {missing}; pass CapacityGapLaw.to_dict().")
+        if self.law["ratio"] <= 0:
+            raise ValueError(f"law['ratio'] must be positive, got {self.law['ratio']}.")
+        ci = self.law["ratio_ci"]
+        if ci is not None and (len(ci) != 2 or ci[0] > ci[1]):
+            raise ValueError(f"law['ratio_ci'] must be [low, high] with low <= high, or None; got {ci}.")
+        if not 0 < self.pruning.kept_fraction <= 1:
+            raise ValueError(f"pruning.kept_fraction must be in (0, 1], got {self.pruning.kept_fraction}.")
+        if not self.eval_dataset:
+            raise ValueError("eval_dataset is empty: name the held-out data the losses were measured on.")
+        if self.law_plot is not None and not Path(self.law_plot).is_file():
+            raise FileNotFoundError(f"law_plot {self.law_plot} does not exist; pass the PNG from CapacityGapLaw.plot.")
+
+
+def _as_info(info: StudentCardInfo | Mapping[str, Any]) -> StudentCardInfo:
+    info = info if isinstance(info, StudentCardInfo) else StudentCardInfo.from_dict(info)
+    info.validate()
+    return info
+
+
+def law_position(info: StudentCardInfo) -> dict[str, Any]:
+    """Where this teacher/student pair sits against the law's optimal teacher/student ratio."""
+    actual = info.teacher_params / info.student_params
+    ci = info.law["ratio_ci"]
+    return {
+        "actual_ratio": actual,
+        "law_ratio": float(info.law["ratio"]),
+        "ratio_ci": None if ci is None else [float(ci[0]), float(ci[1])],
+        "within_ci": None if ci is None else bool(ci[0] <= actual <= ci[1]),
+        "law_teacher_params": float(info.law["ratio"]) * info.student_params,
+    }
+
+
+def _eval_results(info: StudentCardInfo) -> list[Any]:
+    from huggingface_hub import EvalResult
+
+    common = {
+        "task_type": "text-generation",
+        "task_name": "Causal language modeling",
+        "dataset_type": info.eval_dataset,
+        "dataset_name": info.eval_dataset,
+        "dataset_split": "held-out",
+    }
+    return [
+        EvalResult(**common, metric_type="loss", metric_name="held-out loss", metric_value=info.distilled_eval.loss),
+        EvalResult(
+            **common,
+            metric_type="perplexity",
+            metric_name="held-out perplexity",
+            metric_value=info.distilled_eval.perplexity,
+        ),
+    ]
+
+
+def render_model_card(info: StudentCardInfo | Mapping[str, Any]) -> Any:
+    """Render ``model_cards/student.md`` into a ``huggingface_hub.ModelCard`` with Hub metadata."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    info = _as_info(info)
+    card_data = ModelCardData(
+        model_name=info.model_name,
+        base_model=info.teacher,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=list(CARD_TAGS),
+        datasets=list(info.datasets) or None,
+        license=info.license,
+        eval_results=_eval_results(info),
+    )
+    rows = [("Teacher", info.teacher_eval), ("Pruned student, before distillation", info.pruned_eval)]
+    rows += [("Distilled student (this model)", info.distilled_eval)]
+    if info.scratch_eval is not None:
+        rows.append(("Same-size student trained from scratch", info.scratch_eval))
+    template = resources.files("hf_capgap.model_cards") / CARD_TEMPLATE
+    return ModelCard.from_template(
+        card_data,
+        template_str=template.read_text(encoding="utf-8"),
+        info=info,
+        law=info.law,
+        position=law_position(info),
+        results=rows,
+        plot=PLOT_NAME if info.law_plot is not None else None,
+    )
+
+
+def write_model_card(folder: str | os.PathLike, info: StudentCardInfo | Mapping[str, Any]) -> Path:
+    """Write ``README.md`` (and the law plot it embeds) into an exported student folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a directory; export the student there first.")
+    info = _as_info(info)
+    plot_bytes = None
+    if info.law_plot is not None:
+        plot_bytes = Path(info.law_plot).read_bytes()
+        if not plot_bytes.startswith(_PNG_MAGIC):
+            raise ValueError(f"law_plot {info.law_plot} is not a PNG; save the law plot with format='png'.")
+    card = render_model_card(info)
+    if plot_bytes is not None:
+        atomic_write_bytes(folder / PLOT_NAME, plot_bytes)
+    readme = folder / "README.md"
+    atomic_write_bytes(readme, str(card).encode("utf-8"))
+    return readme
+
+
+def missing_student_files(folder: Path) -> list[str]:
+    """What an exported student folder lacks to be loadable from the Hub with its card."""
+    present = {path.name for path in folder.iterdir()} if folder.is_dir() else set()
+    missing = []
+    if "config.json" not in present:
+        missing.append("config.json")
+    if not {"model.safetensors", "model.safetensors.index.json"} & present:
+        missing.append("model.safetensors (or a sharded model.safetensors.index.json)")
+    if not {"tokenizer.json", "tokenizer.model"} & present:
+        missing.append("tokenizer.json (or tokenizer.model)")
+    if "tokenizer_config.json" not in present:
+        missing.append("tokenizer_config.json")
+    if "README.md" not in present:
+        missing.append("README.md")
+    return missing
+
+
+def check_student_folder(folder: str | os.PathLike) -> Path:
+    """Refuse a folder that is not a complete, pickle-free exported student."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"student folder {folder} does not exist.")
+    pickles = sorted(name for name in _WEIGHT_PICKLES if (folder / name).exists())
+    if pickles:
+        raise ValueError(f"{folder} holds pickled weights {pickles}; re-save with safetensors and remove them.")
+    missing = missing_student_files(folder)
+    if missing:
+        raise ValueError(
+            f"{folder} is not a complete exported student, missing: {', '.join(missing)}. Save the model and "
+            "tokenizer with save_pretrained(folder) and write the card with `hf-capgap card FOLDER --info info.json`."
+        )
+    return folder
+
+
+def retry_command(
+    folder: str | os.PathLike, repo_id: str, *, private: bool, endpoint: str | None, revision: str | None
+) -> str:
+    """The exact CLI command that repeats a push (the token comes from HF_TOKEN, never the line)."""
+    parts = ["hf-capgap", "push", str(folder), repo_id]
+    if private:
+        parts.append("--private")
+    if endpoint is not None:
+        parts += ["--endpoint", endpoint]
+    if revision is not None:
+        parts += ["--revision", revision]
+    return shlex.join(parts)
+
+
+def _refuse_offline() -> None:
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        raise ValueError(
+            "HF_HUB_OFFLINE is set (or TRANSFORMERS_OFFLINE), which blocks every upload, even to a local "
+            "endpoint. Unset HF_HUB_OFFLINE to push."
+        )
+
+
+def _scrub(text: str, token: str | None) -> str:
+    return text.replace(token, "***") if token else text
+
+
+def push_student(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool = False,
+    endpoint: str | None = None,
+    revision: str | None = None,
+    commit_message: str | None = None,
+) -> str:
+    """Upload an exported student folder, exactly as it is, to ``repo_id``; return the commit URL.
+
+    Creates the repo (and ``revision`` as a branch) if needed. Without ``token`` the usual
+    huggingface_hub resolution applies (``HF_TOKEN``, then the saved login).
+    """
+    from huggingface_hub import HfApi
+
+    folder = check_student_folder(folder)
+    if "/" not in repo_id:
+        raise ValueError(f"repo_id {repo_id!r} must be 'namespace/name', e.g. 'my-org/{repo_id}'.")
+    _refuse_offline()
+    api = HfApi(endpoint=endpoint, token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision is not None:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            revision=revision,
+            commit_message=commit_message or f"Upload distilled student {folder.name} with hf_capgap",
+        )
+    except Exception as err:
+        command = retry_command(folder, repo_id, private=private, endpoint=endpoint, revision=revision)
+        raise HubUploadError(
+            f"pushing {folder} to {repo_id} failed: {_scrub(str(err), token)}\nThe local folder is unchanged. "
+            f"Retry with: {command}"
+        ) from None
+    return commit.commit_url

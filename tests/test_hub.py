@@ -1,0 +1,223 @@
+from __future__ import annotations
+
+import json
+import traceback
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+import torch
+from huggingface_hub import ModelCard, constants, snapshot_download
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from hf_capgap import cli
+from hf_capgap.hub import (
+    PLOT_NAME,
+    HubUploadError,
+    StudentCardInfo,
+    law_position,
+    push_student,
+    render_model_card,
+    write_model_card,
+)
+from tests.hub_server import FakeHub
+
+TOKEN = "hf_testtoken_0123456789abcdef"
+REPO = "tester/tiny-student"
+TINY_PNG = bytes.fromhex(
+    "89504e470d0a1a0a0000000d4948445200000001000000010806000000" "1f15c4890000000d49444154789c6300010000000500010d0a2db40000000049454e44ae426082"
+)
+
+
+def card_info(plot: Path | None = None, **overrides) -> dict:
+    info = {
+        "model_name": REPO,
+        "teacher": "tester/tiny-teacher",
+        "teacher_params": 5_000,
+        "student_params": 1_000,
+        "law": {
+            "ratio": 2.5,
+            "ratio_ci": [2.0, 3.0],
+            "intercept": 0.0,
+            "r2": 0.97,
+            "source": "paper",
+            "families": ["llama"],
+            "citation": "Zhang et al., Towards the Law of Capacity Gap in Distilling Language Models (2023)",
+        },
+        "pruning": {
+            "hidden_size": 32,
+            "num_layers": 2,
+            "num_heads": 4,
+            "num_kv_heads": 2,
+            "intermediate_size": 64,
+            "kept_fraction": 0.2,
+        },
+        "training": {
+            "loss": "forward_kl",
+            "alpha": 0.5,
+            "temperature": 2.0,
+            "learning_rate": 3e-4,
+            "steps": 10,
+            "tokens": 5120,
+            "batch_size": 4,
+            "seq_len": 32,
+        },
+        "teacher_eval": {"loss": 2.1, "perplexity": 8.17},
+        "pruned_eval": {"loss": 4.2, "perplexity": 66.69},
+        "distilled_eval": {"loss": 2.6, "perplexity": 13.46},
+        "scratch_eval": {"loss": 3.1, "perplexity": 22.2},
+        "eval_dataset": "capgap-corpus",
+        "datasets": ["capgap-corpus"],
+        "law_plot": None if plot is None else str(plot),
+    }
+    return info | overrides
+
+
+@pytest.fixture(scope="module")
+def exported_student(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("export") / "student"
+    folder.mkdir()
+    vocab = {token: index for index, token in enumerate(["<unk>", "<s>", "</s>", *"abcdefghijklmnop "])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    plot = folder.parent / "law.png"
+    plot.write_bytes(TINY_PNG)
+    write_model_card(folder, card_info(plot))
+    return folder
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """A local Hub, with offline mode lifted for huggingface_hub's own calls in this test only."""
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    server = FakeHub(max_requests=100, lifetime_s=60).start()
+    monkeypatch.setattr(constants, "ENDPOINT", server.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}")
+    yield server
+    server.stop()
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_law_position_and_card_text():
+    info = StudentCardInfo.from_dict(card_info())
+    position = law_position(info)
+    assert position["actual_ratio"] == pytest.approx(5.0)
+    assert position["within_ci"] is False
+    text = str(render_model_card(info))
+    assert "**outside**" in text and "2,500 parameters" in text
+    assert "| Pruned student, before distillation | 4.2000 | 66.69 |" in text
+    assert "AutoModelForCausalLM.from_pretrained" in text
+    inside = StudentCardInfo.from_dict(card_info(teacher_params=2_400))
+    assert "**within**" in str(render_model_card(inside))
+
+
+def test_card_info_errors_name_the_field():
+    with pytest.raises(ValueError, match="ratio_ci"):
+        render_model_card(card_info(law={**card_info()["law"], "ratio_ci": [3.0, 2.0]}))
+    with pytest.raises(ValueError, match="missing field"):
+        render_model_card({k: v for k, v in card_info().items() if k != "teacher"})
+    with pytest.raises(ValueError, match="kept_fraction"):
+        render_model_card(card_info(pruning={**card_info()["pruning"], "kept_fraction": 1.5}))
+
+
+def test_write_model_card_copies_plot_and_metadata(exported_student):
+    assert (exported_student / PLOT_NAME).read_bytes() == TINY_PNG
+    card = ModelCard.load(exported_student / "README.md")
+    assert f"]({PLOT_NAME})" in card.text
+
+
+def test_push_uploads_folder_byte_for_byte_and_reloads(hub, exported_student, tmp_path):
+    before = folder_bytes(exported_student)
+    url = push_student(exported_student, REPO, token=TOKEN, endpoint=hub.url)
+    assert url.startswith(f"{hub.url}/{REPO}/commit/")
+    assert hub.files(REPO) == before
+    assert folder_bytes(exported_student) == before
+    assert {r.authorization for r in hub.requests if r.path.startswith(("/api/repos", "/api/models"))} == {
+        f"Bearer {TOKEN}"
+    }
+    assert all(TOKEN.encode() not in data for data in before.values())
+
+    card = ModelCard.load(REPO)
+    assert card.data.base_model == "tester/tiny-teacher"
+    assert set(card.data.tags) >= {"distillation", "capacity-gap-law", "hf_capgap"}
+    metrics = {result.metric_type: result.metric_value for result in card.data.eval_results}
+    assert metrics == {"loss": 2.6, "perplexity": 13.46}
+
+    snapshot = snapshot_download(REPO, endpoint=hub.url, local_dir=tmp_path / "snapshot")
+    reloaded = AutoModelForCausalLM.from_pretrained(snapshot)
+    original = AutoModelForCausalLM.from_pretrained(exported_student)
+    for name, tensor in original.state_dict().items():
+        assert torch.equal(tensor, reloaded.state_dict()[name]), name
+
+
+def test_push_to_a_new_branch(hub, exported_student):
+    push_student(exported_student, REPO, token=TOKEN, endpoint=hub.url, revision="v1")
+    assert hub.files(REPO, "v1") == folder_bytes(exported_student)
+    assert hub.files(REPO, "main") == {}
+
+
+def test_failed_upload_keeps_folder_names_retry_and_hides_token(hub, exported_student, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.utils._http, "time", type("NoSleep", (), {"sleep": staticmethod(lambda s: None)}))
+    hub.fail("commit", 500)
+    before = folder_bytes(exported_student)
+    with pytest.raises(HubUploadError) as caught:
+        push_student(exported_student, REPO, token=TOKEN, endpoint=hub.url, private=True)
+    message = str(caught.value)
+    assert f"Retry with: hf-capgap push {exported_student} {REPO} --private --endpoint {hub.url}" in message
+    assert TOKEN not in "".join(traceback.format_exception(caught.value))
+    assert folder_bytes(exported_student) == before
+    assert hub.files(REPO) == {}
+
+
+def test_offline_mode_fails_before_any_request(hub, exported_student, monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match="HF_HUB_OFFLINE"):
+        push_student(exported_student, REPO, token=TOKEN, endpoint=hub.url)
+    assert hub.requests == []
+
+
+@pytest.mark.parametrize("removed", ["config.json", "model.safetensors", "tokenizer.json", "README.md"])
+def test_incomplete_folder_fails_before_any_request(hub, exported_student, tmp_path, removed):
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for name, data in folder_bytes(exported_student).items():
+        if name != removed:
+            (partial / name).write_bytes(data)
+    with pytest.raises(ValueError, match=removed.split(".")[0]):
+        push_student(partial, REPO, token=TOKEN, endpoint=hub.url)
+    assert hub.requests == []
+
+
+def test_cli_card_and_push(hub, exported_student, tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "cli-student"
+    folder.mkdir()
+    for name, data in folder_bytes(exported_student).items():
+        if name != "README.md":
+            (folder / name).write_bytes(data)
+    info = tmp_path / "info.json"
+    info.write_text(json.dumps(card_info(model_name="tester/cli-student")))
+    assert cli.main(["card", str(folder), "--info", str(info)]) == 0
+    assert ModelCard.load(folder / "README.md").data.base_model == "tester/tiny-teacher"
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    assert cli.main(["push", str(folder), "tester/cli-student", "--endpoint", hub.url]) == 0
+    assert hub.files("tester/cli-student") == folder_bytes(folder)
+    assert hub.requests[0].authorization == f"Bearer {TOKEN}"
+    assert TOKEN not in capsys.readouterr().out
