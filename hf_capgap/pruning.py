@@ -39,6 +39,7 @@ from hf_capgap.pruning_layouts import (
     layer_index,
     layout_for,
     meta_model,
+    param_counter,
     pruned_config,
     shape_params,
     template_name,
@@ -150,7 +151,8 @@ def shape_for_target(
     """
     config = model.config
     teacher = PruneShape.of(config)
-    teacher_params = shape_params(model, teacher)
+    count = param_counter(model)
+    teacher_params = count(teacher)
     if not isinstance(target_params, int) or isinstance(target_params, bool) or target_params < 1:
         raise ValueError(f"target_params must be a positive integer, got {target_params!r}.")
     if target_params > teacher_params:
@@ -165,9 +167,9 @@ def shape_for_target(
     for heads in range(group, teacher.num_attention_heads + 1, group):
         for layers in depths:
             base = PruneShape(hidden_size=heads * per_head, num_hidden_layers=layers, num_attention_heads=heads,
-                              intermediate_size=1)
-            fixed = shape_params(model, base)
-            per_neuron = shape_params(model, replace(base, intermediate_size=2)) - fixed
+                              num_key_value_heads=heads // group, intermediate_size=1)
+            fixed = count(base)
+            per_neuron = count(replace(base, intermediate_size=2)) - fixed
             exact = 1 + (target_params - fixed) / per_neuron
             for neurons in (8 * round(exact / 8), round(exact)):
                 if not 1 <= neurons <= teacher.intermediate_size:

@@ -11,7 +11,7 @@ apart.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -236,16 +236,32 @@ def meta_model(config: PretrainedConfig) -> torch.nn.Module:
 
 def shape_params(teacher: torch.nn.Module, shape: PruneShape) -> int:
     """Parameters of the student ``shape`` cut from ``teacher`` (which may live on the meta device)."""
+    return param_counter(teacher)(validate_shape(teacher.config, shape))
+
+
+def param_counter(teacher: torch.nn.Module) -> Callable[[PruneShape], int]:
+    """A fast parameter count for shapes cut from ``teacher`` (shapes with their KV heads filled in).
+
+    Each weight's size scales with the unit counts of its pruned axes; layer weights count once per
+    kept layer.
+    """
     config = teacher.config
     axes = layout_for(config).weight_axes(config)
-    have, want = unit_counts(PruneShape.of(config)), unit_counts(validate_shape(config, shape))
-    total = 0
+    have = unit_counts(PruneShape.of(config))
+    weights = []  # (numel, pruned units, is a layer weight)
     for name, param in teacher.named_parameters():
         index = layer_index(name)
-        if index not in (None, 0):
-            continue
-        numel = param.numel()
-        for axis in axes.get(template_name(name), {}).values():
-            numel = numel // have[axis.unit] * want[axis.unit]
-        total += numel * (shape.num_hidden_layers if index == 0 else 1)
-    return total
+        if index in (None, 0):
+            units = tuple(axis.unit for axis in axes.get(template_name(name), {}).values())
+            weights.append((param.numel(), units, index == 0))
+
+    def count(shape: PruneShape) -> int:
+        want = unit_counts(shape)
+        total = 0
+        for numel, units, per_layer in weights:
+            for unit in units:
+                numel = numel // have[unit] * want[unit]
+            total += numel * (shape.num_hidden_layers if per_layer else 1)
+        return total
+
+    return count
