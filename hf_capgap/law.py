@@ -43,8 +43,7 @@ CONFIDENCE = 0.95
 PAPER_RATIO = 2.5
 PAPER_FAMILIES = ("GPT-2", "Pythia")
 CITATION = (
-    '"Towards the Law of Capacity Gap in Distilling Language Models" '
-    "(Zhang et al., 2023, arXiv:2311.07052)"
+    '"Towards the Law of Capacity Gap in Distilling Language Models" (Zhang et al., 2023, arXiv:2311.07052)'
 )
 REQUIRED_FIELDS = ("student_params", "teacher_params", "eval_loss")
 MIN_TEACHERS_PER_STUDENT = 3
@@ -203,9 +202,7 @@ class CapacityGapLaw:
                 f"{CONFIDENCE:.0%} percentile interval, got {n_bootstrap!r}."
             )
         rows = _validated_records(_read_records(records))
-        optima = [
-            _locate_optimum(student, curve) for student, curve in sorted(_curves(rows).items())
-        ]
+        optima = [_locate_optimum(student, curve) for student, curve in sorted(_curves(rows).items())]
         interior = [optimum for optimum in optima if optimum.interior]
         _check_enough_students(optima, interior)
         if len(interior) < FEW_STUDENTS:
@@ -333,7 +330,9 @@ class CapacityGapLaw:
             "families": list(self.families),
             "citation": self.citation,
             "n_students": sum(optimum.interior for optimum in self.optima),
-            "optima": [{**asdict(optimum), "points_used": list(optimum.points_used)} for optimum in self.optima],
+            "optima": [
+                {**asdict(optimum), "points_used": list(optimum.points_used)} for optimum in self.optima
+            ],
             "bootstrap": None
             if self.band_draws is None
             else {
@@ -395,6 +394,14 @@ class CapacityGapLaw:
 
     # ------------------------------------------------------------------ reporting
 
+    def formula(self, *, affine: bool | None = None) -> str:
+        """The line predictions use (or the affine one when ``affine=True``), e.g. ``t* = 2.5 x s``."""
+        use_affine = not self.through_origin if affine is None else affine
+        if use_affine:
+            sign = "+" if self.intercept >= 0 else "-"
+            return f"t* = {self.slope_affine:.3g} x s {sign} {format_params(abs(self.intercept))}"
+        return f"t* = {self.ratio:.3g} x s"
+
     def summary(self) -> str:
         """A few lines for a terminal: the law, its fit quality and the per-student optima."""
         lines = [f"law of capacity gap ({self.source}): t* = {self.ratio:.3g} x s"]
@@ -403,17 +410,16 @@ class CapacityGapLaw:
         if self.r2 is not None:
             lines.append(f"R^2 (log t*): {self.r2:.3f}")
         if self.slope_affine is not None and self.intercept is not None:
-            lines.append(
-                f"affine: t* = {self.slope_affine:.3g} x s {'+' if self.intercept >= 0 else '-'} "
-                f"{format_params(abs(self.intercept))}   R^2 (log t*): {self.r2_affine:.3f}"
-            )
+            lines.append(f"affine: {self.formula(affine=True)}   R^2 (log t*): {self.r2_affine:.3f}")
         lines.append(f"predictions use the {'through-origin' if self.through_origin else 'affine'} line")
         if self.source == "paper":
             lines.append(f"families: {', '.join(self.families)}; {self.citation}")
         if self.optima:
             lines.append(f"{'student':>9} {'t*':>9} {'t*/s':>6} {'loss':>8}  bracket")
             for optimum in self.optima:
-                bracket = "-".join(format_params(t) for t in (optimum.points_used[0], optimum.points_used[-1]))
+                bracket = "-".join(
+                    format_params(t) for t in (optimum.points_used[0], optimum.points_used[-1])
+                )
                 status = bracket if optimum.interior else f"excluded: {optimum.note}"
                 lines.append(
                     f"{format_params(optimum.student_params):>9} {format_params(optimum.teacher_params):>9} "
@@ -474,11 +480,14 @@ class CapacityGapLaw:
         excluded: tuple[float, ...],
     ) -> str:
         best = float(optimum.params)
-        law = f"the {self.source} law (t* = {self.ratio:.3g} x s"
-        law += ")" if self.through_origin else f", affine: {self.slope_affine:.3g} x s + {format_params(self.intercept)})"
-        text = f"For a {format_params(student)} student {law} puts the best teacher at {format_params(best)}"
+        origin = "published" if self.source == "paper" else "fitted"
+        text = (
+            f"For a {format_params(student)} student the {origin} law ({self.formula()}) puts the best "
+            f"teacher at {format_params(best)}"
+        )
         if optimum.lo is not None:
-            text += f" ({CONFIDENCE:.0%} interval {format_params(float(optimum.lo))}-{format_params(float(optimum.hi))})"
+            low, high = format_params(float(optimum.lo)), format_params(float(optimum.hi))
+            text += f" ({CONFIDENCE:.0%} interval {low}-{high})"
         text += (
             f". {format_params(choice.teacher_params)} is the closest available teacher: "
             f"{_relative(choice)}, a teacher/student ratio of {choice.ratio:.2f}."
@@ -490,9 +499,8 @@ class CapacityGapLaw:
             )
             text += f" Alternatives: {listed}."
         if excluded:
-            text += (
-                f" Not larger than the student, so not usable: {', '.join(format_params(t) for t in excluded)}."
-            )
+            unusable = ", ".join(format_params(t) for t in excluded)
+            text += f" Not larger than the student, so not usable: {unusable}."
         return text
 
     def _plot_curves(self, axis: Any) -> None:
@@ -500,7 +508,7 @@ class CapacityGapLaw:
 
         curves = _curves(self.records)
         colours = colormaps["viridis"](np.linspace(0, 0.9, max(len(self.optima), 1)))
-        for colour, optimum in zip(colours, self.optima):
+        for colour, optimum in zip(colours, self.optima, strict=True):
             teachers, losses = curves[optimum.student_params]
             label = f"student {format_params(optimum.student_params)}"
             axis.plot(teachers, losses, "o-", color=colour, lw=1.2, ms=4, label=label)
@@ -530,17 +538,23 @@ class CapacityGapLaw:
             low, high = 5e7, 5e9
         grid = np.geomspace(low, high, 100)
         prediction = self.predict(grid)
-        label = f"t* = {self.ratio:.3g} s" if self.through_origin else (
-            f"t* = {self.slope_affine:.3g} s + {format_params(self.intercept)}"
-        )
-        axis.plot(grid, prediction.params, color="C0", lw=2, label=f"{label} ({self.source})")
+        axis.plot(grid, prediction.params, color="C0", lw=2, label=f"{self.formula()} ({self.source})")
         if prediction.lo is not None:
             axis.fill_between(
-                grid, prediction.lo, prediction.hi, color="C0", alpha=0.2, label=f"{CONFIDENCE:.0%} bootstrap band"
+                grid,
+                prediction.lo,
+                prediction.hi,
+                color="C0",
+                alpha=0.2,
+                label=f"{CONFIDENCE:.0%} bootstrap band",
             )
         if interior:
             axis.plot(
-                students, [optimum.teacher_params for optimum in interior], "o", color="black", label="fitted t*(s)"
+                students,
+                [optimum.teacher_params for optimum in interior],
+                "o",
+                color="black",
+                label="fitted t*(s)",
             )
         if self.source != "paper":
             axis.plot(grid, PAPER_RATIO * grid, ":", color="grey", label=f"paper: t* = {PAPER_RATIO} s")
@@ -548,7 +562,11 @@ class CapacityGapLaw:
         axis.set_yscale("log")
         axis.set_xlabel("student parameters s")
         axis.set_ylabel("optimal teacher parameters t*")
-        axis.set_title("Law of capacity gap")
+        axis.set_title(
+            "Law of capacity gap"
+            if self.source != "paper"
+            else "Law of capacity gap: published prior (no interval)"
+        )
         axis.grid(True, which="both", alpha=0.3)
         axis.legend(fontsize=8)
 
@@ -580,7 +598,9 @@ def _read_ledger(path: Path) -> list[Mapping[str, Any]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path} line {number} is not valid JSON ({err}); fix or remove that line.") from err
+            raise ValueError(
+                f"{path} line {number} is not valid JSON ({err}); fix or remove that line."
+            ) from err
         if not isinstance(row, dict):
             raise ValueError(f"{path} line {number} is not a JSON object; each line must be one record.")
         rows.append(row)
@@ -635,9 +655,14 @@ def _curves(rows: Sequence[Mapping[str, Any]]) -> dict[float, tuple[np.ndarray, 
     """Per student size: sorted teacher sizes and the mean loss at each (repeats are averaged)."""
     grouped: dict[float, dict[float, list[float]]] = {}
     for row in rows:
-        grouped.setdefault(row["student_params"], {}).setdefault(row["teacher_params"], []).append(row["eval_loss"])
+        grouped.setdefault(row["student_params"], {}).setdefault(row["teacher_params"], []).append(
+            row["eval_loss"]
+        )
     return {
-        student: (np.array(sorted(by_teacher)), np.array([np.mean(by_teacher[t]) for t in sorted(by_teacher)]))
+        student: (
+            np.array(sorted(by_teacher)),
+            np.array([np.mean(by_teacher[t]) for t in sorted(by_teacher)]),
+        )
         for student, by_teacher in grouped.items()
     }
 
@@ -646,25 +671,14 @@ def _curves(rows: Sequence[Mapping[str, Any]]) -> dict[float, tuple[np.ndarray, 
 
 
 def _locate_optimum(student: float, curve: tuple[np.ndarray, np.ndarray]) -> Optimum:
+    """The vertex of a quadratic in log t through the best teacher and its neighbours, or why not."""
     teachers, losses = curve
     best = int(np.argmin(losses))
-    name, best_name = format_params(student), format_params(teachers[best])
-    edge = Optimum(student, float(teachers[best]), float(losses[best]), tuple(map(float, teachers)), False)
-    if len(teachers) < MIN_TEACHERS_PER_STUDENT:
-        note = (
-            f"student {name} has {len(teachers)} teacher size(s); bracketing a minimum needs at least "
-            f"{MIN_TEACHERS_PER_STUDENT}. Add teacher sizes around {best_name}."
+    note = _unbracketed(student, teachers, best)
+    if note is not None:
+        return Optimum(
+            student, float(teachers[best]), float(losses[best]), tuple(map(float, teachers)), False, note
         )
-        return Optimum(**{**asdict(edge), "note": note})
-    if best == 0:
-        note = (
-            f"student {name}: best teacher {best_name} is the smallest tried; add teachers between "
-            f"{name} and {best_name} to bracket the optimum."
-        )
-        return Optimum(**{**asdict(edge), "note": note})
-    if best == len(teachers) - 1:
-        note = f"student {name}: best teacher {best_name} is the largest tried; add teachers larger than {best_name}."
-        return Optimum(**{**asdict(edge), "note": note})
     x = np.log(teachers[best - 1 : best + 2])
     curvature, slope, constant = np.polyfit(x, losses[best - 1 : best + 2], 2)
     vertex = float(np.clip(-slope / (2 * curvature), x[0], x[-1])) if curvature > 0 else float(x[1])
@@ -675,6 +689,24 @@ def _locate_optimum(student: float, curve: tuple[np.ndarray, np.ndarray]) -> Opt
         points_used=tuple(float(t) for t in teachers[best - 1 : best + 2]),
         interior=True,
     )
+
+
+def _unbracketed(student: float, teachers: np.ndarray, best: int) -> str | None:
+    """Why the measured teachers do not bracket this student's optimum, or ``None`` if they do."""
+    name, best_name = format_params(student), format_params(teachers[best])
+    if len(teachers) < MIN_TEACHERS_PER_STUDENT:
+        return (
+            f"student {name} has {len(teachers)} teacher size(s); bracketing a minimum needs at least "
+            f"{MIN_TEACHERS_PER_STUDENT}. Add teacher sizes around {best_name}."
+        )
+    if best == 0:
+        return (
+            f"student {name}: best teacher {best_name} is the smallest tried; add teachers between "
+            f"{name} and {best_name} to bracket the optimum."
+        )
+    if best == len(teachers) - 1:
+        return f"student {name}: best teacher {best_name} is the largest tried; add teachers larger than it."
+    return None
 
 
 def _check_enough_students(optima: list[Optimum], interior: list[Optimum]) -> None:
@@ -744,9 +776,13 @@ def _prediction(
 ) -> Prediction:
     """Give back floats for a scalar query and arrays shaped like the query otherwise."""
     if shape == ():
-        return Prediction(float(params[0]), None if lo is None else float(lo[0]), None if hi is None else float(hi[0]))
+        return Prediction(
+            float(params[0]), None if lo is None else float(lo[0]), None if hi is None else float(hi[0])
+        )
     return Prediction(
-        params.reshape(shape), None if lo is None else lo.reshape(shape), None if hi is None else hi.reshape(shape)
+        params.reshape(shape),
+        None if lo is None else lo.reshape(shape),
+        None if hi is None else hi.reshape(shape),
     )
 
 
@@ -755,7 +791,11 @@ def _relative(option: TeacherOption) -> str:
     if abs(option.log_distance) < 1e-9:
         return "exactly the optimum"
     side = "above" if option.log_distance > 0 else "below"
-    inside = "" if option.in_interval is None else (", inside the interval" if option.in_interval else ", outside the interval")
+    inside = (
+        ""
+        if option.in_interval is None
+        else (", inside the interval" if option.in_interval else ", outside the interval")
+    )
     return f"{max(factor, 1 / factor):.2f}x {side} the optimum{inside}"
 
 
