@@ -35,7 +35,7 @@ def _check_packed(dataset: Any, batch_size: int, max_batches: int | None) -> int
         )
     if len(dataset) == 0:
         raise ValueError("dataset is empty: perplexity needs at least one packed row of input_ids.")
-    lengths = {len(row) for row in dataset[: min(len(dataset), 64)]["input_ids"]}
+    lengths = {len(row) for row in dataset[: min(len(dataset), 64)]["input_ids"]}  # later rows: checked by torch
     if len(lengths) != 1:
         raise ValueError(f"input_ids rows must have one fixed length (packed), found lengths {sorted(lengths)}.")
     (length,) = lengths
@@ -60,7 +60,7 @@ def evaluate_perplexity(
     batch_size: int = 8,
     max_batches: int | None = None,
     device: str | torch.device | None = None,
-) -> dict[str, float]:
+) -> dict[str, float | int]:
     """Mean token cross-entropy and perplexity of ``model`` on packed ``input_ids`` rows.
 
     Labels are the inputs shifted by one inside each row, as in causal-LM training. Returns

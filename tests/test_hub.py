@@ -25,8 +25,9 @@ from tests.hub_server import FakeHub
 
 TOKEN = "hf_testtoken_0123456789abcdef"
 REPO = "tester/tiny-student"
-TINY_PNG = bytes.fromhex(
-    "89504e470d0a1a0a0000000d4948445200000001000000010806000000" "1f15c4890000000d49444154789c6300010000000500010d0a2db40000000049454e44ae426082"
+TINY_PNG = bytes.fromhex(  # a 1x1 RGBA PNG
+    "89504e470d0a1a0a0000000d49484452000000010000000108060000001f15c489"
+    "0000000d49444154789c6300010000000500010d0a2db40000000049454e44ae426082"
 )
 
 
@@ -173,7 +174,7 @@ def test_push_to_a_new_branch(hub, exported_student):
     assert hub.files(REPO, "main") == {}
 
 
-def test_failed_upload_keeps_folder_names_retry_and_hides_token(hub, exported_student, monkeypatch):
+def test_failed_upload_keeps_folder_names_retry_and_hides_token(hub, exported_student, monkeypatch, caplog):
     monkeypatch.setattr(huggingface_hub.utils._http, "time", type("NoSleep", (), {"sleep": staticmethod(lambda s: None)}))
     hub.fail("commit", 500)
     before = folder_bytes(exported_student)
@@ -182,6 +183,8 @@ def test_failed_upload_keeps_folder_names_retry_and_hides_token(hub, exported_st
     message = str(caught.value)
     assert f"Retry with: hf-capgap push {exported_student} {REPO} --private --endpoint {hub.url}" in message
     assert TOKEN not in "".join(traceback.format_exception(caught.value))
+    assert any("commit" in record.getMessage() for record in caplog.records)
+    assert all(TOKEN not in record.getMessage() for record in caplog.records)
     assert folder_bytes(exported_student) == before
     assert hub.files(REPO) == {}
 
