@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from hf_capgap.artifacts import ArtifactError, atomic_write_bytes, atomic_write_json
+
 FORMAT_VERSION = 1
 KIND = "capacity_gap_law"
 CONFIDENCE = 0.95
@@ -196,7 +198,11 @@ class CapacityGapLaw:
         ``family`` is kept for the model card. ``through_origin`` picks the line that predictions
         use: t* = k s (the paper's law) or t* = k s + b. Both are always fitted and reported.
         """
-        if isinstance(n_bootstrap, bool) or not isinstance(n_bootstrap, int) or n_bootstrap < MIN_BOOTSTRAP:
+        if (
+            not isinstance(n_bootstrap, (int, np.integer))
+            or isinstance(n_bootstrap, bool)
+            or n_bootstrap < MIN_BOOTSTRAP
+        ):
             raise ValueError(
                 f"n_bootstrap must be an integer of at least {MIN_BOOTSTRAP} for a "
                 f"{CONFIDENCE:.0%} percentile interval, got {n_bootstrap!r}."
@@ -221,13 +227,14 @@ class CapacityGapLaw:
                 f"the affine fit t* = k s + b has a non-positive slope ({slope:.3g}); the optima do not "
                 "grow with student size. Use through_origin=True or add student sizes."
             )
-        ratio_draws, affine_draws = _bootstrap(students, teachers, n_bootstrap, seed)
+        samples = _bootstrap_samples(len(interior), n_bootstrap, seed)
+        ratio_draws = np.array([_fit_ratio(students[sample], teachers[sample]) for sample in samples])
         tail = (1 - CONFIDENCE) / 2 * 100
         ratio_ci = tuple(np.percentile(ratio_draws, [tail, 100 - tail]))
         if through_origin:
             band_draws = np.column_stack([ratio_draws, np.zeros_like(ratio_draws)])
         else:
-            band_draws = affine_draws
+            band_draws = np.array([_fit_affine(students[sample], teachers[sample]) for sample in samples])
         return cls(
             ratio=ratio,
             ratio_ci=ratio_ci,
@@ -346,14 +353,24 @@ class CapacityGapLaw:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> CapacityGapLaw:
+        """Rebuild a law from :meth:`to_dict`; refuses another kind or format version by name."""
+        if not isinstance(data, Mapping):
+            raise ArtifactError(f"a law is a JSON object, not a {type(data).__name__}; refit the law.")
         if data.get("kind") != KIND:
-            raise _artifact_error(f"this is a {data.get('kind')!r}, not a {KIND!r}.")
+            raise ArtifactError(f"this is a {data.get('kind')!r}, not a {KIND!r}.")
         if data.get("format_version") != FORMAT_VERSION:
-            raise _artifact_error(
+            raise ArtifactError(
                 f"law format_version is {data.get('format_version')!r}, this hf_capgap reads "
                 f"{FORMAT_VERSION}; refit it with `hf-capgap law fit` from its ledger."
             )
-        bootstrap = data.get("bootstrap")
+        try:
+            return cls._from_fields(data)
+        except KeyError as err:
+            raise ArtifactError(f"the law lacks the field {err}; refit it with `hf-capgap law fit`.") from err
+
+    @classmethod
+    def _from_fields(cls, data: Mapping[str, Any]) -> CapacityGapLaw:
+        bootstrap = data["bootstrap"]
         return cls(
             ratio=data["ratio"],
             ratio_ci=data["ratio_ci"],
@@ -373,8 +390,6 @@ class CapacityGapLaw:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the law as JSON, atomically."""
-        from hf_capgap.artifacts import atomic_write_json
-
         atomic_write_json(path, self.to_dict())
 
     @classmethod
@@ -386,11 +401,11 @@ class CapacityGapLaw:
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as err:
-            raise _artifact_error(f"{path} is not valid JSON ({err}); refit the law.") from err
+            raise ArtifactError(f"{path} is not valid JSON ({err}); refit the law.") from err
         try:
             return cls.from_dict(data)
-        except KeyError as err:
-            raise _artifact_error(f"{path} lacks the field {err}; refit the law.") from err
+        except ArtifactError as err:
+            raise ArtifactError(f"{path}: {err}") from err
 
     # ------------------------------------------------------------------ reporting
 
@@ -434,8 +449,6 @@ class CapacityGapLaw:
         """
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
-
-        from hf_capgap.artifacts import atomic_write_bytes
 
         panels = 2 if self.records else 1
         figure = Figure(figsize=(6.5 * panels, 5), layout="constrained")
@@ -741,20 +754,17 @@ def _r2_log(teachers: np.ndarray, predicted: np.ndarray) -> float:
     return float(1 - np.sum(residual**2) / total)
 
 
-def _bootstrap(
-    students: np.ndarray, teachers: np.ndarray, n_bootstrap: int, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Case bootstrap over student sizes: ratio draws and (slope, intercept) draws."""
+def _bootstrap_samples(n_students: int, n_bootstrap: int, seed: int) -> np.ndarray:
+    """Case bootstrap over student sizes: each row picks student indices with replacement.
+
+    A row that picks a single size cannot fix a line with an intercept, so it is drawn again.
+    """
     rng = np.random.default_rng(seed)
-    n = len(students)
-    samples = rng.integers(0, n, size=(n_bootstrap, n))
-    ratio_draws = np.exp(np.log(teachers / students)[samples].mean(axis=1))
-    affine_draws = np.empty((n_bootstrap, 2))
-    for row, sample in enumerate(samples):
-        while np.unique(students[sample]).size < 2:
-            sample = rng.integers(0, n, size=n)
-        affine_draws[row] = _fit_affine(students[sample], teachers[sample])
-    return ratio_draws, affine_draws
+    samples = rng.integers(0, n_students, size=(n_bootstrap, n_students))
+    for row in range(n_bootstrap):
+        while np.unique(samples[row]).size < 2:
+            samples[row] = rng.integers(0, n_students, size=n_students)
+    return samples
 
 
 # ---------------------------------------------------------------------- small helpers
@@ -797,9 +807,3 @@ def _relative(option: TeacherOption) -> str:
         else (", inside the interval" if option.in_interval else ", outside the interval")
     )
     return f"{max(factor, 1 / factor):.2f}x {side} the optimum{inside}"
-
-
-def _artifact_error(message: str) -> ValueError:
-    from hf_capgap.artifacts import ArtifactError
-
-    return ArtifactError(message)

@@ -254,6 +254,12 @@ def test_load_refuses_another_format_version_and_foreign_files(tmp_path):
     path.write_text(json.dumps({**data, "kind": "teacher_cache"}))
     with pytest.raises(ArtifactError, match="not a 'capacity_gap_law'"):
         CapacityGapLaw.load(path)
+    path.write_text(json.dumps({key: value for key, value in data.items() if key != "ratio"}))
+    with pytest.raises(ArtifactError, match=r"law\.json: the law lacks the field .ratio."):
+        CapacityGapLaw.load(path)
+    path.write_text("[1, 2]")
+    with pytest.raises(ArtifactError, match="not a list"):
+        CapacityGapLaw.load(path)
     path.write_text("{not json")
     with pytest.raises(ArtifactError, match="not valid JSON"):
         CapacityGapLaw.load(path)
