@@ -32,11 +32,33 @@ from hf_capgap.losses import (
 FUSABLE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt_neox", "gpt2", "phi3", "olmo2"})
 
 
+class _ThroughHead(torch.autograd.Function):
+    """Identity on hidden states that lists the lm_head parameters as inputs.
+
+    Their gradient comes from the fused loss, but DDP's unused-parameter search walks the graph from
+    the forward outputs: without this edge it would mark the lm_head unused, then see its gradient
+    arrive and fail with "marked ready twice".
+    """
+
+    @staticmethod
+    def forward(ctx, hidden_states: Tensor, *head_parameters: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.num_parameters = len(head_parameters)
+        return hidden_states.view_as(hidden_states)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        return (grad, *([None] * ctx.num_parameters))
+
+
 class _PassThrough(nn.Module):
     """Stands in for the lm_head so the model returns its last hidden states as ``logits``."""
 
+    def __init__(self, head: nn.Linear) -> None:
+        super().__init__()
+        self.head_parameters = [p for p in (head.weight, head.bias) if p is not None]
+
     def forward(self, hidden_states: Tensor) -> Tensor:
-        return hidden_states
+        return _ThroughHead.apply(hidden_states, *self.head_parameters)
 
 
 def _base_model(model: nn.Module) -> nn.Module:
@@ -47,7 +69,7 @@ def _base_model(model: nn.Module) -> nn.Module:
 @contextlib.contextmanager
 def _lm_head_bypassed(model: nn.Module, head: nn.Module) -> Iterator[None]:
     parent_name = next(name for name, child in model.named_children() if child is head)
-    setattr(model, parent_name, _PassThrough())
+    setattr(model, parent_name, _PassThrough(head))
     try:
         yield
     finally:
