@@ -18,8 +18,10 @@ How the fit works and why:
 * t* = k s + b is fitted by least squares on relative residuals (t* - k s - b) / t*, for the same
   reason. Both R^2 are measured on log t*, so they are comparable.
 * The interval is a case bootstrap over student sizes: each draw resamples the interior optima with
-  replacement and refits. It captures how much the law varies across sizes, not the noise inside
-  each loss curve, so with few student sizes it is coarse and optimistic (a warning says so).
+  replacement and refits. Its percentiles are widened for small samples (the expanded percentile
+  interval), since a sweep has only a handful of student sizes. It captures how much the optima
+  scatter around the line; with fewer than five student sizes it still comes out too narrow (a
+  warning says so).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ CITATION = (
 REQUIRED_FIELDS = ("student_params", "teacher_params", "eval_loss")
 MIN_TEACHERS_PER_STUDENT = 3
 MIN_STUDENTS = 2
-FEW_STUDENTS = 4
+FEW_STUDENTS = 5
 MIN_BOOTSTRAP = 100
 
 _SUFFIXES = {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
@@ -151,6 +153,7 @@ class CapacityGapLaw:
         records: Sequence[Mapping[str, Any]] = (),
         families: Sequence[str] = (),
         band_draws: np.ndarray | None = None,
+        band_percentiles: tuple[float, float] | None = None,
         n_bootstrap: int | None = None,
         seed: int | None = None,
     ) -> None:
@@ -168,6 +171,7 @@ class CapacityGapLaw:
         self.records = [dict(record) for record in records]
         self.families = tuple(families)
         self.band_draws = band_draws
+        self.band_percentiles = band_percentiles
         self.n_bootstrap = n_bootstrap
         self.seed = seed
         self.citation = CITATION
@@ -205,7 +209,7 @@ class CapacityGapLaw:
         ):
             raise ValueError(
                 f"n_bootstrap must be an integer of at least {MIN_BOOTSTRAP} for a "
-                f"{CONFIDENCE:.0%} percentile interval, got {n_bootstrap!r}."
+                f"{CONFIDENCE:.0%} interval, got {n_bootstrap!r}."
             )
         rows = _validated_records(_read_records(records))
         optima = [_locate_optimum(student, curve) for student, curve in sorted(_curves(rows).items())]
@@ -214,7 +218,8 @@ class CapacityGapLaw:
         if len(interior) < FEW_STUDENTS:
             warnings.warn(
                 f"only {len(interior)} student sizes have an interior optimum; the bootstrap interval "
-                f"over student sizes is coarse with fewer than {FEW_STUDENTS}. Add student sizes.",
+                f"over student sizes is coarse and too narrow with fewer than {FEW_STUDENTS}. "
+                "Add student sizes.",
                 CapacityGapWarning,
                 stacklevel=2,
             )
@@ -229,8 +234,8 @@ class CapacityGapLaw:
             )
         samples = _bootstrap_samples(len(interior), n_bootstrap, seed)
         ratio_draws = np.array([_fit_ratio(students[sample], teachers[sample]) for sample in samples])
-        tail = (1 - CONFIDENCE) / 2 * 100
-        ratio_ci = tuple(np.percentile(ratio_draws, [tail, 100 - tail]))
+        percentiles = _expanded_percentiles(len(interior))
+        ratio_ci = tuple(np.percentile(ratio_draws, percentiles))
         if through_origin:
             band_draws = np.column_stack([ratio_draws, np.zeros_like(ratio_draws)])
         else:
@@ -248,6 +253,7 @@ class CapacityGapLaw:
             records=rows,
             families=sorted({row["family"] for row in rows if "family" in row}),
             band_draws=band_draws,
+            band_percentiles=percentiles,
             n_bootstrap=n_bootstrap,
             seed=seed,
         )
@@ -344,6 +350,8 @@ class CapacityGapLaw:
             if self.band_draws is None
             else {
                 "resampled": "student sizes (cases)",
+                "interval": "expanded percentile",
+                "percentiles": list(self.band_percentiles),
                 "n": self.n_bootstrap,
                 "seed": self.seed,
                 "draws": self.band_draws.tolist(),
@@ -384,6 +392,7 @@ class CapacityGapLaw:
             records=data["records"],
             families=data["families"],
             band_draws=None if bootstrap is None else np.asarray(bootstrap["draws"], dtype=float),
+            band_percentiles=None if bootstrap is None else tuple(bootstrap["percentiles"]),
             n_bootstrap=None if bootstrap is None else bootstrap["n"],
             seed=None if bootstrap is None else bootstrap["seed"],
         )
@@ -468,11 +477,9 @@ class CapacityGapLaw:
             return self.ratio, 0.0
         return float(self.slope_affine), float(self.intercept)
 
-    @staticmethod
-    def _band(band: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Percentile interval across bootstrap draws (rows) for each queried size (columns)."""
-        tail = (1 - CONFIDENCE) / 2 * 100
-        lo, hi = np.percentile(band, [tail, 100 - tail], axis=0)
+    def _band(self, band: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Interval across bootstrap draws (rows) for each queried size (columns)."""
+        lo, hi = np.percentile(band, self.band_percentiles, axis=0)
         return lo, hi
 
     def _option(self, student: float, teacher: float, optimum: Prediction) -> TeacherOption:
@@ -765,6 +772,21 @@ def _bootstrap_samples(n_students: int, n_bootstrap: int, seed: int) -> np.ndarr
         while np.unique(samples[row]).size < 2:
             samples[row] = rng.integers(0, n_students, size=n_students)
     return samples
+
+
+def _expanded_percentiles(n_students: int) -> tuple[float, float]:
+    """Percentiles of the bootstrap draws that bound a CONFIDENCE interval from ``n_students`` points.
+
+    The plain percentile interval of a mean over n points is too narrow for small n: the bootstrap
+    spread is sqrt((n - 1) / n) of the sampling spread and the tails are normal rather than Student t.
+    The expanded percentile interval (Hesterberg, 2015) widens the percentiles to compensate.
+    """
+    from scipy.special import ndtr, stdtrit
+
+    tail = (1 - CONFIDENCE) / 2
+    z = math.sqrt(n_students / (n_students - 1)) * float(stdtrit(n_students - 1, 1 - tail))
+    expanded = 100 * float(ndtr(-z))
+    return expanded, 100 - expanded
 
 
 # ---------------------------------------------------------------------- small helpers
