@@ -1,0 +1,108 @@
+"""``hf-capgap prune``: cut a student of a given size out of a local teacher checkpoint (MiniMA)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any
+
+CHARS_PER_TOKEN_BOUND = 6  # English BPE rarely packs more characters into one token
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "prune", help="structurally prune a teacher (heads, MLP neurons, hidden dims, layers) to a target size"
+    )
+    parser.add_argument("teacher_dir", help="local folder of the teacher (config.json + safetensors + tokenizer)")
+    parser.add_argument("--target-params", required=True, help="student size, e.g. 3e9, 3B, 350M, 1200000")
+    parser.add_argument("--out", required=True, help="folder to write the student into (must not exist)")
+    parser.add_argument(
+        "--calibration-tokens", type=int, default=16384,
+        help="tokens of the embedded corpus for Taylor importance; 0 ranks by weight magnitude instead",
+    )
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per calibration row")
+    parser.add_argument("--batch-size", type=int, default=4, help="calibration rows per backward pass")
+    parser.add_argument(
+        "--layer-selection", choices=("score", "middle"), default="score",
+        help="drop the least important layers (score) or layers evenly from both ends (middle, as MiniMA)",
+    )
+    parser.add_argument("--teacher-name", help="name recorded in the manifest (default: TEACHER_DIR)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.set_defaults(handler=_prune)
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hf_capgap.law import parse_params
+    from hf_capgap.pruning import prune_model, save_pruned, shape_for_target, shape_params
+    from hf_capgap.pruning_layouts import layout_for, meta_model
+
+    teacher_dir, out = Path(args.teacher_dir), Path(args.out)
+    if not (teacher_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{teacher_dir} has no config.json; TEACHER_DIR must be a saved model folder.")
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"--out {out} already exists; remove it or pass --overwrite.")
+    for flag, value, least in (("--calibration-tokens", args.calibration_tokens, 0), ("--seq-len", args.seq_len, 2),
+                               ("--batch-size", args.batch_size, 1)):
+        if value < least:
+            raise ValueError(f"{flag} must be at least {least}, got {value}.")
+    config = AutoConfig.from_pretrained(teacher_dir)
+    layout_for(config)
+    skeleton = meta_model(config)
+    shape = shape_for_target(skeleton, round(parse_params(args.target_params)))
+    tokenizer = _teacher_tokenizer(teacher_dir, config.vocab_size, needed=args.calibration_tokens > 0)
+    calibration = (
+        _calibration_batches(tokenizer, args.calibration_tokens, args.seq_len, args.batch_size)
+        if args.calibration_tokens > 0 else None
+    )
+
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype="auto")
+    student = prune_model(teacher, shape=shape, calibration=calibration, layer_selection=args.layer_selection)
+    save_pruned(student, out, teacher_name=args.teacher_name or str(teacher_dir), tokenizer=tokenizer,
+                overwrite=args.overwrite)
+    record = student.pruning_record
+    print(
+        f"pruned {record.teacher_params:,} -> {record.student_params:,} parameters "
+        f"({record.kept_fraction:.1%}; target {shape_params(skeleton, shape):,}) with {record.importance} "
+        f"importance on {record.calibration_tokens:,} tokens; shape {record.shape}; wrote {out}"
+    )
+    return 0
+
+
+def _teacher_tokenizer(teacher_dir: Path, vocab_size: int, *, needed: bool) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    except (OSError, ValueError) as err:
+        if needed:
+            raise ValueError(
+                f"{teacher_dir} has no loadable tokenizer ({err}); calibration text must be tokenized with "
+                "the teacher's tokenizer. Save it into TEACHER_DIR or pass --calibration-tokens 0."
+            ) from err
+        return None
+    if len(tokenizer) > vocab_size:
+        raise ValueError(
+            f"the tokenizer in {teacher_dir} has {len(tokenizer)} tokens but the teacher's vocab_size is "
+            f"{vocab_size}; save the teacher's own tokenizer next to it."
+        )
+    return tokenizer
+
+
+def _calibration_batches(tokenizer: Any, tokens: int, seq_len: int, batch_size: int) -> list[dict[str, Any]]:
+    """Rows of ``seq_len`` tokens from the embedded train split, about ``tokens`` in all."""
+    import importlib
+
+    data = importlib.import_module("hf_capgap.data")
+    if not all(hasattr(data, name) for name in ("load_corpus", "tokenize_and_pack", "PASSAGE_CHARS")):
+        raise ValueError(
+            "this hf_capgap has no embedded corpus (hf_capgap.data.load_corpus / tokenize_and_pack); "
+            "pass --calibration-tokens 0 to rank by weight magnitude."
+        )
+    train = data.load_corpus()["train"]
+    passages = min(len(train), math.ceil(tokens * CHARS_PER_TOKEN_BOUND / data.PASSAGE_CHARS) + 1)
+    packed = data.tokenize_and_pack(train.select(range(passages)), tokenizer, seq_len)
+    rows = packed.with_format("torch")[: math.ceil(tokens / seq_len)]["input_ids"].long()
+    return [{"input_ids": rows[i : i + batch_size]} for i in range(0, len(rows), batch_size)]
