@@ -198,7 +198,9 @@ def _mismatches(have: dict[str, Any], spec: dict[str, Any]) -> list[str]:
 
 
 def _is_cache_file(name: str) -> bool:
-    return name in (MANIFEST_NAME, SPEC_NAME) or (name.startswith(("shard-", ".shard-")) and ".arrow" in name)
+    """Files a build writes, including temporaries an interrupted build may leave behind."""
+    temporaries = (".shard-", f".{MANIFEST_NAME}.", f"{SPEC_NAME}.")
+    return name in (MANIFEST_NAME, SPEC_NAME) or name.startswith(("shard-", *temporaries))
 
 
 def _inspect_directory(path: Path, spec: dict[str, Any], *, overwrite: bool) -> str:
@@ -225,13 +227,24 @@ def _inspect_directory(path: Path, spec: dict[str, Any], *, overwrite: bool) -> 
                 "to replace it, or choose another path."
             )
         return "stale"
+    if any(name.startswith("shard-") for name in names):
+        if not overwrite:
+            raise ArtifactError(
+                f"{path} holds cache shards without a manifest or build record, so their settings are unknown; "
+                "pass overwrite=True to replace them, or choose another path."
+            )
+        return "stale"
     return "build"
 
 
 def _claim_directory(path: Path, *, stale: bool, spec: dict[str, Any]) -> None:
-    """Remove a replaced cache (manifest first, so it never looks complete) and record this build's spec."""
+    """Remove a replaced cache and record this build's spec.
+
+    The manifest goes first (so the folder never looks complete) and the old spec last (so shards are
+    never left behind without a record of their settings).
+    """
     if stale:
-        names = [MANIFEST_NAME, *(p.name for p in path.iterdir() if p.name != MANIFEST_NAME)]
+        names = sorted((p.name for p in path.iterdir()), key=lambda n: (n != MANIFEST_NAME, n == SPEC_NAME))
         for name in names:
             with contextlib.suppress(FileNotFoundError):
                 (path / name).unlink()
@@ -351,31 +364,46 @@ def _encode_batch(teacher: Any, rows: dict[str, np.ndarray], first_row: int, spe
     device = next(teacher.parameters()).device
     input_ids = torch.as_tensor(np.asarray(rows["input_ids"], dtype=np.int64), device=device)
     logits = teacher(input_ids=input_ids).logits[:, :-1, : spec["vocab_size"]]
-    logprobs = torch.log_softmax(logits.float() / spec["temperature"], dim=-1)
     id_np = np.uint16 if spec["id_dtype"] == "uint16" else np.uint32
     columns: dict[str, np.ndarray] = {"input_ids": input_ids.cpu().numpy().astype(id_np)}
     if spec["has_labels"]:
         columns["labels"] = np.asarray(rows["labels"], dtype=np.int32)
-    if spec["mode"] == "topk":
-        top_values, top_ids = logprobs.topk(spec["k"], dim=-1)
-        # Exact tail mass: logsumexp over the ids outside the top-k (no 1 - sum cancellation).
-        tail = torch.logsumexp(logprobs.scatter(-1, top_ids, float("-inf")), dim=-1)
-        columns["topk_ids"] = top_ids.cpu().numpy().astype(id_np)
-        columns["topk_logprobs"] = _stored_values(top_values, spec)
-        columns["tail_logprob"] = tail.clamp(min=LOGPROB_FLOOR).cpu().numpy().astype(np.float32)
-    elif spec["mode"] == "sampled":
-        ids, counts = _sample_rows(logprobs, first_row, spec)
-        counts_type = schema.field("sample_counts").type.value_type.value_type.to_pandas_dtype()
-        sample_logprobs = torch.where(counts > 0, logprobs.gather(-1, ids), torch.zeros((), device=device))
-        columns["sample_ids"] = ids.cpu().numpy().astype(id_np)
-        columns["sample_counts"] = counts.cpu().numpy().astype(counts_type)
-        columns["sample_logprobs"] = _stored_values(sample_logprobs, spec)
-    else:
-        columns["logprobs"] = _stored_values(logprobs, spec)
+    # Row by row, so the fp32 copies of [positions, vocab] stay one row large.
+    signals = [_row_signal(row_logits, first_row + offset, spec) for offset, row_logits in enumerate(logits)]
+    for name in SIGNAL_COLUMNS[spec["mode"]]:
+        item_type = schema.field(name).type
+        while pa.types.is_fixed_size_list(item_type):
+            item_type = item_type.value_type
+        columns[name] = np.stack([signal[name] for signal in signals]).astype(item_type.to_pandas_dtype(), copy=False)
     return pa.RecordBatch.from_arrays([_nested(columns[f.name], f.type) for f in schema], schema=schema)
 
 
-def _sample_rows(logprobs: Any, first_row: int, spec: dict[str, Any]) -> tuple[Any, Any]:
+def _row_signal(logits: Any, row_index: int, spec: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The stored teacher signal of one row, from its logits [positions, vocab]."""
+    import torch
+
+    logprobs = torch.log_softmax(logits.float() / spec["temperature"], dim=-1)
+    if spec["mode"] == "topk":
+        values, ids = logprobs.topk(spec["k"], dim=-1)
+        # Exact tail mass: logsumexp over the ids outside the top-k (no 1 - sum cancellation).
+        tail = torch.logsumexp(logprobs.scatter(-1, ids, float("-inf")), dim=-1)
+        return {
+            "topk_ids": ids.cpu().numpy(),
+            "topk_logprobs": _stored_values(values, spec),
+            "tail_logprob": tail.clamp(min=LOGPROB_FLOOR).cpu().numpy(),
+        }
+    if spec["mode"] == "sampled":
+        ids, counts = _sample(logprobs, row_index, spec)
+        values = torch.where(counts > 0, logprobs.gather(-1, ids), torch.zeros((), device=logprobs.device))
+        return {
+            "sample_ids": ids.cpu().numpy(),
+            "sample_counts": counts.cpu().numpy(),
+            "sample_logprobs": _stored_values(values, spec),
+        }
+    return {"logprobs": _stored_values(logprobs, spec)}
+
+
+def _sample(logprobs: Any, row_index: int, spec: dict[str, Any]) -> tuple[Any, Any]:
     """k draws with replacement per position, as ascending unique ids + counts padded to k (count 0).
 
     Each row draws from its own generator seeded by (seed, row index): rebuilds, batch sizes and
@@ -383,18 +411,15 @@ def _sample_rows(logprobs: Any, first_row: int, spec: dict[str, Any]) -> tuple[A
     """
     import torch
 
-    k = spec["k"]
-    all_ids, all_counts = [], []
-    for offset, row in enumerate(logprobs):
-        state = np.random.SeedSequence([spec["seed"], first_row + offset]).generate_state(1, np.uint64)[0]
-        generator = torch.Generator(device=row.device).manual_seed(int(state))
-        draws = torch.multinomial(row.exp(), k, replacement=True, generator=generator).sort(dim=-1).values
-        first = torch.ones_like(draws, dtype=torch.bool)
-        first[:, 1:] = draws[:, 1:] != draws[:, :-1]
-        slot = first.long().cumsum(dim=-1) - 1
-        all_ids.append(torch.zeros_like(draws).scatter_(-1, slot, draws))
-        all_counts.append(torch.zeros_like(draws).scatter_add_(-1, slot, torch.ones_like(draws)))
-    return torch.stack(all_ids), torch.stack(all_counts)
+    state = np.random.SeedSequence([spec["seed"], row_index]).generate_state(1, np.uint64)[0]
+    generator = torch.Generator(device=logprobs.device).manual_seed(int(state))
+    draws = torch.multinomial(logprobs.exp(), spec["k"], replacement=True, generator=generator).sort(dim=-1).values
+    first = torch.ones_like(draws, dtype=torch.bool)
+    first[:, 1:] = draws[:, 1:] != draws[:, :-1]
+    slot = first.long().cumsum(dim=-1) - 1
+    ids = torch.zeros_like(draws).scatter_(-1, slot, draws)
+    counts = torch.zeros_like(draws).scatter_add_(-1, slot, torch.ones_like(draws))
+    return ids, counts
 
 
 def _signal_bytes(file: Path, mode: str) -> int:

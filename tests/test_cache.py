@@ -330,3 +330,20 @@ def test_cli_builds_describes_and_verifies(teacher, dataset, tmp_path, capsys):
     assert "shard-00002.arrow" in capsys.readouterr().err
     assert main([*build[:4], str(tmp_path / "missing"), "--out", str(tmp_path / "other")]) == 2
     assert "is not a folder" in capsys.readouterr().err and not (tmp_path / "other").exists()
+
+
+def test_build_refuses_foreign_files_and_unrecorded_shards(teacher, dataset, tmp_path):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(ArtifactError, match="notes.txt"):
+        TeacherCache.build(teacher, dataset, foreign, k=4, progress=False, overwrite=True)
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+
+    orphan = tmp_path / "orphan"
+    TeacherCache.build(teacher, dataset, orphan, k=4, progress=False)
+    (orphan / "capgap_manifest.json").unlink()
+    with pytest.raises(ArtifactError, match="settings are unknown"):
+        TeacherCache.build(teacher, dataset, orphan, k=4, progress=False)
+    rebuilt = TeacherCache.build(teacher, dataset, orphan, k=4, progress=False, overwrite=True)
+    assert rebuilt.manifest["k"] == 4 and len(rebuilt) == len(dataset)
