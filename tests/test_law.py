@@ -303,8 +303,10 @@ def test_plot_marks_excluded_students(tmp_path):
     ]
     with pytest.warns(CapacityGapWarning):
         law = CapacityGapLaw.fit(records, n_bootstrap=200)
+    assert [optimum.interior for optimum in law.optima].count(False) == 1
     law.plot(tmp_path / "law.png")
-    assert _png_shape(tmp_path / "law.png")[1] > _png_shape(tmp_path / "law.png")[0]
+    height, width, _ = _png_shape(tmp_path / "law.png")
+    assert width == pytest.approx(2.6 * height, rel=0.01)  # two 6.5 x 5 panels
 
 
 # ---------------------------------------------------------------------- bad input
@@ -437,6 +439,10 @@ def test_cli_fit_writes_law_and_plot_then_suggest_reads_it(tmp_path, capsys):
     assert main(["law", "suggest", "--student", "1B", "--teachers", "1B,2B,3B,7B", "--law", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "3B is the closest available teacher" in printed and "fitted law" in printed
+
+    assert main(["law", "fit", str(ledger), "--out", str(out), "--affine", "--n-bootstrap", "200"]) == 0
+    assert "predictions use the affine line" in capsys.readouterr().out
+    assert not CapacityGapLaw.load(out).through_origin
 
 
 def test_cli_suggest_defaults_to_the_paper_prior(capsys):
