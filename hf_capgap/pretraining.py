@@ -1,0 +1,281 @@
+"""Pretrain ladder teachers from scratch with ``transformers.Trainer`` (plain next-token loss).
+
+Runs are resumable: Trainer checkpoints live in ``<output_dir>/.work/``, a rerun after a kill
+continues from the last one, and a finished teacher (``<output_dir>/<rung name>/`` with a "teacher"
+manifest) is reused instead of retrained. A teacher directory appears only once complete.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+from hf_capgap.artifacts import (
+    atomic_directory,
+    dataset_fingerprint,
+    json_sha256,
+    read_manifest,
+    tokenizer_fingerprint,
+    write_manifest,
+)
+from hf_capgap.data import default_tokenizer, load_corpus, tokenize_and_pack
+from hf_capgap.ladder import LADDERS, LadderRung, build_ladder, count_parameters, rung_name
+
+TEACHER_KIND = "teacher"
+TEACHER_FORMAT_VERSION = 1
+WORK_DIR_NAME = ".work"
+
+
+@dataclass(frozen=True)
+class PretrainSettings:
+    """Data and optimisation settings shared by every rung of a ladder."""
+
+    vocab_size: int = 8192
+    seq_len: int = 128
+    max_tokens: int = 1_000_000
+    batch_size: int = 16
+    learning_rate: float = 3e-3
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.1
+    eval_rows: int = 256
+    save_steps: int = 100
+    logging_steps: int = 25
+    seed: int = 0
+
+
+PRETRAIN_PRESETS: dict[str, PretrainSettings] = {
+    "micro": PretrainSettings(
+        vocab_size=512, seq_len=64, max_tokens=24_576, batch_size=16, learning_rate=1e-2,
+        eval_rows=64, save_steps=8, logging_steps=4,
+    ),
+    "tiny": PretrainSettings(
+        vocab_size=8192, seq_len=128, max_tokens=917_504, batch_size=16, learning_rate=3e-3,
+        eval_rows=512, save_steps=50, logging_steps=25,
+    ),
+}
+
+
+def pretrain(
+    rung_or_config: LadderRung | LlamaConfig,
+    train_dataset: datasets.Dataset,
+    eval_dataset: datasets.Dataset,
+    output_dir: str | os.PathLike,
+    *,
+    tokenizer: PreTrainedTokenizerBase,
+    max_tokens: int,
+    seq_len: int,
+    batch_size: int = 16,
+    learning_rate: float = 3e-3,
+    seed: int = 0,
+    warmup_ratio: float = 0.05,
+    weight_decay: float = 0.1,
+    save_steps: int = 100,
+    logging_steps: int = 25,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> Path:
+    """Train a LLaMA model from scratch on packed rows and save it to ``output_dir/<rung name>/``.
+
+    ``train_dataset`` / ``eval_dataset`` are packed (``input_ids`` rows of ``seq_len``, as made by
+    :func:`hf_capgap.data.tokenize_and_pack`). Returns the teacher directory; if a finished teacher
+    made from the same inputs is already there it is returned untouched (a foreign one raises
+    ArtifactError), and an interrupted run resumes from its last checkpoint.
+    """
+    config = copy.deepcopy(rung_or_config.config if isinstance(rung_or_config, LadderRung) else rung_or_config)
+    config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    params, non_embedding = count_parameters(config)
+    name = rung_or_config.name if isinstance(rung_or_config, LadderRung) else rung_name(params)
+    _check_inputs(config, tokenizer, train_dataset, eval_dataset, seq_len, max_tokens, batch_size, learning_rate)
+    steps = max_tokens // (batch_size * seq_len)
+    settings = {
+        "max_tokens": max_tokens, "seq_len": seq_len, "batch_size": batch_size, "learning_rate": learning_rate,
+        "seed": seed, "warmup_ratio": warmup_ratio, "weight_decay": weight_decay,
+    }
+    expected = {
+        "config_sha256": json_sha256(_config_dict(config)),
+        "data_fingerprint": dataset_fingerprint(train_dataset),
+        "eval_data_fingerprint": dataset_fingerprint(eval_dataset),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "settings": settings,
+    }
+    teacher_dir = Path(output_dir) / name
+    if teacher_dir.exists():
+        read_manifest(teacher_dir, TEACHER_KIND, TEACHER_FORMAT_VERSION, expected=expected)
+        return teacher_dir
+
+    work_dir = Path(output_dir) / WORK_DIR_NAME / f"{name}-{json_sha256(expected)[:12]}"
+    args = TrainingArguments(
+        output_dir=str(work_dir),
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=batch_size,
+        learning_rate=learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=int(warmup_ratio * steps),
+        weight_decay=weight_decay,
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_total_limit=1,
+        logging_steps=logging_steps,
+        eval_strategy="no",
+        report_to="none",
+        seed=seed,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=collate_causal_lm,
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
+    )
+    checkpoint = get_last_checkpoint(str(work_dir)) if work_dir.is_dir() else None
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=checkpoint)
+    wall_seconds = time.perf_counter() - started
+    eval_loss = trainer.evaluate()["eval_loss"]
+
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    with atomic_directory(teacher_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_manifest(
+            tmp,
+            TEACHER_KIND,
+            TEACHER_FORMAT_VERSION,
+            {
+                **expected,
+                "config": _config_dict(config),
+                "name": name,
+                "params": params,
+                "non_embedding_params": non_embedding,
+                "tokens_seen": trainer.state.global_step * batch_size * seq_len * args.world_size,
+                "final_validation_loss": eval_loss,
+                "resumed_from_step": int(checkpoint.rsplit("-", 1)[1]) if checkpoint else None,
+                "wall_seconds": round(wall_seconds, 1),
+            },
+        )
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return teacher_dir
+
+
+def collate_causal_lm(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stack packed rows; labels are the inputs (the model shifts them internally)."""
+    input_ids = torch.tensor([row["input_ids"] for row in rows], dtype=torch.long)
+    return {"input_ids": input_ids, "labels": input_ids.clone()}
+
+
+def load_teacher(path: str | os.PathLike) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
+    """Load a pretrained teacher after checking its manifest and file checksums."""
+    manifest = read_manifest(path, TEACHER_KIND, TEACHER_FORMAT_VERSION, verify_files=True)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    read_manifest(
+        path, TEACHER_KIND, TEACHER_FORMAT_VERSION, expected={"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)}
+    )
+    model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
+    return model, tokenizer, manifest
+
+
+def ensure_ladder(
+    preset: str,
+    root_dir: str | os.PathLike,
+    *,
+    settings: PretrainSettings | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    num_proc: int | None = None,
+) -> list[Path]:
+    """Pretrain every rung of ``LADDERS[preset]`` that ``root_dir`` does not already hold.
+
+    Data: the embedded corpus, the default tokenizer of ``settings.vocab_size``, and the first
+    ``settings.eval_rows`` packed validation rows (the same held-out text for every rung).
+    """
+    if preset not in LADDERS:
+        raise ValueError(f"preset={preset!r} is unknown; choose one of {sorted(LADDERS)}.")
+    settings = settings or PRETRAIN_PRESETS[preset]
+    if settings.eval_rows < 1:
+        raise ValueError(f"eval_rows={settings.eval_rows} must be >= 1 to measure the validation loss.")
+    tokenizer = default_tokenizer(settings.vocab_size, cache_dir=cache_dir)
+    rungs = build_ladder(LADDERS[preset], len(tokenizer), max_position_embeddings=settings.seq_len)
+    packed = tokenize_and_pack(load_corpus(), tokenizer, settings.seq_len, num_proc=num_proc)
+    eval_rows = packed["validation"].select(range(min(settings.eval_rows, len(packed["validation"]))))
+    training = {
+        field.name: getattr(settings, field.name)
+        for field in dataclasses.fields(settings)
+        if field.name not in ("vocab_size", "eval_rows")
+    }
+    return [
+        pretrain(rung, packed["train"], eval_rows, root_dir, tokenizer=tokenizer, **training) for rung in rungs
+    ]
+
+
+def _config_dict(config: LlamaConfig) -> dict[str, Any]:
+    values = config.to_dict()
+    for volatile in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures"):
+        values.pop(volatile, None)
+    return values
+
+
+def _check_inputs(
+    config: LlamaConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    train_dataset: datasets.Dataset,
+    eval_dataset: datasets.Dataset,
+    seq_len: int,
+    max_tokens: int,
+    batch_size: int,
+    learning_rate: float,
+) -> None:
+    if config.vocab_size < len(tokenizer):
+        raise ValueError(
+            f"config.vocab_size={config.vocab_size} is smaller than the tokenizer ({len(tokenizer)} tokens); "
+            "build the ladder with vocab_size=len(tokenizer)."
+        )
+    if batch_size < 1 or learning_rate <= 0 or not math.isfinite(learning_rate):
+        raise ValueError(f"batch_size={batch_size} must be >= 1 and learning_rate={learning_rate} > 0.")
+    if max_tokens < batch_size * seq_len:
+        raise ValueError(
+            f"max_tokens={max_tokens} is less than one batch (batch_size*seq_len={batch_size * seq_len}); "
+            "raise max_tokens."
+        )
+    for field, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
+        if "input_ids" not in dataset.column_names or len(dataset) == 0:
+            raise ValueError(f"{field} must be a non-empty packed dataset with input_ids (use tokenize_and_pack).")
+        if len(dataset[0]["input_ids"]) != seq_len:
+            raise ValueError(
+                f"{field} rows hold {len(dataset[0]['input_ids'])} tokens but seq_len={seq_len}; pack with this seq_len."
+            )
+    if config.max_position_embeddings < seq_len:
+        raise ValueError(
+            f"seq_len={seq_len} exceeds config.max_position_embeddings={config.max_position_embeddings}."
+        )

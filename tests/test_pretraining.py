@@ -1,0 +1,116 @@
+"""Teacher pretraining: loss falls, manifest written, finished teachers reused, killed runs resume."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM, TrainerCallback
+
+from hf_capgap.artifacts import ArtifactError, read_manifest
+from hf_capgap.data import load_corpus, tokenize_and_pack, train_tokenizer
+from hf_capgap.ladder import build_ladder
+from hf_capgap.pretraining import (
+    PRETRAIN_PRESETS,
+    TEACHER_FORMAT_VERSION,
+    TEACHER_KIND,
+    WORK_DIR_NAME,
+    collate_causal_lm,
+    ensure_ladder,
+    load_teacher,
+    pretrain,
+)
+
+SEQ_LEN = 32
+RUN = dict(seq_len=SEQ_LEN, max_tokens=16 * 8 * SEQ_LEN, batch_size=8, learning_rate=1e-2, save_steps=4, logging_steps=4)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    corpus = load_corpus()
+    tokenizer = train_tokenizer(corpus["train"].select(range(200))["text"], vocab_size=300)
+    train = tokenize_and_pack(corpus["train"].select(range(200)), tokenizer, SEQ_LEN)
+    evaluation = tokenize_and_pack(corpus["validation"].select(range(10)), tokenizer, SEQ_LEN).select(range(32))
+    (rung,) = build_ladder([30_000], vocab_size=len(tokenizer), max_position_embeddings=SEQ_LEN)
+    return rung, tokenizer, train, evaluation
+
+
+def _loss(model: LlamaForCausalLM, dataset) -> float:
+    batch = collate_causal_lm(list(dataset))
+    with torch.no_grad():
+        return model(**batch).loss.item()
+
+
+class _KillAfterFirstSave(TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):
+        raise KeyboardInterrupt(f"killed after saving step {state.global_step}")
+
+
+def test_pretrain_lowers_loss_and_writes_teacher(setup, tmp_path):
+    rung, tokenizer, train, evaluation = setup
+    torch.manual_seed(0)
+    untrained_loss = _loss(LlamaForCausalLM(rung.config), evaluation)
+    path = pretrain(rung, train, evaluation, tmp_path, tokenizer=tokenizer, **RUN)
+    assert path == tmp_path / rung.name
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json"} <= {
+        p.name for p in path.iterdir()
+    }
+    assert not list(path.glob("*.bin")) and not (tmp_path / WORK_DIR_NAME / rung.name).exists()
+    model, reloaded_tokenizer, manifest = load_teacher(path)
+    assert manifest["params"] == rung.params == sum(p.numel() for p in model.parameters())
+    assert manifest["tokens_seen"] == RUN["max_tokens"]
+    assert manifest["data_fingerprint"] == train._fingerprint
+    assert manifest["final_validation_loss"] < untrained_loss - 0.3
+    assert _loss(model, evaluation) == pytest.approx(manifest["final_validation_loss"], rel=1e-4)
+    assert model.generation_config.eos_token_id == reloaded_tokenizer.eos_token_id == tokenizer.eos_token_id
+
+
+def test_rerun_reuses_finished_teacher_and_refuses_foreign_one(setup, tmp_path):
+    rung, tokenizer, train, evaluation = setup
+    path = pretrain(rung, train, evaluation, tmp_path, tokenizer=tokenizer, **RUN)
+    weights_mtime = (path / "model.safetensors").stat().st_mtime_ns
+    assert pretrain(rung, train, evaluation, tmp_path, tokenizer=tokenizer, **RUN) == path
+    assert (path / "model.safetensors").stat().st_mtime_ns == weights_mtime
+    with pytest.raises(ArtifactError, match="settings"):
+        pretrain(rung, train, evaluation, tmp_path, tokenizer=tokenizer, **{**RUN, "learning_rate": 5e-3})
+
+
+def test_killed_run_resumes_from_last_checkpoint(setup, tmp_path):
+    rung, tokenizer, train, evaluation = setup
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(rung, train, evaluation, tmp_path, tokenizer=tokenizer, callbacks=[_KillAfterFirstSave()], **RUN)
+    assert not (tmp_path / rung.name).exists()
+    checkpoints = list((tmp_path / WORK_DIR_NAME).glob("*/checkpoint-*"))
+    assert [c.name for c in checkpoints] == [f"checkpoint-{RUN['save_steps']}"]
+    path = pretrain(rung, train, evaluation, tmp_path, tokenizer=tokenizer, **RUN)
+    manifest = read_manifest(path, TEACHER_KIND, TEACHER_FORMAT_VERSION)
+    assert manifest["resumed_from_step"] == RUN["save_steps"]
+    assert manifest["tokens_seen"] == RUN["max_tokens"]
+    assert not checkpoints[0].exists()
+
+
+def test_bad_inputs_fail_before_training(setup, tmp_path):
+    rung, tokenizer, train, evaluation = setup
+    (small,) = build_ladder([30_000], vocab_size=100, max_position_embeddings=SEQ_LEN)
+    with pytest.raises(ValueError, match="vocab_size"):
+        pretrain(small, train, evaluation, tmp_path, tokenizer=tokenizer, **RUN)
+    with pytest.raises(ValueError, match="seq_len"):
+        pretrain(rung, train, evaluation, tmp_path, tokenizer=tokenizer, **{**RUN, "seq_len": 16})
+    with pytest.raises(ValueError, match="max_tokens"):
+        pretrain(rung, train, evaluation, tmp_path, tokenizer=tokenizer, **{**RUN, "max_tokens": 10})
+    assert not any(tmp_path.iterdir())
+    with pytest.raises(ValueError, match="preset"):
+        ensure_ladder("huge", tmp_path)
+
+
+def test_ensure_ladder_trains_each_missing_rung_once(tmp_path):
+    settings = dataclasses.replace(PRETRAIN_PRESETS["micro"], max_tokens=2 * 16 * 64, save_steps=100)
+    paths = ensure_ladder("micro", tmp_path / "ladder", settings=settings, cache_dir=tmp_path / "cache")
+    assert len(paths) == len({p.name for p in paths}) >= 2
+    manifests = [load_teacher(p)[2] for p in paths]
+    assert [m["params"] for m in manifests] == sorted(m["params"] for m in manifests)
+    assert len({m["tokenizer_fingerprint"] for m in manifests}) == 1
+    mtimes = [(p / "model.safetensors").stat().st_mtime_ns for p in paths]
+    assert ensure_ladder("micro", tmp_path / "ladder", settings=settings, cache_dir=tmp_path / "cache") == paths
+    assert [(p / "model.safetensors").stat().st_mtime_ns for p in paths] == mtimes
