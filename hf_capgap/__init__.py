@@ -22,8 +22,16 @@ _EXPORTS = {
     "load_corpus": "hf_capgap.data",
     "tokenize_and_pack": "hf_capgap.data",
     "evaluate_perplexity": "hf_capgap.evaluation",
+    "LossSpec": "hf_capgap.losses",
+    "distillation_loss": "hf_capgap.losses",
+    "Prediction": "hf_capgap.law",
+    "Suggestion": "hf_capgap.law",
+    "parse_params": "hf_capgap.law",
     "push_student": "hf_capgap.hub",
     "render_model_card": "hf_capgap.hub",
+    "write_model_card": "hf_capgap.hub",
+    "StudentCardInfo": "hf_capgap.hub",
+    "HubUploadError": "hf_capgap.hub",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -19,13 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"hf_capgap.commands.{name}")
-        except ModuleNotFoundError as err:
-            if err.name != f"hf_capgap.commands.{name}":
-                raise
-            continue
-        module.register(subparsers)
+        importlib.import_module(f"hf_capgap.commands.{name}").register(subparsers)
     return parser
 
 
