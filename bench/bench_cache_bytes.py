@@ -45,7 +45,9 @@ def measure(vocab_size: int, rows: int, seq_len: int, workdir: Path) -> list[dic
     results = []
     for mode, k in CONFIGS:
         path = workdir / f"v{vocab_size}-{mode}-{k}"
-        cache = TeacherCache.build(teacher, dataset, path, mode=mode, k=k or 1, batch_size=rows, progress=False)
+        cache = TeacherCache.build(
+            teacher, dataset, path, mode=mode, k=k or 1, batch_size=rows, progress=False
+        )
         file_bytes = sum(shard["bytes"] for shard in cache.manifest["shards"])
         results.append(
             {
@@ -63,7 +65,9 @@ def measure(vocab_size: int, rows: int, seq_len: int, workdir: Path) -> list[dic
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rows", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=129)
     args = parser.parse_args()
@@ -72,17 +76,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as workdir:
         results = [r for v in (8192, 32000) for r in measure(v, args.rows, args.seq_len, Path(workdir))]
 
-    print(f"teacher cache bytes per predicted position ({args.rows} rows x {args.seq_len - 1} positions per vocab)")
+    print(
+        f"teacher cache bytes per predicted position ({args.rows} rows x {args.seq_len - 1} positions per vocab)"
+    )
     print("baseline: dense fp16 log-probs of the same vocabulary (ratio = signal / baseline)\n")
     print("| vocab | mode | k | signal B/token | file B/token | ratio vs dense fp16 |")
     print("|---:|---|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['vocab']} | {r['mode']} | {r['k']} | {r['signal']:.1f} | {r['file']:.1f} | {r['ratio']:.4%} |")
+        print(
+            f"| {r['vocab']} | {r['mode']} | {r['k']} | {r['signal']:.1f} | {r['file']:.1f} | {r['ratio']:.4%} |"
+        )
 
     goal = next(r for r in results if r["vocab"] == 32000 and r["mode"] == "topk" and r["k"] == 64)
     top128 = next(r for r in results if r["vocab"] == 32000 and r["mode"] == "topk" and r["k"] == 128)
     verdict = "met" if goal["ratio"] <= GOAL_FRACTION else "NOT met"
-    print(f"\ngoal topk k=64 at V=32000 <= {GOAL_FRACTION:.1%} of dense fp16: {goal['ratio']:.3%} ({verdict})")
+    print(
+        f"\ngoal topk k=64 at V=32000 <= {GOAL_FRACTION:.1%} of dense fp16: {goal['ratio']:.3%} ({verdict})"
+    )
     print(
         f"top-128 at V=32000: {top128['signal']:.0f} B/token vs DistillKit's published ~{DISTILLKIT_TOP128_BYTES} "
         f"B/token for its compressed top-128 format ({top128['signal'] / DISTILLKIT_TOP128_BYTES:.2f}x)"

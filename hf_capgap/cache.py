@@ -20,12 +20,15 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
 from hf_capgap.artifacts import ArtifactError, file_sha256, read_manifest
+
+if TYPE_CHECKING:
+    import torch
 
 KIND = "teacher_cache"
 FORMAT_VERSION = 1
@@ -85,13 +88,13 @@ def arrow_row_count(path: Path) -> int:
         raise ArtifactError(f"{path} is not a readable Arrow shard ({err}); rebuild the cache.") from err
 
 
-def _as_long(values: Sequence[Any]) -> "torch.Tensor":  # noqa: F821
+def _as_long(values: Sequence[Any]) -> torch.Tensor:
     import torch
 
     return torch.from_numpy(np.stack([np.asarray(v, dtype=np.int64) for v in values]))
 
 
-def _as_float(values: Sequence[Any], stored_as_bf16_bits: bool) -> "torch.Tensor":  # noqa: F821
+def _as_float(values: Sequence[Any], stored_as_bf16_bits: bool) -> torch.Tensor:
     import torch
 
     if stored_as_bf16_bits:
@@ -130,7 +133,8 @@ class TeacherCache:
 
         Resumable: rerunning after a crash keeps finished shards. Under accelerate/torch.distributed
         each rank builds its share of shards. A complete cache with the same settings is reused as
-        is; one with other settings is refused unless ``overwrite=True``.
+        is; one with other settings is refused unless ``overwrite=True``. ``k`` is ignored in
+        ``dense`` mode, which keeps the whole vocabulary.
         """
         from hf_capgap.cache_build import build_cache
 
@@ -201,7 +205,9 @@ class TeacherCache:
                     "modified); rebuild the cache."
                 )
             if checksums and file_sha256(file) != shard["sha256"]:
-                raise ArtifactError(f"{file} does not match its manifest sha256 (corrupted); rebuild the cache.")
+                raise ArtifactError(
+                    f"{file} does not match its manifest sha256 (corrupted); rebuild the cache."
+                )
             rows = arrow_row_count(file)
             if rows != shard["num_rows"]:
                 raise ArtifactError(
@@ -230,7 +236,7 @@ class TeacherCache:
             self._dataset = datasets.concatenate_datasets(shards) if len(shards) > 1 else shards[0]
         return self._dataset
 
-    def collate(self, features: list[Mapping[str, Any]]) -> dict[str, Any]:
+    def collate(self, features: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         """Batch cache rows into tensors: the model inputs plus the ``teacher_*`` signal."""
         import torch
 
@@ -239,7 +245,7 @@ class TeacherCache:
         input_ids = _as_long([f["input_ids"] for f in features])
         has_labels = "labels" in features[0] and features[0]["labels"] is not None
         labels = _as_long([f["labels"] for f in features]) if has_labels else input_ids.clone()
-        batch: dict[str, Any] = {
+        batch: dict[str, torch.Tensor] = {
             "input_ids": input_ids,
             "attention_mask": torch.ones_like(input_ids),
             "labels": labels,

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
 from hf_capgap.artifacts import (
@@ -41,6 +40,7 @@ from hf_capgap.cache import (
     arrow_row_count,
     shard_name,
 )
+from hf_capgap.cache_encode import encode_batch, shard_schema
 
 SPEC_NAME = ".build_spec.json"
 """Settings of an unfinished build, so a rerun with other inputs cannot mix its shards in."""
@@ -125,12 +125,17 @@ class _ProcessGroup:
         from accelerate import PartialState
 
         # PartialState only picks the gloo CPU backend when told to use the CPU.
-        use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
+        use_cpu = (
+            os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+            or not torch.cuda.is_available()
+        )
         state = PartialState(cpu=use_cpu)
         return cls(state.process_index, state.num_processes, state.wait_for_everyone)
 
 
-def _check_options(mode: str, k: int, temperature: float, batch_size: int, shard_tokens: int, dtype: str) -> None:
+def _check_options(
+    mode: str, k: int, temperature: float, batch_size: int, shard_tokens: int, dtype: str
+) -> None:
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is not a cache mode; use one of {', '.join(MODES)}.")
     if not isinstance(k, int) or k < 1:
@@ -151,9 +156,13 @@ def _inspect_dataset(dataset: Any) -> tuple[int, bool, int]:
     from datasets import Dataset
 
     if not isinstance(dataset, Dataset):
-        raise ValueError(f"dataset must be a datasets.Dataset (tokenized and packed), got {type(dataset).__name__}.")
+        raise TypeError(
+            f"dataset must be a datasets.Dataset (tokenized and packed), got {type(dataset).__name__}."
+        )
     if "input_ids" not in dataset.column_names:
-        raise ValueError(f"dataset has no 'input_ids' column (columns: {dataset.column_names}); tokenize and pack it first.")
+        raise ValueError(
+            f"dataset has no 'input_ids' column (columns: {dataset.column_names}); tokenize and pack it first."
+        )
     if len(dataset) == 0:
         raise ValueError("dataset is empty: there is nothing to cache; check the tokenize/pack step.")
     table = dataset.with_format("arrow")[:]
@@ -169,9 +178,13 @@ def _inspect_dataset(dataset: Any) -> tuple[int, bool, int]:
             "(use hf_capgap.data.tokenize_and_pack)."
         )
     if high < 2:
-        raise ValueError(f"dataset rows have {high} token(s); a row needs at least 2 to predict a next token.")
+        raise ValueError(
+            f"dataset rows have {high} token(s); a row needs at least 2 to predict a next token."
+        )
     if "labels" in lengths and lengths["labels"] != (high, high):
-        raise ValueError(f"dataset 'labels' rows must have the input_ids length {high}, got {lengths['labels']}.")
+        raise ValueError(
+            f"dataset 'labels' rows must have the input_ids length {high}, got {lengths['labels']}."
+        )
     ids = pc.list_flatten(table["input_ids"])
     if pc.min(ids).as_py() < 0:
         raise ValueError("dataset 'input_ids' holds negative ids; token ids must be >= 0.")
@@ -180,7 +193,9 @@ def _inspect_dataset(dataset: Any) -> tuple[int, bool, int]:
 
 def _check_vocab(mode: str, k: int, vocab_size: int, max_id: int, tokenizer: Any) -> None:
     if mode != "dense" and k > vocab_size:
-        raise ValueError(f"k={k} exceeds the teacher vocabulary ({vocab_size}); use k <= {vocab_size} or mode='dense'.")
+        raise ValueError(
+            f"k={k} exceeds the teacher vocabulary ({vocab_size}); use k <= {vocab_size} or mode='dense'."
+        )
     if max_id >= vocab_size:
         raise ValueError(
             f"dataset holds token id {max_id} but the teacher vocabulary has {vocab_size} ids; the dataset was "
@@ -194,7 +209,11 @@ def _check_vocab(mode: str, k: int, vocab_size: int, max_id: int, tokenizer: Any
 
 
 def _mismatches(have: dict[str, Any], spec: dict[str, Any]) -> list[str]:
-    return [f"{field}: on disk {have.get(field)!r}, requested {want!r}" for field, want in spec.items() if have.get(field) != want]
+    return [
+        f"{field}: on disk {have.get(field)!r}, requested {want!r}"
+        for field, want in spec.items()
+        if have.get(field) != want
+    ]
 
 
 def _is_cache_file(name: str) -> bool:
@@ -213,12 +232,16 @@ def _inspect_directory(path: Path, spec: dict[str, Any], *, overwrite: bool) -> 
     names = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
     foreign = [name for name in names if not _is_cache_file(name)]
     if foreign:
-        raise ArtifactError(f"{path} holds files that are not part of a teacher cache ({foreign[:3]}); choose an empty or new path.")
+        raise ArtifactError(
+            f"{path} holds files that are not part of a teacher cache ({foreign[:3]}); choose an empty or new path."
+        )
     for name, what in ((MANIFEST_NAME, "a complete cache"), (SPEC_NAME, "an unfinished cache build")):
         if name not in names:
             continue
         have = json.loads((path / name).read_text())
-        problems = _mismatches(have, spec) if have.get("kind", KIND) == KIND else ["kind: not a teacher cache"]
+        problems = (
+            _mismatches(have, spec) if have.get("kind", KIND) == KIND else ["kind: not a teacher cache"]
+        )
         if not problems:
             return "complete" if name == MANIFEST_NAME else "build"
         if not overwrite:
@@ -266,11 +289,18 @@ def _build_shards(
     from tqdm.auto import tqdm
 
     todo = [j for j in shard_indices if not _shard_is_complete(path / shard_name(j), plan, j)]
-    rows = dataset.with_format("numpy", columns=["input_ids", "labels"] if spec["has_labels"] else ["input_ids"])
-    schema = _schema(spec)
+    rows = dataset.with_format(
+        "numpy", columns=["input_ids", "labels"] if spec["has_labels"] else ["input_ids"]
+    )
+    schema = shard_schema(spec)
     was_training = teacher.training
     teacher.eval()
-    bar = tqdm(total=sum(plan.rows(j)[1] - plan.rows(j)[0] for j in todo), desc="teacher cache", unit="seq", disable=not progress)
+    bar = tqdm(
+        total=sum(plan.rows(j)[1] - plan.rows(j)[0] for j in todo),
+        desc="teacher cache",
+        unit="seq",
+        disable=not progress,
+    )
     try:
         with torch.inference_mode():
             for j in todo:
@@ -280,7 +310,7 @@ def _build_shards(
                 with open(tmp, "wb") as handle, pa.ipc.new_stream(handle, schema) as writer:
                     for low in range(start, end, batch_size):
                         high = min(low + batch_size, end)
-                        writer.write_batch(_encode_batch(teacher, rows[low:high], low, spec, schema))
+                        writer.write_batch(encode_batch(teacher, rows[low:high], low, spec, schema))
                         bar.update(high - low)
                 with open(tmp, "rb+") as handle:
                     os.fsync(handle.fileno())
@@ -306,122 +336,6 @@ def _shard_is_complete(final: Path, plan: ShardPlan, index: int) -> bool:
     return False
 
 
-def _value_type(spec: dict[str, Any]) -> pa.DataType:
-    """fp16 as Arrow half floats; bf16 (which Arrow lacks) as its raw bit pattern in uint16."""
-    return pa.float16() if spec["dtype"] == "float16" else pa.uint16()
-
-
-def _schema(spec: dict[str, Any]) -> pa.Schema:
-    ids = pa.uint16() if spec["id_dtype"] == "uint16" else pa.uint32()
-    length, positions, k = spec["seq_len"], spec["seq_len"] - 1, spec["k"]
-    value = _value_type(spec)
-
-    def per_position(item: pa.DataType, width: int) -> pa.DataType:
-        return pa.list_(pa.list_(item, width), positions)
-
-    fields = [pa.field("input_ids", pa.list_(ids, length))]
-    if spec["has_labels"]:
-        fields.append(pa.field("labels", pa.list_(pa.int32(), length)))
-    if spec["mode"] == "topk":
-        fields += [
-            pa.field("topk_ids", per_position(ids, k)),
-            pa.field("topk_logprobs", per_position(value, k)),
-            pa.field("tail_logprob", pa.list_(pa.float32(), positions)),
-        ]
-    elif spec["mode"] == "sampled":
-        counts = pa.uint8() if k < 256 else pa.uint16() if k < 65536 else pa.uint32()
-        fields += [
-            pa.field("sample_ids", per_position(ids, k)),
-            pa.field("sample_counts", per_position(counts, k)),
-            pa.field("sample_logprobs", per_position(value, k)),
-        ]
-    else:
-        fields.append(pa.field("logprobs", per_position(value, k)))
-    return pa.schema(fields)
-
-
-def _nested(array: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
-    """A [rows, d1, d2, ...] numpy array as nested fixed-size lists of ``arrow_type``."""
-    if not pa.types.is_fixed_size_list(arrow_type):
-        return pa.array(np.ascontiguousarray(array).reshape(-1), type=arrow_type)
-    inner = _nested(array, arrow_type.value_type)
-    return pa.FixedSizeListArray.from_arrays(inner, arrow_type.list_size)
-
-
-def _stored_values(values: Any, spec: dict[str, Any]) -> np.ndarray:
-    import torch
-
-    values = values.clamp(min=LOGPROB_FLOOR)
-    if spec["dtype"] == "float16":
-        return values.to(torch.float16).cpu().numpy()
-    return values.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
-
-
-def _encode_batch(teacher: Any, rows: dict[str, np.ndarray], first_row: int, spec: dict[str, Any], schema: pa.Schema) -> pa.RecordBatch:
-    """Run the teacher on one batch of rows and encode its signal as an Arrow record batch."""
-    import torch
-
-    device = next(teacher.parameters()).device
-    input_ids = torch.as_tensor(np.asarray(rows["input_ids"], dtype=np.int64), device=device)
-    logits = teacher(input_ids=input_ids).logits[:, :-1, : spec["vocab_size"]]
-    id_np = np.uint16 if spec["id_dtype"] == "uint16" else np.uint32
-    columns: dict[str, np.ndarray] = {"input_ids": input_ids.cpu().numpy().astype(id_np)}
-    if spec["has_labels"]:
-        columns["labels"] = np.asarray(rows["labels"], dtype=np.int32)
-    # Row by row, so the fp32 copies of [positions, vocab] stay one row large.
-    signals = [_row_signal(row_logits, first_row + offset, spec) for offset, row_logits in enumerate(logits)]
-    for name in SIGNAL_COLUMNS[spec["mode"]]:
-        item_type = schema.field(name).type
-        while pa.types.is_fixed_size_list(item_type):
-            item_type = item_type.value_type
-        columns[name] = np.stack([signal[name] for signal in signals]).astype(item_type.to_pandas_dtype(), copy=False)
-    return pa.RecordBatch.from_arrays([_nested(columns[f.name], f.type) for f in schema], schema=schema)
-
-
-def _row_signal(logits: Any, row_index: int, spec: dict[str, Any]) -> dict[str, np.ndarray]:
-    """The stored teacher signal of one row, from its logits [positions, vocab]."""
-    import torch
-
-    logprobs = torch.log_softmax(logits.float() / spec["temperature"], dim=-1)
-    if spec["mode"] == "topk":
-        values, ids = logprobs.topk(spec["k"], dim=-1)
-        # Exact tail mass: logsumexp over the ids outside the top-k (no 1 - sum cancellation).
-        tail = torch.logsumexp(logprobs.scatter(-1, ids, float("-inf")), dim=-1)
-        return {
-            "topk_ids": ids.cpu().numpy(),
-            "topk_logprobs": _stored_values(values, spec),
-            "tail_logprob": tail.clamp(min=LOGPROB_FLOOR).cpu().numpy(),
-        }
-    if spec["mode"] == "sampled":
-        ids, counts = _sample(logprobs, row_index, spec)
-        values = torch.where(counts > 0, logprobs.gather(-1, ids), torch.zeros((), device=logprobs.device))
-        return {
-            "sample_ids": ids.cpu().numpy(),
-            "sample_counts": counts.cpu().numpy(),
-            "sample_logprobs": _stored_values(values, spec),
-        }
-    return {"logprobs": _stored_values(logprobs, spec)}
-
-
-def _sample(logprobs: Any, row_index: int, spec: dict[str, Any]) -> tuple[Any, Any]:
-    """k draws with replacement per position, as ascending unique ids + counts padded to k (count 0).
-
-    Each row draws from its own generator seeded by (seed, row index): rebuilds, batch sizes and
-    process counts never change which tokens a row gets.
-    """
-    import torch
-
-    state = np.random.SeedSequence([spec["seed"], row_index]).generate_state(1, np.uint64)[0]
-    generator = torch.Generator(device=logprobs.device).manual_seed(int(state))
-    draws = torch.multinomial(logprobs.exp(), spec["k"], replacement=True, generator=generator).sort(dim=-1).values
-    first = torch.ones_like(draws, dtype=torch.bool)
-    first[:, 1:] = draws[:, 1:] != draws[:, :-1]
-    slot = first.long().cumsum(dim=-1) - 1
-    ids = torch.zeros_like(draws).scatter_(-1, slot, draws)
-    counts = torch.zeros_like(draws).scatter_add_(-1, slot, torch.ones_like(draws))
-    return ids, counts
-
-
 def _signal_bytes(file: Path, mode: str) -> int:
     with pa.memory_map(str(file)) as source:
         table = pa.ipc.open_stream(source).read_all()
@@ -435,7 +349,9 @@ def _write_final_manifest(path: Path, spec: dict[str, Any], plan: ShardPlan, tea
         start, end = plan.rows(j)
         rows = arrow_row_count(file)
         if rows != end - start:
-            raise ArtifactError(f"{file} holds {rows} rows instead of {end - start}; rerun the build to redo it.")
+            raise ArtifactError(
+                f"{file} holds {rows} rows instead of {end - start}; rerun the build to redo it."
+            )
         shards.append(
             {
                 "file": file.name,

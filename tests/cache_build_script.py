@@ -31,7 +31,9 @@ def make_teacher(vocab_size: int = VOCAB_SIZE, seed: int = 0):
     return LlamaForCausalLM(config).eval()
 
 
-def make_dataset(rows: int = 24, seq_len: int = SEQ_LEN, vocab_size: int = VOCAB_SIZE, seed: int = 0, labels: bool = False):
+def make_dataset(
+    rows: int = 24, seq_len: int = SEQ_LEN, vocab_size: int = VOCAB_SIZE, seed: int = 0, labels: bool = False
+):
     import datasets
 
     generator = torch.Generator().manual_seed(seed)
@@ -50,7 +52,9 @@ def main() -> None:
     parser.add_argument("--mode", default="topk")
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--shard-tokens", type=int, default=3 * SEQ_LEN)
-    parser.add_argument("--delay", type=float, default=0.0, help="seconds of sleep before each teacher forward")
+    parser.add_argument(
+        "--delay", type=float, default=0.0, help="seconds of sleep before each teacher forward"
+    )
     parser.add_argument("--rank-dir", help="each process writes rank-<index>.txt here (proves ranks ran)")
     args = parser.parse_args()
 
@@ -61,7 +65,14 @@ def main() -> None:
     if args.delay:
         teacher.register_forward_pre_hook(lambda module, inputs: time.sleep(args.delay))
     TeacherCache.build(
-        teacher, make_dataset(), args.out, mode=args.mode, k=args.k, batch_size=2, shard_tokens=args.shard_tokens, progress=False
+        teacher,
+        make_dataset(),
+        args.out,
+        mode=args.mode,
+        k=args.k,
+        batch_size=2,
+        shard_tokens=args.shard_tokens,
+        progress=False,
     )
     if args.rank_dir:
         import torch.distributed as dist

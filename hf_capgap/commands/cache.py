@@ -11,17 +11,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     actions = parser.add_subparsers(dest="cache_command", required=True)
 
     build = actions.add_parser("build", help="run a teacher over a packed dataset and store its log-probs")
-    build.add_argument("teacher", help="folder of the teacher (save_pretrained of a causal LM, with its tokenizer)")
+    build.add_argument(
+        "teacher", help="folder of the teacher (save_pretrained of a causal LM, with its tokenizer)"
+    )
     source = build.add_mutually_exclusive_group(required=True)
-    source.add_argument("--dataset", help="save_to_disk folder of a tokenized, packed dataset (column input_ids)")
-    source.add_argument("--corpus", choices=["embedded"], help="tokenize and pack the corpus shipped with hf_capgap")
+    source.add_argument(
+        "--dataset", help="save_to_disk folder of a tokenized, packed dataset (column input_ids)"
+    )
+    source.add_argument(
+        "--corpus", choices=["embedded"], help="tokenize and pack the corpus shipped with hf_capgap"
+    )
     build.add_argument("--split", default="train", help="split to cache when the dataset has several")
     build.add_argument("--seq-len", type=int, default=128, help="row length when packing --corpus")
     build.add_argument("--out", required=True, help="cache folder to write (a rerun resumes it)")
-    build.add_argument("--mode", choices=["topk", "sampled", "dense"], default="topk", help="what to keep per position")
+    build.add_argument(
+        "--mode", choices=["topk", "sampled", "dense"], default="topk", help="what to keep per position"
+    )
     build.add_argument("--k", type=int, default=64, help="top-k entries or samples per position")
     build.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the teacher")
-    build.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16", help="storage of log-probs")
+    build.add_argument(
+        "--dtype", choices=["float16", "bfloat16"], default="float16", help="storage of log-probs"
+    )
     build.add_argument("--batch-size", type=int, default=8, help="rows per teacher forward")
     build.add_argument("--shard-tokens", type=int, default=262144, help="tokens per shard file")
     build.add_argument("--seed", type=int, default=0, help="seed of the sampled mode")
@@ -62,7 +72,9 @@ def _load_dataset(args: argparse.Namespace, tokenizer: object) -> object:
 def _build(args: argparse.Namespace) -> int:
     teacher_dir = Path(args.teacher)
     if not (teacher_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{teacher_dir} has no config.json; pass a folder written by save_pretrained.")
+        raise FileNotFoundError(
+            f"{teacher_dir} has no config.json; pass a folder written by save_pretrained."
+        )
     if args.dataset and not Path(args.dataset).is_dir():
         raise FileNotFoundError(f"--dataset {args.dataset} is not a folder; pass a save_to_disk folder.")
 
@@ -71,11 +83,15 @@ def _build(args: argparse.Namespace) -> int:
 
     from hf_capgap.cache import TeacherCache
 
-    has_tokenizer = any((teacher_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+    has_tokenizer = any(
+        (teacher_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")
+    )
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir) if has_tokenizer else None
     dataset = _load_dataset(args, tokenizer)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=getattr(torch, args.teacher_dtype)).to(device)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=getattr(torch, args.teacher_dtype)).to(
+        device
+    )
     cache = TeacherCache.build(
         teacher,
         dataset,
@@ -98,7 +114,9 @@ def _verify(args: argparse.Namespace) -> int:
     from hf_capgap.cache import TeacherCache
 
     cache = TeacherCache.load(args.path, verify=True)
-    print(f"ok: {len(cache.manifest['shards'])} shards, {len(cache)} sequences match the manifest of {args.path}")
+    print(
+        f"ok: {len(cache.manifest['shards'])} shards, {len(cache)} sequences match the manifest of {args.path}"
+    )
     return 0
 
 
