@@ -1,0 +1,189 @@
+"""Peak extra memory and forward+backward time of the distillation loss, against naive torch.
+
+Every variant gets the same inputs: student last hidden states [N, H], the student lm_head weight
+[V, H] and dense teacher logits [N, V] (N = 2048 tokens, H = 256). Every variant starts from the
+hidden states, so all of them pay for the same hidden @ W.T matmul and its backward (gradients for
+both the hidden states and W are computed):
+
+    naive        logits = hidden @ W.T; 0.5 * F.kl_div(log_softmax(s/T), log_softmax(t/T), log_target=True)
+                 + 0.5 * F.cross_entropy(logits, labels); backward           <- the baseline
+    trl          logits = hidden @ W.T; 0.5 * GKDTrainer.generalized_jsd_loss(beta=0, forward KL)
+                 + 0.5 * F.cross_entropy; backward
+    ours-logits  logits = hidden @ W.T; distillation_loss(logits, DenseTeacher, ...); backward
+    ours-fused   distillation_loss(hidden, DenseTeacher, lm_head_weight=W, ...); backward
+
+All compute 0.5 * forward KL(teacher || student) + 0.5 * CE at T = 1 in fp32; the script checks the
+losses and the W gradients agree. Each variant runs in a fresh subprocess: the inputs are allocated
+first, then peak extra memory = growth of ru_maxrss (getrusage, the kernel's peak RSS) over its value
+after the inputs exist. Times are the median of --repeats forward+backward passes after one warm-up.
+
+    python bench/bench_losses.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+TOKENS = 2048
+HIDDEN = 256
+VOCABS = (32000, 50257)
+CHUNK_SIZES = (256, 1024)
+ALPHA = 0.5
+BASELINE = "naive"
+MEMORY_GOAL = 0.25
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def make_inputs(vocab: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "hidden": torch.randn(TOKENS, HIDDEN, generator=generator),
+        "weight": torch.randn(vocab, HIDDEN, generator=generator) / HIDDEN**0.5,
+        "teacher_logits": 3.0 * torch.randn(TOKENS, vocab, generator=generator),
+        "labels": torch.randint(0, vocab, (TOKENS,), generator=generator),
+    }
+
+
+def naive_loss(hidden, weight, teacher_logits, labels, chunk_size):
+    logits = hidden @ weight.t()
+    kl = F.kl_div(
+        F.log_softmax(logits, dim=-1), F.log_softmax(teacher_logits, dim=-1), reduction="batchmean", log_target=True
+    )
+    return ALPHA * kl + (1 - ALPHA) * F.cross_entropy(logits, labels)
+
+
+def trl_loss(hidden, weight, teacher_logits, labels, chunk_size):
+    from trl.experimental.gkd import GKDTrainer
+
+    logits = hidden @ weight.t()
+    # beta=0 is F.kl_div(student_log_probs, teacher_log_probs, log_target=True) = KL(teacher || student).
+    kl = GKDTrainer.generalized_jsd_loss(logits, teacher_logits, labels=labels, beta=0.0)
+    return ALPHA * kl + (1 - ALPHA) * F.cross_entropy(logits, labels)
+
+
+def ours_logits_loss(hidden, weight, teacher_logits, labels, chunk_size):
+    from hf_capgap.losses import DenseTeacher, LossSpec, distillation_loss
+
+    logits = hidden @ weight.t()
+    spec = LossSpec(alpha=ALPHA, chunk_size=chunk_size)
+    # The logits are an intermediate nothing else reads, as in the trainer: reuse them for their gradient.
+    return distillation_loss(logits, DenseTeacher(teacher_logits), labels, spec, inplace_grad=True).loss
+
+
+def ours_fused_loss(hidden, weight, teacher_logits, labels, chunk_size):
+    from hf_capgap.losses import DenseTeacher, LossSpec, distillation_loss
+
+    spec = LossSpec(alpha=ALPHA, chunk_size=chunk_size)
+    return distillation_loss(hidden, DenseTeacher(teacher_logits), labels, spec, lm_head_weight=weight).loss
+
+
+VARIANTS = {
+    "naive": naive_loss,
+    "trl": trl_loss,
+    "ours-logits": ours_logits_loss,
+    "ours-fused": ours_fused_loss,
+}
+
+
+def run_child(variant: str, vocab: int, chunk_size: int, repeats: int) -> dict:
+    """Measure one variant in this (fresh) process and return its numbers."""
+    torch.set_num_threads(2)
+    loss_fn = VARIANTS[variant]
+    if variant == "trl":
+        from trl.experimental.gkd import GKDTrainer  # noqa: F401  (import cost outside the measurement)
+    else:
+        import hf_capgap.losses  # noqa: F401
+    inputs = make_inputs(vocab)
+    hidden = inputs["hidden"].requires_grad_(True)
+    weight = inputs["weight"].requires_grad_(True)
+    before = peak_rss_bytes()
+    times = []
+    for _ in range(repeats + 1):
+        hidden.grad = None
+        weight.grad = None
+        start = time.perf_counter()
+        loss = loss_fn(hidden, weight, inputs["teacher_logits"], inputs["labels"], chunk_size)
+        loss.backward()
+        times.append(time.perf_counter() - start)
+    # The gradients are outputs every variant must hold, not workspace.
+    grad_bytes = hidden.grad.nbytes + weight.grad.nbytes
+    return {
+        "loss": float(loss.detach()),
+        "grad_weight_norm": float(weight.grad.norm()),
+        "peak_extra_bytes": peak_rss_bytes() - before,
+        "grad_bytes": grad_bytes,
+        "seconds": statistics.median(times[1:]),
+    }
+
+
+def measure(variant: str, vocab: int, chunk_size: int, repeats: int) -> dict:
+    command = [sys.executable, __file__, "--child", variant, "--vocab", str(vocab), "--chunk-size", str(chunk_size)]
+    command += ["--repeats", str(repeats)]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def plan() -> list[tuple[str, int | None]]:
+    rows: list[tuple[str, int | None]] = [("naive", None), ("trl", None)]
+    rows += [(variant, chunk) for variant in ("ours-logits", "ours-fused") for chunk in CHUNK_SIZES]
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--child", choices=sorted(VARIANTS))
+    parser.add_argument("--vocab", type=int)
+    parser.add_argument("--chunk-size", type=int, default=1024)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(run_child(args.child, args.vocab, args.chunk_size, args.repeats)))
+        return
+
+    print(f"distillation loss forward+backward, N={TOKENS} tokens, H={HIDDEN}, fp32, CPU, torch {torch.__version__}")
+    print(f"baseline: {BASELINE} (torch F.kl_div + F.cross_entropy on full logits); median of {args.repeats} runs")
+    print("peak extra memory: ru_maxrss growth in a fresh subprocess per row, after the inputs are allocated")
+    print("(includes the hidden/W gradients every variant must return: 'grads' column)\n")
+    goals = []
+    for vocab in VOCABS:
+        results = {(variant, chunk): measure(variant, vocab, chunk or 1024, args.repeats) for variant, chunk in plan()}
+        base = results[(BASELINE, None)]
+        print(f"V = {vocab}  (one [N, V] fp32 tensor = {TOKENS * vocab * 4 / 2**20:.0f} MiB)")
+        print("| variant | chunk | time ms | time / naive | peak extra MiB | grads MiB | memory / naive | loss | |dW| |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for (variant, chunk), result in results.items():
+            print(
+                f"| {variant} | {chunk or '-'} | {result['seconds'] * 1e3:.0f} | {result['seconds'] / base['seconds']:.2f}x"
+                f" | {result['peak_extra_bytes'] / 2**20:.0f} | {result['grad_bytes'] / 2**20:.0f}"
+                f" | {result['peak_extra_bytes'] / base['peak_extra_bytes']:.3f}x | {result['loss']:.5f}"
+                f" | {result['grad_weight_norm']:.5f} |"
+            )
+        print()
+        if vocab == VOCABS[0]:
+            for variant in ("ours-logits", "ours-fused"):
+                default = results[(variant, 1024)]
+                memory = default["peak_extra_bytes"] / base["peak_extra_bytes"]
+                speed = default["seconds"] / base["seconds"]
+                met = memory <= MEMORY_GOAL and speed <= 1.0
+                goals.append(
+                    f"goal at V={vocab}, {variant} chunk 1024: memory <= {MEMORY_GOAL}x naive and time <= 1.0x naive: "
+                    f"{memory:.3f}x, {speed:.2f}x ({'met' if met else 'NOT met'})"
+                )
+    print("\n".join(goals))
+
+
+if __name__ == "__main__":
+    main()
