@@ -150,10 +150,14 @@ class FusedTeacher:
     def take(self, index: slice | Tensor) -> FusedTeacher:
         return replace(self, hidden=self.hidden[index])
 
+    def log_probs(self, vocab: int, temperature: float) -> Tensor:
+        logits = F.linear(self.hidden, self.weight[:vocab], None if self.bias is None else self.bias[:vocab])
+        return DenseTeacher(logits).log_probs(vocab, temperature)
+
     def divergence(self, student_logits: Tensor, spec: LossSpec) -> Tensor:
         vocab = student_logits.shape[-1]
-        logits = F.linear(self.hidden, self.weight[:vocab], None if self.bias is None else self.bias[:vocab])
-        return DenseTeacher(logits).divergence(student_logits, spec)
+        log_q = F.log_softmax(student_logits / spec.temperature, dim=-1)
+        return bucket_divergence(self.log_probs(vocab, spec.temperature), log_q, spec.kind, spec.beta)
 
 
 @dataclass(frozen=True)
@@ -229,10 +233,43 @@ class DistillationLossOutput:
     num_tokens: int
 
 
+def _forward_kl_chunk(logits: Tensor, log_p: Tensor, labels: Tensor, spec: LossSpec) -> tuple[Tensor, Tensor, Tensor]:
+    """Closed form of :func:`_chunk_loss_and_grad` for forward KL against a full teacher distribution.
+
+    d(T^2 KL(p || softmax(z / T)))/dz = T (q - p) and d CE/dz = softmax(z) - onehot, computed in place
+    so a chunk needs about four [chunk, vocab] buffers instead of the autograd graph's dozen.
+    """
+    temperature, alpha = spec.temperature, spec.alpha
+    zero = logits.new_zeros(())
+    log_q = F.log_softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)
+    rows = torch.arange(labels.shape[0], device=labels.device)
+    ce = zero
+    if alpha < 1:
+        ce = -log_q[rows, labels].sum() if temperature == 1.0 else F.cross_entropy(logits, labels, reduction="sum")
+    distill, p = zero, None
+    if alpha > 0:
+        p = log_p.exp()
+        distill = (torch.dot(p.flatten(), log_p.flatten()) - torch.dot(p.flatten(), log_q.flatten())) * temperature**2
+    grad = log_q.exp_()  # q, in place
+    if temperature == 1.0:
+        grad.mul_(alpha + (1.0 - alpha))  # alpha * T * q + (1 - alpha) * softmax(z), with softmax(z) == q
+    else:
+        grad.mul_(alpha * temperature)
+        if alpha < 1:
+            grad.add_(F.softmax(logits, dim=-1), alpha=1.0 - alpha)
+    if p is not None:
+        grad.sub_(p, alpha=alpha * temperature)
+    if alpha < 1:
+        grad[rows, labels] -= 1.0 - alpha
+    return distill, ce, grad
+
+
 def _chunk_loss_and_grad(
     logits: Tensor, teacher: TeacherSignal, labels: Tensor, spec: LossSpec
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(sum of T^2 * D, sum of CE, d(alpha * T^2 * D + (1 - alpha) * CE)/d logits) for one chunk."""
+    if spec.kind == "forward_kl" and isinstance(teacher, DenseTeacher | FusedTeacher):
+        return _forward_kl_chunk(logits, teacher.log_probs(logits.shape[-1], spec.temperature), labels, spec)
     logits = logits.detach().requires_grad_(True)
     zero = logits.new_zeros(())
     with torch.enable_grad():
@@ -265,8 +302,10 @@ class _ChunkedDistillation(torch.autograd.Function):
         fused = weight is not None
         vocab = spec.vocab_size or (weight.shape[0] if fused else student.shape[-1])
         grad_student = student if inplace_grad and not fused else torch.empty_like(student)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if fused else None
-        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if bias is not None else None
+        needs_weight_grad = fused and weight.requires_grad
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_weight_grad else None
+        needs_bias_grad = bias is not None and bias.requires_grad
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if needs_bias_grad else None
         distill_sum = student.new_zeros((), dtype=torch.float32)
         ce_sum = student.new_zeros((), dtype=torch.float32)
         for start in range(0, student.shape[0], spec.chunk_size):
@@ -282,7 +321,8 @@ class _ChunkedDistillation(torch.autograd.Function):
             if fused:
                 grad = grad.to(weight.dtype)
                 grad_student[rows] = grad @ weight[:vocab]
-                grad_weight[:vocab].add_(grad.t() @ chunk.to(weight.dtype))
+                if grad_weight is not None:
+                    grad_weight[:vocab].add_(grad.t() @ chunk.to(weight.dtype))
                 if grad_bias is not None:
                     grad_bias[:vocab].add_(grad.float().sum(dim=0))
             else:
