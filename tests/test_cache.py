@@ -27,6 +27,15 @@ SCRIPT = Path(__file__).with_name("cache_build_script.py")
 REPO = SCRIPT.parent.parent
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models on a shared CPU run fastest, and bit-identically to the helper script, on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def teacher():
     return make_teacher()
@@ -45,7 +54,7 @@ def reference_logprobs(teacher, dataset, temperature=1.0):
 
 
 def full_batch(cache):
-    return cache.collate(list(cache.dataset))
+    return cache.collate(list(cache.dataset.with_format("numpy")))
 
 
 def count_forwards(model):
@@ -115,10 +124,10 @@ def peaked_teacher(vocab_size):
 
 
 def test_sampled_counts_and_frequencies_follow_teacher(tmp_path):
-    vocab, k, temperature, repeats = 64, 64, 0.5, 160
+    vocab, k, temperature, repeats = 64, 64, 0.5, 128
     teacher = peaked_teacher(vocab)
-    # One row repeated: every copy draws independently (own seed), so each position gets repeats*k draws.
-    dataset = make_dataset(rows=1, vocab_size=vocab).select([0] * repeats).flatten_indices()
+    # One short row repeated: every copy draws independently (own seed), so each position gets repeats*k draws.
+    dataset = make_dataset(rows=1, seq_len=5, vocab_size=vocab).select([0] * repeats).flatten_indices()
     cache = TeacherCache.build(
         teacher, dataset, tmp_path / "a", mode="sampled", k=k, temperature=temperature, progress=False
     )
@@ -137,7 +146,7 @@ def test_sampled_counts_and_frequencies_follow_teacher(tmp_path):
     torch.testing.assert_close(logprobs[used], expected.gather(-1, ids)[used], atol=1e-2, rtol=1e-3)
     frequencies = torch.zeros_like(expected).scatter_add_(-1, ids, counts).sum(0) / (repeats * k)
     probs = expected[0].exp()
-    assert (frequencies - probs).abs().max() < 0.03
+    assert (frequencies - probs).abs().max() < 0.04
     assert (probs - probs.roll(1, dims=0)).abs().max() > 0.1, "positions differ, so the check above has teeth"
 
     rebuilt = TeacherCache.build(
@@ -283,18 +292,16 @@ def run_script(out, *extra, timeout=120):
     )
 
 
-def reference_build(path):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return TeacherCache.build(
-            make_teacher(), make_dataset(), path, k=8, batch_size=2, shard_tokens=3 * SEQ_LEN, progress=False
-        )
-    finally:
-        torch.set_num_threads(threads)
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted one-process build that the helper script's builds must reproduce."""
+    path = tmp_path_factory.mktemp("reference") / "cache"
+    return TeacherCache.build(
+        make_teacher(), make_dataset(), path, k=8, batch_size=2, shard_tokens=3 * SEQ_LEN, progress=False
+    )
 
 
-def test_resume_after_sigkill_equals_uninterrupted_build(tmp_path):
+def test_resume_after_sigkill_equals_uninterrupted_build(tmp_path, reference):
     out = tmp_path / "killed"
     process = subprocess.Popen([sys.executable, str(SCRIPT), "--out", str(out), "--delay", "0.1"], cwd=REPO)
     deadline = time.monotonic() + 60
@@ -310,7 +317,6 @@ def test_resume_after_sigkill_equals_uninterrupted_build(tmp_path):
 
     run_script(out)
     resumed = TeacherCache.load(out, verify=True)
-    reference = reference_build(tmp_path / "reference")
     assert {p.name: p.stat().st_ino for p in out.glob("shard-*.arrow") if p.name in survivors} == survivors
     assert shard_files(out) == shard_files(reference.path)
     assert [s["sha256"] for s in resumed.manifest["shards"]] == [
@@ -319,7 +325,7 @@ def test_resume_after_sigkill_equals_uninterrupted_build(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.path.iterdir())
 
 
-def test_two_process_accelerate_build_equals_single_process(tmp_path):
+def test_two_process_accelerate_build_equals_single_process(tmp_path, reference):
     out, ranks = tmp_path / "multi", tmp_path / "ranks"
     ranks.mkdir()
     command = [
@@ -332,10 +338,11 @@ def test_two_process_accelerate_build_equals_single_process(tmp_path):
     assert sorted(p.read_text().split()[0] for p in ranks.iterdir()) == ["2", "2"]
     assert sorted(p.name for p in ranks.iterdir()) == ["rank-0.txt", "rank-1.txt"]
     multi = TeacherCache.load(out, verify=True)
-    reference = reference_build(tmp_path / "single")
     assert shard_files(out) == shard_files(reference.path)
-    multi.manifest.pop("created_at"), reference.manifest.pop("created_at")
-    assert multi.manifest == reference.manifest
+    settled = [
+        {k: v for k, v in m.items() if k != "created_at"} for m in (multi.manifest, reference.manifest)
+    ]
+    assert settled[0] == settled[1]
 
 
 def test_shards_are_plain_arrow_streams(teacher, dataset, tmp_path):
