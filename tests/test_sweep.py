@@ -1,0 +1,226 @@
+"""Sweep: config validation, plan, ledger atomicity, Hub pre-flight, and a real micro sweep
+that is SIGKILLed mid-way, restarted, and fits the law (or says clearly why it cannot)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hf_capgap.artifacts import ArtifactError
+from hf_capgap.sweep import (
+    LAW_FAILURE_FILE,
+    LAW_FILE,
+    LAW_PLOT_FILE,
+    LEDGER_FILE,
+    SweepConfig,
+    append_record,
+    family_teachers,
+    plan,
+    read_ledger,
+    run_sweep,
+    sweep_status,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+MICRO_YAML = REPO / "recipes" / "configs" / "sweep_micro.yaml"
+# Two optimiser steps per run and a small held-out set keep the whole micro sweep to seconds.
+FAST = {"tokens_per_run": "2048", "eval_rows": "16", "calibration_rows": "16", "student_sizes": "21K"}
+
+
+def micro(tmp_path: Path, **overrides) -> SweepConfig:
+    values = {"family": "micro", "student_sizes": ["21K", "25K"], "output_dir": str(tmp_path / "sweep")}
+    return SweepConfig.from_dict({**values, **overrides})
+
+
+# ---------------------------------------------------------------------- config and plan
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"epochs": 3}, "epochs"),
+        ({"student_sizes": []}, "student_sizes"),
+        ({"student_sizes": ["271K"]}, "student_sizes"),
+        ({"tokens_per_run": 0}, "tokens_per_run"),
+        ({"batch_size": -1}, "batch_size"),
+        ({"learning_rate": 0}, "learning_rate"),
+        ({"cache_mode": "dense"}, "cache_mode"),
+        ({"loss": "mse"}, "loss"),
+        ({"teachers": ["llama-9M"]}, "teachers"),
+        ({"family": "opt"}, "family"),
+        ({"student_sizes": ["lots"]}, "lots"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path, overrides, named):
+    with pytest.raises(ValueError, match=named):
+        micro(tmp_path, **overrides)
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_plan_pairs_every_student_with_each_larger_teacher(tmp_path):
+    teachers = family_teachers("micro")
+    config = micro(tmp_path, student_sizes=["21K", "50K", "100K"])
+    runs = plan(config)
+    expected = {(s, t) for s in (21_000, 50_000, 100_000) for t, size in teachers.items() if size > s}
+    assert {(run.student_params, run.teacher) for run in runs} == expected
+    assert len({run.run_id for run in runs}) == len(runs)
+    assert all(run.teacher_params == teachers[run.teacher] > run.student_params for run in runs)
+    teacher_order = [run.teacher_params for run in runs]
+    assert teacher_order == sorted(teacher_order), "runs of one teacher share its cache, so they are grouped"
+    assert [run.run_id for run in plan(micro(tmp_path, student_sizes=["100K", "50K", "21K"]))] == [
+        run.run_id for run in runs
+    ]
+
+
+def test_teacher_subset(tmp_path):
+    config = micro(tmp_path, teachers=["llama-86K", "llama-271K"])
+    assert {run.teacher for run in plan(config)} == {"llama-86K", "llama-271K"}
+
+
+# ---------------------------------------------------------------------- ledger
+
+
+def _record(run_id: str, loss: float) -> dict:
+    return {
+        "run_id": run_id, "format_version": 1, "student_params": 21_000, "teacher_params": 86_208,
+        "eval_loss": loss, "settings_sha256": "abc",
+    }
+
+
+def test_torn_last_line_is_dropped_and_the_next_write_repairs_it(tmp_path):
+    append_record(tmp_path, _record("a", 5.0))
+    append_record(tmp_path, _record("b", 4.0))
+    ledger = tmp_path / LEDGER_FILE
+    complete = ledger.read_text()
+    ledger.write_text(complete + json.dumps(_record("c", 3.0))[:37])
+    with pytest.warns(UserWarning, match="torn"):
+        assert [record["run_id"] for record in read_ledger(tmp_path)] == ["a", "b"]
+    with pytest.warns(UserWarning, match="torn"):
+        append_record(tmp_path, _record("c", 3.0))
+    lines = ledger.read_text().splitlines()
+    assert [json.loads(line)["run_id"] for line in lines] == ["a", "b", "c"]
+    assert ledger.read_text().endswith("\n")
+
+
+def test_damaged_middle_line_and_duplicates_are_refused(tmp_path):
+    ledger = tmp_path / LEDGER_FILE
+    good = json.dumps(_record("a", 5.0))
+    ledger.write_text(good + "\n{not json\n" + json.dumps(_record("b", 4.0)) + "\n")
+    with pytest.raises(ArtifactError, match="line 2"):
+        read_ledger(tmp_path)
+    ledger.write_text(good + "\n" + good + "\n")
+    with pytest.raises(ArtifactError, match="more than once"):
+        read_ledger(tmp_path)
+
+
+# ---------------------------------------------------------------------- Hub families
+
+
+def test_hub_family_offline_fails_before_any_work(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    config = SweepConfig.from_dict({"family": "pythia", "student_sizes": ["70M"], "output_dir": str(tmp_path / "s")})
+    with pytest.raises(ValueError, match="HF_HUB_OFFLINE"):
+        run_sweep(config, progress=False)
+    assert not (tmp_path / "s").exists()
+
+
+def test_hub_family_unreachable_fails_before_any_work(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    config = SweepConfig.from_dict(
+        {"family": "pythia", "student_sizes": ["70M"], "teachers": ["EleutherAI/pythia-160m"],
+         "output_dir": str(tmp_path / "s")}
+    )
+    with pytest.raises(ValueError, match="cannot reach the Hugging Face Hub"):
+        run_sweep(config, progress=False)
+    assert not (tmp_path / "s").exists()
+
+
+def test_unprunable_family_is_refused_up_front(tmp_path):
+    config = SweepConfig.from_dict({"family": "gpt2", "student_sizes": ["60M"], "output_dir": str(tmp_path / "s")})
+    with pytest.raises(ValueError, match="cannot be pruned"):
+        run_sweep(config, progress=False)
+
+
+# ---------------------------------------------------------------------- the micro sweep, for real
+
+
+@pytest.fixture(scope="module")
+def ladder_dir() -> Path:
+    """The micro ladder is pretrained once per machine and reused (ensure_ladder checks manifests)."""
+    root = Path(os.environ.get("HF_CAPGAP_CACHE", Path.home() / ".cache" / "hf_capgap"))
+    return root / "ladders" / "micro"
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory, ladder_dir):
+    """A sweep subprocess SIGKILLed right after its first finished run, then run again to the end."""
+    out = tmp_path_factory.mktemp("micro") / "sweep"
+    overrides = {**FAST, "output_dir": str(out), "ladder_dir": str(ladder_dir)}
+    argv = [sys.executable, str(REPO / "recipes" / "sweep.py"), str(MICRO_YAML)]
+    argv += [item for key, value in overrides.items() for item in (f"--{key}", value)]
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while not (out / LEDGER_FILE).exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    _, stderr = process.communicate()
+    assert (out / LEDGER_FILE).exists(), f"the sweep wrote no record before the kill: {stderr[-2000:]}"
+    before = read_ledger(out)
+    config = SweepConfig.from_dict(_yaml(MICRO_YAML, overrides))
+    status_after_kill = sweep_status(config)
+    records = run_sweep(config, progress=False)
+    return config, before, status_after_kill, records
+
+
+def _yaml(path: Path, overrides: dict) -> dict:
+    import yaml
+
+    return {**yaml.safe_load(path.read_text()), **overrides}
+
+
+def test_sigkilled_sweep_resumes_without_duplicates(killed_and_resumed):
+    config, before, status_after_kill, records = killed_and_resumed
+    assert before, "the kill came after at least one finished run"
+    assert {row["state"] for row in status_after_kill} <= {"done", "left"}, "a killed run is not 'running'"
+    assert sum(row["state"] == "done" for row in status_after_kill) == len(before) < len(plan(config))
+    ledger = read_ledger(config.output_dir)
+    assert sorted(record["run_id"] for record in ledger) == sorted(run.run_id for run in plan(config))
+    finished_first = {record["run_id"]: record for record in before}
+    for record in ledger:
+        if record["run_id"] in finished_first:
+            assert record == finished_first[record["run_id"]], "a finished run is never redone"
+    assert [record["run_id"] for record in records] == [run.run_id for run in plan(config)]
+    assert all(row["state"] == "done" for row in sweep_status(config))
+    assert not (Path(config.output_dir) / "running.json").exists()
+
+
+def test_micro_sweep_records_and_law(killed_and_resumed):
+    config, _, _, records = killed_and_resumed
+    assert len({record["tokens"] for record in records}) == 1, "every run gets the same token budget"
+    for record in records:
+        assert record["student_params"] < record["teacher_params"]
+        assert abs(record["student_params"] - record["student_target"]) <= 0.02 * record["student_target"]
+        assert record["perplexity"] == pytest.approx(2.718281828 ** record["eval_loss"], rel=1e-6)
+        assert record["settings"]["tokens_per_run"] == config.tokens_per_run
+    out = Path(config.output_dir)
+    if (out / LAW_FILE).exists():
+        assert (out / LAW_PLOT_FILE).stat().st_size > 0
+        assert not (out / LAW_FAILURE_FILE).exists()
+    else:
+        failure = json.loads((out / LAW_FAILURE_FILE).read_text())
+        assert "interior optimum" in failure["error"] and failure["runs"] == len(records)
+        assert not (out / LAW_PLOT_FILE).exists()
