@@ -286,19 +286,17 @@ def test_existing_cache_is_reused_refused_or_overwritten(teacher, dataset, tmp_p
     assert full_batch(replaced)["teacher_topk_ids"].shape[-1] == 6
 
 
-def run_script(out, *extra, timeout=120):
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), "--out", str(out), *extra], cwd=REPO, timeout=timeout, check=True
+def build_like_script(path):
+    """The build that tests/cache_build_script.py runs with its defaults, here in-process."""
+    return TeacherCache.build(
+        make_teacher(), make_dataset(), path, k=8, batch_size=2, shard_tokens=3 * SEQ_LEN, progress=False
     )
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """The uninterrupted one-process build that the helper script's builds must reproduce."""
-    path = tmp_path_factory.mktemp("reference") / "cache"
-    return TeacherCache.build(
-        make_teacher(), make_dataset(), path, k=8, batch_size=2, shard_tokens=3 * SEQ_LEN, progress=False
-    )
+    """The uninterrupted one-process build that interrupted and multi-process builds must reproduce."""
+    return build_like_script(tmp_path_factory.mktemp("reference") / "cache")
 
 
 def test_resume_after_sigkill_equals_uninterrupted_build(tmp_path, reference):
@@ -315,7 +313,7 @@ def test_resume_after_sigkill_equals_uninterrupted_build(tmp_path, reference):
     survivors = {p.name: p.stat().st_ino for p in out.glob("shard-*.arrow")}
     assert 1 <= len(survivors) < 8
 
-    run_script(out)
+    build_like_script(out)
     resumed = TeacherCache.load(out, verify=True)
     assert {p.name: p.stat().st_ino for p in out.glob("shard-*.arrow") if p.name in survivors} == survivors
     assert shard_files(out) == shard_files(reference.path)
