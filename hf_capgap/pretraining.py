@@ -102,7 +102,8 @@ def pretrain(
     ``train_dataset`` / ``eval_dataset`` are packed (``input_ids`` rows of ``seq_len``, as made by
     :func:`hf_capgap.data.tokenize_and_pack`). Returns the teacher directory; if a finished teacher
     made from the same inputs is already there it is returned untouched (a foreign one raises
-    ArtifactError), and an interrupted run resumes from its last checkpoint.
+    ArtifactError), and an interrupted run resumes from its last checkpoint. Run one training job
+    per ``output_dir`` at a time: two jobs on the same rung would share its checkpoint folder.
     """
     config = copy.deepcopy(rung_or_config.config if isinstance(rung_or_config, LadderRung) else rung_or_config)
     config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
@@ -123,11 +124,10 @@ def pretrain(
         "settings": settings,
     }
     teacher_dir = Path(output_dir) / name
+    work_dir = Path(output_dir) / WORK_DIR_NAME / f"{name}-{json_sha256(expected)[:12]}"
     if teacher_dir.exists():
         read_manifest(teacher_dir, TEACHER_KIND, TEACHER_FORMAT_VERSION, expected=expected)
         return teacher_dir
-
-    work_dir = Path(output_dir) / WORK_DIR_NAME / f"{name}-{json_sha256(expected)[:12]}"
     args = TrainingArguments(
         output_dir=str(work_dir),
         max_steps=steps,
@@ -212,22 +212,27 @@ def ensure_ladder(
     root_dir: str | os.PathLike,
     *,
     settings: PretrainSettings | None = None,
+    corpus: datasets.DatasetDict | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     cache_dir: str | os.PathLike | None = None,
     num_proc: int | None = None,
 ) -> list[Path]:
     """Pretrain every rung of ``LADDERS[preset]`` that ``root_dir`` does not already hold.
 
-    Data: the embedded corpus, the default tokenizer of ``settings.vocab_size``, and the first
-    ``settings.eval_rows`` packed validation rows (the same held-out text for every rung).
+    Data: ``corpus`` (``train`` / ``validation`` text splits; default: the embedded corpus) packed
+    with ``tokenizer`` (default: :func:`default_tokenizer` of ``settings.vocab_size``), evaluated on
+    the first ``settings.eval_rows`` packed validation rows (the same held-out text for every rung).
     """
     if preset not in LADDERS:
         raise ValueError(f"preset={preset!r} is unknown; choose one of {sorted(LADDERS)}.")
     settings = settings or PRETRAIN_PRESETS[preset]
     if settings.eval_rows < 1:
         raise ValueError(f"eval_rows={settings.eval_rows} must be >= 1 to measure the validation loss.")
-    tokenizer = default_tokenizer(settings.vocab_size, cache_dir=cache_dir)
+    if corpus is not None and not {"train", "validation"} <= set(corpus):
+        raise ValueError(f"corpus has splits {sorted(corpus)}; it needs 'train' and 'validation'.")
+    tokenizer = tokenizer or default_tokenizer(settings.vocab_size, cache_dir=cache_dir)
     rungs = build_ladder(LADDERS[preset], len(tokenizer), max_position_embeddings=settings.seq_len)
-    packed = tokenize_and_pack(load_corpus(), tokenizer, settings.seq_len, num_proc=num_proc)
+    packed = tokenize_and_pack(corpus or load_corpus(), tokenizer, settings.seq_len, num_proc=num_proc)
     eval_rows = packed["validation"].select(range(min(settings.eval_rows, len(packed["validation"]))))
     training = {
         field.name: getattr(settings, field.name)

@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+from datasets import DatasetDict
 from transformers import LlamaForCausalLM, TrainerCallback
 
 from hf_capgap.artifacts import ArtifactError, read_manifest
@@ -23,7 +24,16 @@ from hf_capgap.pretraining import (
 )
 
 SEQ_LEN = 32
-RUN = dict(seq_len=SEQ_LEN, max_tokens=16 * 8 * SEQ_LEN, batch_size=8, learning_rate=1e-2, save_steps=4, logging_steps=4)
+RUN = dict(seq_len=SEQ_LEN, max_tokens=16 * 8 * SEQ_LEN, batch_size=8, learning_rate=1e-2, save_steps=8, logging_steps=8)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Micro models gain nothing from intra-op threads, and on a shared CPU threads only contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -47,16 +57,23 @@ class _KillAfterFirstSave(TrainerCallback):
         raise KeyboardInterrupt(f"killed after saving step {state.global_step}")
 
 
-def test_pretrain_lowers_loss_and_writes_teacher(setup, tmp_path):
+@pytest.fixture(scope="module")
+def trained(setup, tmp_path_factory):
     rung, tokenizer, train, evaluation = setup
+    output_dir = tmp_path_factory.mktemp("teachers")
+    return output_dir, pretrain(rung, train, evaluation, output_dir, tokenizer=tokenizer, **RUN)
+
+
+def test_pretrain_lowers_loss_and_writes_teacher(setup, trained):
+    rung, tokenizer, train, evaluation = setup
+    output_dir, path = trained
     torch.manual_seed(0)
     untrained_loss = _loss(LlamaForCausalLM(rung.config), evaluation)
-    path = pretrain(rung, train, evaluation, tmp_path, tokenizer=tokenizer, **RUN)
-    assert path == tmp_path / rung.name
+    assert path == output_dir / rung.name
     assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json"} <= {
         p.name for p in path.iterdir()
     }
-    assert not list(path.glob("*.bin")) and not (tmp_path / WORK_DIR_NAME / rung.name).exists()
+    assert not list(path.glob("*.bin")) and not list((output_dir / WORK_DIR_NAME).glob("*/checkpoint-*"))
     model, reloaded_tokenizer, manifest = load_teacher(path)
     assert manifest["params"] == rung.params == sum(p.numel() for p in model.parameters())
     assert manifest["tokens_seen"] == RUN["max_tokens"]
@@ -66,14 +83,14 @@ def test_pretrain_lowers_loss_and_writes_teacher(setup, tmp_path):
     assert model.generation_config.eos_token_id == reloaded_tokenizer.eos_token_id == tokenizer.eos_token_id
 
 
-def test_rerun_reuses_finished_teacher_and_refuses_foreign_one(setup, tmp_path):
+def test_rerun_reuses_finished_teacher_and_refuses_foreign_one(setup, trained):
     rung, tokenizer, train, evaluation = setup
-    path = pretrain(rung, train, evaluation, tmp_path, tokenizer=tokenizer, **RUN)
+    output_dir, path = trained
     weights_mtime = (path / "model.safetensors").stat().st_mtime_ns
-    assert pretrain(rung, train, evaluation, tmp_path, tokenizer=tokenizer, **RUN) == path
+    assert pretrain(rung, train, evaluation, output_dir, tokenizer=tokenizer, **RUN) == path
     assert (path / "model.safetensors").stat().st_mtime_ns == weights_mtime
     with pytest.raises(ArtifactError, match="settings"):
-        pretrain(rung, train, evaluation, tmp_path, tokenizer=tokenizer, **{**RUN, "learning_rate": 5e-3})
+        pretrain(rung, train, evaluation, output_dir, tokenizer=tokenizer, **{**RUN, "learning_rate": 5e-3})
 
 
 def test_killed_run_resumes_from_last_checkpoint(setup, tmp_path):
@@ -102,15 +119,21 @@ def test_bad_inputs_fail_before_training(setup, tmp_path):
     assert not any(tmp_path.iterdir())
     with pytest.raises(ValueError, match="preset"):
         ensure_ladder("huge", tmp_path)
+    with pytest.raises(ValueError, match="validation"):
+        ensure_ladder("micro", tmp_path, corpus=DatasetDict(train=train), tokenizer=tokenizer)
 
 
-def test_ensure_ladder_trains_each_missing_rung_once(tmp_path):
+def test_ensure_ladder_trains_each_missing_rung_once(setup, tmp_path):
+    _, tokenizer, _, _ = setup
+    full = load_corpus()
+    corpus = DatasetDict(train=full["train"].select(range(60)), validation=full["validation"].select(range(5)))
     settings = dataclasses.replace(PRETRAIN_PRESETS["micro"], max_tokens=2 * 16 * 64, save_steps=100)
-    paths = ensure_ladder("micro", tmp_path / "ladder", settings=settings, cache_dir=tmp_path / "cache")
+    ladder = dict(settings=settings, corpus=corpus, tokenizer=tokenizer)
+    paths = ensure_ladder("micro", tmp_path / "ladder", **ladder)
     assert len(paths) == len({p.name for p in paths}) >= 2
     manifests = [load_teacher(p)[2] for p in paths]
     assert [m["params"] for m in manifests] == sorted(m["params"] for m in manifests)
     assert len({m["tokenizer_fingerprint"] for m in manifests}) == 1
     mtimes = [(p / "model.safetensors").stat().st_mtime_ns for p in paths]
-    assert ensure_ladder("micro", tmp_path / "ladder", settings=settings, cache_dir=tmp_path / "cache") == paths
+    assert ensure_ladder("micro", tmp_path / "ladder", **ladder) == paths
     assert [(p / "model.safetensors").stat().st_mtime_ns for p in paths] == mtimes
