@@ -230,9 +230,10 @@ def ensure_ladder(
         raise ValueError(f"eval_rows={settings.eval_rows} must be >= 1 to measure the validation loss.")
     if corpus is not None and not {"train", "validation"} <= set(corpus):
         raise ValueError(f"corpus has splits {sorted(corpus)}; it needs 'train' and 'validation'.")
-    tokenizer = tokenizer or default_tokenizer(settings.vocab_size, cache_dir=cache_dir)
+    if tokenizer is None:
+        tokenizer = default_tokenizer(settings.vocab_size, cache_dir=cache_dir)
     rungs = build_ladder(LADDERS[preset], len(tokenizer), max_position_embeddings=settings.seq_len)
-    packed = tokenize_and_pack(corpus or load_corpus(), tokenizer, settings.seq_len, num_proc=num_proc)
+    packed = tokenize_and_pack(load_corpus() if corpus is None else corpus, tokenizer, settings.seq_len, num_proc=num_proc)
     eval_rows = packed["validation"].select(range(min(settings.eval_rows, len(packed["validation"]))))
     training = {
         field.name: getattr(settings, field.name)
