@@ -201,7 +201,6 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
 
 def check_values(config: MinimaConfig) -> None:
     """Reject impossible settings by field name; nothing is loaded or trained here."""
-    from hf_capgap.config import DistillationConfig
     from hf_capgap.ladder import LADDERS
     from hf_capgap.pruning import LAYER_SELECTIONS
 
@@ -245,7 +244,7 @@ def check_values(config: MinimaConfig) -> None:
     if config.law is not None and not Path(config.law).is_file():
         raise FileNotFoundError(f"law={config.law} does not exist; write one with `hf-capgap law fit` or set law: null.")
     try:
-        _training_arguments(config, config.work_dir / "check", 1, DistillationConfig)
+        _distillation_arguments(config, config.work_dir / "check", 1, None)
     except ValueError as err:
         raise ValueError(f"training settings rejected: {err}") from err
 
@@ -490,6 +489,9 @@ def prune_stage(
 
 
 def _training_arguments(config: MinimaConfig, output_dir: Path, steps: int, args_class: type, **extra: Any) -> Any:
+    """The optimizer and checkpoint settings both students share, so the comparison is like for like."""
+    import torch
+
     return args_class(
         output_dir=str(output_dir),
         max_steps=steps,
@@ -512,7 +514,18 @@ def _training_arguments(config: MinimaConfig, output_dir: Path, steps: int, args
         report_to="none",
         seed=config.seed,
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
         **extra,
+    )
+
+
+def _distillation_arguments(config: MinimaConfig, output_dir: Path, steps: int, cache_path: Path | None) -> Any:
+    from hf_capgap.config import DistillationConfig
+
+    return _training_arguments(
+        config, output_dir, steps, DistillationConfig,
+        loss=config.loss, alpha=config.alpha, temperature=config.temperature, teacher_dtype=config.teacher_dtype,
+        teacher_cache=None if cache_path is None else str(cache_path),
     )
 
 
@@ -549,7 +562,6 @@ def distill_stage(config: MinimaConfig, teacher: Any, pruned_dir: Path, data: Ru
     from transformers import AutoModelForCausalLM
 
     from hf_capgap.cache import TeacherCache
-    from hf_capgap.config import DistillationConfig
     from hf_capgap.trainer import DistillationTrainer
 
     inputs = {"stage": "distill", "pruned": pruned_dir.name, "teacher": teacher_fingerprint,
@@ -564,11 +576,7 @@ def distill_stage(config: MinimaConfig, teacher: Any, pruned_dir: Path, data: Ru
         TeacherCache.build(teacher, data.train, cache_path, mode=config.cache_mode, k=config.cache_k,
                            temperature=config.temperature, batch_size=config.eval_batch_size, tokenizer=data.tokenizer)
     checkpoints = config.work_dir / f"distill-{tag}"
-    args = _training_arguments(
-        config, checkpoints, _steps(config), DistillationConfig,
-        loss=config.loss, alpha=config.alpha, temperature=config.temperature, teacher_dtype=config.teacher_dtype,
-        teacher_cache=None if cache_path is None else str(cache_path),
-    )
+    args = _distillation_arguments(config, checkpoints, _steps(config), cache_path)
     trainer = DistillationTrainer(
         model=AutoModelForCausalLM.from_pretrained(pruned_dir, use_safetensors=True),
         teacher_model=None if cache_path else teacher,
