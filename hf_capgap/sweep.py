@@ -325,7 +325,7 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> list[dict[str, A
     specs = plan(config)
     _check_prunable(config.family)
     if config.family in HUB_FAMILIES:
-        check_hub_access([spec.teacher for spec in specs])
+        check_hub_access(list(config.teacher_sizes()))
     settings_sha = json_sha256(config.settings())
     done = {record["run_id"] for record in read_ledger(output_dir)}
     foreign = [record["run_id"] for record in read_ledger(output_dir) if record["settings_sha256"] != settings_sha]
