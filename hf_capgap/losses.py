@@ -233,7 +233,9 @@ class DistillationLossOutput:
     num_tokens: int
 
 
-def _forward_kl_chunk(logits: Tensor, log_p: Tensor, labels: Tensor, spec: LossSpec) -> tuple[Tensor, Tensor, Tensor]:
+def _forward_kl_chunk(
+    logits: Tensor, log_p: Tensor | None, labels: Tensor, spec: LossSpec
+) -> tuple[Tensor, Tensor, Tensor]:
     """Closed form of :func:`_chunk_loss_and_grad` for forward KL against a full teacher distribution.
 
     d(T^2 KL(p || softmax(z / T)))/dz = T (q - p) and d CE/dz = softmax(z) - onehot, computed in place
@@ -247,7 +249,7 @@ def _forward_kl_chunk(logits: Tensor, log_p: Tensor, labels: Tensor, spec: LossS
     if alpha < 1:
         ce = -log_q[rows, labels].sum() if temperature == 1.0 else F.cross_entropy(logits, labels, reduction="sum")
     distill, p = zero, None
-    if alpha > 0:
+    if log_p is not None and alpha > 0:
         p = log_p.exp()
         distill = (torch.dot(p.flatten(), log_p.flatten()) - torch.dot(p.flatten(), log_q.flatten())) * temperature**2
     grad = log_q.exp_()  # q, in place
@@ -265,11 +267,15 @@ def _forward_kl_chunk(logits: Tensor, log_p: Tensor, labels: Tensor, spec: LossS
 
 
 def _chunk_loss_and_grad(
-    logits: Tensor, teacher: TeacherSignal, labels: Tensor, spec: LossSpec
+    logits: Tensor, teacher: TeacherSignal | None, labels: Tensor, spec: LossSpec
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(sum of T^2 * D, sum of CE, d(alpha * T^2 * D + (1 - alpha) * CE)/d logits) for one chunk."""
-    if spec.kind == "forward_kl" and isinstance(teacher, DenseTeacher | FusedTeacher):
-        return _forward_kl_chunk(logits, teacher.log_probs(logits.shape[-1], spec.temperature), labels, spec)
+    """(sum of T^2 * D, sum of CE, d(alpha * T^2 * D + (1 - alpha) * CE)/d logits) for one chunk.
+
+    ``teacher`` is None only when alpha == 0 (cross-entropy alone).
+    """
+    if teacher is None or (spec.kind == "forward_kl" and isinstance(teacher, DenseTeacher | FusedTeacher)):
+        log_p = None if teacher is None else teacher.log_probs(logits.shape[-1], spec.temperature)
+        return _forward_kl_chunk(logits, log_p, labels, spec)
     logits = logits.detach().requires_grad_(True)
     zero = logits.new_zeros(())
     with torch.enable_grad():
@@ -315,7 +321,8 @@ class _ChunkedDistillation(torch.autograd.Function):
                 logits = F.linear(chunk, weight[:vocab], None if bias is None else bias[:vocab])
             else:
                 logits = chunk[:, :vocab]
-            distill, ce, grad = _chunk_loss_and_grad(logits.float(), teacher.take(rows), labels[rows], spec)
+            chunk_teacher = None if teacher is None else teacher.take(rows)
+            distill, ce, grad = _chunk_loss_and_grad(logits.float(), chunk_teacher, labels[rows], spec)
             distill_sum += distill
             ce_sum += ce
             if fused:
@@ -346,7 +353,7 @@ class _ChunkedDistillation(torch.autograd.Function):
 
 def distillation_loss(
     student: Tensor,
-    teacher: TeacherSignal,
+    teacher: TeacherSignal | None,
     labels: Tensor,
     spec: LossSpec,
     *,
@@ -367,6 +374,8 @@ def distillation_loss(
         raise ValueError(
             f"expected student [N, V or H] and labels [N], got {tuple(student.shape)} and {tuple(labels.shape)}."
         )
+    if teacher is None and spec.alpha > 0:
+        raise ValueError(f"no teacher signal was given but alpha={spec.alpha}: the distillation term needs one.")
     valid = labels != IGNORE_INDEX
     num_tokens = int(valid.sum())
     if num_tokens == 0:
@@ -375,7 +384,8 @@ def distillation_loss(
             "(labels must be input_ids with padding masked) and drop empty rows from the dataset."
         )
     if num_tokens < labels.shape[0]:
-        student, teacher, labels = student[valid], teacher.take(valid), labels[valid]
+        student, labels = student[valid], labels[valid]
+        teacher = None if teacher is None else teacher.take(valid)
         inplace_grad = True  # the boolean-index copy belongs to us
     normalizer = float(num_items_in_batch) if num_items_in_batch is not None else float(num_tokens)
     loss, distill_sum, ce_sum = _ChunkedDistillation.apply(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from hf_capgap.collate import CausalLMCollator
 from hf_capgap.config import DistillationConfig
 from hf_capgap.losses import (
     DenseTeacher,
+    DistillationLossOutput,
     FusedTeacher,
     LossSpec,
     SampledTeacher,
@@ -59,6 +61,21 @@ class _PassThrough(nn.Module):
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         return _ThroughHead.apply(hidden_states, *self.head_parameters)
+
+
+class _CacheOrPlainCollator:
+    """Cache rows get the cache's collate (teacher signal included); plain rows, e.g. an evaluation
+    set that was never cached, get the ordinary causal-LM collator."""
+
+    def __init__(self, cache: Any, plain: CausalLMCollator) -> None:
+        self.cache, self.plain = cache, plain
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Tensor]:
+        from hf_capgap.cache import SIGNAL_COLUMNS
+
+        if all(column in features[0] for column in SIGNAL_COLUMNS[self.cache.mode]):
+            return self.cache.collate(features)
+        return self.plain(features)
 
 
 def _base_model(model: nn.Module) -> nn.Module:
@@ -135,11 +152,14 @@ class DistillationTrainer(Trainer):
             from peft import get_peft_model
 
             model = get_peft_model(model, peft_config)
+        pad_id = getattr(processing_class, "pad_token_id", None)
+        plain_collator = CausalLMCollator(pad_token_id=pad_id if pad_id is not None else 0)
         self.teacher_cache = None
         if args.teacher_cache is not None:
             if teacher_model is not None:
                 raise ValueError("pass either teacher_model or DistillationConfig.teacher_cache, not both.")
-            train_dataset, data_collator = self._open_cache(args, train_dataset, data_collator, processing_class)
+            train_dataset = self._open_cache(args, train_dataset, processing_class)
+            data_collator = data_collator or _CacheOrPlainCollator(self.teacher_cache, plain_collator)
             vocab_size = self._check_vocab(model, None, processing_class, self.teacher_cache.manifest["vocab_size"])
         else:
             if teacher_model is None:
@@ -150,13 +170,10 @@ class DistillationTrainer(Trainer):
             teacher_model = _load_causal_lm(teacher_model, "teacher_model")
             self._check_tokenizers(processing_class, teacher_processing_class)
             vocab_size = self._check_vocab(model, teacher_model, processing_class, None)
-        if data_collator is None:
-            pad_id = getattr(processing_class, "pad_token_id", None)
-            data_collator = CausalLMCollator(pad_token_id=pad_id if pad_id is not None else 0)
         super().__init__(
             model=model,
             args=args,
-            data_collator=data_collator,
+            data_collator=data_collator or plain_collator,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=processing_class,
@@ -177,7 +194,8 @@ class DistillationTrainer(Trainer):
 
     # ------------------------------------------------------------------ set-up checks
 
-    def _open_cache(self, args, train_dataset, data_collator, processing_class):
+    def _open_cache(self, args: DistillationConfig, train_dataset: Any, processing_class: Any) -> Any:
+        """Open and check the cache; its rows (input ids + teacher signal) become the training set."""
         from hf_capgap.artifacts import dataset_fingerprint, tokenizer_fingerprint
         from hf_capgap.cache import TeacherCache
 
@@ -187,7 +205,7 @@ class DistillationTrainer(Trainer):
             dataset_fingerprint=None if train_dataset is None else dataset_fingerprint(train_dataset),
             temperature=args.temperature,
         )
-        return self.teacher_cache.dataset, data_collator or self.teacher_cache.collate
+        return self.teacher_cache.dataset
 
     @staticmethod
     def _check_tokenizers(student_tokenizer: Any, teacher_tokenizer: Any) -> None:
@@ -267,9 +285,11 @@ class DistillationTrainer(Trainer):
         with _lm_head_bypassed(_base_model(self.accelerator.unwrap_model(model)), head):
             return model(**call).logits, head
 
-    def _teacher_signal(self, inputs: dict[str, Tensor]) -> TeacherSignal:
-        """The teacher's view of positions [:, :-1], flattened to rows."""
+    def _teacher_signal(self, inputs: dict[str, Tensor]) -> TeacherSignal | None:
+        """The teacher's view of positions [:, :-1], flattened to rows; None for an uncached eval batch."""
         if self.teacher_cache is not None:
+            if not self.model.training and not any(key.startswith("teacher_") for key in inputs):
+                return None
             return self._cached_signal(inputs)
         with torch.no_grad():
             states, head = self._forward_states(self.teacher, inputs)
@@ -318,17 +338,19 @@ class DistillationTrainer(Trainer):
         teacher = self._teacher_signal(inputs)
         states, head = self._forward_states(model, inputs)
         rows = states[:, :-1].reshape(-1, states.shape[-1])
+        # Evaluating on rows that were never cached: only the LM cross-entropy can be measured.
+        spec = self.loss_spec if teacher is not None else replace(self.loss_spec, alpha=0.0)
         output = distillation_loss(
             rows,
             teacher,
             labels,
-            self.loss_spec,
+            spec,
             lm_head_weight=None if head is None else head.weight,
             lm_head_bias=None if head is None else head.bias,
             num_items_in_batch=num_items_in_batch,
             inplace_grad=head is None and not rows._is_view(),
         )
-        self._record_parts(output.distill_sum, output.ce_sum, output.num_tokens)
+        self._record_parts(output, spec)
         loss = output.loss
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # DDP averages gradients over processes while num_items_in_batch counts all of them.
@@ -337,19 +359,23 @@ class DistillationTrainer(Trainer):
 
     # ------------------------------------------------------------------ logging
 
-    def _record_parts(self, distill_sum: Tensor, ce_sum: Tensor, num_tokens: int) -> None:
+    def _record_parts(self, output: DistillationLossOutput, spec: LossSpec) -> None:
+        """Accumulate [distill sum, its tokens, CE sum, its tokens]; a part the loss skipped counts 0 tokens."""
         mode = "train" if self.model.training else "eval"
-        step = torch.stack([distill_sum, ce_sum, distill_sum.new_tensor(float(num_tokens))])
+        tokens = float(output.num_tokens)
+        step = torch.stack([
+            output.distill_sum, output.distill_sum.new_tensor(tokens if spec.alpha > 0 else 0.0),
+            output.ce_sum, output.ce_sum.new_tensor(tokens if spec.alpha < 1 else 0.0),
+        ])
         self._parts[mode] = self._parts[mode] + step if mode in self._parts else step
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Adds the distillation and cross-entropy parts (token-weighted means since the last log)."""
         mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
         if mode in self._parts:
-            distill, ce, tokens = self.accelerator.reduce(self._parts.pop(mode).to(self.args.device), "sum").tolist()
+            parts = self.accelerator.reduce(self._parts.pop(mode).to(self.args.device), "sum").tolist()
             prefix = "eval_" if mode == "eval" else ""
-            if self.loss_spec.alpha > 0:
-                logs[f"{prefix}distill_loss"] = round(distill / tokens, 6)
-            if self.loss_spec.alpha < 1:
-                logs[f"{prefix}ce_loss"] = round(ce / tokens, 6)
+            for name, total, tokens in (("distill_loss", *parts[:2]), ("ce_loss", *parts[2:])):
+                if tokens > 0:
+                    logs[f"{prefix}{name}"] = round(total / tokens, 6)
         super().log(logs, *args, **kwargs)

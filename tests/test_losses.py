@@ -248,3 +248,16 @@ def test_gradient_accumulation_invariance_with_variable_length_rows():
     for start in range(0, 8, 2):
         accumulated += torch.autograd.grad(loss_of(range(start, start + 2), total_tokens), weight)[0]
     torch.testing.assert_close(accumulated, full, rtol=1e-5, atol=1e-7)
+
+
+def test_cross_entropy_alone_needs_no_teacher():
+    hidden, weight, _, labels = make_batch()
+    weight.requires_grad_(True)
+    for temperature in (1.0, 3.0):  # T only tempers the distillation term
+        spec = LossSpec(alpha=0.0, temperature=temperature, chunk_size=6)
+        ours = distillation_loss(hidden, None, labels, spec, lm_head_weight=weight).loss
+        plain = F.cross_entropy(hidden @ weight.t(), labels)
+        torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(torch.autograd.grad(ours, weight)[0], torch.autograd.grad(plain, weight)[0])
+    with pytest.raises(ValueError, match="alpha"):
+        distillation_loss(hidden, None, labels, LossSpec(alpha=0.5), lm_head_weight=weight)

@@ -84,3 +84,14 @@ def test_stale_cache_is_refused(tmp_path, packed, teacher):
         DistillationTrainer(model=tiny_llama(VOCAB), teacher_model=teacher, args=args(tmp_path, teacher_cache=str(path)))
     with pytest.raises(FileNotFoundError, match="no teacher cache"):
         DistillationTrainer(model=tiny_llama(VOCAB), args=args(tmp_path, teacher_cache=str(tmp_path / "missing")))
+
+
+def test_uncached_eval_set_reports_cross_entropy(tmp_path, packed, teacher):
+    path = tmp_path / "cache"
+    TeacherCache.build(teacher, packed, path, mode="topk", k=4, temperature=2.0, progress=False)
+    trainer = DistillationTrainer(
+        model=tiny_llama(VOCAB, hidden=16), args=args(tmp_path, teacher_cache=str(path)), eval_dataset=packed.select(range(8))
+    )
+    metrics = trainer.evaluate()
+    assert metrics["eval_loss"] == pytest.approx(metrics["eval_ce_loss"], rel=1e-5)
+    assert "eval_distill_loss" not in metrics
