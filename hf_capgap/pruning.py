@@ -29,12 +29,20 @@ import torch
 from torch import Tensor
 from transformers import PretrainedConfig, PreTrainedModel
 
-from hf_capgap.artifacts import atomic_directory, json_sha256, model_fingerprint, write_manifest
-from hf_capgap.pruning_importance import ImportanceScores, magnitude_importance, taylor_importance
+from hf_capgap.artifacts import (
+    atomic_directory,
+    json_sha256,
+    model_fingerprint,
+    write_manifest,
+)
+from hf_capgap.pruning_importance import (
+    ImportanceScores,
+    magnitude_importance,
+    taylor_importance,
+)
 from hf_capgap.pruning_layouts import (
     HEADS,
     HIDDEN,
-    NEURONS,
     PruneShape,
     layer_index,
     layout_for,
@@ -275,7 +283,7 @@ def save_pruned(
     """Write a pruned student (safetensors, config, tokenizer, manifest) so it appears only when complete."""
     record = getattr(model, "pruning_record", None)
     if not isinstance(record, PruningRecord):
-        raise ValueError("model has no pruning_record: save_pruned takes a student returned by prune_model.")
+        raise TypeError("model has no pruning_record: save_pruned takes a student returned by prune_model.")
     if not teacher_name:
         raise ValueError("teacher_name is empty; pass the teacher's Hub id or local path.")
     out_dir = Path(out_dir)

@@ -22,8 +22,17 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
-from hf_capgap.pruning_layouts import HEADS, HIDDEN, NEURONS, PruneShape, layer_index, layout_for, template_name
+from hf_capgap.pruning_layouts import (
+    HEADS,
+    HIDDEN,
+    NEURONS,
+    PruneShape,
+    layer_index,
+    layout_for,
+    template_name,
+)
 
 
 @dataclass
@@ -82,7 +91,7 @@ def taylor_importance(model: torch.nn.Module, calibration: Iterable[Mapping[str,
     try:
         model.eval()
         model.requires_grad_(False)
-        for batch in calibration:
+        for batch in tqdm(calibration, desc="Taylor importance", unit="batch"):
             input_ids = _checked_input_ids(batch, config.vocab_size)
             labels = batch.get("labels", input_ids)
             attention_mask = batch.get("attention_mask")

@@ -54,7 +54,7 @@ class PruneShape:
         if isinstance(value, cls):
             return value
         if not isinstance(value, Mapping):
-            raise ValueError(f"shape must be a PruneShape or a dict, got {type(value).__name__}.")
+            raise TypeError(f"shape must be a PruneShape or a dict, got {type(value).__name__}.")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(value) - known)
         if unknown:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 
 import pytest
 import torch
@@ -35,8 +34,8 @@ VOCAB = 64
 
 
 def llama_config(**overrides) -> LlamaConfig:
-    values = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2, intermediate_size=48)
+    values = {"vocab_size": VOCAB, "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4,
+                  "num_key_value_heads": 2, "intermediate_size": 48}
     return LlamaConfig(**(values | overrides))
 
 
@@ -145,6 +144,22 @@ def test_taylor_scores_drop_a_dead_neuron_and_magnitude_fallback_warns():
     assert not torch.any(torch.all(fallback.model.layers[0].mlp.down_proj.weight == 0, dim=0))
 
 
+def test_student_keeps_dtype_and_per_layer_attention_types():
+    teacher = build(llama_config()).to(torch.bfloat16)
+    shape = PruneShape(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24)
+    student = prune_model(teacher, shape=shape, calibration=batches(1))
+    assert {p.dtype for p in student.parameters()} == {torch.bfloat16} and student.config.dtype == torch.bfloat16
+    assert student.config.head_dim == 8 and student.model.rotary_emb.inv_freq.shape == (4,)
+
+    sliding = Qwen2Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                          num_key_value_heads=2, intermediate_size=48, use_sliding_window=True, sliding_window=4,
+                          max_window_layers=1)
+    assert sliding.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
+    config = pruned_config(sliding, PruneShape(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                               intermediate_size=48), kept_layers=[0, 2])
+    assert config.layer_types == ["full_attention", "sliding_attention"] and config.max_window_layers == 1
+
+
 def test_layer_selection_middle_and_explicit():
     teacher = build(llama_config(num_hidden_layers=6))
     shape = PruneShape(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48)
@@ -223,30 +238,30 @@ def test_save_pruned_failure_leaves_nothing(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         save_pruned(student, tmp_path / "student", teacher_name="t", tokenizer=BrokenTokenizer())
     assert list(tmp_path.iterdir()) == []
-    with pytest.raises(ValueError, match="pruning_record"):
+    with pytest.raises(TypeError, match="pruning_record"):
         save_pruned(teacher, tmp_path / "teacher", teacher_name="t")
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(target_params=10**9), "larger than the teacher"),
-        (dict(target_params=10), "no shape"),
-        (dict(shape=dict(hidden_size=30, num_hidden_layers=2, num_attention_heads=4, intermediate_size=8)),
+        ({"target_params": 10**9}, "larger than the teacher"),
+        ({"target_params": 10}, "no shape"),
+        ({"shape": {"hidden_size": 30, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 8}},
          "num_attention_heads=4 does not divide"),
-        (dict(shape=dict(hidden_size=24, num_hidden_layers=2, num_attention_heads=3, intermediate_size=8)),
+        ({"shape": {"hidden_size": 24, "num_hidden_layers": 2, "num_attention_heads": 3, "intermediate_size": 8}},
          "num_key_value_heads"),
-        (dict(shape=dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=8)),
+        ({"shape": {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 8}},
          "num_hidden_layers=4 exceeds"),
-        (dict(shape=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4)), "missing"),
-        (dict(shape=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=8,
-                         num_layers=2)), "unknown keys"),
-        (dict(), "exactly one"),
-        (dict(target_params=5000, layer_selection="first"), "layer_selection"),
-        (dict(target_params=5000, layer_selection=[2, 0]), "increasing order"),
-        (dict(target_params=5000, calibration=[]), "calibration is empty"),
-        (dict(target_params=5000, calibration=[{"input_ids": torch.tensor([[1, VOCAB + 3]])}]), "vocab_size"),
-        (dict(target_params=5000, calibration=[{"text": "hello"}]), "input_ids"),
+        ({"shape": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4}}, "missing"),
+        ({"shape": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 8,
+                         "num_layers": 2}}, "unknown keys"),
+        ({}, "exactly one"),
+        ({"target_params": 5000, "layer_selection": "first"}, "layer_selection"),
+        ({"target_params": 5000, "layer_selection": [2, 0]}, "increasing order"),
+        ({"target_params": 5000, "calibration": []}, "calibration is empty"),
+        ({"target_params": 5000, "calibration": [{"input_ids": torch.tensor([[1, VOCAB + 3]])}]}, "vocab_size"),
+        ({"target_params": 5000, "calibration": [{"text": "hello"}]}, "input_ids"),
     ],
 )
 def test_invalid_requests_fail_with_named_field(kwargs, message):
@@ -261,7 +276,7 @@ def test_unsupported_architecture_and_neox_head_size():
         prune_model(gpt2, target_params=1000)
     neox = build(CONFIGS["gpt_neox_parallel"]())
     with pytest.raises(ValueError, match="shape.hidden_size must be num_attention_heads x 8"):
-        prune_model(neox, shape=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=8))
+        prune_model(neox, shape={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 8})
 
 
 def _save_teacher_with_tokenizer(directory) -> None:

@@ -36,7 +36,12 @@ def _prune(args: argparse.Namespace) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from hf_capgap.law import parse_params
-    from hf_capgap.pruning import prune_model, save_pruned, shape_for_target, shape_params
+    from hf_capgap.pruning import (
+        prune_model,
+        save_pruned,
+        shape_for_target,
+        shape_params,
+    )
     from hf_capgap.pruning_layouts import layout_for, meta_model
 
     teacher_dir, out = Path(args.teacher_dir), Path(args.out)
