@@ -79,6 +79,7 @@ class MinimaConfig:
         default=EMBEDDED_DATASET,
         metadata=_help("'embedded' (the packaged corpus) or a datasets name/path with train/validation splits and a text column."),
     )
+    dataset_config: str | None = field(default=None, metadata=_help("Configuration name of `dataset`, if it has several."))
     seq_len: int = field(default=128, metadata=_help("Tokens per packed training row."))
     batch_size: int = field(default=16, metadata=_help("Rows per device per step."))
     gradient_accumulation_steps: int = field(default=1, metadata=_help("Micro-batches per optimizer step."))
@@ -427,7 +428,7 @@ def prepare_data(config: MinimaConfig, tokenizer: Any) -> RunData:
     if config.dataset == EMBEDDED_DATASET:
         corpus = load_corpus()
     else:
-        corpus = datasets.load_dataset(config.dataset)
+        corpus = datasets.load_dataset(config.dataset, config.dataset_config)
         missing = {"train", "validation"} - set(corpus)
         if missing:
             raise ValueError(f"dataset={config.dataset!r} lacks split(s) {sorted(missing)}; it needs train and validation.")

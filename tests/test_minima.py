@@ -205,3 +205,30 @@ def test_recipe_reports_config_errors_without_a_traceback(tmp_path):
     with pytest.raises(SystemExit) as info:
         recipe.main(["--no_such_key", "1"])
     assert "no_such_key" in str(info.value.code)
+
+
+@pytest.mark.parametrize("preset", ["minima_tiny", "minima_pythia", "minima_llama2_7b"])
+def test_presets_parse(preset):
+    config = load_config([str(RECIPE.parent / "configs" / f"{preset}.yaml"), "--bf16", "false"])
+    assert (config.loss, config.alpha, config.temperature) == ("forward_kl", 0.5, 1.0)  # MiniMA's loss
+
+
+def test_llama2_preset_mirrors_the_published_3b_student():
+    from transformers import LlamaConfig
+
+    from hf_capgap.pruning import PruneShape, shape_params
+    from hf_capgap.pruning_layouts import meta_model
+
+    config = load_config([str(RECIPE.parent / "configs" / "minima_llama2_7b.yaml"), "--bf16", "false"])
+    assert config.teacher == "meta-llama/Llama-2-7b-hf"
+    assert config.student_shape == {"hidden_size": 3072, "num_hidden_layers": 24, "num_attention_heads": 24,
+                                    "intermediate_size": 8192}
+    assert (config.adam_beta1, config.adam_beta2, config.weight_decay, config.learning_rate) == (0.9, 0.95, 0.1, 3e-4)
+    assert (config.warmup_ratio, config.max_grad_norm, config.seq_len) == (0.01, 1.0, 4096)
+    assert config.gradient_checkpointing and config.lr_scheduler_type == "cosine"
+    llama2_7b = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                            num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+    teacher = meta_model(llama2_7b)
+    assert sum(p.numel() for p in teacher.parameters()) == 6_738_415_616
+    student = shape_params(teacher, PruneShape.from_value(config.student_shape))
+    assert 2.9e9 < student < 3.1e9  # MiniMA-3B
