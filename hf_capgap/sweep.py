@@ -325,15 +325,16 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> list[dict[str, A
     specs = plan(config)
     _check_prunable(config.family)
     if config.family in HUB_FAMILIES:
-        check_hub_access(list(config.teacher_sizes()))
+        check_hub_access(list(dict.fromkeys(spec.teacher for spec in specs)))
     settings_sha = json_sha256(config.settings())
-    done = {record["run_id"] for record in read_ledger(output_dir)}
-    foreign = [record["run_id"] for record in read_ledger(output_dir) if record["settings_sha256"] != settings_sha]
+    finished = read_ledger(output_dir)
+    foreign = [record["run_id"] for record in finished if record["settings_sha256"] != settings_sha]
     if foreign:
         raise ValueError(
             f"{output_dir / LEDGER_FILE} holds runs {foreign} made with other settings; use another output_dir "
             "or the settings those runs used."
         )
+    done = {record["run_id"] for record in finished}
     pending = [spec for spec in specs if spec.run_id not in done]
     output_dir.mkdir(parents=True, exist_ok=True)
     if pending:
@@ -387,7 +388,7 @@ def _run_pending(config: SweepConfig, pending: list[RunSpec], settings_sha: str,
     from tqdm.auto import tqdm
 
     output_dir = Path(config.output_dir)
-    source = _TeacherSource(config)
+    source = _TeacherSource(config, pending[0].teacher)
     data = source.data()
     bar = tqdm(total=len(pending), desc="capacity-gap sweep", unit="run", disable=not progress)
     for teacher_name in dict.fromkeys(spec.teacher for spec in pending):
@@ -516,20 +517,20 @@ def _scratch_dir(output_dir: Path) -> Iterator[Path]:
 class _TeacherSource:
     """Teachers, tokenizer and data of a family: a pretrained ladder preset or a Hub family."""
 
-    def __init__(self, config: SweepConfig) -> None:
+    def __init__(self, config: SweepConfig, tokenizer_from: str) -> None:
         self.config = config
         self.tokenizer: Any = None
         self._ladder_paths: dict[str, Path] = {}
         if config.family in HUB_FAMILIES:
             from transformers import AutoTokenizer
 
-            self.tokenizer = AutoTokenizer.from_pretrained(next(iter(config.teacher_sizes())))
+            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
         else:
             from hf_capgap.pretraining import ensure_ladder, load_teacher
 
             ladder_dir = config.ladder_dir or str(Path("outputs") / "ladder" / config.family)
             self._ladder_paths = {path.name: path for path in ensure_ladder(config.family, ladder_dir)}
-            self.tokenizer = load_teacher(self._ladder_paths[next(iter(config.teacher_sizes()))])[1]
+            self.tokenizer = load_teacher(self._ladder_paths[tokenizer_from])[1]
 
     def load(self, name: str) -> tuple[Any, int]:
         """The teacher model in eval mode and its exact total parameter count."""
