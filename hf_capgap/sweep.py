@@ -32,7 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hf_capgap.artifacts import ArtifactError, atomic_write_bytes, atomic_write_json, json_sha256
+from hf_capgap.artifacts import (
+    ArtifactError,
+    atomic_write_bytes,
+    atomic_write_json,
+    json_sha256,
+)
 from hf_capgap.law import CapacityGapLaw, format_params, parse_params
 
 LEDGER_FILE = "ledger.jsonl"
