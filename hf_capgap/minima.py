@@ -14,6 +14,7 @@ Trainer checkpoint. The exported folder ``<output_dir>/<run_name>/`` appears ato
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -27,7 +28,14 @@ from urllib.parse import urlparse
 
 import yaml
 
-from hf_capgap.artifacts import ArtifactError, atomic_directory, atomic_write_json, json_sha256, read_manifest
+from hf_capgap.artifacts import (
+    MANIFEST_NAME,
+    ArtifactError,
+    atomic_directory,
+    atomic_write_json,
+    json_sha256,
+    read_manifest,
+)
 
 RUN_KIND = "minima_run"
 STAGE_KIND = "minima_stage"
@@ -538,14 +546,19 @@ def _train_resumably(trainer: Any, checkpoints: Path, final: Path, tokenizer: An
 
     last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     trainer.train(resume_from_checkpoint=last)
+    resumed_from = int(last.rsplit("-", 1)[1]) if last else None
     staging = final.with_name(f".{final.name}.partial")
     if _is_main():
         shutil.rmtree(staging, ignore_errors=True)
     _wait()
     trainer.save_model(str(staging))
     if _is_main():
+        (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; the manifest records the settings
         tokenizer.save_pretrained(staging)
-        write_manifest(staging, STAGE_KIND, FORMAT_VERSION, {**fields, "steps": trainer.state.global_step})
+        write_manifest(
+            staging, STAGE_KIND, FORMAT_VERSION,
+            {**fields, "steps": trainer.state.global_step, "resumed_from_step": resumed_from},
+        )
         os.replace(staging, final)
         shutil.rmtree(checkpoints, ignore_errors=True)
     _wait()
@@ -661,7 +674,7 @@ def export_run(config: MinimaConfig, plan: Plan, results: Mapping[str, Any], dis
     scores = {key: HeldOutScore(value["loss"], value["perplexity"]) for key, value in results["eval"].items()}
     with atomic_directory(config.run_dir, overwrite=True) as tmp:
         for item in distilled_dir.iterdir():
-            if item.is_file() and item.name != "capgap_manifest.json" and item.name != "training_args.bin":
+            if item.is_file() and item.name != MANIFEST_NAME:
                 shutil.copy2(item, tmp / item.name)
         plot = config.work_dir / "law.png"
         law.plot(plot)
@@ -714,8 +727,6 @@ def finished_results(config: MinimaConfig) -> dict[str, Any] | None:
         raise ValueError(
             f"{config.run_dir} holds another run ({err}); choose another run_name or remove that folder."
         ) from None
-    import json
-
     return json.loads((config.run_dir / "results.json").read_text())
 
 

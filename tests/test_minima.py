@@ -98,45 +98,39 @@ def test_lost_export_is_rebuilt_from_finished_stages_without_training(finished, 
     assert (config.run_dir / "model.safetensors").is_file()
 
 
-def test_killed_distillation_resumes_from_its_checkpoint(finished, tmp_path):
+def test_killed_distillation_resumes_from_its_checkpoint(finished, tmp_path, monkeypatch):
     """A run killed after its first checkpoint continues from it instead of starting over."""
     from transformers import TrainerCallback
+
+    from hf_capgap.artifacts import model_fingerprint
+    from hf_capgap.trainer import DistillationTrainer
 
     config, _ = finished
     config = build_config({**micro_values(Path(config.output_dir).parent), "run_name": "killed",
                            "output_dir": str(tmp_path), "train_tokens": 1536})
-
-    class Kill(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            raise KeyboardInterrupt
-
     plan = make_plan(config)
     teacher, tokenizer = minima.load_teacher_model(config, plan)
     data = minima.prepare_data(config, tokenizer)
-    from hf_capgap.artifacts import model_fingerprint
-
     fingerprint = model_fingerprint(teacher)
     _, pruned_dir, _ = minima.prune_stage(config, plan, teacher, data, fingerprint)
-    from hf_capgap.trainer import DistillationTrainer
+
+    class KillAfterFirstCheckpoint(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            raise KeyboardInterrupt
 
     original = DistillationTrainer.__init__
+    monkeypatch.setattr(DistillationTrainer, "__init__",
+                        lambda self, *a, **kw: original(self, *a, **kw, callbacks=[KillAfterFirstCheckpoint()]))
+    with pytest.raises(KeyboardInterrupt):
+        minima.distill_stage(config, teacher, pruned_dir, data, fingerprint)
+    monkeypatch.setattr(DistillationTrainer, "__init__", original)
+    assert list(config.work_dir.glob("distill-*/checkpoint-1")) and not list(config.work_dir.glob("distilled-*"))
 
-    def with_kill(self, *args, **kwargs):
-        original(self, *args, **kwargs, callbacks=[Kill()])
-
-    DistillationTrainer.__init__ = with_kill
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            minima.distill_stage(config, teacher, pruned_dir, data, fingerprint)
-    finally:
-        DistillationTrainer.__init__ = original
-    checkpoints = list(config.work_dir.glob("distill-*/checkpoint-1"))
-    assert checkpoints and not list(config.work_dir.glob("distilled-*"))
     final = minima.distill_stage(config, teacher, pruned_dir, data, fingerprint)
     manifest = json.loads((final / "capgap_manifest.json").read_text())
-    assert manifest["steps"] == 3
-    trainer_state = json.loads((checkpoints[0] / "trainer_state.json").read_text()) if checkpoints[0].exists() else None
-    assert trainer_state is None  # checkpoints are removed once the stage is published
+    assert (manifest["steps"], manifest["resumed_from_step"]) == (3, 1)
+    assert not (final / "training_args.bin").exists()
+    assert not list(config.work_dir.glob("distill-*"))  # checkpoints go once the stage is published
 
 
 @pytest.mark.parametrize(
