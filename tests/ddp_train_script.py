@@ -47,11 +47,42 @@ def train(out: Path, per_device_batch: int) -> tuple[torch.Tensor, torch.Tensor,
     return before, student.lm_head.weight.detach().clone(), trainer
 
 
+class AlignmentCheckingTrainer(DistillationTrainer):
+    """Counts batch rows whose cached teacher signal belongs to their own input ids."""
+
+    def __init__(self, *args, expected: dict[tuple[int, ...], list], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.expected, self.rows_seen, self.rows_aligned = expected, 0, 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        for ids, topk in zip(inputs["input_ids"], inputs["teacher_topk_ids"], strict=True):
+            self.rows_seen += 1
+            self.rows_aligned += int(topk.tolist() == self.expected[tuple(ids.tolist())])
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+def train_from_cache(out: Path) -> dict[str, int]:
+    """Build a cache with both ranks, then train two shuffled epochs on it."""
+    from hf_capgap import TeacherCache
+
+    packed = Dataset.from_dict({"input_ids": torch.randint(1, VOCAB, (12, 8), generator=torch.Generator().manual_seed(0)).tolist()})
+    cache = TeacherCache.build(model(32, seed=1), packed, out / "cache", mode="topk", k=4, shard_tokens=16, progress=False)
+    expected = {tuple(row["input_ids"]): row["topk_ids"] for row in cache.dataset}
+    args = DistillationConfig(
+        output_dir=str(out / "run-cache"), per_device_train_batch_size=2, num_train_epochs=2, report_to=[],
+        save_strategy="no", disable_tqdm=True, use_cpu=True, teacher_cache=str(out / "cache"),
+    )
+    trainer = AlignmentCheckingTrainer(model=model(16, seed=2), args=args, train_dataset=packed, expected=expected)
+    trainer.train()
+    return {"rows_seen": trainer.rows_seen, "rows_aligned": trainer.rows_aligned, "shards": len(cache.manifest["shards"])}
+
+
 def main(out: Path) -> None:
     before, after, trainer = train(out, per_device_batch=2)
     rank, world = trainer.args.process_index, trainer.args.world_size
     save_file({"delta": (after - before).contiguous()}, str(out / f"rank{rank}.safetensors"))
-    (out / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "world_size": world}))
+    report = {"rank": rank, "world_size": world, **train_from_cache(out)}
+    (out / f"rank{rank}.json").write_text(json.dumps(report))
 
 
 if __name__ == "__main__":
