@@ -69,6 +69,15 @@ def n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The models are tiny; extra threads only contend for the shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=sorted(CONFIGS))
 def teacher(request):
     return build(CONFIGS[request.param]())
@@ -188,24 +197,23 @@ def _loss(model, ids) -> float:
 
 def test_pruned_student_starts_far_below_random_init():
     generator = torch.Generator().manual_seed(0)
-    config = llama_config(hidden_size=64, num_attention_heads=8, num_key_value_heads=4, intermediate_size=128,
-                          num_hidden_layers=4)
+    config = llama_config(hidden_size=48, num_attention_heads=6, num_key_value_heads=3, intermediate_size=96)
     teacher = AutoModelForCausalLM.from_config(config)
     optimizer = torch.optim.AdamW(teacher.parameters(), lr=3e-3)
     for _ in range(40):
-        ids = _toy_sequences(16, 24, generator)
+        ids = _toy_sequences(16, 16, generator)
         teacher(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
     teacher.eval()
-    validation = _toy_sequences(32, 24, generator)
-    calibration = [{"input_ids": _toy_sequences(8, 24, generator)} for _ in range(2)]
+    validation = _toy_sequences(32, 16, generator)
+    calibration = [{"input_ids": _toy_sequences(8, 16, generator)} for _ in range(2)]
     student = prune_model(teacher, target_params=n_params(teacher) // 2, calibration=calibration)
     random_init = AutoModelForCausalLM.from_config(student.config).eval()
     assert n_params(random_init) == n_params(student)
     teacher_loss, student_loss, random_loss = (_loss(m, validation) for m in (teacher, student, random_init))
     assert teacher_loss < 0.5 * math.log(VOCAB)
-    assert student_loss < 0.75 * random_loss
+    assert student_loss < 0.5 * random_loss
 
 
 def test_save_pruned_reloads_with_auto_class(tmp_path):
