@@ -52,7 +52,7 @@ def make_inputs(vocab: int) -> dict[str, torch.Tensor]:
     return {
         "hidden": torch.randn(TOKENS, HIDDEN, generator=generator),
         "weight": torch.randn(vocab, HIDDEN, generator=generator) / HIDDEN**0.5,
-        "teacher_logits": 3.0 * torch.randn(TOKENS, vocab, generator=generator),
+        "teacher_logits": torch.randn(TOKENS, vocab, generator=generator).mul_(3.0),
         "labels": torch.randint(0, vocab, (TOKENS,), generator=generator),
     }
 
