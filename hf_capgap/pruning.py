@@ -43,6 +43,8 @@ from hf_capgap.pruning_importance import (
 from hf_capgap.pruning_layouts import (
     HEADS,
     HIDDEN,
+    NEURONS,
+    Axis,
     PruneShape,
     layer_index,
     layout_for,
@@ -243,17 +245,12 @@ def apply_selection(model: PreTrainedModel, selection: PruneSelection) -> PreTra
         spec = axes.get(template_name(name))
         if spec is None:
             raise ValueError(f"weight {name!r} is not part of the standard {config.model_type} layout; cannot prune it.")
-        key = (tensor.data_ptr(), tuple(tensor.shape))
+        key = (tensor.data_ptr(), tuple(tensor.shape))  # tied weights are sliced once and stay shared
         if key not in by_storage:
-            out = tensor
-            for dim, axis in spec.items():
-                if axis.unit == HIDDEN:
-                    units = selection.hidden
-                else:
-                    units = (selection.heads if axis.unit == HEADS else selection.neurons)[new_index[old]]
-                rows = (units.to(tensor.device)[:, None] * axis.span + torch.arange(axis.span, device=tensor.device))
-                out = out.index_select(dim, rows.reshape(-1))
-            by_storage[key] = out.clone() if out is tensor else out
+            units = {HIDDEN: selection.hidden}
+            if old is not None:
+                units |= {HEADS: selection.heads[new_index[old]], NEURONS: selection.neurons[new_index[old]]}
+            by_storage[key] = _keep_units(tensor, spec, units)
         new_name = name if old is None else name.replace(f".layers.{old}.", f".layers.{new_index[old]}.", 1)
         sliced[new_name] = by_storage[key]
 
@@ -294,6 +291,15 @@ def save_pruned(
         fields = {"teacher_name": teacher_name, **asdict(record), "kept_fraction": record.kept_fraction}
         write_manifest(tmp, MANIFEST_KIND, FORMAT_VERSION, fields)
     return out_dir
+
+
+def _keep_units(tensor: Tensor, spec: Mapping[int, Axis], units: Mapping[str, Tensor]) -> Tensor:
+    """Copy of ``tensor`` with only the rows/columns of the kept units, in the order given."""
+    for dim, axis in spec.items():
+        kept = units[axis.unit].to(tensor.device)
+        rows = kept[:, None] * axis.span + torch.arange(axis.span, device=tensor.device)
+        tensor = tensor.index_select(dim, rows.reshape(-1))
+    return tensor
 
 
 def _top(scores: Tensor, k: int) -> Tensor:

@@ -313,6 +313,10 @@ def test_cli_prunes_a_saved_teacher(tmp_path, capsys):
     assert (tmp_path / "student" / "tokenizer.json").is_file()
     assert "wrote" in capsys.readouterr().out
 
+    with pytest.warns(UserWarning, match="weight magnitude"):
+        assert cli.main([*argv[:5], str(tmp_path / "magnitude"), "--calibration-tokens", "0"]) == 0
+    assert json.loads((tmp_path / "magnitude" / MANIFEST_NAME).read_text())["importance"] == "magnitude"
+
     assert cli.main(argv) == 2  # --out exists
     assert cli.main(["prune", str(tmp_path / "missing"), "--target-params", "1000", "--out", str(tmp_path / "x")]) == 2
     assert cli.main(["prune", str(tmp_path / "teacher"), "--target-params", "1B", "--out", str(tmp_path / "y")]) == 2
