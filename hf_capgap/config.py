@@ -44,7 +44,7 @@ class DistillationConfig(TrainingArguments):
         },
     )
     chunk_size: int = field(
-        default=1024,
+        default=256,
         metadata={
             "help": "Tokens per chunk of the memory-lean loss: peak extra memory grows with chunk_size x vocab."
         },
