@@ -22,6 +22,8 @@ _EXPORTS = {
     "run_sweep": "hf_capgap.sweep",
     "sweep_status": "hf_capgap.sweep",
     "prune_model": "hf_capgap.pruning",
+    "PruneShape": "hf_capgap.pruning",
+    "save_pruned": "hf_capgap.pruning",
     "build_ladder": "hf_capgap.ladder",
     "count_parameters": "hf_capgap.ladder",
     "LadderRung": "hf_capgap.ladder",
