@@ -16,10 +16,9 @@ from hf_capgap.minima import load_config, run_minima
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        config = load_config(sys.argv[1:] if argv is None else argv)
-    except (ValueError, FileNotFoundError) as err:
+        run_minima(load_config(sys.argv[1:] if argv is None else argv))
+    except (ValueError, FileNotFoundError) as err:  # config errors, raised before any work starts
         sys.exit(f"minima: {err}")
-    run_minima(config)
 
 
 if __name__ == "__main__":

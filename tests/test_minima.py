@@ -192,13 +192,14 @@ def test_yaml_and_typed_overrides(tmp_path):
     assert load_config([]).run_name == "minima-tiny"  # the default config file
 
 
-def test_recipe_reports_config_errors_without_a_traceback(tmp_path):
+@pytest.mark.parametrize(("argv", "key"), [(["--no_such_key", "1"], "no_such_key"), (["--teacher", "llama-9M"], "teacher")])
+def test_recipe_reports_config_errors_without_a_traceback(no_work, argv, key):
     spec = importlib.util.spec_from_file_location("minima_recipe", RECIPE)
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
     with pytest.raises(SystemExit) as info:
-        recipe.main(["--no_such_key", "1"])
-    assert "no_such_key" in str(info.value.code)
+        recipe.main(argv)
+    assert str(info.value.code).startswith("minima: ") and key in str(info.value.code)
 
 
 @pytest.mark.parametrize("preset", ["minima_tiny", "minima_pythia", "minima_llama2_7b"])
