@@ -2,8 +2,8 @@
 
 MiniMA-3B was cut from LLaMA-2-7B by keeping the most important attention heads, MLP neurons and
 hidden dimensions (first-order Taylor scores on calibration text) and dropping whole layers, then
-distilled. :func:`prune_model` does the same for LLaMA-family (Llama, Mistral, Qwen2; GQA included)
-and GPT-NeoX (Pythia) models; the result is a plain ``*ForCausalLM`` with a resized config that
+distilled. :func:`prune_model` does the same for LLaMA-family (Llama, Mistral, Qwen2; GQA included),
+GPT-NeoX (Pythia) and GPT-2 models; the result is a plain ``*ForCausalLM`` with a resized config that
 ``AutoModelForCausalLM.from_pretrained`` loads without custom code.
 
 * Width: one hidden-dimension selection is shared by the embeddings, every layer's residual
@@ -14,7 +14,8 @@ and GPT-NeoX (Pythia) models; the result is a plain ``*ForCausalLM`` with a resi
   indices to keep.
 * Norm weights are sliced with the hidden selection. RMSNorm / LayerNorm then normalise over fewer
   dimensions, so their statistics shift and the student is not exactly the teacher restricted to the
-  kept units; MiniMA accepts this and lets distillation recover it.
+  kept units; MiniMA accepts this and lets distillation recover it. Likewise a GPT-2 teacher with
+  ``scale_attn_by_inverse_layer_idx`` scales attention by the new layer index after layers are dropped.
 """
 
 from __future__ import annotations
@@ -49,8 +50,10 @@ from hf_capgap.pruning_layouts import (
     layer_index,
     layout_for,
     meta_model,
+    mlp_width,
     param_counter,
     pruned_config,
+    renumber_layer,
     shape_params,
     template_name,
     validate_shape,
@@ -251,7 +254,7 @@ def apply_selection(model: PreTrainedModel, selection: PruneSelection) -> PreTra
             if old is not None:
                 units |= {HEADS: selection.heads[new_index[old]], NEURONS: selection.neurons[new_index[old]]}
             by_storage[key] = _keep_units(tensor, spec, units)
-        new_name = name if old is None else name.replace(f".layers.{old}.", f".layers.{new_index[old]}.", 1)
+        new_name = name if old is None else renumber_layer(name, new_index[old])
         sliced[new_name] = by_storage[key]
 
     student = meta_model(student_config)
@@ -296,9 +299,7 @@ def save_pruned(
 def _keep_units(tensor: Tensor, spec: Mapping[int, Axis], units: Mapping[str, Tensor]) -> Tensor:
     """Copy of ``tensor`` with only the rows/columns of the kept units, in the order given."""
     for dim, axis in spec.items():
-        kept = units[axis.unit].to(tensor.device)
-        rows = kept[:, None] * axis.span + torch.arange(axis.span, device=tensor.device)
-        tensor = tensor.index_select(dim, rows.reshape(-1))
+        tensor = tensor.index_select(dim, axis.entries(units[axis.unit].to(tensor.device), tensor.shape[dim]))
     return tensor
 
 
@@ -352,6 +353,6 @@ def _kept_summary(config: PretrainedConfig, selection: PruneSelection) -> dict[s
         "heads": [g.tolist() for g in selection.heads],
         "hidden": {"kept": len(selection.hidden), "of": config.hidden_size,
                    "sha256": json_sha256(selection.hidden.tolist())},
-        "neurons": {"kept_per_layer": len(selection.neurons[0]), "of": config.intermediate_size,
+        "neurons": {"kept_per_layer": len(selection.neurons[0]), "of": mlp_width(config),
                     "sha256": json_sha256([n.tolist() for n in selection.neurons])},
     }

@@ -4,7 +4,8 @@ Taylor scores follow MiniMA (and LLM-Pruner / Sheared-LLaMA): a mask of ones is 
 activations each unit owns, and ``|d loss / d mask * mask|`` estimates how much the LM loss would rise
 if that unit were zeroed. Masks:
 
-* hidden: the residual stream, i.e. the embedding output and every attention / MLP output added to it;
+* hidden: the residual stream, i.e. the embedding outputs (token, and position where learned) and every
+  attention / MLP output added to it;
 * heads: attention outputs before the output projection, one entry per KV group (GQA keeps a KV head
   and its query heads together);
 * neurons: MLP activations before the down projection;
@@ -74,7 +75,8 @@ def taylor_importance(model: torch.nn.Module, calibration: Iterable[Mapping[str,
 
         return hook
 
-    handles = [model.get_input_embeddings().register_forward_hook(lambda m, a, out: out * masks[HIDDEN])]
+    handles = [model.get_submodule(name).register_forward_hook(lambda m, a, out: out * masks[HIDDEN])
+               for name in layout.embeddings]
     for index, layer in enumerate(layers):
         attention_out = layer.get_submodule(layout.attention_output)
         mlp_out = layer.get_submodule(layout.mlp_output)
@@ -103,7 +105,7 @@ def taylor_importance(model: torch.nn.Module, calibration: Iterable[Mapping[str,
             ).loss
             grads = torch.autograd.grad(loss, list(masks.values()))
             for (name, mask), grad in zip(masks.items(), grads):
-                totals[name] += (grad * mask).abs().float()
+                totals[name] += (grad * mask.detach()).abs().float()
             batches += 1
             tokens += int(attention_mask.sum()) if attention_mask is not None else input_ids.numel()
     finally:
@@ -151,7 +153,7 @@ def magnitude_importance(model: torch.nn.Module) -> ImportanceScores:
             for dim, axis in axes.get(template_name(name), {}).items():
                 others = [d for d in range(magnitude.dim()) if d != dim]
                 per_entry = magnitude.sum(dim=others) if others else magnitude
-                per_unit = per_entry.unflatten(0, (-1, axis.span)).sum(dim=1).cpu()
+                per_unit = axis.per_unit(per_entry).cpu()
                 if axis.unit == HIDDEN:
                     scores[HIDDEN] += per_unit
                 else:

@@ -12,6 +12,7 @@ from transformers import (
     GPT2Config,
     GPTNeoXConfig,
     LlamaConfig,
+    OPTConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
 )
@@ -28,7 +29,8 @@ from hf_capgap.pruning import (
     shape_for_target,
     shape_params,
 )
-from hf_capgap.pruning_layouts import meta_model
+from hf_capgap.pruning_importance import magnitude_importance, taylor_importance
+from hf_capgap.pruning_layouts import meta_model, param_counter
 
 VOCAB = 64
 
@@ -37,6 +39,12 @@ def llama_config(**overrides) -> LlamaConfig:
     values = {"vocab_size": VOCAB, "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4,
                   "num_key_value_heads": 2, "intermediate_size": 48}
     return LlamaConfig(**(values | overrides))
+
+
+def gpt2_config(**overrides) -> GPT2Config:
+    values = {"vocab_size": VOCAB, "n_embd": 32, "n_layer": 3, "n_head": 4, "n_positions": 32, "bos_token_id": 0,
+              "eos_token_id": 1}
+    return GPT2Config(**(values | overrides))
 
 
 CONFIGS = {
@@ -49,6 +57,7 @@ CONFIGS = {
     "gpt_neox_sequential": lambda: GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3,
                                                  num_attention_heads=4, intermediate_size=48, rotary_pct=0.5,
                                                  use_parallel_residual=False),
+    "gpt2_inner_default": lambda: gpt2_config(scale_attn_by_inverse_layer_idx=True),
 }
 
 
@@ -112,7 +121,7 @@ def test_target_params_within_two_percent_and_keeps_architecture(teacher):
     student = prune_model(teacher, target_params=target, calibration=batches())
     assert abs(n_params(student) - target) <= 0.02 * target
     assert model_fingerprint(teacher) == before  # scoring and slicing never touch the teacher
-    assert student.config.rope_parameters == config.rope_parameters
+    assert getattr(student.config, "rope_parameters", None) == getattr(config, "rope_parameters", None)
     assert student.config.tie_word_embeddings == config.tie_word_embeddings
     assert (student.lm_head.weight is student.get_input_embeddings().weight) == config.tie_word_embeddings
     shape = PruneShape.of(student.config)
@@ -151,6 +160,43 @@ def test_taylor_scores_drop_a_dead_neuron_and_magnitude_fallback_warns():
         fallback = prune_model(teacher, shape=shape)
     assert fallback.pruning_record.importance == "magnitude"
     assert not torch.any(torch.all(fallback.model.layers[0].mlp.down_proj.weight == 0, dim=0))
+
+
+def test_gpt2_config_keeps_every_setting_and_counts_the_hub_sizes():
+    teacher = gpt2_config(n_positions=48, activation_function="gelu", layer_norm_epsilon=1e-4, scale_attn_weights=False,
+                          scale_attn_by_inverse_layer_idx=True, reorder_and_upcast_attn=True)
+    shape = PruneShape(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24)
+    student = pruned_config(teacher, shape)
+    resized = {"n_embd": 16, "n_layer": 2, "n_head": 2, "n_inner": 24}
+    assert {key: getattr(student, key) for key in resized} == resized
+    assert student.to_dict() == teacher.to_dict() | resized
+    assert n_params(meta_model(student)) == shape_params(meta_model(teacher), shape)
+
+    gpt2_small = meta_model(GPT2Config())  # what the Hub's gpt2 checkpoint holds, with the tied head once
+    assert param_counter(gpt2_small)(PruneShape.of(gpt2_small.config)) == n_params(gpt2_small) == 124_439_808
+    target = 60_000_000
+    cut = shape_for_target(gpt2_small, target)
+    assert cut.hidden_size == 64 * cut.num_attention_heads
+    assert abs(n_params(meta_model(pruned_config(gpt2_small.config, cut))) - target) <= 0.02 * target
+
+
+def test_gpt2_scores_see_position_embeddings_and_all_three_attention_blocks():
+    teacher = build(gpt2_config(n_layer=2))
+    dim, head = 5, 2
+    with torch.no_grad():
+        teacher.transformer.wte.weight[:, dim] = 0.0  # dim carries only the position signal
+        teacher.transformer.wpe.weight[:, dim] = 3.0
+        for layer in teacher.transformer.h:
+            layer.attn.c_proj.weight[:, dim] = layer.attn.c_proj.bias[dim] = 0.0
+            layer.mlp.c_proj.weight[:, dim] = layer.mlp.c_proj.bias[dim] = 0.0
+    assert float(taylor_importance(teacher, batches(1)).hidden[dim]) > 0
+
+    width = 8  # head_dim: q, k and v of head 2 sit at columns 16:24, 48:56 and 80:88 of c_attn
+    with torch.no_grad():
+        teacher.transformer.h[0].attn.c_attn.weight[:, 64 + head * width:64 + (head + 1) * width] = 100.0
+    with pytest.warns(UserWarning, match="weight magnitude"):
+        scores = magnitude_importance(teacher)
+    assert int(scores.heads[0].argmax()) == head
 
 
 def test_student_keeps_dtype_and_per_layer_attention_types():
@@ -195,9 +241,16 @@ def _loss(model, ids) -> float:
         return float(model(input_ids=ids, labels=ids).loss)
 
 
-def test_pruned_student_starts_far_below_random_init():
+@pytest.mark.parametrize(
+    "config",
+    [
+        llama_config(hidden_size=48, num_attention_heads=6, num_key_value_heads=3, intermediate_size=96),
+        gpt2_config(n_embd=48, n_head=6, n_inner=96, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+    ],
+    ids=["llama", "gpt2"],
+)
+def test_pruned_student_starts_far_below_random_init(config):
     generator = torch.Generator().manual_seed(0)
-    config = llama_config(hidden_size=48, num_attention_heads=6, num_key_value_heads=3, intermediate_size=96)
     teacher = AutoModelForCausalLM.from_config(config)
     optimizer = torch.optim.AdamW(teacher.parameters(), lr=3e-3)
     for _ in range(40):
@@ -216,18 +269,19 @@ def test_pruned_student_starts_far_below_random_init():
     assert student_loss < 0.5 * random_loss
 
 
-def test_save_pruned_reloads_with_auto_class(tmp_path):
-    teacher = build(CONFIGS["qwen2_gqa_tied"]())
+@pytest.mark.parametrize("name", ["qwen2_gqa_tied", "gpt2_inner_default"])
+def test_save_pruned_reloads_with_auto_class(tmp_path, name):
+    teacher = build(CONFIGS[name]())
     target = n_params(teacher) * 6 // 10
     student = prune_model(teacher, target_params=target, calibration=batches(1))
-    out = save_pruned(student, tmp_path / "student", teacher_name="tiny-qwen2")
+    out = save_pruned(student, tmp_path / "student", teacher_name=f"tiny-{name}")
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     ids = torch.randint(0, VOCAB, (1, 10))
     assert n_params(reloaded) == n_params(student) and abs(n_params(reloaded) - target) <= 0.02 * target
     torch.testing.assert_close(reloaded(ids).logits, student(ids).logits, atol=1e-6, rtol=0)
     manifest = read_manifest(out, "pruned_student", 1, verify_files=True,
                              expected={"teacher_fingerprint": model_fingerprint(teacher)})
-    assert manifest["teacher_name"] == "tiny-qwen2"
+    assert manifest["teacher_name"] == f"tiny-{name}"
     assert manifest["shape"] == PruneShape.of(student.config).to_dict()
     assert manifest["kept_fraction"] == pytest.approx(n_params(student) / n_params(teacher))
     assert manifest["calibration_tokens"] == 24 and manifest["importance"] == "taylor"
@@ -279,9 +333,10 @@ def test_invalid_requests_fail_with_named_field(kwargs, message):
 
 
 def test_unsupported_architecture_and_neox_head_size():
-    gpt2 = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4))
-    with pytest.raises(ValueError, match="gpt2.*supported model types are llama, mistral, qwen2, gpt_neox"):
-        prune_model(gpt2, target_params=1000)
+    opt = AutoModelForCausalLM.from_config(OPTConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1,
+                                                     num_attention_heads=4, ffn_dim=48, word_embed_proj_dim=32))
+    with pytest.raises(ValueError, match="opt.*supported model types are llama, mistral, qwen2, gpt_neox, gpt2"):
+        prune_model(opt, target_params=1000)
     neox = build(CONFIGS["gpt_neox_parallel"]())
     with pytest.raises(ValueError, match="shape.hidden_size must be num_attention_heads x 8"):
         prune_model(neox, shape={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 8})
