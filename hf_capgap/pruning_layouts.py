@@ -246,6 +246,11 @@ def unit_counts(shape: PruneShape) -> dict[str, int]:
 def validate_shape(config: PretrainedConfig, shape: PruneShape) -> PruneShape:
     """Check ``shape`` against the teacher and fill in ``num_key_value_heads``; raise before any work."""
     layout_for(config)
+    if getattr(config, "add_cross_attention", False):
+        raise ValueError(
+            "config.add_cross_attention=True adds encoder cross-attention weights that pruning does not "
+            "know; prune a decoder-only causal LM."
+        )
     teacher = PruneShape.of(config)
     group = teacher.num_attention_heads // teacher.num_key_value_heads
     for field in fields(PruneShape):

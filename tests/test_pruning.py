@@ -337,6 +337,9 @@ def test_unsupported_architecture_and_neox_head_size():
                                                      num_attention_heads=4, ffn_dim=48, word_embed_proj_dim=32))
     with pytest.raises(ValueError, match="opt.*supported model types are llama, mistral, qwen2, gpt_neox, gpt2"):
         prune_model(opt, target_params=1000)
+    cross = AutoModelForCausalLM.from_config(gpt2_config(n_layer=1, add_cross_attention=True))
+    with pytest.raises(ValueError, match="add_cross_attention"):
+        prune_model(cross, target_params=1000)
     neox = build(CONFIGS["gpt_neox_parallel"]())
     with pytest.raises(ValueError, match="shape.hidden_size must be num_attention_heads x 8"):
         prune_model(neox, shape={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 8})
