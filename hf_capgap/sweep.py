@@ -328,7 +328,6 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> list[dict[str, A
     """Run every planned run missing from the ledger, then fit the law; return the ledger records."""
     output_dir = Path(config.output_dir)
     specs = plan(config)
-    _check_prunable(config.family)
     if config.family in HUB_FAMILIES:
         check_hub_access(list(dict.fromkeys(spec.teacher for spec in specs)))
     settings_sha = json_sha256(config.settings())
@@ -376,17 +375,6 @@ def fit_and_save_law(
         for warning in caught:
             print(f"note: {warning.message}")
     return law
-
-
-def _check_prunable(family: str) -> None:
-    from hf_capgap.pruning_layouts import SUPPORTED_MODEL_TYPES
-
-    model_type = HUB_MODEL_TYPES.get(family, "llama")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"family={family!r} ({model_type}) cannot be pruned into students: hf_capgap.pruning supports "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)}. Use another family."
-        )
 
 
 def _run_pending(config: SweepConfig, pending: list[RunSpec], settings_sha: str, progress: bool) -> None:
