@@ -451,10 +451,11 @@ class CapacityGapLaw:
                 )
         return "\n".join(lines)
 
-    def plot(self, path: str | os.PathLike) -> None:
+    def plot(self, path: str | os.PathLike, *, mark: tuple[float, float] | None = None) -> None:
         """Save a PNG: loss vs teacher size per student with the fitted minima, and t* vs s.
 
-        A paper-prior law has no measurements, so only the line is drawn.
+        A paper-prior law has no measurements, so only the line is drawn. ``mark`` = (student params,
+        teacher params) places one distilled pair on the line panel, e.g. for its model card.
         """
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -465,7 +466,7 @@ class CapacityGapLaw:
         axes = figure.subplots(1, panels, squeeze=False)[0]
         if self.records:
             self._plot_curves(axes[0])
-        self._plot_line(axes[-1])
+        self._plot_line(axes[-1], mark)
         buffer = io.BytesIO()
         figure.savefig(buffer, format="png", dpi=120)
         atomic_write_bytes(path, buffer.getvalue())
@@ -549,13 +550,15 @@ class CapacityGapLaw:
         axis.grid(True, which="both", alpha=0.3)
         axis.legend(fontsize=8)
 
-    def _plot_line(self, axis: Any) -> None:
+    def _plot_line(self, axis: Any, mark: tuple[float, float] | None = None) -> None:
         interior = [optimum for optimum in self.optima if optimum.interior]
         if interior:
             students = np.array([optimum.student_params for optimum in interior])
             low, high = students.min() / 1.5, students.max() * 1.5
         else:
             low, high = 5e7, 5e9
+        if mark is not None:
+            low, high = min(low, mark[0] / 1.5), max(high, mark[0] * 1.5)
         grid = np.geomspace(low, high, 100)
         prediction = self.predict(grid)
         axis.plot(grid, prediction.params, color="C0", lw=2, label=f"{self.formula()} ({self.source})")
@@ -578,6 +581,9 @@ class CapacityGapLaw:
             )
         if self.source != "paper":
             axis.plot(grid, PAPER_RATIO * grid, ":", color="grey", label=f"paper: t* = {PAPER_RATIO} s")
+        if mark is not None:
+            axis.plot(*mark, "*", color="red", ms=14, mec="black",
+                      label=f"this pair: {format_params(mark[0])} from {format_params(mark[1])}")
         axis.set_xscale("log")
         axis.set_yscale("log")
         axis.set_xlabel("student parameters s")

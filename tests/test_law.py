@@ -478,3 +478,9 @@ def test_law_runs_without_torch_in_a_fresh_interpreter(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "7000000000.0"
+
+
+def test_plot_can_mark_a_distilled_pair_far_from_the_default_range(tmp_path):
+    path = tmp_path / "marked.png"
+    CapacityGapLaw.paper().plot(path, mark=(5.8e5, 1.45e6))
+    assert path.read_bytes().startswith(b"\x89PNG")
