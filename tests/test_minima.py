@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -227,3 +228,34 @@ def test_llama2_preset_mirrors_the_published_3b_student():
     assert sum(p.numel() for p in teacher.parameters()) == 6_738_415_616
     student = shape_params(teacher, PruneShape.from_value(config.student_shape))
     assert 2.9e9 < student < 3.1e9  # MiniMA-3B
+
+
+def test_push_to_hub_uploads_the_finished_export(finished, monkeypatch, tmp_path, capsys):
+    from huggingface_hub import constants
+
+    from tests.hub_server import FakeHub
+
+    config, results = finished
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setenv("HF_TOKEN", "hf_minima_test_token")
+    server = FakeHub(max_requests=100, lifetime_s=60).start()
+    try:
+        pushed = build_config({**asdict(config), "push_to_hub": "tester/micro", "hub_endpoint": server.url})
+        assert run_minima(pushed) == results  # the same run: pushing is not part of its identity
+        uploaded = server.files("tester/micro")
+    finally:
+        server.stop()
+    local = {p.name: p.read_bytes() for p in config.run_dir.iterdir() if p.is_file()}
+    assert uploaded == local
+    assert f"pushed to {server.url}/tester/micro/commit/" in capsys.readouterr().out
+
+
+def test_teacher_cache_mode_distils_from_the_cache(finished, tmp_path):
+    config, _ = finished
+    cached = build_config({**micro_values(Path(config.output_dir).parent), "output_dir": str(tmp_path),
+                           "teacher_cache": True, "cache_k": 8})
+    results = run_minima(cached)
+    assert len(list(cached.work_dir.glob("cache-*/capgap_manifest.json"))) == 1
+    assert results["eval"]["distilled"]["params"] == results["eval"]["scratch"]["params"]
+    assert (cached.run_dir / "model.safetensors").is_file()
