@@ -33,6 +33,7 @@ from hf_capgap.artifacts import (
     ArtifactError,
     atomic_directory,
     atomic_write_json,
+    dataset_fingerprint,
     json_sha256,
     read_manifest,
 )
@@ -480,7 +481,7 @@ def prune_stage(
 
     inputs = {"teacher": teacher_fingerprint, "student_params": plan.student_params, "shape": plan.student_shape,
               "layer_selection": config.layer_selection, "calibration": len(data.calibration),
-              "data": data.train._fingerprint}
+              "data": dataset_fingerprint(data.train)}
     path = config.work_dir / f"pruned-{json_sha256(inputs)[:12]}"
     if _is_main() and not path.exists():
         student = prune_model(
@@ -586,7 +587,9 @@ def distill_stage(config: MinimaConfig, teacher: Any, pruned_dir: Path, data: Ru
         return final
     cache_path = None
     if config.teacher_cache:
-        cache_path = config.work_dir / f"cache-{json_sha256([teacher_fingerprint, data.train._fingerprint, config.cache_mode, config.cache_k, config.temperature])[:12]}"
+        cache_inputs = [teacher_fingerprint, dataset_fingerprint(data.train), config.cache_mode, config.cache_k,
+                        config.temperature]
+        cache_path = config.work_dir / f"cache-{json_sha256(cache_inputs)[:12]}"
         TeacherCache.build(teacher, data.train, cache_path, mode=config.cache_mode, k=config.cache_k,
                            temperature=config.temperature, batch_size=config.eval_batch_size, tokenizer=data.tokenizer)
     checkpoints = config.work_dir / f"distill-{tag}"
@@ -606,7 +609,12 @@ def distill_stage(config: MinimaConfig, teacher: Any, pruned_dir: Path, data: Ru
 def scratch_stage(config: MinimaConfig, pruned_dir: Path, data: RunData) -> Path:
     """The baseline: the student's architecture from random init, plain CE, same rows and optimizer."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainingArguments
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        Trainer,
+        TrainingArguments,
+    )
 
     from hf_capgap.pretraining import collate_causal_lm
 
@@ -667,7 +675,13 @@ def export_run(config: MinimaConfig, plan: Plan, results: Mapping[str, Any], dis
     from transformers import AutoConfig
 
     from hf_capgap.artifacts import write_manifest
-    from hf_capgap.hub import HeldOutScore, PruningShape, StudentCardInfo, TrainingSetup, write_model_card
+    from hf_capgap.hub import (
+        HeldOutScore,
+        PruningShape,
+        StudentCardInfo,
+        TrainingSetup,
+        write_model_card,
+    )
 
     law = _law(config)
     student_config = AutoConfig.from_pretrained(distilled_dir)

@@ -66,7 +66,7 @@ def test_export_is_a_loadable_student_with_card(finished):
 
 
 def test_results_follow_the_paper_law_and_compare_all_four_models(finished):
-    config, results = finished
+    _, results = finished
     teacher = results["eval"]["teacher"]["params"]
     student = results["eval"]["distilled"]["params"]
     assert abs(student - teacher / 2.5) / (teacher / 2.5) <= 0.02  # pruning hits the law's size within 2%
