@@ -381,6 +381,8 @@ def _require_hub(key: str, name: str, endpoint: str | None) -> None:
 
 @dataclass
 class RunData:
+    """The tokenized data every stage shares, fixed once so both students see identical tokens."""
+
     tokenizer: Any
     train: Any  # exactly the packed rows both students train on, in a fixed order
     eval: Any
