@@ -14,6 +14,7 @@ top-k case is the same formula applied to k + 1 buckets (the top-k tokens and th
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass, replace
 
@@ -119,8 +120,21 @@ class LossSpec:
 # ----------------------------------------------------------------------------------------------
 
 
+class _FullDistributionTeacher(abc.ABC):
+    """A teacher signal that yields the whole next-token distribution of each row (``log_probs``)."""
+
+    @abc.abstractmethod
+    def log_probs(self, vocab: int, temperature: float) -> Tensor:
+        """Teacher log-probs at ``temperature`` over the first ``vocab`` tokens, [rows, vocab] fp32."""
+
+    def divergence(self, student_logits: Tensor, spec: LossSpec) -> Tensor:
+        vocab = student_logits.shape[-1]
+        log_q = F.log_softmax(student_logits / spec.temperature, dim=-1)
+        return bucket_divergence(self.log_probs(vocab, spec.temperature), log_q, spec.kind, spec.beta)
+
+
 @dataclass(frozen=True)
-class DenseTeacher:
+class DenseTeacher(_FullDistributionTeacher):
     """Full teacher logits [N, V] (online teacher), or log-probs already at temperature (dense cache)."""
 
     logits: Tensor
@@ -133,14 +147,9 @@ class DenseTeacher:
         values = self.logits[:, :vocab].float()
         return values if self.tempered_logprobs else F.log_softmax(values / temperature, dim=-1)
 
-    def divergence(self, student_logits: Tensor, spec: LossSpec) -> Tensor:
-        vocab = student_logits.shape[-1]
-        log_q = F.log_softmax(student_logits / spec.temperature, dim=-1)
-        return bucket_divergence(self.log_probs(vocab, spec.temperature), log_q, spec.kind, spec.beta)
-
 
 @dataclass(frozen=True)
-class FusedTeacher:
+class FusedTeacher(_FullDistributionTeacher):
     """Teacher last hidden states [N, H] and lm_head: teacher logits are built one chunk at a time."""
 
     hidden: Tensor
@@ -153,11 +162,6 @@ class FusedTeacher:
     def log_probs(self, vocab: int, temperature: float) -> Tensor:
         logits = F.linear(self.hidden, self.weight[:vocab], None if self.bias is None else self.bias[:vocab])
         return DenseTeacher(logits).log_probs(vocab, temperature)
-
-    def divergence(self, student_logits: Tensor, spec: LossSpec) -> Tensor:
-        vocab = student_logits.shape[-1]
-        log_q = F.log_softmax(student_logits / spec.temperature, dim=-1)
-        return bucket_divergence(self.log_probs(vocab, spec.temperature), log_q, spec.kind, spec.beta)
 
 
 @dataclass(frozen=True)
@@ -274,7 +278,7 @@ def _chunk_loss_and_grad(
 
     ``teacher`` is None only when alpha == 0 (cross-entropy alone).
     """
-    if teacher is None or (spec.kind == "forward_kl" and isinstance(teacher, DenseTeacher | FusedTeacher)):
+    if teacher is None or (spec.kind == "forward_kl" and isinstance(teacher, _FullDistributionTeacher)):
         log_p = None if teacher is None else teacher.log_probs(logits.shape[-1], spec.temperature)
         return _forward_kl_chunk(logits, log_p, labels, spec)
     logits = logits.detach().requires_grad_(True)
