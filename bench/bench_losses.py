@@ -36,8 +36,8 @@ import torch.nn.functional as F
 TOKENS = 2048
 HIDDEN = 256
 VOCABS = (32000, 50257)
-CHUNK_SIZES = (256, 1024)
-DEFAULT_CHUNK = 256  # DistillationConfig.chunk_size default
+CHUNK_SIZES = (128, 1024)
+DEFAULT_CHUNK = 128  # what DistillationConfig's automatic chunk_size picks at V=32000
 ALPHA = 0.5
 BASELINE = "naive"
 MEMORY_GOAL = 0.25

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd")
+CHUNK_ELEMENTS = 1 << 22  # logits per automatic chunk: 16 MiB in fp32 (128 rows at a 32000 vocabulary)
 IGNORE_INDEX = -100
 
 
@@ -99,7 +100,7 @@ class LossSpec:
     beta: float = 0.5
     temperature: float = 1.0
     alpha: float = 0.5
-    chunk_size: int = 256
+    chunk_size: int | None = None  # rows per chunk; None sizes chunks to CHUNK_ELEMENTS logits
     vocab_size: int | None = None  # real vocabulary: columns past it (padding) are ignored
 
     def __post_init__(self) -> None:
@@ -110,8 +111,15 @@ class LossSpec:
             raise ValueError(f"temperature must be > 0, got {self.temperature}.")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}.")
-        if self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}.")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 (or None for automatic), got {self.chunk_size}.")
+
+    def rows_per_chunk(self, vocab: int) -> int:
+        """Explicit ``chunk_size``, or the power of two that keeps one [rows, vocab] fp32 buffer near
+        CHUNK_ELEMENTS: the loss holds about four such buffers at a time, whatever the vocabulary."""
+        if self.chunk_size is not None:
+            return self.chunk_size
+        return 1 << max(4, (CHUNK_ELEMENTS // vocab).bit_length() - 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -319,8 +327,9 @@ class _ChunkedDistillation(torch.autograd.Function):
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if needs_bias_grad else None
         distill_sum = student.new_zeros((), dtype=torch.float32)
         ce_sum = student.new_zeros((), dtype=torch.float32)
-        for start in range(0, student.shape[0], spec.chunk_size):
-            rows = slice(start, start + spec.chunk_size)
+        chunk_rows = spec.rows_per_chunk(vocab)
+        for start in range(0, student.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
             chunk = student[rows]
             if fused:
                 logits = F.linear(chunk, weight[:vocab], None if bias is None else bias[:vocab])

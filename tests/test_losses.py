@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_capgap.losses import (
+    CHUNK_ELEMENTS,
     DIVERGENCES,
     DenseTeacher,
     FusedTeacher,
@@ -204,19 +205,18 @@ def test_sampled_estimator_is_unbiased_for_the_gradient():
     """Averaged over many sampled caches, the sampled gradient converges to the dense forward-KL one."""
     vocab, n, k, draws = 12, 6, 8, 3000
     teacher = torch.randn(n, vocab) * 2
-    labels = torch.zeros(n, dtype=torch.long)
     student = torch.randn(n, vocab, requires_grad=True)
-    spec = LossSpec(kind="forward_kl", alpha=1.0, chunk_size=4)
     log_p = torch.log_softmax(teacher, -1)
     samples = torch.multinomial(log_p.exp(), k * draws, replacement=True).view(n, draws, k)
-    total = torch.zeros_like(student)
-    for d in range(draws):
-        counts = torch.zeros(n, vocab).scatter_add_(-1, samples[:, d], torch.ones(n, k))
-        counts, ids = counts.topk(k, dim=-1)  # unique ids with counts, padded with count 0
-        signal = SampledTeacher(ids, counts, log_p.gather(-1, ids))
-        total += torch.autograd.grad(distillation_loss(student, signal, labels, spec).loss, student)[0]
-    dense_grad = torch.autograd.grad(divergence(student, teacher, labels), student)[0]
-    torch.testing.assert_close(total / draws, dense_grad, rtol=0, atol=0.01)
+    counts = torch.zeros(n, draws, vocab).scatter_add_(-1, samples, torch.ones(n, draws, k))
+    counts, ids = counts.topk(k, dim=-1)  # unique ids with counts, padded with count 0
+    signal = SampledTeacher(ids.flatten(0, 1), counts.flatten(0, 1), log_p.gather(-1, ids.flatten(1)).view(-1, k))
+    rows = student.repeat_interleave(draws, dim=0)  # each draw is one cached copy of each position
+    labels = torch.zeros(n * draws, dtype=torch.long)
+    spec = LossSpec(kind="forward_kl", alpha=1.0, chunk_size=512)
+    sampled_grad = torch.autograd.grad(distillation_loss(rows, signal, labels, spec).loss, student)[0]
+    dense_grad = torch.autograd.grad(divergence(student, teacher, torch.zeros(n, dtype=torch.long)), student)[0]
+    torch.testing.assert_close(sampled_grad, dense_grad, rtol=0, atol=0.01)
 
 
 def test_sampled_rejects_other_divergences():
@@ -271,3 +271,12 @@ def test_loss_value_does_not_drift_with_chunk_size_at_large_vocab(chunk_size):
     spec = LossSpec(kind="forward_kl", alpha=1.0, chunk_size=chunk_size)
     ours = distillation_loss(student, DenseTeacher(teacher), labels, spec).loss
     torch.testing.assert_close(ours, divergence(student, teacher, labels), rtol=1e-6, atol=0)
+
+
+def test_automatic_chunk_bounds_the_buffer_size_whatever_the_vocabulary():
+    spec = LossSpec()
+    for vocab in (8192, 32000, 50257, 152064):
+        rows = spec.rows_per_chunk(vocab)
+        assert rows & (rows - 1) == 0 and rows * vocab <= CHUNK_ELEMENTS
+    assert spec.rows_per_chunk(32000) == 128
+    assert LossSpec(chunk_size=7).rows_per_chunk(32000) == 7
