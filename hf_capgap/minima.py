@@ -618,7 +618,7 @@ def scratch_stage(config: MinimaConfig, pruned_dir: Path, data: RunData) -> Path
         TrainingArguments,
     )
 
-    from hf_capgap.pretraining import collate_causal_lm
+    from hf_capgap.collate import CausalLMCollator
 
     inputs = {"stage": "scratch", "pruned": pruned_dir.name, "settings": config.result_settings()}
     tag = json_sha256(inputs)[:12]
@@ -632,7 +632,7 @@ def scratch_stage(config: MinimaConfig, pruned_dir: Path, data: RunData) -> Path
         model=model,
         args=_training_arguments(config, checkpoints, _steps(config), TrainingArguments),
         train_dataset=data.train,
-        data_collator=collate_causal_lm,
+        data_collator=CausalLMCollator(pad_token_id=data.tokenizer.pad_token_id or 0),
         processing_class=data.tokenizer,
     )
     _train_resumably(trainer, checkpoints, final, data.tokenizer, {"inputs_sha256": json_sha256(inputs)})

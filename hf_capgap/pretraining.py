@@ -42,6 +42,7 @@ from hf_capgap.artifacts import (
     tokenizer_fingerprint,
     write_manifest,
 )
+from hf_capgap.collate import CausalLMCollator
 from hf_capgap.data import default_tokenizer, load_corpus, tokenize_and_pack
 from hf_capgap.ladder import LADDERS, LadderRung, build_ladder, count_parameters, rung_name
 
@@ -154,7 +155,7 @@ def pretrain(
         args=args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=collate_causal_lm,
+        data_collator=CausalLMCollator(pad_token_id=tokenizer.pad_token_id or 0),
         processing_class=tokenizer,
         callbacks=list(callbacks),
     )
@@ -167,33 +168,29 @@ def pretrain(
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
-    with atomic_directory(teacher_dir) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        write_manifest(
-            tmp,
-            TEACHER_KIND,
-            TEACHER_FORMAT_VERSION,
-            {
-                **expected,
-                "config": _config_dict(config),
-                "name": name,
-                "params": params,
-                "non_embedding_params": non_embedding,
-                "tokens_seen": trainer.state.global_step * batch_size * seq_len * args.world_size,
-                "final_validation_loss": eval_loss,
-                "resumed_from_step": int(checkpoint.rsplit("-", 1)[1]) if checkpoint else None,
-                "wall_seconds": round(wall_seconds, 1),
-            },
-        )
-    shutil.rmtree(work_dir, ignore_errors=True)
+    if trainer.is_world_process_zero():  # one writer, whatever the launch
+        with atomic_directory(teacher_dir) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            write_manifest(
+                tmp,
+                TEACHER_KIND,
+                TEACHER_FORMAT_VERSION,
+                {
+                    **expected,
+                    "config": _config_dict(config),
+                    "name": name,
+                    "params": params,
+                    "non_embedding_params": non_embedding,
+                    "tokens_seen": trainer.state.global_step * batch_size * seq_len * args.world_size,
+                    "final_validation_loss": eval_loss,
+                    "resumed_from_step": int(checkpoint.rsplit("-", 1)[1]) if checkpoint else None,
+                    "wall_seconds": round(wall_seconds, 1),
+                },
+            )
+        shutil.rmtree(work_dir, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
     return teacher_dir
-
-
-def collate_causal_lm(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Stack packed rows; labels are the inputs (the model shifts them internally)."""
-    input_ids = torch.tensor([row["input_ids"] for row in rows], dtype=torch.long)
-    return {"input_ids": input_ids, "labels": input_ids.clone()}
 
 
 def load_teacher(path: str | os.PathLike) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:

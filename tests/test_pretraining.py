@@ -10,6 +10,7 @@ from datasets import DatasetDict
 from transformers import LlamaForCausalLM, TrainerCallback
 
 from hf_capgap.artifacts import ArtifactError, read_manifest
+from hf_capgap.collate import CausalLMCollator
 from hf_capgap.data import load_corpus, tokenize_and_pack, train_tokenizer
 from hf_capgap.ladder import build_ladder
 from hf_capgap.pretraining import (
@@ -17,7 +18,6 @@ from hf_capgap.pretraining import (
     TEACHER_FORMAT_VERSION,
     TEACHER_KIND,
     WORK_DIR_NAME,
-    collate_causal_lm,
     ensure_ladder,
     load_teacher,
     pretrain,
@@ -47,7 +47,7 @@ def setup():
 
 
 def _loss(model: LlamaForCausalLM, dataset) -> float:
-    batch = collate_causal_lm(list(dataset))
+    batch = CausalLMCollator()(list(dataset))
     with torch.no_grad():
         return model(**batch).loss.item()
 
