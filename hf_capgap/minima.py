@@ -693,7 +693,7 @@ def export_run(config: MinimaConfig, plan: Plan, results: Mapping[str, Any], dis
             if item.is_file() and item.name != MANIFEST_NAME:
                 shutil.copy2(item, tmp / item.name)
         plot = config.work_dir / "law.png"
-        law.plot(plot)
+        law.plot(plot, mark=(results["eval"]["distilled"]["params"], plan.teacher_params))
         info = StudentCardInfo(
             model_name=config.run_name,
             teacher=plan.teacher,
