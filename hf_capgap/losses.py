@@ -153,7 +153,9 @@ class DenseTeacher(_FullDistributionTeacher):
 
     def log_probs(self, vocab: int, temperature: float) -> Tensor:
         values = self.logits[:, :vocab].float()
-        return values if self.tempered_logprobs else F.log_softmax(values / temperature, dim=-1)
+        if self.tempered_logprobs:
+            return values
+        return F.log_softmax(values / temperature if temperature != 1.0 else values, dim=-1)
 
 
 @dataclass(frozen=True)
@@ -340,12 +342,11 @@ class _ChunkedDistillation(torch.autograd.Function):
             distill_sum += distill
             ce_sum += ce
             if fused:
-                grad = grad.to(weight.dtype)
-                grad_student[rows] = grad @ weight[:vocab]
-                if grad_weight is not None:
-                    grad_weight[:vocab].add_(grad.t() @ chunk.to(weight.dtype))
+                grad_student[rows] = grad.to(weight.dtype) @ weight[:vocab]
+                if grad_weight is not None:  # accumulate in place: no [V, H] temporary per chunk
+                    grad_weight[:vocab].addmm_(grad.t(), chunk.float())
                 if grad_bias is not None:
-                    grad_bias[:vocab].add_(grad.float().sum(dim=0))
+                    grad_bias[:vocab].add_(grad.sum(dim=0))
             else:
                 grad_student[rows, :vocab] = grad
                 grad_student[rows, vocab:] = 0
