@@ -205,7 +205,8 @@ class DistillationTrainer(Trainer):
             dataset_fingerprint=None if train_dataset is None else dataset_fingerprint(train_dataset),
             temperature=args.temperature,
         )
-        return self.teacher_cache.dataset
+        # numpy rows: the collator stacks arrays instead of converting nested Python lists.
+        return self.teacher_cache.dataset.with_format("numpy")
 
     @staticmethod
     def _check_tokenizers(student_tokenizer: Any, teacher_tokenizer: Any) -> None:
