@@ -46,7 +46,7 @@ LAW_FILE = "law.json"
 LAW_PLOT_FILE = "law.png"
 LAW_FAILURE_FILE = "law_failure.json"
 LEDGER_FORMAT_VERSION = 1
-CACHE_MODES = ("topk", "online")
+CACHE_MODES = ("topk", "sampled", "online")
 
 HUB_FAMILIES: dict[str, dict[str, int]] = {
     "pythia": {
@@ -133,6 +133,8 @@ class SweepConfig:
             )
         if self.cache_mode not in CACHE_MODES:
             raise ValueError(f"cache_mode={self.cache_mode!r} must be one of {CACHE_MODES}.")
+        if self.cache_mode == "sampled" and self.loss != "forward_kl":
+            raise ValueError(f"cache_mode='sampled' estimates forward_kl only; got loss={self.loss!r}.")
         if self.loss not in DIVERGENCES:
             raise ValueError(f"loss={self.loss!r} must be one of {', '.join(DIVERGENCES)}.")
         if not 0.0 <= self.alpha <= 1.0 or not self.temperature > 0:
@@ -388,7 +390,7 @@ def _run_pending(config: SweepConfig, pending: list[RunSpec], settings_sha: str,
         teacher, teacher_params = source.load(teacher_name)
         teacher_eval = _evaluate(teacher, data["eval"], config.batch_size)
         cache_path = None
-        if config.cache_mode == "topk":
+        if config.cache_mode != "online":
             cache_path = output_dir / "caches" / teacher_name.rsplit("/", 1)[-1]
             _build_cache(teacher, data["train"], cache_path, config, source.tokenizer, progress)
         for spec in (spec for spec in pending if spec.teacher == teacher_name):
@@ -420,7 +422,7 @@ def _build_cache(teacher: Any, train: Any, path: Path, config: SweepConfig, toke
         teacher,
         train,
         path,
-        mode="topk",
+        mode=config.cache_mode,
         k=config.cache_k,
         temperature=config.temperature,
         batch_size=config.batch_size,

@@ -52,6 +52,7 @@ def micro(tmp_path: Path, **overrides) -> SweepConfig:
         ({"batch_size": -1}, "batch_size"),
         ({"learning_rate": 0}, "learning_rate"),
         ({"cache_mode": "dense"}, "cache_mode"),
+        ({"cache_mode": "sampled", "loss": "jsd"}, "sampled"),
         ({"loss": "mse"}, "loss"),
         ({"teachers": ["llama-9M"]}, "teachers"),
         ({"family": "opt"}, "family"),
