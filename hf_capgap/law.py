@@ -677,11 +677,28 @@ def _record_size(row: Mapping[str, Any], field: str, index: int) -> float:
         raise ValueError(f"record {index}: {field}: {err}") from err
 
 
+STUDENT_SIZE_TOLERANCE = 0.02
+"""Students within 2% of each other are one size: pruning hits a target within 2%, so the "same"
+student cut from different teachers has slightly different exact counts."""
+
+
+def _student_groups(sizes: Iterable[float]) -> dict[float, float]:
+    """Map every student size to its group's median, grouping sorted sizes within the tolerance."""
+    groups: list[list[float]] = []
+    for size in sorted(set(sizes)):
+        if groups and size <= groups[-1][0] * (1 + STUDENT_SIZE_TOLERANCE):
+            groups[-1].append(size)
+        else:
+            groups.append([size])
+    return {size: float(np.median(group)) for group in groups for size in group}
+
+
 def _curves(rows: Sequence[Mapping[str, Any]]) -> dict[float, tuple[np.ndarray, np.ndarray]]:
     """Per student size: sorted teacher sizes and the mean loss at each (repeats are averaged)."""
+    group_of = _student_groups(row["student_params"] for row in rows)
     grouped: dict[float, dict[float, list[float]]] = {}
     for row in rows:
-        grouped.setdefault(row["student_params"], {}).setdefault(row["teacher_params"], []).append(
+        grouped.setdefault(group_of[row["student_params"]], {}).setdefault(row["teacher_params"], []).append(
             row["eval_loss"]
         )
     return {

@@ -484,3 +484,14 @@ def test_plot_can_mark_a_distilled_pair_far_from_the_default_range(tmp_path):
     path = tmp_path / "marked.png"
     CapacityGapLaw.paper().plot(path, mark=(5.8e5, 1.45e6))
     assert path.read_bytes().startswith(b"\x89PNG")
+
+
+def test_students_within_two_percent_are_one_size():
+    """The same target pruned from different teachers gives slightly different exact counts."""
+    records = [
+        {"student_params": student * (1 + 0.004 * i), "teacher_params": teacher, "eval_loss": loss}
+        for student, curve in ((1e8, [(1.5e8, 3.2), (2.5e8, 3.0), (5e8, 3.1)]), (4e8, [(6e8, 2.9), (1e9, 2.7), (2e9, 2.8)]))
+        for i, (teacher, loss) in enumerate(curve)
+    ]
+    law = CapacityGapLaw.fit(records, n_bootstrap=200)
+    assert len(law.optima) == 2 and all(optimum.interior for optimum in law.optima)
