@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import tiny_llama
+from transformers import LlamaForCausalLM
 
 from hf_capgap.evaluation import evaluate_perplexity, perplexity_metric_path, run_lm_eval_harness
 
@@ -18,16 +19,7 @@ VOCAB = 61
 @pytest.fixture(scope="module")
 def tiny_model() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config)
+    return tiny_llama(VOCAB, hidden=32, layers=2)
 
 
 def packed(rows: int, length: int = 12) -> Dataset:

@@ -7,9 +7,10 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import torch
+from conftest import tiny_llama
 from huggingface_hub import ModelCard, constants, snapshot_download
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from hf_capgap import cli
 from hf_capgap.hub import (
@@ -83,16 +84,7 @@ def exported_student(tmp_path_factory) -> Path:
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    config = LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
+    tiny_llama(len(vocab), hidden=32, layers=2).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     plot = folder.parent / "law.png"
     plot.write_bytes(TINY_PNG)
