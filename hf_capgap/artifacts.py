@@ -201,9 +201,37 @@ def model_fingerprint(model: Any) -> str:
     return digest.hexdigest()
 
 
+_FINGERPRINT_BATCH_ROWS = 4096
+_content_fingerprints: dict[str, str] = {}
+
+
 def dataset_fingerprint(dataset: Any) -> str:
-    """The ``datasets`` fingerprint, which changes whenever content or processing changes."""
-    fingerprint = getattr(dataset, "_fingerprint", None)
-    if fingerprint is None:
-        raise ArtifactError("dataset has no fingerprint: pass a datasets.Dataset (not a list or torch Dataset).")
+    """A hash of a ``datasets.Dataset``'s rows and features: equal rows give equal values anywhere.
+
+    ``Dataset._fingerprint`` cannot serve: it also hashes where the source files lay, so the same
+    corpus loaded from two checkouts looks like two datasets and every stored artifact turns "stale".
+    The content hash is memoised per ``_fingerprint`` because it reads every row once.
+    """
+    import datasets
+    import pyarrow as pa
+
+    if not isinstance(dataset, datasets.Dataset):
+        raise ArtifactError(
+            f"dataset is a {type(dataset).__name__}; pass a datasets.Dataset (not a list or torch Dataset)."
+        )
+    memo_key = dataset._fingerprint
+    if memo_key in _content_fingerprints:
+        return _content_fingerprints[memo_key]
+    digest = hashlib.sha256(json.dumps(dataset.features.to_dict(), sort_keys=True).encode())
+    digest.update(str(len(dataset)).encode())
+    # Fixed-size batches, copied by ``take`` into fresh buffers (a slice of a larger table keeps the
+    # parent's buffers and offsets), then serialised with IPC: the bytes depend on the rows only.
+    for batch in dataset.with_format("arrow").iter(batch_size=_FINGERPRINT_BATCH_ROWS):
+        compact = batch.take(pa.array(range(batch.num_rows), type=pa.int64())).combine_chunks()
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, compact.schema.remove_metadata()) as writer:
+            writer.write_table(compact)
+        digest.update(memoryview(sink.getvalue()))
+    fingerprint = digest.hexdigest()[:16]
+    _content_fingerprints[memo_key] = fingerprint
     return fingerprint

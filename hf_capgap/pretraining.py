@@ -35,6 +35,7 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_capgap.artifacts import (
+    ArtifactError,
     atomic_directory,
     dataset_fingerprint,
     json_sha256,
@@ -127,7 +128,12 @@ def pretrain(
     teacher_dir = Path(output_dir) / name
     work_dir = Path(output_dir) / WORK_DIR_NAME / f"{name}-{json_sha256(expected)[:12]}"
     if teacher_dir.exists():
-        read_manifest(teacher_dir, TEACHER_KIND, TEACHER_FORMAT_VERSION, expected=expected)
+        try:
+            read_manifest(teacher_dir, TEACHER_KIND, TEACHER_FORMAT_VERSION, expected=expected)
+        except ArtifactError as error:
+            raise ArtifactError(
+                f"{error} Delete {teacher_dir} to pretrain it again, or choose another folder (ladder_dir)."
+            ) from error
         return teacher_dir
     args = TrainingArguments(
         output_dir=str(work_dir),

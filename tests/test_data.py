@@ -6,7 +6,7 @@ import datasets
 import pytest
 from transformers import AutoTokenizer
 
-from hf_capgap.artifacts import tokenizer_fingerprint
+from hf_capgap.artifacts import ArtifactError, dataset_fingerprint, tokenizer_fingerprint
 from hf_capgap.data import default_tokenizer, load_corpus, tokenize_and_pack, train_tokenizer
 
 
@@ -98,6 +98,25 @@ def test_pack_is_cached_by_fingerprint(corpus, small_tokenizer):
     assert first.cache_files and first.cache_files == second.cache_files
     packed_dict = tokenize_and_pack(datasets.DatasetDict({"validation": validation}), small_tokenizer, seq_len=32)
     assert packed_dict["validation"]._fingerprint == first._fingerprint
+
+
+def test_dataset_fingerprint_depends_on_rows_only():
+    """Same rows from different sources / slicings / chunkings hash alike; any changed value differs."""
+    rows = {"input_ids": [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10]], "weight": [0.5, 1.0, 1.5, 2.0]}
+    direct = datasets.Dataset.from_dict(rows)
+    padded = datasets.Dataset.from_dict({key: [*values, *values] for key, values in rows.items()})
+    selected = padded.select(range(4))  # an indices mapping over a larger table
+    sliced = padded.shuffle(seed=0).sort("weight").select([0, 2, 4, 6])  # same rows via a reordering
+    chunked = datasets.concatenate_datasets([direct.select(range(2)), direct.select(range(2, 4))])
+    assert len({direct._fingerprint, selected._fingerprint, sliced._fingerprint, chunked._fingerprint}) > 1
+    assert dataset_fingerprint(direct) == dataset_fingerprint(selected) == dataset_fingerprint(chunked)
+    assert dataset_fingerprint(sliced) == dataset_fingerprint(direct)
+
+    changed = datasets.Dataset.from_dict({**rows, "input_ids": [[1, 2, 3], [4, 5], [6], [7, 8, 9, 11]]})
+    reordered = direct.select([1, 0, 2, 3])
+    assert dataset_fingerprint(changed) != dataset_fingerprint(direct) != dataset_fingerprint(reordered)
+    with pytest.raises(ArtifactError, match="pass a datasets.Dataset"):
+        dataset_fingerprint(rows["input_ids"])
 
 
 def test_pack_rejects_bad_input(small_tokenizer):

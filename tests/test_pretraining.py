@@ -9,7 +9,7 @@ import torch
 from datasets import DatasetDict
 from transformers import LlamaForCausalLM, TrainerCallback
 
-from hf_capgap.artifacts import ArtifactError, read_manifest
+from hf_capgap.artifacts import ArtifactError, dataset_fingerprint, read_manifest
 from hf_capgap.collate import CausalLMCollator
 from hf_capgap.data import load_corpus, tokenize_and_pack, train_tokenizer
 from hf_capgap.ladder import build_ladder
@@ -77,7 +77,7 @@ def test_pretrain_lowers_loss_and_writes_teacher(setup, trained):
     model, reloaded_tokenizer, manifest = load_teacher(path)
     assert manifest["params"] == rung.params == sum(p.numel() for p in model.parameters())
     assert manifest["tokens_seen"] == RUN["max_tokens"]
-    assert manifest["data_fingerprint"] == train._fingerprint
+    assert manifest["data_fingerprint"] == dataset_fingerprint(train)
     assert manifest["final_validation_loss"] < untrained_loss - 0.3
     assert _loss(model, evaluation) == pytest.approx(manifest["final_validation_loss"], rel=1e-4)
     assert model.generation_config.eos_token_id == reloaded_tokenizer.eos_token_id == tokenizer.eos_token_id
@@ -89,7 +89,7 @@ def test_rerun_reuses_finished_teacher_and_refuses_foreign_one(setup, trained):
     weights_mtime = (path / "model.safetensors").stat().st_mtime_ns
     assert pretrain(rung, train, evaluation, output_dir, tokenizer=tokenizer, **RUN) == path
     assert (path / "model.safetensors").stat().st_mtime_ns == weights_mtime
-    with pytest.raises(ArtifactError, match="settings"):
+    with pytest.raises(ArtifactError, match=r"settings(.|\n)*Delete .* to pretrain it again"):
         pretrain(rung, train, evaluation, output_dir, tokenizer=tokenizer, **{**RUN, "learning_rate": 5e-3})
 
 

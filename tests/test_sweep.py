@@ -4,7 +4,6 @@ that is SIGKILLed mid-way, restarted, and fits the law (or says clearly why it c
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -154,10 +153,9 @@ def test_hub_family_unreachable_fails_before_any_work(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def ladder_dir() -> Path:
-    """The micro ladder is pretrained once per machine and reused (ensure_ladder checks manifests)."""
-    root = Path(os.environ.get("HF_CAPGAP_CACHE", Path.home() / ".cache" / "hf_capgap"))
-    return root / "ladders" / "micro"
+def ladder_dir(tmp_path_factory) -> Path:
+    """The micro ladder pretrains in seconds; a fresh one keeps the test independent of any cache."""
+    return tmp_path_factory.mktemp("ladder") / "micro"
 
 
 @pytest.fixture(scope="module")
