@@ -465,11 +465,9 @@ class CapacityGapLaw:
         FigureCanvasAgg(figure)
         axes = figure.subplots(1, panels, squeeze=False)[0]
         if self.records:
-            self._plot_curves(axes[0])
+            _draw_curves(axes[0], self.records, self.optima)
         self._plot_line(axes[-1], mark)
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", dpi=120)
-        atomic_write_bytes(path, buffer.getvalue())
+        _save_png(figure, path)
 
     # ------------------------------------------------------------------ internals
 
@@ -524,32 +522,6 @@ class CapacityGapLaw:
             text += f" Not larger than the student, so not usable: {unusable}."
         return text
 
-    def _plot_curves(self, axis: Any) -> None:
-        from matplotlib import colormaps
-
-        curves = _curves(self.records)
-        colours = colormaps["viridis"](np.linspace(0, 0.9, max(len(self.optima), 1)))
-        for colour, optimum in zip(colours, self.optima, strict=True):
-            teachers, losses = curves[optimum.student_params]
-            label = f"student {format_params(optimum.student_params)}"
-            axis.plot(teachers, losses, "o-", color=colour, lw=1.2, ms=4, label=label)
-            if optimum.interior:
-                used = np.isin(teachers, optimum.points_used)
-                x = np.log(teachers[used])
-                coefficients = np.polyfit(x, losses[used], 2)
-                grid = np.linspace(x[0], x[-1], 50)
-                axis.plot(np.exp(grid), np.polyval(coefficients, grid), "--", color=colour, lw=1)
-                axis.plot(optimum.teacher_params, optimum.loss, "*", color=colour, ms=14, mec="black")
-            else:
-                axis.plot(optimum.teacher_params, optimum.loss, "X", color="red", ms=9, mec="black")
-        axis.set_xscale("log")
-        axis.set_xlabel("teacher parameters")
-        axis.set_ylabel("student held-out loss")
-        axis.set_title("Loss vs teacher size (* fitted minimum, X excluded: edge of grid)")
-        axis.title.set_fontsize(10)
-        axis.grid(True, which="both", alpha=0.3)
-        axis.legend(fontsize=8)
-
     def _plot_line(self, axis: Any, mark: tuple[float, float] | None = None) -> None:
         interior = [optimum for optimum in self.optima if optimum.interior]
         if interior:
@@ -602,6 +574,56 @@ class CapacityGapLaw:
 
 
 # ---------------------------------------------------------------------- record handling
+
+
+def plot_measurements(records: str | os.PathLike | Iterable[Mapping[str, Any]] | Any, path: str | os.PathLike) -> None:
+    """Save the loss-vs-teacher curves alone, with each student's best teacher marked.
+
+    What to look at when :meth:`CapacityGapLaw.fit` refuses the records (too few bracketed optima):
+    the curves show where the grid needs more teachers. Same record formats as ``fit``.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = _validated_records(_read_records(records))
+    optima = [_locate_optimum(student, curve) for student, curve in sorted(_curves(rows).items())]
+    figure = Figure(figsize=(6.5, 5), layout="constrained")
+    FigureCanvasAgg(figure)
+    _draw_curves(figure.subplots(), rows, optima)
+    _save_png(figure, path)
+
+
+def _draw_curves(axis: Any, rows: Sequence[Mapping[str, Any]], optima: Sequence[Optimum]) -> None:
+    from matplotlib import colormaps
+
+    curves = _curves(rows)
+    colours = colormaps["viridis"](np.linspace(0, 0.9, max(len(optima), 1)))
+    for colour, optimum in zip(colours, optima, strict=True):
+        teachers, losses = curves[optimum.student_params]
+        label = f"student {format_params(optimum.student_params)}"
+        axis.plot(teachers, losses, "o-", color=colour, lw=1.2, ms=4, label=label)
+        if optimum.interior:
+            used = np.isin(teachers, optimum.points_used)
+            x = np.log(teachers[used])
+            coefficients = np.polyfit(x, losses[used], 2)
+            grid = np.linspace(x[0], x[-1], 50)
+            axis.plot(np.exp(grid), np.polyval(coefficients, grid), "--", color=colour, lw=1)
+            axis.plot(optimum.teacher_params, optimum.loss, "*", color=colour, ms=14, mec="black")
+        else:
+            axis.plot(optimum.teacher_params, optimum.loss, "X", color="red", ms=9, mec="black")
+    axis.set_xscale("log")
+    axis.set_xlabel("teacher parameters")
+    axis.set_ylabel("student held-out loss")
+    axis.set_title("Loss vs teacher size (* fitted minimum, X excluded: edge of grid)")
+    axis.title.set_fontsize(10)
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(fontsize=8)
+
+
+def _save_png(figure: Any, path: str | os.PathLike) -> None:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _read_records(records: Any) -> list[Mapping[str, Any]]:

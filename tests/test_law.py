@@ -19,6 +19,7 @@ from hf_capgap.law import (
     CapacityGapWarning,
     format_params,
     parse_params,
+    plot_measurements,
 )
 
 STUDENTS = (70e6, 160e6, 410e6, 1e9, 1.4e9, 2.8e9)
@@ -462,6 +463,21 @@ def test_cli_reports_bad_input_and_writes_nothing(tmp_path, capsys):
     assert main(["law", "suggest", "--student", "3 bananas"]) == 2
     assert "3e9, 3B, 350M or 70m" in capsys.readouterr().err
     assert main(["law", "suggest", "--student", "1B", "--law", str(out)]) == 2
+
+
+def test_cli_fit_that_cannot_bracket_still_plots_the_measured_curves(tmp_path, capsys):
+    """Every optimum at the smallest teacher: no law, a clear error, and the curves to look at."""
+    rows = [r for r in sweep(proportional(3.0)) if r["teacher_params"] >= 4 * r["student_params"]]
+    ledger = tmp_path / "sweep.jsonl"
+    ledger.write_text("\n".join(json.dumps(r) for r in rows))
+    out, plot = tmp_path / "law.json", tmp_path / "curves.png"
+    assert main(["law", "fit", str(ledger), "--out", str(out), "--plot", str(plot)]) == 2
+    err = capsys.readouterr().err
+    assert "is the smallest tried" in err and f"measured curves are in {plot}" in err
+    assert not out.exists()
+    assert _png_shape(plot)[1] > 0
+    plot_measurements(rows, tmp_path / "direct.png")
+    assert _png_shape(tmp_path / "direct.png") == _png_shape(plot)
 
 
 def test_law_runs_without_torch_in_a_fresh_interpreter(tmp_path):

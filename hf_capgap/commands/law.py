@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -12,7 +13,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     fit = actions.add_parser("fit", help="fit t* = k s from a sweep ledger (JSON lines)")
     fit.add_argument("ledger", help="JSON-lines file of student_params, teacher_params, eval_loss records")
     fit.add_argument("--out", required=True, help="where to write the fitted law (JSON)")
-    fit.add_argument("--plot", help="also write a PNG of the loss curves and the fitted line here")
+    fit.add_argument(
+        "--plot", help="also write a PNG of the loss curves and the fitted line (curves only if the fit fails)"
+    )
     fit.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap draws for the interval of k")
     fit.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     fit.add_argument(
@@ -30,11 +33,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _fit(args: argparse.Namespace) -> int:
-    from hf_capgap.law import CapacityGapLaw
+    from hf_capgap.law import CapacityGapLaw, plot_measurements
 
-    law = CapacityGapLaw.fit(
-        args.ledger, n_bootstrap=args.n_bootstrap, seed=args.seed, through_origin=not args.affine
-    )
+    try:
+        law = CapacityGapLaw.fit(
+            args.ledger, n_bootstrap=args.n_bootstrap, seed=args.seed, through_origin=not args.affine
+        )
+    except ValueError as error:
+        if args.plot and Path(args.ledger).is_file() and "interior optimum" in str(error):
+            plot_measurements(args.ledger, args.plot)
+            raise ValueError(f"{error} No law written; the measured curves are in {args.plot}.") from error
+        raise
     law.save(args.out)
     if args.plot:
         law.plot(args.plot)
