@@ -13,9 +13,19 @@ from dataclasses import dataclass
 
 from transformers import LlamaConfig
 
-LADDERS: dict[str, list[int]] = {
-    "micro": [30_000, 90_000, 270_000],
-    "tiny": [580_000, 1_000_000, 1_500_000, 2_900_000, 5_300_000],
+@dataclass(frozen=True)
+class LadderPreset:
+    """A named family: its target sizes and the one shape option that differs between presets."""
+
+    sizes: tuple[int, ...]
+    head_dim: int = 32
+
+
+LADDERS: dict[str, LadderPreset] = {
+    "micro": LadderPreset((30_000, 90_000, 270_000)),
+    # 16-wide heads and a 2048-token vocabulary: an embedding costs 32K params per head, so there are
+    # rungs every ~1.5x from 184K to 3.7M and students pruned to whole heads can be 100K-300K.
+    "tiny": LadderPreset((126_000, 184_000, 243_000, 418_000, 664_000, 963_000), head_dim=16),
 }
 
 

@@ -60,14 +60,14 @@ class MinimaConfig:
     run_name: str = field(default="minima-tiny", metadata=_help("Folder name of the run under output_dir."))
     output_dir: str = field(default="outputs", metadata=_help("Where the exported run and its .work/ stages go."))
     teacher: str | None = field(
-        default="llama-1.45M",
+        default=None,
         metadata=_help(
             "A rung name of `ladder` (pretrained on first use, then reused), a local model folder, or a Hub "
             "model id. null: choose the ladder rung the law suggests for `student_params`."
         ),
     )
     student_params: int | None = field(
-        default=None,
+        default=170_000,
         metadata=_help("Student size in total parameters. null: the law's best student for the teacher (student_for)."),
     )
     law: str | None = field(
@@ -313,14 +313,9 @@ def make_plan(config: MinimaConfig) -> Plan:
 
 def _ladder_rungs(config: MinimaConfig, vocab_size: int | None = None) -> dict[str, Any]:
     """The ladder's rungs by name, for the preset's vocabulary (or the tokenizer's real size)."""
-    from hf_capgap.ladder import LADDERS, build_ladder
-    from hf_capgap.pretraining import PRETRAIN_PRESETS
+    from hf_capgap.pretraining import preset_rungs
 
-    settings = PRETRAIN_PRESETS[config.ladder]
-    rungs = build_ladder(
-        LADDERS[config.ladder], vocab_size or settings.vocab_size, max_position_embeddings=settings.seq_len
-    )
-    return {rung.name: rung for rung in rungs}
+    return {rung.name: rung for rung in preset_rungs(config.ladder, vocab_size)}
 
 
 def _resolve_teacher(config: MinimaConfig, teacher: str, rungs: Mapping[str, Any]) -> tuple[str, int, Any]:

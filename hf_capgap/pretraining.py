@@ -75,10 +75,23 @@ PRETRAIN_PRESETS: dict[str, PretrainSettings] = {
         eval_rows=64, save_steps=8, logging_steps=4,
     ),
     "tiny": PretrainSettings(
-        vocab_size=8192, seq_len=128, max_tokens=917_504, batch_size=16, learning_rate=3e-3,
-        eval_rows=512, save_steps=50, logging_steps=25,
+        vocab_size=2048, seq_len=128, max_tokens=2_000_000, batch_size=16, learning_rate=3e-3,
+        eval_rows=512, save_steps=200, logging_steps=100,
     ),
 }
+
+
+def preset_rungs(preset: str, vocab_size: int | None = None, seq_len: int | None = None) -> list[LadderRung]:
+    """The rungs of ``LADDERS[preset]``; vocabulary and context default to the preset's settings."""
+    if preset not in LADDERS:
+        raise ValueError(f"preset={preset!r} is unknown; choose one of {sorted(LADDERS)}.")
+    ladder, settings = LADDERS[preset], PRETRAIN_PRESETS[preset]
+    return build_ladder(
+        ladder.sizes,
+        vocab_size or settings.vocab_size,
+        head_dim=ladder.head_dim,
+        max_position_embeddings=seq_len or settings.seq_len,
+    )
 
 
 def pretrain(
@@ -235,7 +248,7 @@ def ensure_ladder(
         raise ValueError(f"corpus has splits {sorted(corpus)}; it needs 'train' and 'validation'.")
     if tokenizer is None:
         tokenizer = default_tokenizer(settings.vocab_size, cache_dir=cache_dir)
-    rungs = build_ladder(LADDERS[preset], len(tokenizer), max_position_embeddings=settings.seq_len)
+    rungs = preset_rungs(preset, len(tokenizer), settings.seq_len)
     packed = tokenize_and_pack(load_corpus() if corpus is None else corpus, tokenizer, settings.seq_len, num_proc=num_proc)
     eval_rows = packed["validation"].select(range(min(settings.eval_rows, len(packed["validation"]))))
     training = {

@@ -192,12 +192,9 @@ def family_teachers(family: str) -> dict[str, int]:
     """Teacher name -> total parameter count, smallest first, for a ladder preset or Hub family."""
     if family in HUB_FAMILIES:
         return dict(HUB_FAMILIES[family])
-    from hf_capgap.ladder import LADDERS, build_ladder
-    from hf_capgap.pretraining import PRETRAIN_PRESETS
+    from hf_capgap.pretraining import preset_rungs
 
-    settings = PRETRAIN_PRESETS[family]
-    rungs = build_ladder(LADDERS[family], settings.vocab_size, max_position_embeddings=settings.seq_len)
-    return {rung.name: rung.params for rung in rungs}
+    return {rung.name: rung.params for rung in preset_rungs(family)}
 
 
 def plan(config: SweepConfig) -> list[RunSpec]:

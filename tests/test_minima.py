@@ -21,7 +21,7 @@ def micro_values(root: Path, **overrides) -> dict:
     """Seconds-long settings: the micro ladder's 86K teacher, two optimizer steps per student."""
     values = {
         "run_name": "micro", "output_dir": str(root / "out"), "ladder": "micro", "ladder_dir": str(root / "ladder"),
-        "teacher": "llama-86K", "seq_len": 64, "batch_size": 8, "train_tokens": 1024, "learning_rate": 0.01,
+        "teacher": "llama-86K", "student_params": None, "seq_len": 64, "batch_size": 8, "train_tokens": 1024, "learning_rate": 0.01,
         "eval_rows": 8, "eval_batch_size": 8, "save_steps": 1, "logging_steps": 1, "calibration_batches": 1,
     }
     return {**values, **overrides}
@@ -180,6 +180,13 @@ def test_law_suggests_the_teacher_for_a_requested_student(tmp_path):
     fitted = make_plan(build_config(micro_values(tmp_path, teacher=None, student_params=30_000, law=str(law_file))))
     assert fitted.teacher == "llama-271K"  # 9 x 30K = 270K
     assert fitted.student_params == 30_000
+
+
+def test_default_config_lets_the_law_pick_the_tiny_teacher():
+    """The README's first command: 2.5 x 170K = 425K, so the law picks llama-418K (no weights loaded)."""
+    plan = make_plan(load_config([]))
+    assert (plan.teacher, plan.teacher_kind, plan.student_params) == ("llama-418K", "ladder", 170_000)
+    assert plan.choice == "law (paper) suggests llama-418K for a 170K student"
 
 
 def test_yaml_and_typed_overrides(tmp_path):
