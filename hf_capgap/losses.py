@@ -140,6 +140,15 @@ class _FullDistributionTeacher(abc.ABC):
         log_q = F.log_softmax(student_logits / spec.temperature, dim=-1)
         return bucket_divergence(self.log_probs(vocab, spec.temperature), log_q, spec.kind, spec.beta)
 
+    def forward_kl_into_gradient_(self, log_q: Tensor, temperature: float, scale: float) -> Tensor:
+        """Sum of KL(p || q) over rows; ``log_q`` is overwritten with ``q - scale * p``."""
+        log_p = self.log_probs(log_q.shape[-1], temperature)
+        p = log_p.exp()
+        # Elementwise then a cascade sum: a BLAS dot of p.log_p minus p.log_q cancels badly in fp32.
+        total = (log_p - log_q).mul_(p).sum()
+        log_q.exp_().sub_(p, alpha=scale)
+        return total
+
 
 @dataclass(frozen=True)
 class DenseTeacher(_FullDistributionTeacher):
@@ -200,6 +209,27 @@ class TopKTeacher:
         log_p = torch.cat([self.logprobs.float(), self.tail_logprob.float().unsqueeze(-1)], dim=-1)
         return bucket_divergence(log_p, torch.cat([log_q_top, log_q_tail], dim=-1), spec.kind, spec.beta)
 
+    def forward_kl_into_gradient_(self, log_q: Tensor, temperature: float, scale: float) -> Tensor:
+        """Sum of the bucketed KL over rows; ``log_q`` is overwritten with ``q - scale * r``.
+
+        The gradient of the k + 1 bucket KL w.r.t. the tempered logits is ``q - r`` with r = p on
+        the top-k tokens and r = q * p_tail / q_tail elsewhere: the teacher's tail mass spread over
+        the rest of the vocabulary in the student's own proportions.
+        """
+        log_q_top = log_q.gather(-1, self.ids)
+        outside = log_q.scatter(-1, self.ids, torch.finfo(log_q.dtype).min / 2)
+        log_q_tail = torch.logsumexp(outside, dim=-1)
+        del outside
+        log_p_top, log_p_tail = self.logprobs.float(), self.tail_logprob.float()
+        total = _kl_terms(log_p_top, log_q_top).sum() + _kl_terms(log_p_tail, log_q_tail).sum()
+        # Where the top-k covers the whole vocabulary there is no off-top-k entry to rescale; the
+        # clamp only keeps the (overwritten) top-k entries finite.
+        tail_ratio = (log_p_tail - log_q_tail).exp().clamp_(max=1e30)
+        q = log_q.exp_()
+        q.mul_((1.0 - scale * tail_ratio).unsqueeze(-1))
+        q.scatter_(-1, self.ids, log_q_top.exp() - scale * log_p_top.exp())
+        return total
+
 
 @dataclass(frozen=True)
 class SampledTeacher:
@@ -228,6 +258,15 @@ class SampledTeacher:
         terms = torch.where(weights > 0, weights * (self.logprobs.float() - log_q), torch.zeros_like(log_q))
         return terms.sum(dim=-1)
 
+    def forward_kl_into_gradient_(self, log_q: Tensor, temperature: float, scale: float) -> Tensor:
+        """Sum of the Monte-Carlo KL over rows; ``log_q`` is overwritten with ``q - scale * p_hat``."""
+        counts = self.counts.float()
+        weights = counts / counts.sum(dim=-1, keepdim=True)
+        log_q_drawn = log_q.gather(-1, self.ids)
+        terms = torch.where(weights > 0, weights * (self.logprobs.float() - log_q_drawn), torch.zeros_like(weights))
+        log_q.exp_().scatter_add_(-1, self.ids, weights.mul_(-scale))  # padding slots add 0
+        return terms.sum()
+
 
 TeacherSignal = DenseTeacher | FusedTeacher | TopKTeacher | SampledTeacher
 
@@ -248,12 +287,13 @@ class DistillationLossOutput:
 
 
 def _forward_kl_chunk(
-    logits: Tensor, log_p: Tensor | None, labels: Tensor, spec: LossSpec
+    logits: Tensor, teacher: TeacherSignal | None, labels: Tensor, spec: LossSpec
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Closed form of :func:`_chunk_loss_and_grad` for forward KL against a full teacher distribution.
+    """Closed form of :func:`_chunk_loss_and_grad` for forward KL, for every kind of teacher signal.
 
-    d(T^2 KL(p || softmax(z / T)))/dz = T (q - p) and d CE/dz = softmax(z) - onehot, computed in place
-    so a chunk needs about four [chunk, vocab] buffers instead of the autograd graph's dozen.
+    d(T^2 KL(p || softmax(z / T)))/dz = T (q - r) (r = p for a full teacher; see each signal's
+    ``forward_kl_into_gradient_``) and d CE/dz = softmax(z) - onehot, computed in place so a chunk
+    needs about four [chunk, vocab] buffers instead of the autograd graph's dozen.
     """
     temperature, alpha = spec.temperature, spec.alpha
     zero = logits.new_zeros(())
@@ -262,20 +302,19 @@ def _forward_kl_chunk(
     ce = zero
     if alpha < 1:
         ce = -log_q[rows, labels].sum() if temperature == 1.0 else F.cross_entropy(logits, labels, reduction="sum")
-    distill, p = zero, None
-    if log_p is not None and alpha > 0:
-        p = log_p.exp()
-        # Elementwise then a cascade sum: a BLAS dot of p.log_p minus p.log_q cancels badly in fp32.
-        distill = (log_p - log_q).mul_(p).sum() * temperature**2
-    grad = log_q.exp_()  # q, in place
-    if temperature == 1.0:
-        grad.mul_(alpha + (1.0 - alpha))  # alpha * T * q + (1 - alpha) * softmax(z), with softmax(z) == q
+    distill = zero
+    # At T = 1, softmax(z) == q, so alpha (q - r) + (1 - alpha) (q - onehot) = q - alpha r - (1 - alpha) onehot.
+    # Otherwise the distillation part alpha T (q - r) is formed first and softmax(z) added after.
+    scale = alpha if temperature == 1.0 else 1.0
+    if teacher is not None and alpha > 0:
+        distill = teacher.forward_kl_into_gradient_(log_q, temperature, scale) * temperature**2
+        grad = log_q
     else:
+        grad = log_q.exp_()
+    if temperature != 1.0:
         grad.mul_(alpha * temperature)
         if alpha < 1:
             grad.add_(F.softmax(logits, dim=-1), alpha=1.0 - alpha)
-    if p is not None:
-        grad.sub_(p, alpha=alpha * temperature)
     if alpha < 1:
         grad[rows, labels] -= 1.0 - alpha
     return distill, ce, grad
@@ -286,11 +325,11 @@ def _chunk_loss_and_grad(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(sum of T^2 * D, sum of CE, d(alpha * T^2 * D + (1 - alpha) * CE)/d logits) for one chunk.
 
-    ``teacher`` is None only when alpha == 0 (cross-entropy alone).
+    ``teacher`` is None only when alpha == 0 (cross-entropy alone). Forward KL has a closed form;
+    the other divergences differentiate the readable formula with autograd, one chunk at a time.
     """
-    if teacher is None or (spec.kind == "forward_kl" and isinstance(teacher, _FullDistributionTeacher)):
-        log_p = None if teacher is None else teacher.log_probs(logits.shape[-1], spec.temperature)
-        return _forward_kl_chunk(logits, log_p, labels, spec)
+    if teacher is None or spec.kind == "forward_kl":
+        return _forward_kl_chunk(logits, teacher, labels, spec)
     logits = logits.detach().requires_grad_(True)
     zero = logits.new_zeros(())
     with torch.enable_grad():

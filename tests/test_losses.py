@@ -191,6 +191,52 @@ def test_topk_loss_equals_plain_bucketed_divergence(kind):
     )
 
 
+def sampled_signal(teacher: torch.Tensor, k: int, temperature: float, seed: int = 0) -> SampledTeacher:
+    """k draws per row stored as unique ids with counts (padding slots: id 0, count 0)."""
+    log_p = torch.log_softmax(teacher / temperature, -1)
+    draws = torch.multinomial(log_p.exp(), k, replacement=True, generator=torch.Generator().manual_seed(seed))
+    counts = torch.zeros_like(log_p).scatter_add_(-1, draws, torch.ones_like(draws, dtype=log_p.dtype))
+    counts, ids = counts.topk(k, dim=-1)
+    ids = torch.where(counts > 0, ids, torch.zeros_like(ids))
+    return SampledTeacher(ids, counts, log_p.gather(-1, ids))
+
+
+@pytest.mark.parametrize("mode", ["topk", "sampled"])
+@pytest.mark.parametrize(("temperature", "alpha"), [(1.0, 1.0), (1.0, 0.5), (2.0, 0.5), (0.5, 0.8)])
+@pytest.mark.parametrize("fused", [False, True])
+def test_cache_signals_closed_form_equals_plain_autograd(mode, temperature, alpha, fused):
+    """The in-place forward-KL gradient of top-k and sampled signals equals autograd through the formula."""
+    hidden, weight, teacher, labels = make_batch(vocab=40)
+    signal = topk_signal(teacher, 6, temperature) if mode == "topk" else sampled_signal(teacher, 8, temperature)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    spec = LossSpec(kind="forward_kl", temperature=temperature, alpha=alpha, chunk_size=7)
+    if fused:
+        ours = distillation_loss(hidden, signal, labels, spec, lm_head_weight=weight).loss
+    else:
+        ours = distillation_loss(hidden @ weight.t(), signal, labels, spec).loss
+
+    valid = labels != -100
+    logits = (hidden @ weight.t())[valid]
+    kept = signal.take(valid)
+    if mode == "topk":
+        log_q = torch.log_softmax(logits / temperature, -1)
+        in_top = torch.zeros_like(log_q, dtype=torch.bool).scatter(-1, kept.ids, True)
+        q_buckets = torch.cat([log_q.gather(-1, kept.ids).exp(), (log_q.exp() * ~in_top).sum(-1, keepdim=True)], -1)
+        p_buckets = torch.cat([kept.logprobs.exp(), kept.tail_logprob.exp()[:, None]], -1)
+        distill = plain_divergence(p_buckets.log(), q_buckets.log(), "forward_kl", 0.5)
+    else:
+        weights = kept.counts / kept.counts.sum(-1, keepdim=True)
+        log_q_drawn = torch.log_softmax(logits / temperature, -1).gather(-1, kept.ids)
+        distill = (weights * (kept.logprobs - log_q_drawn)).sum(-1)
+    plain = alpha * distill.mean() * temperature**2 + (1 - alpha) * F.cross_entropy(logits, labels[valid])
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-6)
+    ours_grads = torch.autograd.grad(ours, (hidden, weight))
+    plain_grads = torch.autograd.grad(plain, (hidden, weight))
+    for mine, reference in zip(ours_grads, plain_grads, strict=True):
+        torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-6)
+
+
 def test_topk_with_full_vocabulary_is_exact_forward_kl():
     _, _, teacher, labels = make_batch(vocab=16)
     student = torch.randn_like(teacher)
