@@ -88,19 +88,59 @@ def arrow_row_count(path: Path) -> int:
         raise ArtifactError(f"{path} is not a readable Arrow shard ({err}); rebuild the cache.") from err
 
 
-def _as_long(values: Sequence[Any]) -> torch.Tensor:
+class CacheColumns(dict):
+    """A batch of cache rows as whole columns (``[rows, ...]`` numpy arrays), made by :class:`CacheRows`."""
+
+
+class CacheRows:
+    """The cache as a map-style dataset that reads a whole batch with one Arrow take.
+
+    ``datasets``' numpy formatter turns the nested signal lists into arrays position by position
+    (about a thousand small arrays per batch); the columns are fixed-size lists, so flattening each
+    column of the taken table yields its ``[rows, positions, k]`` array at once. The DataLoader calls
+    ``__getitems__``, whose :class:`CacheColumns` :meth:`TeacherCache.collate` accepts like a list of rows.
+    """
+
+    def __init__(self, dataset: Any) -> None:
+        self._rows = dataset.with_format("arrow")
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return {name: values[0] for name, values in self.__getitems__([index]).items()}
+
+    def __getitems__(self, indices: Sequence[int]) -> CacheColumns:
+        table = self._rows[list(indices)]
+        return CacheColumns({name: _fixed_size_numpy(table.column(name)) for name in table.column_names})
+
+
+def _fixed_size_numpy(column: pa.ChunkedArray) -> np.ndarray:
+    array = column.combine_chunks()
+    shape = [len(array)]
+    while pa.types.is_fixed_size_list(array.type):
+        shape.append(array.type.list_size)
+        array = array.flatten()
+    return array.to_numpy(zero_copy_only=False).reshape(shape)
+
+
+def _stack(values: Sequence[Any] | np.ndarray) -> np.ndarray:
+    return values if isinstance(values, np.ndarray) else np.stack([np.asarray(v) for v in values])
+
+
+def _as_long(values: Sequence[Any] | np.ndarray) -> torch.Tensor:
     import torch
 
-    return torch.from_numpy(np.stack([np.asarray(v, dtype=np.int64) for v in values]))
+    return torch.from_numpy(_stack(values).astype(np.int64, copy=False))
 
 
-def _as_float(values: Sequence[Any], stored_as_bf16_bits: bool) -> torch.Tensor:
+def _as_float(values: Sequence[Any] | np.ndarray, stored_as_bf16_bits: bool) -> torch.Tensor:
     import torch
 
     if stored_as_bf16_bits:
-        bits = np.stack([np.asarray(v, dtype=np.uint16) for v in values]).view(np.int16)
+        bits = _stack(values).astype(np.uint16, copy=False).view(np.int16)
         return torch.from_numpy(bits).view(torch.bfloat16).float()
-    return torch.from_numpy(np.stack([np.asarray(v, dtype=np.float32) for v in values]))
+    return torch.from_numpy(_stack(values).astype(np.float32, copy=False))
 
 
 class TeacherCache:
@@ -236,15 +276,20 @@ class TeacherCache:
             self._dataset = datasets.concatenate_datasets(shards) if len(shards) > 1 else shards[0]
         return self._dataset
 
-    def collate(self, features: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        """Batch cache rows into tensors: the model inputs plus the ``teacher_*`` signal."""
+    def collate(self, features: list[Mapping[str, Any]] | CacheColumns) -> dict[str, torch.Tensor]:
+        """Batch cache rows (a list of rows, or :class:`CacheColumns`) into tensors: the model
+        inputs plus the ``teacher_*`` signal."""
         import torch
 
-        if not features:
+        if not len(features):
             raise ValueError("collate got an empty list of features; the batch must hold at least one row.")
-        input_ids = _as_long([f["input_ids"] for f in features])
-        has_labels = "labels" in features[0] and features[0]["labels"] is not None
-        labels = _as_long([f["labels"] for f in features]) if has_labels else input_ids.clone()
+        if isinstance(features, CacheColumns):
+            columns: Mapping[str, Any] = features
+        else:
+            columns = {name: [row[name] for row in features] for name in features[0]}
+        input_ids = _as_long(columns["input_ids"])
+        has_labels = columns.get("labels") is not None and columns["labels"][0] is not None
+        labels = _as_long(columns["labels"]) if has_labels else input_ids.clone()
         batch: dict[str, torch.Tensor] = {
             "input_ids": input_ids,
             "attention_mask": torch.ones_like(input_ids),
@@ -252,15 +297,15 @@ class TeacherCache:
         }
         bf16 = self.manifest["dtype"] == "bfloat16"
         if self.mode == "topk":
-            batch["teacher_topk_ids"] = _as_long([f["topk_ids"] for f in features])
-            batch["teacher_topk_logprobs"] = _as_float([f["topk_logprobs"] for f in features], bf16)
-            batch["teacher_tail_logprob"] = _as_float([f["tail_logprob"] for f in features], False)
+            batch["teacher_topk_ids"] = _as_long(columns["topk_ids"])
+            batch["teacher_topk_logprobs"] = _as_float(columns["topk_logprobs"], bf16)
+            batch["teacher_tail_logprob"] = _as_float(columns["tail_logprob"], False)
         elif self.mode == "sampled":
-            batch["teacher_sample_ids"] = _as_long([f["sample_ids"] for f in features])
-            batch["teacher_sample_counts"] = _as_float([f["sample_counts"] for f in features], False)
-            batch["teacher_sample_logprobs"] = _as_float([f["sample_logprobs"] for f in features], bf16)
+            batch["teacher_sample_ids"] = _as_long(columns["sample_ids"])
+            batch["teacher_sample_counts"] = _as_float(columns["sample_counts"], False)
+            batch["teacher_sample_logprobs"] = _as_float(columns["sample_logprobs"], bf16)
         else:
-            batch["teacher_logprobs"] = _as_float([f["logprobs"] for f in features], bf16)
+            batch["teacher_logprobs"] = _as_float(columns["logprobs"], bf16)
         return batch
 
     def __repr__(self) -> str:

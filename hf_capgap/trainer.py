@@ -70,10 +70,10 @@ class _CacheOrPlainCollator:
     def __init__(self, cache: Any, plain: CausalLMCollator) -> None:
         self.cache, self.plain = cache, plain
 
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Tensor]:
-        from hf_capgap.cache import SIGNAL_COLUMNS
+    def __call__(self, features: list[dict[str, Any]] | Any) -> dict[str, Tensor]:
+        from hf_capgap.cache import SIGNAL_COLUMNS, CacheColumns
 
-        if all(column in features[0] for column in SIGNAL_COLUMNS[self.cache.mode]):
+        if isinstance(features, CacheColumns) or all(c in features[0] for c in SIGNAL_COLUMNS[self.cache.mode]):
             return self.cache.collate(features)
         return self.plain(features)
 
@@ -197,7 +197,7 @@ class DistillationTrainer(Trainer):
     def _open_cache(self, args: DistillationConfig, train_dataset: Any, processing_class: Any) -> Any:
         """Open and check the cache; its rows (input ids + teacher signal) become the training set."""
         from hf_capgap.artifacts import dataset_fingerprint, tokenizer_fingerprint
-        from hf_capgap.cache import TeacherCache
+        from hf_capgap.cache import CacheRows, TeacherCache
 
         self.teacher_cache = TeacherCache.load(
             args.teacher_cache,
@@ -205,8 +205,7 @@ class DistillationTrainer(Trainer):
             dataset_fingerprint=None if train_dataset is None else dataset_fingerprint(train_dataset),
             temperature=args.temperature,
         )
-        # numpy rows: the collator stacks arrays instead of converting nested Python lists.
-        return self.teacher_cache.dataset.with_format("numpy")
+        return CacheRows(self.teacher_cache.dataset)
 
     @staticmethod
     def _check_tokenizers(student_tokenizer: Any, teacher_tokenizer: Any) -> None:
@@ -271,6 +270,13 @@ class DistillationTrainer(Trainer):
         if self.teacher_cache is not None:
             extra = [c for c in self.teacher_cache.dataset.column_names if c not in self._signature_columns]
             self._signature_columns = [*self._signature_columns, *extra]
+
+    def _get_collator_with_removed_columns(self, data_collator: Any, description: str | None = None) -> Any:
+        # Cache batches arrive as whole columns (CacheColumns), and the cache's collate already keeps
+        # only the model inputs and the teacher signal; a per-row column filter has nothing to do.
+        if self.teacher_cache is not None:
+            return data_collator
+        return super()._get_collator_with_removed_columns(data_collator, description=description)
 
     # ------------------------------------------------------------------ loss
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+import numpy as np
 import pytest
 import torch
 from cache_build_script import SEQ_LEN, VOCAB_SIZE, make_dataset, make_teacher
@@ -175,6 +176,27 @@ def test_dense_roundtrips_storage_dtype(teacher, dataset, tmp_path, dtype):
     value_type = cache.dataset.features["logprobs"].feature.feature.dtype
     assert value_type == ("float16" if dtype == "float16" else "uint16")
     assert cache.manifest["dtype"] == dtype
+
+
+@pytest.mark.parametrize(("mode", "dtype"), [("topk", "bfloat16"), ("sampled", "float16"), ("dense", "float16")])
+def test_batched_column_reads_equal_row_by_row_collate(teacher, dataset, tmp_path, mode, dtype):
+    """CacheRows' one-take batches (across shards, shuffled) collate exactly like rows read one by one."""
+    from hf_capgap.cache import CacheColumns, CacheRows
+
+    cache = TeacherCache.build(
+        teacher, dataset, tmp_path / "c", mode=mode, k=4, dtype=dtype, shard_tokens=5 * 16, progress=False
+    )
+    assert len(cache.manifest["shards"]) > 1
+    rows, order = CacheRows(cache.dataset), [7, 0, 11, 3, 5]
+    columns = rows.__getitems__(order)
+    assert isinstance(columns, CacheColumns) and len(rows) == len(dataset)
+    by_rows = cache.collate([cache.dataset.with_format("numpy")[i] for i in order])
+    by_columns = cache.collate(columns)
+    assert by_rows.keys() == by_columns.keys()
+    for key, value in by_rows.items():
+        assert by_columns[key].dtype == value.dtype and torch.equal(by_columns[key], value), key
+    single = rows[order[3]]
+    assert single.keys() == columns.keys() and all(np.array_equal(single[k], columns[k][3]) for k in single)
 
 
 def test_id_width_follows_vocab(teacher, dataset, tmp_path):
