@@ -14,7 +14,9 @@ One run, CPU fp32, on the embedded corpus (``hf_capgap.data``: default BPE token
    quantity the online loss minimises and the top-k bucketing only approximates.
 3. Speed: tokens/s of training steps after --warmup (cache build time excluded; it is paid once per
    teacher and reused by every student) against plain cross-entropy training of the same student
-   (transformers.Trainer, model's own loss, no teacher: baseline for speed).
+   (transformers.Trainer, model's own loss, no teacher: baseline for speed). Each variant is trained
+   --speed-rounds times, the rounds interleaved across variants, and the median is reported, so a
+   burst of load on a shared machine hits every variant alike.
 
     python bench/bench_cache_training.py
 """
@@ -22,6 +24,7 @@ One run, CPU fp32, on the embedded corpus (``hf_capgap.data``: default BPE token
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -142,6 +145,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--eval-rows", type=int, default=64)
+    parser.add_argument("--speed-rounds", type=int, default=7)
     args = parser.parse_args()
     torch.set_num_threads(2)
 
@@ -163,24 +167,27 @@ def main() -> None:
         teacher.eval()
         teacher_ce, _ = held_out(teacher, teacher, eval_rows)
 
-        plain = student()
-        clock = train_plain(plain, student_rows, tokenizer, str(work / "plain"), args.steps)
-        results["plain CE (no teacher)"] = {"clock": clock, "model": plain}
-
-        online = student()
-        clock = distill(online, student_rows, tokenizer, str(work / "online"), args.steps, teacher=teacher)
-        results["online"] = {"clock": clock, "model": online}
-
+        runs = {
+            "plain CE (no teacher)": lambda model, out: train_plain(model, student_rows, tokenizer, out, args.steps),
+            "online": lambda model, out: distill(model, student_rows, tokenizer, out, args.steps, teacher=teacher),
+        }
         for mode, k in CACHES:
             path = work / f"cache-{mode}-{k}"
             TeacherCache.build(teacher, student_rows, path, mode=mode, k=k, tokenizer=tokenizer, progress=False)
-            model = student()
-            clock = distill(model, student_rows, tokenizer, str(work / path.name), args.steps, cache=str(path))
-            results[f"{mode} k={k}"] = {"clock": clock, "model": model}
+            runs[f"{mode} k={k}"] = lambda model, out, path=str(path): distill(
+                model, student_rows, tokenizer, out, args.steps, cache=path
+            )
+
+        for round_index in range(args.speed_rounds):
+            for name, run in runs.items():
+                model = student()
+                clock = run(model, str(work / f"run-{round_index}"))
+                result = results.setdefault(name, {"model": model, "speeds": []})
+                result["speeds"].append(clock.tokens_per_s(args.warmup, tokens_per_step))
 
         for result in results.values():
             result["ce"], result["kl"] = held_out(result["model"], teacher, eval_rows)
-            result["tokens_per_s"] = result["clock"].tokens_per_s(args.warmup, tokens_per_step)
+            result["tokens_per_s"] = statistics.median(result["speeds"])
 
     online, plain = results["online"], results["plain CE (no teacher)"]
     print(
@@ -190,14 +197,16 @@ def main() -> None:
         f"(held-out CE {teacher_ce:.4f}); held-out: {args.eval_rows} validation rows"
     )
     print("quality baseline: online teacher; speed baseline: plain CE training of the same student")
-    print(f"tokens/s over steps after the first {args.warmup}; cache build time excluded\n")
+    print(f"tokens/s over steps after the first {args.warmup}, median of {args.speed_rounds} interleaved rounds; "
+          "cache build time excluded\n")
     print("| student trained with | held-out CE | CE / online | held-out KL(teacher||student) | KL / online |"
-          " tokens/s | speed / plain CE |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          " tokens/s | (min-max over rounds) | speed / plain CE |")
+    print("|---|---:|---:|---:|---:|---:|---|---:|")
     for name, result in results.items():
         print(
             f"| {name} | {result['ce']:.4f} | {result['ce'] / online['ce']:.4f} | {result['kl']:.4f}"
             f" | {result['kl'] / online['kl']:.3f} | {result['tokens_per_s']:.0f}"
+            f" | {min(result['speeds']):.0f}-{max(result['speeds']):.0f}"
             f" | {result['tokens_per_s'] / plain['tokens_per_s']:.2f}x |"
         )
     topk64 = results["topk k=64"]

@@ -124,23 +124,25 @@ def _fixed_size_numpy(column: pa.ChunkedArray) -> np.ndarray:
     return array.to_numpy(zero_copy_only=False).reshape(shape)
 
 
-def _stack(values: Sequence[Any] | np.ndarray) -> np.ndarray:
-    return values if isinstance(values, np.ndarray) else np.stack([np.asarray(v) for v in values])
+def _array(values: Sequence[Any] | np.ndarray, dtype: type) -> np.ndarray:
+    """Rows or a column as one C-contiguous, writable array: Arrow buffers are read-only, and a
+    tensor over read-only memory must not reach code that may write in place."""
+    stacked = values if isinstance(values, np.ndarray) else np.stack([np.asarray(v) for v in values])
+    return np.require(stacked, dtype=dtype, requirements=["C", "W"])
 
 
 def _as_long(values: Sequence[Any] | np.ndarray) -> torch.Tensor:
     import torch
 
-    return torch.from_numpy(_stack(values).astype(np.int64, copy=False))
+    return torch.from_numpy(_array(values, np.int64))
 
 
 def _as_float(values: Sequence[Any] | np.ndarray, stored_as_bf16_bits: bool) -> torch.Tensor:
     import torch
 
     if stored_as_bf16_bits:
-        bits = _stack(values).astype(np.uint16, copy=False).view(np.int16)
-        return torch.from_numpy(bits).view(torch.bfloat16).float()
-    return torch.from_numpy(_stack(values).astype(np.float32, copy=False))
+        return torch.from_numpy(_array(values, np.uint16).view(np.int16)).view(torch.bfloat16).float()
+    return torch.from_numpy(_array(values, np.float32))
 
 
 class TeacherCache:

@@ -217,15 +217,13 @@ class TopKTeacher:
         the rest of the vocabulary in the student's own proportions.
         """
         log_q_top = log_q.gather(-1, self.ids)
-        outside = log_q.scatter(-1, self.ids, torch.finfo(log_q.dtype).min / 2)
-        log_q_tail = torch.logsumexp(outside, dim=-1)
-        del outside
+        q = log_q.exp_().scatter_(-1, self.ids, 0.0)
+        # A plain sum of the off-top-k entries: exact (no 1 - sum(top-k) cancellation) and no extra
+        # [rows, vocab] buffer. The floor keeps the log finite if the top-k hold all the student's mass.
+        log_q_tail = q.sum(dim=-1).clamp_(min=torch.finfo(q.dtype).tiny).log_()
         log_p_top, log_p_tail = self.logprobs.float(), self.tail_logprob.float()
         total = _kl_terms(log_p_top, log_q_top).sum() + _kl_terms(log_p_tail, log_q_tail).sum()
-        # Where the top-k covers the whole vocabulary there is no off-top-k entry to rescale; the
-        # clamp only keeps the (overwritten) top-k entries finite.
-        tail_ratio = (log_p_tail - log_q_tail).exp().clamp_(max=1e30)
-        q = log_q.exp_()
+        tail_ratio = (log_p_tail - log_q_tail).exp().clamp_(max=1e30)  # finite, so 0 * ratio stays 0
         q.mul_((1.0 - scale * tail_ratio).unsqueeze(-1))
         q.scatter_(-1, self.ids, log_q_top.exp() - scale * log_p_top.exp())
         return total
