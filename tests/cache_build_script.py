@@ -79,6 +79,9 @@ def main() -> None:
 
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         Path(args.rank_dir, f"rank-{rank}.txt").write_text(f"{world} {os.getpid()}\n")
+        if dist.is_initialized():  # as in ddp_train_script.py: skip gloo's exit-time destructors
+            dist.barrier()
+            os._exit(0)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Each rank saves the student's lm_head after the step and its rank/world size int
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -83,6 +84,11 @@ def main(out: Path) -> None:
     save_file({"delta": (after - before).contiguous()}, str(out / f"rank{rank}.safetensors"))
     report = {"rank": rank, "world_size": world, **train_from_cache(out)}
     (out / f"rank{rank}.json").write_text(json.dumps(report))
+    # Both ranks are done once this barrier passes. Exit without interpreter-exit destructors: gloo's
+    # can abort a rank ("terminate called without an active exception"), and an explicit
+    # destroy_process_group sometimes hangs; the results are already on disk.
+    trainer.accelerator.wait_for_everyone()
+    os._exit(0)
 
 
 if __name__ == "__main__":
