@@ -23,8 +23,9 @@ class LadderPreset:
 
 LADDERS: dict[str, LadderPreset] = {
     "micro": LadderPreset((30_000, 90_000, 270_000)),
-    # 16-wide heads and a 2048-token vocabulary: an embedding costs 32K params per head, so there are
-    # rungs every ~1.5x from 184K to 3.7M and students pruned to whole heads can be 100K-300K.
+    # 16-wide heads and a 2048-token vocabulary: an embedding costs 32K params per head, so rungs sit
+    # ~1.5x apart and pruned students of 110K-240K exist. Larger rungs were dropped: at the CPU token
+    # budget they were no better than 664K (bench/results/ladder.md).
     "tiny": LadderPreset((126_000, 184_000, 243_000, 418_000, 664_000, 963_000), head_dim=16),
 }
 
