@@ -117,19 +117,13 @@ class _ProcessGroup:
 
     @classmethod
     def current(cls) -> _ProcessGroup:
-        import torch
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
             return cls(dist.get_rank(), dist.get_world_size(), dist.barrier)
-        from accelerate import PartialState
+        from hf_capgap.processes import process_state
 
-        # PartialState only picks the gloo CPU backend when told to use the CPU.
-        use_cpu = (
-            os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-            or not torch.cuda.is_available()
-        )
-        state = PartialState(cpu=use_cpu)
+        state = process_state()
         return cls(state.process_index, state.num_processes, state.wait_for_everyone)
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from transformers import LlamaConfig
 
+
 @dataclass(frozen=True)
 class LadderPreset:
     """A named family: its target sizes and the one shape option that differs between presets."""

@@ -385,15 +385,15 @@ class RunData:
 
 
 def _is_main() -> bool:
-    from accelerate import PartialState
+    from hf_capgap.processes import process_state
 
-    return PartialState().is_main_process
+    return process_state().is_main_process
 
 
 def _wait() -> None:
-    from accelerate import PartialState
+    from hf_capgap.processes import process_state
 
-    PartialState().wait_for_everyone()
+    process_state().wait_for_everyone()
 
 
 def load_teacher_model(config: MinimaConfig, plan: Plan) -> tuple[Any, Any]:
@@ -457,9 +457,9 @@ def prepare_data(config: MinimaConfig, tokenizer: Any) -> RunData:
 
 
 def _world_size() -> int:
-    from accelerate import PartialState
+    from hf_capgap.processes import process_state
 
-    return PartialState().num_processes
+    return process_state().num_processes
 
 
 def _steps(config: MinimaConfig) -> int:
@@ -499,6 +499,8 @@ def _training_arguments(config: MinimaConfig, output_dir: Path, steps: int, args
     """The optimizer and checkpoint settings both students share, so the comparison is like for like."""
     import torch
 
+    from hf_capgap.processes import use_cpu
+
     return args_class(
         output_dir=str(output_dir),
         max_steps=steps,
@@ -522,6 +524,7 @@ def _training_arguments(config: MinimaConfig, output_dir: Path, steps: int, args
         seed=config.seed,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=use_cpu(),
         **extra,
     )
 

@@ -45,7 +45,14 @@ from hf_capgap.artifacts import (
 )
 from hf_capgap.collate import CausalLMCollator
 from hf_capgap.data import default_tokenizer, load_corpus, tokenize_and_pack
-from hf_capgap.ladder import LADDERS, LadderRung, build_ladder, count_parameters, rung_name
+from hf_capgap.ladder import (
+    LADDERS,
+    LadderRung,
+    build_ladder,
+    count_parameters,
+    rung_name,
+)
+from hf_capgap.processes import process_state, use_cpu
 
 TEACHER_KIND = "teacher"
 TEACHER_FORMAT_VERSION = 1
@@ -126,7 +133,8 @@ def pretrain(
     params, non_embedding = count_parameters(config)
     name = rung_or_config.name if isinstance(rung_or_config, LadderRung) else rung_name(params)
     _check_inputs(config, tokenizer, train_dataset, eval_dataset, seq_len, max_tokens, batch_size, learning_rate)
-    steps = max_tokens // (batch_size * seq_len)
+    # max_tokens is the whole run's budget: under N launched processes each step sees N batches.
+    steps = max(1, max_tokens // (batch_size * seq_len * process_state().num_processes))
     settings = {
         "max_tokens": max_tokens, "seq_len": seq_len, "batch_size": batch_size, "learning_rate": learning_rate,
         "seed": seed, "warmup_ratio": warmup_ratio, "weight_decay": weight_decay,
@@ -166,6 +174,7 @@ def pretrain(
         seed=seed,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=use_cpu(),
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)

@@ -324,7 +324,17 @@ def check_hub_access(model_ids: Sequence[str]) -> None:
 
 
 def run_sweep(config: SweepConfig, *, progress: bool = True) -> list[dict[str, Any]]:
-    """Run every planned run missing from the ledger, then fit the law; return the ledger records."""
+    """Run every planned run missing from the ledger, then fit the law; return the ledger records.
+
+    One process runs the grid, run after run (the ledger has one writer); each run is small.
+    """
+    from hf_capgap.processes import process_state
+
+    if process_state().num_processes > 1:
+        raise ValueError(
+            f"the sweep was launched as {process_state().num_processes} processes; it runs its grid in one "
+            "process with one ledger writer. Start it with `python recipes/sweep.py CONFIG`."
+        )
     output_dir = Path(config.output_dir)
     specs = plan(config)
     if config.family in HUB_FAMILIES:
@@ -436,6 +446,7 @@ def _run_one(
     import torch
 
     from hf_capgap.config import DistillationConfig
+    from hf_capgap.processes import use_cpu
     from hf_capgap.pruning import prune_model
     from hf_capgap.trainer import DistillationTrainer
 
@@ -462,6 +473,7 @@ def _run_one(
             seed=config.seed,
             disable_tqdm=True,
             dataloader_pin_memory=torch.cuda.is_available(),
+            use_cpu=use_cpu(),
         )
         trainer = DistillationTrainer(
             model=student,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 
 from hf_capgap.minima import load_config, run_minima
+from hf_capgap.processes import end_processes
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -19,6 +20,8 @@ def main(argv: list[str] | None = None) -> None:
         run_minima(load_config(sys.argv[1:] if argv is None else argv))
     except (ValueError, FileNotFoundError) as err:  # config errors, raised before any work starts
         sys.exit(f"minima: {err}")
+    finally:
+        end_processes()
 
 
 if __name__ == "__main__":
