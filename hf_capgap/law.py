@@ -59,6 +59,10 @@ _SUFFIXES = {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
 _PARAMS_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmbgt]?)\s*$", re.IGNORECASE)
 
 
+class TooFewOptimaError(ValueError):
+    """The records bracket too few students' optima to fit a line (the grid needs more teachers)."""
+
+
 class CapacityGapWarning(UserWarning):
     """A fit went ahead but part of the sweep was left out or is too small to trust fully."""
 
@@ -778,7 +782,7 @@ def _check_enough_students(optima: list[Optimum], interior: list[Optimum]) -> No
     excluded = [optimum.note for optimum in optima if not optimum.interior]
     if len(interior) < MIN_STUDENTS:
         detail = " ".join(excluded) if excluded else "the records cover only one student size."
-        raise ValueError(
+        raise TooFewOptimaError(
             f"{len(interior)} student size(s) have an interior optimum; fitting the law needs at least "
             f"{MIN_STUDENTS}. {detail}"
         )

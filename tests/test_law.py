@@ -17,6 +17,7 @@ from hf_capgap.law import (
     FORMAT_VERSION,
     CapacityGapLaw,
     CapacityGapWarning,
+    TooFewOptimaError,
     format_params,
     parse_params,
     plot_measurements,
@@ -478,6 +479,8 @@ def test_cli_fit_that_cannot_bracket_still_plots_the_measured_curves(tmp_path, c
     assert _png_shape(plot)[1] > 0
     plot_measurements(rows, tmp_path / "direct.png")
     assert _png_shape(tmp_path / "direct.png") == _png_shape(plot)
+    with pytest.raises(TooFewOptimaError, match="is the smallest tried"):
+        CapacityGapLaw.fit(rows)
 
 
 def test_law_runs_without_torch_in_a_fresh_interpreter(tmp_path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,17 +32,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _fit(args: argparse.Namespace) -> int:
-    from hf_capgap.law import CapacityGapLaw, plot_measurements
+    from hf_capgap.law import CapacityGapLaw, TooFewOptimaError, plot_measurements
 
     try:
         law = CapacityGapLaw.fit(
             args.ledger, n_bootstrap=args.n_bootstrap, seed=args.seed, through_origin=not args.affine
         )
-    except ValueError as error:
-        if args.plot and Path(args.ledger).is_file() and "interior optimum" in str(error):
-            plot_measurements(args.ledger, args.plot)
-            raise ValueError(f"{error} No law written; the measured curves are in {args.plot}.") from error
-        raise
+    except TooFewOptimaError as error:
+        if not args.plot:
+            raise
+        plot_measurements(args.ledger, args.plot)
+        raise ValueError(f"{error} No law written; the measured curves are in {args.plot}.") from error
     law.save(args.out)
     if args.plot:
         law.plot(args.plot)
