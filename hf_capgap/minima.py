@@ -400,26 +400,12 @@ def load_teacher_model(config: MinimaConfig, plan: Plan) -> tuple[Any, Any]:
     """The teacher and its tokenizer; a ladder rung is pretrained once (resumable), then reused."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hf_capgap.data import default_tokenizer, load_corpus, tokenize_and_pack
-    from hf_capgap.pretraining import PRETRAIN_PRESETS, load_teacher, pretrain
+    from hf_capgap.pretraining import ensure_ladder, load_teacher
 
     if plan.teacher_kind != "ladder":
         tokenizer = AutoTokenizer.from_pretrained(plan.teacher)
         return AutoModelForCausalLM.from_pretrained(plan.teacher, use_safetensors=True), tokenizer
-    settings = PRETRAIN_PRESETS[config.ladder]
-    tokenizer = default_tokenizer(settings.vocab_size)
-    rungs = _ladder_rungs(config, len(tokenizer))
-    if plan.teacher not in rungs:
-        raise ValueError(
-            f"the {config.ladder} tokenizer has {len(tokenizer)} tokens, not the preset's {settings.vocab_size}, "
-            f"so the ladder has no rung {plan.teacher!r}; use one of {', '.join(rungs)}."
-        )
-    rung = rungs[plan.teacher]
-    packed = tokenize_and_pack(load_corpus(), tokenizer, settings.seq_len)
-    eval_rows = packed["validation"].select(range(min(settings.eval_rows, len(packed["validation"]))))
-    training = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)
-                if f.name not in ("vocab_size", "eval_rows")}
-    path = pretrain(rung, packed["train"], eval_rows, config.ladder_dir, tokenizer=tokenizer, **training)
+    (path,) = ensure_ladder(config.ladder, config.ladder_dir, only=[plan.teacher])
     model, tokenizer, _ = load_teacher(path)
     return model, tokenizer
 

@@ -13,7 +13,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -241,8 +241,10 @@ def ensure_ladder(
     tokenizer: PreTrainedTokenizerBase | None = None,
     cache_dir: str | os.PathLike | None = None,
     num_proc: int | None = None,
+    only: Collection[str] | None = None,
 ) -> list[Path]:
-    """Pretrain every rung of ``LADDERS[preset]`` that ``root_dir`` does not already hold.
+    """Pretrain every rung of ``LADDERS[preset]`` (or the rungs named in ``only``) that ``root_dir``
+    does not already hold; returns their folders in ladder order.
 
     Data: ``corpus`` (``train`` / ``validation`` text splits; default: the embedded corpus) packed
     with ``tokenizer`` (default: :func:`default_tokenizer` of ``settings.vocab_size``), evaluated on
@@ -258,6 +260,14 @@ def ensure_ladder(
     if tokenizer is None:
         tokenizer = default_tokenizer(settings.vocab_size, cache_dir=cache_dir)
     rungs = preset_rungs(preset, len(tokenizer), settings.seq_len)
+    if only is not None:
+        missing = sorted(set(only) - {rung.name for rung in rungs})
+        if missing:
+            raise ValueError(
+                f"the {preset} ladder at a {len(tokenizer)}-token vocabulary has no rung {missing}; its rungs are "
+                f"{', '.join(rung.name for rung in rungs)} (the preset's vocabulary is {settings.vocab_size})."
+            )
+        rungs = [rung for rung in rungs if rung.name in only]
     packed = tokenize_and_pack(load_corpus() if corpus is None else corpus, tokenizer, settings.seq_len, num_proc=num_proc)
     eval_rows = packed["validation"].select(range(min(settings.eval_rows, len(packed["validation"]))))
     training = {

@@ -121,6 +121,9 @@ def test_bad_inputs_fail_before_training(setup, tmp_path):
         ensure_ladder("huge", tmp_path)
     with pytest.raises(ValueError, match="validation"):
         ensure_ladder("micro", tmp_path, corpus=DatasetDict(train=train), tokenizer=tokenizer)
+    with pytest.raises(ValueError, match=r"300-token vocabulary has no rung \['llama-9M'\]; its rungs are llama-23K"):
+        ensure_ladder("micro", tmp_path, tokenizer=tokenizer, only=["llama-9M"])
+    assert not any(tmp_path.iterdir())
 
 
 def test_ensure_ladder_trains_each_missing_rung_once(setup, tmp_path):
@@ -137,3 +140,4 @@ def test_ensure_ladder_trains_each_missing_rung_once(setup, tmp_path):
     mtimes = [(p / "model.safetensors").stat().st_mtime_ns for p in paths]
     assert ensure_ladder("micro", tmp_path / "ladder", **ladder) == paths
     assert [(p / "model.safetensors").stat().st_mtime_ns for p in paths] == mtimes
+    assert ensure_ladder("micro", tmp_path / "ladder", **ladder, only=[paths[1].name]) == [paths[1]]
