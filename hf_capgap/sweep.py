@@ -330,9 +330,10 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> list[dict[str, A
     """
     from hf_capgap.processes import process_state
 
-    if process_state().num_processes > 1:
+    processes = process_state().num_processes
+    if processes > 1:
         raise ValueError(
-            f"the sweep was launched as {process_state().num_processes} processes; it runs its grid in one "
+            f"the sweep was launched as {processes} processes; it runs its grid in one "
             "process with one ledger writer. Start it with `python recipes/sweep.py CONFIG`."
         )
     output_dir = Path(config.output_dir)

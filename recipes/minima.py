@@ -20,8 +20,7 @@ def main(argv: list[str] | None = None) -> None:
         run_minima(load_config(sys.argv[1:] if argv is None else argv))
     except (ValueError, FileNotFoundError) as err:  # config errors, raised before any work starts
         sys.exit(f"minima: {err}")
-    finally:
-        end_processes()
+    end_processes()  # only after success: a failed process must not wait in a barrier for the others
 
 
 if __name__ == "__main__":
