@@ -105,30 +105,24 @@ def make_trainer(variant: str, output_dir: str, steps: int):
     if variant == "gkd":
         from trl.experimental.gkd import GKDConfig, GKDTrainer
 
+        trainer_class = GKDTrainer
         args = GKDConfig(
             **common_args(output_dir, steps), lmbda=0.0, beta=0.0, seq_kd=False, temperature=1.0, max_length=SEQ_LEN
-        )
-        trainer = GKDTrainer(
-            model=student,
-            teacher_model=teacher,
-            args=args,
-            data_collator=collator,
-            train_dataset=dataset,
-            processing_class=tokenizer,
         )
     else:
         from hf_capgap import DistillationConfig, DistillationTrainer
 
+        trainer_class = DistillationTrainer
         alpha = 1.0 if variant == "ours-alpha1" else 0.5
         args = DistillationConfig(**common_args(output_dir, steps), loss="forward_kl", alpha=alpha, temperature=1.0)
-        trainer = DistillationTrainer(
-            model=student,
-            teacher_model=teacher,
-            args=args,
-            data_collator=collator,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-        )
+    trainer = trainer_class(
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        data_collator=collator,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
     return trainer, sum(p.numel() for p in teacher.parameters()), sum(p.numel() for p in student.parameters())
 
 
