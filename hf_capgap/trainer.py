@@ -8,8 +8,6 @@ allows, so neither side's [tokens, vocab] logits need to exist in full.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -19,6 +17,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, Trainer
 
 from hf_capgap.collate import CausalLMCollator
 from hf_capgap.config import DistillationConfig
+from hf_capgap.lm_head import base_model, fusable_head, lm_head_bypassed
 from hf_capgap.losses import (
     DenseTeacher,
     DistillationLossOutput,
@@ -29,39 +28,6 @@ from hf_capgap.losses import (
     TopKTeacher,
     distillation_loss,
 )
-
-# Architectures whose logits are exactly lm_head(last_hidden_state): no soft-capping or scaling after.
-FUSABLE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt_neox", "gpt2", "phi3", "olmo2"})
-
-
-class _ThroughHead(torch.autograd.Function):
-    """Identity on hidden states that lists the lm_head parameters as inputs.
-
-    Their gradient comes from the fused loss, but DDP's unused-parameter search walks the graph from
-    the forward outputs: without this edge it would mark the lm_head unused, then see its gradient
-    arrive and fail with "marked ready twice".
-    """
-
-    @staticmethod
-    def forward(ctx, hidden_states: Tensor, *head_parameters: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.num_parameters = len(head_parameters)
-        return hidden_states.view_as(hidden_states)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        return (grad, *([None] * ctx.num_parameters))
-
-
-class _PassThrough(nn.Module):
-    """Stands in for the lm_head so the model returns its last hidden states as ``logits``."""
-
-    def __init__(self, head: nn.Linear) -> None:
-        super().__init__()
-        self.head_parameters = [p for p in (head.weight, head.bias) if p is not None]
-
-    def forward(self, hidden_states: Tensor) -> Tensor:
-        return _ThroughHead.apply(hidden_states, *self.head_parameters)
-
 
 class _CacheOrPlainCollator:
     """Cache rows get the cache's collate (teacher signal included); plain rows, e.g. an evaluation
@@ -76,44 +42,6 @@ class _CacheOrPlainCollator:
         if isinstance(features, CacheColumns) or all(c in features[0] for c in SIGNAL_COLUMNS[self.cache.mode]):
             return self.cache.collate(features)
         return self.plain(features)
-
-
-def _base_model(model: nn.Module) -> nn.Module:
-    """The causal LM inside PEFT wrappers."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-@contextlib.contextmanager
-def _lm_head_bypassed(model: nn.Module, head: nn.Module) -> Iterator[None]:
-    parent_name = next(name for name, child in model.named_children() if child is head)
-    setattr(model, parent_name, _PassThrough(head))
-    try:
-        yield
-    finally:
-        setattr(model, parent_name, head)
-
-
-def _fusable_head(model: nn.Module, mode: str, sharded: bool) -> nn.Linear | None:
-    """The lm_head to fuse into the loss, or None when the logits must be taken from the model."""
-    if mode == "never":
-        return None
-    base = _base_model(model)
-    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    config = getattr(base, "config", None)
-    reason = None
-    if sharded:
-        reason = "the weights are sharded (FSDP / DeepSpeed ZeRO-3)"
-    elif type(head) is not nn.Linear:
-        reason = f"its output layer is a {type(head).__name__}, not a plain nn.Linear"
-    elif getattr(config, "model_type", None) not in FUSABLE_MODEL_TYPES:
-        reason = f"model_type {getattr(config, 'model_type', None)!r} may post-process its logits"
-    elif head not in base.children():
-        reason = "its lm_head is not a direct child module"
-    if reason is None:
-        return head
-    if mode == "always":
-        raise ValueError(f"fused_lm_head='always' but {reason}; use fused_lm_head='auto' or 'never'.")
-    return None
 
 
 def _load_causal_lm(model: PreTrainedModel | str, role: str) -> PreTrainedModel:
@@ -228,7 +156,7 @@ class DistillationTrainer(Trainer):
         Models often pad their embedding matrix (e.g. 151936 vs 152064 rows for one tokenizer): only
         the first ``len(tokenizer)`` rows are real, so padding is not a mismatch.
         """
-        student_vocab = _base_model(student).get_output_embeddings().weight.shape[0]
+        student_vocab = base_model(student).get_output_embeddings().weight.shape[0]
         teacher_vocab = cache_vocab if teacher is None else teacher.get_output_embeddings().weight.shape[0]
         source = "the teacher cache" if teacher is None else "the teacher"
         if tokenizer is not None:
@@ -285,11 +213,11 @@ class DistillationTrainer(Trainer):
 
     def _forward_states(self, model: nn.Module, inputs: dict[str, Tensor]) -> tuple[Tensor, nn.Linear | None]:
         """Last hidden states and the lm_head to fuse, or logits and None."""
-        head = _fusable_head(self.accelerator.unwrap_model(model), self.args.fused_lm_head, self._sharded())
+        head = fusable_head(self.accelerator.unwrap_model(model), self.args.fused_lm_head, self._sharded())
         call = {"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask"), "use_cache": False}
         if head is None:
             return model(**call).logits, None
-        with _lm_head_bypassed(_base_model(self.accelerator.unwrap_model(model)), head):
+        with lm_head_bypassed(base_model(self.accelerator.unwrap_model(model)), head):
             return model(**call).logits, head
 
     def _teacher_signal(self, inputs: dict[str, Tensor]) -> TeacherSignal | None:
