@@ -1,0 +1,208 @@
+"""User datasets through TRL's SFT data path, for the trainer and the teacher cache alike.
+
+Distillation reads the same datasets as supervised fine-tuning: language modeling (``text``),
+conversational (``messages``), prompt-completion (plain or conversational) and pre-tokenized
+(``input_ids``, optionally with ``completion_mask`` / ``assistant_masks``). TRL already turns each of
+them into ``input_ids`` + ``labels`` (-100 on tokens outside the loss) with optional packing; this
+module calls that code instead of keeping a second pipeline, so the teacher cache stores exactly the
+rows the trainer would train on.
+
+The alignment rule shared by the trainer, the loss and the cache: the teacher signal of a collated
+batch has one row per *labelled position*, the entries of ``labels[:, 1:].reshape(-1)`` that are not
+-100, in that order (position t predicts the token at t + 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+IGNORE_INDEX = -100
+TEACHER_KEY_PREFIX = "teacher_"
+TOKENIZED_COLUMN = "input_ids"
+
+
+class DatasetFormatError(ValueError):
+    """A dataset, tokenizer or setting that TRL's SFT data path cannot turn into training rows."""
+
+
+def dataset_format(columns: list[str], args: Any) -> str:
+    """Which SFT format the columns hold: 'tokenized', 'prompt_completion', 'conversational' or 'language_modeling'.
+
+    Raises :class:`DatasetFormatError` naming the columns and the fix when none applies.
+    """
+    if TOKENIZED_COLUMN in columns:
+        return "tokenized"
+    if "prompt" in columns and "completion" in columns:
+        return "prompt_completion"
+    if "messages" in columns or "conversations" in columns:
+        return "conversational"
+    if args.dataset_text_field in columns:
+        return "language_modeling"
+    raise DatasetFormatError(
+        f"the dataset has columns {columns}, which match no supported format: a text column named by "
+        f"dataset_text_field (now {args.dataset_text_field!r}), 'messages' (chat), 'prompt' + 'completion', or "
+        "pre-tokenized 'input_ids'. Rename your column or set dataset_text_field."
+    )
+
+
+def _first_example(dataset: Any) -> Mapping[str, Any]:
+    try:
+        return next(iter(dataset))
+    except StopIteration:
+        raise DatasetFormatError("the dataset is empty: there is nothing to train on or cache.") from None
+
+
+def check_dataset(dataset: Any, processing_class: Any, args: Any) -> str:
+    """Fail fast, before any model runs, on a dataset TRL would only reject deep inside ``map``.
+
+    Returns the dataset's format (see :func:`dataset_format`).
+    """
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+    from trl.data_utils import get_dataset_column_names, is_conversational
+
+    kind = dataset_format(get_dataset_column_names(dataset), args)
+    example = _first_example(dataset)
+    if kind == "tokenized":
+        return kind
+    if processing_class is None:
+        raise DatasetFormatError(
+            f"the dataset is {kind.replace('_', ' ')} text, which needs a tokenizer: pass processing_class=<the "
+            "student's tokenizer> (the teacher's tokenizer, for a pruned student)."
+        )
+    conversational = is_conversational(example) or "conversations" in example
+    if conversational and not getattr(processing_class, "chat_template", None):
+        raise DatasetFormatError(
+            f"the dataset is conversational but the tokenizer {getattr(processing_class, 'name_or_path', '')!r} has "
+            "no chat template: set tokenizer.chat_template (or SFTConfig.chat_template_path to a .jinja file), or use "
+            "an instruct model's tokenizer."
+        )
+    if args.assistant_only_loss:
+        if not conversational:
+            raise DatasetFormatError(
+                "assistant_only_loss=True needs a conversational ('messages') dataset; this one is "
+                f"{kind.replace('_', ' ')}. Use completion_only_loss for prompt-completion data, or turn it off."
+            )
+        if not has_generation_markers(processing_class.chat_template):
+            try:
+                training_template = get_training_chat_template(processing_class)
+            except (ValueError, NotImplementedError) as err:
+                training_template, reason = None, str(err)
+            else:
+                reason = "TRL knows no training variant of it"
+            if training_template is None:
+                raise DatasetFormatError(
+                    "assistant_only_loss=True needs a chat template that marks assistant turns with "
+                    "{% generation %} ... {% endgeneration %}, and this tokenizer's template has no such markers "
+                    f"({reason}). Add the markers to the template, or set assistant_only_loss=False."
+                )
+    return kind
+
+
+@dataclass
+class _PreparationState:
+    """The three attributes TRL's ``SFTTrainer._prepare_dataset`` reads from its trainer."""
+
+    _tokenizer: Any
+    completion_only_loss: bool
+    chat_template: str | None
+
+
+def _preparation_state(example: Mapping[str, Any], processing_class: Any, args: Any) -> _PreparationState:
+    """The same decisions ``SFTTrainer.__init__`` makes before it prepares a dataset."""
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    completion_only_loss = (
+        ("prompt" in example and "completion" in example)
+        if args.completion_only_loss is None
+        else args.completion_only_loss
+    )
+    chat_template = None
+    if args.assistant_only_loss and not has_generation_markers(processing_class.chat_template):
+        chat_template = get_training_chat_template(processing_class)
+    return _PreparationState(processing_class, completion_only_loss, chat_template)
+
+
+def prepare_dataset(
+    dataset: Any,
+    processing_class: Any,
+    args: Any,
+    *,
+    formatting_func: Callable[[dict], str] | None = None,
+    dataset_name: str = "train",
+) -> Any:
+    """Rows of ``input_ids`` and ``labels`` (plus ``seq_lengths`` when packed), exactly as ``trl.SFTTrainer``
+    would train on them with the same ``args`` (a ``trl.SFTConfig``, e.g. a DistillationConfig).
+
+    Pre-tokenized datasets keep their rows; ``labels`` are added (a copy of ``input_ids``, or masked by a
+    ``completion_mask`` / ``assistant_masks`` column) unless present.
+    """
+    from trl import SFTTrainer
+
+    check_dataset(dataset, processing_class, args)
+    if args.eos_token is not None and processing_class is not None:
+        processing_class.eos_token = args.eos_token  # as SFTTrainer does before preparing
+    state = _preparation_state(_first_example(dataset), processing_class, args)
+    return SFTTrainer._prepare_dataset(
+        state, dataset, processing_class, args, args.packing, formatting_func, dataset_name
+    )
+
+
+def make_collator(processing_class: Any, args: Any) -> Any:
+    """TRL's language-modeling collator as ``SFTTrainer`` configures it for ``args``.
+
+    Padding-free (one concatenated row with ``position_ids``, labels masked at each document start) when
+    ``args.padding_free`` is set or packing uses best-fit decreasing, so packed documents never attend
+    to each other; otherwise right-padded rows with an attention mask.
+    """
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    pad_id = getattr(processing_class, "pad_token_id", None)
+    if pad_id is None:
+        pad_id = getattr(processing_class, "eos_token_id", None)
+    return DataCollatorForLanguageModeling(
+        pad_token_id=0 if pad_id is None else pad_id,
+        padding_free=uses_padding_free(args),
+        pad_to_multiple_of=args.pad_to_multiple_of,
+    )
+
+
+def uses_padding_free(args: Any) -> bool:
+    """Whether batches are flattened into one row (TRL: padding_free, or bfd packing)."""
+    return bool(args.padding_free or (args.packing and args.packing_strategy in {"bfd", "bfd_split"}))
+
+
+def forward_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """What a causal LM's forward gets from a collated batch: everything but the labels and the
+    cached teacher signal (``position_ids``, ``cu_seq_lens_*`` ... of padding-free batches included)."""
+    return {
+        key: value
+        for key, value in batch.items()
+        if key != "labels" and not key.startswith(TEACHER_KEY_PREFIX)
+    }
+
+
+def next_token_labels(labels: Tensor) -> Tensor:
+    """Labels aligned with positions [:, :-1], flattened: entry i is what position i predicts."""
+    return labels[:, 1:].reshape(-1)
+
+
+def count_labelled_positions(labels: Tensor) -> int:
+    """Positions that count in the loss (the rows a cached teacher signal holds)."""
+    return int((next_token_labels(labels) != IGNORE_INDEX).sum())
+
+
+def has_labelled_position(dataset: Any) -> bool:
+    """Whether any row of a prepared map-style dataset has a token to predict (a label past position 0)."""
+    import datasets
+    import pyarrow.compute as pc
+
+    if not isinstance(dataset, datasets.Dataset):
+        return True  # a stream is not read ahead; its batches are counted as they come
+    column = "labels" if "labels" in dataset.column_names else TOKENIZED_COLUMN
+    labels = dataset.with_format("arrow")[:][column]
+    following = pc.list_flatten(pc.list_slice(labels, 1))
+    return len(following) > 0 and bool(pc.any(pc.not_equal(following, IGNORE_INDEX)).as_py())
