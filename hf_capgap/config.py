@@ -1,10 +1,17 @@
-"""DistillationConfig: TrainingArguments plus the knobs of KL-on-logits distillation."""
+"""DistillationConfig: TRL's SFTConfig plus the knobs of KL-on-logits distillation.
+
+Subclassing ``trl.SFTConfig`` gives distillation the data knobs of supervised fine-tuning with the
+same names and meanings (``max_length``, ``packing``, ``padding_free``, ``completion_only_loss``,
+``assistant_only_loss``, ``dataset_text_field``, ``dataset_kwargs`` ...), and it stays a
+``transformers.TrainingArguments``, so ``HfArgumentParser`` / ``TrlParser`` read it from YAML and flags.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from transformers import TrainingArguments
+import torch
+from trl import SFTConfig
 
 from hf_capgap.losses import DIVERGENCES, check_beta
 
@@ -13,11 +20,28 @@ FUSED_LM_HEAD_CHOICES = ("auto", "always", "never")
 
 
 @dataclass
-class DistillationConfig(TrainingArguments):
+class DistillationConfig(SFTConfig):
     """Arguments for :class:`hf_capgap.DistillationTrainer`.
 
     The defaults are MiniMA's: 0.5 x LM cross-entropy + 0.5 x forward KL(teacher || student) at T = 1.
+    Two SFTConfig defaults differ: ``bf16`` is on only where a GPU supports it (SFTConfig turns it on
+    everywhere, CPUs included), and ``gradient_checkpointing`` is off (turn it on for large students).
     """
+
+    bf16: bool | None = field(
+        default=None,
+        metadata={
+            "help": "bf16 mixed precision. None: on when a CUDA GPU with bf16 support is used and fp16 is not "
+            "set, off on CPUs."
+        },
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Deprecated alias of activation_checkpointing (recompute activations in the backward pass: "
+            "less memory, about 20-30%% more compute). Off unless one of the two is set."
+        },
+    )
 
     loss: str = field(
         default="forward_kl",
@@ -74,6 +98,14 @@ class DistillationConfig(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        if self.bf16 is None:
+            self.bf16 = not self.fp16 and not self.use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        if self.chat_template_path is not None and not self.chat_template_path.endswith((".jinja", ".j2")):
+            raise ValueError(
+                f"DistillationConfig.chat_template_path={self.chat_template_path!r} names a model: cloning its chat "
+                "template adds tokens to the student only, so teacher and student would no longer share a "
+                "vocabulary. Pass a .jinja template file, or set the template on the shared tokenizer."
+            )
         if self.loss not in DIVERGENCES:
             raise ValueError(f"DistillationConfig.loss={self.loss!r} is not one of {', '.join(DIVERGENCES)}.")
         if not self.temperature > 0:

@@ -1,4 +1,4 @@
-"""DistillationTrainer: transformers.Trainer with off-policy KL-on-logits distillation.
+"""DistillationTrainer: TRL's SFTTrainer with off-policy KL-on-logits distillation as its loss.
 
 The teacher signal comes either from a frozen teacher model run alongside the student (online) or
 from a :class:`hf_capgap.cache.TeacherCache` built once (no teacher in memory at all). The loss is
@@ -9,13 +9,15 @@ allows, so neither side's [tokens, vocab] logits need to exist in full.
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import AutoModelForCausalLM, PreTrainedModel, Trainer
+from transformers import PreTrainedModel
+from trl import SFTTrainer
 
-from hf_capgap.collate import CausalLMCollator
 from hf_capgap.config import DistillationConfig
 from hf_capgap.lm_head import base_model, fusable_head, lm_head_bypassed
 from hf_capgap.losses import (
@@ -23,42 +25,56 @@ from hf_capgap.losses import (
     DistillationLossOutput,
     FusedTeacher,
     LossSpec,
-    SampledTeacher,
     TeacherSignal,
-    TopKTeacher,
     distillation_loss,
 )
-
-class _CacheOrPlainCollator:
-    """Cache rows get the cache's collate (teacher signal included); plain rows, e.g. an evaluation
-    set that was never cached, get the ordinary causal-LM collator."""
-
-    def __init__(self, cache: Any, plain: CausalLMCollator) -> None:
-        self.cache, self.plain = cache, plain
-
-    def __call__(self, features: list[dict[str, Any]] | Any) -> dict[str, Tensor]:
-        from hf_capgap.cache import SIGNAL_COLUMNS, CacheColumns
-
-        if isinstance(features, CacheColumns) or all(c in features[0] for c in SIGNAL_COLUMNS[self.cache.mode]):
-            return self.cache.collate(features)
-        return self.plain(features)
+from hf_capgap.sft_data import (
+    TEACHER_KEY_PREFIX,
+    check_dataset,
+    forward_inputs,
+    has_labelled_position,
+    next_token_labels,
+)
+from hf_capgap.vocabulary import check_same_vocabulary, real_vocab_size
 
 
-def _load_causal_lm(model: PreTrainedModel | str, role: str) -> PreTrainedModel:
-    if isinstance(model, str):
-        return AutoModelForCausalLM.from_pretrained(model)
+def _load_causal_lm(model: PreTrainedModel | str | None, role: str, init_kwargs: dict[str, Any] | None) -> PreTrainedModel:
     if model is None:
         raise ValueError(f"{role} is required.")
+    if isinstance(model, str):
+        from trl.trainer.utils import create_model_from_path
+
+        return create_model_from_path(model, **{"trust_remote_code": False, **(init_kwargs or {})})
     return model
 
 
-class DistillationTrainer(Trainer):
+def _tokenizer_for(model: PreTrainedModel, processing_class: Any) -> Any:
+    """The student's tokenizer: given, or saved next to the student's weights (as SFTTrainer loads it)."""
+    if processing_class is not None:
+        return processing_class
+    path = getattr(model, "name_or_path", "") or ""
+    if path and (Path(path) / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path)
+    raise ValueError(
+        "processing_class is required: pass the student's tokenizer (the teacher's, for a pruned student). It "
+        "tokenizes text / chat datasets, pads batches and names the real vocabulary both sides are compared on."
+    )
+
+
+class DistillationTrainer(SFTTrainer):
     """Distill ``teacher_model`` (or a teacher cache) into ``model`` with KL on logits.
 
-    Everything a :class:`transformers.Trainer` takes keeps working (callbacks, evaluation, saving,
-    ``resume_from_checkpoint``, ``push_to_hub``, ``report_to``, ``processing_class``); a ``peft_config``
-    wraps the student with PEFT. ``teacher_processing_class`` is checked against ``processing_class``.
+    A ``trl.SFTTrainer``: it takes every dataset format SFTTrainer takes (``text``, ``messages``,
+    prompt-completion, pre-tokenized) with the same knobs (packing, padding-free, completion- and
+    assistant-only loss), and everything a ``transformers.Trainer`` takes keeps working (callbacks,
+    evaluation, saving, ``resume_from_checkpoint``, ``push_to_hub``, ``report_to``). Only the loss
+    differs. ``teacher_processing_class`` is checked against ``processing_class`` by vocabulary.
     """
+
+    _tag_names = ["trl", "hf_capgap", "distillation"]
+    _name = "Distillation"
 
     def __init__(
         self,
@@ -71,42 +87,51 @@ class DistillationTrainer(Trainer):
         processing_class: Any = None,
         peft_config: Any = None,
         teacher_processing_class: Any = None,
+        formatting_func: Any = None,
         **kwargs: Any,
     ) -> None:
         if not isinstance(args, DistillationConfig):
             raise ValueError("args must be a hf_capgap.DistillationConfig (it carries loss, alpha, temperature ...).")
-        model = _load_causal_lm(model, "model (the student)")
-        if peft_config is not None:
-            from peft import get_peft_model
-
-            model = get_peft_model(model, peft_config)
-        pad_id = getattr(processing_class, "pad_token_id", None)
-        plain_collator = CausalLMCollator(pad_token_id=pad_id if pad_id is not None else 0)
-        self.teacher_cache = None
-        if args.teacher_cache is not None:
+        model = _load_causal_lm(model, "model (the student)", args.model_init_kwargs)
+        processing_class = _tokenizer_for(model, processing_class)
+        self.teacher_cache = self._open_cache(args) if args.teacher_cache is not None else None
+        if self.teacher_cache is not None:
             if teacher_model is not None:
                 raise ValueError("pass either teacher_model or DistillationConfig.teacher_cache, not both.")
-            train_dataset = self._open_cache(args, train_dataset, processing_class)
-            data_collator = data_collator or _CacheOrPlainCollator(self.teacher_cache, plain_collator)
-            vocab_size = self._check_vocab(model, None, processing_class, self.teacher_cache.manifest["vocab_size"])
+            self._cached_rows = self.teacher_cache.dataset
+            train_dataset = self._cached_rows if train_dataset is None else train_dataset
         else:
             if teacher_model is None:
                 raise ValueError(
                     "teacher_model is required: pass a causal LM (or a path), or set "
                     "DistillationConfig.teacher_cache to a cache built with TeacherCache.build."
                 )
-            teacher_model = _load_causal_lm(teacher_model, "teacher_model")
-            self._check_tokenizers(processing_class, teacher_processing_class)
-            vocab_size = self._check_vocab(model, teacher_model, processing_class, None)
+            teacher_model = _load_causal_lm(teacher_model, "teacher_model", None)
+            if teacher_processing_class is not None:
+                check_same_vocabulary(processing_class, teacher_processing_class)
+        if train_dataset is None:
+            raise ValueError("train_dataset is required (or DistillationConfig.teacher_cache, whose rows are trained on).")
+        if train_dataset is not getattr(self, "_cached_rows", None):
+            check_dataset(train_dataset, processing_class, args)
+        vocab_size = self._real_vocabulary(model, teacher_model, processing_class)
         super().__init__(
             model=model,
             args=args,
-            data_collator=data_collator or plain_collator,
+            data_collator=data_collator,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=processing_class,
+            peft_config=peft_config,
+            formatting_func=formatting_func,
             **kwargs,
         )
+        if not has_labelled_position(self.train_dataset):
+            raise ValueError(
+                "no row of train_dataset has a token to predict (every label is -100 after preparation): check "
+                "completion_only_loss / assistant_only_loss and the chat template's generation markers."
+            )
+        if self.teacher_cache is not None:
+            self._use_cache_rows()
         # Our loss is normalised by num_items_in_batch, which makes gradient accumulation exact.
         self.model_accepts_loss_kwargs = True
         self.loss_spec = LossSpec(
@@ -122,60 +147,53 @@ class DistillationTrainer(Trainer):
 
     # ------------------------------------------------------------------ set-up checks
 
-    def _open_cache(self, args: DistillationConfig, train_dataset: Any, processing_class: Any) -> Any:
-        """Open and check the cache; its rows (input ids + teacher signal) become the training set."""
-        from hf_capgap.artifacts import dataset_fingerprint, tokenizer_fingerprint
-        from hf_capgap.cache import CacheRows, TeacherCache
-
-        self.teacher_cache = TeacherCache.load(
-            args.teacher_cache,
-            tokenizer_fingerprint=None if processing_class is None else tokenizer_fingerprint(processing_class),
-            dataset_fingerprint=None if train_dataset is None else dataset_fingerprint(train_dataset),
-            temperature=args.temperature,
-        )
-        return CacheRows(self.teacher_cache.dataset)
-
     @staticmethod
-    def _check_tokenizers(student_tokenizer: Any, teacher_tokenizer: Any) -> None:
-        if student_tokenizer is None or teacher_tokenizer is None:
-            return
-        from hf_capgap.artifacts import tokenizer_fingerprint
+    def _open_cache(args: DistillationConfig) -> Any:
+        from hf_capgap.cache import TeacherCache
 
-        if tokenizer_fingerprint(student_tokenizer) != tokenizer_fingerprint(teacher_tokenizer):
-            raise ValueError(
-                "teacher and student tokenizers differ "
-                f"({getattr(teacher_tokenizer, 'name_or_path', '?')!r} vs "
-                f"{getattr(student_tokenizer, 'name_or_path', '?')!r}): logit distillation needs one shared "
-                "vocabulary. Use the teacher's tokenizer for the student (pruned students inherit it)."
-            )
+        return TeacherCache.load(args.teacher_cache, temperature=args.temperature)
 
-    @staticmethod
-    def _check_vocab(student: nn.Module, teacher: nn.Module | None, tokenizer: Any, cache_vocab: int | None) -> int:
-        """The real vocabulary size both sides are compared on; raise on a true mismatch.
+    def _use_cache_rows(self) -> None:
+        """Train on the cache's rows (inputs + teacher signal), after checking they are the prepared
+        training set: a cache built from other rows would pair each input with another row's teacher."""
+        from hf_capgap.artifacts import ArtifactError, dataset_fingerprint
 
-        Models often pad their embedding matrix (e.g. 151936 vs 152064 rows for one tokenizer): only
-        the first ``len(tokenizer)`` rows are real, so padding is not a mismatch.
+        if self.train_dataset is not self._cached_rows:
+            have, want = self.teacher_cache.manifest["dataset_fingerprint"], dataset_fingerprint(self.train_dataset)
+            if have != want:
+                raise ArtifactError(
+                    f"{self.teacher_cache.path}: the cache was built from other rows than this train_dataset prepared "
+                    f"with these settings (dataset fingerprint {have} vs {want}). Rebuild the cache with "
+                    "TeacherCache.build(teacher, train_dataset, path, tokenizer=..., args=<this config>)."
+                )
+        self.train_dataset = self.teacher_cache.rows()
+        self.data_collator = self.teacher_cache.collator(self.data_collator)
+
+    def _real_vocabulary(self, student: nn.Module, teacher: nn.Module | None, tokenizer: Any) -> int:
+        """The real vocabulary both sides are compared on; raise on a true mismatch.
+
+        Models often pad their embedding matrix (e.g. 151936 rows for 151665 tokens): only the first
+        ``len(tokenizer)`` logits are real, so padding is not a mismatch, and the online teacher and
+        the teacher cache both normalise over exactly those.
         """
-        student_vocab = base_model(student).get_output_embeddings().weight.shape[0]
-        teacher_vocab = cache_vocab if teacher is None else teacher.get_output_embeddings().weight.shape[0]
-        source = "the teacher cache" if teacher is None else "the teacher"
-        if tokenizer is not None:
-            real = len(tokenizer)
-            for who, size in (("student", student_vocab), (source, teacher_vocab)):
-                if size < real:
-                    raise ValueError(
-                        f"{who} has {size} output logits but the tokenizer "
-                        f"{getattr(tokenizer, 'name_or_path', '')!r} has {real} tokens: they do not belong "
-                        "together. Resize the model's embeddings or use the matching tokenizer."
-                    )
-            return real
-        if student_vocab != teacher_vocab:
+        real = real_vocab_size(tokenizer)
+        sides = [("student", base_model(student).get_output_embeddings().weight.shape[0])]
+        if teacher is not None:
+            sides.append(("the teacher", teacher.get_output_embeddings().weight.shape[0]))
+        for who, rows in sides:
+            if rows < real:
+                raise ValueError(
+                    f"{who} has {rows} output logits but the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has "
+                    f"{real} tokens: they do not belong together. Resize the model's embeddings or use the matching "
+                    "tokenizer."
+                )
+        if self.teacher_cache is not None and self.teacher_cache.real_vocab_size != real:
             raise ValueError(
-                f"student vocab ({student_vocab}) and {source} vocab ({teacher_vocab}) differ. If one is only "
-                "padded, pass processing_class=<the shared tokenizer> so the real vocabulary is compared; "
-                "otherwise they use different tokenizers and cannot be distilled on logits."
+                f"{self.teacher_cache.path}: the cache holds teacher distributions over {self.teacher_cache.real_vocab_size} "
+                f"tokens but the student's tokenizer has {real}: it was built for another vocabulary. Rebuild it with "
+                "the student's tokenizer."
             )
-        return student_vocab
+        return real
 
     def _prepare_teacher(self, teacher: PreTrainedModel) -> nn.Module:
         """Frozen, eval mode, in its own dtype; sharded for inference under ZeRO-3 / FSDP, never trained."""
@@ -193,15 +211,15 @@ class DistillationTrainer(Trainer):
             return prepare_fsdp(teacher, self.accelerator)
         return teacher.to(self.accelerator.device)
 
-    def _set_signature_columns_if_needed(self) -> None:
-        super()._set_signature_columns_if_needed()
-        if self.teacher_cache is not None:
-            extra = [c for c in self.teacher_cache.dataset.column_names if c not in self._signature_columns]
-            self._signature_columns = [*self._signature_columns, *extra]
+    def _prepare_dataset(self, dataset: Any, *args: Any, **kwargs: Any) -> Any:
+        """TRL's preparation, except for the cache's own rows: they were prepared before they were cached."""
+        if dataset is getattr(self, "_cached_rows", None):
+            return dataset
+        return super()._prepare_dataset(dataset, *args, **kwargs)
 
     def _get_collator_with_removed_columns(self, data_collator: Any, description: str | None = None) -> Any:
-        # Cache batches arrive as whole columns (CacheColumns), and the cache's collate already keeps
-        # only the model inputs and the teacher signal; a per-row column filter has nothing to do.
+        # Cache batches arrive as whole columns, and the cache's collator already keeps only the model
+        # inputs and the teacher signal; a per-row column filter has nothing to do.
         if self.teacher_cache is not None:
             return data_collator
         return super()._get_collator_with_removed_columns(data_collator, description=description)
@@ -212,9 +230,13 @@ class DistillationTrainer(Trainer):
         return self.is_fsdp_enabled or self.is_deepspeed_enabled
 
     def _forward_states(self, model: nn.Module, inputs: dict[str, Tensor]) -> tuple[Tensor, nn.Linear | None]:
-        """Last hidden states and the lm_head to fuse, or logits and None."""
+        """Last hidden states and the lm_head to fuse, or logits and None.
+
+        Every collator output but the labels reaches the model, so padding-free batches keep their
+        ``position_ids`` (packed documents never attend to each other) on the student and the teacher alike.
+        """
         head = fusable_head(self.accelerator.unwrap_model(model), self.args.fused_lm_head, self._sharded())
-        call = {"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask"), "use_cache": False}
+        call = {**forward_inputs(inputs), "use_cache": False}
         if head is None:
             return model(**call).logits, None
         with lm_head_bypassed(base_model(self.accelerator.unwrap_model(model)), head):
@@ -223,34 +245,20 @@ class DistillationTrainer(Trainer):
     def _teacher_signal(self, inputs: dict[str, Tensor]) -> TeacherSignal | None:
         """The teacher's view of positions [:, :-1], flattened to rows; None for an uncached eval batch."""
         if self.teacher_cache is not None:
-            if not self.model.training and not any(key.startswith("teacher_") for key in inputs):
-                return None
-            return self._cached_signal(inputs)
+            if not any(key.startswith(TEACHER_KEY_PREFIX) for key in inputs):
+                if self.model.training:
+                    raise ValueError(
+                        "the batch carries no cached teacher signal: with DistillationConfig.teacher_cache, train on "
+                        "the cache's rows with its collator (the trainer sets both up; do not pass data_collator)."
+                    )
+                return None  # evaluating on rows that were never cached
+            return self.teacher_cache.teacher_signal(inputs)
         with torch.no_grad():
             states, head = self._forward_states(self.teacher, inputs)
         rows = states[:, :-1].reshape(-1, states.shape[-1])
         if head is None:
             return DenseTeacher(rows)
         return FusedTeacher(rows, head.weight, head.bias)
-
-    @staticmethod
-    def _cached_signal(inputs: dict[str, Tensor]) -> TeacherSignal:
-        def flat(name: str) -> Tensor:
-            value = inputs[name]
-            return value.reshape(-1, *value.shape[2:])
-
-        if "teacher_topk_ids" in inputs:
-            return TopKTeacher(flat("teacher_topk_ids"), flat("teacher_topk_logprobs"), flat("teacher_tail_logprob"))
-        if "teacher_sample_ids" in inputs:
-            return SampledTeacher(
-                flat("teacher_sample_ids"), flat("teacher_sample_counts"), flat("teacher_sample_logprobs")
-            )
-        if "teacher_logprobs" in inputs:
-            return DenseTeacher(flat("teacher_logprobs"), tempered_logprobs=True)
-        raise ValueError(
-            "the batch carries no teacher signal (teacher_topk_* / teacher_sample_* / teacher_logprobs): "
-            "use the cache's collate function, or pass teacher_model for an online teacher."
-        )
 
     def compute_loss(
         self,
@@ -259,17 +267,18 @@ class DistillationTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Tensor | int | None = None,
     ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+        """alpha * T^2 * D(teacher || student) + (1 - alpha) * CE over the labelled positions.
+
+        A micro-batch with no labelled position (common with assistant-only loss) gives a zero loss and
+        zero gradients, so every DDP rank still steps; it is counted as ``empty_micro_batches`` in the logs.
+        With ``return_outputs`` the student's logits come back too (for ``compute_metrics`` / ``predict``).
+        """
         if "labels" not in inputs:
             raise ValueError(
-                "the batch has no 'labels': use hf_capgap's CausalLMCollator (labels = input_ids with padding "
-                "masked) or a collator that adds them."
+                "the batch has no 'labels': use the trainer's own collator (TRL's DataCollatorForLanguageModeling), "
+                "or a collator that adds labels with -100 on positions outside the loss."
             )
-        labels = inputs["labels"][:, 1:].reshape(-1)
-        if not bool((labels != -100).any()):
-            raise ValueError(
-                "every label in this batch is -100 (nothing to predict): drop empty or fully masked rows "
-                "from the dataset, or check how labels are masked."
-            )
+        labels = next_token_labels(inputs["labels"])
         teacher = self._teacher_signal(inputs)
         states, head = self._forward_states(model, inputs)
         rows = states[:, :-1].reshape(-1, states.shape[-1])
@@ -283,24 +292,40 @@ class DistillationTrainer(Trainer):
             lm_head_weight=None if head is None else head.weight,
             lm_head_bias=None if head is None else head.bias,
             num_items_in_batch=num_items_in_batch,
-            inplace_grad=head is None and not rows._is_view(),
+            inplace_grad=head is None and not return_outputs and not rows._is_view(),
         )
         self._record_parts(output, spec)
         loss = output.loss
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # DDP averages gradients over processes while num_items_in_batch counts all of them.
             loss = loss * self.accelerator.num_processes
-        return (loss, {"loss": loss.detach()}) if return_outputs else loss
+        if not return_outputs:
+            return loss
+        logits = states if head is None else F.linear(states, head.weight, head.bias)
+        return loss, {"loss": loss.detach(), "logits": logits}
+
+    def prediction_step(
+        self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: list[str] | None = None
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """As ``Trainer.prediction_step``: the loss, and the student's logits and labels unless only the loss is asked."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            if prediction_loss_only:
+                return self.compute_loss(model, inputs).detach(), None, None
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        return loss.detach(), outputs["logits"], inputs["labels"]
 
     # ------------------------------------------------------------------ logging
 
     def _record_parts(self, output: DistillationLossOutput, spec: LossSpec) -> None:
-        """Accumulate [distill sum, its tokens, CE sum, its tokens]; a part the loss skipped counts 0 tokens."""
+        """Accumulate [distill sum, its tokens, CE sum, its tokens, empty micro-batches]; a part the loss
+        skipped counts 0 tokens."""
         mode = "train" if self.model.training else "eval"
         tokens = float(output.num_tokens)
         step = torch.stack([
             output.distill_sum, output.distill_sum.new_tensor(tokens if spec.alpha > 0 else 0.0),
             output.ce_sum, output.ce_sum.new_tensor(tokens if spec.alpha < 1 else 0.0),
+            output.ce_sum.new_tensor(float(output.num_tokens == 0)),
         ])
         self._parts[mode] = self._parts[mode] + step if mode in self._parts else step
 
@@ -310,7 +335,8 @@ class DistillationTrainer(Trainer):
         if mode in self._parts:
             parts = self.accelerator.reduce(self._parts.pop(mode).to(self.args.device), "sum").tolist()
             prefix = "eval_" if mode == "eval" else ""
-            for name, total, tokens in (("distill_loss", *parts[:2]), ("ce_loss", *parts[2:])):
+            for name, total, tokens in (("distill_loss", *parts[0:2]), ("ce_loss", *parts[2:4])):
                 if tokens > 0:
                     logs[f"{prefix}{name}"] = round(total / tokens, 6)
+            logs[f"{prefix}empty_micro_batches"] = int(parts[4])
         super().log(logs, *args, **kwargs)

@@ -67,3 +67,72 @@ def tiny_text_dataset(tiny_tokenizer):
         rows.append(ids[start : start + length])
         start = (start + length) % (len(ids) - 20)
     return Dataset.from_dict({"input_ids": rows})
+
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant\\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{{ '\\n' }}"
+    "{% else %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+"""ChatML with {% generation %} markers around each assistant turn (as assistant-only loss needs)."""
+
+CHAT_VOCAB_SIZE = 1000
+CHAT_WORDS = sorted(set(TINY_TEXT.split()) | {"user", "assistant", "system", "hello", "what", "sits", "?"})
+
+
+def chat_tokenizer(eos_token: str = "<|im_end|>", chat_template: str | None = CHAT_TEMPLATE, swap: tuple[int, int] | None = None):
+    """A real-model-like tokenizer of exactly CHAT_VOCAB_SIZE tokens: words, filler tokens, ChatML specials.
+
+    ``eos_token`` / ``chat_template`` vary the special-token roles as a base / instruct pair does;
+    ``swap`` exchanges the ids of two tokens (a truly different vocabulary).
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    words = CHAT_WORDS + [f"w{i}" for i in range(CHAT_VOCAB_SIZE - len(specials) - len(CHAT_WORDS))]
+    tokens = specials + words
+    if swap is not None:
+        first, second = swap
+        tokens[first], tokens[second] = tokens[second], tokens[first]
+    backend = Tokenizer(models.WordLevel({token: i for i, token in enumerate(tokens)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token=eos_token,
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    tokenizer.chat_template = chat_template
+    assert len(tokenizer) == CHAT_VOCAB_SIZE
+    return tokenizer
+
+
+def tiny_qwen2(embedding_rows: int, hidden: int = 32, layers: int = 1, seed: int = 0):
+    """A Qwen2 causal LM with a real model's traits: GQA (4 heads, 2 KV heads), tied embeddings, and
+    ``embedding_rows`` >= the tokenizer's vocabulary (padded embedding rows)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=embedding_rows,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    return Qwen2ForCausalLM(config)
+
+
+CHAT_ROWS = [
+    [{"role": "user", "content": "what sits on the mat ?"}, {"role": "assistant", "content": "the cat sat on the mat ."}],
+    [{"role": "system", "content": "a bird"}, {"role": "user", "content": "hello"},
+     {"role": "assistant", "content": "the dog ran to the tree and the cat ran to the mat ."}],
+    [{"role": "user", "content": "the bird sang on the tree ?"}, {"role": "assistant", "content": "a bird and a cat sang ."},
+     {"role": "user", "content": "what ?"}, {"role": "assistant", "content": "the dog sat on the log ."}],
+] * 4
