@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import abc
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import torch
@@ -23,7 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd")
-CHUNK_ELEMENTS = 1 << 22  # logits per automatic chunk: 16 MiB in fp32 (128 rows at a 32000 vocabulary)
+CHUNK_ELEMENTS = 1 << 22  # CPU: logits per automatic chunk, 16 MiB in fp32 (128 rows at a 32000 vocabulary)
+ACCELERATOR_CHUNK_ROWS = (256, 2048)  # accelerators: H / 4 rows per automatic chunk, within these bounds
+LOW_PRECISION_MAX_CHUNKS = 64  # a bf16 / fp16 lm_head gradient summed over at most this many chunks stays in its dtype
 IGNORE_INDEX = -100
 
 
@@ -114,12 +117,28 @@ class LossSpec:
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1 (or None for automatic), got {self.chunk_size}.")
 
-    def rows_per_chunk(self, vocab: int) -> int:
-        """Explicit ``chunk_size``, or the power of two that keeps one [rows, vocab] fp32 buffer near
-        CHUNK_ELEMENTS: the loss holds about four such buffers at a time, whatever the vocabulary."""
+    def rows_per_chunk(self, vocab: int, hidden: int | None = None, device: torch.device | str | None = None) -> int:
+        """Rows per chunk: the explicit ``chunk_size``, else :meth:`automatic_rows`."""
         if self.chunk_size is not None:
             return self.chunk_size
-        return 1 << max(4, (CHUNK_ELEMENTS // vocab).bit_length() - 1)
+        return self.automatic_rows(vocab, hidden, device)
+
+    @staticmethod
+    def automatic_rows(vocab: int, hidden: int | None = None, device: torch.device | str | None = None) -> int:
+        """Rows per chunk for a [vocab, hidden] lm_head (``hidden`` None: logits input) on ``device``.
+
+        CPU: the power of two that keeps one [rows, vocab] fp32 buffer near CHUNK_ELEMENTS; the loss
+        holds about three such buffers, whatever the vocabulary (measured, bench/results/losses.md).
+        Accelerators: each fused chunk re-reads the [V, H] weight and read-modify-writes its
+        gradient (about 3 V H elements moved) for 6 rows V H flops, so at least 256 rows keep the
+        matmuls above a current GPU's flop-per-byte ridge, and H / 4 rows keep the chunk's fp32
+        [rows, V] buffers within one [V, H] fp32 gradient. Derived, not yet measured on a GPU:
+        bench/gpu_check.py sweeps it.
+        """
+        if device is None or torch.device(device).type == "cpu":
+            return 1 << max(4, (CHUNK_ELEMENTS // vocab).bit_length() - 1)
+        low, high = ACCELERATOR_CHUNK_ROWS
+        return 1 << (min(max((hidden or 0) // 4, low), high).bit_length() - 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,7 +152,8 @@ class _FullDistributionTeacher(abc.ABC):
 
     @abc.abstractmethod
     def log_probs(self, vocab: int, temperature: float) -> Tensor:
-        """Teacher log-probs at ``temperature`` over the first ``vocab`` tokens, [rows, vocab] fp32."""
+        """Teacher log-probs at ``temperature`` over the first ``vocab`` tokens: a fresh [rows, vocab] fp32
+        buffer that the caller may overwrite."""
 
     def divergence(self, student_logits: Tensor, spec: LossSpec) -> Tensor:
         vocab = student_logits.shape[-1]
@@ -145,7 +165,7 @@ class _FullDistributionTeacher(abc.ABC):
         log_p = self.log_probs(log_q.shape[-1], temperature)
         p = log_p.exp()
         # Elementwise then a cascade sum: a BLAS dot of p.log_p minus p.log_q cancels badly in fp32.
-        total = (log_p - log_q).mul_(p).sum()
+        total = log_p.sub_(log_q).mul_(p).sum()
         log_q.exp_().sub_(p, alpha=scale)
         return total
 
@@ -157,13 +177,17 @@ class DenseTeacher(_FullDistributionTeacher):
     logits: Tensor
     tempered_logprobs: bool = False
 
+    @property
+    def num_rows(self) -> int:
+        return self.logits.shape[0]
+
     def take(self, index: slice | Tensor) -> DenseTeacher:
         return replace(self, logits=self.logits[index])
 
     def log_probs(self, vocab: int, temperature: float) -> Tensor:
-        values = self.logits[:, :vocab].float()
         if self.tempered_logprobs:
-            return values
+            return self.logits[:, :vocab].to(torch.float32, copy=True)
+        values = self.logits[:, :vocab].float()
         return F.log_softmax(values / temperature if temperature != 1.0 else values, dim=-1)
 
 
@@ -174,6 +198,10 @@ class FusedTeacher(_FullDistributionTeacher):
     hidden: Tensor
     weight: Tensor
     bias: Tensor | None = None
+
+    @property
+    def num_rows(self) -> int:
+        return self.hidden.shape[0]
 
     def take(self, index: slice | Tensor) -> FusedTeacher:
         return replace(self, hidden=self.hidden[index])
@@ -195,6 +223,10 @@ class TopKTeacher:
     ids: Tensor  # [N, k] long
     logprobs: Tensor  # [N, k] teacher log-probs at the cache temperature
     tail_logprob: Tensor  # [N] log(1 - sum of top-k probs)
+
+    @property
+    def num_rows(self) -> int:
+        return self.ids.shape[0]
 
     def take(self, index: slice | Tensor) -> TopKTeacher:
         return TopKTeacher(self.ids[index], self.logprobs[index], self.tail_logprob[index])
@@ -235,14 +267,37 @@ class SampledTeacher:
 
     The Monte-Carlo forward KL  sum_j (c_j / k) (log p(x_j) - log q(x_j))  is an unbiased estimate of
     KL(p || q), and its gradient  (q - p_hat) / T  an unbiased estimate of the true gradient (q - p) / T.
+    The gradient needs only ids and counts; the value also needs the teacher's side, either the
+    log-probs of the drawn ids or, as a teacher cache stores it (2 bytes per position instead of 2 per
+    id), the teacher's entropy H(p): KL = -H(p) - E_p[log q], estimated by -H(p) - sum_j (c_j / k) log q(x_j).
     """
 
     ids: Tensor  # [N, k] long; padding slots have count 0
     counts: Tensor  # [N, k]
-    logprobs: Tensor  # [N, k] teacher log-probs of ids at the cache temperature
+    logprobs: Tensor | None = None  # [N, k] teacher log-probs of ids at the cache temperature
+    entropy: Tensor | None = None  # [N] teacher entropy at the cache temperature
+
+    def __post_init__(self) -> None:
+        if (self.logprobs is None) == (self.entropy is None):
+            raise ValueError("SampledTeacher needs exactly one of logprobs (per drawn id) or entropy (per row).")
+
+    @property
+    def num_rows(self) -> int:
+        return self.ids.shape[0]
 
     def take(self, index: slice | Tensor) -> SampledTeacher:
-        return SampledTeacher(self.ids[index], self.counts[index], self.logprobs[index])
+        def rows(value: Tensor | None) -> Tensor | None:
+            return None if value is None else value[index]
+
+        return SampledTeacher(self.ids[index], self.counts[index], rows(self.logprobs), rows(self.entropy))
+
+    def _kl_estimate(self, weights: Tensor, log_q_drawn: Tensor) -> Tensor:
+        """Per-row Monte-Carlo KL(p || q); padding slots (weight 0) contribute nothing."""
+        if self.logprobs is not None:
+            terms = weights * (self.logprobs.float() - log_q_drawn)
+            return torch.where(weights > 0, terms, torch.zeros_like(terms)).sum(dim=-1)
+        cross = torch.where(weights > 0, weights * log_q_drawn, torch.zeros_like(log_q_drawn)).sum(dim=-1)
+        return -self.entropy.float() - cross
 
     def divergence(self, student_logits: Tensor, spec: LossSpec) -> Tensor:
         if spec.kind != "forward_kl":
@@ -252,18 +307,15 @@ class SampledTeacher:
             )
         log_q = F.log_softmax(student_logits / spec.temperature, dim=-1).gather(-1, self.ids)
         counts = self.counts.float()
-        weights = counts / counts.sum(dim=-1, keepdim=True)
-        terms = torch.where(weights > 0, weights * (self.logprobs.float() - log_q), torch.zeros_like(log_q))
-        return terms.sum(dim=-1)
+        return self._kl_estimate(counts / counts.sum(dim=-1, keepdim=True), log_q)
 
     def forward_kl_into_gradient_(self, log_q: Tensor, temperature: float, scale: float) -> Tensor:
         """Sum of the Monte-Carlo KL over rows; ``log_q`` is overwritten with ``q - scale * p_hat``."""
         counts = self.counts.float()
         weights = counts / counts.sum(dim=-1, keepdim=True)
-        log_q_drawn = log_q.gather(-1, self.ids)
-        terms = torch.where(weights > 0, weights * (self.logprobs.float() - log_q_drawn), torch.zeros_like(weights))
+        total = self._kl_estimate(weights, log_q.gather(-1, self.ids)).sum()
         log_q.exp_().scatter_add_(-1, self.ids, weights.mul_(-scale))  # padding slots add 0
-        return terms.sum()
+        return total
 
 
 TeacherSignal = DenseTeacher | FusedTeacher | TopKTeacher | SampledTeacher
@@ -284,18 +336,27 @@ class DistillationLossOutput:
     num_tokens: int
 
 
+def _log_softmax_(logits: Tensor) -> Tensor:
+    """log_softmax over the last dim, written into ``logits``: one [rows, vocab] buffer fewer."""
+    return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
+
+
 def _forward_kl_chunk(
-    logits: Tensor, teacher: TeacherSignal | None, labels: Tensor, spec: LossSpec
+    logits: Tensor, teacher: TeacherSignal | None, labels: Tensor, spec: LossSpec, owned: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Closed form of :func:`_chunk_loss_and_grad` for forward KL, for every kind of teacher signal.
 
     d(T^2 KL(p || softmax(z / T)))/dz = T (q - r) (r = p for a full teacher; see each signal's
     ``forward_kl_into_gradient_``) and d CE/dz = softmax(z) - onehot, computed in place so a chunk
-    needs about four [chunk, vocab] buffers instead of the autograd graph's dozen.
+    needs about four [chunk, vocab] buffers instead of the autograd graph's dozen. ``owned`` logits
+    (a buffer nothing else reads) are overwritten at T = 1.
     """
     temperature, alpha = spec.temperature, spec.alpha
     zero = logits.new_zeros(())
-    log_q = F.log_softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)
+    if temperature == 1.0 and owned:
+        log_q = _log_softmax_(logits)
+    else:
+        log_q = F.log_softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)
     rows = torch.arange(labels.shape[0], device=labels.device)
     ce = zero
     if alpha < 1:
@@ -319,7 +380,7 @@ def _forward_kl_chunk(
 
 
 def _chunk_loss_and_grad(
-    logits: Tensor, teacher: TeacherSignal | None, labels: Tensor, spec: LossSpec
+    logits: Tensor, teacher: TeacherSignal | None, labels: Tensor, spec: LossSpec, owned: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(sum of T^2 * D, sum of CE, d(alpha * T^2 * D + (1 - alpha) * CE)/d logits) for one chunk.
 
@@ -327,15 +388,196 @@ def _chunk_loss_and_grad(
     the other divergences differentiate the readable formula with autograd, one chunk at a time.
     """
     if teacher is None or spec.kind == "forward_kl":
-        return _forward_kl_chunk(logits, teacher, labels, spec)
+        return _forward_kl_chunk(logits, teacher, labels, spec, owned)
     logits = logits.detach().requires_grad_(True)
-    zero = logits.new_zeros(())
     with torch.enable_grad():
-        distill = teacher.divergence(logits, spec).sum() * spec.temperature**2 if spec.alpha > 0 else zero
-        ce = F.cross_entropy(logits, labels, reduction="sum") if spec.alpha < 1 else zero
+        distill, ce = _chunk_values(logits, teacher, labels, spec, owned=False)
         total = spec.alpha * distill + (1.0 - spec.alpha) * ce
     (grad,) = torch.autograd.grad(total, logits)
     return distill.detach(), ce.detach(), grad
+
+
+def _chunk_values(
+    logits: Tensor, teacher: TeacherSignal | None, labels: Tensor, spec: LossSpec, owned: bool
+) -> tuple[Tensor, Tensor]:
+    """(sum of T^2 * D, sum of CE) for one chunk by the same formulas as training, without gradients."""
+    if teacher is None or spec.kind == "forward_kl":
+        distill, ce, _ = _forward_kl_chunk(logits, teacher, labels, spec, owned)
+        return distill, ce
+    zero = logits.new_zeros(())
+    distill = teacher.divergence(logits, spec).sum() * spec.temperature**2 if spec.alpha > 0 else zero
+    ce = F.cross_entropy(logits, labels, reduction="sum") if spec.alpha < 1 else zero
+    return distill, ce
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """The labelled student rows, and where each chunk finds its teacher rows.
+
+    The loss runs over labelled rows only, gathered chunk by chunk (no [N, V] compacted copy). A
+    teacher signal either has one row per student row or, as a teacher cache stores it, one row per
+    labelled row (``compacted``).
+    """
+
+    valid: Tensor  # [N] bool
+    valid_index: Tensor | None  # positions of labelled rows; None when every row is labelled
+    num_valid: int
+    compacted: bool
+
+    @classmethod
+    def of(cls, labels: Tensor, teacher_rows: int | None) -> _Rows:
+        valid = labels != IGNORE_INDEX
+        num_valid = int(valid.sum())
+        if teacher_rows not in (None, labels.shape[0], num_valid):
+            raise ValueError(
+                f"the teacher signal has {teacher_rows} rows; expected one per student row ({labels.shape[0]}) "
+                f"or one per labelled row ({num_valid})."
+            )
+        all_valid = num_valid == labels.shape[0]
+        index = None if all_valid else valid.nonzero().squeeze(-1)
+        return cls(valid, index, num_valid, compacted=not all_valid and teacher_rows == num_valid)
+
+    def chunks(self, chunk_rows: int) -> Iterator[tuple[slice | Tensor, slice | Tensor]]:
+        """(student rows, teacher rows) of each chunk: slices when every row is labelled."""
+        for start in range(0, self.num_valid, chunk_rows):
+            positions = slice(start, start + chunk_rows)
+            if self.valid_index is None:
+                yield positions, positions
+            else:
+                student_rows = self.valid_index[positions]
+                yield student_rows, positions if self.compacted else student_rows
+
+
+@dataclass
+class _Gradients:
+    """Buffers the chunk loop fills with d(summed loss)/d(input); None where no gradient is needed."""
+
+    student: Tensor | None
+    weight: Tensor | None
+    bias: Tensor | None
+
+    @classmethod
+    def allocate(
+        cls, student: Tensor, weight: Tensor | None, bias: Tensor | None, rows: _Rows, needs: tuple[bool, ...],
+        inplace: bool, shape: _ChunkShape,
+    ) -> _Gradients:
+        """Zeroed where a chunk never writes (unlabelled rows, padded vocabulary columns)."""
+        vocab = shape.vocab
+        partial = rows.valid_index is not None or (weight is None and vocab < student.shape[-1])
+        student_grad = None
+        if needs[0]:
+            student_grad = student if inplace else (torch.zeros_like if partial else torch.empty_like)(student)
+        weight_grad = None
+        if weight is not None and needs[1]:
+            num_chunks = math.ceil(rows.num_valid / shape.rows)
+            weight_grad = torch.zeros(weight.shape, dtype=_weight_grad_dtype(weight, num_chunks), device=weight.device)
+        bias_grad = None
+        if bias is not None and needs[2]:
+            bias_grad = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+        return cls(student_grad, weight_grad, bias_grad)
+
+    def finish_inplace_(self, student: Tensor, rows: _Rows, vocab: int) -> None:
+        """Zero what no chunk wrote when the student logits hold their own gradient."""
+        if self.student is not student:
+            return
+        student[:, vocab:] = 0
+        if rows.valid_index is not None:
+            student[~rows.valid] = 0
+
+
+def _compute_dtype(weight: Tensor) -> torch.dtype:
+    """The dtype of the lm_head matmuls: autocast's where it is on for the weight's device, else the weight's."""
+    if torch.is_autocast_enabled(weight.device.type):
+        return torch.get_autocast_dtype(weight.device.type)
+    return weight.dtype
+
+
+def _weight_grad_dtype(weight: Tensor, num_chunks: int) -> torch.dtype:
+    """fp32, except for a low-precision weight whose gradient sums few chunks: that weight's ``.grad`` is
+    rounded to its dtype anyway, and a few more roundings stay near that error (measured in
+    bench/bench_losses.py); accumulating in the weight's dtype halves the [V, H] traffic per chunk."""
+    if weight.dtype == torch.float32 or num_chunks > LOW_PRECISION_MAX_CHUNKS:
+        return torch.float32
+    return weight.dtype
+
+
+@dataclass(frozen=True)
+class _ChunkShape:
+    """The real vocabulary (columns past it are padding) and the rows of each chunk."""
+
+    vocab: int
+    rows: int
+
+    @classmethod
+    def of(cls, student: Tensor, weight: Tensor | None, spec: LossSpec) -> _ChunkShape:
+        fused = weight is not None
+        vocab = spec.vocab_size or (weight.shape[0] if fused else student.shape[-1])
+        return cls(vocab, spec.rows_per_chunk(vocab, student.shape[-1] if fused else None, student.device))
+
+
+def _chunked_sums(
+    student: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    teacher: TeacherSignal | None,
+    labels: Tensor,
+    spec: LossSpec,
+    rows: _Rows,
+    grads: _Gradients | None,
+    inplace: bool,
+    shape: _ChunkShape,
+) -> tuple[Tensor, Tensor]:
+    """Sums over labelled rows of T^2 * D and of CE, chunk by chunk; fills ``grads`` when given.
+
+    Fused (``weight`` given): each chunk's logits are built from hidden states in the compute dtype
+    (tensor cores under bf16 / fp16) and dropped after their gradient has been multiplied back.
+    """
+    fused, vocab = weight is not None, shape.vocab
+    if fused:
+        compute = _compute_dtype(weight)
+        head_weight = weight[:vocab].to(compute)
+        head_bias = None if bias is None else bias[:vocab].to(compute)
+    distill_sum = student.new_zeros((), dtype=torch.float32)
+    ce_sum = student.new_zeros((), dtype=torch.float32)
+    for student_rows, teacher_rows in rows.chunks(shape.rows):
+        chunk = student[student_rows]
+        if fused:
+            chunk = chunk.to(compute)
+            logits = F.linear(chunk, head_weight, head_bias)
+        else:
+            logits = chunk[:, :vocab]
+        owned = fused or inplace or isinstance(student_rows, Tensor) or logits.dtype != torch.float32
+        logits = logits.float()
+        chunk_teacher = None if teacher is None else teacher.take(teacher_rows)
+        chunk_labels = labels[student_rows]
+        if grads is None:
+            distill, ce = _chunk_values(logits, chunk_teacher, chunk_labels, spec, owned)
+        else:
+            distill, ce, grad = _chunk_loss_and_grad(logits, chunk_teacher, chunk_labels, spec, owned)
+            if fused:
+                _add_head_gradients_(grads, grad, chunk, head_weight, student_rows, vocab)
+            elif grads.student is not None:
+                grads.student[student_rows, :vocab] = grad.to(grads.student.dtype)
+        distill_sum += distill
+        ce_sum += ce
+    return distill_sum, ce_sum
+
+
+def _add_head_gradients_(
+    grads: _Gradients, grad_logits: Tensor, chunk: Tensor, head_weight: Tensor, rows: slice | Tensor, vocab: int
+) -> None:
+    """Multiply one chunk's logit gradient back through the lm_head: hidden rows, weight and bias."""
+    if grads.bias is not None:
+        grads.bias[:vocab].add_(grad_logits.sum(dim=0))
+    grad_logits = grad_logits.to(head_weight.dtype)
+    if grads.student is not None:
+        grads.student[rows] = (grad_logits @ head_weight).to(grads.student.dtype)
+    if grads.weight is not None:  # in place: no [V, H] temporary when the buffer has the matmul's dtype
+        target = grads.weight[:vocab]
+        if target.dtype == chunk.dtype:
+            target.addmm_(grad_logits.t(), chunk)
+        else:
+            target.add_(grad_logits.t() @ chunk)
 
 
 class _ChunkedDistillation(torch.autograd.Function):
@@ -351,56 +593,32 @@ class _ChunkedDistillation(torch.autograd.Function):
         student: Tensor,
         weight: Tensor | None,
         bias: Tensor | None,
-        teacher: TeacherSignal,
+        teacher: TeacherSignal | None,
         labels: Tensor,
         spec: LossSpec,
+        rows: _Rows,
         normalizer: float,
         inplace_grad: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        fused = weight is not None
-        vocab = spec.vocab_size or (weight.shape[0] if fused else student.shape[-1])
-        grad_student = student if inplace_grad and not fused else torch.empty_like(student)
-        needs_weight_grad = fused and weight.requires_grad
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_weight_grad else None
-        needs_bias_grad = bias is not None and bias.requires_grad
-        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if needs_bias_grad else None
-        distill_sum = student.new_zeros((), dtype=torch.float32)
-        ce_sum = student.new_zeros((), dtype=torch.float32)
-        chunk_rows = spec.rows_per_chunk(vocab)
-        for start in range(0, student.shape[0], chunk_rows):
-            rows = slice(start, start + chunk_rows)
-            chunk = student[rows]
-            if fused:
-                logits = F.linear(chunk, weight[:vocab], None if bias is None else bias[:vocab])
-            else:
-                logits = chunk[:, :vocab]
-            chunk_teacher = None if teacher is None else teacher.take(rows)
-            distill, ce, grad = _chunk_loss_and_grad(logits.float(), chunk_teacher, labels[rows], spec)
-            distill_sum += distill
-            ce_sum += ce
-            if fused:
-                grad_student[rows] = grad.to(weight.dtype) @ weight[:vocab]
-                if grad_weight is not None:  # accumulate in place: no [V, H] temporary per chunk
-                    grad_weight[:vocab].addmm_(grad.t(), chunk.float())
-                if grad_bias is not None:
-                    grad_bias[:vocab].add_(grad.sum(dim=0))
-            else:
-                grad_student[rows, :vocab] = grad
-                grad_student[rows, vocab:] = 0
+        shape = _ChunkShape.of(student, weight, spec)
+        inplace = inplace_grad and weight is None
+        grads = _Gradients.allocate(student, weight, bias, rows, ctx.needs_input_grad, inplace, shape)
+        distill_sum, ce_sum = _chunked_sums(student, weight, bias, teacher, labels, spec, rows, grads, inplace, shape)
+        grads.finish_inplace_(student, rows, shape.vocab)
         loss = (spec.alpha * distill_sum + (1.0 - spec.alpha) * ce_sum) / normalizer
-        ctx.save_for_backward(grad_student, grad_weight, grad_bias)
-        ctx.normalizer = normalizer
+        # An attribute, not save_for_backward: the buffers are neither inputs nor outputs, and with no
+        # other reference left, backward hands them to autograd without a defensive [V, H] copy.
+        ctx.grads, ctx.normalizer = grads, normalizer
         ctx.mark_non_differentiable(distill_sum, ce_sum)
         return loss, distill_sum, ce_sum
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor, *_unused: Tensor):  # type: ignore[override]
-        grad_student, grad_weight, grad_bias = ctx.saved_tensors
+        grads, ctx.grads = ctx.grads, None
         scale = grad_loss / ctx.normalizer
-        grads = [grad_student.mul_(scale.to(grad_student.dtype))]
-        for grad, needed in ((grad_weight, ctx.needs_input_grad[1]), (grad_bias, ctx.needs_input_grad[2])):
-            grads.append(grad.mul_(scale) if grad is not None and needed else None)
-        return grads[0], grads[1], grads[2], None, None, None, None, None
+        scaled = [None if g is None else g.mul_(scale.to(g.dtype)) for g in (grads.student, grads.weight, grads.bias)]
+        del grads
+        return scaled[0], scaled[1], scaled[2], None, None, None, None, None, None
 
 
 def distillation_loss(
@@ -417,10 +635,16 @@ def distillation_loss(
     """alpha * T^2 * D(teacher || student) + (1 - alpha) * CE, summed over labelled rows / normaliser.
 
     ``student`` is either logits [N, V] or, with ``lm_head_weight`` [V, H], last hidden states [N, H].
-    ``labels`` [N] are aligned with the rows; rows labelled -100 are skipped. The sum is divided by
-    ``num_items_in_batch`` when given (the token count of the whole accumulated batch, which makes
-    gradient accumulation exact) and otherwise by the number of labelled rows. ``inplace_grad`` lets
-    the logits buffer be reused for its own gradient; only pass it for a tensor nothing else reads.
+    ``labels`` [N] are aligned with the rows; rows labelled -100 are skipped. ``teacher`` has one row
+    per student row, or one per labelled row (a teacher cache stores only those). The sum is divided
+    by ``num_items_in_batch`` when given (the token count of the whole accumulated batch, which makes
+    gradient accumulation exact) and otherwise by the number of labelled rows (at least 1).
+
+    A micro-batch with no labelled row gives loss 0 whose backward still reaches the inputs and the
+    lm_head with exact zeros, so every DDP rank sees every parameter and steps. Without grad mode (or
+    with no input requiring grad), only values are computed: no gradient buffer, no gradient matmul.
+    ``inplace_grad`` lets the logits buffer be reused for its own gradient; pass it only for a tensor
+    nothing else reads.
     """
     if student.dim() != 2 or labels.dim() != 1 or labels.shape[0] != student.shape[0]:
         raise ValueError(
@@ -428,19 +652,17 @@ def distillation_loss(
         )
     if teacher is None and spec.alpha > 0:
         raise ValueError(f"no teacher signal was given but alpha={spec.alpha}: the distillation term needs one.")
-    valid = labels != IGNORE_INDEX
-    num_tokens = int(valid.sum())
-    if num_tokens == 0:
-        raise ValueError(
-            "every label in the batch is -100: there is no position to train on. Check the collator "
-            "(labels must be input_ids with padding masked) and drop empty rows from the dataset."
+    rows = _Rows.of(labels, None if teacher is None else teacher.num_rows)
+    normalizer = max(float(num_items_in_batch) if num_items_in_batch is not None else float(rows.num_valid), 1.0)
+    inputs = (student, lm_head_weight, lm_head_bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        loss, distill_sum, ce_sum = _ChunkedDistillation.apply(
+            student, lm_head_weight, lm_head_bias, teacher, labels, spec, rows, normalizer, inplace_grad
         )
-    if num_tokens < labels.shape[0]:
-        student, labels = student[valid], labels[valid]
-        teacher = None if teacher is None else teacher.take(valid)
-        inplace_grad = True  # the boolean-index copy belongs to us
-    normalizer = float(num_items_in_batch) if num_items_in_batch is not None else float(num_tokens)
-    loss, distill_sum, ce_sum = _ChunkedDistillation.apply(
-        student, lm_head_weight, lm_head_bias, teacher, labels, spec, normalizer, inplace_grad
-    )
-    return DistillationLossOutput(loss, distill_sum, ce_sum, num_tokens)
+    else:
+        shape = _ChunkShape.of(student, lm_head_weight, spec)
+        distill_sum, ce_sum = _chunked_sums(
+            student, lm_head_weight, lm_head_bias, teacher, labels, spec, rows, None, inplace_grad, shape
+        )
+        loss = (spec.alpha * distill_sum + (1.0 - spec.alpha) * ce_sum) / normalizer
+    return DistillationLossOutput(loss, distill_sum, ce_sum, rows.num_valid)

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from hf_capgap.losses import (
     CHUNK_ELEMENTS,
@@ -141,13 +142,124 @@ def test_padded_vocab_is_ignored():
     torch.testing.assert_close(grad, torch.autograd.grad(plain, student)[0], rtol=1e-5, atol=1e-7)
 
 
-def test_all_masked_batch_raises_instead_of_nan():
-    _, _, teacher, _ = make_batch()
-    labels = torch.full((teacher.shape[0],), -100)
-    with pytest.raises(ValueError, match="-100"):
-        distillation_loss(torch.randn_like(teacher), DenseTeacher(teacher), labels, LossSpec())
+@pytest.mark.parametrize("num_items", [None, 17])
+@pytest.mark.parametrize("fused", [False, True])
+def test_all_masked_micro_batch_gives_zero_loss_and_exact_zero_gradients(fused, num_items):
+    """Under DDP every rank must step: an empty micro-batch still sends (zero) gradients everywhere."""
+    hidden, weight, teacher, _ = make_batch()
+    labels = torch.full((hidden.shape[0],), -100)
+    bias = torch.randn(weight.shape[0], requires_grad=True)
+    weight.requires_grad_(True)
+    student = hidden if fused else torch.randn_like(teacher)
+    student.requires_grad_(True)
+    head = {"lm_head_weight": weight, "lm_head_bias": bias} if fused else {}
+    spec = LossSpec(kind="forward_kl", alpha=0.5, chunk_size=8)
+    output = distillation_loss(student, DenseTeacher(teacher), labels, spec, num_items_in_batch=num_items, **head)
+    assert output.num_tokens == 0
+    assert float(output.loss.detach()) == 0.0 and float(output.distill_sum) == 0.0 and float(output.ce_sum) == 0.0
+    inputs = (student, weight, bias) if fused else (student,)
+    for grad, tensor in zip(torch.autograd.grad(output.loss, inputs), inputs, strict=True):
+        assert torch.equal(grad, torch.zeros_like(tensor))
     with pytest.raises(ValueError, match="-100"):
         divergence(torch.randn_like(teacher), teacher, labels)
+
+
+def test_inplace_logits_gradient_with_masked_rows_and_padded_vocab():
+    """The logits buffer may hold its own gradient: masked rows and padding columns end exactly zero."""
+    _, _, teacher, labels = make_batch(vocab=30)
+    student = torch.randn(teacher.shape[0], 30, requires_grad=True)
+    padded = F.pad(student, (0, 6), value=5.0)
+    spec = LossSpec(kind="forward_kl", alpha=0.5, chunk_size=7, vocab_size=30)
+    ours = distillation_loss(padded, DenseTeacher(teacher), labels, spec, inplace_grad=True).loss
+    plain = plain_objective(student, teacher, labels, "forward_kl", 0.5, 1.0, 0.5)
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-6)
+    (grad,) = torch.autograd.grad(ours, student)
+    torch.testing.assert_close(grad, torch.autograd.grad(plain, student)[0], rtol=1e-5, atol=1e-7)
+    assert torch.equal(padded[:, 30:], torch.zeros(teacher.shape[0], 6))
+    assert torch.equal(padded[labels == -100], torch.zeros(int((labels == -100).sum()), 36))
+
+
+def all_signals(teacher_logits: torch.Tensor) -> dict[str, object]:
+    teacher_hidden, teacher_weight = torch.randn(teacher_logits.shape[0], 9), torch.randn(teacher_logits.shape[1], 9)
+    return {
+        "dense": DenseTeacher(teacher_logits),
+        "fused": FusedTeacher(teacher_hidden, teacher_weight),
+        "topk": topk_signal(teacher_logits, 6, 1.0),
+        "sampled": sampled_signal(teacher_logits, 8, 1.0),
+    }
+
+
+@pytest.mark.parametrize("signal_name", ["dense", "fused", "topk", "sampled"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_compacted_teacher_signal_equals_aligned_signal(signal_name, fused):
+    """A cache stores teacher rows for labelled positions only: those signals are not filtered again."""
+    hidden, weight, teacher, labels = make_batch(vocab=40)
+    signal = all_signals(teacher)[signal_name]
+    compacted = signal.take(labels != -100)
+    assert signal.num_rows == labels.shape[0] and compacted.num_rows == int((labels != -100).sum())
+    weight.requires_grad_(True)
+    spec = LossSpec(kind="forward_kl", alpha=0.5, chunk_size=7)
+    results = []
+    for teacher_signal in (signal, compacted):
+        student = (hidden if fused else hidden @ weight.detach().t()).clone().requires_grad_(True)
+        head = {"lm_head_weight": weight} if fused else {}
+        loss = distillation_loss(student, teacher_signal, labels, spec, **head).loss
+        results.append((loss, *torch.autograd.grad(loss, (student, weight) if fused else (student,))))
+    for aligned, compact in zip(*results, strict=True):
+        torch.testing.assert_close(compact, aligned, rtol=1e-6, atol=1e-7)
+
+
+def test_teacher_signal_with_other_row_count_is_refused():
+    _, _, teacher, labels = make_batch()
+    with pytest.raises(ValueError, match="rows"):
+        distillation_loss(torch.randn_like(teacher), DenseTeacher(teacher[:5]), labels, LossSpec())
+
+
+class RecordedOps(TorchDispatchMode):
+    """Every aten op run inside, with the shapes and dtypes of the tensors it allocated (views excluded)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[str, list[tuple[tuple[int, ...], torch.dtype]]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        flat = out if isinstance(out, (tuple, list)) else [out]
+        made = [] if func.is_view else [(tuple(t.shape), t.dtype) for t in flat if isinstance(t, torch.Tensor)]
+        self.ops.append((str(func), made))
+        return out
+
+    def matmuls(self) -> int:
+        return sum(1 for name, _ in self.ops if name.split(".")[1] in ("mm", "addmm", "addmm_"))
+
+    def made(self, shape: tuple[int, ...]) -> bool:
+        return any(output_shape == shape for _, outputs in self.ops for output_shape, _ in outputs)
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "jsd"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_evaluation_computes_values_only(kind, fused):
+    """Under no_grad (Trainer.evaluate / predict): same values, no gradient buffer, no gradient matmul."""
+    hidden, weight, teacher, labels = make_batch(n=48, vocab=41, hidden=13)
+    weight.requires_grad_(True)
+    hidden.requires_grad_(True)
+    spec = LossSpec(kind=kind, beta=0.3, alpha=0.5, chunk_size=8)
+
+    def run():
+        student = hidden if fused else hidden @ weight.t()
+        head = {"lm_head_weight": weight} if fused else {}
+        return distillation_loss(student, DenseTeacher(teacher), labels, spec, **head)
+
+    trained = run()
+    with torch.no_grad(), RecordedOps() as recorded:
+        evaluated = run()
+    for name in ("loss", "distill_sum", "ce_sum"):
+        torch.testing.assert_close(getattr(evaluated, name), getattr(trained, name).detach(), rtol=0, atol=0)
+    assert not evaluated.loss.requires_grad
+    assert not recorded.made(tuple(weight.shape)), "a [V, H] gradient buffer was allocated"
+    assert not recorded.made(tuple(hidden.shape)) or not fused, "an [N, H] gradient buffer was allocated"
+    chunks = math.ceil(int((labels != -100).sum()) / 8)
+    assert recorded.matmuls() == (chunks if fused else 1)  # the logits of each chunk (or the whole), nothing else
 
 
 @pytest.mark.parametrize(
