@@ -14,8 +14,8 @@ import torch
 from trl import SFTConfig
 
 from hf_capgap.losses import DIVERGENCES, check_beta
+from hf_capgap.teacher_loading import TEACHER_DTYPE_CHOICES
 
-TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 FUSED_LM_HEAD_CHOICES = ("auto", "always", "never")
 
 
@@ -86,8 +86,9 @@ class DistillationConfig(SFTConfig):
     )
     teacher_dtype: str = field(
         default="auto",
-        metadata={"help": "dtype the frozen teacher runs in; 'auto' keeps the dtype it was loaded with.",
-                  "choices": TEACHER_DTYPES},
+        metadata={"help": "dtype the frozen teacher runs in. 'auto': a teacher given as a path loads in bf16 on a GPU "
+                  "and float32 on a CPU; a teacher given as a model keeps its dtype.",
+                  "choices": TEACHER_DTYPE_CHOICES},
     )
     teacher_cache: str | None = field(
         default=None,
@@ -119,6 +120,6 @@ class DistillationConfig(SFTConfig):
             raise ValueError(
                 f"DistillationConfig.fused_lm_head={self.fused_lm_head!r} must be one of {FUSED_LM_HEAD_CHOICES}."
             )
-        if self.teacher_dtype not in TEACHER_DTYPES:
-            raise ValueError(f"DistillationConfig.teacher_dtype={self.teacher_dtype!r} must be one of {TEACHER_DTYPES}.")
+        if self.teacher_dtype not in TEACHER_DTYPE_CHOICES:
+            raise ValueError(f"DistillationConfig.teacher_dtype={self.teacher_dtype!r} must be one of {TEACHER_DTYPE_CHOICES}.")
         super().__post_init__()

@@ -35,12 +35,14 @@ from hf_capgap.sft_data import (
     has_labelled_position,
     next_token_labels,
 )
+from hf_capgap.teacher_loading import load_frozen_teacher
 from hf_capgap.vocabulary import check_same_vocabulary, real_vocab_size
 
 
-def _load_causal_lm(model: PreTrainedModel | str | None, role: str, init_kwargs: dict[str, Any] | None) -> PreTrainedModel:
+def _load_student(model: PreTrainedModel | str | None, init_kwargs: dict[str, Any] | None) -> PreTrainedModel:
+    """The student as SFTTrainer loads one from a path (``model_init_kwargs``), checked before the teacher loads."""
     if model is None:
-        raise ValueError(f"{role} is required.")
+        raise ValueError("model (the student) is required: pass a causal LM or a path.")
     if isinstance(model, str):
         from trl.trainer.utils import create_model_from_path
 
@@ -92,7 +94,7 @@ class DistillationTrainer(SFTTrainer):
     ) -> None:
         if not isinstance(args, DistillationConfig):
             raise ValueError("args must be a hf_capgap.DistillationConfig (it carries loss, alpha, temperature ...).")
-        model = _load_causal_lm(model, "model (the student)", args.model_init_kwargs)
+        model = _load_student(model, args.model_init_kwargs)
         processing_class = _tokenizer_for(model, processing_class)
         self.teacher_cache = self._open_cache(args) if args.teacher_cache is not None else None
         if self.teacher_cache is not None:
@@ -106,7 +108,10 @@ class DistillationTrainer(SFTTrainer):
                     "teacher_model is required: pass a causal LM (or a path), or set "
                     "DistillationConfig.teacher_cache to a cache built with TeacherCache.build."
                 )
-            teacher_model = _load_causal_lm(teacher_model, "teacher_model", None)
+            if isinstance(teacher_model, str):
+                teacher_model = load_frozen_teacher(
+                    teacher_model, teacher_dtype=args.teacher_dtype, trust_remote_code=args.trust_remote_code
+                )
             if teacher_processing_class is not None:
                 check_same_vocabulary(processing_class, teacher_processing_class)
         if train_dataset is None:
