@@ -114,12 +114,15 @@ def prune_model(
     shape: PruneShape | Mapping[str, int] | None = None,
     calibration: Iterable[Mapping[str, Tensor]] | None = None,
     layer_selection: str | Sequence[int] = "score",
+    checkpoint_layers: bool = False,
 ) -> PreTrainedModel:
     """Return a pruned copy of ``model`` with ``target_params`` parameters (within 2%) or ``shape``.
 
     ``calibration`` yields batches like ``{"input_ids": LongTensor[batch, seq]}`` for Taylor scores;
-    without it, weight magnitude is used (with a warning). The teacher is left unchanged; the student
-    carries a :class:`PruningRecord` as ``student.pruning_record``.
+    without it, weight magnitude is used (with a warning). ``checkpoint_layers`` recomputes each
+    layer's activations in the scoring backward pass instead of keeping them (a 7B teacher at 4096
+    tokens). The teacher is left unchanged; the student carries a :class:`PruningRecord` as
+    ``student.pruning_record``.
     """
     config = model.config
     layout_for(config)
@@ -138,7 +141,8 @@ def prune_model(
             f"{shape.num_hidden_layers}; make them agree."
         )
 
-    scores = magnitude_importance(model) if calibration is None else taylor_importance(model, calibration)
+    scores = (magnitude_importance(model) if calibration is None
+              else taylor_importance(model, calibration, checkpoint_layers=checkpoint_layers))
     selection = select_units(scores, shape, explicit_layers if explicit_layers is not None else layer_selection)
     student = apply_selection(model, selection)
     student.pruning_record = replace(

@@ -17,6 +17,7 @@ Scoring only reads the weights: parameters are frozen for the backward passes an
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -48,8 +49,14 @@ class ImportanceScores:
     calibration_tokens: int = 0
 
 
-def taylor_importance(model: torch.nn.Module, calibration: Iterable[Mapping[str, Tensor]]) -> ImportanceScores:
-    """Average ``|grad x mask|`` of the LM loss over ``calibration`` batches (``input_ids`` [+ labels])."""
+def taylor_importance(
+    model: torch.nn.Module, calibration: Iterable[Mapping[str, Tensor]], *, checkpoint_layers: bool = False
+) -> ImportanceScores:
+    """Average ``|grad x mask|`` of the LM loss over ``calibration`` batches (``input_ids`` [+ labels]).
+
+    ``checkpoint_layers`` keeps only each layer's input for the backward pass and recomputes the rest
+    (mask hooks included), so scoring memory stays near one layer's activations.
+    """
     config, layout = model.config, layout_for(model.config)
     teacher = PruneShape.of(config)
     layers = model.get_submodule(layout.layers)
@@ -93,6 +100,8 @@ def taylor_importance(model: torch.nn.Module, calibration: Iterable[Mapping[str,
     try:
         model.eval()
         model.requires_grad_(False)
+        if checkpoint_layers:
+            _checkpoint_forwards(layers)
         for batch in tqdm(calibration, desc="Taylor importance", unit="batch"):
             input_ids = _checked_input_ids(batch, config.vocab_size)
             labels = batch.get("labels", input_ids)
@@ -109,6 +118,8 @@ def taylor_importance(model: torch.nn.Module, calibration: Iterable[Mapping[str,
             batches += 1
             tokens += int(attention_mask.sum()) if attention_mask is not None else input_ids.numel()
     finally:
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
         for handle in handles:
             handle.remove()
         for name, param in model.named_parameters():
@@ -124,6 +135,15 @@ def taylor_importance(model: torch.nn.Module, calibration: Iterable[Mapping[str,
         method="taylor",
         calibration_tokens=tokens,
     )
+
+
+def _checkpoint_forwards(layers: Iterable[torch.nn.Module]) -> None:
+    """Route each layer's forward through non-reentrant activation checkpointing (undone by deleting
+    the instance attribute); it works in eval mode, unlike transformers' training-only switch."""
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in layers:
+        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
 
 
 def magnitude_importance(model: torch.nn.Module) -> ImportanceScores:

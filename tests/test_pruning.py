@@ -162,6 +162,16 @@ def test_taylor_scores_drop_a_dead_neuron_and_magnitude_fallback_warns():
     assert not torch.any(torch.all(fallback.model.layers[0].mlp.down_proj.weight == 0, dim=0))
 
 
+@pytest.mark.parametrize("config", [llama_config(num_hidden_layers=2), gpt2_config(n_layer=2)], ids=["llama", "gpt2"])
+def test_checkpointed_taylor_scores_equal_the_plain_ones(config):
+    teacher, calibration = build(config), batches()
+    plain = taylor_importance(teacher, calibration)
+    checkpointed = taylor_importance(teacher, calibration, checkpoint_layers=True)
+    for name in ("hidden", "heads", "neurons", "layers"):
+        torch.testing.assert_close(getattr(checkpointed, name), getattr(plain, name))
+    assert all("forward" not in vars(layer) for layer in teacher.modules())  # the wrapping is undone
+
+
 def test_gpt2_config_keeps_every_setting_and_counts_the_hub_sizes():
     teacher = gpt2_config(n_positions=48, activation_function="gelu", layer_norm_epsilon=1e-4, scale_attn_weights=False,
                           scale_attn_by_inverse_layer_idx=True, reorder_and_upcast_attn=True)
