@@ -1,6 +1,9 @@
 """One SGD step of DistillationTrainer; launched by tests under accelerate with 2 CPU processes.
 
-Each rank saves the student's lm_head after the step and its rank/world size into OUT.
+The pair is Qwen2-like (GQA, tied and padded embeddings). With two ranks of two rows each, rank 1's
+micro-batch has no labelled token (as assistant-only loss often makes): it must still step, with zero
+gradients, and the result must equal one process over all four rows. Each rank saves the student's
+embedding change and its rank/world size into OUT.
 """
 
 from __future__ import annotations
@@ -13,52 +16,55 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from safetensors.torch import save_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import chat_tokenizer, tiny_qwen2
 
 from hf_capgap import DistillationConfig, DistillationTrainer
+from hf_capgap.sft_data import forward_inputs, next_token_labels
 
-VOCAB = 64
+VOCAB = 1000  # the tokenizer's real vocabulary; both models pad their embeddings past it
 LENGTHS = [5, 11, 8, 3, 12, 6, 9, 4]
-
-
-def model(hidden: int, seed: int) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-    )
-    return LlamaForCausalLM(config)
+MASKED_ROWS = (2, 3)  # rank 1's first micro-batch under 2 processes x 2 rows
 
 
 def dataset() -> Dataset:
     generator = torch.Generator().manual_seed(0)
-    return Dataset.from_dict({"input_ids": [torch.randint(1, VOCAB, (n,), generator=generator).tolist() for n in LENGTHS]})
+    rows = [torch.randint(10, VOCAB - 10, (n,), generator=generator).tolist() for n in LENGTHS]
+    labels = [[-100] * len(row) if i in MASKED_ROWS else row for i, row in enumerate(rows)]
+    return Dataset.from_dict({"input_ids": rows, "labels": labels})
 
 
 def train(out: Path, per_device_batch: int) -> tuple[torch.Tensor, torch.Tensor, DistillationTrainer]:
-    teacher, student = model(32, seed=1), model(16, seed=2)
+    teacher, student = tiny_qwen2(1024, hidden=32, seed=1), tiny_qwen2(1008, hidden=16, seed=2)
     before = student.lm_head.weight.detach().clone()
     args = DistillationConfig(
         output_dir=str(out / "run"), per_device_train_batch_size=per_device_batch, max_steps=1, optim="sgd",
         learning_rate=1.0, lr_scheduler_type="constant", max_grad_norm=0.0, train_sampling_strategy="sequential",
         report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True, alpha=0.5, temperature=2.0,
+        max_length=None, logging_steps=1,
     )
-    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=dataset())
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, args=args, train_dataset=dataset(), processing_class=chat_tokenizer()
+    )
     trainer.train()
     return before, student.lm_head.weight.detach().clone(), trainer
 
 
 class AlignmentCheckingTrainer(DistillationTrainer):
-    """Counts batch rows whose cached teacher signal belongs to their own input ids."""
+    """Counts labelled positions whose cached top-k ids are the online teacher's top-k for that position."""
 
-    def __init__(self, *args, expected: dict[tuple[int, ...], list], **kwargs):
+    def __init__(self, *args, reference_teacher, **kwargs):
         super().__init__(*args, **kwargs)
-        self.expected, self.rows_seen, self.rows_aligned = expected, 0, 0
+        self.reference_teacher, self.positions_seen, self.positions_aligned = reference_teacher, 0, 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        for ids, topk in zip(inputs["input_ids"], inputs["teacher_topk_ids"], strict=True):
-            self.rows_seen += 1
-            self.rows_aligned += int(topk.tolist() == self.expected[tuple(ids.tolist())])
+        cached = self.teacher_cache.teacher_signal(inputs)
+        with torch.no_grad():
+            logits = self.reference_teacher(**forward_inputs(inputs), use_cache=False).logits[:, :-1, :VOCAB]
+        labelled = next_token_labels(inputs["labels"]) != -100
+        online = logits.reshape(-1, VOCAB)[labelled].topk(cached.ids.shape[-1]).indices
+        for cached_ids, online_ids in zip(cached.ids, online, strict=True):
+            self.positions_seen += 1
+            self.positions_aligned += int(set(cached_ids.tolist()) == set(online_ids.tolist()))
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
@@ -66,23 +72,31 @@ def train_from_cache(out: Path) -> dict[str, int]:
     """Build a cache with both ranks, then train two shuffled epochs on it."""
     from hf_capgap import TeacherCache
 
-    packed = Dataset.from_dict({"input_ids": torch.randint(1, VOCAB, (12, 8), generator=torch.Generator().manual_seed(0)).tolist()})
-    cache = TeacherCache.build(model(32, seed=1), packed, out / "cache", mode="topk", k=4, shard_tokens=16, progress=False)
-    expected = {tuple(row["input_ids"]): row["topk_ids"] for row in cache.dataset}
+    tokenizer, teacher = chat_tokenizer(), tiny_qwen2(1024, hidden=32, seed=1)
+    rows = Dataset.from_dict({"input_ids": torch.randint(10, VOCAB - 10, (12, 8), generator=torch.Generator().manual_seed(0)).tolist()})
     args = DistillationConfig(
         output_dir=str(out / "run-cache"), per_device_train_batch_size=2, num_train_epochs=2, report_to=[],
         save_strategy="no", disable_tqdm=True, use_cpu=True, teacher_cache=str(out / "cache"),
     )
-    trainer = AlignmentCheckingTrainer(model=model(16, seed=2), args=args, train_dataset=packed, expected=expected)
+    cache = TeacherCache.build(teacher, rows, out / "cache", tokenizer=tokenizer, args=args, mode="topk", k=4,
+                               shard_tokens=16, progress=False)
+    trainer = AlignmentCheckingTrainer(
+        model=tiny_qwen2(1008, hidden=16, seed=2), args=args, train_dataset=rows, processing_class=tokenizer,
+        reference_teacher=teacher,
+    )
     trainer.train()
-    return {"rows_seen": trainer.rows_seen, "rows_aligned": trainer.rows_aligned, "shards": len(cache.manifest["shards"])}
+    return {
+        "positions_seen": trainer.positions_seen, "positions_aligned": trainer.positions_aligned,
+        "shards": len(cache.manifest["shards"]),
+    }
 
 
 def main(out: Path) -> None:
     before, after, trainer = train(out, per_device_batch=2)
     rank, world = trainer.args.process_index, trainer.args.world_size
     save_file({"delta": (after - before).contiguous()}, str(out / f"rank{rank}.safetensors"))
-    report = {"rank": rank, "world_size": world, **train_from_cache(out)}
+    empty = next(entry["empty_micro_batches"] for entry in trainer.state.log_history if "empty_micro_batches" in entry)
+    report = {"rank": rank, "world_size": world, "empty_micro_batches": empty, **train_from_cache(out)}
     (out / f"rank{rank}.json").write_text(json.dumps(report))
     # Both ranks are done once this barrier passes. Exit without interpreter-exit destructors: gloo's
     # can abort a rank ("terminate called without an active exception"), and an explicit

@@ -15,8 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_two_process_training_online_and_from_a_cache(tmp_path):
-    """2 ranks x 2 rows == 1 process x 4 rows (gradients token-normalised across processes), and
-    training from a teacher cache keeps every row aligned with its signal under data sharding."""
+    """2 ranks x 2 rows == 1 process x 4 rows (gradients token-normalised across processes), also when
+    one rank's micro-batch has no labelled token; and training from a teacher cache keeps every
+    position aligned with its signal under data sharding."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file",
@@ -27,10 +28,11 @@ def test_two_process_training_online_and_from_a_cache(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["rank"] for r in ranks] == [0, 1] and {r["world_size"] for r in ranks} == {2}
-    # Cache built by both ranks; two shuffled epochs over 12 rows split across 2 processes, every
-    # batch row carrying its own teacher signal.
-    assert sum(r["rows_seen"] for r in ranks) == 2 * 12
-    assert all(r["rows_aligned"] == r["rows_seen"] for r in ranks)
+    assert {r["empty_micro_batches"] for r in ranks} == {1}  # rank 1's, summed over ranks in the log
+    # Cache built by both ranks; two shuffled epochs over 12 rows of 8 tokens split across 2 processes,
+    # every labelled position carrying its own teacher signal.
+    assert sum(r["positions_seen"] for r in ranks) == 2 * 12 * 7
+    assert all(r["positions_aligned"] == r["positions_seen"] for r in ranks)
     assert ranks[0]["shards"] > 1
     deltas = [load_file(str(tmp_path / f"rank{r}.safetensors"))["delta"] for r in (0, 1)]
     torch.testing.assert_close(deltas[0], deltas[1])  # DDP kept the replicas identical
