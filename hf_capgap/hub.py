@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shlex
+import warnings
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
@@ -66,7 +67,14 @@ class HeldOutScore:
 
 @dataclasses.dataclass(frozen=True)
 class StudentCardInfo:
-    """Everything the student card says; ``law`` is ``CapacityGapLaw.to_dict()``."""
+    """Everything the student card says; ``law`` is ``CapacityGapLaw.to_dict()``.
+
+    ``teacher`` is how the card names the teacher; ``teacher_hub_id`` (a Hub id, never a local path)
+    becomes ``base_model`` and the link, and is left out when the teacher is not on the Hub.
+    ``license`` None leaves the license for the author to fill in (a student inherits its teacher's
+    terms, so no default is assumed). ``repo_id`` is the Hub repo "How to use" loads from.
+    ``scratch_eval`` None reports the from-scratch baseline as not run.
+    """
 
     model_name: str
     teacher: str
@@ -81,7 +89,9 @@ class StudentCardInfo:
     scratch_eval: HeldOutScore | None
     eval_dataset: str
     datasets: Sequence[str] = ()
-    license: str = "apache-2.0"
+    license: str | None = None
+    teacher_hub_id: str | None = None
+    repo_id: str | None = None
     law_plot: str | None = None
     limitations: Sequence[str] = ()
 
@@ -130,6 +140,10 @@ class StudentCardInfo:
             raise ValueError(f"pruning.kept_fraction must be in (0, 1], got {self.pruning.kept_fraction}.")
         if not self.eval_dataset:
             raise ValueError("eval_dataset is empty: name the held-out data the losses were measured on.")
+        for name in ("teacher_hub_id", "repo_id"):
+            value = getattr(self, name)
+            if value is not None and (value.count("/") != 1 or value.startswith((".", "/", "~"))):
+                raise ValueError(f"{name}={value!r} must be a Hub id 'namespace/name', not a local path.")
         if self.law_plot is not None and not Path(self.law_plot).is_file():
             raise FileNotFoundError(f"law_plot {self.law_plot} does not exist; pass the PNG from CapacityGapLaw.plot.")
 
@@ -179,9 +193,16 @@ def render_model_card(info: StudentCardInfo | Mapping[str, Any]) -> Any:
     from huggingface_hub import ModelCard, ModelCardData
 
     info = _as_info(info)
+    if info.license is None:
+        warnings.warn(
+            f"the card of {info.model_name} states no license: fill in `license:` in its README.md (the student "
+            "inherits the terms of its teacher and training data) or set the license setting.",
+            UserWarning,
+            stacklevel=2,
+        )
     card_data = ModelCardData(
         model_name=info.model_name,
-        base_model=info.teacher,
+        base_model=info.teacher_hub_id,
         library_name="transformers",
         pipeline_tag="text-generation",
         tags=list(CARD_TAGS),
@@ -191,8 +212,7 @@ def render_model_card(info: StudentCardInfo | Mapping[str, Any]) -> Any:
     )
     rows = [("Teacher", info.teacher_eval), ("Pruned student, before distillation", info.pruned_eval)]
     rows += [("Distilled student (this model)", info.distilled_eval)]
-    if info.scratch_eval is not None:
-        rows.append(("Same-size student trained from scratch", info.scratch_eval))
+    rows.append(("Same-size student trained from scratch", info.scratch_eval))
     template = resources.files("hf_capgap.model_cards") / CARD_TEMPLATE
     return ModelCard.from_template(
         card_data,
@@ -202,6 +222,7 @@ def render_model_card(info: StudentCardInfo | Mapping[str, Any]) -> Any:
         position=law_position(info),
         results=rows,
         plot=PLOT_NAME if info.law_plot is not None else None,
+        repo=info.repo_id or f"YOUR_NAMESPACE/{info.model_name}",
     )
 
 

@@ -36,6 +36,9 @@ def card_info(plot: Path | None = None, **overrides) -> dict:
     info = {
         "model_name": REPO,
         "teacher": "tester/tiny-teacher",
+        "teacher_hub_id": "tester/tiny-teacher",
+        "license": "apache-2.0",
+        "repo_id": REPO,
         "teacher_params": 5_000,
         "student_params": 1_000,
         "law": {
@@ -119,6 +122,25 @@ def test_law_position_and_card_text():
     assert "AutoModelForCausalLM.from_pretrained" in text
     inside = StudentCardInfo.from_dict(card_info(teacher_params=2_400))
     assert "**within**" in str(render_model_card(inside))
+
+
+def test_card_of_a_local_teacher_has_no_base_model_link_license_or_machine_path():
+    info = card_info(teacher="my-teacher", teacher_hub_id=None, license=None, repo_id="me/student", scratch_eval=None)
+    with pytest.warns(UserWarning, match="no license"):
+        card = render_model_card(info)
+    text = str(card)
+    assert card.data.base_model is None and card.data.license is None
+    assert "huggingface.co/my-teacher" not in text and "No license is stated yet" in text
+    assert 'from_pretrained("me/student")' in text
+    assert "| Same-size student trained from scratch | not run | not run |" in text
+    with pytest.raises(ValueError, match="teacher_hub_id='/home/me/teacher'"):
+        render_model_card(card_info(teacher_hub_id="/home/me/teacher"))
+
+
+def test_card_names_the_teacher_hub_id_and_the_license():
+    card = render_model_card(card_info(teacher_hub_id="meta-llama/Llama-2-7b-hf", license="llama2"))
+    assert card.data.base_model == "meta-llama/Llama-2-7b-hf" and card.data.license == "llama2"
+    assert "(https://huggingface.co/meta-llama/Llama-2-7b-hf)" in str(card)
 
 
 def test_card_info_errors_name_the_field():
