@@ -3,20 +3,24 @@
 The memory-lean loss multiplies last hidden states by the lm_head weight chunk by chunk, so the
 [tokens, vocab] logits never exist in full. For that the model must return its last hidden states:
 :func:`lm_head_bypassed` swaps the head for a pass-through during one forward call, and
-:func:`fusable_head` says whether a model's head can be fused at all.
+:func:`choose_lm_head` says whether a model's head can be fused, and why (or why not), in one line
+that the trainer logs when training starts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-
 # Architectures whose logits are exactly lm_head(last_hidden_state): no soft-capping or scaling after.
 FUSABLE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt_neox", "gpt2", "phi3", "olmo2"})
+FUSED_LM_HEAD_MODES = ("auto", "always", "never")
 
 
 class _ThroughHead(torch.autograd.Function):
@@ -48,41 +52,96 @@ class _PassThrough(nn.Module):
         return _ThroughHead.apply(hidden_states, *self.head_parameters)
 
 
+# One pass-through per head for the head's lifetime: a torch.compile'd model guards on its modules,
+# and a new stand-in at every step would recompile it every step.
+_PASS_THROUGHS: weakref.WeakKeyDictionary[nn.Linear, _PassThrough] = weakref.WeakKeyDictionary()
+
+
 def base_model(model: nn.Module) -> nn.Module:
-    """The causal LM inside PEFT wrappers."""
+    """The causal LM inside torch.compile (``_orig_mod``) and PEFT wrappers."""
+    while "_orig_mod" in model._modules:  # torch.compile's wrapper, found without importing torch._dynamo
+        model = model._orig_mod
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 @contextlib.contextmanager
-def lm_head_bypassed(model: nn.Module, head: nn.Module) -> Iterator[None]:
+def lm_head_bypassed(model: nn.Module, head: nn.Linear) -> Iterator[None]:
+    """During the block, ``model`` (or the causal LM inside its wrappers) returns hidden states as logits."""
+    model = base_model(model)
     parent_name = next(name for name, child in model.named_children() if child is head)
-    setattr(model, parent_name, _PassThrough(head))
+    if head not in _PASS_THROUGHS:
+        _PASS_THROUGHS[head] = _PassThrough(head)
+    setattr(model, parent_name, _PASS_THROUGHS[head])
     try:
         yield
     finally:
         setattr(model, parent_name, head)
 
 
-def fusable_head(model: nn.Module, mode: str, sharded: bool) -> nn.Linear | None:
-    """The lm_head to fuse into the loss, or None when the logits must be taken from the model."""
-    if mode == "never":
-        return None
-    base = base_model(model)
-    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    config = getattr(base, "config", None)
-    reason = None
-    if sharded:
-        reason = "the weights are sharded (FSDP / DeepSpeed ZeRO-3)"
-    elif type(head) is not nn.Linear:
-        reason = f"its output layer is a {type(head).__name__}, not a plain nn.Linear"
-    elif getattr(config, "model_type", None) not in FUSABLE_MODEL_TYPES:
-        reason = f"model_type {getattr(config, 'model_type', None)!r} may post-process its logits"
-    elif head not in base.children():
-        reason = "its lm_head is not a direct child module"
-    if reason is None:
-        return head
-    if mode == "always":
-        raise ValueError(f"fused_lm_head='always' but {reason}; use fused_lm_head='auto' or 'never'.")
+@dataclass(frozen=True)
+class HeadChoice:
+    """The lm_head to fuse into the loss (None: the model returns full logits) and, in words, why."""
+
+    head: nn.Linear | None
+    reason: str
+
+
+def head_sharding(accelerator: Any) -> str | None:
+    """Why each rank holds only a shard of the lm_head under ``accelerator``, or None when it holds it whole.
+
+    FSDP (1 and 2) and DeepSpeed ZeRO-3 shard parameters; ZeRO-0/1/2 shard optimizer state and
+    gradients only, so the fused loss reads a whole weight there.
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return "FSDP shards the lm_head weight across ranks"
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        stage = accelerator.state.deepspeed_plugin.zero_stage
+        if stage == 3:
+            return "DeepSpeed ZeRO-3 shards the lm_head weight across ranks"
     return None
 
 
+def _why_not_fusable(model: nn.Module, head: nn.Module | None, sharding: str | None) -> str | None:
+    config = getattr(model, "config", None)
+    if sharding is not None:
+        return sharding
+    if type(head) is not nn.Linear:
+        return f"its output layer is a {type(head).__name__}, not a plain nn.Linear"
+    if getattr(config, "model_type", None) not in FUSABLE_MODEL_TYPES:
+        return f"model_type {getattr(config, 'model_type', None)!r} may post-process its logits"
+    if head not in model.children():
+        return "its lm_head is not a direct child module"
+    return None
+
+
+def choose_lm_head(model: nn.Module, mode: str, sharding: str | None = None) -> HeadChoice:
+    """Whether the loss can take ``model``'s lm_head (``mode`` auto / always / never), with a one-line reason.
+
+    ``model`` may be wrapped by torch.compile, PEFT or accelerate (unwrap DDP first); ``sharding`` is
+    :func:`head_sharding`'s answer. ``mode='always'`` raises with the reason where the head cannot be fused.
+    """
+    if mode not in FUSED_LM_HEAD_MODES:
+        raise ValueError(f"fused_lm_head={mode!r} must be one of {', '.join(FUSED_LM_HEAD_MODES)}.")
+    logits_path = "logits path: the model returns full [batch, seq, vocab] logits and the loss chunks them"
+    if mode == "never":
+        return HeadChoice(None, f"{logits_path}, because fused_lm_head='never'")
+    base = base_model(model)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    reason = _why_not_fusable(base, head, sharding)
+    if reason is None:
+        out_features, in_features = head.weight.shape
+        return HeadChoice(
+            head,
+            f"fused lm_head: the {out_features}x{in_features} lm_head is multiplied into the chunked loss, "
+            "so the [tokens, vocab] logits never exist in full",
+        )
+    if mode == "always":
+        raise ValueError(f"fused_lm_head='always' but {reason}; use fused_lm_head='auto' or 'never'.")
+    return HeadChoice(None, f"{logits_path}; the lm_head is not fused because {reason}")
+
+
+def fusable_head(model: nn.Module, mode: str, sharded: bool) -> nn.Linear | None:
+    """The lm_head to fuse, or None (the call trainer.py makes until it passes :func:`head_sharding`'s reason)."""
+    return choose_lm_head(model, mode, "the weights are sharded (FSDP / DeepSpeed)" if sharded else None).head
