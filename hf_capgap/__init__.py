@@ -34,6 +34,8 @@ _EXPORTS = {
     "train_tokenizer": "hf_capgap.data",
     "default_tokenizer": "hf_capgap.data",
     "tokenize_and_pack": "hf_capgap.data",
+    "prepare_dataset": "hf_capgap.sft_data",
+    "check_same_vocabulary": "hf_capgap.vocabulary",
     "evaluate_perplexity": "hf_capgap.evaluation",
     "LossSpec": "hf_capgap.losses",
     "distillation_loss": "hf_capgap.losses",

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import datasets
-import numpy as np
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from hf_capgap.artifacts import (
@@ -35,7 +34,7 @@ SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>",
 TOKENIZER_KIND = "tokenizer"
 TOKENIZER_FORMAT_VERSION = 1
 _CORPUS_FORMAT_VERSION = 1
-_PACK_FORMAT_VERSION = 1
+_PACK_FORMAT_VERSION = 2
 _BYTE_ALPHABET_SIZE = 256
 
 DatasetOrDict = TypeVar("DatasetOrDict", datasets.Dataset, datasets.DatasetDict)
@@ -180,13 +179,17 @@ def tokenize_and_pack(
     *,
     num_proc: int | None = None,
 ) -> DatasetOrDict:
-    """Tokenize the ``text`` column and pack it into rows of exactly ``seq_len`` token ids.
+    """Tokenize the ``text`` column and pack it into rows of exactly ``seq_len`` token ids (pretraining rows).
 
-    Documents are joined with the eos token so the model sees where one ends and the next begins; the
-    tokens left over at the end of each ``map`` batch (fewer than ``seq_len``) are dropped. The only
-    column is ``input_ids`` (int32); trainers derive labels from it. Cached by the dataset and
-    tokenizer fingerprints, so a second call with the same inputs reads the Arrow cache.
+    Each document ends with the eos token so the model sees where one ends and the next begins; TRL's
+    ``pack_dataset`` ("wrapped") cuts the token stream of each ``map`` batch into rows, and the short
+    row left at the end of each batch is dropped, so every row is full. The only column is
+    ``input_ids`` (int32); trainers derive labels from it. User datasets for distillation go through
+    :func:`hf_capgap.sft_data.prepare_dataset` instead (chat, prompt-completion, masks). Cached by the
+    dataset and tokenizer fingerprints, so a second call with the same inputs reads the Arrow cache.
     """
+    from trl import pack_dataset
+
     if seq_len < 2:
         raise ValueError(f"seq_len={seq_len} is too small: a language-model row needs at least 2 tokens.")
     if tokenizer.eos_token_id is None:
@@ -199,29 +202,41 @@ def tokenize_and_pack(
         raise ValueError(f"dataset has no 'text' column (columns: {dataset.column_names}); rename your text column.")
     if len(dataset) == 0:
         raise ValueError("dataset is empty: tokenize_and_pack needs at least one text row.")
-    packed = dataset.map(
-        _pack_batch,
+    fingerprint = _derived_fingerprint(dataset, "pack", _PACK_FORMAT_VERSION, tokenizer_fingerprint(tokenizer), seq_len)
+    tokenized = dataset.map(
+        _tokenize_documents,
         batched=True,
         num_proc=num_proc,
         remove_columns=dataset.column_names,
-        fn_kwargs={"tokenizer": tokenizer, "seq_len": seq_len},
+        fn_kwargs={"tokenizer": tokenizer},
         features=datasets.Features({"input_ids": datasets.List(datasets.Value("int32"))}),
-        new_fingerprint=_derived_fingerprint(
-            dataset, "pack", _PACK_FORMAT_VERSION, tokenizer_fingerprint(tokenizer), seq_len
-        ),
-        desc=f"Tokenizing and packing into rows of {seq_len}",
+        new_fingerprint=f"{fingerprint}-tokens",
+        desc="Tokenizing documents",
     )
-    if len(packed) == 0:
+    packed = pack_dataset(
+        tokenized, seq_len, strategy="wrapped", map_kwargs={"num_proc": num_proc, "new_fingerprint": f"{fingerprint}-wrapped"}
+    )
+    full = packed.filter(
+        _full_rows,
+        batched=True,
+        input_columns="input_ids",
+        fn_kwargs={"seq_len": seq_len},
+        num_proc=num_proc,
+        new_fingerprint=fingerprint,
+        desc=f"Keeping full rows of {seq_len}",
+    )
+    if len(full) == 0:
         raise ValueError(
             f"seq_len={seq_len} is longer than the tokens available per batch: no full row could be "
             "packed. Use a smaller seq_len or more text."
         )
-    return packed
+    return full
 
 
-def _pack_batch(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, seq_len: int) -> dict[str, Any]:
+def _tokenize_documents(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase) -> dict[str, list]:
     encoded = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
-    eos = tokenizer.eos_token_id
-    flat = np.fromiter(chain.from_iterable(ids + [eos] for ids in encoded), dtype=np.int32)
-    rows = len(flat) // seq_len
-    return {"input_ids": flat[: rows * seq_len].reshape(rows, seq_len)}
+    return {"input_ids": [ids + [tokenizer.eos_token_id] for ids in encoded]}
+
+
+def _full_rows(rows: list[list[int]], seq_len: int) -> list[bool]:
+    return [len(row) == seq_len for row in rows]
