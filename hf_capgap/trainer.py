@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedModel
+from transformers.utils import logging
 from trl import SFTTrainer
 
 from hf_capgap.config import DistillationConfig
-from hf_capgap.lm_head import base_model, fusable_head, lm_head_bypassed
+from hf_capgap.lm_head import HeadChoice, base_model, choose_lm_head, head_sharding, lm_head_bypassed
 from hf_capgap.losses import (
     DenseTeacher,
     DistillationLossOutput,
@@ -37,6 +38,8 @@ from hf_capgap.sft_data import (
 )
 from hf_capgap.teacher_loading import load_frozen_teacher
 from hf_capgap.vocabulary import check_same_vocabulary, real_vocab_size
+
+logger = logging.get_logger(__name__)
 
 
 def _load_student(model: PreTrainedModel | str | None, init_kwargs: dict[str, Any] | None) -> PreTrainedModel:
@@ -149,6 +152,7 @@ class DistillationTrainer(SFTTrainer):
         )
         self.teacher = None if teacher_model is None else self._prepare_teacher(teacher_model)
         self._parts: dict[str, Tensor] = {}
+        self._announced_paths: set[str] = set()
 
     # ------------------------------------------------------------------ set-up checks
 
@@ -231,20 +235,27 @@ class DistillationTrainer(SFTTrainer):
 
     # ------------------------------------------------------------------ loss
 
-    def _sharded(self) -> bool:
-        return self.is_fsdp_enabled or self.is_deepspeed_enabled
+    def _head_choice(self, model: nn.Module, role: str) -> HeadChoice:
+        """Which lm_head to fuse for ``role`` (student / teacher); says once, in the log, which path runs and why
+        (as a warning when 'auto' had to fall back to full logits, which costs [tokens, vocab] memory)."""
+        choice = choose_lm_head(self.accelerator.unwrap_model(model), self.args.fused_lm_head, head_sharding(self.accelerator))
+        if role not in self._announced_paths:
+            self._announced_paths.add(role)
+            fell_back = choice.head is None and self.args.fused_lm_head == "auto"
+            (logger.warning if fell_back else logger.info)(f"hf_capgap {role} loss path: {choice.reason}")
+        return choice
 
-    def _forward_states(self, model: nn.Module, inputs: dict[str, Tensor]) -> tuple[Tensor, nn.Linear | None]:
+    def _forward_states(self, model: nn.Module, inputs: dict[str, Tensor], role: str) -> tuple[Tensor, nn.Linear | None]:
         """Last hidden states and the lm_head to fuse, or logits and None.
 
         Every collator output but the labels reaches the model, so padding-free batches keep their
         ``position_ids`` (packed documents never attend to each other) on the student and the teacher alike.
         """
-        head = fusable_head(self.accelerator.unwrap_model(model), self.args.fused_lm_head, self._sharded())
+        head = self._head_choice(model, role).head
         call = {**forward_inputs(inputs), "use_cache": False}
         if head is None:
             return model(**call).logits, None
-        with lm_head_bypassed(base_model(self.accelerator.unwrap_model(model)), head):
+        with lm_head_bypassed(self.accelerator.unwrap_model(model), head):
             return model(**call).logits, head
 
     def _teacher_signal(self, inputs: dict[str, Tensor]) -> TeacherSignal | None:
@@ -259,7 +270,7 @@ class DistillationTrainer(SFTTrainer):
                 return None  # evaluating on rows that were never cached
             return self.teacher_cache.teacher_signal(inputs)
         with torch.no_grad():
-            states, head = self._forward_states(self.teacher, inputs)
+            states, head = self._forward_states(self.teacher, inputs, "teacher")
         rows = states[:, :-1].reshape(-1, states.shape[-1])
         if head is None:
             return DenseTeacher(rows)
@@ -285,7 +296,7 @@ class DistillationTrainer(SFTTrainer):
             )
         labels = next_token_labels(inputs["labels"])
         teacher = self._teacher_signal(inputs)
-        states, head = self._forward_states(model, inputs)
+        states, head = self._forward_states(model, inputs, "student")
         rows = states[:, :-1].reshape(-1, states.shape[-1])
         # Evaluating on rows that were never cached: only the LM cross-entropy can be measured.
         spec = self.loss_spec if teacher is not None else replace(self.loss_spec, alpha=0.0)
