@@ -1,24 +1,26 @@
-"""TeacherCache: run a teacher once over a packed dataset and keep its next-token distributions.
+"""TeacherCache: run a teacher once over a dataset and keep its next-token distributions.
 
 In a capacity-gap sweep every student is distilled from the same few teachers, so the teacher's
 forward pass is paid once and reused for every epoch and every student. Storing only the top-k
 log-probs biases the distillation target (Anshumann et al., ACL 2025, "Sparse Logit Sampling"), so a
 cache keeps either the top-k *plus the exact tail mass*, unbiased samples, or the dense distribution.
 
+The cache stores the rows the trainer trains on (TRL's SFT preparation: text, messages,
+prompt-completion or pre-tokenized; packing; completion / assistant masks) and the teacher signal of
+each row's labelled positions only. Reading it back, a batch of rows is collated by the trainer's
+own collator and the rows' signals are concatenated: they line up with the batch's labelled
+positions (``batch["labels"][:, 1:].reshape(-1) != -100``) whatever the order, epoch or process.
+
 On disk a cache is a directory of Arrow shards (memory-mapped on load) and a manifest written last::
 
-    shard-00000.arrow ... shard-NNNNN.arrow   rows [j*R, (j+1)*R) of the dataset, in order
+    shard-00000.arrow ... shard-NNNNN.arrow   rows [j*R, (j+1)*R) of the prepared dataset, in order
     capgap_manifest.json                       settings, fingerprints, per-shard rows and sha256
-
-Per row of length L the cache holds L-1 positions: position t is the teacher's distribution over
-the token after ``input_ids[t]``.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,79 +28,38 @@ import numpy as np
 import pyarrow as pa
 
 from hf_capgap.artifacts import ArtifactError, file_sha256, read_manifest
+from hf_capgap.cache_format import (
+    FORMAT_VERSION,
+    KIND,
+    POSITION_COLUMN,
+    ROW_COLUMNS,
+    SIGNAL_COLUMNS,
+    TEACHER_BATCH_KEYS,
+    arrow_row_count,
+    row_dicts,
+)
 
 if TYPE_CHECKING:
     import torch
 
-KIND = "teacher_cache"
-FORMAT_VERSION = 1
-MODES = ("topk", "sampled", "dense")
-DTYPES = ("float16", "bfloat16")
-
-LOGPROB_FLOOR = -1.0e4
-"""Stored in place of log(0) (e.g. the tail when the top-k hold all the mass): finite, so fp16/bf16
-storage and downstream arithmetic never meet inf or nan, and exp(LOGPROB_FLOOR) is exactly 0."""
-
-SIGNAL_COLUMNS: dict[str, tuple[str, ...]] = {
-    "topk": ("topk_ids", "topk_logprobs", "tail_logprob"),
-    "sampled": ("sample_ids", "sample_counts", "sample_logprobs"),
-    "dense": ("logprobs",),
-}
-CACHE_COLUMNS: tuple[str, ...] = (
-    "input_ids",
-    "labels",
-    *(name for columns in SIGNAL_COLUMNS.values() for name in columns),
-)
-"""Every column a cache row may hold; keep them past ``remove_unused_columns``."""
-
-TEACHER_BATCH_KEYS: dict[str, tuple[str, ...]] = {
-    "topk": ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail_logprob"),
-    "sampled": ("teacher_sample_ids", "teacher_sample_counts", "teacher_sample_logprobs"),
-    "dense": ("teacher_logprobs",),
-}
-"""Keys :meth:`TeacherCache.collate` adds to a batch, next to input_ids/attention_mask/labels."""
+    from hf_capgap.losses import TeacherSignal
 
 
-def shard_name(index: int) -> str:
-    return f"shard-{index:05d}.arrow"
+class CachedRows(list):
+    """A batch of cache rows: the plain rows (input_ids, labels, seq_lengths) for the base collator,
+    and ``signal``, each signal column's values of all the rows concatenated in row order."""
 
-
-@dataclass(frozen=True)
-class ShardPlan:
-    """Fixed row ranges: shard j covers rows [j*rows_per_shard, (j+1)*rows_per_shard)."""
-
-    num_rows: int
-    rows_per_shard: int
-
-    @property
-    def num_shards(self) -> int:
-        return -(-self.num_rows // self.rows_per_shard)
-
-    def rows(self, index: int) -> tuple[int, int]:
-        start = index * self.rows_per_shard
-        return start, min(start + self.rows_per_shard, self.num_rows)
-
-
-def arrow_row_count(path: Path) -> int:
-    """Rows in an Arrow IPC stream; raises ArtifactError when the file is unreadable or truncated."""
-    try:
-        with pa.memory_map(str(path)) as source:
-            return pa.ipc.open_stream(source).read_all().num_rows
-    except (pa.ArrowInvalid, OSError) as err:
-        raise ArtifactError(f"{path} is not a readable Arrow shard ({err}); rebuild the cache.") from err
-
-
-class CacheColumns(dict):
-    """A batch of cache rows as whole columns (``[rows, ...]`` numpy arrays), made by :class:`CacheRows`."""
+    def __init__(self, rows: list[dict[str, np.ndarray]], signal: dict[str, np.ndarray]) -> None:
+        super().__init__(rows)
+        self.signal = signal
 
 
 class CacheRows:
     """The cache as a map-style dataset that reads a whole batch with one Arrow take.
 
-    ``datasets``' numpy formatter turns the nested signal lists into arrays position by position
-    (about a thousand small arrays per batch); the columns are fixed-size lists, so flattening each
-    column of the taken table yields its ``[rows, positions, k]`` array at once. The DataLoader calls
-    ``__getitems__``, whose :class:`CacheColumns` :meth:`TeacherCache.collate` accepts like a list of rows.
+    ``datasets``' formatters would build one small array per position; a take of the batch's rows
+    and one flatten per signal column yields the batch's signal already concatenated. The DataLoader
+    calls ``__getitems__``; the cache collator accepts its :class:`CachedRows` like a list of rows.
     """
 
     def __init__(self, dataset: Any) -> None:
@@ -108,45 +69,82 @@ class CacheRows:
         return len(self._rows)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        return {name: values[0] for name, values in self.__getitems__([index]).items()}
+        batch = self.__getitems__([index])
+        return {**batch[0], **batch.signal}
 
-    def __getitems__(self, indices: Sequence[int]) -> CacheColumns:
+    def __getitems__(self, indices: Sequence[int]) -> CachedRows:
         table = self._rows[list(indices)]
-        return CacheColumns({name: _fixed_size_numpy(table.column(name)) for name in table.column_names})
+        rows = row_dicts(table.select([name for name in ROW_COLUMNS if name in table.column_names]))
+        signal = {name: _flat_numpy(table.column(name)) for name in table.column_names if name not in ROW_COLUMNS}
+        return CachedRows(rows, signal)
 
 
-def _fixed_size_numpy(column: pa.ChunkedArray) -> np.ndarray:
-    array = column.combine_chunks()
-    shape = [len(array)]
-    while pa.types.is_fixed_size_list(array.type):
-        shape.append(array.type.list_size)
+def _flat_numpy(column: pa.ChunkedArray) -> np.ndarray:
+    """A list column of the taken rows as one array over their entries: [entries] or [entries, width]."""
+    array = column.combine_chunks().flatten()
+    width = array.type.list_size if pa.types.is_fixed_size_list(array.type) else None
+    if width is not None:
         array = array.flatten()
-    return array.to_numpy(zero_copy_only=False).reshape(shape)
+    values = array.to_numpy(zero_copy_only=False)
+    return values if width is None else values.reshape(-1, width)
 
 
-def _array(values: Sequence[Any] | np.ndarray, dtype: type) -> np.ndarray:
-    """Rows or a column as one C-contiguous, writable array: Arrow buffers are read-only, and a
-    tensor over read-only memory must not reach code that may write in place."""
-    stacked = values if isinstance(values, np.ndarray) else np.stack([np.asarray(v) for v in values])
-    return np.require(stacked, dtype=dtype, requirements=["C", "W"])
+def _writable(values: np.ndarray, dtype: type) -> np.ndarray:
+    """One C-contiguous, writable array: Arrow buffers are read-only, and a tensor over read-only
+    memory must not reach code that may write in place."""
+    return np.require(values, dtype=dtype, requirements=["C", "W"])
 
 
-def _as_long(values: Sequence[Any] | np.ndarray) -> torch.Tensor:
+def _long(values: np.ndarray) -> torch.Tensor:
     import torch
 
-    return torch.from_numpy(_array(values, np.int64))
+    return torch.from_numpy(_writable(values, np.int64))
 
 
-def _as_float(values: Sequence[Any] | np.ndarray, stored_as_bf16_bits: bool) -> torch.Tensor:
+def _float(values: np.ndarray, stored_as_bf16_bits: bool) -> torch.Tensor:
     import torch
 
     if stored_as_bf16_bits:
-        return torch.from_numpy(_array(values, np.uint16).view(np.int16)).view(torch.bfloat16).float()
-    return torch.from_numpy(_array(values, np.float32))
+        return torch.from_numpy(_writable(values, np.uint16).view(np.int16)).view(torch.bfloat16).float()
+    return torch.from_numpy(_writable(values, np.float32))
+
+
+class CacheCollator:
+    """Collates cache rows exactly like ``base`` (the trainer's collator) and adds the ``teacher_*``
+    tensors, one entry per labelled position of the batch. Rows without a signal (an evaluation set
+    that was never cached) get ``base`` alone."""
+
+    def __init__(self, cache: TeacherCache, base: Callable[[list[dict[str, Any]]], dict[str, Any]]) -> None:
+        self.cache, self.base = cache, base
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        from hf_capgap.sft_data import count_labelled_positions
+
+        if not len(features):
+            raise ValueError("the collator got an empty list of rows; a batch must hold at least one row.")
+        names = SIGNAL_COLUMNS[self.cache.mode]
+        if isinstance(features, CachedRows):
+            rows, signal = list(features), features.signal
+        elif all(name in features[0] for name in names):
+            rows = [{k: v for k, v in row.items() if k in ROW_COLUMNS} for row in features]
+            signal = {name: np.concatenate([np.asarray(row[name]) for row in features]) for name in names}
+        else:
+            return self.base(list(features))
+        batch = self.base(rows)
+        expected = count_labelled_positions(batch["labels"])
+        stored = len(signal[POSITION_COLUMN[self.cache.mode]])
+        if stored != expected:
+            raise ArtifactError(
+                f"the batch has {expected} labelled positions but its cached rows hold {stored}: the collator "
+                f"does not mask labels like the one the cache was built with (padding_free="
+                f"{self.cache.manifest['padding_free']}). Use the trainer's settings of the build, or rebuild it."
+            )
+        batch.update(self.cache.signal_tensors(signal))
+        return batch
 
 
 class TeacherCache:
-    """A finished teacher cache: manifest, memory-mapped rows and a collator for the trainer."""
+    """A finished teacher cache: manifest, memory-mapped rows, a collator and the teacher signal."""
 
     def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
         self.path = path
@@ -160,23 +158,34 @@ class TeacherCache:
         dataset: Any,
         path: str | os.PathLike,
         *,
+        tokenizer: Any = None,
+        args: Any = None,
         mode: str = "topk",
         k: int = 64,
         temperature: float = 1.0,
         batch_size: int = 8,
         shard_tokens: int = 262144,
-        tokenizer: Any = None,
         dtype: str = "float16",
         seed: int = 0,
         progress: bool = True,
         overwrite: bool = False,
     ) -> TeacherCache:
-        """Run ``teacher`` (an HF causal LM) over a packed ``dataset`` and write the cache at ``path``.
+        """Run ``teacher`` (an HF causal LM, on its device, in its dtype) over ``dataset`` and write the
+        cache at ``path``.
 
-        Resumable: rerunning after a crash keeps finished shards. Under accelerate/torch.distributed
-        each rank builds its share of shards. A complete cache with the same settings is reused as
-        is; one with other settings is refused unless ``overwrite=True``. ``k`` is ignored in
-        ``dense`` mode, which keeps the whole vocabulary.
+        ``dataset`` is any format ``trl.SFTTrainer`` takes; its rows are prepared by TRL with ``args``
+        (the trainer's DistillationConfig / SFTConfig: max_length, packing, padding_free, loss masks;
+        default: a default DistillationConfig), which needs ``tokenizer`` unless the rows are already
+        tokenized. Pass the trainer's own ``args``: the cache then holds exactly its training rows.
+        The teacher distribution is normalised over the real vocabulary (``len(tokenizer)``, else
+        the teacher's ``config.vocab_size``), the one the online teacher uses.
+
+        ``mode``: ``topk`` keeps the ``k`` likeliest tokens and the exact tail mass; ``sampled`` keeps
+        ``k`` draws (at most 255) per position as distinct ids and counts, unbiased for forward KL;
+        ``dense`` keeps every log-prob (``k`` is ignored). Resumable: rerunning after a crash keeps
+        finished shards. Under accelerate/torch.distributed each rank builds its share of shards. A
+        complete cache with the same settings is reused as is; one with other settings is refused
+        unless ``overwrite=True``.
         """
         from hf_capgap.cache_build import build_cache
 
@@ -184,12 +193,13 @@ class TeacherCache:
             teacher,
             dataset,
             Path(path),
+            tokenizer=tokenizer,
+            args=args,
             mode=mode,
             k=k,
             temperature=temperature,
             batch_size=batch_size,
             shard_tokens=shard_tokens,
-            tokenizer=tokenizer,
             dtype=dtype,
             seed=seed,
             progress=progress,
@@ -203,15 +213,17 @@ class TeacherCache:
         path: str | os.PathLike,
         *,
         teacher_fingerprint: str | None = None,
-        tokenizer_fingerprint: str | None = None,
+        vocabulary_fingerprint: str | None = None,
         dataset_fingerprint: str | None = None,
         temperature: float | None = None,
         verify: bool = False,
     ) -> TeacherCache:
         """Open a cache, refusing one built from other inputs than the fingerprints given.
 
-        Shards are checked cheaply (present, right size, right row count); ``verify=True`` also
-        compares every shard's sha256 with the manifest.
+        ``dataset_fingerprint`` is ``hf_capgap.artifacts.dataset_fingerprint`` of the *prepared*
+        rows, ``vocabulary_fingerprint`` is ``hf_capgap.vocabulary.vocabulary_fingerprint``. Shards
+        are checked cheaply (present, right size, right row count); ``verify=True`` also compares
+        every shard's sha256 with the manifest. A cache of an older format is refused (rebuild it).
         """
         path = Path(path)
         if not path.is_dir():
@@ -222,7 +234,7 @@ class TeacherCache:
             FORMAT_VERSION,
             expected={
                 "teacher_fingerprint": teacher_fingerprint,
-                "tokenizer_fingerprint": tokenizer_fingerprint,
+                "vocabulary_fingerprint": vocabulary_fingerprint,
                 "dataset_fingerprint": dataset_fingerprint,
                 "temperature": None if temperature is None else float(temperature),
             },
@@ -264,9 +276,14 @@ class TeacherCache:
         return self.manifest["mode"]
 
     @property
+    def real_vocab_size(self) -> int:
+        """The vocabulary the cached distributions are normalised over; every cached id is below it."""
+        return int(self.manifest["real_vocab_size"])
+
+    @property
     def bytes_per_token(self) -> float:
-        """On-disk bytes of the teacher signal (not input_ids/labels) per predicted position."""
-        return self.manifest["signal_bytes"] / self.manifest["num_positions"]
+        """On-disk bytes of the teacher signal (not input_ids/labels) per labelled position."""
+        return self.manifest["signal_bytes"] / max(1, self.manifest["num_positions"])
 
     @property
     def dataset(self) -> Any:
@@ -278,37 +295,46 @@ class TeacherCache:
             self._dataset = datasets.concatenate_datasets(shards) if len(shards) > 1 else shards[0]
         return self._dataset
 
-    def collate(self, features: list[Mapping[str, Any]] | CacheColumns) -> dict[str, torch.Tensor]:
-        """Batch cache rows (a list of rows, or :class:`CacheColumns`) into tensors: the model
-        inputs plus the ``teacher_*`` signal."""
-        import torch
+    def rows(self) -> CacheRows:
+        """The cached rows in order, as a map-style dataset reading each batch with one Arrow take."""
+        return CacheRows(self.dataset)
 
-        if not len(features):
-            raise ValueError("collate got an empty list of features; the batch must hold at least one row.")
-        if isinstance(features, CacheColumns):
-            columns: Mapping[str, Any] = features
-        else:
-            columns = {name: [row[name] for row in features] for name in features[0]}
-        input_ids = _as_long(columns["input_ids"])
-        has_labels = columns.get("labels") is not None and columns["labels"][0] is not None
-        labels = _as_long(columns["labels"]) if has_labels else input_ids.clone()
-        batch: dict[str, torch.Tensor] = {
-            "input_ids": input_ids,
-            "attention_mask": torch.ones_like(input_ids),
-            "labels": labels,
-        }
+    def collator(self, base: Callable[[list[dict[str, Any]]], dict[str, Any]]) -> CacheCollator:
+        """A collator that batches rows like ``base`` (``hf_capgap.sft_data.make_collator``) and adds
+        the ``teacher_*`` tensors of the batch's labelled positions."""
+        return CacheCollator(self, base)
+
+    def signal_tensors(self, signal: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """The ``teacher_*`` batch tensors from signal columns concatenated over labelled positions."""
+        keys = TEACHER_BATCH_KEYS[self.mode]
         bf16 = self.manifest["dtype"] == "bfloat16"
         if self.mode == "topk":
-            batch["teacher_topk_ids"] = _as_long(columns["topk_ids"])
-            batch["teacher_topk_logprobs"] = _as_float(columns["topk_logprobs"], bf16)
-            batch["teacher_tail_logprob"] = _as_float(columns["tail_logprob"], False)
-        elif self.mode == "sampled":
-            batch["teacher_sample_ids"] = _as_long(columns["sample_ids"])
-            batch["teacher_sample_counts"] = _as_float(columns["sample_counts"], False)
-            batch["teacher_sample_logprobs"] = _as_float(columns["sample_logprobs"], bf16)
-        else:
-            batch["teacher_logprobs"] = _as_float(columns["logprobs"], bf16)
-        return batch
+            return {
+                keys[0]: _long(signal["topk_ids"]),
+                keys[1]: _float(signal["topk_logprobs"], bf16),
+                keys[2]: _float(signal["tail_logprob"], False),
+            }
+        if self.mode == "sampled":
+            ids, counts = padded_samples(signal["sample_ids"], signal["sample_counts"], signal["sample_sizes"])
+            return {keys[0]: _long(ids), keys[1]: _float(counts, False), keys[2]: _float(signal["entropy"], bf16)}
+        return {keys[0]: _float(signal["logprobs"], bf16)}
+
+    def teacher_signal(self, batch: Mapping[str, Any]) -> TeacherSignal:
+        """The teacher signal of a batch made by :meth:`collator`: one row per labelled position."""
+        from hf_capgap.losses import DenseTeacher, SampledTeacher, TopKTeacher
+
+        keys = TEACHER_BATCH_KEYS[self.mode]
+        missing = [key for key in keys if key not in batch]
+        if missing:
+            raise ValueError(
+                f"the batch has no {missing[0]!r}: collate cache rows with TeacherCache.collator(base_collator)."
+            )
+        values = [batch[key] for key in keys]
+        if self.mode == "topk":
+            return TopKTeacher(*values)
+        if self.mode == "sampled":
+            return SampledTeacher(values[0], values[1], entropy=values[2])
+        return DenseTeacher(values[0], tempered_logprobs=True)
 
     def __repr__(self) -> str:
         m = self.manifest
@@ -316,3 +342,18 @@ class TeacherCache:
             f"TeacherCache({str(self.path)!r}, mode={m['mode']!r}, k={m['k']}, sequences={m['num_sequences']}, "
             f"bytes_per_token={self.bytes_per_token:.1f})"
         )
+
+
+def padded_samples(ids: np.ndarray, counts: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flat distinct ids / counts (``sizes[p]`` of them for position p) as [positions, max size] arrays
+    padded with id 0 and count 0, the shape the loss gathers with."""
+    sizes = sizes.astype(np.int64)
+    width = int(sizes.max()) if len(sizes) else 0
+    position = np.repeat(np.arange(len(sizes)), sizes)
+    starts = np.cumsum(sizes) - sizes
+    slot = np.arange(len(ids)) - np.repeat(starts, sizes)
+    padded_ids = np.zeros((len(sizes), width), dtype=np.int64)
+    padded_counts = np.zeros((len(sizes), width), dtype=np.float32)
+    padded_ids[position, slot] = ids
+    padded_counts[position, slot] = counts
+    return padded_ids, padded_counts

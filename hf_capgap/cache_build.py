@@ -1,4 +1,4 @@
-"""Building a teacher cache: validate, run the teacher shard by shard, write the manifest last.
+"""Building a teacher cache: validate, prepare the rows, run the teacher shard by shard, manifest last.
 
 A build is resumable and can be spread over processes. Shard j always covers the same rows, is
 written under a temporary name and renamed only once complete, so a rerun keeps finished shards and
@@ -26,26 +26,31 @@ from hf_capgap.artifacts import (
     dataset_fingerprint,
     file_sha256,
     model_fingerprint,
-    tokenizer_fingerprint,
     write_manifest,
 )
-from hf_capgap.cache import (
+from hf_capgap.cache_encode import encode_batch
+from hf_capgap.cache_format import (
     DTYPES,
     FORMAT_VERSION,
     KIND,
     LOGPROB_FLOOR,
+    MAX_DRAWS,
     MODES,
+    ROW_COLUMNS,
     SIGNAL_COLUMNS,
     ShardPlan,
+    POSITION_COLUMN,
     arrow_row_count,
+    id_dtype,
+    row_dicts,
     shard_name,
+    shard_schema,
 )
-from hf_capgap.cache_encode import encode_batch, shard_schema
+from hf_capgap.sft_data import has_labelled_position, make_collator, prepare_dataset, uses_padding_free
+from hf_capgap.vocabulary import real_vocab_size, vocabulary_fingerprint
 
 SPEC_NAME = ".build_spec.json"
 """Settings of an unfinished build, so a rerun with other inputs cannot mix its shards in."""
-
-UINT16_VOCAB_LIMIT = 1 << 16
 
 
 def build_cache(
@@ -53,12 +58,13 @@ def build_cache(
     dataset: Any,
     path: Path,
     *,
+    tokenizer: Any = None,
+    args: Any = None,
     mode: str = "topk",
     k: int = 64,
     temperature: float = 1.0,
     batch_size: int = 8,
     shard_tokens: int = 262144,
-    tokenizer: Any = None,
     dtype: str = "float16",
     seed: int = 0,
     progress: bool = True,
@@ -66,24 +72,33 @@ def build_cache(
 ) -> None:
     """Write (or finish) the cache at ``path``; every input is checked before the teacher runs."""
     _check_options(mode, k, temperature, batch_size, shard_tokens, dtype)
-    seq_len, has_labels, max_id = _inspect_dataset(dataset)
-    vocab_size = int(teacher.config.vocab_size)
-    _check_vocab(mode, k, vocab_size, max_id, tokenizer)
+    args = args if args is not None else default_preparation_args()
+    prepared = prepare_rows(dataset, tokenizer, args)
+    rows = prepared.select_columns([c for c in ROW_COLUMNS if c in prepared.column_names])
+    real_vocab = _real_vocab_size(teacher, tokenizer)
+    num_tokens = _check_rows(rows, real_vocab)
+    if mode != "dense" and k > real_vocab:
+        raise ValueError(
+            f"k={k} exceeds the real vocabulary ({real_vocab} tokens); use k <= {real_vocab} or mode='dense'."
+        )
     spec = {
         "mode": mode,
-        "k": vocab_size if mode == "dense" else k,
+        "k": real_vocab if mode == "dense" else k,
+        "draws": k if mode == "sampled" else None,
         "temperature": float(temperature),
         "dtype": dtype,
         "seed": seed,
-        "vocab_size": vocab_size,
-        "id_dtype": "uint16" if vocab_size <= UINT16_VOCAB_LIMIT else "uint32",
-        "seq_len": seq_len,
-        "has_labels": has_labels,
-        "num_sequences": len(dataset),
-        "rows_per_shard": max(1, shard_tokens // seq_len),
+        "real_vocab_size": real_vocab,
+        "id_dtype": id_dtype(real_vocab),
+        "padding_free": uses_padding_free(args),
+        "has_seq_lengths": "seq_lengths" in rows.column_names,
+        "num_sequences": len(rows),
+        "num_tokens": num_tokens,
+        "rows_per_shard": max(1, shard_tokens * len(rows) // num_tokens),
+        "teacher_dtype": str(next(teacher.parameters()).dtype).removeprefix("torch."),
         "teacher_fingerprint": model_fingerprint(teacher),
-        "tokenizer_fingerprint": None if tokenizer is None else tokenizer_fingerprint(tokenizer),
-        "dataset_fingerprint": dataset_fingerprint(dataset),
+        "vocabulary_fingerprint": None if tokenizer is None else vocabulary_fingerprint(tokenizer),
+        "dataset_fingerprint": dataset_fingerprint(prepared),
     }
     state = _ProcessGroup.current()
     found = _inspect_directory(path, spec, overwrite=overwrite)
@@ -95,12 +110,51 @@ def build_cache(
     state.wait_for_everyone()
     plan = ShardPlan(spec["num_sequences"], spec["rows_per_shard"])
     own = [j for j in range(plan.num_shards) if j % state.num_processes == state.process_index]
-    _build_shards(teacher, dataset, path, spec, plan, own, batch_size, progress and state.is_main_process)
+    collator = make_collator(tokenizer, args)
+    _build_shards(teacher, rows, collator, path, spec, plan, own, batch_size, progress and state.is_main_process)
     state.wait_for_everyone()
     if state.is_main_process:
         teacher_name = getattr(teacher, "name_or_path", "") or teacher.config.name_or_path
         _write_final_manifest(path, spec, plan, teacher_name)
     state.wait_for_everyone()
+
+
+def default_preparation_args() -> Any:
+    """The trainer's default settings (a DistillationConfig), for a build given no ``args``."""
+    from hf_capgap.config import DistillationConfig
+
+    return DistillationConfig(report_to=[])
+
+
+def prepare_rows(dataset: Any, tokenizer: Any, args: Any) -> Any:
+    """The rows the trainer trains on with ``args`` (TRL's SFT preparation, as in the trainer)."""
+    from datasets import Dataset
+
+    if not isinstance(dataset, Dataset):
+        raise TypeError(
+            f"dataset must be a map-style datasets.Dataset (text, messages, prompt-completion or input_ids), "
+            f"got {type(dataset).__name__}."
+        )
+    if len(dataset) == 0:
+        raise ValueError("dataset is empty: there is nothing to cache; check how it was loaded or filtered.")
+    prepared = prepare_dataset(dataset, tokenizer, args)
+    if len(prepared) == 0:
+        raise ValueError("no row of the dataset has a token in the loss after preparation; check its masks.")
+    return prepared
+
+
+def _real_vocab_size(teacher: Any, tokenizer: Any) -> int:
+    """The tokenizer's vocabulary (the online trainer's target), checked against the teacher's logits."""
+    logits = teacher.get_output_embeddings().weight.shape[0]
+    if tokenizer is None:
+        return int(teacher.config.vocab_size)
+    real = real_vocab_size(tokenizer)
+    if real > logits:
+        raise ValueError(
+            f"tokenizer has {real} tokens but the teacher has {logits} output logits; pass the teacher's own "
+            "tokenizer."
+        )
+    return real
 
 
 @dataclass(frozen=True)
@@ -133,7 +187,9 @@ def _check_options(
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is not a cache mode; use one of {', '.join(MODES)}.")
     if not isinstance(k, int) or k < 1:
-        raise ValueError(f"k={k!r} must be a positive int (entries kept per position).")
+        raise ValueError(f"k={k!r} must be a positive int (entries kept, or draws, per position).")
+    if mode == "sampled" and k > MAX_DRAWS:
+        raise ValueError(f"k={k} draws: a sampled cache stores counts as uint8, so use k <= {MAX_DRAWS}.")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature={temperature!r} must be a finite number > 0.")
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -144,62 +200,22 @@ def _check_options(
         raise ValueError(f"dtype={dtype!r} is not a storage dtype; use one of {', '.join(DTYPES)}.")
 
 
-def _inspect_dataset(dataset: Any) -> tuple[int, bool, int]:
-    """Return (seq_len, has_labels, max token id) of a packed dataset, or raise naming the problem."""
+def _check_rows(rows: Any, real_vocab: int) -> int:
+    """Total tokens of the prepared rows; raise if an id is outside the real vocabulary."""
     import pyarrow.compute as pc
-    from datasets import Dataset
 
-    if not isinstance(dataset, Dataset):
-        raise TypeError(
-            f"dataset must be a datasets.Dataset (tokenized and packed), got {type(dataset).__name__}."
-        )
-    if "input_ids" not in dataset.column_names:
-        raise ValueError(
-            f"dataset has no 'input_ids' column (columns: {dataset.column_names}); tokenize and pack it first."
-        )
-    if len(dataset) == 0:
-        raise ValueError("dataset is empty: there is nothing to cache; check the tokenize/pack step.")
-    table = dataset.with_format("arrow")[:]
-    lengths = {}
-    for column in ("input_ids", "labels"):
-        if column in dataset.column_names:
-            values = pc.list_value_length(table[column])
-            lengths[column] = (pc.min(values).as_py(), pc.max(values).as_py())
-    low, high = lengths["input_ids"]
-    if low != high:
-        raise ValueError(
-            f"dataset rows of 'input_ids' have lengths {low}..{high}; the cache needs fixed-length packed rows "
-            "(use hf_capgap.data.tokenize_and_pack)."
-        )
-    if high < 2:
-        raise ValueError(
-            f"dataset rows have {high} token(s); a row needs at least 2 to predict a next token."
-        )
-    if "labels" in lengths and lengths["labels"] != (high, high):
-        raise ValueError(
-            f"dataset 'labels' rows must have the input_ids length {high}, got {lengths['labels']}."
-        )
-    ids = pc.list_flatten(table["input_ids"])
-    if pc.min(ids).as_py() < 0:
+    ids = pc.list_flatten(rows.with_format("arrow")[:]["input_ids"])
+    low, high = pc.min(ids).as_py(), pc.max(ids).as_py()
+    if low < 0:
         raise ValueError("dataset 'input_ids' holds negative ids; token ids must be >= 0.")
-    return high, "labels" in lengths, pc.max(ids).as_py()
-
-
-def _check_vocab(mode: str, k: int, vocab_size: int, max_id: int, tokenizer: Any) -> None:
-    if mode != "dense" and k > vocab_size:
+    if high >= real_vocab:
         raise ValueError(
-            f"k={k} exceeds the teacher vocabulary ({vocab_size}); use k <= {vocab_size} or mode='dense'."
-        )
-    if max_id >= vocab_size:
-        raise ValueError(
-            f"dataset holds token id {max_id} but the teacher vocabulary has {vocab_size} ids; the dataset was "
+            f"dataset holds token id {high} but the real vocabulary has {real_vocab} tokens; the dataset was "
             "tokenized for another model."
         )
-    if tokenizer is not None and len(tokenizer) > vocab_size:
-        raise ValueError(
-            f"tokenizer has {len(tokenizer)} tokens but the teacher vocabulary has {vocab_size}; pass the "
-            "teacher's own tokenizer."
-        )
+    if not has_labelled_position(rows):
+        raise ValueError("no row has a labelled token after its first one: there is nothing to cache.")
+    return len(ids)
 
 
 def _mismatches(have: dict[str, Any], spec: dict[str, Any]) -> list[str]:
@@ -271,7 +287,8 @@ def _claim_directory(path: Path, *, stale: bool, spec: dict[str, Any]) -> None:
 
 def _build_shards(
     teacher: Any,
-    dataset: Any,
+    rows: Any,
+    collator: Callable[[list[dict[str, Any]]], dict[str, Any]],
     path: Path,
     spec: dict[str, Any],
     plan: ShardPlan,
@@ -283,9 +300,6 @@ def _build_shards(
     from tqdm.auto import tqdm
 
     todo = [j for j in shard_indices if not _shard_is_complete(path / shard_name(j), plan, j)]
-    rows = dataset.with_format(
-        "numpy", columns=["input_ids", "labels"] if spec["has_labels"] else ["input_ids"]
-    )
     schema = shard_schema(spec)
     was_training = teacher.training
     teacher.eval()
@@ -304,7 +318,9 @@ def _build_shards(
                 with open(tmp, "wb") as handle, pa.ipc.new_stream(handle, schema) as writer:
                     for low in range(start, end, batch_size):
                         high = min(low + batch_size, end)
-                        writer.write_batch(encode_batch(teacher, rows[low:high], low, spec, schema))
+                        batch_rows = row_dicts(rows.with_format("arrow")[low:high])
+                        record = encode_batch(teacher, batch_rows, collator(batch_rows), low, spec, schema)
+                        writer.write_batch(record)
                         bar.update(high - low)
                 with open(tmp, "rb+") as handle:
                     os.fsync(handle.fileno())
@@ -330,10 +346,14 @@ def _shard_is_complete(final: Path, plan: ShardPlan, index: int) -> bool:
     return False
 
 
-def _signal_bytes(file: Path, mode: str) -> int:
+def _signal_summary(file: Path, mode: str) -> tuple[int, int]:
+    """(bytes of the teacher signal columns, labelled positions) of one shard."""
+    import pyarrow.compute as pc
+
     with pa.memory_map(str(file)) as source:
         table = pa.ipc.open_stream(source).read_all()
-        return sum(table.column(name).nbytes for name in SIGNAL_COLUMNS[mode])
+    positions = pc.sum(pc.list_value_length(table.column(POSITION_COLUMN[mode]))).as_py() or 0
+    return sum(table.column(name).nbytes for name in SIGNAL_COLUMNS[mode]), positions
 
 
 def _write_final_manifest(path: Path, spec: dict[str, Any], plan: ShardPlan, teacher_name: str) -> None:
@@ -346,14 +366,16 @@ def _write_final_manifest(path: Path, spec: dict[str, Any], plan: ShardPlan, tea
             raise ArtifactError(
                 f"{file} holds {rows} rows instead of {end - start}; rerun the build to redo it."
             )
+        signal_bytes, positions = _signal_summary(file, spec["mode"])
         shards.append(
             {
                 "file": file.name,
                 "rows": [start, end],
                 "num_rows": rows,
+                "num_positions": positions,
                 "bytes": file.stat().st_size,
                 "sha256": file_sha256(file),
-                "signal_bytes": _signal_bytes(file, spec["mode"]),
+                "signal_bytes": signal_bytes,
             }
         )
     fields = {
@@ -361,8 +383,7 @@ def _write_final_manifest(path: Path, spec: dict[str, Any], plan: ShardPlan, tea
         "teacher_name": teacher_name,
         "value_storage": "float16" if spec["dtype"] == "float16" else "bfloat16 bit pattern in uint16",
         "logprob_floor": LOGPROB_FLOOR,
-        "num_tokens": spec["num_sequences"] * spec["seq_len"],
-        "num_positions": spec["num_sequences"] * (spec["seq_len"] - 1),
+        "num_positions": sum(s["num_positions"] for s in shards),
         "signal_bytes": sum(s["signal_bytes"] for s in shards),
         "shards": shards,
     }

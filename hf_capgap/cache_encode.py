@@ -1,60 +1,66 @@
-"""Encoding a teacher's next-token distributions as Arrow record batches of a cache shard.
+"""The teacher signal of one collated batch, encoded as an Arrow record batch of a cache shard.
 
-Ids are uint16 when the vocabulary fits, else uint32; log-probs are fp16 or, since Arrow has no
-bfloat16, the bf16 bit pattern in uint16; the top-k tail is float32. Every list is fixed-size, so a
-shard carries no offsets and reads back as [rows, positions, k] arrays.
+The teacher runs on the batch exactly as the online teacher does in the trainer (same collator, same
+forward inputs, so packed documents never attend to each other), under ``inference_mode`` in its
+own dtype; only its logits at labelled positions are turned into a signal, on the teacher's device.
+Ids use the narrowest unsigned type of the real vocabulary; log-probs are fp16 or, since Arrow has
+no bfloat16, the bf16 bit pattern in uint16; the top-k tail is float32.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from hf_capgap.cache import LOGPROB_FLOOR, SIGNAL_COLUMNS
+from hf_capgap.cache_format import LOGPROB_FLOOR, ROW_COLUMNS
 
 
-def _value_type(spec: dict[str, Any]) -> pa.DataType:
-    """fp16 as Arrow half floats; bf16 (which Arrow lacks) as its raw bit pattern in uint16."""
-    return pa.float16() if spec["dtype"] == "float16" else pa.uint16()
+def labelled_positions_per_row(labels: Any, row_lengths: Sequence[int]) -> list[int]:
+    """How many labelled positions each row has in a collated batch (padded, or padding-free).
+
+    Padded: row i owns ``labels[i, 1:]``. Padding-free: the batch is one row of the rows
+    concatenated, row i owns the positions ``[offset_i, offset_i + length_i)``; its last one predicts
+    the next row's first token, which the collator labels -100.
+    """
+    mask = labels[:, 1:] != -100
+    if labels.shape[0] == len(row_lengths):
+        return mask.sum(dim=1).tolist()
+    flat = mask.reshape(-1)
+    counts, offset = [], 0
+    for length in row_lengths:
+        counts.append(int(flat[offset : offset + length].sum()))
+        offset += length
+    return counts
 
 
-def shard_schema(spec: dict[str, Any]) -> pa.Schema:
-    ids = pa.uint16() if spec["id_dtype"] == "uint16" else pa.uint32()
-    length, positions, k = spec["seq_len"], spec["seq_len"] - 1, spec["k"]
-    value = _value_type(spec)
+def encode_batch(
+    teacher: Any,
+    rows: Sequence[Mapping[str, Any]],
+    batch: Mapping[str, Any],
+    first_row: int,
+    spec: dict[str, Any],
+    schema: pa.Schema,
+) -> pa.RecordBatch:
+    """Run the teacher on ``batch`` (the collated ``rows``) and encode rows + signal for ``schema``."""
+    import torch
 
-    def per_position(item: pa.DataType, width: int) -> pa.DataType:
-        return pa.list_(pa.list_(item, width), positions)
+    from hf_capgap.sft_data import forward_inputs
 
-    fields = [pa.field("input_ids", pa.list_(ids, length))]
-    if spec["has_labels"]:
-        fields.append(pa.field("labels", pa.list_(pa.int32(), length)))
-    if spec["mode"] == "topk":
-        fields += [
-            pa.field("topk_ids", per_position(ids, k)),
-            pa.field("topk_logprobs", per_position(value, k)),
-            pa.field("tail_logprob", pa.list_(pa.float32(), positions)),
-        ]
-    elif spec["mode"] == "sampled":
-        counts = pa.uint8() if k < 256 else pa.uint16() if k < 65536 else pa.uint32()
-        fields += [
-            pa.field("sample_ids", per_position(ids, k)),
-            pa.field("sample_counts", per_position(counts, k)),
-            pa.field("sample_logprobs", per_position(value, k)),
-        ]
-    else:
-        fields.append(pa.field("logprobs", per_position(value, k)))
-    return pa.schema(fields)
-
-
-def _nested(array: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
-    """A [rows, d1, d2, ...] numpy array as nested fixed-size lists of ``arrow_type``."""
-    if not pa.types.is_fixed_size_list(arrow_type):
-        return pa.array(np.ascontiguousarray(array).reshape(-1), type=arrow_type)
-    inner = _nested(array, arrow_type.value_type)
-    return pa.FixedSizeListArray.from_arrays(inner, arrow_type.list_size)
+    device = next(teacher.parameters()).device
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in forward_inputs(batch).items()}
+    labels = batch["labels"].to(device)
+    counts = labelled_positions_per_row(labels, [len(row["input_ids"]) for row in rows])
+    logits = teacher(**inputs, use_cache=False).logits[:, :-1][labels[:, 1:] != -100]
+    logits = logits[:, : spec["real_vocab_size"]]
+    signals, start = [], 0
+    # Row by row: each row samples from its own generator, and the fp32 copies stay one row large.
+    for offset, count in enumerate(counts):
+        signals.append(row_signal(logits[start : start + count], first_row + offset, spec))
+        start += count
+    return _record_batch(rows, signals, spec, schema)
 
 
 def _stored_values(values: Any, spec: dict[str, Any]) -> np.ndarray:
@@ -66,33 +72,16 @@ def _stored_values(values: Any, spec: dict[str, Any]) -> np.ndarray:
     return values.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
 
 
-def encode_batch(
-    teacher: Any, rows: dict[str, np.ndarray], first_row: int, spec: dict[str, Any], schema: pa.Schema
-) -> pa.RecordBatch:
-    """Run the teacher on one batch of rows and encode its signal as an Arrow record batch."""
-    import torch
-
-    device = next(teacher.parameters()).device
-    input_ids = torch.as_tensor(np.asarray(rows["input_ids"], dtype=np.int64), device=device)
-    logits = teacher(input_ids=input_ids).logits[:, :-1, : spec["vocab_size"]]
-    id_np = np.uint16 if spec["id_dtype"] == "uint16" else np.uint32
-    columns: dict[str, np.ndarray] = {"input_ids": input_ids.cpu().numpy().astype(id_np)}
-    if spec["has_labels"]:
-        columns["labels"] = np.asarray(rows["labels"], dtype=np.int32)
-    # Row by row, so the fp32 copies of [positions, vocab] stay one row large.
-    signals = [_row_signal(row_logits, first_row + offset, spec) for offset, row_logits in enumerate(logits)]
-    for name in SIGNAL_COLUMNS[spec["mode"]]:
-        item_type = schema.field(name).type
-        while pa.types.is_fixed_size_list(item_type):
-            item_type = item_type.value_type
-        columns[name] = np.stack([signal[name] for signal in signals]).astype(
-            item_type.to_pandas_dtype(), copy=False
-        )
-    return pa.RecordBatch.from_arrays([_nested(columns[f.name], f.type) for f in schema], schema=schema)
+def _ids(ids: Any, spec: dict[str, Any]) -> np.ndarray:
+    """Ids in their stored type, refusing any that the real vocabulary does not hold."""
+    array = ids.cpu().numpy()
+    if array.size and int(array.max()) >= spec["real_vocab_size"]:
+        raise AssertionError(f"teacher signal id {int(array.max())} is outside the real vocabulary.")
+    return array.astype(spec["id_dtype"])
 
 
-def _row_signal(logits: Any, row_index: int, spec: dict[str, Any]) -> dict[str, np.ndarray]:
-    """The stored teacher signal of one row, from its logits [positions, vocab]."""
+def row_signal(logits: Any, row_index: int, spec: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The stored teacher signal of one row, from its logits at labelled positions [positions, vocab]."""
     import torch
 
     logprobs = torch.log_softmax(logits.float() / spec["temperature"], dim=-1)
@@ -101,39 +90,63 @@ def _row_signal(logits: Any, row_index: int, spec: dict[str, Any]) -> dict[str, 
         # Exact tail mass: logsumexp over the ids outside the top-k (no 1 - sum cancellation).
         tail = torch.logsumexp(logprobs.scatter(-1, ids, float("-inf")), dim=-1)
         return {
-            "topk_ids": ids.cpu().numpy(),
+            "topk_ids": _ids(ids, spec),
             "topk_logprobs": _stored_values(values, spec),
             "tail_logprob": tail.clamp(min=LOGPROB_FLOOR).cpu().numpy(),
         }
     if spec["mode"] == "sampled":
-        ids, counts = _sample(logprobs, row_index, spec)
-        values = torch.where(counts > 0, logprobs.gather(-1, ids), torch.zeros((), device=logprobs.device))
+        ids, counts, sizes = sample_distinct(logprobs, spec["k"], np.random.SeedSequence([spec["seed"], row_index]))
+        entropy = torch.special.entr(logprobs.exp()).sum(dim=-1)
         return {
-            "sample_ids": ids.cpu().numpy(),
-            "sample_counts": counts.cpu().numpy(),
-            "sample_logprobs": _stored_values(values, spec),
+            "sample_ids": _ids(ids, spec),
+            "sample_counts": counts.cpu().numpy().astype(np.uint8),
+            "sample_sizes": sizes.cpu().numpy().astype(np.uint8),
+            "entropy": _stored_values(entropy, spec),
         }
     return {"logprobs": _stored_values(logprobs, spec)}
 
 
-def _sample(logprobs: Any, row_index: int, spec: dict[str, Any]) -> tuple[Any, Any]:
-    """k draws with replacement per position, as ascending unique ids + counts padded to k (count 0).
+def sample_distinct(logprobs: Any, draws: int, seed: np.random.SeedSequence) -> tuple[Any, Any, Any]:
+    """``draws`` draws with replacement per position, as the distinct ids of each position (ascending),
+    their counts, and how many distinct ids each position has (flat, position after position).
 
     Each row draws from its own generator seeded by (seed, row index): rebuilds, batch sizes and
     process counts never change which tokens a row gets.
     """
     import torch
 
-    state = np.random.SeedSequence([spec["seed"], row_index]).generate_state(1, np.uint64)[0]
-    generator = torch.Generator(device=logprobs.device).manual_seed(int(state))
-    draws = (
-        torch.multinomial(logprobs.exp(), spec["k"], replacement=True, generator=generator)
-        .sort(dim=-1)
-        .values
-    )
-    first = torch.ones_like(draws, dtype=torch.bool)
-    first[:, 1:] = draws[:, 1:] != draws[:, :-1]
-    slot = first.long().cumsum(dim=-1) - 1
-    ids = torch.zeros_like(draws).scatter_(-1, slot, draws)
-    counts = torch.zeros_like(draws).scatter_add_(-1, slot, torch.ones_like(draws))
-    return ids, counts
+    generator = torch.Generator(device=logprobs.device).manual_seed(int(seed.generate_state(1, np.uint64)[0]))
+    drawn = torch.multinomial(logprobs.exp(), draws, replacement=True, generator=generator).sort(dim=-1).values
+    first = torch.ones_like(drawn, dtype=torch.bool)
+    first[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
+    starts = first.reshape(-1).nonzero().squeeze(-1)
+    ends = torch.cat([starts[1:], starts.new_tensor([drawn.numel()])])
+    return drawn.reshape(-1)[starts], ends - starts, first.sum(dim=-1)
+
+
+def _list_array(values: np.ndarray, lengths: Sequence[int], item_type: pa.DataType) -> pa.Array:
+    """Rows of ``values`` (concatenated, ``lengths[i]`` entries for row i) as an Arrow list array."""
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    if pa.types.is_fixed_size_list(item_type):
+        inner = pa.array(np.ascontiguousarray(values).reshape(-1), type=item_type.value_type)
+        items: pa.Array = pa.FixedSizeListArray.from_arrays(inner, item_type.list_size)
+    else:
+        items = pa.array(np.ascontiguousarray(values).reshape(-1), type=item_type)
+    return pa.ListArray.from_arrays(pa.array(offsets), items)
+
+
+def _record_batch(
+    rows: Sequence[Mapping[str, Any]], signals: list[dict[str, np.ndarray]], spec: dict[str, Any], schema: pa.Schema
+) -> pa.RecordBatch:
+    arrays = []
+    for field in schema:
+        item_type = field.type.value_type
+        if field.name in ROW_COLUMNS:
+            parts = [np.asarray(row[field.name]) for row in rows]
+        else:
+            parts = [signal[field.name] for signal in signals]
+        leaf = item_type.value_type if pa.types.is_fixed_size_list(item_type) else item_type
+        values = np.concatenate(parts).astype(leaf.to_pandas_dtype(), copy=False)
+        arrays.append(_list_array(values, [len(part) for part in parts], item_type))
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)

@@ -1,31 +1,36 @@
-"""TeacherCache: cached signals equal the teacher's own log-probs, and bad or stale caches are refused."""
+"""TeacherCache: cached signals equal the teacher's own log-probs at exactly the labelled positions of
+the trainer's batches, sampled signals are unbiased, and bad or stale caches are refused."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pyarrow as pa
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from cache_build_script import SEQ_LEN, VOCAB_SIZE, make_dataset, make_teacher
+from conftest import CHAT_ROWS, CHAT_VOCAB_SIZE, TINY_TEXT, chat_tokenizer, tiny_qwen2
+from datasets import Dataset
 
-from hf_capgap.artifacts import ArtifactError, tokenizer_fingerprint
-from hf_capgap.cache import (
-    CACHE_COLUMNS,
-    LOGPROB_FLOOR,
-    TEACHER_BATCH_KEYS,
-    TeacherCache,
-)
+from hf_capgap.artifacts import ArtifactError, dataset_fingerprint, model_fingerprint
+from hf_capgap.cache import TeacherCache
+from hf_capgap.cache_format import LOGPROB_FLOOR, TEACHER_BATCH_KEYS
+from hf_capgap.config import DistillationConfig
+from hf_capgap.sft_data import make_collator
+from hf_capgap.vocabulary import vocabulary_fingerprint
 
 SCRIPT = Path(__file__).with_name("cache_build_script.py")
 REPO = SCRIPT.parent.parent
+MASKED_PREFIX = SEQ_LEN // 4  # make_dataset(labels=True) masks the first SEQ_LEN // 4 labels of a row
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -47,15 +52,39 @@ def dataset():
     return make_dataset(rows=12, labels=True)
 
 
-def reference_logprobs(teacher, dataset, temperature=1.0):
-    ids = torch.tensor(dataset["input_ids"])
-    with torch.no_grad():
-        logits = teacher(input_ids=ids).logits[:, :-1].float()
-    return torch.log_softmax(logits / temperature, dim=-1)
+@pytest.fixture(scope="module")
+def plain_args():
+    return DistillationConfig(output_dir="unused", report_to=[])
 
 
-def full_batch(cache):
-    return cache.collate(list(cache.dataset.with_format("numpy")))
+def config(**settings) -> DistillationConfig:
+    return DistillationConfig(output_dir="unused", report_to=[], **settings)
+
+
+def expected_logprobs(teacher, cache, temperature=1.0):
+    """The teacher's log-probs over the real vocabulary at every labelled position of the cached rows,
+    each row (each document of a padding-free packed row) run alone: no padding, no neighbour."""
+    parts = []
+    for row in cache.dataset:
+        ids, labels = torch.tensor(row["input_ids"]), torch.tensor(row["labels"])
+        lengths = row["seq_lengths"] if cache.manifest["padding_free"] and "seq_lengths" in row else [len(ids)]
+        start = 0
+        for length in lengths:
+            with torch.no_grad():
+                logits = teacher(input_ids=ids[None, start : start + length]).logits[0, :-1]
+            logits = logits[:, : cache.real_vocab_size].float() / temperature
+            parts.append(torch.log_softmax(logits, -1)[labels[start + 1 : start + length] != -100])
+            start += length
+    return torch.cat(parts)
+
+
+def full_batch(cache, args):
+    """Every cached row in order, collated by the trainer's collator through the cache collator."""
+    return cache.collator(make_collator(None, args))(cache.rows().__getitems__(range(len(cache))))
+
+
+def labelled(batch) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum())
 
 
 def count_forwards(model):
@@ -68,52 +97,40 @@ def shard_files(path):
     return {p.name: p.read_bytes() for p in sorted(Path(path).glob("shard-*.arrow"))}
 
 
-def test_topk_matches_teacher_and_tail_closes_the_distribution(teacher, dataset, tmp_path):
+def test_topk_matches_teacher_at_labelled_positions_and_tail_closes_the_distribution(
+    teacher, dataset, plain_args, tmp_path
+):
     cache = TeacherCache.build(
-        teacher,
-        dataset,
-        tmp_path / "c",
-        mode="topk",
-        k=8,
-        batch_size=5,
-        shard_tokens=4 * SEQ_LEN,
-        progress=False,
+        teacher, dataset, tmp_path / "c", mode="topk", k=8, batch_size=5, shard_tokens=4 * SEQ_LEN, progress=False
     )
-    batch = full_batch(cache)
-    expected = reference_logprobs(teacher, dataset)
-    top_values, top_ids = expected.topk(8, dim=-1)
+    batch = full_batch(cache, plain_args)
+    top_values, top_ids = expected_logprobs(teacher, cache).topk(8, dim=-1)
+    positions = len(dataset) * (SEQ_LEN - MASKED_PREFIX)  # labels 1..15, of which 1..3 masked
 
-    assert len(cache) == len(dataset) == len(cache.dataset)
-    assert len(cache.manifest["shards"]) == 3
+    assert len(cache) == len(dataset) == len(cache.dataset) and len(cache.manifest["shards"]) == 3
+    assert cache.manifest["num_positions"] == labelled(batch) == positions
     assert torch.equal(batch["teacher_topk_ids"], top_ids)
     torch.testing.assert_close(batch["teacher_topk_logprobs"], top_values, atol=1e-2, rtol=1e-3)
-    mass = torch.logsumexp(
-        torch.cat([batch["teacher_topk_logprobs"], batch["teacher_tail_logprob"][..., None]], -1), -1
-    )
+    mass = torch.logsumexp(torch.cat([batch["teacher_topk_logprobs"], batch["teacher_tail_logprob"][:, None]], -1), -1)
     torch.testing.assert_close(mass, torch.zeros_like(mass), atol=2e-3, rtol=0)
     assert torch.equal(batch["labels"], torch.tensor(dataset["labels"]))
     assert torch.equal(batch["input_ids"], torch.tensor(dataset["input_ids"]))
-    shapes = {key: (tuple(value.shape), value.dtype) for key, value in batch.items()}
-    b, length = len(dataset), SEQ_LEN
-    assert shapes == {
-        "input_ids": ((b, length), torch.long),
-        "attention_mask": ((b, length), torch.long),
-        "labels": ((b, length), torch.long),
-        "teacher_topk_ids": ((b, length - 1, 8), torch.long),
-        "teacher_topk_logprobs": ((b, length - 1, 8), torch.float32),
-        "teacher_tail_logprob": ((b, length - 1), torch.float32),
+    assert {key: (tuple(value.shape), value.dtype) for key, value in batch.items() if key.startswith("teacher_")} == {
+        "teacher_topk_ids": ((positions, 8), torch.long),
+        "teacher_topk_logprobs": ((positions, 8), torch.float32),
+        "teacher_tail_logprob": ((positions,), torch.float32),
     }
     assert set(TEACHER_BATCH_KEYS["topk"]) <= set(batch)
-    assert set(cache.dataset.column_names) <= set(CACHE_COLUMNS)
-    # uint16 ids + fp16 values per slot, float32 tail per position.
-    assert cache.bytes_per_token == 8 * (2 + 2) + 4
+    signal = cache.teacher_signal(batch)
+    assert signal.num_rows == positions and torch.equal(signal.ids, top_ids)
+    # uint8 ids (vocabulary 128) + fp16 values per slot, float32 tail, and per row one int32 list offset in
+    # each of the 3 columns (spread over its 12 positions here; nothing over a real row of 1,000s).
+    assert cache.bytes_per_token == pytest.approx(8 * (1 + 2) + 4 + 3 * 4 / 12, abs=0.1)
 
 
-def test_topk_with_k_equal_vocab_stores_floor_tail(teacher, tmp_path):
-    dataset = make_dataset(rows=2)
-    cache = TeacherCache.build(teacher, dataset, tmp_path / "c", mode="topk", k=VOCAB_SIZE, progress=False)
-    tail = full_batch(cache)["teacher_tail_logprob"]
-    assert torch.all(tail == LOGPROB_FLOOR)
+def test_topk_with_k_equal_vocab_stores_floor_tail(teacher, plain_args, tmp_path):
+    cache = TeacherCache.build(teacher, make_dataset(rows=2), tmp_path / "c", mode="topk", k=VOCAB_SIZE, progress=False)
+    assert torch.all(full_batch(cache, plain_args)["teacher_tail_logprob"] == LOGPROB_FLOOR)
 
 
 def peaked_teacher(vocab_size):
@@ -124,123 +141,190 @@ def peaked_teacher(vocab_size):
     return model
 
 
-def test_sampled_counts_and_frequencies_follow_teacher(tmp_path):
-    vocab, k, temperature, repeats = 64, 64, 0.5, 128
+def test_sampled_stores_distinct_ids_with_counts_that_follow_the_teacher(plain_args, tmp_path):
+    vocab, draws, temperature, repeats = 64, 64, 0.5, 128
     teacher = peaked_teacher(vocab)
-    # One short row repeated: every copy draws independently (own seed), so each position gets repeats*k draws.
+    # One short row repeated: every copy draws independently (own seed), so each position gets repeats*draws.
     dataset = make_dataset(rows=1, seq_len=5, vocab_size=vocab).select([0] * repeats).flatten_indices()
     cache = TeacherCache.build(
-        teacher, dataset, tmp_path / "a", mode="sampled", k=k, temperature=temperature, progress=False
+        teacher, dataset, tmp_path / "a", mode="sampled", k=draws, temperature=temperature, progress=False
     )
-    batch = full_batch(cache)
-    ids, counts, logprobs = (
-        batch["teacher_sample_ids"],
-        batch["teacher_sample_counts"],
-        batch["teacher_sample_logprobs"],
-    )
-    expected = reference_logprobs(teacher, dataset, temperature)
+    batch = full_batch(cache, plain_args)
+    ids, counts = batch["teacher_sample_ids"], batch["teacher_sample_counts"]
+    expected = expected_logprobs(teacher, cache, temperature)
 
-    assert torch.all(counts.sum(-1) == k)
+    assert torch.all(counts.sum(-1) == draws)
     used = counts > 0
-    assert torch.all(ids[..., 1:][used[..., 1:]] > ids[..., :-1][used[..., 1:]]), "unique ids, ascending"
-    assert torch.all(ids[~used] == 0) and torch.all(logprobs[~used] == 0)
-    torch.testing.assert_close(logprobs[used], expected.gather(-1, ids)[used], atol=1e-2, rtol=1e-3)
-    frequencies = torch.zeros_like(expected).scatter_add_(-1, ids, counts).sum(0) / (repeats * k)
-    probs = expected[0].exp()
-    assert (frequencies - probs).abs().max() < 0.04
+    assert torch.all(ids[:, 1:][used[:, 1:]] > ids[:, :-1][used[:, 1:]]), "distinct ids, ascending"
+    assert torch.all(ids[~used] == 0)
+    stored = sum(len(row["sample_ids"]) for row in cache.dataset)
+    assert stored == int(used.sum()) < used.numel(), "only distinct ids are stored, no padding slots"
+    entropy = -(expected.exp() * expected).sum(-1)
+    torch.testing.assert_close(batch["teacher_entropy"], entropy, atol=5e-3, rtol=2e-3)
+    frequencies = torch.zeros_like(expected).scatter_add_(-1, ids, counts).view(repeats, 4, vocab).sum(0)
+    probs = expected[:4].exp()
+    assert (frequencies / (repeats * draws) - probs).abs().max() < 0.04
     assert (probs - probs.roll(1, dims=0)).abs().max() > 0.1, "positions differ, so the check above has teeth"
 
     rebuilt = TeacherCache.build(
-        teacher,
-        dataset,
-        tmp_path / "b",
-        mode="sampled",
-        k=k,
-        temperature=temperature,
-        batch_size=3,
-        progress=False,
+        teacher, dataset, tmp_path / "b", mode="sampled", k=draws, temperature=temperature, batch_size=3, progress=False
     )
-    again = full_batch(rebuilt)
-    assert torch.equal(again["teacher_sample_ids"], ids) and torch.equal(
-        again["teacher_sample_counts"], counts
-    )
+    again = full_batch(rebuilt, plain_args)
+    assert torch.equal(again["teacher_sample_ids"], ids) and torch.equal(again["teacher_sample_counts"], counts)
+
+
+def test_sampled_forward_kl_gradient_is_unbiased():
+    """The mean of many sampled-signal gradients converges to the dense forward-KL gradient."""
+    from hf_capgap.cache import padded_samples
+    from hf_capgap.cache_encode import sample_distinct
+    from hf_capgap.losses import DenseTeacher, LossSpec, SampledTeacher, distillation_loss
+
+    generator = torch.Generator().manual_seed(0)
+    # Every token likely enough to be drawn often, so each gradient entry's standard error is measurable.
+    rows, vocab, draws, trials, temperature = 4, 12, 4, 1000, 2.0
+    teacher_logits = torch.randn(rows, vocab, generator=generator)
+    student_logits = torch.randn(rows, vocab, generator=generator)
+    labels = torch.randint(0, vocab, (rows,), generator=generator)
+    spec = LossSpec(temperature=temperature, alpha=1.0)
+    log_p = torch.log_softmax(teacher_logits / temperature, -1)
+    entropy = -(log_p.exp() * log_p).sum(-1)
+
+    def gradient(teacher) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = student_logits.clone().requires_grad_(True)
+        loss = distillation_loss(logits, teacher, labels, spec).loss
+        loss.backward()
+        return logits.grad, loss.detach()
+
+    dense_grad, dense_loss = gradient(DenseTeacher(teacher_logits))
+    grads, losses = [], []
+    for trial in range(trials):
+        ids, counts, sizes = sample_distinct(log_p, draws, np.random.SeedSequence([trial]))
+        padded_ids, padded_counts = padded_samples(ids.numpy(), counts.numpy(), sizes.numpy())
+        grad, loss = gradient(SampledTeacher(torch.from_numpy(padded_ids), torch.from_numpy(padded_counts), entropy=entropy))
+        grads.append(grad)
+        losses.append(loss)
+    grads, losses = torch.stack(grads), torch.stack(losses)
+    z = (grads.mean(0) - dense_grad) / (grads.std(0) / trials**0.5)
+    assert z.abs().max() < 4.5, "every gradient entry within 4.5 standard errors of the dense one"
+    assert (grads[0] - dense_grad).norm() > 10 * (grads.mean(0) - dense_grad).norm(), "one draw alone is noisy"
+    assert abs(losses.mean() - dense_loss) < 4.5 * losses.std() / trials**0.5
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_dense_roundtrips_storage_dtype(teacher, dataset, tmp_path, dtype):
+def test_dense_roundtrips_storage_dtype(teacher, dataset, plain_args, tmp_path, dtype):
     cache = TeacherCache.build(teacher, dataset, tmp_path / "c", mode="dense", dtype=dtype, progress=False)
-    stored = full_batch(cache)["teacher_logprobs"]
-    expected = reference_logprobs(teacher, dataset).to(getattr(torch, dtype)).float()
-    assert stored.dtype == torch.float32 and stored.shape == (len(dataset), SEQ_LEN - 1, VOCAB_SIZE)
-    assert torch.equal(stored, expected)
-    value_type = cache.dataset.features["logprobs"].feature.feature.dtype
-    assert value_type == ("float16" if dtype == "float16" else "uint16")
+    stored = full_batch(cache, plain_args)["teacher_logprobs"]
+    expected = expected_logprobs(teacher, cache).to(getattr(torch, dtype)).float()
+    assert stored.dtype == torch.float32 and stored.shape == (cache.manifest["num_positions"], VOCAB_SIZE)
+    torch.testing.assert_close(stored, expected, atol=1e-2, rtol=0)
+    assert cache.dataset.features["logprobs"].feature.feature.dtype == ("float16" if dtype == "float16" else "uint16")
     assert cache.manifest["dtype"] == dtype
 
 
 @pytest.mark.parametrize(("mode", "dtype"), [("topk", "bfloat16"), ("sampled", "float16"), ("dense", "float16")])
-def test_batched_column_reads_equal_row_by_row_collate(teacher, dataset, tmp_path, mode, dtype):
-    """CacheRows' one-take batches (across shards, shuffled) collate exactly like rows read one by one."""
-    from hf_capgap.cache import CacheColumns, CacheRows
-
+def test_shuffled_batch_reads_equal_row_by_row_collate(tiny_text_dataset, plain_args, tmp_path, mode, dtype):
+    """Variable-length rows: one-take batches (across shards, shuffled) collate exactly like rows read one by
+    one, and each row's signal moves with it."""
+    teacher = make_teacher(vocab_size=32)
     cache = TeacherCache.build(
-        teacher, dataset, tmp_path / "c", mode=mode, k=4, dtype=dtype, shard_tokens=5 * 16, progress=False
+        teacher, tiny_text_dataset, tmp_path / "c", mode=mode, k=4, dtype=dtype, shard_tokens=60, progress=False
     )
-    assert len(cache.manifest["shards"]) > 1
-    rows, order = CacheRows(cache.dataset), [7, 0, 11, 3, 5]
-    columns = rows.__getitems__(order)
-    assert isinstance(columns, CacheColumns) and len(rows) == len(dataset)
-    by_rows = cache.collate([cache.dataset.with_format("numpy")[i] for i in order])
-    by_columns = cache.collate(columns)
-    assert by_rows.keys() == by_columns.keys()
-    for key, value in by_rows.items():
-        assert by_columns[key].dtype == value.dtype and torch.equal(by_columns[key], value), key
-    single = rows[order[3]]
-    assert single.keys() == columns.keys() and all(np.array_equal(single[k], columns[k][3]) for k in single)
+    assert len(cache.manifest["shards"]) > 1 and len({len(row) for row in tiny_text_dataset["input_ids"]}) > 1
+    rows, order = cache.rows(), [7, 0, 11, 3, 5]
+    collate = cache.collator(make_collator(None, plain_args))
+    by_take, by_rows = collate(rows.__getitems__(order)), collate([rows[i] for i in order])
+    assert by_take.keys() == by_rows.keys()
+    for key, value in by_take.items():
+        assert by_rows[key].dtype == value.dtype and torch.equal(by_rows[key], value), key
+    alone = [collate(rows.__getitems__([i])) for i in order]
+    first = TEACHER_BATCH_KEYS[mode][0]
+    if mode != "sampled":  # sampled rows pad their ids to the widest position of the batch
+        assert torch.equal(torch.cat([batch[first] for batch in alone]), by_take[first])
+    assert labelled(by_take) == sum(labelled(batch) for batch in alone) == len(by_take[first])
 
 
-def test_id_width_follows_vocab(teacher, dataset, tmp_path):
+def test_messages_with_assistant_only_loss_store_only_assistant_positions(tmp_path):
+    """A padded-vocabulary teacher (1,024 rows, 1,000 tokens) over chat rows: the signal covers exactly
+    the assistant tokens, over the real vocabulary, and equals the teacher's own distributions there."""
+    tokenizer, teacher = chat_tokenizer(), tiny_qwen2(1024).eval()
+    args = config(assistant_only_loss=True)
+    cache = TeacherCache.build(
+        teacher, Dataset.from_dict({"messages": CHAT_ROWS}), tmp_path / "c", tokenizer=tokenizer, args=args,
+        mode="dense", dtype="bfloat16", batch_size=5, progress=False,
+    )  # fmt: skip
+    batch = cache.collator(make_collator(tokenizer, args))(cache.rows().__getitems__(range(len(cache))))
+    start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert cache.real_vocab_size == CHAT_VOCAB_SIZE and cache.manifest["vocabulary_fingerprint"] == vocabulary_fingerprint(tokenizer)
+    assert batch["teacher_logprobs"].shape == (labelled(batch), CHAT_VOCAB_SIZE)
+    assert cache.manifest["num_positions"] == labelled(batch) < cache.manifest["num_tokens"] / 2
+    assert torch.all(batch["labels"][batch["input_ids"] == start] == -100), "prompt tokens cost nothing"
+    torch.testing.assert_close(batch["teacher_logprobs"], expected_logprobs(teacher, cache), atol=3e-2, rtol=0)
+
+
+def test_packed_rows_keep_documents_apart(tmp_path):
+    """Packing (bfd: padding-free batches with position_ids): each document's signal is the teacher's on
+    that document alone, and positions predicting the next document's first token store nothing."""
+    tokenizer, teacher = chat_tokenizer(), tiny_qwen2(1024).eval()
+    words = TINY_TEXT.split()
+    texts = [" ".join(words[i : i + n]) for i, n in zip(range(0, 300, 13), [5, 9, 3, 12, 7, 4, 10, 6, 8, 11, 5, 9])]
+    args = config(packing=True, max_length=24)
+    cache = TeacherCache.build(
+        teacher, Dataset.from_dict({"text": texts}), tmp_path / "c", tokenizer=tokenizer, args=args, mode="topk",
+        k=CHAT_VOCAB_SIZE, batch_size=3, progress=False,
+    )  # fmt: skip
+    batch = cache.collator(make_collator(tokenizer, args))(cache.rows().__getitems__(range(len(cache))))
+    documents = sum(len(row["seq_lengths"]) for row in cache.dataset)
+    assert cache.manifest["padding_free"] and batch["input_ids"].shape[0] == 1 and "position_ids" in batch
+    assert documents > len(cache) and labelled(batch) == cache.manifest["num_tokens"] - documents
+    expected = expected_logprobs(teacher, cache)
+    torch.testing.assert_close(batch["teacher_topk_logprobs"], expected.sort(-1, descending=True).values, atol=2e-2, rtol=0)
+
+
+def test_collating_with_other_masking_than_the_build_is_refused(tmp_path):
+    tokenizer, teacher = chat_tokenizer(), tiny_qwen2(1024).eval()
+    texts = [" ".join(TINY_TEXT.split()[i : i + 9]) for i in range(0, 90, 9)]
+    args = config(packing=True, max_length=24)
+    cache = TeacherCache.build(
+        teacher, Dataset.from_dict({"text": texts}), tmp_path / "c", tokenizer=tokenizer, args=args, k=4, progress=False
+    )
+    padded = cache.collator(make_collator(tokenizer, config()))
+    with pytest.raises(ArtifactError, match="padding_free=True"):
+        padded(cache.rows().__getitems__(range(len(cache))))
+
+
+def test_id_width_follows_the_real_vocabulary(teacher, dataset, plain_args, tmp_path):
     small = TeacherCache.build(teacher, dataset, tmp_path / "small", mode="topk", k=4, progress=False)
     big_vocab = (1 << 16) + 8
     big_teacher = make_teacher(vocab_size=big_vocab)
-    big_data = make_dataset(rows=2, seq_len=4, vocab_size=big_vocab)
-    big = TeacherCache.build(big_teacher, big_data, tmp_path / "big", mode="topk", k=4, progress=False)
-
-    assert small.dataset.features["topk_ids"].feature.feature.dtype == "uint16"
-    assert big.dataset.features["topk_ids"].feature.feature.dtype == "uint32"
-    assert big.manifest["id_dtype"] == "uint32"
-    expected_ids = reference_logprobs(big_teacher, big_data).topk(4, dim=-1).indices
-    assert torch.equal(full_batch(big)["teacher_topk_ids"], expected_ids)
-    assert expected_ids.max() >= 0 and big.bytes_per_token == 4 * (4 + 2) + 4
-
-
-def _tokenizer(size):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.WordLevel({f"w{i}": i for i in range(size)}, unk_token="w0"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0")
+    big = TeacherCache.build(
+        big_teacher, make_dataset(rows=2, seq_len=4, vocab_size=big_vocab), tmp_path / "big", mode="topk", k=4,
+        progress=False,
+    )  # fmt: skip
+    assert small.dataset.features["topk_ids"].feature.feature.dtype == "uint8"
+    assert big.dataset.features["topk_ids"].feature.feature.dtype == "uint32" and big.manifest["id_dtype"] == "uint32"
+    expected_ids = expected_logprobs(big_teacher, big).topk(4, dim=-1).indices
+    assert torch.equal(full_batch(big, plain_args)["teacher_topk_ids"], expected_ids)
 
 
-def test_load_refuses_foreign_fingerprints(teacher, dataset, tmp_path):
-    from hf_capgap.artifacts import dataset_fingerprint, model_fingerprint
-
-    tokenizer = _tokenizer(VOCAB_SIZE)
+def test_load_refuses_foreign_fingerprints(tmp_path):
+    tokenizer, teacher = chat_tokenizer(), tiny_qwen2(1024).eval()
+    dataset = make_dataset(rows=4, vocab_size=CHAT_VOCAB_SIZE)
     path = tmp_path / "c"
-    TeacherCache.build(teacher, dataset, path, k=4, temperature=2.0, tokenizer=tokenizer, progress=False)
+    cache = TeacherCache.build(teacher, dataset, path, tokenizer=tokenizer, k=4, temperature=2.0, progress=False)
     own = {
         "teacher_fingerprint": model_fingerprint(teacher),
-        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-        "dataset_fingerprint": dataset_fingerprint(dataset),
+        "vocabulary_fingerprint": vocabulary_fingerprint(tokenizer),
+        "dataset_fingerprint": cache.manifest["dataset_fingerprint"],
         "temperature": 2.0,
     }
     assert len(TeacherCache.load(path, **own)) == len(dataset)
+    instruct = chat_tokenizer(eos_token="</s>", chat_template=None)  # same token -> id map, other roles
+    assert TeacherCache.load(path, vocabulary_fingerprint=vocabulary_fingerprint(instruct)).real_vocab_size == 1000
 
     foreign = {
-        "teacher_fingerprint": model_fingerprint(make_teacher(seed=1)),
-        "tokenizer_fingerprint": tokenizer_fingerprint(_tokenizer(VOCAB_SIZE - 1)),
-        "dataset_fingerprint": dataset_fingerprint(make_dataset(rows=12, seed=1)),
+        "teacher_fingerprint": model_fingerprint(tiny_qwen2(1024, seed=1)),
+        "vocabulary_fingerprint": vocabulary_fingerprint(chat_tokenizer(swap=(10, 11))),
+        "dataset_fingerprint": dataset_fingerprint(make_dataset(rows=4, seed=1)),
         "temperature": 1.0,
     }
     for field, value in foreign.items():
@@ -248,6 +332,15 @@ def test_load_refuses_foreign_fingerprints(teacher, dataset, tmp_path):
             TeacherCache.load(path, **{**own, field: value})
         assert str(own[field]) in str(refused.value) and str(value) in str(refused.value)
         assert "Rebuild" in str(refused.value)
+
+
+def test_old_format_is_refused_with_a_rebuild_message(teacher, dataset, tmp_path):
+    path = tmp_path / "c"
+    TeacherCache.build(teacher, dataset, path, k=4, progress=False)
+    manifest = json.loads((path / "capgap_manifest.json").read_text())
+    (path / "capgap_manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    with pytest.raises(ArtifactError, match="format_version is 1.*reads 2; rebuild"):
+        TeacherCache.load(path)
 
 
 def test_corrupted_and_truncated_shards_are_detected(teacher, dataset, tmp_path):
@@ -269,30 +362,44 @@ def test_corrupted_and_truncated_shards_are_detected(teacher, dataset, tmp_path)
         TeacherCache.load(path)
 
 
+def _tokenizer(size):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({f"w{i}": i for i in range(size)}, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0")
+
+
 @pytest.mark.parametrize(
-    ("change", "message"),
+    ("change", "error", "message"),
     [
-        ({"dataset": make_dataset(rows=0)}, "dataset is empty"),
-        ({"k": VOCAB_SIZE + 1}, "k=129 exceeds the teacher vocabulary"),
-        ({"mode": "logits"}, "mode='logits'"),
-        ({"temperature": 0.0}, "temperature"),
-        ({"dtype": "float32"}, "dtype='float32'"),
-        ({"dataset": make_dataset(rows=2, vocab_size=2 * VOCAB_SIZE)}, "tokenized for another model"),
-        ({"tokenizer": _tokenizer(2 * VOCAB_SIZE)}, "tokenizer has 256 tokens"),
+        ({"dataset": make_dataset(rows=0)}, ValueError, "dataset is empty"),
+        ({"dataset": [[1, 2, 3]]}, TypeError, "datasets.Dataset"),
+        ({"dataset": Dataset.from_dict({"text": ["a b"]})}, ValueError, "needs a tokenizer: pass processing_class"),
+        ({"dataset": Dataset.from_dict({"body": ["a b"]})}, ValueError, "dataset_text_field"),
+        ({"k": VOCAB_SIZE + 1}, ValueError, "k=129 exceeds the real vocabulary"),
+        ({"mode": "sampled", "k": 256}, ValueError, "k <= 255"),
+        ({"mode": "logits"}, ValueError, "mode='logits'"),
+        ({"temperature": 0.0}, ValueError, "temperature"),
+        ({"dtype": "float32"}, ValueError, "dtype='float32'"),
+        ({"dataset": make_dataset(rows=2, vocab_size=2 * VOCAB_SIZE)}, ValueError, "tokenized for another model"),
+        ({"tokenizer": _tokenizer(2 * VOCAB_SIZE)}, ValueError, "tokenizer has 256 tokens"),
+        ({"dataset": Dataset.from_dict({"input_ids": [[1, 2]], "labels": [[-100, -100]]})}, ValueError, "no row"),
     ],
 )
-def test_bad_input_fails_before_the_teacher_runs(teacher, dataset, tmp_path, change, message):
+def test_bad_input_fails_before_the_teacher_runs(teacher, dataset, plain_args, tmp_path, change, error, message):
     calls, handle = count_forwards(teacher)
-    options = {"dataset": dataset, "mode": "topk", "k": 4, "progress": False} | change
+    options = {"dataset": dataset, "mode": "topk", "k": 4, "progress": False, "args": plain_args} | change
     try:
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(error, match=message):
             TeacherCache.build(teacher, path=tmp_path / "c", **options)
     finally:
         handle.remove()
     assert calls == [] and not (tmp_path / "c").exists()
 
 
-def test_existing_cache_is_reused_refused_or_overwritten(teacher, dataset, tmp_path):
+def test_existing_cache_is_reused_refused_or_overwritten(teacher, dataset, plain_args, tmp_path):
     path = tmp_path / "c"
     first = TeacherCache.build(teacher, dataset, path, k=4, progress=False)
     calls, handle = count_forwards(teacher)
@@ -305,7 +412,7 @@ def test_existing_cache_is_reused_refused_or_overwritten(teacher, dataset, tmp_p
     finally:
         handle.remove()
     assert calls and replaced.manifest["k"] == 6
-    assert full_batch(replaced)["teacher_topk_ids"].shape[-1] == 6
+    assert full_batch(replaced, plain_args)["teacher_topk_ids"].shape[-1] == 6
 
 
 def build_like_script(path):
@@ -324,7 +431,7 @@ def reference(tmp_path_factory):
 def test_resume_after_sigkill_equals_uninterrupted_build(tmp_path, reference):
     out = tmp_path / "killed"
     process = subprocess.Popen([sys.executable, str(SCRIPT), "--out", str(out), "--delay", "0.1"], cwd=REPO)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while not (out / "shard-00000.arrow").exists():
         assert process.poll() is None and time.monotonic() < deadline, "build never wrote its first shard"
         time.sleep(0.02)
@@ -339,9 +446,7 @@ def test_resume_after_sigkill_equals_uninterrupted_build(tmp_path, reference):
     resumed = TeacherCache.load(out, verify=True)
     assert {p.name: p.stat().st_ino for p in out.glob("shard-*.arrow") if p.name in survivors} == survivors
     assert shard_files(out) == shard_files(reference.path)
-    assert [s["sha256"] for s in resumed.manifest["shards"]] == [
-        s["sha256"] for s in reference.manifest["shards"]
-    ]
+    assert [s["sha256"] for s in resumed.manifest["shards"]] == [s["sha256"] for s in reference.manifest["shards"]]
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.path.iterdir())
 
 
@@ -353,54 +458,48 @@ def test_two_process_accelerate_build_equals_single_process(tmp_path, reference)
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
         str(SCRIPT), "--out", str(out), "--rank-dir", str(ranks),
     ]  # fmt: skip
-    subprocess.run(command, cwd=REPO, env={**os.environ, "ACCELERATE_USE_CPU": "1"}, timeout=180, check=True)
+    subprocess.run(command, cwd=REPO, env={**os.environ, "ACCELERATE_USE_CPU": "1"}, timeout=300, check=True)
 
     assert sorted(p.read_text().split()[0] for p in ranks.iterdir()) == ["2", "2"]
     assert sorted(p.name for p in ranks.iterdir()) == ["rank-0.txt", "rank-1.txt"]
     multi = TeacherCache.load(out, verify=True)
     assert shard_files(out) == shard_files(reference.path)
-    settled = [
-        {k: v for k, v in m.items() if k != "created_at"} for m in (multi.manifest, reference.manifest)
-    ]
+    settled = [{k: v for k, v in m.items() if k != "created_at"} for m in (multi.manifest, reference.manifest)]
     assert settled[0] == settled[1]
 
 
-def test_shards_are_plain_arrow_streams(teacher, dataset, tmp_path):
-    cache = TeacherCache.build(teacher, dataset, tmp_path / "c", k=4, progress=False)
+def test_shards_are_plain_arrow_streams_and_the_manifest_says_how_they_were_made(teacher, dataset, tmp_path):
+    cache = TeacherCache.build(teacher, dataset, tmp_path / "c", mode="sampled", k=16, progress=False)
     with pa.memory_map(str(cache.path / "shard-00000.arrow")) as source:
         table = pa.ipc.open_stream(source).read_all()
-    assert table.column_names == ["input_ids", "labels", "topk_ids", "topk_logprobs", "tail_logprob"]
-    assert sum(s["bytes"] for s in cache.manifest["shards"]) == sum(
-        p.stat().st_size for p in cache.path.glob("shard-*")
-    )
+    assert table.column_names == ["input_ids", "labels", "sample_ids", "sample_counts", "sample_sizes", "entropy"]
+    assert str(table.schema.field("sample_counts").type) == "list<item: uint8>"
+    assert sum(s["bytes"] for s in cache.manifest["shards"]) == sum(p.stat().st_size for p in cache.path.glob("shard-*"))
+    m = cache.manifest
+    assert (m["format_version"], m["mode"], m["draws"], m["real_vocab_size"], m["teacher_dtype"]) == (
+        2, "sampled", 16, VOCAB_SIZE, "float32",
+    )  # fmt: skip
+    assert m["teacher_fingerprint"] == model_fingerprint(teacher) and m["dataset_fingerprint"]
 
 
-def test_cli_builds_describes_and_verifies(teacher, dataset, tmp_path, capsys):
+def test_cli_builds_describes_and_verifies(teacher, dataset, plain_args, tmp_path, capsys):
     from hf_capgap.cli import main
 
     teacher.save_pretrained(tmp_path / "teacher")
     dataset.save_to_disk(tmp_path / "data")
     out = tmp_path / "cache"
-    build = [
-        "cache",
-        "build",
-        str(tmp_path / "teacher"),
-        "--dataset",
-        str(tmp_path / "data"),
-        "--out",
-        str(out),
-    ]
+    build = ["cache", "build", str(tmp_path / "teacher"), "--dataset", str(tmp_path / "data"), "--out", str(out)]
     assert main([*build, "--mode", "topk", "--k", "4", "--shard-tokens", str(4 * SEQ_LEN)]) == 0
     assert main(["cache", "info", str(out)]) == 0
     info = capsys.readouterr().out
-    assert (
-        "mode         topk" in info and "bytes/token  20.0" in info and f"sequences    {len(dataset)}" in info
-    )
+    assert re.search(r"mode +topk\n", info) and re.search(r"bytes/token +17\.0\n", info)
+    assert re.search(rf"sequences +{len(dataset)}\n", info) and re.search(r"vocabulary +128 real tokens\n", info)
     assert main(["cache", "verify", str(out)]) == 0
     assert "ok: 3 shards" in capsys.readouterr().out
 
-    cached = full_batch(TeacherCache.load(out))["teacher_topk_ids"]
-    assert torch.equal(cached, reference_logprobs(teacher, dataset).topk(4, dim=-1).indices)
+    cache = TeacherCache.load(out)
+    cached = full_batch(cache, plain_args)["teacher_topk_ids"]
+    assert torch.equal(cached, expected_logprobs(teacher, cache).topk(4, dim=-1).indices)
 
     shard = out / "shard-00002.arrow"
     shard.write_bytes(shard.read_bytes()[::-1])

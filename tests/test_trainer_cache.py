@@ -4,93 +4,144 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import CHAT_ROWS, CHAT_VOCAB_SIZE, chat_tokenizer, tiny_llama, tiny_qwen2
 from datasets import Dataset
 
 from hf_capgap import DistillationConfig, DistillationTrainer, TeacherCache
 from hf_capgap.artifacts import ArtifactError
 
-VOCAB, SEQ = 40, 12
+TEMPERATURE = 2.0
 
 
 @pytest.fixture(scope="module")
-def packed() -> Dataset:
-    generator = torch.Generator().manual_seed(1)
-    return Dataset.from_dict({"input_ids": torch.randint(0, VOCAB, (16, SEQ), generator=generator).tolist()})
+def tokenizer():
+    return chat_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def chats() -> Dataset:
+    return Dataset.from_dict({"messages": CHAT_ROWS})
 
 
 @pytest.fixture(scope="module")
 def teacher():
-    torch.manual_seed(3)
-    return tiny_llama(VOCAB, hidden=32, layers=1).eval()
+    """Padded embeddings: 1,024 logits for the tokenizer's 1,000 tokens."""
+    return tiny_qwen2(1024, seed=3).eval()
 
 
 def args(tmp_path, **overrides) -> DistillationConfig:
     settings = dict(
         output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=2, report_to=[], use_cpu=True,
-        disable_tqdm=True, save_strategy="no", learning_rate=1e-3, temperature=2.0, alpha=0.6,
-    )
+        disable_tqdm=True, save_strategy="no", learning_rate=1e-3, temperature=TEMPERATURE, alpha=0.6,
+        assistant_only_loss=True,
+    )  # fmt: skip
     settings.update(overrides)
     return DistillationConfig(**settings)
 
 
-@pytest.mark.parametrize("mode,k", [("dense", VOCAB), ("topk", VOCAB)])
-def test_cached_loss_equals_online_loss(tmp_path, packed, teacher, mode, k):
-    """A dense cache, or a top-k cache with k = vocab, carries the whole teacher distribution."""
+def build(teacher, chats, tokenizer, path, tmp_path, **options) -> TeacherCache:
+    return TeacherCache.build(
+        teacher, chats, path, tokenizer=tokenizer, args=args(tmp_path), temperature=TEMPERATURE, progress=False,
+        **options,
+    )  # fmt: skip
+
+
+def student_gradient(trainer, student, batch):
+    student.zero_grad()
+    loss = trainer.compute_loss(student, batch)
+    loss.backward()
+    return loss.detach(), torch.cat([p.grad.reshape(-1) for p in student.parameters() if p.grad is not None])
+
+
+@pytest.mark.parametrize("mode", ["dense", "topk"])
+def test_cached_loss_equals_online_loss_on_a_padded_vocabulary_pair(tmp_path, chats, tokenizer, teacher, mode):
+    """Student 1,008 logits, teacher 1,024, tokenizer 1,000; assistant-only labels. A dense cache, or a top-k
+    cache with k = the real vocabulary, carries the whole teacher distribution over the same 1,000 tokens
+    the online teacher uses: equal loss and gradient."""
     path = tmp_path / f"cache-{mode}"
-    TeacherCache.build(teacher, packed, path, mode=mode, k=k, temperature=2.0, progress=False, dtype="float16")
-    student = tiny_llama(VOCAB, hidden=16)
-    cached = DistillationTrainer(model=student, args=args(tmp_path, teacher_cache=str(path)), train_dataset=packed)
-    online = DistillationTrainer(model=student, teacher_model=teacher, args=args(tmp_path))
-    cache = TeacherCache.load(path)
-    batch = cache.collate([cache.dataset[i] for i in range(4)])
-    loss_cached = cached.compute_loss(student, batch)
-    loss_online = online.compute_loss(student, {key: batch[key] for key in ("input_ids", "attention_mask", "labels")})
+    cache = build(teacher, chats, tokenizer, path, tmp_path, mode=mode, k=CHAT_VOCAB_SIZE, dtype="float16")
+    student = tiny_qwen2(1008, seed=5)
+    cached = DistillationTrainer(
+        model=student, args=args(tmp_path, teacher_cache=str(path)), train_dataset=chats, processing_class=tokenizer
+    )
+    online = DistillationTrainer(
+        model=student, teacher_model=teacher, args=args(tmp_path), train_dataset=chats, processing_class=tokenizer
+    )
+    batch = next(iter(cached.get_train_dataloader()))
+    plain = {key: value for key, value in batch.items() if not key.startswith("teacher_")}
+    assert cache.real_vocab_size == CHAT_VOCAB_SIZE
+    assert len(cache.teacher_signal(batch).ids if mode == "topk" else batch["teacher_logprobs"]) == int(
+        (batch["labels"][:, 1:] != -100).sum()
+    ) < batch["labels"][:, 1:].numel()
+    loss_cached, grad_cached = student_gradient(cached, student, batch)
+    loss_online, grad_online = student_gradient(online, student, plain)
     torch.testing.assert_close(loss_cached, loss_online, rtol=2e-3, atol=2e-3)  # fp16 storage
+    torch.testing.assert_close(grad_cached, grad_online, rtol=2e-2, atol=2e-4)
 
 
-def test_training_from_a_cache_needs_no_teacher_and_keeps_rows_aligned(tmp_path, packed, teacher):
+def test_training_from_a_cache_keeps_rows_and_signals_together(tmp_path, tokenizer, teacher):
+    """Shuffled, over two epochs: every batch's signal, split back per row, is that row's own signal."""
+    # Distinct rows: each row draws its own samples, so equal rows would hold different signals.
+    chats = Dataset.from_dict(
+        {"messages": [[{**turn, "content": f"w{i} {turn['content']}"} for turn in chat] for i, chat in enumerate(CHAT_ROWS)]}
+    )
     path = tmp_path / "cache"
-    TeacherCache.build(teacher, packed, path, mode="topk", k=8, temperature=2.0, progress=False)
-    seen: list[torch.Tensor] = []
-    cache = TeacherCache.load(path)
-    by_ids = {tuple(row["input_ids"]): row["topk_ids"] for row in cache.dataset}
+    cache = build(teacher, chats, tokenizer, path, tmp_path, mode="sampled", k=8)
+    by_ids = {tuple(row["input_ids"]): row["sample_ids"] for row in cache.dataset}
+    seen: list[bool] = []
 
     class Recording(DistillationTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            for ids, topk in zip(inputs["input_ids"], inputs["teacher_topk_ids"], strict=True):
-                seen.append(torch.equal(topk, torch.as_tensor(by_ids[tuple(ids.tolist())])))
+            ids, counts = inputs["teacher_sample_ids"], inputs["teacher_sample_counts"]
+            per_row = (inputs["labels"][:, 1:] != -100).sum(dim=1).tolist()
+            for row, row_ids, row_counts in zip(inputs["input_ids"], ids.split(per_row), counts.split(per_row), strict=True):
+                stored = by_ids[tuple(row[row != tokenizer.pad_token_id].tolist())]
+                seen.append(row_ids[row_counts > 0].tolist() == list(stored))
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     trainer = Recording(
-        model=tiny_llama(VOCAB, hidden=16),
-        args=args(tmp_path, teacher_cache=str(path), max_steps=-1, num_train_epochs=2),
-        train_dataset=packed,
+        model=tiny_qwen2(1008, seed=5),
+        args=args(tmp_path, teacher_cache=str(path), max_steps=-1, num_train_epochs=2, loss="forward_kl"),
+        train_dataset=chats,
+        processing_class=tokenizer,
     )
     assert trainer.teacher is None
     trainer.train()
-    assert len(seen) == 2 * len(packed) and all(seen)
+    assert len(seen) == 2 * len(cache) and all(seen)
 
 
-def test_stale_cache_is_refused(tmp_path, packed, teacher):
+def test_stale_or_foreign_cache_is_refused(tmp_path, chats, tokenizer, teacher):
     path = tmp_path / "cache"
-    TeacherCache.build(teacher, packed, path, mode="topk", k=4, temperature=2.0, progress=False)
-    other_data = packed.map(lambda row: {"input_ids": row["input_ids"][::-1]})
-    with pytest.raises(ArtifactError, match="dataset_fingerprint"):
-        DistillationTrainer(model=tiny_llama(VOCAB), args=args(tmp_path, teacher_cache=str(path)), train_dataset=other_data)
+    build(teacher, chats, tokenizer, path, tmp_path, mode="topk", k=4)
+    student = tiny_qwen2(1008, seed=5)
+
+    def trainer(**options):
+        settings = {"model": student, "processing_class": tokenizer, "args": args(tmp_path, teacher_cache=str(path))}
+        return DistillationTrainer(**(settings | options))
+
+    with pytest.raises(ArtifactError, match="dataset fingerprint"):
+        trainer(train_dataset=chats.select(range(5)))
     with pytest.raises(ArtifactError, match="temperature"):
-        DistillationTrainer(model=tiny_llama(VOCAB), args=args(tmp_path, teacher_cache=str(path), temperature=1.0))
+        trainer(args=args(tmp_path, teacher_cache=str(path), temperature=1.0))
     with pytest.raises(ValueError, match="not both"):
-        DistillationTrainer(model=tiny_llama(VOCAB), teacher_model=teacher, args=args(tmp_path, teacher_cache=str(path)))
+        trainer(teacher_model=teacher)
     with pytest.raises(FileNotFoundError, match="no teacher cache"):
-        DistillationTrainer(model=tiny_llama(VOCAB), args=args(tmp_path, teacher_cache=str(tmp_path / "missing")))
+        trainer(args=args(tmp_path, teacher_cache=str(tmp_path / "missing")))
+    bigger = chat_tokenizer()
+    bigger.add_tokens(["extra"])
+    with pytest.raises(ValueError, match="1000 tokens but the student's tokenizer has 1001"):
+        trainer(processing_class=bigger)
 
 
-def test_uncached_eval_set_reports_cross_entropy(tmp_path, packed, teacher):
+def test_uncached_eval_set_reports_cross_entropy(tmp_path, chats, tokenizer, teacher):
     path = tmp_path / "cache"
-    TeacherCache.build(teacher, packed, path, mode="topk", k=4, temperature=2.0, progress=False)
+    build(teacher, chats, tokenizer, path, tmp_path, mode="topk", k=4)
     trainer = DistillationTrainer(
-        model=tiny_llama(VOCAB, hidden=16), args=args(tmp_path, teacher_cache=str(path)), eval_dataset=packed.select(range(8))
+        model=tiny_llama(CHAT_VOCAB_SIZE, hidden=16),
+        args=args(tmp_path, teacher_cache=str(path)),
+        train_dataset=chats,
+        processing_class=tokenizer,
+        eval_dataset=chats.select(range(8)),
     )
     metrics = trainer.evaluate()
     assert metrics["eval_loss"] == pytest.approx(metrics["eval_ce_loss"], rel=1e-5)

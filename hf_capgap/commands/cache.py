@@ -16,7 +16,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     source = build.add_mutually_exclusive_group(required=True)
     source.add_argument(
-        "--dataset", help="save_to_disk folder of a tokenized, packed dataset (column input_ids)"
+        "--dataset",
+        help="save_to_disk folder of a dataset: text, messages, prompt-completion or tokenized input_ids",
     )
     source.add_argument(
         "--corpus", choices=["embedded"], help="tokenize and pack the corpus shipped with hf_capgap"
@@ -27,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument(
         "--mode", choices=["topk", "sampled", "dense"], default="topk", help="what to keep per position"
     )
-    build.add_argument("--k", type=int, default=64, help="top-k entries or samples per position")
+    build.add_argument("--k", type=int, default=64, help="top-k entries, or draws (<= 255), per position")
     build.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the teacher")
     build.add_argument(
         "--dtype", choices=["float16", "bfloat16"], default="float16", help="storage of log-probs"
@@ -130,12 +131,12 @@ def _info(args: argparse.Namespace) -> int:
         ("k", m["k"]),
         ("temperature", m["temperature"]),
         ("storage", f"ids {m['id_dtype']}, log-probs {m['value_storage']}"),
+        ("vocabulary", f"{m['real_vocab_size']} real tokens {m['vocabulary_fingerprint'] or ''}".rstrip()),
         ("sequences", m["num_sequences"]),
-        ("tokens", f"{m['num_tokens']} (seq_len {m['seq_len']})"),
+        ("tokens", f"{m['num_tokens']} ({m['num_positions']} labelled positions)"),
         ("shards", len(m["shards"])),
         ("bytes/token", f"{cache.bytes_per_token:.1f}"),
-        ("teacher", f"{m['teacher_name'] or '(unnamed)'} {m['teacher_fingerprint']}"),
-        ("tokenizer", m["tokenizer_fingerprint"]),
+        ("teacher", f"{m['teacher_name'] or '(unnamed)'} {m['teacher_dtype']} {m['teacher_fingerprint']}"),
         ("dataset", m["dataset_fingerprint"]),
     ]
     width = max(len(name) for name, _ in rows)
