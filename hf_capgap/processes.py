@@ -38,3 +38,12 @@ def end_processes() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def launched_processes() -> int:
+    """How many processes this launch started, read from the launcher's environment.
+
+    Unlike :func:`process_state` this creates no process group, so a stage can refuse a launch
+    before anything joins (or waits in) a collective.
+    """
+    return int(os.environ.get("WORLD_SIZE", "1"))

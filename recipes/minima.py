@@ -1,23 +1,26 @@
 """MiniMA end to end: pick the student size by the law of capacity gap, prune, distil, evaluate, export.
 
     accelerate launch recipes/minima.py [CONFIG.yaml] [--key value ...]
-    python recipes/minima.py                      # recipes/configs/minima_tiny.yaml, offline on a CPU
+    python recipes/minima.py --help               # every setting, with its help
+    python recipes/minima.py CONFIG.yaml --dry_run --accelerate_config recipes/accelerate/fsdp.yaml
 
-Keys are the fields of ``hf_capgap.minima.MinimaConfig`` (each documents itself); ``--key value``
-pairs override the YAML. A rerun resumes an interrupted run, or reprints a finished one.
+No CONFIG: the tiny preset (recipes/configs/minima_tiny.yaml), offline on a CPU. Keys are the fields
+of ``hf_capgap.minima_config.MinimaConfig``; ``--key value`` pairs override the YAML. A rerun resumes
+an interrupted run, or reprints a finished one. A multi-process launch starts from ``--student_init``
+(pruning is a one-process stage: ``--prune_only`` first).
 """
 
 from __future__ import annotations
 
 import sys
 
-from hf_capgap.minima import load_config, run_minima
+from hf_capgap.minima import parse_minima_args, run_minima
 from hf_capgap.processes import end_processes
 
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        run_minima(load_config(sys.argv[1:] if argv is None else argv))
+        run_minima(parse_minima_args(sys.argv[1:] if argv is None else argv))
     except (ValueError, FileNotFoundError) as err:  # config errors, raised before any work starts
         sys.exit(f"minima: {err}")
     end_processes()  # only after success: a failed process must not wait in a barrier for the others

@@ -1,20 +1,32 @@
-"""The MiniMA recipe end to end at micro scale: export, card, resume/no-op, config errors, law choice."""
+"""The MiniMA recipe end to end at micro scale: export, card, resume/no-op, config errors, law choice,
+dry run of the 7B preset, streaming from local files, and the stage boundaries of a 2-process launch."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
+import os
 import shutil
-from dataclasses import asdict
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from hf_capgap import minima
+from hf_capgap import minima_data, minima_distill, minima_export, minima_prune, minima_teacher
 from hf_capgap.law import CapacityGapLaw
-from hf_capgap.minima import build_config, load_config, make_plan, run_minima
+from hf_capgap.minima import build_config, make_plan, parse_minima_args, run_minima
+from hf_capgap.minima_config import MinimaConfig
 
-RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "minima.py"
+REPO = Path(__file__).resolve().parent.parent
+RECIPE = REPO / "recipes" / "minima.py"
+LLAMA2_7B_CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
+    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
+    "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "hidden_act": "silu", "bos_token_id": 1,
+    "eos_token_id": 2, "tie_word_embeddings": False, "torch_dtype": "float16",
+}
 
 
 def micro_values(root: Path, **overrides) -> dict:
@@ -34,15 +46,26 @@ def finished(tmp_path_factory):
     return config, run_minima(config)
 
 
+def _refuse(*args, **kwargs):
+    raise AssertionError("expensive work started")
+
+
 @pytest.fixture()
 def no_work(monkeypatch):
     """Fail loudly if a stage that loads or trains a model starts."""
+    for module, name in ((minima_teacher, "teacher_location"), (minima_teacher, "load_teacher"),
+                         (minima_data, "prepare_data"), (minima_prune, "prune_stage"),
+                         (minima_distill, "distill_stage"), (minima_distill, "scratch_stage")):
+        monkeypatch.setattr(module, name, _refuse)
 
-    def refuse(*args, **kwargs):
-        raise AssertionError("expensive work started")
 
-    for name in ("load_teacher_model", "prepare_data", "prune_stage", "distill_stage", "scratch_stage"):
-        monkeypatch.setattr(minima, name, refuse)
+def stages(config):
+    """Plan, data, teacher and its identity, as run_minima prepares them."""
+    plan = make_plan(config)
+    location = minima_teacher.teacher_location(config, plan)
+    data = minima_data.prepare_data(config, plan, minima_teacher.load_tokenizer(config, location))
+    teacher = minima_teacher.load_teacher(config, plan, location)
+    return plan, data, teacher, minima_teacher.teacher_identity(plan, location, teacher)
 
 
 def test_export_is_a_loadable_student_with_card(finished):
@@ -59,7 +82,9 @@ def test_export_is_a_loadable_student_with_card(finished):
     assert sum(p.numel() for p in model.parameters()) == results["eval"]["distilled"]["params"]
     assert len(AutoTokenizer.from_pretrained(folder)) <= model.config.vocab_size
     card = ModelCard.load(folder / "README.md")
-    assert card.data.base_model == "llama-86K"
+    assert card.data.base_model is None  # a ladder rung has no Hub id: no base_model, no link
+    assert card.data.license == "apache-2.0"  # ladder teachers are hf_capgap's own, trained on public-domain text
+    assert "huggingface.co/llama-86K" not in card.text and str(config.output_dir) not in card.text
     assert "distillation" in card.data.tags
     assert card.data.to_dict()["model-index"][0]["results"]
     assert json.loads((folder / "results.json").read_text()) == results
@@ -71,9 +96,10 @@ def test_results_follow_the_paper_law_and_compare_all_four_models(finished):
     student = results["eval"]["distilled"]["params"]
     assert abs(student - teacher / 2.5) / (teacher / 2.5) <= 0.02  # pruning hits the law's size within 2%
     assert set(results["eval"]) == {"teacher", "pruned", "distilled", "scratch"}
+    assert all(score is not None for score in results["eval"].values())
     assert results["eval"]["scratch"]["params"] == student
     assert results["train_tokens"] == 1024
-    table = minima.format_table(results)
+    table = minima_export.format_table(results)
     assert "same-size student from scratch" in table and ("beat" in table)
 
 
@@ -93,7 +119,7 @@ def test_lost_export_is_rebuilt_from_finished_stages_without_training(finished, 
         raise AssertionError("a finished stage was retrained")
 
     monkeypatch.setattr(Trainer, "train", refuse)
-    monkeypatch.setattr(minima, "prune_model", refuse, raising=False)
+    monkeypatch.setattr("hf_capgap.pruning.prune_model", refuse)
     again = run_minima(config)
     assert again["eval"] == results["eval"]
     assert (config.run_dir / "model.safetensors").is_file()
@@ -101,19 +127,27 @@ def test_lost_export_is_rebuilt_from_finished_stages_without_training(finished, 
 
 def test_killed_distillation_resumes_from_its_checkpoint(finished, tmp_path, monkeypatch):
     """A run killed after its first checkpoint continues from it instead of starting over."""
-    from transformers import TrainerCallback
-
-    from hf_capgap.artifacts import model_fingerprint
-    from hf_capgap.trainer import DistillationTrainer
-
     config, _ = finished
     config = build_config({**micro_values(Path(config.output_dir).parent), "run_name": "killed",
                            "output_dir": str(tmp_path), "train_tokens": 1536})
-    plan = make_plan(config)
-    teacher, tokenizer = minima.load_teacher_model(config, plan)
-    data = minima.prepare_data(config, tokenizer)
-    fingerprint = model_fingerprint(teacher)
-    _, pruned_dir, _ = minima.prune_stage(config, plan, teacher, data, fingerprint)
+    plan, data, teacher, teacher_id = stages(config)
+    pruned_dir, _ = minima_prune.prune_stage(config, plan, teacher, data, teacher_id)
+    kill_after_first_checkpoint(monkeypatch, lambda: minima_distill.distill_stage(
+        config, plan, teacher, pruned_dir, data, teacher_id))
+    assert list(config.work_dir.glob("distill-*/checkpoint-1")) and not list(config.work_dir.glob("distilled-*"))
+
+    final = minima_distill.distill_stage(config, plan, teacher, pruned_dir, data, teacher_id)
+    manifest = json.loads((final / "capgap_manifest.json").read_text())
+    assert (manifest["steps"], manifest["resumed_from_step"]) == (3, 1)
+    assert not (final / "training_args.bin").exists()
+    assert not list(config.work_dir.glob("distill-*"))  # checkpoints go once the stage is published
+
+
+def kill_after_first_checkpoint(monkeypatch, work):
+    """Run ``work`` with a DistillationTrainer that raises KeyboardInterrupt once it saved a checkpoint."""
+    from transformers import TrainerCallback
+
+    from hf_capgap.trainer import DistillationTrainer
 
     class KillAfterFirstCheckpoint(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
@@ -123,15 +157,8 @@ def test_killed_distillation_resumes_from_its_checkpoint(finished, tmp_path, mon
     monkeypatch.setattr(DistillationTrainer, "__init__",
                         lambda self, *a, **kw: original(self, *a, **kw, callbacks=[KillAfterFirstCheckpoint()]))
     with pytest.raises(KeyboardInterrupt):
-        minima.distill_stage(config, teacher, pruned_dir, data, fingerprint)
+        work()
     monkeypatch.setattr(DistillationTrainer, "__init__", original)
-    assert list(config.work_dir.glob("distill-*/checkpoint-1")) and not list(config.work_dir.glob("distilled-*"))
-
-    final = minima.distill_stage(config, teacher, pruned_dir, data, fingerprint)
-    manifest = json.loads((final / "capgap_manifest.json").read_text())
-    assert (manifest["steps"], manifest["resumed_from_step"]) == (3, 1)
-    assert not (final / "training_args.bin").exists()
-    assert not list(config.work_dir.glob("distill-*"))  # checkpoints go once the stage is published
 
 
 @pytest.mark.parametrize(
@@ -145,7 +172,12 @@ def test_killed_distillation_resumes_from_its_checkpoint(finished, tmp_path, mon
         ({"student_params": 500_000}, "student_params gives 500,000"),
         ({"batch_size": 0}, "batch_size=0 must be >= 1"),
         ({"alpha": 1.5}, "alpha"),
-        ({"train_tokens": "many"}, "train_tokens='many' is not a valid int"),
+        ({"train_tokens": "many"}, "train_tokens='many' is not a count"),
+        ({"batch_size": 1.5}, "batch_size=1.5 is not an integer"),
+        ({"student_init": "no/such/student"}, "student_init=no/such/student holds no config.json"),
+        ({"dataset": "no-such-*.jsonl"}, "matches no"),
+        ({"teacher_hub_id": "/home/me/teacher"}, "must be a Hub id"),
+        ({"streaming": True, "teacher_cache": True}, "teacher_cache needs a fixed set"),
         ({"seq_len": 128, "train_tokens": 4096}, "seq_len=128 exceeds"),
         ({"student_hidden_size": 32}, "give all of student_hidden_size"),
         ({"teacher": None}, "set teacher"),
@@ -184,57 +216,198 @@ def test_law_suggests_the_teacher_for_a_requested_student(tmp_path):
 
 def test_default_config_lets_the_law_pick_the_tiny_teacher():
     """The README's first command: 2.5 x 170K = 425K, so the law picks llama-418K (no weights loaded)."""
-    plan = make_plan(load_config([]))
+    plan = make_plan(parse_minima_args([]))
     assert (plan.teacher, plan.teacher_kind, plan.student_params) == ("llama-418K", "ladder", 170_000)
     assert plan.choice == "law (paper) suggests llama-418K for a 170K student"
 
 
-def test_yaml_and_typed_overrides(tmp_path):
+def test_tiny_preset_file_repeats_the_dataclass_defaults():
+    """The default run needs no file; the shipped YAML spells out the same settings."""
+    assert parse_minima_args([str(REPO / "recipes" / "configs" / "minima_tiny.yaml")]) == MinimaConfig()
+
+
+def test_yaml_typed_overrides_and_sizes_with_suffixes(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("teacher: llama-86K\nladder: micro\nseq_len: 64\ntrain_tokens: 1024\n")
-    config = load_config([str(path), "--train_tokens", "2048", "--bf16", "false", "--law", "null", "--alpha", "0.25"])
-    assert (config.train_tokens, config.bf16, config.law, config.alpha) == (2048, False, None, 0.25)
+    path.write_text("teacher: llama-86K\nladder: micro\nseq_len: 64\ntrain_tokens: 1024\nstudent_params: null\n")
+    config = parse_minima_args([str(path), "--train_tokens", "2K", "--bf16", "false", "--law", "null", "--alpha", "0.25"])
+    assert (config.train_token_count, config.bf16, config.law, config.alpha) == (2000, False, None, 0.25)
     assert config.teacher == "llama-86K" and config.seq_len == 64
-    with pytest.raises(ValueError, match="--key value pairs"):
-        load_config([str(path), "--train_tokens"])
-    assert load_config([]).run_name == "minima-tiny"  # the default config file
+    assert build_config({"student_params": "1.5B"}).student_param_count == 1_500_000_000
+    assert build_config({"train_tokens": "2e9"}).result_settings()["train_tokens"] == 2_000_000_000
+    with pytest.raises(ValueError, match="unknown config key"):
+        (tmp_path / "bad.yaml").write_text("teachr: x\n")
+        parse_minima_args([str(tmp_path / "bad.yaml")])
+    assert parse_minima_args([]).run_name == "minima-tiny"  # no file: the tiny preset
+
+
+def test_help_lists_every_field(capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_minima_args(["--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert all(f"--{item.name}" in text for item in dataclasses.fields(MinimaConfig))
 
 
 @pytest.mark.parametrize(("argv", "key"), [(["--no_such_key", "1"], "no_such_key"), (["--teacher", "llama-9M"], "teacher")])
-def test_recipe_reports_config_errors_without_a_traceback(no_work, argv, key):
+def test_recipe_reports_config_errors_without_a_traceback(no_work, argv, key, capsys):
     spec = importlib.util.spec_from_file_location("minima_recipe", RECIPE)
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
     with pytest.raises(SystemExit) as info:
         recipe.main(argv)
-    assert str(info.value.code).startswith("minima: ") and key in str(info.value.code)
+    assert str(info.value.code).startswith("minima: ")
+    assert key in str(info.value.code) + capsys.readouterr().err
 
 
-@pytest.mark.parametrize("preset", ["minima_tiny", "minima_pythia", "minima_llama2_7b"])
+@pytest.mark.parametrize("preset", ["minima_tiny", "minima_pythia", "minima_llama2_7b", "minima_own_model"])
 def test_presets_parse(preset):
-    config = load_config([str(RECIPE.parent / "configs" / f"{preset}.yaml"), "--bf16", "false"])
+    config = parse_minima_args([str(RECIPE.parent / "configs" / f"{preset}.yaml")])
     assert (config.loss, config.alpha, config.temperature) == ("forward_kl", 0.5, 1.0)  # MiniMA's loss
 
 
+@pytest.mark.parametrize("preset", ["minima_pythia", "minima_llama2_7b"])
+def test_gpu_presets_are_runnable_by_construction(preset):
+    config = parse_minima_args([str(RECIPE.parent / "configs" / f"{preset}.yaml")])
+    assert config.bf16 and config.gradient_checkpointing and config.streaming and not config.baseline
+    assert config.teacher_dtype == "bfloat16" and config.seq_len is not None
+
+
 def test_llama2_preset_mirrors_the_published_3b_student():
-    from transformers import LlamaConfig
-
-    from hf_capgap.pruning import PruneShape, shape_params
-    from hf_capgap.pruning_layouts import meta_model
-
-    config = load_config([str(RECIPE.parent / "configs" / "minima_llama2_7b.yaml"), "--bf16", "false"])
+    config = parse_minima_args([str(RECIPE.parent / "configs" / "minima_llama2_7b.yaml")])
     assert config.teacher == "meta-llama/Llama-2-7b-hf"
     assert config.student_shape == {"hidden_size": 3072, "num_hidden_layers": 24, "num_attention_heads": 24,
                                     "intermediate_size": 8192}
     assert (config.adam_beta1, config.adam_beta2, config.weight_decay, config.learning_rate) == (0.9, 0.95, 0.1, 3e-4)
     assert (config.warmup_ratio, config.max_grad_norm, config.seq_len) == (0.01, 1.0, 4096)
-    assert config.gradient_checkpointing and config.lr_scheduler_type == "cosine"
-    llama2_7b = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                            num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
-    teacher = meta_model(llama2_7b)
-    assert sum(p.numel() for p in teacher.parameters()) == 6_738_415_616
-    student = shape_params(teacher, PruneShape.from_value(config.student_shape))
-    assert 2.9e9 < student < 3.1e9  # MiniMA-3B
+    assert config.lr_scheduler_type == "cosine" and config.layer_selection == "middle"
+
+
+def llama2_7b_folder(root: Path) -> Path:
+    """A folder holding only LLaMA-2-7B's config.json (no weights, no tokenizer)."""
+    folder = root / "llama-2-7b"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(LLAMA2_7B_CONFIG))
+    return folder
+
+
+@pytest.mark.parametrize(("launch", "strategy"), [("fsdp.yaml", "fsdp"), ("deepspeed_zero3.yaml", "zero3"),
+                                                  ("ddp.yaml", "ddp")])
+def test_dry_run_of_the_7b_preset_from_a_config_only_folder(tmp_path, monkeypatch, capsys, launch, strategy):
+    from hf_capgap import teacher_loading
+    from hf_capgap.minima_dry_run import GIB
+
+    monkeypatch.setattr(teacher_loading, "load_frozen_teacher", _refuse)
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", _refuse)
+    teacher = llama2_7b_folder(tmp_path)
+    config = parse_minima_args([str(RECIPE.parent / "configs" / "minima_llama2_7b.yaml"), "--teacher", str(teacher),
+                                "--output_dir", str(tmp_path / "out"), "--dry_run",
+                                "--accelerate_config", str(REPO / "recipes" / "accelerate" / launch)])
+    from hf_capgap.minima_dry_run import dry_run
+
+    report = dry_run(config)
+    out = capsys.readouterr().out
+    assert report["teacher_params"] == 6_738_415_616
+    assert 2.9e9 < report["student_params"] < 3.1e9
+    student = report["student_config"]
+    assert (student.hidden_size, student.num_hidden_layers, student.num_attention_heads,
+            student.intermediate_size) == (3072, 24, 24, 8192)
+    assert "hidden 3072, 24 layers, 24 heads (24 KV), MLP 8192" in out and "6,738,415,616 params" in out
+    assert "memory per GPU, estimated (not yet measured on a GPU)" in out and f"{strategy}, 8 process" in out
+    memory = report["memory"]
+    assert memory["activations with checkpointing"] < memory["activations without checkpointing"]
+    if strategy == "ddp":  # every rank holds the whole student state and the whole bf16 teacher
+        assert memory["student weights (fp32)"] == 4 * report["student_params"]
+        assert memory["teacher weights"] == 2 * 6_738_415_616
+    else:
+        assert memory["student weights (fp32)"] == 4 * report["student_params"] / 8
+        assert memory["total with checkpointing"] < 80 * GIB
+    steps = report["steps"]
+    assert steps == 126_000_000_000 // (4 * 8 * 4096 * 8)
+    assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_reports_the_cache_size(tmp_path, capsys):
+    teacher = llama2_7b_folder(tmp_path)
+    config = parse_minima_args([str(RECIPE.parent / "configs" / "minima_llama2_7b.yaml"), "--teacher", str(teacher),
+                                "--dry_run", "--teacher_cache", "true", "--streaming", "false",
+                                "--train_tokens", "1B"])
+    report = run_minima(config)
+    assert report is None and "teacher cache (topk, k=64) on disk, estimated" in capsys.readouterr().out
+
+
+def local_text_files(root: Path, files: int = 4) -> Path:
+    """Plain-text files cut from the embedded corpus (the micro ladder's tokenizer knows its words)."""
+    from hf_capgap.data import load_corpus
+
+    texts = load_corpus()["train"].select(range(120))["text"]
+    folder = root / "texts"
+    folder.mkdir()
+    for index in range(files):
+        (folder / f"part-{index}.txt").write_text("\n".join(texts[index::files]))
+    return folder
+
+
+def test_streaming_from_local_text_files_resumes_and_never_holds_the_data(finished, tmp_path, monkeypatch):
+    import datasets
+    from huggingface_hub import ModelCard
+
+    config, _ = finished
+    texts = local_text_files(tmp_path)
+    values = {**micro_values(Path(config.output_dir).parent), "output_dir": str(tmp_path / "out"),
+              "run_name": "streamed", "dataset": str(texts / "*.txt"), "streaming": True, "baseline": False,
+              "train_tokens": 1536}
+    streamed = build_config(values)
+    plan, data, _, _ = stages(streamed)
+    assert isinstance(data.train, datasets.IterableDataset)  # packed on the fly, never a table of all rows
+    assert len(data.eval) == streamed.eval_rows and "rows_sha" not in data.identity
+    assert data.identity["data_files"] == [(f"part-{i}.txt", (texts / f"part-{i}.txt").stat().st_size) for i in range(4)]
+
+    kill_after_first_checkpoint(monkeypatch, lambda: run_minima(streamed))
+    assert list(streamed.work_dir.glob("distill-*/checkpoint-1"))
+    results = run_minima(streamed)
+    (distilled,) = streamed.work_dir.glob("distilled-*")
+    manifest = json.loads((distilled / "capgap_manifest.json").read_text())
+    assert (manifest["steps"], manifest["resumed_from_step"]) == (3, 1)
+    assert not list(streamed.work_dir.glob("scratch*"))  # baseline: false trains one student
+    assert results["eval"]["scratch"] is None
+    assert "same-size student from scratch, same tokens" in minima_export.format_table(results)
+    assert "not run" in minima_export.format_table(results)
+    card = ModelCard.load(streamed.run_dir / "README.md")
+    assert "| Same-size student trained from scratch | not run | not run |" in card.text
+    assert str(tmp_path) not in card.text and "local files (*.txt)" in card.text
+
+
+def launch_recipe(tmp_path: Path, overrides: dict, processes: int = 2) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_CAPGAP_CACHE": str(tmp_path / "cache")}
+    launcher = ["--config_file", str(REPO / "recipes" / "accelerate" / "cpu.yaml")] if processes > 1 else ["--cpu"]
+    command = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--main_process_port", "0", str(RECIPE),
+               *(item for key, value in overrides.items() for item in (f"--{key}", str(value)))]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_two_process_launch_refuses_to_prune_before_any_work(tmp_path):
+    result = launch_recipe(tmp_path, {**micro_values(tmp_path), "student_params": "null"})
+    assert result.returncode != 0
+    assert "pruning is a one-process stage" in result.stderr and "--student_init" in result.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "ladder").exists()
+
+
+def test_two_process_distillation_from_a_pruned_folder_matches_one_process(finished, tmp_path):
+    """Same global batch (2 x 4 rows vs 1 x 8), same steps: the loss curves agree within tolerance."""
+    config, _ = finished
+    (pruned,) = config.work_dir.glob("pruned-*")
+    common = {**micro_values(Path(config.output_dir).parent), "student_init": str(pruned), "baseline": "false",
+              "train_tokens": 2048, "save_steps": 100, "logging_steps": 1}
+    curves = {}
+    for processes, batch_size in ((1, 8), (2, 4)):
+        out = tmp_path / f"out{processes}"
+        result = launch_recipe(tmp_path, {**common, "output_dir": out, "batch_size": batch_size}, processes)
+        assert result.returncode == 0, result.stderr[-3000:]
+        (distilled,) = (out / ".work" / "micro").glob("distilled-*")
+        curves[processes] = json.loads((distilled / "capgap_manifest.json").read_text())["train_losses"]
+        assert json.loads((out / "micro" / "results.json").read_text())["train_tokens"] == 2048
+    assert len(curves[1]) == len(curves[2]) == 2048 // (8 * 64)
+    assert curves[2] == pytest.approx(curves[1], rel=0.05)
 
 
 def test_push_to_hub_uploads_the_finished_export(finished, monkeypatch, tmp_path, capsys):
@@ -248,13 +421,14 @@ def test_push_to_hub_uploads_the_finished_export(finished, monkeypatch, tmp_path
     monkeypatch.setenv("HF_TOKEN", "hf_minima_test_token")
     server = FakeHub(max_requests=100, lifetime_s=60).start()
     try:
-        pushed = build_config({**asdict(config), "push_to_hub": "tester/micro", "hub_endpoint": server.url})
+        pushed = build_config({**dataclasses.asdict(config), "push_to_hub": "tester/micro", "hub_endpoint": server.url})
         assert run_minima(pushed) == results  # the same run: pushing is not part of its identity
         uploaded = server.files("tester/micro")
     finally:
         server.stop()
     local = {p.name: p.read_bytes() for p in config.run_dir.iterdir() if p.is_file()}
     assert uploaded == local
+    assert 'from_pretrained("tester/micro")' in local["README.md"].decode()  # the card names the pushed repo
     assert f"pushed to {server.url}/tester/micro/commit/" in capsys.readouterr().out
 
 

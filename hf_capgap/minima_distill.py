@@ -1,0 +1,154 @@
+"""The training stages: distil the pruned student, and (``baseline: true``) train the same-size
+student from scratch on the same tokens with the same optimizer.
+
+Both run on every process of the launch (DDP / FSDP / ZeRO-3 as accelerate set it up), build their
+``TrainingArguments`` only after the teacher is loaded (ZeRO-3 would otherwise partition it), resume
+from their last Trainer checkpoint, and publish their model folder in one rename once finished.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from hf_capgap.artifacts import json_sha256, read_manifest
+from hf_capgap.minima_config import MinimaConfig
+from hf_capgap.minima_data import RunData
+from hf_capgap.minima_plan import Plan, steps_for
+from hf_capgap.training_arguments import StudentTraining, student_training_arguments
+
+STAGE_KIND = "minima_stage"
+FORMAT_VERSION = 1
+
+
+def is_main() -> bool:
+    from hf_capgap.processes import process_state
+
+    return process_state().is_main_process
+
+
+def wait() -> None:
+    from hf_capgap.processes import process_state
+
+    process_state().wait_for_everyone()
+
+
+def student_training(config: MinimaConfig, plan: Plan) -> StudentTraining:
+    """The optimizer and precision settings both students share, so the comparison is like for like."""
+    return StudentTraining(
+        steps=steps_for(config, plan), batch_size=config.batch_size, seq_len=plan.seq_len,
+        learning_rate=config.learning_rate, gradient_accumulation_steps=config.gradient_accumulation_steps,
+        lr_scheduler_type=config.lr_scheduler_type, warmup_ratio=config.warmup_ratio,
+        weight_decay=config.weight_decay, adam_beta1=config.adam_beta1, adam_beta2=config.adam_beta2,
+        max_grad_norm=config.max_grad_norm, bf16=config.bf16, gradient_checkpointing=config.gradient_checkpointing,
+        seed=config.seed,
+    )
+
+
+def _finished(path: Path, inputs: Mapping[str, Any]) -> bool:
+    if not path.exists():
+        return False
+    read_manifest(path, STAGE_KIND, FORMAT_VERSION, expected={"inputs_sha256": json_sha256(inputs)}, verify_files=True)
+    return True
+
+
+def _train_resumably(trainer: Any, checkpoints: Path, final: Path, tokenizer: Any, fields: Mapping[str, Any]) -> None:
+    """Train from the last checkpoint in ``checkpoints``, then publish the model at ``final`` in one rename."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from hf_capgap.artifacts import write_manifest
+
+    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    trainer.train(resume_from_checkpoint=last)
+    resumed_from = int(last.rsplit("-", 1)[1]) if last else None
+    staging = final.with_name(f".{final.name}.partial")
+    if is_main():
+        shutil.rmtree(staging, ignore_errors=True)
+    wait()
+    trainer.save_model(str(staging))
+    if is_main():
+        (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; the manifest records the settings
+        tokenizer.save_pretrained(staging)
+        write_manifest(
+            staging, STAGE_KIND, FORMAT_VERSION,
+            {**fields, "steps": trainer.state.global_step, "resumed_from_step": resumed_from,
+             "train_losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]},
+        )
+        os.replace(staging, final)
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    wait()
+
+
+def _teacher_cache(config: MinimaConfig, teacher: Any, data: RunData, teacher_id: str) -> Path:
+    from hf_capgap.cache import TeacherCache
+
+    inputs = [teacher_id, data.identity, config.cache_mode, config.cache_k, config.temperature]
+    path = config.work_dir / f"cache-{json_sha256(inputs)[:12]}"
+    TeacherCache.build(teacher, data.train, path, mode=config.cache_mode, k=config.cache_k,
+                       temperature=config.temperature, batch_size=config.eval_batch_size, tokenizer=data.tokenizer)
+    return path
+
+
+def distill_stage(config: MinimaConfig, plan: Plan, teacher: Any, student_dir: Path, data: RunData,
+                  teacher_id: str) -> Path:
+    """Distil the student in ``student_dir`` (online teacher or a TeacherCache); resumable; returns its folder."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_capgap.config import DistillationConfig
+    from hf_capgap.trainer import DistillationTrainer
+
+    inputs = {"stage": "distill", "student": student_dir.name, "teacher": teacher_id, "data": data.identity,
+              "settings": config.result_settings()}
+    tag = json_sha256(inputs)[:12]
+    final = config.work_dir / f"distilled-{tag}"
+    if _finished(final, inputs):
+        return final
+    cache_path = _teacher_cache(config, teacher, data, teacher_id) if config.teacher_cache else None
+    checkpoints = config.work_dir / f"distill-{tag}"
+    args = student_training_arguments(
+        DistillationConfig, checkpoints, student_training(config, plan),
+        save_steps=config.save_steps, logging_steps=config.logging_steps,
+        loss=config.loss, alpha=config.alpha, temperature=config.temperature, teacher_dtype=config.teacher_dtype,
+        teacher_cache=None if cache_path is None else str(cache_path),
+    )
+    trainer = DistillationTrainer(
+        model=AutoModelForCausalLM.from_pretrained(student_dir, use_safetensors=True),
+        teacher_model=None if cache_path else teacher,
+        args=args,
+        train_dataset=data.train,
+        processing_class=data.tokenizer,
+        teacher_processing_class=None if cache_path else data.tokenizer,
+    )
+    _train_resumably(trainer, checkpoints, final, data.tokenizer, {"inputs_sha256": json_sha256(inputs)})
+    return final
+
+
+def scratch_stage(config: MinimaConfig, plan: Plan, student_dir: Path, data: RunData) -> Path:
+    """The baseline: the student's architecture from random init, plain CE, same rows and optimizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from hf_capgap.collate import CausalLMCollator
+
+    inputs = {"stage": "scratch", "student": student_dir.name, "data": data.identity,
+              "settings": config.result_settings()}
+    tag = json_sha256(inputs)[:12]
+    final = config.work_dir / f"scratch-{tag}"
+    if _finished(final, inputs):
+        return final
+    checkpoints = config.work_dir / f"scratch-checkpoints-{tag}"
+    args = student_training_arguments(TrainingArguments, checkpoints, student_training(config, plan),
+                                      save_steps=config.save_steps, logging_steps=config.logging_steps)
+    torch.manual_seed(config.seed)
+    trainer = Trainer(
+        model=AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(student_dir)),
+        args=args,
+        train_dataset=data.train,
+        data_collator=CausalLMCollator(pad_token_id=data.tokenizer.pad_token_id or 0),
+        processing_class=data.tokenizer,
+    )
+    _train_resumably(trainer, checkpoints, final, data.tokenizer, {"inputs_sha256": json_sha256(inputs)})
+    return final
