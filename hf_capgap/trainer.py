@@ -37,7 +37,7 @@ from hf_capgap.sft_data import (
     next_token_labels,
 )
 from hf_capgap.teacher_loading import load_frozen_teacher
-from hf_capgap.vocabulary import check_same_vocabulary, real_vocab_size
+from hf_capgap.vocabulary import check_same_vocabulary, real_vocab_size, vocabulary_fingerprint
 
 logger = logging.get_logger(__name__)
 
@@ -158,6 +158,7 @@ class DistillationTrainer(SFTTrainer):
 
     @staticmethod
     def _open_cache(args: DistillationConfig) -> Any:
+        """The cache, refused unless it was built at this temperature (its vocabulary is checked below)."""
         from hf_capgap.cache import TeacherCache
 
         return TeacherCache.load(args.teacher_cache, temperature=args.temperature)
@@ -196,12 +197,19 @@ class DistillationTrainer(SFTTrainer):
                     f"{real} tokens: they do not belong together. Resize the model's embeddings or use the matching "
                     "tokenizer."
                 )
-        if self.teacher_cache is not None and self.teacher_cache.real_vocab_size != real:
-            raise ValueError(
-                f"{self.teacher_cache.path}: the cache holds teacher distributions over {self.teacher_cache.real_vocab_size} "
-                f"tokens but the student's tokenizer has {real}: it was built for another vocabulary. Rebuild it with "
-                "the student's tokenizer."
-            )
+        if self.teacher_cache is not None:
+            cache = self.teacher_cache
+            if cache.real_vocab_size != real:
+                raise ValueError(
+                    f"{cache.path}: the cache holds teacher distributions over {cache.real_vocab_size} tokens but the "
+                    f"student's tokenizer has {real}: it was built for another vocabulary. Rebuild it with the "
+                    "student's tokenizer."
+                )
+            if cache.manifest["vocabulary_fingerprint"] != vocabulary_fingerprint(tokenizer):
+                raise ValueError(
+                    f"{cache.path}: the cache was built with a tokenizer of the same size but another token -> id map "
+                    "than the student's; its ids would name other tokens. Rebuild it with the student's tokenizer."
+                )
         return real
 
     def _prepare_teacher(self, teacher: PreTrainedModel) -> nn.Module:
