@@ -201,3 +201,15 @@ def test_prepare_dataset_gives_the_trainers_rows(tmp_path, pair):
     trainer = trainer_for(tmp_path, pair, data, tokenizer, assistant_only_loss=True)
     prepared = prepare_dataset(data, tokenizer, trainer.args)
     assert prepared[:] == trainer.train_dataset[:]
+
+
+def test_a_streamed_text_dataset_is_packed_on_the_fly_and_trains(tmp_path, pair):
+    from datasets import IterableDataset
+
+    def documents():
+        for text in TEXTS:
+            yield {"text": text}
+
+    trainer = trainer_for(tmp_path, pair, IterableDataset.from_generator(documents), packing=True, max_length=16)
+    trainer.train()
+    assert [entry["step"] for entry in trainer.state.log_history if "loss" in entry] == [1, 2]
