@@ -195,14 +195,19 @@ def count_labelled_positions(labels: Tensor) -> int:
     return int((next_token_labels(labels) != IGNORE_INDEX).sum())
 
 
-def has_labelled_position(dataset: Any) -> bool:
-    """Whether any row of a prepared map-style dataset has a token to predict (a label past position 0)."""
+def has_labelled_position(dataset: Any, batch_rows: int = 1024) -> bool:
+    """Whether any row of a prepared map-style dataset has a token to predict (a label past position 0).
+
+    Reads batch by batch and stops at the first labelled token, so a large dataset costs one batch.
+    """
     import datasets
     import pyarrow.compute as pc
 
     if not isinstance(dataset, datasets.Dataset):
         return True  # a stream is not read ahead; its batches are counted as they come
     column = "labels" if "labels" in dataset.column_names else TOKENIZED_COLUMN
-    labels = dataset.with_format("arrow")[:][column]
-    following = pc.list_flatten(pc.list_slice(labels, 1))
-    return len(following) > 0 and bool(pc.any(pc.not_equal(following, IGNORE_INDEX)).as_py())
+    for batch in dataset.with_format("arrow").iter(batch_size=batch_rows):
+        following = pc.list_flatten(pc.list_slice(batch[column], 1))
+        if len(following) and pc.any(pc.not_equal(following, IGNORE_INDEX)).as_py():
+            return True
+    return False

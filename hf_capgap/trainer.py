@@ -68,6 +68,12 @@ def _tokenizer_for(model: PreTrainedModel, processing_class: Any) -> Any:
     )
 
 
+def _output_rows(model: nn.Module) -> int:
+    """Rows of the output embedding, also when DeepSpeed ZeRO-3 has partitioned it (empty local shape)."""
+    weight = model.get_output_embeddings().weight
+    return getattr(weight, "ds_shape", weight.shape)[0]
+
+
 class DistillationTrainer(SFTTrainer):
     """Distill ``teacher_model`` (or a teacher cache) into ``model`` with KL on logits.
 
@@ -187,9 +193,9 @@ class DistillationTrainer(SFTTrainer):
         the teacher cache both normalise over exactly those.
         """
         real = real_vocab_size(tokenizer)
-        sides = [("student", base_model(student).get_output_embeddings().weight.shape[0])]
+        sides = [("student", _output_rows(base_model(student)))]
         if teacher is not None:
-            sides.append(("the teacher", teacher.get_output_embeddings().weight.shape[0]))
+            sides.append(("the teacher", _output_rows(teacher)))
         for who, rows in sides:
             if rows < real:
                 raise ValueError(
