@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 EMBEDDED_DATASET = "embedded"
 STUDENT_SHAPE_FIELDS = ("student_hidden_size", "student_num_layers", "student_num_heads", "student_intermediate_size")
@@ -217,59 +216,28 @@ def _count(key: str, value: str | int) -> int:
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def minima_parser() -> Any:
-    from transformers import HfArgumentParser
-
-    return HfArgumentParser(MinimaConfig, description="The MiniMA recipe: law -> prune -> distill -> evaluate -> export.")
+DESCRIPTION = "The MiniMA recipe: law -> prune -> distill -> evaluate -> export."
 
 
 def parse_minima_args(argv: Sequence[str] = ()) -> MinimaConfig:
     """``[CONFIG.yaml] [--key value ...]`` -> a checked :class:`MinimaConfig` (no file: the tiny preset)."""
-    argv = list(argv)
-    values: dict[str, Any] = {}
-    if argv and not argv[0].startswith("-"):
-        values = read_yaml(Path(argv.pop(0)))
-    return _parse(values, argv)
+    from hf_capgap.recipe_args import read_preset, split_preset
+
+    preset, overrides = split_preset(argv)
+    return _parse({} if preset is None else read_preset(preset, [MinimaConfig]), overrides)
 
 
 def build_config(values: Mapping[str, Any]) -> MinimaConfig:
     """A checked config from a mapping (tests, notebooks); unknown keys and bad values raise ValueError."""
-    return _parse(_known(values, "config"), [])
+    from hf_capgap.recipe_args import known_values
 
-
-def read_yaml(path: Path) -> dict[str, Any]:
-    """A preset's key: value mapping; unknown keys are refused by name."""
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist; pass a YAML preset such as recipes/configs/minima_tiny.yaml.")
-    values = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(values, dict):
-        raise ValueError(f"{path} must hold a YAML mapping of key: value, got {type(values).__name__}.")
-    return _known(values, str(path))
-
-
-def _known(values: Mapping[str, Any], where: str) -> dict[str, Any]:
-    known = {item.name for item in dataclasses.fields(MinimaConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown config key(s) {unknown} in {where}; valid keys: {', '.join(sorted(known))}.")
-    return dict(values)
+    return _parse(known_values(values, [MinimaConfig], "config"), [])
 
 
 def _parse(values: Mapping[str, Any], argv: list[str]) -> MinimaConfig:
-    """YAML/mapping values become parser defaults (argparse types string defaults), argv overrides them."""
-    parser = minima_parser()
-    hints = typing.get_type_hints(MinimaConfig)
-    parser.set_defaults(**{
-        key: str(value) if str in typing.get_args(hints[key]) + (hints[key],) and isinstance(value, int | float)
-        and not isinstance(value, bool) else value
-        for key, value in values.items()
-    })
-    try:
-        (config,) = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=False)
-    except SystemExit as err:  # argparse already printed the usage line and the reason
-        if err.code == 0:  # --help
-            raise
-        raise ValueError(f"could not read the settings {argv or dict(values)}; see the message above and --help.") from None
+    from hf_capgap.recipe_args import parse_with_preset
+
+    (config,) = parse_with_preset([MinimaConfig], values, argv, description=DESCRIPTION)
     _check_types(config)
     check_values(config)
     return config

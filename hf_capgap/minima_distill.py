@@ -95,6 +95,7 @@ def _teacher_cache(config: MinimaConfig, teacher: Any, data: RunData, teacher_id
 def distill_stage(config: MinimaConfig, plan: Plan, teacher: Any, student_dir: Path, data: RunData,
                   teacher_id: str) -> Path:
     """Distil the student in ``student_dir`` (online teacher or a TeacherCache); resumable; returns its folder."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     from hf_capgap.config import DistillationConfig
@@ -115,7 +116,8 @@ def distill_stage(config: MinimaConfig, plan: Plan, teacher: Any, student_dir: P
         teacher_cache=None if cache_path is None else str(cache_path),
     )
     trainer = DistillationTrainer(
-        model=AutoModelForCausalLM.from_pretrained(student_dir, use_safetensors=True),
+        # fp32 master weights (bf16 runs through autocast), whatever dtype the pruned folder was saved in
+        model=AutoModelForCausalLM.from_pretrained(student_dir, use_safetensors=True, dtype=torch.float32),
         teacher_model=None if cache_path else teacher,
         args=args,
         train_dataset=data.train,
@@ -144,7 +146,7 @@ def scratch_stage(config: MinimaConfig, plan: Plan, student_dir: Path, data: Run
                                       save_steps=config.save_steps, logging_steps=config.logging_steps)
     torch.manual_seed(config.seed)
     trainer = Trainer(
-        model=AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(student_dir)),
+        model=AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(student_dir), dtype=torch.float32),
         args=args,
         train_dataset=data.train,
         data_collator=CausalLMCollator(pad_token_id=data.tokenizer.pad_token_id or 0),

@@ -14,14 +14,13 @@ import os
 import shutil
 import time
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import datasets
 import torch
 from transformers import (
-    AutoModelForCausalLM,
     AutoTokenizer,
     GenerationConfig,
     LlamaConfig,
@@ -59,21 +58,35 @@ TEACHER_FORMAT_VERSION = 1
 WORK_DIR_NAME = ".work"
 
 
+def _help(text: str) -> dict[str, Any]:
+    return {"help": text}
+
+
 @dataclass(frozen=True)
 class PretrainSettings:
     """Data and optimisation settings shared by every rung of a ladder."""
 
-    vocab_size: int = 8192
-    seq_len: int = 128
-    max_tokens: int = 1_000_000
-    batch_size: int = 16
-    learning_rate: float = 3e-3
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.1
-    eval_rows: int = 256
-    save_steps: int = 100
-    logging_steps: int = 25
-    seed: int = 0
+    vocab_size: int = field(default=8192, metadata=_help("Size of the BPE vocabulary trained on the embedded corpus."))
+    seq_len: int = field(default=128, metadata=_help("Tokens per packed training row (the teachers' context)."))
+    max_tokens: int = field(default=1_000_000, metadata=_help("Training tokens of every rung, all processes together."))
+    batch_size: int = field(default=16, metadata=_help("Rows per device per step."))
+    learning_rate: float = field(default=3e-3, metadata=_help("Peak AdamW learning rate (cosine schedule)."))
+    warmup_ratio: float = field(default=0.05, metadata=_help("Fraction of steps spent warming up."))
+    weight_decay: float = field(default=0.1, metadata=_help("AdamW weight decay."))
+    eval_rows: int = field(default=256, metadata=_help("Validation rows for the final held-out loss."))
+    save_steps: int = field(default=100, metadata=_help("Checkpoint interval (what a killed run resumes from)."))
+    logging_steps: int = field(default=25, metadata=_help("Logging interval."))
+    seed: int = field(default=0, metadata=_help("Seed of initialisation and data order."))
+
+
+@dataclass(frozen=True)
+class LadderRun:
+    """Which ladder to pretrain and where (the keys of a pretrain preset besides PretrainSettings)."""
+
+    preset: str = field(default="tiny", metadata=_help("Ladder preset: a key of hf_capgap.ladder.LADDERS (tiny, micro)."))
+    output_dir: str = field(default="outputs/ladder/tiny", metadata=_help("Folder the teachers are written to."))
+    cache_dir: str | None = field(default=None, metadata=_help("Cache of the tokenized corpus; null: the default."))
+    num_proc: int | None = field(default=None, metadata=_help("Processes for tokenization; null: one."))
 
 
 PRETRAIN_PRESETS: dict[str, PretrainSettings] = {
@@ -221,15 +234,19 @@ def pretrain(
     return teacher_dir
 
 
-def load_teacher(path: str | os.PathLike) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
-    """Load a pretrained teacher after checking its manifest and file checksums."""
+def load_teacher(
+    path: str | os.PathLike, *, teacher_dtype: str = "auto"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
+    """A pretrained ladder teacher (frozen, on this process's device), its tokenizer and manifest, after
+    checking the manifest and file checksums."""
+    from hf_capgap.teacher_loading import load_frozen_teacher
+
     manifest = read_manifest(path, TEACHER_KIND, TEACHER_FORMAT_VERSION, verify_files=True)
     tokenizer = AutoTokenizer.from_pretrained(path)
     read_manifest(
         path, TEACHER_KIND, TEACHER_FORMAT_VERSION, expected={"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)}
     )
-    model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
-    return model, tokenizer, manifest
+    return load_frozen_teacher(path, teacher_dtype=teacher_dtype), tokenizer, manifest
 
 
 def ensure_ladder(
@@ -271,9 +288,9 @@ def ensure_ladder(
     packed = tokenize_and_pack(load_corpus() if corpus is None else corpus, tokenizer, settings.seq_len, num_proc=num_proc)
     eval_rows = packed["validation"].select(range(min(settings.eval_rows, len(packed["validation"]))))
     training = {
-        field.name: getattr(settings, field.name)
-        for field in dataclasses.fields(settings)
-        if field.name not in ("vocab_size", "eval_rows")
+        item.name: getattr(settings, item.name)
+        for item in dataclasses.fields(settings)
+        if item.name not in ("vocab_size", "eval_rows")
     }
     return [
         pretrain(rung, packed["train"], eval_rows, root_dir, tokenizer=tokenizer, **training) for rung in rungs

@@ -25,10 +25,11 @@ import os
 import shutil
 import tempfile
 import time
+import typing
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,67 +70,93 @@ HUB_FAMILIES: dict[str, dict[str, int]] = {
 HUB_MODEL_TYPES = {"pythia": "gpt_neox", "gpt2": "gpt2"}
 
 
+def _help(text: str) -> dict[str, Any]:
+    return {"help": text}
+
+
 @dataclass(frozen=True)
 class SweepConfig:
-    """What a sweep measures; every field is a key of the recipe YAML."""
+    """What a sweep measures; every field is a key of the recipe YAML and a ``--key value`` override."""
 
-    family: str
-    student_sizes: tuple[int, ...]
-    output_dir: str
-    teachers: tuple[str, ...] = ()
-    tokens_per_run: int = 307_200
-    seq_len: int = 128
-    batch_size: int = 16
-    learning_rate: float = 1e-3
-    warmup_ratio: float = 0.05
-    loss: str = "forward_kl"
-    alpha: float = 0.5
-    temperature: float = 1.0
-    cache_mode: str = "topk"
-    cache_k: int = 64
-    eval_rows: int = 256
-    calibration_rows: int = 32
-    ladder_dir: str | None = None
-    seed: int = 0
+    family: str = field(default="tiny", metadata=_help("A ladder preset (tiny, micro) or a Hub family (pythia, gpt2)."))
+    student_sizes: list[str] = field(
+        default_factory=lambda: ["110K", "170K", "240K"],
+        metadata=_help("Student sizes in total parameters (110K, 100M, 1.5B, 2e9); each is pruned from every larger teacher."),
+    )
+    output_dir: str = field(default="outputs/sweep/tiny", metadata=_help("Folder of the ledger, caches and law."))
+    teachers: list[str] = field(default_factory=list, metadata=_help("Teachers of the family to use; empty: all."))
+    tokens_per_run: int = field(default=307_200, metadata=_help("Distillation tokens of every run (the shared budget)."))
+    seq_len: int = field(default=128, metadata=_help("Tokens per packed row."))
+    batch_size: int = field(default=16, metadata=_help("Rows per micro-batch."))
+    gradient_accumulation_steps: int = field(default=1, metadata=_help("Micro-batches per optimizer step."))
+    learning_rate: float = field(default=1e-3, metadata=_help("Peak AdamW learning rate (cosine schedule)."))
+    warmup_ratio: float = field(default=0.05, metadata=_help("Fraction of steps spent warming up."))
+    loss: str = field(default="forward_kl", metadata=_help("Divergence (DistillationConfig.loss)."))
+    alpha: float = field(default=0.5, metadata=_help("Weight of the divergence; 1 - alpha weights LM cross-entropy."))
+    temperature: float = field(default=1.0, metadata=_help("Softmax temperature of the divergence."))
+    cache_mode: str = field(default="topk", metadata=_help("Teacher signal: topk or sampled TeacherCache, or online."))
+    cache_k: int = field(default=64, metadata=_help("Logits (or draws) kept per position by the cache."))
+    eval_rows: int = field(default=256, metadata=_help("Held-out packed rows every model is scored on."))
+    calibration_rows: int = field(default=32, metadata=_help("Rows for the Taylor importance scores."))
+    bf16: bool = field(default=False, metadata=_help("Train students in bf16 mixed precision (GPUs)."))
+    gradient_checkpointing: bool = field(default=False, metadata=_help("Recompute activations in backward passes "
+                                                                       "(students and Taylor scoring)."))
+    teacher_dtype: str = field(default="auto", metadata=_help("Teacher dtype: auto (bf16 on a GPU, float32 on a CPU), "
+                                                              "bfloat16, float16 or float32."))
+    ladder_dir: str | None = field(default=None, metadata=_help("Folder of the ladder teachers (ladder families)."))
+    seed: int = field(default=0, metadata=_help("Seed of initialisation and the cache's samples."))
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> SweepConfig:
         """Build from YAML-like values (strings allowed, sizes like ``280K``); unknown keys raise."""
-        fields = {field.name: field for field in dataclasses.fields(cls)}
+        fields = {item.name: item for item in dataclasses.fields(cls)}
         unknown = sorted(set(values) - set(fields))
         if unknown:
             raise ValueError(f"unknown sweep config keys {unknown}; valid keys: {sorted(fields)}.")
-        missing = [name for name in ("family", "student_sizes", "output_dir") if values.get(name) is None]
-        if missing:
-            raise ValueError(f"the sweep config must set {missing}.")
+        hints = typing.get_type_hints(cls)  # not field.type: HfArgumentParser rewrites it in place
         parsed = {}
         for name, value in values.items():
-            if name == "student_sizes":
-                parsed[name] = tuple(int(parse_params(size)) for size in _as_list(value, name))
-            elif name == "teachers":
-                parsed[name] = tuple(str(teacher) for teacher in _as_list(value, name))
-            elif value is None or fields[name].type in ("str", "str | None"):
+            kind = hints[name]
+            if kind == list[str]:
+                parsed[name] = [str(item) for item in _as_list(value, name)]
+            elif value is None or kind in (str, str | None):
                 parsed[name] = value
+            elif kind is bool:
+                parsed[name] = value if isinstance(value, bool) else str(value).lower() in ("true", "1", "yes")
             else:
-                parsed[name] = {"int": int, "float": float}[fields[name].type](value)
+                parsed[name] = kind(value)
         return cls(**parsed)
+
+    @property
+    def student_params(self) -> tuple[int, ...]:
+        """The student sizes as parameter counts."""
+        return tuple(int(parse_params(size)) for size in self.student_sizes)
 
     def __post_init__(self) -> None:
         from hf_capgap.losses import DIVERGENCES
+        from hf_capgap.teacher_loading import TEACHER_DTYPE_CHOICES
 
+        object.__setattr__(self, "student_sizes", [str(s) for s in _as_list(self.student_sizes, "student_sizes")])
+        object.__setattr__(self, "teachers", [str(t) for t in _as_list(self.teachers, "teachers")])
         if self.family not in family_names():
             raise ValueError(f"family={self.family!r} is unknown; choose one of {family_names()}.")
         if not self.student_sizes:
             raise ValueError("student_sizes is empty; list at least one student parameter count.")
-        for name in ("tokens_per_run", "seq_len", "batch_size", "eval_rows", "calibration_rows", "cache_k"):
+        for size in self.student_sizes:
+            try:
+                parse_params(size)
+            except ValueError:
+                raise ValueError(f"student_sizes holds {size!r}, not a size; write sizes like 110K, 100M or 1.5B.") from None
+        for name in ("tokens_per_run", "seq_len", "batch_size", "gradient_accumulation_steps", "eval_rows",
+                     "calibration_rows", "cache_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive.")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate={self.learning_rate} must be positive.")
-        if self.tokens_per_run < self.batch_size * self.seq_len:
+        if self.tokens_per_run < self.tokens_per_step:
             raise ValueError(
-                f"tokens_per_run={self.tokens_per_run} is less than one batch (batch_size*seq_len="
-                f"{self.batch_size * self.seq_len}); raise tokens_per_run."
+                f"tokens_per_run={self.tokens_per_run} is less than one optimizer step (batch_size*"
+                f"gradient_accumulation_steps*seq_len={self.tokens_per_step}); raise tokens_per_run."
             )
         if self.cache_mode not in CACHE_MODES:
             raise ValueError(f"cache_mode={self.cache_mode!r} must be one of {CACHE_MODES}.")
@@ -139,17 +166,28 @@ class SweepConfig:
             raise ValueError(f"loss={self.loss!r} must be one of {', '.join(DIVERGENCES)}.")
         if not 0.0 <= self.alpha <= 1.0 or not self.temperature > 0:
             raise ValueError(f"alpha={self.alpha} must be in [0, 1] and temperature={self.temperature} > 0.")
+        if self.teacher_dtype not in TEACHER_DTYPE_CHOICES:
+            raise ValueError(f"teacher_dtype={self.teacher_dtype!r} must be one of {TEACHER_DTYPE_CHOICES}.")
         available = family_teachers(self.family)
         unknown = sorted(set(self.teachers) - set(available))
         if unknown:
             raise ValueError(f"teachers {unknown} are not in family {self.family!r}; choose from {sorted(available)}.")
         largest = max(self.teacher_sizes().values())
-        too_big = [size for size in self.student_sizes if size >= largest]
+        too_big = [size for size in self.student_params if size >= largest]
         if too_big:
             raise ValueError(
                 f"student_sizes {too_big} are not smaller than any teacher (largest: {format_params(largest)}); "
                 "every student is pruned from a larger teacher."
             )
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.gradient_accumulation_steps * self.seq_len
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps of every run (one process)."""
+        return self.tokens_per_run // self.tokens_per_step
 
     def teacher_sizes(self) -> dict[str, int]:
         """The chosen teachers (all of the family when ``teachers`` is empty) and their sizes."""
@@ -157,9 +195,12 @@ class SweepConfig:
         return {name: available[name] for name in (self.teachers or available)}
 
     def settings(self) -> dict[str, Any]:
-        """The fields every run of one ledger must share; a ledger with other settings is refused."""
+        """The fields every run of one ledger must share; a ledger with other settings is refused.
+
+        Activation checkpointing changes memory, not results, so it may differ between sessions.
+        """
         values = dataclasses.asdict(self)
-        for per_sweep in ("student_sizes", "teachers", "output_dir", "ladder_dir"):
+        for per_sweep in ("student_sizes", "teachers", "output_dir", "ladder_dir", "gradient_checkpointing"):
             values.pop(per_sweep)
         return values
 
@@ -202,7 +243,7 @@ def plan(config: SweepConfig) -> list[RunSpec]:
     return [
         RunSpec(f"{format_params(student)}-from-{teacher.rsplit('/', 1)[-1]}", student, teacher, params)
         for teacher, params in sorted(config.teacher_sizes().items(), key=lambda item: item[1])
-        for student in sorted(config.student_sizes)
+        for student in sorted(config.student_params)
         if params > student
     ]
 
@@ -447,34 +488,27 @@ def _run_one(
     import torch
 
     from hf_capgap.config import DistillationConfig
-    from hf_capgap.processes import use_cpu
     from hf_capgap.pruning import prune_model
     from hf_capgap.trainer import DistillationTrainer
+    from hf_capgap.training_arguments import StudentTraining, student_training_arguments
 
     started = time.perf_counter()
     torch.manual_seed(config.seed)
-    student = prune_model(teacher, target_params=spec.student_params, calibration=data["calibration"])
+    student = prune_model(teacher, target_params=spec.student_params, calibration=data["calibration"],
+                          checkpoint_layers=config.gradient_checkpointing)
+    student = student.float()  # fp32 master weights under bf16 mixed precision, whatever the teacher's dtype
     pruned_eval = _evaluate(student, data["eval"], config.batch_size)
-    steps = config.tokens_per_run // (config.batch_size * config.seq_len)
+    steps = config.steps
+    training = StudentTraining(
+        steps=steps, batch_size=config.batch_size, seq_len=config.seq_len, learning_rate=config.learning_rate,
+        gradient_accumulation_steps=config.gradient_accumulation_steps, warmup_ratio=config.warmup_ratio,
+        bf16=config.bf16, gradient_checkpointing=config.gradient_checkpointing, seed=config.seed,
+    )
     with _scratch_dir(Path(config.output_dir)) as work_dir:
-        args = DistillationConfig(
-            output_dir=str(work_dir),
-            max_steps=steps,
-            per_device_train_batch_size=config.batch_size,
-            learning_rate=config.learning_rate,
-            lr_scheduler_type="cosine",
-            warmup_steps=int(config.warmup_ratio * steps),
-            loss=config.loss,
-            alpha=config.alpha,
-            temperature=config.temperature,
-            teacher_cache=None if cache_path is None else str(cache_path),
-            save_strategy="no",
-            logging_steps=max(1, steps // 4),
-            report_to="none",
-            seed=config.seed,
-            disable_tqdm=True,
-            dataloader_pin_memory=torch.cuda.is_available(),
-            use_cpu=use_cpu(),
+        args = student_training_arguments(
+            DistillationConfig, work_dir, training, save_steps=None, logging_steps=max(1, steps // 4),
+            loss=config.loss, alpha=config.alpha, temperature=config.temperature,
+            teacher_cache=None if cache_path is None else str(cache_path), disable_tqdm=True,
         )
         trainer = DistillationTrainer(
             model=student,
@@ -491,7 +525,7 @@ def _run_one(
         "student_target": spec.student_params,
         "student_params": sum(parameter.numel() for parameter in student.parameters()),
         "teacher": spec.teacher,
-        "tokens": steps * config.batch_size * config.seq_len,
+        "tokens": steps * config.tokens_per_step,
         "pruned_eval_loss": pruned_eval,
         "eval_loss": final["eval_loss"],
         "perplexity": final["perplexity"],
@@ -542,11 +576,11 @@ class _TeacherSource:
         if name in self._ladder_paths:
             from hf_capgap.pretraining import load_teacher
 
-            model = load_teacher(self._ladder_paths[name])[0]
+            model = load_teacher(self._ladder_paths[name], teacher_dtype=self.config.teacher_dtype)[0]
         else:
-            from transformers import AutoModelForCausalLM
+            from hf_capgap.teacher_loading import load_frozen_teacher
 
-            model = AutoModelForCausalLM.from_pretrained(name)
+            model = load_frozen_teacher(name, teacher_dtype=self.config.teacher_dtype)
         if model.config.max_position_embeddings < self.config.seq_len:
             raise ValueError(
                 f"seq_len={self.config.seq_len} exceeds teacher {name}'s max_position_embeddings="
@@ -562,7 +596,7 @@ class _TeacherSource:
 
         config = self.config
         packed = tokenize_and_pack(load_corpus(), self.tokenizer, config.seq_len)
-        train_rows = config.tokens_per_run // (config.batch_size * config.seq_len) * config.batch_size
+        train_rows = config.steps * config.batch_size * config.gradient_accumulation_steps
         for split, needed in (("train", train_rows), ("validation", config.eval_rows)):
             if len(packed[split]) < needed:
                 raise ValueError(

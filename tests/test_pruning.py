@@ -390,3 +390,10 @@ def test_cli_prunes_a_saved_teacher(tmp_path, capsys):
     assert cli.main(["prune", str(tmp_path / "teacher"), "--target-params", "1B", "--out", str(tmp_path / "y")]) == 2
     assert "larger than the teacher" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_cli_refuses_a_multi_process_launch(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    argv = ["prune", str(tmp_path / "teacher"), "--target-params", "1000", "--out", str(tmp_path / "student")]
+    assert cli.main(argv) == 2
+    assert "pruning runs in one" in capsys.readouterr().err

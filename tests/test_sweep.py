@@ -217,3 +217,26 @@ def test_micro_sweep_records_and_law(killed_and_resumed):
         failure = json.loads((out / LAW_FAILURE_FILE).read_text())
         assert "interior optimum" in failure["error"] and failure["runs"] == len(records)
         assert not (out / LAW_PLOT_FILE).exists()
+
+
+@pytest.mark.parametrize("preset", ["sweep_pythia", "sweep_gpt2"])
+def test_gpu_presets_train_in_bf16_with_accumulation_and_checkpointing(preset):
+    sys.path.insert(0, str(REPO / "recipes"))
+    from sweep import parse_config
+
+    config, status_only = parse_config([str(REPO / "recipes" / "configs" / f"{preset}.yaml"), "--status"])
+    assert status_only and config.bf16 and config.gradient_checkpointing and config.teacher_dtype == "bfloat16"
+    assert config.gradient_accumulation_steps > 1 and config.steps * config.tokens_per_step == config.tokens_per_run
+
+
+def test_recipe_overrides_and_help(capsys):
+    sys.path.insert(0, str(REPO / "recipes"))
+    from sweep import parse_config
+
+    config, _ = parse_config([str(MICRO_YAML), "--student_sizes", "21K", "50K", "--bf16", "true"])
+    assert config.student_params == (21_000, 50_000) and config.bf16
+    with pytest.raises(ValueError, match="unknown config key"):
+        parse_config([str(REPO / "recipes" / "configs" / "minima_tiny.yaml")])
+    with pytest.raises(SystemExit):
+        parse_config(["--help"])
+    assert "--gradient_accumulation_steps" in capsys.readouterr().out

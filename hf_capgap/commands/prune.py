@@ -1,4 +1,10 @@
-"""``hf-capgap prune``: cut a student of a given size out of a local teacher checkpoint (MiniMA)."""
+"""``hf-capgap prune``: cut a student of a given size out of a local teacher checkpoint (MiniMA).
+
+Pruning is a one-process job: the teacher is loaded once, in bf16 on the GPU when there is one
+(``hf_capgap.teacher_loading``), scored with layer-wise activation checkpointing, and the student is
+written with its manifest. A multi-process distillation then starts from that folder
+(``recipes/minima.py --student_init OUT``).
+"""
 
 from __future__ import annotations
 
@@ -27,15 +33,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--layer-selection", choices=("score", "middle"), default="score",
         help="drop the least important layers (score) or layers evenly from both ends (middle, as MiniMA)",
     )
-    parser.add_argument("--teacher-name", help="name recorded in the manifest (default: TEACHER_DIR)")
+    parser.add_argument("--teacher-name", help="name recorded in the manifest (default: TEACHER_DIR's folder name)")
+    parser.add_argument(
+        "--teacher-dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
+        help="dtype the teacher is loaded and scored in (auto: bf16 on a GPU, float32 on a CPU)",
+    )
+    parser.add_argument(
+        "--checkpoint-layers", action=argparse.BooleanOptionalAction, default=True,
+        help="recompute each layer's activations in the scoring backward pass (memory of one layer, not all)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.set_defaults(handler=_prune)
 
 
 def _prune(args: argparse.Namespace) -> int:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from hf_capgap.law import parse_params
+    from hf_capgap.processes import launched_processes
     from hf_capgap.pruning import (
         prune_model,
         save_pruned,
@@ -43,7 +58,13 @@ def _prune(args: argparse.Namespace) -> int:
         shape_params,
     )
     from hf_capgap.pruning_layouts import layout_for, meta_model
+    from hf_capgap.teacher_loading import load_frozen_teacher
 
+    if launched_processes() > 1:
+        raise ValueError(
+            f"hf-capgap prune was launched as {launched_processes()} processes; pruning runs in one. Start it with "
+            "`hf-capgap prune ...` (no accelerate launch)."
+        )
     teacher_dir, out = Path(args.teacher_dir), Path(args.out)
     if not (teacher_dir / "config.json").is_file():
         raise FileNotFoundError(f"{teacher_dir} has no config.json; TEACHER_DIR must be a saved model folder.")
@@ -63,9 +84,10 @@ def _prune(args: argparse.Namespace) -> int:
         if args.calibration_tokens > 0 else None
     )
 
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype="auto")
-    student = prune_model(teacher, shape=shape, calibration=calibration, layer_selection=args.layer_selection)
-    save_pruned(student, out, teacher_name=args.teacher_name or str(teacher_dir), tokenizer=tokenizer,
+    teacher = load_frozen_teacher(teacher_dir, teacher_dtype=args.teacher_dtype)
+    student = prune_model(teacher, shape=shape, calibration=calibration, layer_selection=args.layer_selection,
+                          checkpoint_layers=args.checkpoint_layers)
+    save_pruned(student, out, teacher_name=args.teacher_name or teacher_dir.resolve().name, tokenizer=tokenizer,
                 overwrite=args.overwrite)
     record = student.pruning_record
     print(
