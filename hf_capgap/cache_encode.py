@@ -18,22 +18,22 @@ import pyarrow as pa
 from hf_capgap.cache_format import LOGPROB_FLOOR, ROW_COLUMNS
 
 
-def labelled_positions_per_row(labels: Any, row_lengths: Sequence[int]) -> list[int]:
-    """How many labelled positions each row has in a collated batch (padded, or padding-free).
+def row_positions(labels: Any, row_lengths: Sequence[int]) -> list[tuple[int, slice, Any]]:
+    """(batch row, positions, labelled mask over them) of each dataset row in a collated batch.
 
-    Padded: row i owns ``labels[i, 1:]``. Padding-free: the batch is one row of the rows
-    concatenated, row i owns the positions ``[offset_i, offset_i + length_i)``; its last one predicts
-    the next row's first token, which the collator labels -100.
+    Padded: row i owns positions ``[0, length_i - 1)`` of batch row i. Padding-free: the batch is one
+    row of the rows concatenated; row i owns ``[offset_i, offset_i + length_i)``, whose last position
+    predicts the next row's first token, which the collator labels -100.
     """
     mask = labels[:, 1:] != -100
     if labels.shape[0] == len(row_lengths):
-        return mask.sum(dim=1).tolist()
-    flat = mask.reshape(-1)
-    counts, offset = [], 0
+        return [(i, slice(0, length - 1), mask[i, : length - 1]) for i, length in enumerate(row_lengths)]
+    spans, offset = [], 0
     for length in row_lengths:
-        counts.append(int(flat[offset : offset + length].sum()))
+        positions = slice(offset, min(offset + length, mask.shape[1]))
+        spans.append((0, positions, mask[0, positions]))
         offset += length
-    return counts
+    return spans
 
 
 def encode_batch(
@@ -51,15 +51,15 @@ def encode_batch(
 
     device = next(teacher.parameters()).device
     inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in forward_inputs(batch).items()}
-    labels = batch["labels"].to(device)
-    counts = labelled_positions_per_row(labels, [len(row["input_ids"]) for row in rows])
-    logits = teacher(**inputs, use_cache=False).logits[:, :-1][labels[:, 1:] != -100]
-    logits = logits[:, : spec["real_vocab_size"]]
-    signals, start = [], 0
-    # Row by row: each row samples from its own generator, and the fp32 copies stay one row large.
-    for offset, count in enumerate(counts):
-        signals.append(row_signal(logits[start : start + count], first_row + offset, spec))
-        start += count
+    logits = teacher(**inputs, use_cache=False).logits[..., : spec["real_vocab_size"]]
+    signals = []
+    # Row by row: each row samples from its own generator, the fp32 copies stay one row large, and a
+    # row labelled throughout (pretraining text) is a view of the logits, not a gathered copy.
+    spans = row_positions(batch["labels"].to(device), [len(row["input_ids"]) for row in rows])
+    for offset, (index, positions, labelled) in enumerate(spans):
+        row_logits = logits[index, positions]
+        row_logits = row_logits if bool(labelled.all()) else row_logits[labelled]
+        signals.append(row_signal(row_logits, first_row + offset, spec))
     return _record_batch(rows, signals, spec, schema)
 
 
@@ -81,22 +81,28 @@ def _ids(ids: Any, spec: dict[str, Any]) -> np.ndarray:
 
 
 def row_signal(logits: Any, row_index: int, spec: dict[str, Any]) -> dict[str, np.ndarray]:
-    """The stored teacher signal of one row, from its logits at labelled positions [positions, vocab]."""
+    """The stored teacher signal of one row, from its logits at labelled positions [positions, vocab].
+
+    Each [positions, vocab] pass counts (with a small teacher they cost as much as its forward), so
+    every quantity is taken from ``logprobs`` and one ``exp`` of it.
+    """
     import torch
 
-    logprobs = torch.log_softmax(logits.float() / spec["temperature"], dim=-1)
+    values = logits.float()
+    logprobs = torch.log_softmax(values if spec["temperature"] == 1.0 else values / spec["temperature"], dim=-1)
     if spec["mode"] == "topk":
-        values, ids = logprobs.topk(spec["k"], dim=-1)
-        # Exact tail mass: logsumexp over the ids outside the top-k (no 1 - sum cancellation).
-        tail = torch.logsumexp(logprobs.scatter(-1, ids, float("-inf")), dim=-1)
+        top, ids = logprobs.topk(spec["k"], dim=-1)
+        # Exact tail mass: the sum of the probabilities outside the top-k (no 1 - sum cancellation).
+        tail = logprobs.exp().scatter_(-1, ids, 0.0).sum(dim=-1).log_()
         return {
             "topk_ids": _ids(ids, spec),
-            "topk_logprobs": _stored_values(values, spec),
-            "tail_logprob": tail.clamp(min=LOGPROB_FLOOR).cpu().numpy(),
+            "topk_logprobs": _stored_values(top, spec),
+            "tail_logprob": tail.clamp_(min=LOGPROB_FLOOR).cpu().numpy(),
         }
     if spec["mode"] == "sampled":
-        ids, counts, sizes = sample_distinct(logprobs, spec["k"], np.random.SeedSequence([spec["seed"], row_index]))
-        entropy = torch.special.entr(logprobs.exp()).sum(dim=-1)
+        probs = logprobs.exp()
+        ids, counts, sizes = sample_distinct(probs, spec["k"], np.random.SeedSequence([spec["seed"], row_index]))
+        entropy = -torch.linalg.vecdot(probs, logprobs)  # terms p log p share one sign: no cancellation
         return {
             "sample_ids": _ids(ids, spec),
             "sample_counts": counts.cpu().numpy().astype(np.uint8),
@@ -106,17 +112,18 @@ def row_signal(logits: Any, row_index: int, spec: dict[str, Any]) -> dict[str, n
     return {"logprobs": _stored_values(logprobs, spec)}
 
 
-def sample_distinct(logprobs: Any, draws: int, seed: np.random.SeedSequence) -> tuple[Any, Any, Any]:
-    """``draws`` draws with replacement per position, as the distinct ids of each position (ascending),
-    their counts, and how many distinct ids each position has (flat, position after position).
+def sample_distinct(probs: Any, draws: int, seed: np.random.SeedSequence) -> tuple[Any, Any, Any]:
+    """``draws`` draws with replacement per position of ``probs`` [positions, vocab], as the distinct
+    ids of each position (ascending), their counts, and how many distinct ids each position has
+    (flat, position after position).
 
     Each row draws from its own generator seeded by (seed, row index): rebuilds, batch sizes and
     process counts never change which tokens a row gets.
     """
     import torch
 
-    generator = torch.Generator(device=logprobs.device).manual_seed(int(seed.generate_state(1, np.uint64)[0]))
-    drawn = torch.multinomial(logprobs.exp(), draws, replacement=True, generator=generator).sort(dim=-1).values
+    generator = torch.Generator(device=probs.device).manual_seed(int(seed.generate_state(1, np.uint64)[0]))
+    drawn = torch.multinomial(probs, draws, replacement=True, generator=generator).sort(dim=-1).values
     first = torch.ones_like(drawn, dtype=torch.bool)
     first[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
     starts = first.reshape(-1).nonzero().squeeze(-1)

@@ -198,7 +198,7 @@ def test_sampled_forward_kl_gradient_is_unbiased():
     dense_grad, dense_loss = gradient(DenseTeacher(teacher_logits))
     grads, losses = [], []
     for trial in range(trials):
-        ids, counts, sizes = sample_distinct(log_p, draws, np.random.SeedSequence([trial]))
+        ids, counts, sizes = sample_distinct(log_p.exp(), draws, np.random.SeedSequence([trial]))
         padded_ids, padded_counts = padded_samples(ids.numpy(), counts.numpy(), sizes.numpy())
         grad, loss = gradient(SampledTeacher(torch.from_numpy(padded_ids), torch.from_numpy(padded_counts), entropy=entropy))
         grads.append(grad)
