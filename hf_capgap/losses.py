@@ -26,6 +26,7 @@ from torch import Tensor
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd")
 CHUNK_ELEMENTS = 1 << 22  # CPU: logits per automatic chunk, 16 MiB in fp32 (128 rows at a 32000 vocabulary)
 ACCELERATOR_CHUNK_ROWS = (256, 2048)  # accelerators: H / 4 rows per automatic chunk, within these bounds
+SIGNAL_BLOCK_ELEMENTS = 1 << 20  # CPU: teacher log-probs formed per block of this many values (4 MiB fp32)
 LOW_PRECISION_MAX_CHUNKS = 64  # a bf16 / fp16 lm_head gradient summed over at most this many chunks stays in its dtype
 IGNORE_INDEX = -100
 
@@ -160,14 +161,34 @@ class _FullDistributionTeacher(abc.ABC):
         log_q = F.log_softmax(student_logits / spec.temperature, dim=-1)
         return bucket_divergence(self.log_probs(vocab, spec.temperature), log_q, spec.kind, spec.beta)
 
+    @abc.abstractmethod
+    def take(self, index: slice | Tensor) -> _FullDistributionTeacher:
+        """The signal of the rows ``index``."""
+
     def forward_kl_into_gradient_(self, log_q: Tensor, temperature: float, scale: float) -> Tensor:
-        """Sum of KL(p || q) over rows; ``log_q`` is overwritten with ``q - scale * p``."""
-        log_p = self.log_probs(log_q.shape[-1], temperature)
-        p = log_p.exp()
-        # Elementwise then a cascade sum: a BLAS dot of p.log_p minus p.log_q cancels badly in fp32.
-        total = log_p.sub_(log_q).mul_(p).sum()
-        log_q.exp_().sub_(p, alpha=scale)
+        """Sum of KL(p || q) over rows; ``log_q`` is overwritten with ``q - scale * p``.
+
+        The teacher side is formed a block of rows at a time (:func:`_block_rows`), so on CPU its
+        log-probs and probs add two small blocks to the chunk's memory, not two [chunk, vocab] buffers.
+        """
+        rows, vocab = log_q.shape
+        block = _block_rows(log_q)
+        total = log_q.new_zeros(())
+        for start in range(0, rows, block):
+            part = slice(start, start + block)
+            log_p = (self if block >= rows else self.take(part)).log_probs(vocab, temperature)
+            p = log_p.exp()
+            # Elementwise then a cascade sum: a BLAS dot of p.log_p minus p.log_q cancels badly in fp32.
+            total += log_p.sub_(log_q[part]).mul_(p).sum()
+            log_q[part].exp_().sub_(p, alpha=scale)
         return total
+
+
+def _block_rows(logits: Tensor) -> int:
+    """Rows per elementwise block of a [rows, vocab] chunk: about SIGNAL_BLOCK_ELEMENTS values on CPU, where
+    memory is what the blocks save; the whole chunk on accelerators, where kernel launches cost more."""
+    rows, vocab = logits.shape
+    return max(1, SIGNAL_BLOCK_ELEMENTS // vocab) if logits.device.type == "cpu" else max(rows, 1)
 
 
 @dataclass(frozen=True)
@@ -337,8 +358,11 @@ class DistillationLossOutput:
 
 
 def _log_softmax_(logits: Tensor) -> Tensor:
-    """log_softmax over the last dim, written into ``logits``: one [rows, vocab] buffer fewer."""
-    return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
+    """log_softmax over the last dim, written into contiguous ``logits`` on CPU (no [rows, vocab] temporary:
+    the CPU kernel reads each row before writing it); a new buffer elsewhere, where that is not checked."""
+    if logits.device.type == "cpu" and logits.is_contiguous():
+        return torch._log_softmax(logits, -1, False, out=logits)
+    return F.log_softmax(logits, dim=-1)
 
 
 def _forward_kl_chunk(

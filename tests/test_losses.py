@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hf_capgap.losses import (
+    ACCELERATOR_CHUNK_ROWS,
     CHUNK_ELEMENTS,
     DIVERGENCES,
     DenseTeacher,
@@ -436,5 +437,57 @@ def test_automatic_chunk_bounds_the_buffer_size_whatever_the_vocabulary():
     for vocab in (8192, 32000, 50257, 152064):
         rows = spec.rows_per_chunk(vocab)
         assert rows & (rows - 1) == 0 and rows * vocab <= CHUNK_ELEMENTS
+        assert spec.rows_per_chunk(vocab, hidden=4096, device="cpu") == rows  # CPU: today's rule
     assert spec.rows_per_chunk(32000) == 128
     assert LossSpec(chunk_size=7).rows_per_chunk(32000) == 7
+    assert LossSpec(chunk_size=7).rows_per_chunk(32000, hidden=4096, device="cuda") == 7
+
+
+@pytest.mark.parametrize(("hidden", "rows"), [(None, 256), (896, 256), (3584, 512), (4096, 1024), (16384, 2048)])
+def test_accelerator_chunk_rule(hidden, rows):
+    """H / 4 rows as a power of two within ACCELERATOR_CHUNK_ROWS, whatever the vocabulary."""
+    low, high = ACCELERATOR_CHUNK_ROWS
+    for vocab in (32000, 151936):
+        assert LossSpec().rows_per_chunk(vocab, hidden=hidden, device=torch.device("cuda")) == rows
+    assert low <= rows <= high
+
+
+@pytest.mark.parametrize(
+    ("n", "hidden", "vocab", "device"),
+    [(600, 24, 8192, "cpu"), (300, 16, 50000, "cpu"), (70, 8, 262144, "cpu"), (700, 1024, 512, "cuda")],
+)
+def test_automatic_chunks_equal_the_reference(n, hidden, vocab, device):
+    """Several automatic chunks per batch at several (N, H, V); the accelerator rule is run on CPU rows."""
+    hidden_states, weight, teacher, labels = make_batch(n=n, vocab=vocab, hidden=hidden)
+    hidden_states.requires_grad_(True)
+    weight.requires_grad_(True)
+    rows = LossSpec().rows_per_chunk(vocab, hidden=hidden, device=device)
+    assert rows < n
+    spec = LossSpec(kind="forward_kl", alpha=0.5, chunk_size=None if device == "cpu" else rows)
+    ours = distillation_loss(hidden_states, DenseTeacher(teacher), labels, spec, lm_head_weight=weight).loss
+    plain = plain_objective(hidden_states @ weight.t(), teacher, labels, "forward_kl", 0.5, 1.0, 0.5)
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-6)
+    for mine, reference in zip(
+        torch.autograd.grad(ours, (hidden_states, weight)), torch.autograd.grad(plain, (hidden_states, weight)), strict=True
+    ):
+        torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(("n", "chunk_size", "accumulates_in"), [(256, 32, torch.bfloat16), (2048, 16, torch.float32)])
+def test_low_precision_head_gradient_accumulates_in_its_dtype_only_over_few_chunks(n, chunk_size, accumulates_in):
+    """A bf16 lm_head's gradient stays bf16 over <= LOW_PRECISION_MAX_CHUNKS chunks, fp32 beyond; both within
+    bf16 rounding of the exact gradient of the same bf16 inputs."""
+    hidden, weight, teacher, labels = make_batch(n=n, vocab=64, hidden=16, dtype=torch.bfloat16)
+    weight.requires_grad_(True)
+    spec = LossSpec(kind="forward_kl", alpha=0.5, chunk_size=chunk_size)
+    with RecordedOps() as recorded:
+        loss = distillation_loss(hidden, DenseTeacher(teacher), labels, spec, lm_head_weight=weight).loss
+    seen = [dtype for name, outputs in recorded.ops if name.startswith("aten.zeros") for shape, dtype in outputs
+            if shape == tuple(weight.shape)]
+    assert seen == [accumulates_in]
+    (grad,) = torch.autograd.grad(loss, weight)
+    exact_weight = weight.detach().double().requires_grad_(True)
+    exact = plain_objective(hidden.double() @ exact_weight.t(), teacher.double(), labels, "forward_kl", 0.5, 1.0, 0.5)
+    (reference,) = torch.autograd.grad(exact, exact_weight)
+    assert grad.dtype == torch.bfloat16
+    assert (grad.double() - reference).norm() / reference.norm() < 2e-2
