@@ -440,3 +440,35 @@ def test_teacher_cache_mode_distils_from_the_cache(finished, tmp_path):
     assert len(list(cached.work_dir.glob("cache-*/capgap_manifest.json"))) == 1
     assert results["eval"]["distilled"]["params"] == results["eval"]["scratch"]["params"]
     assert (cached.run_dir / "model.safetensors").is_file()
+
+
+def test_local_jsonl_text_field_and_chat_messages(finished, tmp_path):
+    """A jsonl file with a custom text column packs; `messages` rows go through the chat template,
+    and without a template the refusal names the fix before any model runs."""
+    from hf_capgap.data import load_corpus
+
+    config, _ = finished
+    texts = load_corpus()["train"].select(range(60))["text"]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"body": text}) + "\n" for text in texts))
+    chats = [[{"role": "user", "content": a[:400]}, {"role": "assistant", "content": b[:400]}]
+             for a, b in zip(texts[::2], texts[1::2])]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps({"messages": chat}) + "\n" for chat in chats))
+    base = {**micro_values(Path(config.output_dir).parent), "output_dir": str(tmp_path / "out"), "train_tokens": 512}
+
+    with_body = build_config({**base, "dataset": str(tmp_path / "docs.jsonl"), "dataset_text_field": "body"})
+    plan = make_plan(with_body)
+    tokenizer = minima_teacher.load_tokenizer(with_body, minima_teacher.teacher_location(with_body, plan))
+    data = minima_data.prepare_data(with_body, plan, tokenizer)
+    assert len(data.train) == 512 // plan.seq_len and {len(row) for row in data.train["input_ids"]} == {plan.seq_len}
+    assert len(data.eval) == with_body.eval_rows  # held out of the file (no validation split)
+
+    chat = build_config({**base, "dataset": str(tmp_path / "chat.jsonl")})
+    with pytest.raises(ValueError, match="no chat template"):
+        minima_data.prepare_data(chat, plan, tokenizer)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    assert len(minima_data.prepare_data(chat, plan, tokenizer).train) == 512 // plan.seq_len
+    packed = minima_data._pack_batch({"messages": chats[:2]}, tokenizer, 16, None)["input_ids"]
+    rendered = tokenizer.apply_chat_template(chats[0], tokenize=False)
+    assert packed[0] == tokenizer(rendered, add_special_tokens=False)["input_ids"][:16]
+    with pytest.raises(ValueError, match="dataset_text_field='text'"):
+        minima_data.prepare_data(build_config({**base, "dataset": str(tmp_path / "docs.jsonl")}), plan, tokenizer)
