@@ -472,3 +472,13 @@ def test_local_jsonl_text_field_and_chat_messages(finished, tmp_path):
     assert packed[0] == tokenizer(rendered, add_special_tokens=False)["input_ids"][:16]
     with pytest.raises(ValueError, match="dataset_text_field='text'"):
         minima_data.prepare_data(build_config({**base, "dataset": str(tmp_path / "docs.jsonl")}), plan, tokenizer)
+
+
+def test_reading_and_planning_build_no_training_arguments(tmp_path, monkeypatch):
+    """Under an accelerate ZeRO-3 launch, building TrainingArguments registers zero.Init for every model
+    loaded afterwards (the teacher included): settings are checked and planned without one."""
+    from transformers import TrainingArguments
+
+    monkeypatch.setattr(TrainingArguments, "__post_init__", _refuse)
+    config = build_config(micro_values(tmp_path, bf16=True, gradient_checkpointing=True))
+    assert make_plan(config).teacher == "llama-86K"
