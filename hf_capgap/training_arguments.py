@@ -55,6 +55,10 @@ def student_training_arguments(
     fields = {item.name for item in dataclasses.fields(args_class)}
     if "max_length" in fields:
         extra.setdefault("max_length", training.seq_len)
+    if save_steps is not None:
+        extra.update(save_strategy="steps", save_steps=save_steps, save_total_limit=1)
+    else:
+        extra.update(save_strategy="no")
     return args_class(
         output_dir=str(output_dir),
         max_steps=training.steps,
@@ -69,9 +73,6 @@ def student_training_arguments(
         max_grad_norm=training.max_grad_norm,
         bf16=training.bf16,
         activation_checkpointing=training.gradient_checkpointing,
-        save_strategy="no" if save_steps is None else "steps",
-        save_steps=save_steps or 500,
-        save_total_limit=1,
         logging_steps=logging_steps,
         eval_strategy="no",
         report_to="none",

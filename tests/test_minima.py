@@ -482,3 +482,15 @@ def test_reading_and_planning_build_no_training_arguments(tmp_path, monkeypatch)
     monkeypatch.setattr(TrainingArguments, "__post_init__", _refuse)
     config = build_config(micro_values(tmp_path, bf16=True, gradient_checkpointing=True))
     assert make_plan(config).teacher == "llama-86K"
+
+
+def test_one_training_arguments_builder_sets_length_precision_and_checkpointing(tmp_path):
+    from hf_capgap.config import DistillationConfig
+    from hf_capgap.training_arguments import StudentTraining, student_training_arguments
+
+    training = StudentTraining(steps=10, batch_size=2, seq_len=4096, learning_rate=3e-4, gradient_accumulation_steps=8,
+                               gradient_checkpointing=True)
+    args = student_training_arguments(DistillationConfig, tmp_path, training, save_steps=None, logging_steps=1)
+    assert args.max_length == 4096  # TRL would truncate packed rows to its 1024 default otherwise
+    assert args.activation_checkpointing and args.gradient_accumulation_steps == 8
+    assert args.save_strategy == "no"
