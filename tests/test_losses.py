@@ -473,7 +473,7 @@ def test_automatic_chunks_equal_the_reference(n, hidden, vocab, device):
         torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize(("n", "chunk_size", "accumulates_in"), [(256, 32, torch.bfloat16), (2048, 16, torch.float32)])
+@pytest.mark.parametrize(("n", "chunk_size", "accumulates_in"), [(256, 32, torch.bfloat16), (512, 16, torch.float32)])
 def test_low_precision_head_gradient_accumulates_in_its_dtype_only_over_few_chunks(n, chunk_size, accumulates_in):
     """A bf16 lm_head's gradient stays bf16 over <= LOW_PRECISION_MAX_CHUNKS chunks, fp32 beyond; both within
     bf16 rounding of the exact gradient of the same bf16 inputs."""
