@@ -141,7 +141,3 @@ def choose_lm_head(model: nn.Module, mode: str, sharding: str | None = None) -> 
         raise ValueError(f"fused_lm_head='always' but {reason}; use fused_lm_head='auto' or 'never'.")
     return HeadChoice(None, f"{logits_path}; the lm_head is not fused because {reason}")
 
-
-def fusable_head(model: nn.Module, mode: str, sharded: bool) -> nn.Linear | None:
-    """The lm_head to fuse, or None (the call trainer.py makes until it passes :func:`head_sharding`'s reason)."""
-    return choose_lm_head(model, mode, "the weights are sharded (FSDP / DeepSpeed)" if sharded else None).head
