@@ -491,3 +491,26 @@ def test_low_precision_head_gradient_accumulates_in_its_dtype_only_over_few_chun
     (reference,) = torch.autograd.grad(exact, exact_weight)
     assert grad.dtype == torch.bfloat16
     assert (grad.double() - reference).norm() / reference.norm() < 2e-2
+
+
+def test_logits_path_on_the_models_own_buffer_needs_no_shifted_copy():
+    """Full [B, L, V] logits as a view, next-token labels padded with -100 at each row's end: the loss
+    gathers labelled rows per chunk and writes the gradient into the logits buffer (no [B*(L-1), V] copy)."""
+    batch, length, vocab, hidden = 3, 9, 29, 7
+    weight = torch.randn(vocab, hidden, requires_grad=True)
+    states = torch.randn(batch, length, hidden)
+    teacher = torch.randn(batch, length, vocab)
+    labels = torch.randint(0, vocab, (batch, length))
+    labels[0, :4] = -100
+    spec = LossSpec(kind="forward_kl", alpha=0.5, chunk_size=5)
+
+    logits = states @ weight.t()
+    next_labels = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
+    rows = logits.view(-1, vocab)
+    ours = distillation_loss(rows, DenseTeacher(teacher.view(-1, vocab)), next_labels, spec, inplace_grad=True).loss
+    (grad,) = torch.autograd.grad(ours, weight)
+
+    shifted = (states @ weight.t())[:, :-1].reshape(-1, vocab)
+    plain = plain_objective(shifted, teacher[:, :-1].reshape(-1, vocab), labels[:, 1:].reshape(-1), "forward_kl", 0.5, 1.0, 0.5)
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, torch.autograd.grad(plain, weight)[0], rtol=1e-5, atol=1e-6)
