@@ -106,7 +106,7 @@ class LossSpec:
     beta: float = 0.5
     temperature: float = 1.0
     alpha: float = 0.5
-    chunk_size: int | None = None  # rows per chunk; None sizes chunks to CHUNK_ELEMENTS logits
+    chunk_size: int | None = None  # rows per chunk; None: automatic, by vocabulary, hidden size and device
     vocab_size: int | None = None  # real vocabulary: columns past it (padding) are ignored
 
     def __post_init__(self) -> None:
@@ -374,7 +374,7 @@ def _forward_kl_chunk(
 
     d(T^2 KL(p || softmax(z / T)))/dz = T (q - r) (r = p for a full teacher; see each signal's
     ``forward_kl_into_gradient_``) and d CE/dz = softmax(z) - onehot, computed in place so a chunk
-    needs about four [chunk, vocab] buffers instead of the autograd graph's dozen. ``owned`` logits
+    needs one to three [chunk, vocab] buffers instead of the autograd graph's dozen. ``owned`` logits
     (a buffer nothing else reads) are overwritten at T = 1.
     """
     temperature, alpha = spec.temperature, spec.alpha
