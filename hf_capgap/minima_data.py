@@ -159,6 +159,11 @@ def _packer(config: MinimaConfig, seq_len: int, tokenizer: Any, sample_source: A
         kwargs = {"batched": True, "remove_columns": list(_first_row(source)),
                   "fn_kwargs": {"tokenizer": tokenizer, "seq_len": seq_len, "text_field": text_field}}
         if isinstance(source, datasets.Dataset):
+            # datasets' own hash of the tokenizer misses its chat template: name the cache by what decides the rows
+            from hf_capgap.artifacts import json_sha256, tokenizer_fingerprint
+
+            kwargs["new_fingerprint"] = json_sha256([source._fingerprint, tokenizer_fingerprint(tokenizer), seq_len,
+                                                     text_field, getattr(tokenizer, "chat_template", None)])[:16]
             kwargs["desc"] = f"Tokenizing and packing into rows of {seq_len}"
         return source.map(_pack_batch, **kwargs)
 
