@@ -87,6 +87,19 @@ def dataset_name(config: MinimaConfig) -> str:
     return config.dataset
 
 
+PATH_SETTINGS = ("output_dir", "ladder_dir", "student_init", "law", "teacher", "dataset")
+
+
+def public_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The run's settings as results.json publishes them: local paths cut to their last component."""
+    public = dict(settings)
+    for key in PATH_SETTINGS:
+        value = public.get(key)
+        if isinstance(value, str) and (Path(value).exists() or value.startswith((".", "/", "~")) or "*" in value):
+            public[key] = Path(value).name
+    return public
+
+
 def export_run(config: MinimaConfig, plan: Plan, results: Mapping[str, Any], distilled_dir: Path) -> None:
     """Write the Hub-ready student folder (weights, tokenizer, card, law plot, results.json) in one rename."""
     from transformers import AutoConfig
@@ -134,7 +147,7 @@ def export_run(config: MinimaConfig, plan: Plan, results: Mapping[str, Any], dis
             law_plot=str(plot),
         )
         write_model_card(tmp, info)
-        atomic_write_json(tmp / "results.json", results)
+        atomic_write_json(tmp / "results.json", {**results, "settings": public_settings(results["settings"])})
         write_manifest(tmp, RUN_KIND, FORMAT_VERSION,
                        {"settings_sha256": json_sha256(config.result_settings()), "repo_id": config.push_to_hub})
 

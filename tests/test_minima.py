@@ -88,6 +88,7 @@ def test_export_is_a_loadable_student_with_card(finished):
     assert "distillation" in card.data.tags
     assert card.data.to_dict()["model-index"][0]["results"]
     assert json.loads((folder / "results.json").read_text()) == results
+    assert not any(str(value).startswith("/") for value in results["settings"].values())  # no machine paths pushed
 
 
 def test_results_follow_the_paper_law_and_compare_all_four_models(finished):
@@ -375,6 +376,7 @@ def test_streaming_from_local_text_files_resumes_and_never_holds_the_data(finish
     card = ModelCard.load(streamed.run_dir / "README.md")
     assert "| Same-size student trained from scratch | not run | not run |" in card.text
     assert str(tmp_path) not in card.text and "local files (*.txt)" in card.text
+    assert str(tmp_path) not in (streamed.run_dir / "results.json").read_text()
 
 
 def launch_recipe(tmp_path: Path, overrides: dict, processes: int = 2) -> subprocess.CompletedProcess:
