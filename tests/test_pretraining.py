@@ -15,6 +15,7 @@ from hf_capgap.data import load_corpus, tokenize_and_pack, train_tokenizer
 from hf_capgap.ladder import build_ladder
 from hf_capgap.pretraining import (
     PRETRAIN_PRESETS,
+    PretrainSettings,
     TEACHER_FORMAT_VERSION,
     TEACHER_KIND,
     WORK_DIR_NAME,
@@ -141,3 +142,20 @@ def test_ensure_ladder_trains_each_missing_rung_once(setup, tmp_path):
     assert ensure_ladder("micro", tmp_path / "ladder", **ladder) == paths
     assert [(p / "model.safetensors").stat().st_mtime_ns for p in paths] == mtimes
     assert ensure_ladder("micro", tmp_path / "ladder", **ladder, only=[paths[1].name]) == [paths[1]]
+
+
+def test_recipe_reads_the_preset_overrides_and_help(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    spec = importlib.util.spec_from_file_location("pretrain_recipe", recipes / "pretrain.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    run, settings = recipe.parse_config([str(recipes / "configs" / "pretrain_tiny.yaml"), "--max_tokens", "4096"])
+    assert (run.preset, run.output_dir, settings.vocab_size, settings.max_tokens) == ("tiny", "outputs/ladder/tiny", 2048, 4096)
+    with pytest.raises(ValueError, match="unknown config key"):
+        recipe.parse_config([str(recipes / "configs" / "sweep_tiny.yaml")])
+    with pytest.raises(SystemExit):
+        recipe.parse_config(["--help"])
+    assert all(f"--{item.name}" in capsys.readouterr().out for item in dataclasses.fields(PretrainSettings))
