@@ -158,4 +158,5 @@ def test_recipe_reads_the_preset_overrides_and_help(capsys):
         recipe.parse_config([str(recipes / "configs" / "sweep_tiny.yaml")])
     with pytest.raises(SystemExit):
         recipe.parse_config(["--help"])
-    assert all(f"--{item.name}" in capsys.readouterr().out for item in dataclasses.fields(PretrainSettings))
+    text = capsys.readouterr().out
+    assert all(f"--{item.name}" in text for item in dataclasses.fields(PretrainSettings))
