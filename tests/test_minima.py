@@ -496,3 +496,21 @@ def test_one_training_arguments_builder_sets_length_precision_and_checkpointing(
     assert args.max_length == 4096  # TRL would truncate packed rows to its 1024 default otherwise
     assert args.activation_checkpointing and args.gradient_accumulation_steps == 8
     assert args.save_strategy == "no"
+
+
+def test_card_names_a_local_teachers_hub_origin_and_license_never_its_path(tmp_path):
+    from hf_capgap.minima_plan import Plan, teacher_hub_id
+
+    folder = llama2_7b_folder(tmp_path)
+    config = build_config({"teacher": str(folder), "student_params": "2B"})
+    plan = Plan(str(folder), "local", 6_738_415_616, 2_000_000_000, None, "", 4096, 1)
+    assert teacher_hub_id(config, plan) is None and minima_export.teacher_license(config, plan) is None
+    (folder / "config.json").write_text(json.dumps({**LLAMA2_7B_CONFIG, "_name_or_path": "meta-llama/Llama-2-7b-hf"}))
+    (folder / "README.md").write_text("---\nlicense: llama2\n---\n# Llama 2\n")
+    assert teacher_hub_id(config, plan) == "meta-llama/Llama-2-7b-hf"
+    assert minima_export.teacher_license(config, plan) == "llama2"
+    (folder / "config.json").write_text(json.dumps({**LLAMA2_7B_CONFIG, "_name_or_path": str(folder)}))
+    assert teacher_hub_id(config, plan) is None  # a saved local path is not a Hub id
+    named = build_config({"teacher": str(folder), "student_params": "2B", "teacher_hub_id": "me/teacher",
+                          "license": "mit"})
+    assert teacher_hub_id(named, plan) == "me/teacher" and minima_export.teacher_license(named, plan) == "mit"
