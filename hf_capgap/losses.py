@@ -26,7 +26,7 @@ from torch import Tensor
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd")
 CHUNK_ELEMENTS = 1 << 22  # CPU: logits per automatic chunk, 16 MiB in fp32 (128 rows at a 32000 vocabulary)
 ACCELERATOR_CHUNK_ROWS = (256, 2048)  # accelerators: H / 4 rows per automatic chunk, within these bounds
-SIGNAL_BLOCK_ELEMENTS = 1 << 20  # CPU: teacher log-probs formed per block of this many values (4 MiB fp32)
+SIGNAL_BLOCK_ELEMENTS = 1 << 21  # CPU: teacher log-probs formed per block of this many values (8 MiB fp32)
 # A bf16 / fp16 lm_head gradient summed over at most this many chunks stays in its dtype: measured on CPU
 # (bench/bench_losses.py), 8 bf16 additions give 2.1x the error of one bf16 rounding, 32 give 4.1x, 64 5.7x.
 LOW_PRECISION_MAX_CHUNKS = 8
