@@ -1,22 +1,26 @@
-"""Distilling from a teacher cache vs an online teacher: student quality and training speed.
+"""Distilling from a teacher cache vs an online teacher: bytes, student quality, training and build speed.
 
-One run, CPU fp32, on the embedded corpus (``hf_capgap.data``: default BPE tokenizer, vocabulary
-8192, rows packed to --seq-len tokens):
+One run, CPU fp32, on the embedded corpus (``hf_capgap.data``: BPE tokenizer of --vocab tokens,
+default 32,000; rows packed to --seq-len tokens):
 
-1. A tiny LLaMA teacher is trained from scratch with plain cross-entropy (--teacher-steps).
+1. A LLaMA teacher is trained from scratch with plain cross-entropy (--teacher-steps), or loaded
+   when an earlier run with the same settings saved it (``bench_cache_bytes.py`` reuses it too).
 2. The same student initialisation is distilled for --steps steps (alpha = 1: pure forward KL, so
-   the teacher signal is all the student learns from, same data order) from
-   online (baseline)  the teacher model run at every step, full distribution;
-   topk k             a TeacherCache with the k most likely tokens + exact tail mass;
-   sampled k          a TeacherCache with k unbiased draws per position.
-   Quality: the student's cross-entropy on the held-out split; ratio against online.
-   Top-k bias: the KL(teacher || student) of the full distributions on held-out rows, which is the
-   quantity the online loss minimises and the top-k bucketing only approximates.
-3. Speed: tokens/s of training steps after --warmup (cache build time excluded; it is paid once per
-   teacher and reused by every student) against plain cross-entropy training of the same student
-   (transformers.Trainer, model's own loss, no teacher: baseline for speed). Each variant is trained
-   --speed-rounds times, the rounds interleaved across variants, and the median is reported, so a
-   burst of load on a shared machine hits every variant alike.
+   the teacher signal is all the student learns from; same data order) from
+   online (baseline)      the teacher model run at every step, full distribution;
+   topk k                 a TeacherCache with the k likeliest tokens + exact tail mass;
+   sampled k              a TeacherCache with k unbiased draws per position (format 2: the distinct
+                          ids + uint8 counts + the teacher entropy per position).
+   Bytes: on-disk bytes of the teacher signal per labelled position (format 2, measured), and what
+   format 1 stored for the same setting (fixed k slots per position: sampled 5k bytes, top-k 4k + 4:
+   computed, the format-1 writer is gone). Format 1 and 2 store the same draws, so a sampled
+   student's quality is the same under both; only the bytes differ.
+   Quality: the student's cross-entropy on held-out rows; ratio against online.
+3. Speed: training tokens/s over the steps after --warmup (cache build excluded; it is paid once
+   per teacher and reused by every student) against plain cross-entropy training of the same
+   student (transformers.Trainer, model's own loss, no teacher: the speed baseline). Build speed:
+   tokens/s of ``TeacherCache.build`` over the student's rows (preparation, fingerprints, writing and
+   checksums included) against a plain teacher forward over the same batches under inference_mode.
 
     python bench/bench_cache_training.py
 """
@@ -24,24 +28,29 @@ One run, CPU fp32, on the embedded corpus (``hf_capgap.data``: default BPE token
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 from hf_capgap import DistillationConfig, DistillationTrainer, TeacherCache
-from hf_capgap.collate import CausalLMCollator
+from hf_capgap.artifacts import json_sha256
 from hf_capgap.data import default_tokenizer, load_corpus, tokenize_and_pack
+from hf_capgap.sft_data import forward_inputs, make_collator
 
-VOCAB = 8192
 BATCH = 8
-CACHES = (("topk", 8), ("topk", 64), ("sampled", 8), ("sampled", 64))
-QUALITY_GOAL = 0.01
-SPEED_GOAL = 0.9
+CACHES = (("topk", 16), ("topk", 64), ("sampled", 4), ("sampled", 8), ("sampled", 16), ("sampled", 32), ("sampled", 64))
+BYTES_GOAL, QUALITY_GOAL = 50, 0.005
+SPEED_GOAL, BUILD_GOAL = 0.9, 0.8
+
+
+def format1_bytes(mode: str, k: int) -> int:
+    """Signal bytes per position of format 1 (k fixed slots, uint16 ids below 65,536 tokens)."""
+    return 5 * k if mode == "sampled" else 4 * k + 4
 
 
 class StepClock(TrainerCallback):
@@ -57,10 +66,10 @@ class StepClock(TrainerCallback):
         return (len(self.times) - warmup) * tokens_per_step / (self.times[-1] - self.times[warmup - 1])
 
 
-def llama(hidden: int, layers: int, seed: int, seq_len: int) -> LlamaForCausalLM:
+def llama(vocab: int, hidden: int, layers: int, seed: int, seq_len: int) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=hidden * 8 // 3,
         num_hidden_layers=layers,
@@ -90,34 +99,75 @@ def training_args(output_dir: str, steps: int, cls=TrainingArguments, **extra):
     )
 
 
+def bench_data(vocab: int, seq_len: int, rows: int, eval_rows: int) -> tuple[Any, Any, Any]:
+    """(tokenizer, training rows, held-out rows) of the embedded corpus."""
+    tokenizer = default_tokenizer(vocab)
+    packed = tokenize_and_pack(load_corpus(), tokenizer, seq_len)
+    return tokenizer, packed["train"].select(range(rows)), packed["validation"].select(range(eval_rows))
+
+
+def trained_teacher(tokenizer, rows, settings: dict, work: Path) -> LlamaForCausalLM:
+    """The bench teacher, trained once per settings and saved under ``work`` for later runs."""
+    folder = work / f"teacher-{json_sha256(settings)[:12]}"
+    if (folder / "config.json").is_file():
+        return LlamaForCausalLM.from_pretrained(folder).eval()
+    teacher = llama(len(tokenizer), settings["hidden"], settings["layers"], seed=0, seq_len=settings["seq_len"])
+    Trainer(
+        model=teacher,
+        args=training_args(str(work / "teacher-run"), settings["steps"]),
+        train_dataset=rows,
+        data_collator=make_collator(tokenizer, DistillationConfig(report_to=[])),
+    ).train()
+    teacher.save_pretrained(folder)
+    return teacher.eval()
+
+
+def teacher_settings(args: argparse.Namespace) -> dict:
+    return {"vocab": args.vocab, "seq_len": args.seq_len, "hidden": args.teacher_hidden, "layers": args.teacher_layers,
+            "steps": args.teacher_steps, "batch": BATCH}  # fmt: skip
+
+
+def bench_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--teacher-hidden", type=int, default=128)
+    parser.add_argument("--teacher-layers", type=int, default=4)
+    parser.add_argument("--teacher-steps", type=int, default=200)
+    parser.add_argument("--eval-rows", type=int, default=64)
+    parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "hf_capgap" / "bench")
+    return parser
+
+
 def train_plain(model, rows, tokenizer, output_dir: str, steps: int) -> StepClock:
     clock = StepClock()
-    trainer = Trainer(
-        model=model,
-        args=training_args(output_dir, steps),
-        train_dataset=rows,
-        data_collator=CausalLMCollator(pad_token_id=tokenizer.pad_token_id),
-        callbacks=[clock],
-    )
-    trainer.train()
+    collator = make_collator(tokenizer, DistillationConfig(report_to=[]))
+    Trainer(model=model, args=training_args(output_dir, steps), train_dataset=rows, data_collator=collator,
+            callbacks=[clock]).train()  # fmt: skip
     return clock
 
 
-def distill(student, rows, tokenizer, output_dir: str, steps: int, *, teacher=None, cache: str | None = None):
+def distill(student, rows, tokenizer, config, *, teacher=None) -> StepClock:
     clock = StepClock()
-    args = training_args(
-        output_dir, steps, cls=DistillationConfig, loss="forward_kl", alpha=1.0, teacher_cache=cache
-    )
-    trainer = DistillationTrainer(
-        model=student,
-        teacher_model=teacher,
-        args=args,
-        train_dataset=rows,
-        processing_class=tokenizer,
+    DistillationTrainer(
+        model=student, teacher_model=teacher, args=config, train_dataset=rows, processing_class=tokenizer,
         callbacks=[clock],
-    )
-    trainer.train()
+    ).train()  # fmt: skip
     return clock
+
+
+@torch.inference_mode()
+def plain_forward_seconds(teacher, rows, tokenizer, config, batch_size: int) -> float:
+    """Seconds of the teacher's forward over ``rows`` in the cache build's batches (the build's floor)."""
+    from hf_capgap.sft_data import prepare_dataset
+
+    prepared = prepare_dataset(rows, tokenizer, config)
+    collator = make_collator(tokenizer, config)
+    start = time.perf_counter()
+    for low in range(0, len(prepared), batch_size):
+        batch = collator([prepared[i] for i in range(low, min(low + batch_size, len(prepared)))])
+        teacher(**forward_inputs(batch), use_cache=False)
+    return time.perf_counter() - start
 
 
 @torch.no_grad()
@@ -127,95 +177,110 @@ def held_out(student, teacher, rows) -> tuple[float, float]:
     ids = torch.tensor(rows["input_ids"], dtype=torch.long)
     ce_sum = kl_sum = 0.0
     for batch in ids.split(BATCH):
-        student_logits = student(input_ids=batch).logits[:, :-1].reshape(-1, VOCAB)
-        teacher_logits = teacher(input_ids=batch).logits[:, :-1].reshape(-1, VOCAB)
-        targets = batch[:, 1:].reshape(-1)
-        ce_sum += float(F.cross_entropy(student_logits, targets, reduction="sum"))
-        log_q = F.log_softmax(student_logits, dim=-1)
-        log_p = F.log_softmax(teacher_logits, dim=-1)
+        student_logits = student(input_ids=batch).logits[:, :-1].flatten(0, 1)
+        teacher_logits = teacher(input_ids=batch).logits[:, :-1].flatten(0, 1)
+        ce_sum += float(F.cross_entropy(student_logits, batch[:, 1:].reshape(-1), reduction="sum"))
+        log_q, log_p = F.log_softmax(student_logits, dim=-1), F.log_softmax(teacher_logits, dim=-1)
         kl_sum += float(F.kl_div(log_q, log_p, reduction="sum", log_target=True))
     tokens = ids.shape[0] * (ids.shape[1] - 1)
     return ce_sum / tokens, kl_sum / tokens
 
 
+def teacher_sharpness(teacher, rows) -> tuple[float, float]:
+    """(mean entropy in nats, mean probability mass of the top 64 tokens) of the teacher on ``rows``."""
+    with torch.no_grad():
+        logits = teacher(input_ids=torch.tensor(rows["input_ids"][:16])).logits[:, :-1].flatten(0, 1)
+    log_p = F.log_softmax(logits.float(), dim=-1)
+    entropy = -(log_p.exp() * log_p).sum(-1).mean()
+    return float(entropy), float(log_p.exp().topk(64, dim=-1).values.sum(-1).mean())
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--teacher-steps", type=int, default=150)
-    parser.add_argument("--steps", type=int, default=60)
+    parser = bench_parser(__doc__)
+    parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--eval-rows", type=int, default=64)
-    parser.add_argument("--speed-rounds", type=int, default=7)
+    parser.add_argument("--build-batch", type=int, default=32)
     args = parser.parse_args()
     torch.set_num_threads(2)
+    started = time.perf_counter()
 
-    tokenizer = default_tokenizer(VOCAB)
-    packed = tokenize_and_pack(load_corpus(), tokenizer, args.seq_len)
-    train_rows = packed["train"].select(range(max(args.teacher_steps, args.steps) * BATCH))
+    settings = teacher_settings(args)
+    tokenizer, train_rows, eval_rows = bench_data(args.vocab, args.seq_len, args.teacher_steps * BATCH, args.eval_rows)
     student_rows = train_rows.select(range(args.steps * BATCH))
-    eval_rows = packed["validation"].select(range(args.eval_rows))
     tokens_per_step = BATCH * args.seq_len
+    work = args.work
+    teacher = trained_teacher(tokenizer, train_rows, settings, work)
+    teacher_ce, _ = held_out(teacher, teacher, eval_rows)
+    entropy, top64 = teacher_sharpness(teacher, eval_rows)
+
+    def config(name: str, **extra) -> DistillationConfig:
+        return training_args(str(work / f"run-{name}"), args.steps, cls=DistillationConfig, loss="forward_kl",
+                             alpha=1.0, **extra)  # fmt: skip
 
     def student() -> LlamaForCausalLM:
-        return llama(hidden=64, layers=2, seed=1, seq_len=args.seq_len)
+        return llama(len(tokenizer), hidden=64, layers=2, seed=1, seq_len=args.seq_len)
 
+    forward_s = plain_forward_seconds(teacher, student_rows, tokenizer, config("forward"), args.build_batch)
+    build_tokens = len(student_rows) * args.seq_len
     results: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory() as workdir:
-        work = Path(workdir)
-        teacher = llama(hidden=128, layers=4, seed=0, seq_len=args.seq_len)
-        train_plain(teacher, train_rows, tokenizer, str(work / "teacher"), args.teacher_steps)
-        teacher.eval()
-        teacher_ce, _ = held_out(teacher, teacher, eval_rows)
+    model = student()
+    results["plain CE (no teacher)"] = {"clock": train_plain(model, student_rows, tokenizer, str(work / "run-plain"), args.steps), "model": model}
+    model = student()
+    results["online"] = {"clock": distill(model, student_rows, tokenizer, config("online"), teacher=teacher), "model": model}
+    for mode, k in CACHES:
+        name = f"{mode} k={k}"
+        with tempfile.TemporaryDirectory(dir=work) as caches:  # a fresh build every run: its time is measured
+            path = Path(caches) / "cache"
+            start = time.perf_counter()
+            cache = TeacherCache.build(teacher, student_rows, path, tokenizer=tokenizer, args=config(name), mode=mode,
+                                       k=k, batch_size=args.build_batch, progress=False)  # fmt: skip
+            build_s = time.perf_counter() - start
+            model = student()
+            clock = distill(model, student_rows, tokenizer, config(name, teacher_cache=str(path)))
+        results[name] = {"clock": clock, "model": model, "bytes": cache.bytes_per_token,
+                         "format1": format1_bytes(mode, k), "build": build_tokens / build_s}  # fmt: skip
 
-        runs = {
-            "plain CE (no teacher)": lambda model, out: train_plain(model, student_rows, tokenizer, out, args.steps),
-            "online": lambda model, out: distill(model, student_rows, tokenizer, out, args.steps, teacher=teacher),
-        }
-        for mode, k in CACHES:
-            path = work / f"cache-{mode}-{k}"
-            TeacherCache.build(teacher, student_rows, path, mode=mode, k=k, tokenizer=tokenizer, progress=False)
-            runs[f"{mode} k={k}"] = lambda model, out, path=str(path): distill(
-                model, student_rows, tokenizer, out, args.steps, cache=path
-            )
-
-        for round_index in range(args.speed_rounds):
-            for name, run in runs.items():
-                model = student()
-                clock = run(model, str(work / f"run-{round_index}"))
-                result = results.setdefault(name, {"model": model, "speeds": []})
-                result["speeds"].append(clock.tokens_per_s(args.warmup, tokens_per_step))
-
-        for result in results.values():
-            result["ce"], result["kl"] = held_out(result["model"], teacher, eval_rows)
-            result["tokens_per_s"] = statistics.median(result["speeds"])
-
+    for result in results.values():
+        result["ce"], result["kl"] = held_out(result["model"], teacher, eval_rows)
+        result["tokens_per_s"] = result["clock"].tokens_per_s(args.warmup, tokens_per_step)
     online, plain = results["online"], results["plain CE (no teacher)"]
-    print(
-        f"student {sum(p.numel() for p in plain['model'].parameters()) / 1e6:.2f}M params distilled for {args.steps} "
-        f"steps (batch {BATCH} x seq {args.seq_len}, alpha=1 forward KL) from a "
-        f"{sum(p.numel() for p in teacher.parameters()) / 1e6:.2f}M teacher trained {args.teacher_steps} steps "
-        f"(held-out CE {teacher_ce:.4f}); held-out: {args.eval_rows} validation rows"
-    )
-    print("quality baseline: online teacher; speed baseline: plain CE training of the same student")
-    print(f"tokens/s over steps after the first {args.warmup}, median of {args.speed_rounds} interleaved rounds; "
-          "cache build time excluded\n")
-    print("| student trained with | held-out CE | CE / online | held-out KL(teacher||student) | KL / online |"
-          " tokens/s | (min-max over rounds) | speed / plain CE |")
-    print("|---|---:|---:|---:|---:|---:|---|---:|")
-    for name, result in results.items():
-        print(
-            f"| {name} | {result['ce']:.4f} | {result['ce'] / online['ce']:.4f} | {result['kl']:.4f}"
-            f" | {result['kl'] / online['kl']:.3f} | {result['tokens_per_s']:.0f}"
-            f" | {min(result['speeds']):.0f}-{max(result['speeds']):.0f}"
-            f" | {result['tokens_per_s'] / plain['tokens_per_s']:.2f}x |"
-        )
-    topk64 = results["topk k=64"]
-    gap = topk64["ce"] / online["ce"] - 1
-    speed = topk64["tokens_per_s"] / plain["tokens_per_s"]
-    print(f"\ngoal topk k=64 held-out CE within {QUALITY_GOAL:.0%} of online: {gap:+.2%} "
-          f"({'met' if abs(gap) <= QUALITY_GOAL else 'NOT met'})")
-    print(f"goal cache (topk k=64) training >= {SPEED_GOAL}x plain CE tokens/s: {speed:.2f}x "
+    forward_tokens_per_s = build_tokens / forward_s
+
+    print(f"teacher {sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M params, vocabulary {len(tokenizer)}, "
+          f"trained {args.teacher_steps} steps of {BATCH}x{args.seq_len} tokens: held-out CE {teacher_ce:.3f}, mean "
+          f"entropy {entropy:.2f} nats, mean top-64 mass {top64:.2f}")
+    print(f"student {sum(p.numel() for p in plain['model'].parameters()) / 1e6:.1f}M params distilled {args.steps} "
+          f"steps (batch {BATCH} x seq {args.seq_len}, alpha=1 forward KL); held-out: {args.eval_rows} validation rows")
+    print("quality baseline: online teacher; training speed baseline: plain CE training of the same student; "
+          f"build speed baseline: plain teacher forward over the same rows ({forward_tokens_per_s:.0f} tokens/s)\n")
+    print("| student trained with | signal B/token (format 2) | format 1 B/token | held-out CE | CE / online |"
+          " KL(teacher||student) / online | train tokens/s / plain CE | build tokens/s / plain forward |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, r in results.items():
+        cached = "bytes" in r
+        print(f"| {name} | {r['bytes']:.1f} | {r['format1']} |" if cached else f"| {name} | - | - |", end="")
+        print(f" {r['ce']:.4f} | {r['ce'] / online['ce']:.4f} | {r['kl'] / online['kl']:.3f} |"
+              f" {r['tokens_per_s'] / plain['tokens_per_s']:.2f}x |", end="")
+        print(f" {r['build'] / forward_tokens_per_s:.2f}x |" if cached else " - |")
+
+    cached = {name: r for name, r in results.items() if "bytes" in r}
+    within = [(r["bytes"], name) for name, r in cached.items()
+              if r["bytes"] <= BYTES_GOAL and r["ce"] / online["ce"] - 1 <= QUALITY_GOAL]  # fmt: skip
+    print(f"\ngoal some setting <= {BYTES_GOAL} B/token with held-out CE within {QUALITY_GOAL:.1%} of online: "
+          + (f"met by {', '.join(name for _, name in sorted(within))}" if within else "NOT met"))
+    old = cached["sampled k=64"]
+    matching = [(r["bytes"], name) for name, r in cached.items()
+                if r["bytes"] <= old["format1"] / 4 and r["ce"] <= old["ce"]]  # fmt: skip
+    print(f"goal format-1 sampled-64 quality (CE {old['ce']:.4f}, {old['format1']} B/token) at <= 1/4 of its bytes: "
+          + (f"met by {', '.join(f'{name} ({b:.0f} B)' for b, name in sorted(matching))}" if matching else "NOT met"))
+    slowest = min(cached.items(), key=lambda item: item[1]["tokens_per_s"])
+    speed = slowest[1]["tokens_per_s"] / plain["tokens_per_s"]
+    print(f"goal cache training >= {SPEED_GOAL}x plain CE tokens/s: slowest {slowest[0]} {speed:.2f}x "
           f"({'met' if speed >= SPEED_GOAL else 'NOT met'})")
+    build = min(r["build"] for r in cached.values()) / forward_tokens_per_s
+    print(f"goal cache build >= {BUILD_GOAL}x plain teacher forward tokens/s: slowest {build:.2f}x "
+          f"({'met' if build >= BUILD_GOAL else 'NOT met'})")
+    print(f"\nwall time {time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":
