@@ -167,6 +167,7 @@ class TeacherCache:
         shard_tokens: int = 262144,
         dtype: str = "float16",
         seed: int = 0,
+        bytes_per_token: float | None = None,
         progress: bool = True,
         overwrite: bool = False,
     ) -> TeacherCache:
@@ -182,7 +183,10 @@ class TeacherCache:
 
         ``mode``: ``topk`` keeps the ``k`` likeliest tokens and the exact tail mass; ``sampled`` keeps
         ``k`` draws (at most 255) per position as distinct ids and counts, unbiased for forward KL;
-        ``dense`` keeps every log-prob (``k`` is ignored). Resumable: rerunning after a crash keeps
+        ``dense`` keeps every log-prob (``k`` is ignored). ``bytes_per_token`` (sampled only) picks
+        ``k`` instead: the most draws whose expected signal, measured on the first batch, fits that
+        many bytes per position (bench/results/cache_bytes.md tabulates draws -> bytes; 16 draws of a
+        32,000-token teacher: ~40 B). Resumable: rerunning after a crash keeps
         finished shards. Under accelerate/torch.distributed each rank builds its share of shards. A
         complete cache with the same settings is reused as is; one with other settings is refused
         unless ``overwrite=True``.
@@ -202,6 +206,7 @@ class TeacherCache:
             shard_tokens=shard_tokens,
             dtype=dtype,
             seed=seed,
+            bytes_per_token=bytes_per_token,
             progress=progress,
             overwrite=overwrite,
         )

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from hf_capgap.artifacts import (
@@ -49,6 +50,10 @@ from hf_capgap.cache_format import (
 from hf_capgap.sft_data import has_labelled_position, make_collator, prepare_dataset, uses_padding_free
 from hf_capgap.vocabulary import real_vocab_size, vocabulary_fingerprint
 
+SAMPLED_POSITION_BYTES = 3
+"""Sampled storage per position: uint8 number of distinct ids + fp16 teacher entropy (and per distinct
+id: its id in the vocabulary's id type + a uint8 count)."""
+
 SPEC_NAME = ".build_spec.json"
 """Settings of an unfinished build, so a rerun with other inputs cannot mix its shards in."""
 
@@ -67,17 +72,28 @@ def build_cache(
     shard_tokens: int = 262144,
     dtype: str = "float16",
     seed: int = 0,
+    bytes_per_token: float | None = None,
     progress: bool = True,
     overwrite: bool = False,
 ) -> None:
     """Write (or finish) the cache at ``path``; every input is checked before the teacher runs."""
     _check_options(mode, k, temperature, batch_size, shard_tokens, dtype)
+    if bytes_per_token is not None and (mode != "sampled" or not bytes_per_token >= SAMPLED_POSITION_BYTES + 5):
+        raise ValueError(
+            f"bytes_per_token={bytes_per_token!r} needs mode='sampled' and at least {SAMPLED_POSITION_BYTES + 5} "
+            "bytes (one draw); top-k and dense caches have fixed sizes (4k + 4 and 2 x vocabulary bytes)."
+        )
     args = args if args is not None else default_preparation_args()
     prepared = prepare_rows(dataset, tokenizer, args)
     rows = prepared.select_columns([c for c in ROW_COLUMNS if c in prepared.column_names])
     real_vocab = _real_vocab_size(teacher, tokenizer)
     num_tokens = _check_rows(rows, real_vocab)
-    if mode != "dense" and k > real_vocab:
+    collator = make_collator(tokenizer, args)
+    if bytes_per_token is not None:
+        first = collator(row_dicts(rows.with_format("arrow")[:batch_size]))
+        per_id = np.dtype(id_dtype(real_vocab)).itemsize + 1
+        k = draws_for_budget(teacher, first, real_vocab, temperature, bytes_per_token, per_id)
+    if mode == "topk" and k > real_vocab:
         raise ValueError(
             f"k={k} exceeds the real vocabulary ({real_vocab} tokens); use k <= {real_vocab} or mode='dense'."
         )
@@ -110,13 +126,42 @@ def build_cache(
     state.wait_for_everyone()
     plan = ShardPlan(spec["num_sequences"], spec["rows_per_shard"])
     own = [j for j in range(plan.num_shards) if j % state.num_processes == state.process_index]
-    collator = make_collator(tokenizer, args)
     _build_shards(teacher, rows, collator, path, spec, plan, own, batch_size, progress and state.is_main_process)
     state.wait_for_everyone()
     if state.is_main_process:
         teacher_name = getattr(teacher, "name_or_path", "") or teacher.config.name_or_path
         _write_final_manifest(path, spec, plan, teacher_name)
     state.wait_for_everyone()
+
+
+def draws_for_budget(
+    teacher: Any, batch: dict[str, Any], real_vocab: int, temperature: float, budget: float, per_id: int
+) -> int:
+    """The most draws (<= MAX_DRAWS) whose expected sampled signal fits ``budget`` bytes per position.
+
+    Bytes grow with the *distinct* ids drawn, which depends on how peaked the teacher is: on the
+    labelled positions of ``batch`` (the first rows of the dataset, so a rerun picks the same number)
+    k draws hold sum_v 1 - (1 - p_v)^k distinct ids on average, each costing ``per_id`` bytes.
+    """
+    import torch
+
+    from hf_capgap.sft_data import forward_inputs
+
+    device = next(teacher.parameters()).device
+    inputs = {key: v.to(device) if isinstance(v, torch.Tensor) else v for key, v in forward_inputs(batch).items()}
+    with torch.inference_mode():
+        logits = teacher(**inputs, use_cache=False).logits[:, :-1][batch["labels"][:, 1:].to(device) != -100]
+        probs = torch.softmax(logits[:, :real_vocab].float() / temperature, dim=-1)
+
+        def expected_bytes(draws: int) -> float:
+            distinct = (1.0 - (1.0 - probs).pow(draws)).sum(dim=-1).mean()
+            return float(distinct) * per_id + SAMPLED_POSITION_BYTES
+
+        low, high = 1, MAX_DRAWS  # expected bytes grow with the draws: bisect for the last that fits
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if expected_bytes(middle) <= budget else (low, middle - 1)
+    return low
 
 
 def default_preparation_args() -> Any:

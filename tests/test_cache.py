@@ -210,6 +210,21 @@ def test_sampled_forward_kl_gradient_is_unbiased():
     assert abs(losses.mean() - dense_loss) < 4.5 * losses.std() / trials**0.5
 
 
+def test_bytes_per_token_budget_picks_the_draws(tmp_path):
+    """More budget buys more draws, and the stored distinct ids fill about the budget."""
+    teacher, dataset = peaked_teacher(64), make_dataset(rows=8, seq_len=33, vocab_size=64)
+    draws, stored = [], []
+    for budget in (12, 24):
+        cache = TeacherCache.build(
+            teacher, dataset, tmp_path / str(budget), mode="sampled", bytes_per_token=budget, progress=False
+        )
+        distinct = sum(len(row["sample_ids"]) for row in cache.dataset)
+        draws.append(cache.manifest["draws"])
+        stored.append((2 * distinct + 3 * cache.manifest["num_positions"]) / cache.manifest["num_positions"])
+    assert 1 < draws[0] < draws[1] <= 255
+    assert stored[0] == pytest.approx(12, rel=0.2) and stored[1] == pytest.approx(24, rel=0.2)
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_dense_roundtrips_storage_dtype(teacher, dataset, plain_args, tmp_path, dtype):
     cache = TeacherCache.build(teacher, dataset, tmp_path / "c", mode="dense", dtype=dtype, progress=False)
@@ -380,6 +395,7 @@ def _tokenizer(size):
         ({"dataset": Dataset.from_dict({"body": ["a b"]})}, ValueError, "dataset_text_field"),
         ({"k": VOCAB_SIZE + 1}, ValueError, "k=129 exceeds the real vocabulary"),
         ({"mode": "sampled", "k": 256}, ValueError, "k <= 255"),
+        ({"mode": "topk", "bytes_per_token": 50}, ValueError, "bytes_per_token=50 needs mode='sampled'"),
         ({"mode": "logits"}, ValueError, "mode='logits'"),
         ({"temperature": 0.0}, ValueError, "temperature"),
         ({"dtype": "float32"}, ValueError, "dtype='float32'"),

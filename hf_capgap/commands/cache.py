@@ -29,6 +29,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--mode", choices=["topk", "sampled", "dense"], default="topk", help="what to keep per position"
     )
     build.add_argument("--k", type=int, default=64, help="top-k entries, or draws (<= 255), per position")
+    build.add_argument(
+        "--bytes-per-token",
+        type=float,
+        help="sampled mode: instead of --k, the most draws whose expected signal fits this many bytes per position",
+    )
     build.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the teacher")
     build.add_argument(
         "--dtype", choices=["float16", "bfloat16"], default="float16", help="storage of log-probs"
@@ -105,6 +110,7 @@ def _build(args: argparse.Namespace) -> int:
         tokenizer=tokenizer,
         dtype=args.dtype,
         seed=args.seed,
+        bytes_per_token=args.bytes_per_token,
         overwrite=args.overwrite,
     )
     print(f"wrote {cache!r}")
