@@ -173,20 +173,23 @@ def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
 
 
 def tokenize_and_pack(
-    dataset: DatasetOrDict,
+    dataset: DatasetOrDict | datasets.IterableDataset,
     tokenizer: PreTrainedTokenizerBase,
     seq_len: int,
     *,
+    text_field: str = "text",
     num_proc: int | None = None,
-) -> DatasetOrDict:
-    """Tokenize the ``text`` column and pack it into rows of exactly ``seq_len`` token ids (pretraining rows).
+) -> DatasetOrDict | datasets.IterableDataset:
+    """Tokenize documents and pack them into rows of exactly ``seq_len`` token ids (pretraining rows).
 
-    Each document ends with the eos token so the model sees where one ends and the next begins; TRL's
-    ``pack_dataset`` ("wrapped") cuts the token stream of each ``map`` batch into rows, and the short
-    row left at the end of each batch is dropped, so every row is full. The only column is
-    ``input_ids`` (int32); trainers derive labels from it. User datasets for distillation go through
-    :func:`hf_capgap.sft_data.prepare_dataset` instead (chat, prompt-completion, masks). Cached by the
-    dataset and tokenizer fingerprints, so a second call with the same inputs reads the Arrow cache.
+    Documents are the ``text_field`` column, or chat ``messages`` rendered by TRL with the tokenizer's
+    chat template. Each ends with the eos token so the model sees where one ends and the next begins;
+    TRL's ``pack_dataset`` ("wrapped") cuts the token stream of each ``map`` batch into rows, and the
+    short row left at the end of each batch is dropped, so every row is full. The only column is
+    ``input_ids`` (int32); trainers derive labels from it. A ``datasets.IterableDataset`` is packed on
+    the fly as it streams. User datasets for SFT-style distillation (completion or assistant masks,
+    document-aware packing) go through :func:`hf_capgap.sft_data.prepare_dataset` instead. In memory,
+    every step is cached by the dataset and tokenizer fingerprints.
     """
     from trl import pack_dataset
 
@@ -196,34 +199,48 @@ def tokenize_and_pack(
         raise ValueError("tokenizer has no eos_token: set tokenizer.eos_token so documents can be separated.")
     if isinstance(dataset, datasets.DatasetDict):
         return datasets.DatasetDict(
-            {name: tokenize_and_pack(split, tokenizer, seq_len, num_proc=num_proc) for name, split in dataset.items()}
+            {
+                name: tokenize_and_pack(split, tokenizer, seq_len, text_field=text_field, num_proc=num_proc)
+                for name, split in dataset.items()
+            }
         )
-    if "text" not in dataset.column_names:
-        raise ValueError(f"dataset has no 'text' column (columns: {dataset.column_names}); rename your text column.")
-    if len(dataset) == 0:
+    streamed = isinstance(dataset, datasets.IterableDataset)
+    columns = list(next(iter(dataset), {})) if streamed else dataset.column_names
+    if not columns:
         raise ValueError("dataset is empty: tokenize_and_pack needs at least one text row.")
-    fingerprint = _derived_fingerprint(dataset, "pack", _PACK_FORMAT_VERSION, tokenizer_fingerprint(tokenizer), seq_len)
+    chat_template = _document_source(columns, text_field, tokenizer)
+    if not streamed and len(dataset) == 0:
+        raise ValueError("dataset is empty: tokenize_and_pack needs at least one text row.")
+    fingerprint = _derived_fingerprint(
+        dataset, "pack", _PACK_FORMAT_VERSION, tokenizer_fingerprint(tokenizer), seq_len, text_field, chat_template
+    ) if not streamed else None
+
+    def cached(name: str, description: str) -> dict[str, Any]:
+        """map/filter options that only in-memory datasets take."""
+        return {} if streamed else {"num_proc": num_proc, "new_fingerprint": f"{fingerprint}-{name}", "desc": description}
+
+    if chat_template is not None:
+        from trl.data_utils import maybe_apply_chat_template
+
+        dataset = dataset.map(
+            maybe_apply_chat_template, fn_kwargs={"processing_class": tokenizer}, **cached("chat", "Rendering chats")
+        )
+        text_field = "text"
     tokenized = dataset.map(
         _tokenize_documents,
         batched=True,
-        num_proc=num_proc,
-        remove_columns=dataset.column_names,
-        fn_kwargs={"tokenizer": tokenizer},
+        remove_columns=list(next(iter(dataset))) if streamed else dataset.column_names,
+        fn_kwargs={"tokenizer": tokenizer, "text_field": text_field},
         features=datasets.Features({"input_ids": datasets.List(datasets.Value("int32"))}),
-        new_fingerprint=f"{fingerprint}-tokens",
-        desc="Tokenizing documents",
+        **cached("tokens", "Tokenizing documents"),
     )
-    packed = pack_dataset(
-        tokenized, seq_len, strategy="wrapped", map_kwargs={"num_proc": num_proc, "new_fingerprint": f"{fingerprint}-wrapped"}
-    )
+    packed = pack_dataset(tokenized, seq_len, strategy="wrapped", map_kwargs=cached("wrapped", "Packing"))
+    if streamed:
+        # Row by row: a batched filter on a stream joins the keys of every batch before it into one string.
+        return packed.filter(lambda ids: len(ids) == seq_len, input_columns="input_ids")
     full = packed.filter(
-        _full_rows,
-        batched=True,
-        input_columns="input_ids",
-        fn_kwargs={"seq_len": seq_len},
-        num_proc=num_proc,
-        new_fingerprint=fingerprint,
-        desc=f"Keeping full rows of {seq_len}",
+        _full_rows, batched=True, input_columns="input_ids", fn_kwargs={"seq_len": seq_len}, num_proc=num_proc,
+        new_fingerprint=fingerprint, desc=f"Keeping full rows of {seq_len}",
     )
     if len(full) == 0:
         raise ValueError(
@@ -233,8 +250,28 @@ def tokenize_and_pack(
     return full
 
 
-def _tokenize_documents(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase) -> dict[str, list]:
-    encoded = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+def _document_source(columns: list[str], text_field: str, tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """Where documents come from: None for the ``text_field`` column, or the chat template that renders
+    ``messages``; raises naming the columns and the fix when neither is usable."""
+    if text_field in columns:
+        return None
+    if "messages" not in columns:
+        raise ValueError(
+            f"dataset has columns {columns}, neither the text column {text_field!r} nor chat 'messages'; set "
+            "dataset_text_field to the column holding the text."
+        )
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise ValueError(
+            "dataset holds chat 'messages' but the tokenizer has no chat template; use a tokenizer with one "
+            "(tokenizer.chat_template) or a text column."
+        )
+    return template if isinstance(template, str) else json_sha256(template)
+
+
+def _tokenize_documents(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, text_field: str) -> dict[str, list]:
+    texts = [text for text in batch[text_field] if text]
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
     return {"input_ids": [ids + [tokenizer.eos_token_id] for ids in encoded]}
 
 

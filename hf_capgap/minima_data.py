@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import glob
 from dataclasses import dataclass
-from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +72,7 @@ def prepare_data(config: MinimaConfig, plan: Plan, tokenizer: Any) -> RunData:
         raise ValueError("the teacher's tokenizer has no eos_token; documents are joined with it. Set one and save it.")
     train_source, eval_source = load_sources(config)
     rows = steps_for(config, plan) * config.batch_size * config.gradient_accumulation_steps * plan.processes
-    pack = _packer(config, plan.seq_len, tokenizer, train_source)
+    pack = _packer(config, plan.seq_len, tokenizer)
     packed_train = pack(train_source)
     if config.streaming:
         if eval_source is None:
@@ -132,60 +131,11 @@ def load_sources(config: MinimaConfig) -> tuple[Any, Any | None]:
     return train, held_out
 
 
-def _packer(config: MinimaConfig, seq_len: int, tokenizer: Any, sample_source: Any) -> Any:
-    """A function packing one split; checks the text column (or chat template) before any tokenizing."""
-    if config.dataset == EMBEDDED_DATASET and not config.streaming:
-        from hf_capgap.data import tokenize_and_pack
+def _packer(config: MinimaConfig, seq_len: int, tokenizer: Any) -> Any:
+    """A function packing one split (text or chat ``messages``) into full rows of ``seq_len`` tokens."""
+    from hf_capgap.data import tokenize_and_pack
 
-        return lambda source: tokenize_and_pack(source, tokenizer, seq_len)
-    columns = list(_first_row(sample_source))
-    text_field = config.dataset_text_field
-    if text_field not in columns:
-        if "messages" not in columns:
-            raise ValueError(
-                f"dataset={config.dataset!r} rows have columns {columns}, neither dataset_text_field={text_field!r} "
-                "nor chat 'messages'; set dataset_text_field to the column holding the text."
-            )
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError(
-                f"dataset={config.dataset!r} holds chat 'messages' but the teacher's tokenizer has no chat template; "
-                "use a tokenizer with one (tokenizer.chat_template) or a text column (dataset_text_field)."
-            )
-        text_field = None
-
-    def pack(source: Any) -> Any:
-        import datasets
-
-        kwargs = {"batched": True, "remove_columns": list(_first_row(source)),
-                  "fn_kwargs": {"tokenizer": tokenizer, "seq_len": seq_len, "text_field": text_field}}
-        if isinstance(source, datasets.Dataset):
-            # datasets' own hash of the tokenizer misses its chat template: name the cache by what decides the rows
-            from hf_capgap.artifacts import json_sha256, tokenizer_fingerprint
-
-            kwargs["new_fingerprint"] = json_sha256([source._fingerprint, tokenizer_fingerprint(tokenizer), seq_len,
-                                                     text_field, getattr(tokenizer, "chat_template", None)])[:16]
-            kwargs["desc"] = f"Tokenizing and packing into rows of {seq_len}"
-        return source.map(_pack_batch, **kwargs)
-
-    return pack
-
-
-def _pack_batch(batch: dict[str, list], tokenizer: Any, seq_len: int, text_field: str | None) -> dict[str, list]:
-    """Documents joined with EOS, cut into rows of exactly ``seq_len``; each batch's remainder is dropped."""
-    if text_field is None:
-        texts = [tokenizer.apply_chat_template(messages, tokenize=False) for messages in batch["messages"]]
-    else:
-        texts = [text for text in batch[text_field] if text]
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    flat = list(chain.from_iterable(ids + [tokenizer.eos_token_id] for ids in encoded))
-    return {PACKED_COLUMN: [flat[start : start + seq_len] for start in range(0, len(flat) - seq_len + 1, seq_len)]}
-
-
-def _first_row(source: Any) -> dict[str, Any]:
-    try:
-        return next(iter(source))
-    except StopIteration:
-        raise ValueError("the dataset is empty; it needs at least one row of text.") from None
+    return lambda source: tokenize_and_pack(source, tokenizer, seq_len, text_field=config.dataset_text_field)
 
 
 def _materialise(rows: Any) -> Any:

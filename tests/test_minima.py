@@ -447,7 +447,9 @@ def test_teacher_cache_mode_distils_from_the_cache(finished, tmp_path):
 def test_local_jsonl_text_field_and_chat_messages(finished, tmp_path):
     """A jsonl file with a custom text column packs; `messages` rows go through the chat template,
     and without a template the refusal names the fix before any model runs."""
-    from hf_capgap.data import load_corpus
+    import datasets
+
+    from hf_capgap.data import load_corpus, tokenize_and_pack
 
     config, _ = finished
     texts = load_corpus()["train"].select(range(60))["text"]
@@ -469,10 +471,10 @@ def test_local_jsonl_text_field_and_chat_messages(finished, tmp_path):
         minima_data.prepare_data(chat, plan, tokenizer)
     tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     assert len(minima_data.prepare_data(chat, plan, tokenizer).train) == 512 // plan.seq_len
-    packed = minima_data._pack_batch({"messages": chats[:2]}, tokenizer, 16, None)["input_ids"]
+    packed = tokenize_and_pack(datasets.Dataset.from_dict({"messages": chats[:2]}), tokenizer, 16)["input_ids"]
     rendered = tokenizer.apply_chat_template(chats[0], tokenize=False)
     assert packed[0] == tokenizer(rendered, add_special_tokens=False)["input_ids"][:16]
-    with pytest.raises(ValueError, match="dataset_text_field='text'"):
+    with pytest.raises(ValueError, match="neither the text column 'text' nor chat 'messages'"):
         minima_data.prepare_data(build_config({**base, "dataset": str(tmp_path / "docs.jsonl")}), plan, tokenizer)
 
 
