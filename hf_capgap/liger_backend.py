@@ -36,21 +36,22 @@ def require_liger() -> None:
 
 
 def liger_unsupported(spec: LossSpec, teacher: TeacherSignal | None, fused: bool, bias: Tensor | None) -> str | None:
-    """Why Liger cannot run this case (None when it can): it covers the dense online, fused case only."""
+    """Why Liger cannot run this case (None when it can): it covers the dense online, fused case only
+    (and cross-entropy alone, alpha = 0, as on evaluation rows without a teacher signal)."""
     if spec.kind not in (*LIGER_BETA, "jsd"):
         return f"loss={spec.kind!r} (Liger computes forward_kl, reverse_kl and jsd)"
-    if not isinstance(teacher, FusedTeacher):
+    if spec.alpha > 0 and not isinstance(teacher, FusedTeacher):
         return "the teacher signal is not an online teacher's hidden states and lm_head (cached or logits signals)"
     if not fused:
         return "the student's lm_head is not fused (sharded or non-fusable head)"
-    if bias is not None or teacher.bias is not None:
+    if bias is not None or getattr(teacher, "bias", None) is not None:
         return "an lm_head has a bias (Liger's fused linear JSD takes weights only)"
     return None
 
 
 def liger_distillation_loss(
     student: Tensor,
-    teacher: FusedTeacher,
+    teacher: FusedTeacher | None,
     labels: Tensor,
     spec: LossSpec,
     *,

@@ -32,6 +32,7 @@ def test_only_the_dense_online_fused_case_is_supported():
     assert "cached" in liger_unsupported(LossSpec(), DenseTeacher(torch.zeros(2, 8)), fused=True, bias=None)
     assert "not fused" in liger_unsupported(LossSpec(), fused_teacher, fused=False, bias=None)
     assert "bias" in liger_unsupported(LossSpec(), fused_teacher, fused=True, bias=torch.zeros(8))
+    assert liger_unsupported(LossSpec(alpha=0.0), None, fused=True, bias=None) is None  # CE alone (evaluation)
 
 
 def stand_in_liger() -> types.ModuleType:
@@ -80,7 +81,7 @@ def test_same_objective_and_normalisation_as_ours(monkeypatch, kind, beta, alpha
     monkeypatch.setattr(liger_backend, "require_liger", lambda: None)
     hidden = torch.randn(30, 12, requires_grad=True)
     weight = (torch.randn(40, 12) / 4).requires_grad_(True)
-    teacher = FusedTeacher(torch.randn(30, 16), torch.randn(40, 16) / 4)
+    teacher = FusedTeacher(torch.randn(30, 16), torch.randn(40, 16) / 4) if alpha > 0 else None
     labels = torch.randint(0, 40, (30,))
     labels[::3] = -100
     spec = LossSpec(kind=kind, beta=beta, alpha=alpha, temperature=temperature, chunk_size=8)
