@@ -29,6 +29,7 @@ _EXPORTS = {
     "LadderRung": "hf_capgap.ladder",
     "pretrain": "hf_capgap.pretraining",
     "load_teacher": "hf_capgap.pretraining",
+    "load_frozen_teacher": "hf_capgap.teacher_loading",
     "ensure_ladder": "hf_capgap.pretraining",
     "load_corpus": "hf_capgap.data",
     "train_tokenizer": "hf_capgap.data",

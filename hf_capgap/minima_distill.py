@@ -82,14 +82,9 @@ def _train_resumably(trainer: Any, checkpoints: Path, final: Path, tokenizer: An
     wait()
 
 
-def _teacher_cache(config: MinimaConfig, teacher: Any, data: RunData, teacher_id: str) -> Path:
-    from hf_capgap.cache import TeacherCache
-
+def _teacher_cache_path(config: MinimaConfig, data: RunData, teacher_id: str) -> Path:
     inputs = [teacher_id, data.identity, config.cache_mode, config.cache_k, config.temperature]
-    path = config.work_dir / f"cache-{json_sha256(inputs)[:12]}"
-    TeacherCache.build(teacher, data.train, path, mode=config.cache_mode, k=config.cache_k,
-                       temperature=config.temperature, batch_size=config.eval_batch_size, tokenizer=data.tokenizer)
-    return path
+    return config.work_dir / f"cache-{json_sha256(inputs)[:12]}"
 
 
 def distill_stage(config: MinimaConfig, plan: Plan, teacher: Any, student_dir: Path, data: RunData,
@@ -107,7 +102,7 @@ def distill_stage(config: MinimaConfig, plan: Plan, teacher: Any, student_dir: P
     final = config.work_dir / f"distilled-{tag}"
     if _finished(final, inputs):
         return final
-    cache_path = _teacher_cache(config, teacher, data, teacher_id) if config.teacher_cache else None
+    cache_path = _teacher_cache_path(config, data, teacher_id) if config.teacher_cache else None
     checkpoints = config.work_dir / f"distill-{tag}"
     args = student_training_arguments(
         DistillationConfig, checkpoints, student_training(config, plan),
@@ -115,6 +110,13 @@ def distill_stage(config: MinimaConfig, plan: Plan, teacher: Any, student_dir: P
         loss=config.loss, alpha=config.alpha, temperature=config.temperature, teacher_dtype=config.teacher_dtype,
         teacher_cache=None if cache_path is None else str(cache_path),
     )
+    if cache_path is not None:
+        from hf_capgap.cache import TeacherCache
+
+        # Prepared with the trainer's own arguments, so the cached rows are the rows it trains on.
+        TeacherCache.build(teacher, data.train, cache_path, mode=config.cache_mode, k=config.cache_k,
+                           temperature=config.temperature, batch_size=config.eval_batch_size,
+                           tokenizer=data.tokenizer, args=args)
     trainer = DistillationTrainer(
         # fp32 master weights (bf16 runs through autocast), whatever dtype the pruned folder was saved in
         model=AutoModelForCausalLM.from_pretrained(student_dir, use_safetensors=True, dtype=torch.float32),

@@ -465,8 +465,14 @@ def _run_pending(config: SweepConfig, pending: list[RunSpec], settings_sha: str,
 
 
 def _build_cache(teacher: Any, train: Any, path: Path, config: SweepConfig, tokenizer: Any, progress: bool) -> None:
+    """One cache per teacher, of the rows exactly as every student's trainer prepares them."""
     from hf_capgap.cache import TeacherCache
+    from hf_capgap.config import DistillationConfig
+    from hf_capgap.training_arguments import student_training_arguments
 
+    data_args = student_training_arguments(
+        DistillationConfig, path, _student_training(config), save_steps=None, logging_steps=1, temperature=config.temperature
+    )
     TeacherCache.build(
         teacher,
         train,
@@ -476,8 +482,20 @@ def _build_cache(teacher: Any, train: Any, path: Path, config: SweepConfig, toke
         temperature=config.temperature,
         batch_size=config.batch_size,
         tokenizer=tokenizer,
+        args=data_args,
         seed=config.seed,
         progress=progress,
+    )
+
+
+def _student_training(config: SweepConfig) -> Any:
+    """How every student of the sweep trains (and how its rows are prepared)."""
+    from hf_capgap.training_arguments import StudentTraining
+
+    return StudentTraining(
+        steps=config.steps, batch_size=config.batch_size, seq_len=config.seq_len, learning_rate=config.learning_rate,
+        gradient_accumulation_steps=config.gradient_accumulation_steps, warmup_ratio=config.warmup_ratio,
+        bf16=config.bf16, gradient_checkpointing=config.gradient_checkpointing, seed=config.seed,
     )
 
 
@@ -490,7 +508,7 @@ def _run_one(
     from hf_capgap.config import DistillationConfig
     from hf_capgap.pruning import prune_model
     from hf_capgap.trainer import DistillationTrainer
-    from hf_capgap.training_arguments import StudentTraining, student_training_arguments
+    from hf_capgap.training_arguments import student_training_arguments
 
     started = time.perf_counter()
     torch.manual_seed(config.seed)
@@ -499,14 +517,9 @@ def _run_one(
     student = student.float()  # fp32 master weights under bf16 mixed precision, whatever the teacher's dtype
     pruned_eval = _evaluate(student, data["eval"], config.batch_size)
     steps = config.steps
-    training = StudentTraining(
-        steps=steps, batch_size=config.batch_size, seq_len=config.seq_len, learning_rate=config.learning_rate,
-        gradient_accumulation_steps=config.gradient_accumulation_steps, warmup_ratio=config.warmup_ratio,
-        bf16=config.bf16, gradient_checkpointing=config.gradient_checkpointing, seed=config.seed,
-    )
     with _scratch_dir(Path(config.output_dir)) as work_dir:
         args = student_training_arguments(
-            DistillationConfig, work_dir, training, save_steps=None, logging_steps=max(1, steps // 4),
+            DistillationConfig, work_dir, _student_training(config), save_steps=None, logging_steps=max(1, steps // 4),
             loss=config.loss, alpha=config.alpha, temperature=config.temperature,
             teacher_cache=None if cache_path is None else str(cache_path), disable_tqdm=True,
         )

@@ -8,6 +8,8 @@ allows, so neither side's [tokens, vocab] logits need to exist in full.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -128,17 +130,18 @@ class DistillationTrainer(SFTTrainer):
         if train_dataset is not getattr(self, "_cached_rows", None):
             check_dataset(train_dataset, processing_class, args)
         vocab_size = self._real_vocabulary(model, teacher_model, processing_class)
-        super().__init__(
-            model=model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            peft_config=peft_config,
-            formatting_func=formatting_func,
-            **kwargs,
-        )
+        with self._masks_already_in(args, train_dataset, eval_dataset):
+            super().__init__(
+                model=model,
+                args=args,
+                data_collator=data_collator,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                peft_config=peft_config,
+                formatting_func=formatting_func,
+                **kwargs,
+            )
         if not has_labelled_position(self.train_dataset):
             raise ValueError(
                 "no row of train_dataset has a token to predict (every label is -100 after preparation): check "
@@ -161,6 +164,25 @@ class DistillationTrainer(SFTTrainer):
         self._announced_paths: set[str] = set()
 
     # ------------------------------------------------------------------ set-up checks
+
+    @contextlib.contextmanager
+    def _masks_already_in(self, args: DistillationConfig, train_dataset: Any, eval_dataset: Any) -> Iterator[None]:
+        """Training on the cache's own rows, whose labels already carry the assistant mask: SFTTrainer
+        would refuse them as "not conversational" under ``assistant_only_loss``, so the flag is off
+        while it sets up (and back on after)."""
+        if train_dataset is not getattr(self, "_cached_rows", None) or not args.assistant_only_loss:
+            yield
+            return
+        if eval_dataset is not None:
+            raise ValueError(
+                "with assistant_only_loss, a teacher_cache and an eval_dataset, also pass train_dataset=<the chat "
+                "dataset the cache was built from>: the eval rows are prepared with the same chat settings."
+            )
+        args.assistant_only_loss = False
+        try:
+            yield
+        finally:
+            args.assistant_only_loss = True
 
     @staticmethod
     def _open_cache(args: DistillationConfig) -> Any:

@@ -124,7 +124,7 @@ def test_pack_rejects_bad_input(small_tokenizer):
         tokenize_and_pack(datasets.Dataset.from_dict({"text": ["a b c"]}), small_tokenizer, seq_len=1)
     with pytest.raises(ValueError, match="empty"):
         tokenize_and_pack(datasets.Dataset.from_dict({"text": []}), small_tokenizer, seq_len=8)
-    with pytest.raises(ValueError, match="'text' column"):
+    with pytest.raises(ValueError, match="neither the text column 'text'"):
         tokenize_and_pack(datasets.Dataset.from_dict({"body": ["x"]}), small_tokenizer, seq_len=8)
     with pytest.raises(ValueError, match="seq_len"):
         tokenize_and_pack(datasets.Dataset.from_dict({"text": ["short"]}), small_tokenizer, seq_len=4096)

@@ -146,3 +146,21 @@ def test_uncached_eval_set_reports_cross_entropy(tmp_path, chats, tokenizer, tea
     metrics = trainer.evaluate()
     assert metrics["eval_loss"] == pytest.approx(metrics["eval_ce_loss"], rel=1e-5)
     assert "eval_distill_loss" not in metrics
+
+
+def test_a_chat_cache_trains_without_its_dataset_and_refuses_a_same_size_other_vocabulary(tmp_path, chats, tokenizer, teacher):
+    """The cached rows carry their assistant masks: the cache alone is a training set."""
+    path = tmp_path / "cache"
+    build(teacher, chats, tokenizer, path, tmp_path, mode="topk", k=4)
+    trainer = DistillationTrainer(
+        model=tiny_qwen2(1008, seed=5), args=args(tmp_path, teacher_cache=str(path), logging_steps=1),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    assert trainer.args.assistant_only_loss  # restored after set-up
+    assert [entry["step"] for entry in trainer.state.log_history if "loss" in entry] == [1, 2]
+    with pytest.raises(ValueError, match="same size but another token -> id map"):
+        DistillationTrainer(
+            model=tiny_qwen2(1008, seed=5), args=args(tmp_path, teacher_cache=str(path)),
+            processing_class=chat_tokenizer(swap=(7, 8)),
+        )

@@ -41,7 +41,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--batch-size", type=int, default=8, help="rows per teacher forward")
     build.add_argument("--shard-tokens", type=int, default=262144, help="tokens per shard file")
     build.add_argument("--seed", type=int, default=0, help="seed of the sampled mode")
-    build.add_argument("--teacher-dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    build.add_argument(
+        "--teacher-dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+        help="dtype the teacher runs in (auto: bfloat16 on a GPU, float32 on a CPU)",
+    )
     build.add_argument("--device", help="device of the teacher (default: cuda if available, else cpu)")
     build.add_argument("--overwrite", action="store_true", help="replace a cache built with other settings")
     build.set_defaults(handler=_build)
@@ -84,20 +87,17 @@ def _build(args: argparse.Namespace) -> int:
     if args.dataset and not Path(args.dataset).is_dir():
         raise FileNotFoundError(f"--dataset {args.dataset} is not a folder; pass a save_to_disk folder.")
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from hf_capgap.cache import TeacherCache
+    from hf_capgap.teacher_loading import load_frozen_teacher
 
     has_tokenizer = any(
         (teacher_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")
     )
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir) if has_tokenizer else None
     dataset = _load_dataset(args, tokenizer)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=getattr(torch, args.teacher_dtype)).to(
-        device
-    )
+    teacher = load_frozen_teacher(teacher_dir, teacher_dtype=args.teacher_dtype, device=args.device)
     cache = TeacherCache.build(
         teacher,
         dataset,
