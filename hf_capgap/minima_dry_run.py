@@ -96,12 +96,23 @@ def memory_estimate(config: MinimaConfig, plan: Plan, launch: Launch, student: A
 
 
 def cache_bytes(config: MinimaConfig, plan: Plan, vocab_size: int) -> int:
-    """Approximate TeacherCache size on disk for the training tokens (ids, values and tail mass per position)."""
-    id_bytes = 2 if vocab_size <= 2**16 else 4
-    per_position = {"topk": config.cache_k * (id_bytes + 2) + 4, "sampled": config.cache_k * (id_bytes + 1),
+    """TeacherCache size on disk for the training tokens, an upper bound for sampled caches.
+
+    Per token: its id and its int32 label; per labelled position (all but each row's last, for packed
+    rows) the signal: top-k ids, fp16 log-probs and a float32 tail; or, sampled, at most ``cache_k``
+    distinct ids with uint8 counts plus a uint8 size and an fp16 entropy (fewer distinct ids, fewer
+    bytes); or the dense fp16 distribution.
+    """
+    import numpy as np
+
+    from hf_capgap.cache_format import id_dtype
+
+    id_bytes = np.dtype(id_dtype(vocab_size)).itemsize
+    per_position = {"topk": config.cache_k * (id_bytes + 2) + 4, "sampled": config.cache_k * (id_bytes + 1) + 3,
                     "dense": 2 * vocab_size}[config.cache_mode]
     tokens = steps_for(config, plan) * tokens_per_step(config, plan)
-    return tokens * (per_position + id_bytes)
+    positions = tokens * (plan.seq_len - 1) // plan.seq_len
+    return tokens * (id_bytes + 4) + positions * per_position
 
 
 def student_skeleton(config: MinimaConfig, plan: Plan, teacher: Any) -> Any:

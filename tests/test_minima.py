@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_capgap import minima_data, minima_distill, minima_export, minima_prune, minima_teacher
+from hf_capgap import minima_data, minima_distill, minima_dry_run, minima_export, minima_prune, minima_teacher
 from hf_capgap.law import CapacityGapLaw
 from hf_capgap.minima import build_config, make_plan, parse_minima_args, run_minima
 from hf_capgap.minima_config import MinimaConfig
@@ -439,9 +439,14 @@ def test_teacher_cache_mode_distils_from_the_cache(finished, tmp_path):
     cached = build_config({**micro_values(Path(config.output_dir).parent), "output_dir": str(tmp_path),
                            "teacher_cache": True, "cache_k": 8})
     results = run_minima(cached)
-    assert len(list(cached.work_dir.glob("cache-*/capgap_manifest.json"))) == 1
+    (manifest,) = cached.work_dir.glob("cache-*/capgap_manifest.json")
     assert results["eval"]["distilled"]["params"] == results["eval"]["scratch"]["params"]
     assert (cached.run_dir / "model.safetensors").is_file()
+    # The dry run's size estimate is what the cache takes on disk (Arrow framing aside).
+    on_disk = sum(shard["bytes"] for shard in json.loads(manifest.read_text())["shards"])
+    plan = make_plan(cached)
+    estimate = minima_dry_run.cache_bytes(cached, plan, json.loads(manifest.read_text())["real_vocab_size"])
+    assert estimate <= on_disk <= 1.2 * estimate
 
 
 def test_local_jsonl_text_field_and_chat_messages(finished, tmp_path):
