@@ -514,3 +514,12 @@ def test_logits_path_on_the_models_own_buffer_needs_no_shifted_copy():
     plain = plain_objective(shifted, teacher[:, :-1].reshape(-1, vocab), labels[:, 1:].reshape(-1), "forward_kl", 0.5, 1.0, 0.5)
     torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad, torch.autograd.grad(plain, weight)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_inputs_without_grad_compute_values_only_even_in_grad_mode():
+    hidden, weight, teacher, labels = make_batch(n=24, vocab=19, hidden=5)
+    spec = LossSpec(kind="forward_kl", alpha=0.5, chunk_size=8)
+    with RecordedOps() as recorded:
+        output = distillation_loss(hidden, DenseTeacher(teacher), labels, spec, lm_head_weight=weight)
+    assert torch.is_grad_enabled() and not output.loss.requires_grad
+    assert not recorded.made(tuple(weight.shape)) and recorded.matmuls() == math.ceil(int((labels != -100).sum()) / 8)
