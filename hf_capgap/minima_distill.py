@@ -135,7 +135,7 @@ def scratch_stage(config: MinimaConfig, plan: Plan, student_dir: Path, data: Run
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainingArguments
 
-    from hf_capgap.collate import CausalLMCollator
+    from hf_capgap.sft_data import make_collator
 
     inputs = {"stage": "scratch", "student": student_dir.name, "data": data.identity,
               "settings": config.result_settings()}
@@ -151,7 +151,7 @@ def scratch_stage(config: MinimaConfig, plan: Plan, student_dir: Path, data: Run
         model=AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(student_dir), dtype=torch.float32),
         args=args,
         train_dataset=data.train,
-        data_collator=CausalLMCollator(pad_token_id=data.tokenizer.pad_token_id or 0),
+        data_collator=make_collator(data.tokenizer),
         processing_class=data.tokenizer,
     )
     _train_resumably(trainer, checkpoints, final, data.tokenizer, {"inputs_sha256": json_sha256(inputs)})

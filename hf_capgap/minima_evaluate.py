@@ -21,14 +21,14 @@ def held_out_score(config: MinimaConfig, model: Any, data: RunData, output_dir: 
     """``{"loss", "perplexity", "params"}`` of one model on the held-out rows."""
     from transformers import PrinterCallback, Trainer
 
-    from hf_capgap.collate import CausalLMCollator
+    from hf_capgap.sft_data import make_collator
     from hf_capgap.training_arguments import evaluation_arguments
 
     params = sum(parameter.numel() for parameter in model.parameters())  # before ZeRO-3 partitions it
     trainer = Trainer(
         model=model,
         args=evaluation_arguments(output_dir, batch_size=config.eval_batch_size, bf16=config.bf16),
-        data_collator=CausalLMCollator(pad_token_id=data.tokenizer.pad_token_id or 0),
+        data_collator=make_collator(data.tokenizer),
         eval_dataset=data.eval,
     )
     trainer.remove_callback(PrinterCallback)  # the table reports the scores; no per-model log lines

@@ -42,7 +42,6 @@ from hf_capgap.artifacts import (
     tokenizer_fingerprint,
     write_manifest,
 )
-from hf_capgap.collate import CausalLMCollator
 from hf_capgap.data import default_tokenizer, load_corpus, tokenize_and_pack
 from hf_capgap.ladder import (
     LADDERS,
@@ -52,6 +51,7 @@ from hf_capgap.ladder import (
     rung_name,
 )
 from hf_capgap.processes import process_state, use_cpu
+from hf_capgap.sft_data import make_collator
 
 TEACHER_KIND = "teacher"
 TEACHER_FORMAT_VERSION = 1
@@ -196,7 +196,7 @@ def pretrain(
         args=args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=CausalLMCollator(pad_token_id=tokenizer.pad_token_id or 0),
+        data_collator=make_collator(tokenizer),
         processing_class=tokenizer,
         callbacks=list(callbacks),
     )

@@ -151,12 +151,12 @@ def prepare_dataset(
     )
 
 
-def make_collator(processing_class: Any, args: Any) -> Any:
+def make_collator(processing_class: Any, args: Any = None) -> Any:
     """TRL's language-modeling collator as ``SFTTrainer`` configures it for ``args``.
 
     Padding-free (one concatenated row with ``position_ids``, labels masked at each document start) when
     ``args.padding_free`` is set or packing uses best-fit decreasing, so packed documents never attend
-    to each other; otherwise right-padded rows with an attention mask.
+    to each other; otherwise (and without ``args``) right-padded rows with an attention mask.
     """
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
@@ -165,8 +165,8 @@ def make_collator(processing_class: Any, args: Any) -> Any:
         pad_id = getattr(processing_class, "eos_token_id", None)
     return DataCollatorForLanguageModeling(
         pad_token_id=0 if pad_id is None else pad_id,
-        padding_free=uses_padding_free(args),
-        pad_to_multiple_of=args.pad_to_multiple_of,
+        padding_free=args is not None and uses_padding_free(args),
+        pad_to_multiple_of=None if args is None else args.pad_to_multiple_of,
     )
 
 

@@ -10,8 +10,8 @@ from datasets import DatasetDict
 from transformers import LlamaForCausalLM, TrainerCallback
 
 from hf_capgap.artifacts import ArtifactError, dataset_fingerprint, read_manifest
-from hf_capgap.collate import CausalLMCollator
 from hf_capgap.data import load_corpus, tokenize_and_pack, train_tokenizer
+from hf_capgap.sft_data import make_collator
 from hf_capgap.ladder import build_ladder
 from hf_capgap.pretraining import (
     PRETRAIN_PRESETS,
@@ -48,7 +48,7 @@ def setup():
 
 
 def _loss(model: LlamaForCausalLM, dataset) -> float:
-    batch = CausalLMCollator()(list(dataset))
+    batch = make_collator(None)(list(dataset))
     with torch.no_grad():
         return model(**batch).loss.item()
 
