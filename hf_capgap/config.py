@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 import torch
 from trl import SFTConfig
 
+from hf_capgap.liger_backend import LOSS_BACKENDS
+from hf_capgap.lm_head import FUSED_LM_HEAD_MODES
 from hf_capgap.losses import DIVERGENCES, check_beta
 from hf_capgap.teacher_loading import TEACHER_DTYPE_CHOICES
 
-FUSED_LM_HEAD_CHOICES = ("auto", "always", "never")
 
 
 @dataclass
@@ -71,8 +72,8 @@ class DistillationConfig(SFTConfig):
         default=None,
         metadata={
             "help": "Tokens per chunk of the memory-lean loss; peak extra memory grows with chunk_size x vocab. "
-            "None picks the power of two that keeps one chunk near 4M logits (128 tokens at vocab 32000); "
-            "raise it on GPUs with memory to spare."
+            "None: automatic, by device: on a CPU the power of two that keeps one chunk near 4M logits (128 "
+            "tokens at vocab 32000); on a GPU hidden_size / 4 rows, a power of two within 256-2048."
         },
     )
     fused_lm_head: str = field(
@@ -80,8 +81,18 @@ class DistillationConfig(SFTConfig):
         metadata={
             "help": "Compute the loss from last hidden states and the lm_head weight chunk by chunk so the full "
             "[tokens, vocab] logits are never materialised. 'auto' uses it where the model allows it "
-            "(plain linear head, no logit post-processing, no sharded head).",
-            "choices": FUSED_LM_HEAD_CHOICES,
+            "(plain linear head, no logit post-processing; torch.compile and DeepSpeed ZeRO-0/1/2 keep it, FSDP "
+            "and ZeRO-3 shard the head) and logs which path runs and why.",
+            "choices": FUSED_LM_HEAD_MODES,
+        },
+    )
+    loss_backend: str = field(
+        default="hf_capgap",
+        metadata={
+            "help": "hf_capgap (ours), or liger to compare with Liger-Kernel's fused linear JSD (optional: pip "
+            "install liger-kernel; CUDA GPU; online teacher with fused heads; forward_kl / reverse_kl / jsd; no "
+            "lm_head bias).",
+            "choices": LOSS_BACKENDS,
         },
     )
     teacher_dtype: str = field(
@@ -116,10 +127,12 @@ class DistillationConfig(SFTConfig):
         check_beta(self.loss, self.beta)
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ValueError(f"DistillationConfig.chunk_size must be a positive number of tokens, got {self.chunk_size}.")
-        if self.fused_lm_head not in FUSED_LM_HEAD_CHOICES:
+        if self.fused_lm_head not in FUSED_LM_HEAD_MODES:
             raise ValueError(
-                f"DistillationConfig.fused_lm_head={self.fused_lm_head!r} must be one of {FUSED_LM_HEAD_CHOICES}."
+                f"DistillationConfig.fused_lm_head={self.fused_lm_head!r} must be one of {FUSED_LM_HEAD_MODES}."
             )
+        if self.loss_backend not in LOSS_BACKENDS:
+            raise ValueError(f"DistillationConfig.loss_backend={self.loss_backend!r} must be one of {LOSS_BACKENDS}.")
         if self.teacher_dtype not in TEACHER_DTYPE_CHOICES:
             raise ValueError(f"DistillationConfig.teacher_dtype={self.teacher_dtype!r} must be one of {TEACHER_DTYPE_CHOICES}.")
         super().__post_init__()

@@ -8,7 +8,7 @@ module calls that code instead of keeping a second pipeline, so the teacher cach
 rows the trainer would train on.
 
 The alignment rule shared by the trainer, the loss and the cache: the teacher signal of a collated
-batch has one row per *labelled position*, the entries of ``labels[:, 1:].reshape(-1)`` that are not
+batch has one row per *labelled position*, the entries of :func:`next_token_labels` that are not
 -100, in that order (position t predicts the token at t + 1).
 """
 
@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
 IGNORE_INDEX = -100
@@ -186,8 +187,12 @@ def forward_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def next_token_labels(labels: Tensor) -> Tensor:
-    """Labels aligned with positions [:, :-1], flattened: entry i is what position i predicts."""
-    return labels[:, 1:].reshape(-1)
+    """What each position of a [batch, length] batch predicts, flattened to batch * length entries.
+
+    Each row's last position predicts nothing (-100), so the model's own [batch, length, ...] outputs
+    are used as they are (a view) instead of a shifted copy of the [tokens, vocab] logits.
+    """
+    return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
 
 
 def count_labelled_positions(labels: Tensor) -> int:

@@ -105,6 +105,15 @@ class DistillationTrainer(SFTTrainer):
     ) -> None:
         if not isinstance(args, DistillationConfig):
             raise ValueError("args must be a hf_capgap.DistillationConfig (it carries loss, alpha, temperature ...).")
+        if args.loss_backend == "liger":
+            from hf_capgap.liger_backend import require_liger
+
+            require_liger()
+            if args.teacher_cache is not None:
+                raise ValueError(
+                    "loss_backend='liger' needs an online teacher (Liger fuses both lm_heads); a teacher_cache runs "
+                    "with loss_backend='hf_capgap'."
+                )
         model = _load_student(model, args.model_init_kwargs)
         processing_class = _tokenizer_for(model, processing_class)
         self.teacher_cache = self._open_cache(args) if args.teacher_cache is not None else None
@@ -295,7 +304,7 @@ class DistillationTrainer(SFTTrainer):
             return model(**call).logits, head
 
     def _teacher_signal(self, inputs: dict[str, Tensor]) -> TeacherSignal | None:
-        """The teacher's view of positions [:, :-1], flattened to rows; None for an uncached eval batch."""
+        """The teacher's view of every position, flattened to rows; None for an uncached eval batch."""
         if self.teacher_cache is not None:
             if not any(key.startswith(TEACHER_KEY_PREFIX) for key in inputs):
                 if self.model.training:
@@ -307,7 +316,7 @@ class DistillationTrainer(SFTTrainer):
             return self.teacher_cache.teacher_signal(inputs)
         with torch.no_grad():
             states, head = self._forward_states(self.teacher, inputs, "teacher")
-        rows = states[:, :-1].reshape(-1, states.shape[-1])
+        rows = states.flatten(0, 1)
         if head is None:
             return DenseTeacher(rows)
         return FusedTeacher(rows, head.weight, head.bias)
@@ -333,19 +342,22 @@ class DistillationTrainer(SFTTrainer):
         labels = next_token_labels(inputs["labels"])
         teacher = self._teacher_signal(inputs)
         states, head = self._forward_states(model, inputs, "student")
-        rows = states[:, :-1].reshape(-1, states.shape[-1])
+        rows = states.flatten(0, 1)
         # Evaluating on rows that were never cached: only the LM cross-entropy can be measured.
         spec = self.loss_spec if teacher is not None else replace(self.loss_spec, alpha=0.0)
-        output = distillation_loss(
-            rows,
-            teacher,
-            labels,
-            spec,
-            lm_head_weight=None if head is None else head.weight,
-            lm_head_bias=None if head is None else head.bias,
-            num_items_in_batch=num_items_in_batch,
-            inplace_grad=head is None and not return_outputs and not rows._is_view(),
-        )
+        if self.args.loss_backend == "liger":
+            output = self._liger_loss(rows, teacher, labels, spec, head, num_items_in_batch)
+        else:
+            output = distillation_loss(
+                rows,
+                teacher,
+                labels,
+                spec,
+                lm_head_weight=None if head is None else head.weight,
+                lm_head_bias=None if head is None else head.bias,
+                num_items_in_batch=num_items_in_batch,
+                inplace_grad=head is None and not return_outputs,  # the model's logits, read by nothing else
+            )
         self._record_parts(output, spec)
         loss = output.loss
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -355,6 +367,21 @@ class DistillationTrainer(SFTTrainer):
             return loss
         logits = states if head is None else F.linear(states, head.weight, head.bias)
         return loss, {"loss": loss.detach(), "logits": logits}
+
+    @staticmethod
+    def _liger_loss(
+        rows: Tensor, teacher: TeacherSignal | None, labels: Tensor, spec: LossSpec, head: nn.Linear | None,
+        num_items_in_batch: Tensor | int | None,
+    ) -> DistillationLossOutput:
+        """The same objective computed by Liger-Kernel (``loss_backend='liger'``), for the cases it covers."""
+        from hf_capgap.liger_backend import liger_distillation_loss, liger_unsupported
+
+        reason = liger_unsupported(spec, teacher, fused=head is not None, bias=None if head is None else head.bias)
+        if reason is not None:
+            raise ValueError(f"loss_backend='liger' cannot compute this loss: {reason}. Use loss_backend='hf_capgap'.")
+        return liger_distillation_loss(
+            rows, teacher, labels, spec, lm_head_weight=head.weight, num_items_in_batch=num_items_in_batch
+        )
 
     def prediction_step(
         self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: list[str] | None = None

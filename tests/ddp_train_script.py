@@ -59,7 +59,7 @@ class AlignmentCheckingTrainer(DistillationTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         cached = self.teacher_cache.teacher_signal(inputs)
         with torch.no_grad():
-            logits = self.reference_teacher(**forward_inputs(inputs), use_cache=False).logits[:, :-1, :VOCAB]
+            logits = self.reference_teacher(**forward_inputs(inputs), use_cache=False).logits[..., :VOCAB]
         labelled = next_token_labels(inputs["labels"]) != -100
         online = logits.reshape(-1, VOCAB)[labelled].topk(cached.ids.shape[-1]).indices
         for cached_ids, online_ids in zip(cached.ids, online, strict=True):
