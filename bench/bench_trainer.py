@@ -11,8 +11,8 @@ prints each side's settings as its trainer read them. Per step:
                     generalized_jsd_loss is then F.kl_div(student_log_probs, teacher_log_probs,
                     log_target=True) = forward KL(teacher || student)), temperature 1. Teacher and
                     student return full [B, L, V] logits; the loss is formed on them; no CE term.
-                    Rows reach it through hf_capgap's CausalLMCollator (input_ids, attention_mask,
-                    labels = input_ids), the same collator DistillationTrainer uses.
+                    Rows reach it through TRL's DataCollatorForLanguageModeling (input_ids,
+                    attention_mask, labels = input_ids), the same collator DistillationTrainer uses.
     ours alpha=1    hf_capgap DistillationTrainer, loss=forward_kl, alpha=1 (no CE: the same objective
                     as gkd), online teacher, fused lm_head on both sides (auto) and the chunked loss.
     ours alpha=0.5  the MiniMA default: 0.5 * forward KL + 0.5 * CE.
@@ -133,7 +133,7 @@ def common_args(output_dir: str, steps: int) -> dict:
 
 
 def make_trainer(variant: str, output_dir: str, steps: int):
-    from hf_capgap.collate import CausalLMCollator
+    from hf_capgap.sft_data import make_collator
     from hf_capgap.data import default_tokenizer
 
     teacher, student = build_models()
@@ -144,7 +144,7 @@ def make_trainer(variant: str, output_dir: str, steps: int):
         dataset, collator = build_messages(steps * BATCH), None
     else:
         dataset = build_dataset(steps * BATCH)
-        collator = CausalLMCollator(pad_token_id=tokenizer.pad_token_id)
+        collator = make_collator(tokenizer)
     if variant.startswith("gkd"):
         from trl.experimental.gkd import GKDConfig, GKDTrainer
 

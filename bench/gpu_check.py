@@ -286,7 +286,7 @@ def run_trainer(plan: Plan, variant: str, distributed: str | None) -> dict:
     import datasets
     from transformers import TrainerCallback
 
-    from hf_capgap.collate import CausalLMCollator
+    from hf_capgap.sft_data import make_collator
 
     student, teacher = qwen2(plan, plan.student, 0), qwen2(plan, plan.teacher, 1)
     if plan.bf16:
@@ -310,7 +310,7 @@ def run_trainer(plan: Plan, variant: str, distributed: str | None) -> dict:
             from trl.experimental.gkd import GKDConfig, GKDTrainer
 
             args = GKDConfig(output_dir=output_dir, **common, lmbda=0.0, beta=0.0, seq_kd=False, temperature=1.0)
-            trainer_class, collator = GKDTrainer, CausalLMCollator(pad_token_id=tokenizer.pad_token_id)
+            trainer_class, collator = GKDTrainer, make_collator(tokenizer)
         else:
             from hf_capgap import DistillationConfig, DistillationTrainer
 

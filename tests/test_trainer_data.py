@@ -213,3 +213,14 @@ def test_a_streamed_text_dataset_is_packed_on_the_fly_and_trains(tmp_path, pair)
     trainer = trainer_for(tmp_path, pair, IterableDataset.from_generator(documents), packing=True, max_length=16)
     trainer.train()
     assert [entry["step"] for entry in trainer.state.log_history if "loss" in entry] == [1, 2]
+
+
+def test_the_liger_backend_is_refused_with_the_fix_when_it_cannot_run(tmp_path, pair):
+    import importlib.util
+
+    if importlib.util.find_spec("liger_kernel") is not None and torch.cuda.is_available():
+        pytest.skip("Liger can run here")
+    with pytest.raises((ImportError, ValueError), match="loss_backend='hf_capgap'"):
+        trainer_for(tmp_path, pair, Dataset.from_dict({"text": TEXTS}), loss_backend="liger")
+    with pytest.raises(ValueError, match="loss_backend"):
+        config(tmp_path, loss_backend="triton")
