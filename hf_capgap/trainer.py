@@ -116,28 +116,29 @@ class DistillationTrainer(SFTTrainer):
                 )
         model = _load_student(model, args.model_init_kwargs)
         processing_class = _tokenizer_for(model, processing_class)
+        # Every check that needs no teacher weights runs before the teacher loads.
+        self._cached_rows = None
         self.teacher_cache = self._open_cache(args) if args.teacher_cache is not None else None
         if self.teacher_cache is not None:
             if teacher_model is not None:
                 raise ValueError("pass either teacher_model or DistillationConfig.teacher_cache, not both.")
             self._cached_rows = self.teacher_cache.dataset
             train_dataset = self._cached_rows if train_dataset is None else train_dataset
-        else:
-            if teacher_model is None:
-                raise ValueError(
-                    "teacher_model is required: pass a causal LM (or a path), or set "
-                    "DistillationConfig.teacher_cache to a cache built with TeacherCache.build."
-                )
-            if isinstance(teacher_model, str):
-                teacher_model = load_frozen_teacher(
-                    teacher_model, teacher_dtype=args.teacher_dtype, trust_remote_code=args.trust_remote_code
-                )
-            if teacher_processing_class is not None:
-                check_same_vocabulary(processing_class, teacher_processing_class)
+        elif teacher_model is None:
+            raise ValueError(
+                "teacher_model is required: pass a causal LM (or a path), or set "
+                "DistillationConfig.teacher_cache to a cache built with TeacherCache.build."
+            )
         if train_dataset is None:
             raise ValueError("train_dataset is required (or DistillationConfig.teacher_cache, whose rows are trained on).")
-        if train_dataset is not getattr(self, "_cached_rows", None):
+        if train_dataset is not self._cached_rows:
             check_dataset(train_dataset, processing_class, args)
+        if teacher_processing_class is not None:
+            check_same_vocabulary(processing_class, teacher_processing_class)
+        if isinstance(teacher_model, str):
+            teacher_model = load_frozen_teacher(
+                teacher_model, teacher_dtype=args.teacher_dtype, trust_remote_code=args.trust_remote_code
+            )
         vocab_size = self._real_vocabulary(model, teacher_model, processing_class)
         with self._masks_already_in(args, train_dataset, eval_dataset):
             super().__init__(
@@ -179,7 +180,7 @@ class DistillationTrainer(SFTTrainer):
         """Training on the cache's own rows, whose labels already carry the assistant mask: SFTTrainer
         would refuse them as "not conversational" under ``assistant_only_loss``, so the flag is off
         while it sets up (and back on after)."""
-        if train_dataset is not getattr(self, "_cached_rows", None) or not args.assistant_only_loss:
+        if train_dataset is not self._cached_rows or not args.assistant_only_loss:
             yield
             return
         if eval_dataset is not None:
@@ -267,7 +268,7 @@ class DistillationTrainer(SFTTrainer):
 
     def _prepare_dataset(self, dataset: Any, *args: Any, **kwargs: Any) -> Any:
         """TRL's preparation, except for the cache's own rows: they were prepared before they were cached."""
-        if dataset is getattr(self, "_cached_rows", None):
+        if dataset is self._cached_rows:
             return dataset
         return super()._prepare_dataset(dataset, *args, **kwargs)
 
