@@ -133,8 +133,8 @@ def test_card_of_a_local_teacher_has_no_base_model_link_license_or_machine_path(
     assert "huggingface.co/my-teacher" not in text and "No license is stated yet" in text
     assert 'from_pretrained("me/student")' in text
     assert "| Same-size student trained from scratch | not run | not run |" in text
-    with pytest.raises(ValueError, match="teacher_hub_id='/home/me/teacher'"):
-        render_model_card(card_info(teacher_hub_id="/home/me/teacher"))
+    with pytest.raises(ValueError, match="teacher_hub_id='~/models/teacher'"):
+        render_model_card(card_info(teacher_hub_id="~/models/teacher"))
 
 
 def test_card_names_the_teacher_hub_id_and_the_license():

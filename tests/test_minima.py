@@ -177,7 +177,7 @@ def kill_after_first_checkpoint(monkeypatch, work):
         ({"batch_size": 1.5}, "batch_size=1.5 is not an integer"),
         ({"student_init": "no/such/student"}, "student_init=no/such/student holds no config.json"),
         ({"dataset": "no-such-*.jsonl"}, "matches no"),
-        ({"teacher_hub_id": "/home/me/teacher"}, "must be a Hub id"),
+        ({"teacher_hub_id": "~/models/teacher"}, "must be a Hub id"),
         ({"streaming": True, "teacher_cache": True}, "teacher_cache needs a fixed set"),
         ({"seq_len": 128, "train_tokens": 4096}, "seq_len=128 exceeds"),
         ({"student_hidden_size": 32}, "give all of student_hidden_size"),
