@@ -200,6 +200,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--build-batch", type=int, default=32)
+    parser.add_argument(
+        "--draw-seeds", type=int, default=0,
+        help="also distil from sampled caches of 16, 32 and 64 draws built with this many other sampling seeds, "
+        "and print each one's held-out CE over seeds (tells draw noise from a real quality gap)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     started = time.perf_counter()
@@ -280,7 +285,32 @@ def main() -> None:
     build = min(r["build"] for r in cached.values()) / forward_tokens_per_s
     print(f"goal cache build >= {BUILD_GOAL}x plain teacher forward tokens/s: slowest {build:.2f}x "
           f"({'met' if build >= BUILD_GOAL else 'NOT met'})")
+    if args.draw_seeds:
+        print_draw_seed_spread(args.draw_seeds, results, teacher, student, student_rows, tokenizer, config, work,
+                               args.build_batch, eval_rows, online["ce"])  # fmt: skip
     print(f"\nwall time {time.perf_counter() - started:.0f} s")
+
+
+def print_draw_seed_spread(seeds, results, teacher, student, rows, tokenizer, config, work, batch, eval_rows, online_ce):
+    """Held-out CE of students distilled from sampled caches that differ only in the sampling seed."""
+    print(f"\nsampled caches over {seeds + 1} sampling seeds (seed 0 is the table above; same student init):")
+    print("| draws | B/token | held-out CE per seed | mean | mean / online |")
+    print("|---:|---:|---|---:|---:|")
+    for k in (16, 32, 64):
+        first = results[f"sampled k={k}"]
+        scores = [first["ce"]]
+        for seed in range(1, seeds + 1):
+            with tempfile.TemporaryDirectory(dir=work) as caches:
+                path = Path(caches) / "cache"
+                name = f"sampled k={k} seed {seed}"
+                TeacherCache.build(teacher, rows, path, tokenizer=tokenizer, args=config(name), mode="sampled", k=k,
+                                   seed=seed, batch_size=batch, progress=False)  # fmt: skip
+                model = student()
+                distill(model, rows, tokenizer, config(name, teacher_cache=str(path)))
+            scores.append(held_out(model, teacher, eval_rows)[0])
+        mean = sum(scores) / len(scores)
+        print(f"| {k} | {first['bytes']:.1f} | {', '.join(f'{ce:.4f}' for ce in scores)} | {mean:.4f} |"
+              f" {mean / online_ce:.4f} |")
 
 
 if __name__ == "__main__":
