@@ -326,12 +326,12 @@ def _check_inputs(
             f"max_tokens={max_tokens} is less than one batch (batch_size*seq_len={batch_size * seq_len}); "
             "raise max_tokens."
         )
-    for field, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
+    for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
         if "input_ids" not in dataset.column_names or len(dataset) == 0:
-            raise ValueError(f"{field} must be a non-empty packed dataset with input_ids (use tokenize_and_pack).")
+            raise ValueError(f"{name} must be a non-empty packed dataset with input_ids (use tokenize_and_pack).")
         if len(dataset[0]["input_ids"]) != seq_len:
             raise ValueError(
-                f"{field} rows hold {len(dataset[0]['input_ids'])} tokens but seq_len={seq_len}; pack with this seq_len."
+                f"{name} rows hold {len(dataset[0]['input_ids'])} tokens but seq_len={seq_len}; pack with this seq_len."
             )
     if config.max_position_embeddings < seq_len:
         raise ValueError(
