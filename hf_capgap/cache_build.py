@@ -48,7 +48,7 @@ from hf_capgap.cache_format import (
     shard_schema,
 )
 from hf_capgap.sft_data import has_labelled_position, make_collator, prepare_dataset, uses_padding_free
-from hf_capgap.vocabulary import real_vocab_size, vocabulary_fingerprint
+from hf_capgap.vocabulary import check_logits_cover, vocabulary_fingerprint
 
 SAMPLED_POSITION_BYTES = 3
 """Sampled storage per position: uint8 number of distinct ids + fp16 teacher entropy (and per distinct
@@ -190,16 +190,9 @@ def prepare_rows(dataset: Any, tokenizer: Any, args: Any) -> Any:
 
 def _real_vocab_size(teacher: Any, tokenizer: Any) -> int:
     """The tokenizer's vocabulary (the online trainer's target), checked against the teacher's logits."""
-    logits = teacher.get_output_embeddings().weight.shape[0]
     if tokenizer is None:
         return int(teacher.config.vocab_size)
-    real = real_vocab_size(tokenizer)
-    if real > logits:
-        raise ValueError(
-            f"tokenizer has {real} tokens but the teacher has {logits} output logits; pass the teacher's own "
-            "tokenizer."
-        )
-    return real
+    return check_logits_cover(teacher, tokenizer, "the teacher")
 
 
 @dataclass(frozen=True)

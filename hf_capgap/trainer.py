@@ -39,7 +39,7 @@ from hf_capgap.sft_data import (
     next_token_labels,
 )
 from hf_capgap.teacher_loading import load_frozen_teacher
-from hf_capgap.vocabulary import check_same_vocabulary, real_vocab_size, vocabulary_fingerprint
+from hf_capgap.vocabulary import check_logits_cover, check_same_vocabulary, vocabulary_fingerprint
 
 logger = logging.get_logger(__name__)
 
@@ -68,12 +68,6 @@ def _tokenizer_for(model: PreTrainedModel, processing_class: Any) -> Any:
         "processing_class is required: pass the student's tokenizer (the teacher's, for a pruned student). It "
         "tokenizes text / chat datasets, pads batches and names the real vocabulary both sides are compared on."
     )
-
-
-def _output_rows(model: nn.Module) -> int:
-    """Rows of the output embedding, also when DeepSpeed ZeRO-3 has partitioned it (empty local shape)."""
-    weight = model.get_output_embeddings().weight
-    return getattr(weight, "ds_shape", weight.shape)[0]
 
 
 class DistillationTrainer(SFTTrainer):
@@ -224,17 +218,9 @@ class DistillationTrainer(SFTTrainer):
         ``len(tokenizer)`` logits are real, so padding is not a mismatch, and the online teacher and
         the teacher cache both normalise over exactly those.
         """
-        real = real_vocab_size(tokenizer)
-        sides = [("student", _output_rows(base_model(student)))]
+        real = check_logits_cover(base_model(student), tokenizer, "student")
         if teacher is not None:
-            sides.append(("the teacher", _output_rows(teacher)))
-        for who, rows in sides:
-            if rows < real:
-                raise ValueError(
-                    f"{who} has {rows} output logits but the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has "
-                    f"{real} tokens: they do not belong together. Resize the model's embeddings or use the matching "
-                    "tokenizer."
-                )
+            check_logits_cover(teacher, tokenizer, "the teacher")
         if self.teacher_cache is not None:
             cache = self.teacher_cache
             if cache.real_vocab_size != real:

@@ -24,6 +24,26 @@ def real_vocab_size(tokenizer: Any) -> int:
     return len(tokenizer)
 
 
+def output_rows(model: Any) -> int:
+    """Rows of a model's output embedding (logits per position), also when DeepSpeed ZeRO-3 has
+    partitioned it and the local shape is empty."""
+    weight = model.get_output_embeddings().weight
+    return getattr(weight, "ds_shape", weight.shape)[0]
+
+
+def check_logits_cover(model: Any, tokenizer: Any, who: str) -> int:
+    """The real vocabulary, after checking that ``model`` has a logit for every token (padding rows
+    past it are fine); raise naming ``who`` when the model is too small for the tokenizer."""
+    real, rows = real_vocab_size(tokenizer), output_rows(model)
+    if rows < real:
+        raise ValueError(
+            f"{who} has {rows} output logits but the tokenizer has {real} tokens "
+            f"({getattr(tokenizer, 'name_or_path', '')!r}): they do not belong together. Resize the model's "
+            "embeddings or use the matching tokenizer."
+        )
+    return real
+
+
 def _tokens_by_id(tokenizer: Any) -> dict[int, str]:
     return {index: token for token, index in tokenizer.get_vocab().items()}
 
