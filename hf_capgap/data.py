@@ -260,12 +260,9 @@ def _document_source(columns: list[str], text_field: str, tokenizer: PreTrainedT
             f"dataset has columns {columns}, neither the text column {text_field!r} nor chat 'messages'; set "
             "dataset_text_field to the column holding the text."
         )
-    template = getattr(tokenizer, "chat_template", None)
-    if not template:
-        raise ValueError(
-            "dataset holds chat 'messages' but the tokenizer has no chat template; use a tokenizer with one "
-            "(tokenizer.chat_template) or a text column."
-        )
+    from hf_capgap.sft_data import require_chat_template
+
+    template = require_chat_template(tokenizer)
     return template if isinstance(template, str) else json_sha256(template)
 
 

@@ -75,12 +75,8 @@ def check_dataset(dataset: Any, processing_class: Any, args: Any) -> str:
             "student's tokenizer> (the teacher's tokenizer, for a pruned student)."
         )
     conversational = is_conversational(example) or "conversations" in example
-    if conversational and not getattr(processing_class, "chat_template", None):
-        raise DatasetFormatError(
-            f"the dataset is conversational but the tokenizer {getattr(processing_class, 'name_or_path', '')!r} has "
-            "no chat template: set tokenizer.chat_template (or SFTConfig.chat_template_path to a .jinja file), or use "
-            "an instruct model's tokenizer."
-        )
+    if conversational:
+        require_chat_template(processing_class)
     if args.assistant_only_loss:
         if not conversational:
             raise DatasetFormatError(
@@ -101,6 +97,18 @@ def check_dataset(dataset: Any, processing_class: Any, args: Any) -> str:
                     f"({reason}). Add the markers to the template, or set assistant_only_loss=False."
                 )
     return kind
+
+
+def require_chat_template(tokenizer: Any) -> Any:
+    """The tokenizer's chat template; raise naming the fix when a chat dataset meets a tokenizer without one."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise DatasetFormatError(
+            f"the dataset holds chat messages but the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat "
+            "template: set tokenizer.chat_template (or SFTConfig.chat_template_path to a .jinja file), use an "
+            "instruct model's tokenizer, or give the documents as a text column."
+        )
+    return template
 
 
 @dataclass
