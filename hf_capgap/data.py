@@ -226,10 +226,11 @@ def tokenize_and_pack(
             maybe_apply_chat_template, fn_kwargs={"processing_class": tokenizer}, **cached("chat", "Rendering chats")
         )
         text_field = "text"
+        columns = list(dict.fromkeys([*columns, text_field]))  # the rendered text joins the columns
     tokenized = dataset.map(
         _tokenize_documents,
         batched=True,
-        remove_columns=list(next(iter(dataset))) if streamed else dataset.column_names,
+        remove_columns=columns,  # known without reading a streamed dataset's first row again
         fn_kwargs={"tokenizer": tokenizer, "text_field": text_field},
         features=datasets.Features({"input_ids": datasets.List(datasets.Value("int32"))}),
         **cached("tokens", "Tokenizing documents"),
