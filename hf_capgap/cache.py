@@ -167,6 +167,7 @@ class TeacherCache:
         shard_tokens: int = 262144,
         dtype: str = "float16",
         seed: int = 0,
+        sampler: str = "systematic",
         bytes_per_token: float | None = None,
         progress: bool = True,
         overwrite: bool = False,
@@ -183,7 +184,11 @@ class TeacherCache:
 
         ``mode``: ``topk`` keeps the ``k`` likeliest tokens and the exact tail mass; ``sampled`` keeps
         ``k`` draws (at most 255) per position as distinct ids and counts, unbiased for forward KL;
-        ``dense`` keeps every log-prob (``k`` is ignored). ``bytes_per_token`` (sampled only) picks
+        ``dense`` keeps every log-prob (``k`` is ignored). ``sampler`` (sampled only): ``systematic``
+        draws at k evenly spaced points of the teacher's cumulative distribution from one random
+        offset, so a token of probability p gets floor(k p) or ceil(k p) draws (the likely tokens are
+        all but exact); ``multinomial`` draws independently. Both are unbiased; systematic draws
+        have less variance at the same bytes (bench/results/cache_training.md). ``bytes_per_token`` (sampled only) picks
         ``k`` instead: the most draws whose expected signal, measured on the first batch, fits that
         many bytes per position (bench/results/cache_bytes.md tabulates draws -> bytes; 16 draws of a
         32,000-token teacher: ~40 B). Resumable: rerunning after a crash keeps
@@ -206,6 +211,7 @@ class TeacherCache:
             shard_tokens=shard_tokens,
             dtype=dtype,
             seed=seed,
+            sampler=sampler,
             bytes_per_token=bytes_per_token,
             progress=progress,
             overwrite=overwrite,

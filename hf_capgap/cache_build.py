@@ -39,6 +39,7 @@ from hf_capgap.cache_format import (
     MODES,
     POSITION_COLUMN,
     ROW_COLUMNS,
+    SAMPLERS,
     SIGNAL_COLUMNS,
     ShardPlan,
     arrow_row_count,
@@ -72,12 +73,13 @@ def build_cache(
     shard_tokens: int = 262144,
     dtype: str = "float16",
     seed: int = 0,
+    sampler: str = "systematic",
     bytes_per_token: float | None = None,
     progress: bool = True,
     overwrite: bool = False,
 ) -> None:
     """Write (or finish) the cache at ``path``; every input is checked before the teacher runs."""
-    _check_options(mode, k, temperature, batch_size, shard_tokens, dtype)
+    _check_options(mode, k, temperature, batch_size, shard_tokens, dtype, sampler)
     if bytes_per_token is not None and (mode != "sampled" or not bytes_per_token >= SAMPLED_POSITION_BYTES + 5):
         raise ValueError(
             f"bytes_per_token={bytes_per_token!r} needs mode='sampled' and at least {SAMPLED_POSITION_BYTES + 5} "
@@ -92,7 +94,7 @@ def build_cache(
     if bytes_per_token is not None:
         first = collator(row_dicts(rows.with_format("arrow")[:batch_size]))
         per_id = np.dtype(id_dtype(real_vocab)).itemsize + 1
-        k = draws_for_budget(teacher, first, real_vocab, temperature, bytes_per_token, per_id)
+        k = draws_for_budget(teacher, first, real_vocab, temperature, bytes_per_token, per_id, sampler)
     if mode == "topk" and k > real_vocab:
         raise ValueError(
             f"k={k} exceeds the real vocabulary ({real_vocab} tokens); use k <= {real_vocab} or mode='dense'."
@@ -101,6 +103,7 @@ def build_cache(
         "mode": mode,
         "k": real_vocab if mode == "dense" else k,
         "draws": k if mode == "sampled" else None,
+        "sampler": sampler if mode == "sampled" else None,
         "temperature": float(temperature),
         "dtype": dtype,
         "seed": seed,
@@ -135,13 +138,20 @@ def build_cache(
 
 
 def draws_for_budget(
-    teacher: Any, batch: dict[str, Any], real_vocab: int, temperature: float, budget: float, per_id: int
+    teacher: Any,
+    batch: dict[str, Any],
+    real_vocab: int,
+    temperature: float,
+    budget: float,
+    per_id: int,
+    sampler: str,
 ) -> int:
     """The most draws (<= MAX_DRAWS) whose expected sampled signal fits ``budget`` bytes per position.
 
     Bytes grow with the *distinct* ids drawn, which depends on how peaked the teacher is: on the
     labelled positions of ``batch`` (the first rows of the dataset, so a rerun picks the same number)
-    k draws hold sum_v 1 - (1 - p_v)^k distinct ids on average, each costing ``per_id`` bytes.
+    k draws hold sum_v P(v drawn) distinct ids on average, each costing ``per_id`` bytes, where
+    P(v drawn) is 1 - (1 - p_v)^k for i.i.d. draws and min(1, k p_v) for systematic ones.
     """
     import torch
 
@@ -154,7 +164,10 @@ def draws_for_budget(
         probs = torch.softmax(logits[:, :real_vocab].float() / temperature, dim=-1)
 
         def expected_bytes(draws: int) -> float:
-            distinct = (1.0 - (1.0 - probs).pow(draws)).sum(dim=-1).mean()
+            if sampler == "systematic":
+                distinct = (probs * draws).clamp_(max=1.0).sum(dim=-1).mean()
+            else:
+                distinct = (1.0 - (1.0 - probs).pow(draws)).sum(dim=-1).mean()
             return float(distinct) * per_id + SAMPLED_POSITION_BYTES
 
         low, high = 1, MAX_DRAWS  # expected bytes grow with the draws: bisect for the last that fits
@@ -220,10 +233,12 @@ class _ProcessGroup:
 
 
 def _check_options(
-    mode: str, k: int, temperature: float, batch_size: int, shard_tokens: int, dtype: str
+    mode: str, k: int, temperature: float, batch_size: int, shard_tokens: int, dtype: str, sampler: str
 ) -> None:
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is not a cache mode; use one of {', '.join(MODES)}.")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler={sampler!r} is not a sampler; use one of {', '.join(SAMPLERS)}.")
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k={k!r} must be a positive int (entries kept, or draws, per position).")
     if mode == "sampled" and k > MAX_DRAWS:

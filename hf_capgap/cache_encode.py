@@ -9,13 +9,27 @@ no bfloat16, the bf16 bit pattern in uint16; the top-k tail is float32.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from hf_capgap.cache_format import LOGPROB_FLOOR, ROW_COLUMNS
+
+CPU_HEAD_ELEMENTS = 1 << 24
+"""CPU: logits per lm_head matmul (64 MiB fp32). A CPU matmul repacks the [vocab, hidden] weight at
+every call, which costs as much as a small block's multiply: 64-position blocks ran the head of a
+hidden-512 teacher 2.3x slower than one whole-batch matmul (bench/bench_cache_training.py)."""
+CPU_SIGNAL_ELEMENTS = 1 << 21
+"""CPU: logits per block of signal computation (8 MiB fp32), so its passes over the vocabulary stay
+in cache."""
+SEGMENT = 256
+"""Weights per fp32 partial sum when sampling (see :func:`inverse_cdf`)."""
+ACCELERATOR_BLOCK_ELEMENTS = 1 << 28
+"""Accelerators: logits per block (1 GiB fp32, plus its float64 cumulative sum when sampling): few
+kernel launches, a bounded buffer at any vocabulary. Not yet measured on a GPU."""
 
 
 def row_positions(labels: Any, row_lengths: Sequence[int]) -> list[tuple[int, slice, Any]]:
@@ -44,23 +58,192 @@ def encode_batch(
     spec: dict[str, Any],
     schema: pa.Schema,
 ) -> pa.RecordBatch:
-    """Run the teacher on ``batch`` (the collated ``rows``) and encode rows + signal for ``schema``."""
+    """Run the teacher on ``batch`` (the collated ``rows``) and encode rows + signal for ``schema``.
+
+    Where the teacher's lm_head can be taken out of the model (:func:`hf_capgap.lm_head.choose_lm_head`),
+    the teacher returns last hidden states and the head is applied a block of labelled positions at a
+    time: the [batch, seq, vocab] logits never exist (at 150k tokens they outweigh the teacher's
+    activations many times over) and unlabelled positions cost no head matmul.
+    """
     import torch
 
+    from hf_capgap.lm_head import lm_head_bypassed
     from hf_capgap.sft_data import forward_inputs
 
     device = next(teacher.parameters()).device
     inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in forward_inputs(batch).items()}
-    logits = teacher(**inputs, use_cache=False).logits[..., : spec["real_vocab_size"]]
-    signals = []
-    # Row by row: each row samples from its own generator, the fp32 copies stay one row large, and a
-    # row labelled throughout (pretraining text) is a view of the logits, not a gathered copy.
+    head = fusable_head(teacher)
+    with lm_head_bypassed(teacher, head) if head is not None else contextlib.nullcontext():
+        states = teacher(**inputs, use_cache=False).logits
     spans = row_positions(batch["labels"].to(device), [len(row["input_ids"]) for row in rows])
-    for offset, (index, positions, labelled) in enumerate(spans):
-        row_logits = logits[index, positions]
-        row_logits = row_logits if bool(labelled.all()) else row_logits[labelled]
-        signals.append(row_signal(row_logits, first_row + offset, spec))
-    return _record_batch(rows, signals, spec, schema)
+    # A row labelled throughout (pretraining text) is a view of the states, not a gathered copy.
+    pieces = [states[index, positions] if bool(labelled.all()) else states[index, positions][labelled]
+              for index, positions, labelled in spans]  # fmt: skip
+    points = None
+    if spec["mode"] == "sampled":
+        points = torch.cat([row_points(len(piece), first_row + i, spec, device) for i, piece in enumerate(pieces)])
+    vocab = spec["real_vocab_size"]
+    head_rows, signal_rows = block_rows(vocab, device)
+    parts, done = [], 0
+    for block in position_blocks(pieces, head_rows):
+        if head is None:
+            logits = block[:, :vocab]
+        else:
+            bias = None if head.bias is None else head.bias[:vocab]
+            logits = torch.nn.functional.linear(block, head.weight[:vocab], bias)
+        for part in logits.split(signal_rows):
+            values = part.float() if spec["temperature"] == 1.0 else part.float() / spec["temperature"]
+            parts.append(block_signal(values, spec, None if points is None else points[done : done + len(part)]))
+            done += len(part)
+    if not parts:  # no labelled position in the whole batch: empty signal columns of the right types
+        parts.append(block_signal(states.new_zeros((0, vocab), dtype=torch.float32), spec, points))
+    signal = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+    return _record_batch(rows, signal, [len(piece) for piece in pieces], spec, schema)
+
+
+def fusable_head(teacher: Any) -> Any:
+    """The teacher's lm_head when the build can apply it itself, else None (the teacher returns logits).
+
+    Not when its architecture may post-process logits or its weight is partitioned (DeepSpeed ZeRO-3
+    leaves each rank an empty shard; the forward gathers it, a plain matmul would not).
+    """
+    from hf_capgap.lm_head import choose_lm_head
+
+    head = choose_lm_head(teacher, "auto").head
+    if head is None or head.weight.numel() == 0 or hasattr(head.weight, "ds_id"):
+        return None
+    return head
+
+
+def block_rows(vocab: int, device: Any) -> tuple[int, int]:
+    """(positions per lm_head matmul, positions per signal block) at ``vocab`` tokens on ``device``."""
+    if device.type == "cpu":
+        return max(1, CPU_HEAD_ELEMENTS // vocab), max(1, CPU_SIGNAL_ELEMENTS // vocab)
+    rows = max(1, ACCELERATOR_BLOCK_ELEMENTS // vocab)
+    return rows, rows
+
+
+def position_blocks(pieces: Sequence[Any], size: int) -> Iterator[Any]:
+    """The rows of ``pieces`` (tensors [n_i, ...]) in order, in blocks of ``size`` rows (the last may
+    be shorter); a block inside one piece is a view, one across pieces a copy of ``size`` rows."""
+    import torch
+
+    pending: list[Any] = []
+    filled = 0
+    for piece in pieces:
+        while len(piece):
+            take = min(size - filled, len(piece))
+            pending.append(piece[:take])
+            piece, filled = piece[take:], filled + take
+            if filled == size:
+                yield pending[0] if len(pending) == 1 else torch.cat(pending)
+                pending, filled = [], 0
+    if pending:
+        yield pending[0] if len(pending) == 1 else torch.cat(pending)
+
+
+def row_points(positions: int, row_index: int, spec: dict[str, Any], device: Any) -> Any:
+    """The sampling points of a row's labelled positions, from a generator seeded by (seed, row index):
+    batch sizes, blocks and process counts never change which tokens a row gets."""
+    import torch
+
+    seed = np.random.SeedSequence([spec["seed"], row_index]).generate_state(1, np.uint64)[0]
+    generator = torch.Generator(device=device).manual_seed(int(seed))
+    return sampling_points(positions, spec["k"], spec["sampler"], generator, device)
+
+
+def sampling_points(positions: int, draws: int, sampler: str, generator: Any, device: Any) -> Any:
+    """Ascending points in [0, 1) per position, [positions, draws]: where each draw reads the teacher's
+    cumulative distribution.
+
+    ``multinomial``: independent uniforms (i.i.d. draws). ``systematic``: one uniform u per position
+    and the points (u + j) / draws, so a token of probability p is drawn floor(draws p) or
+    ceil(draws p) times, draws p on average: unbiased like i.i.d. draws, but the likely tokens'
+    counts barely vary (the variance left is that of the tokens below 1 / draws).
+    """
+    import torch
+
+    if sampler == "multinomial":
+        return torch.rand(positions, draws, generator=generator, device=device, dtype=torch.float64).sort(-1).values
+    offsets = torch.rand(positions, 1, generator=generator, device=device, dtype=torch.float64)
+    return (offsets + torch.arange(draws, device=device, dtype=torch.float64)) / draws
+
+
+def block_signal(values: Any, spec: dict[str, Any], points: Any = None) -> dict[str, np.ndarray]:
+    """The stored signal of a block of tempered teacher logits ``values`` [positions, vocab] (fp32).
+
+    Each pass over [positions, vocab] counts (with a small teacher they cost as much as its forward),
+    so each mode makes as few as it can.
+    """
+    import torch
+
+    if spec["mode"] == "sampled":
+        positions, vocab = values.shape
+        top = values.amax(dim=-1, keepdim=True)
+        # Unnormalised probabilities, written into a buffer padded with zero weights to whole segments.
+        padded = values.new_empty((positions, -(-vocab // SEGMENT) * SEGMENT))
+        padded[:, vocab:] = 0.0
+        weights = torch.sub(values, top, out=padded[:, :vocab]).exp_()
+        weighted_logits = torch.linalg.vecdot(weights, values)
+        drawn, total = inverse_cdf(padded, points)
+        # H = -sum p log p with log p = z - top - log total, p = weights / total.
+        entropy = top.squeeze(-1) + total.log() - weighted_logits / total
+        ids, counts, sizes = distinct_draws(drawn)
+        return {
+            "sample_ids": _ids(ids, spec),
+            "sample_counts": counts.cpu().numpy().astype(np.uint8),
+            "sample_sizes": sizes.cpu().numpy().astype(np.uint8),
+            "entropy": _stored_values(entropy, spec),
+        }
+    if spec["mode"] == "topk":
+        top_logits, ids = values.topk(spec["k"], dim=-1)
+        weights = (values - top_logits[:, :1]).exp_()  # unnormalised probabilities
+        log_total = weights.sum(dim=-1, keepdim=True).log_()
+        # Exact tail mass: the sum of the weights outside the top-k (no 1 - sum cancellation).
+        tail = weights.scatter_(-1, ids, 0.0).sum(dim=-1, keepdim=True).log_().sub_(log_total)
+        return {
+            "topk_ids": _ids(ids, spec),
+            "topk_logprobs": _stored_values(top_logits - top_logits[:, :1] - log_total, spec),
+            "tail_logprob": tail.squeeze(-1).clamp_(min=LOGPROB_FLOOR).cpu().numpy(),
+        }
+    return {"logprobs": _stored_values(torch.log_softmax(values, dim=-1), spec)}
+
+
+def inverse_cdf(weights: Any, points: Any) -> tuple[Any, Any]:
+    """(ids [positions, draws] reading each position's cumulative distribution at ``points``, total
+    weight [positions] in float64) for unnormalised ``weights`` [positions, n * SEGMENT] (fp32).
+
+    One fp32 running sum over 32k weights rounds at ~1e-7 of the total, so tokens below that would be
+    drawn at the wrong rate (up to ~1e-3 of the mass misplaced), and a float64 one costs several
+    times the whole build on a CPU. So the sums run in two levels: float64 across the fp32 totals of
+    segments of SEGMENT weights, then fp32 within only the segments a point falls in, rounding
+    relative to the segment's own mass: at most ~SEGMENT * 6e-8 = 1.5e-5 of the mass is misplaced.
+    """
+    import torch
+
+    positions, width = weights.shape
+    segments = weights.view(positions, width // SEGMENT, SEGMENT)
+    segment_mass = segments.sum(dim=-1).double()
+    ends = segment_mass.cumsum(dim=-1)
+    total = ends[:, -1]
+    targets = points * total[:, None]
+    segment = torch.searchsorted(ends, targets, right=True).clamp_(max=ends.shape[1] - 1)
+    residual = (targets - (ends.gather(-1, segment) - segment_mass.gather(-1, segment))).float()
+    within = segments.gather(1, segment[:, :, None].expand(-1, -1, SEGMENT)).cumsum(dim=-1)
+    offset = torch.searchsorted(within, residual[:, :, None], right=True).squeeze(-1).clamp_(max=SEGMENT - 1)
+    return segment * SEGMENT + offset, total
+
+
+def distinct_draws(drawn: Any) -> tuple[Any, Any, Any]:
+    """Sorted draws [positions, draws] as the distinct ids of each position (ascending), their
+    counts, and how many distinct ids each position has (flat, position after position)."""
+    import torch
+
+    first = torch.ones_like(drawn, dtype=torch.bool)
+    first[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
+    starts = first.reshape(-1).nonzero().squeeze(-1)
+    ends = torch.cat([starts[1:], starts.new_tensor([drawn.numel()])])
+    return drawn.reshape(-1)[starts], ends - starts, first.sum(dim=-1)
 
 
 def _stored_values(values: Any, spec: dict[str, Any]) -> np.ndarray:
@@ -80,57 +263,6 @@ def _ids(ids: Any, spec: dict[str, Any]) -> np.ndarray:
     return array.astype(spec["id_dtype"])
 
 
-def row_signal(logits: Any, row_index: int, spec: dict[str, Any]) -> dict[str, np.ndarray]:
-    """The stored teacher signal of one row, from its logits at labelled positions [positions, vocab].
-
-    Each [positions, vocab] pass counts (with a small teacher they cost as much as its forward), so
-    every quantity is taken from ``logprobs`` and one ``exp`` of it.
-    """
-    import torch
-
-    values = logits.float()
-    logprobs = torch.log_softmax(values if spec["temperature"] == 1.0 else values / spec["temperature"], dim=-1)
-    if spec["mode"] == "topk":
-        top, ids = logprobs.topk(spec["k"], dim=-1)
-        # Exact tail mass: the sum of the probabilities outside the top-k (no 1 - sum cancellation).
-        tail = logprobs.exp().scatter_(-1, ids, 0.0).sum(dim=-1).log_()
-        return {
-            "topk_ids": _ids(ids, spec),
-            "topk_logprobs": _stored_values(top, spec),
-            "tail_logprob": tail.clamp_(min=LOGPROB_FLOOR).cpu().numpy(),
-        }
-    if spec["mode"] == "sampled":
-        probs = logprobs.exp()
-        ids, counts, sizes = sample_distinct(probs, spec["k"], np.random.SeedSequence([spec["seed"], row_index]))
-        entropy = -torch.linalg.vecdot(probs, logprobs)  # terms p log p share one sign: no cancellation
-        return {
-            "sample_ids": _ids(ids, spec),
-            "sample_counts": counts.cpu().numpy().astype(np.uint8),
-            "sample_sizes": sizes.cpu().numpy().astype(np.uint8),
-            "entropy": _stored_values(entropy, spec),
-        }
-    return {"logprobs": _stored_values(logprobs, spec)}
-
-
-def sample_distinct(probs: Any, draws: int, seed: np.random.SeedSequence) -> tuple[Any, Any, Any]:
-    """``draws`` draws with replacement per position of ``probs`` [positions, vocab], as the distinct
-    ids of each position (ascending), their counts, and how many distinct ids each position has
-    (flat, position after position).
-
-    Each row draws from its own generator seeded by (seed, row index): rebuilds, batch sizes and
-    process counts never change which tokens a row gets.
-    """
-    import torch
-
-    generator = torch.Generator(device=probs.device).manual_seed(int(seed.generate_state(1, np.uint64)[0]))
-    drawn = torch.multinomial(probs, draws, replacement=True, generator=generator).sort(dim=-1).values
-    first = torch.ones_like(drawn, dtype=torch.bool)
-    first[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
-    starts = first.reshape(-1).nonzero().squeeze(-1)
-    ends = torch.cat([starts[1:], starts.new_tensor([drawn.numel()])])
-    return drawn.reshape(-1)[starts], ends - starts, first.sum(dim=-1)
-
-
 def _list_array(values: np.ndarray, lengths: Sequence[int], item_type: pa.DataType) -> pa.Array:
     """Rows of ``values`` (concatenated, ``lengths[i]`` entries for row i) as an Arrow list array."""
     offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
@@ -144,16 +276,26 @@ def _list_array(values: np.ndarray, lengths: Sequence[int], item_type: pa.DataTy
 
 
 def _record_batch(
-    rows: Sequence[Mapping[str, Any]], signals: list[dict[str, np.ndarray]], spec: dict[str, Any], schema: pa.Schema
+    rows: Sequence[Mapping[str, Any]],
+    signal: Mapping[str, np.ndarray],
+    positions: Sequence[int],
+    spec: dict[str, Any],
+    schema: pa.Schema,
 ) -> pa.RecordBatch:
+    """The record batch of ``rows`` and their ``signal`` (flat over the rows' labelled positions,
+    ``positions[i]`` of them for row i; sampled ids and counts flat over their draws)."""
+    if spec["mode"] == "sampled":
+        row_of_position = np.repeat(np.arange(len(positions)), positions)
+        draws_per_row = np.bincount(row_of_position, weights=signal["sample_sizes"], minlength=len(positions))
     arrays = []
     for field in schema:
         item_type = field.type.value_type
+        leaf = item_type.value_type if pa.types.is_fixed_size_list(item_type) else item_type
         if field.name in ROW_COLUMNS:
             parts = [np.asarray(row[field.name]) for row in rows]
+            values, lengths = np.concatenate(parts), [len(part) for part in parts]
         else:
-            parts = [signal[field.name] for signal in signals]
-        leaf = item_type.value_type if pa.types.is_fixed_size_list(item_type) else item_type
-        values = np.concatenate(parts).astype(leaf.to_pandas_dtype(), copy=False)
-        arrays.append(_list_array(values, [len(part) for part in parts], item_type))
+            values = signal[field.name]
+            lengths = draws_per_row.astype(np.int64) if field.name in ("sample_ids", "sample_counts") else positions
+        arrays.append(_list_array(values.astype(leaf.to_pandas_dtype(), copy=False), lengths, item_type))
     return pa.RecordBatch.from_arrays(arrays, schema=schema)

@@ -27,6 +27,9 @@ slots, teacher entropy instead of per-sample log-probs. Version 1 caches are ref
 
 MODES = ("topk", "sampled", "dense")
 DTYPES = ("float16", "bfloat16")
+SAMPLERS = ("systematic", "multinomial")
+"""How a sampled cache draws: one uniform offset and evenly spaced points on the teacher's cumulative
+distribution (systematic), or independent draws (multinomial); both unbiased for forward KL."""
 MAX_DRAWS = 255
 """Sample counts are stored as uint8, so a sampled cache draws at most 255 tokens per position."""
 

@@ -128,6 +128,30 @@ def test_topk_matches_teacher_at_labelled_positions_and_tail_closes_the_distribu
     assert cache.bytes_per_token == pytest.approx(8 * (1 + 2) + 4 + 3 * 4 / 12, abs=0.1)
 
 
+@pytest.mark.parametrize("mode", ["topk", "sampled", "dense"])
+def test_the_builds_own_lm_head_blocks_equal_the_teachers_logits(teacher, dataset, tmp_path, monkeypatch, mode):
+    """The build applies a fusable lm_head itself, a block of labelled positions at a time (the model's
+    head never runs), and stores what a build from the model's full logits stores."""
+    import hf_capgap.cache_encode as cache_encode
+
+    calls, handle = count_forwards(teacher.lm_head)
+    monkeypatch.setattr(cache_encode, "CPU_HEAD_ELEMENTS", 5 * VOCAB_SIZE)  # blocks of 5 positions, across rows
+    monkeypatch.setattr(cache_encode, "CPU_SIGNAL_ELEMENTS", 2 * VOCAB_SIZE)
+    fused = TeacherCache.build(teacher, dataset, tmp_path / "fused", mode=mode, k=8, progress=False)
+    handle.remove()
+    monkeypatch.setattr(cache_encode, "fusable_head", lambda model: None)
+    plain = TeacherCache.build(teacher, dataset, tmp_path / "plain", mode=mode, k=8, progress=False)
+
+    assert not calls, "the model's own lm_head never ran: no [batch, seq, vocab] logits"
+    for name in fused.dataset.column_names:
+        ours, theirs = fused.dataset[name], plain.dataset[name]
+        if name in ("input_ids", "labels", "topk_ids", "sample_ids", "sample_counts", "sample_sizes"):
+            assert ours == theirs, name
+        else:
+            flat = [torch.tensor(row, dtype=torch.float32).reshape(-1) for row in (ours, theirs)]
+            torch.testing.assert_close(*flat, atol=2e-3, rtol=1e-3)
+
+
 def test_topk_with_k_equal_vocab_stores_floor_tail(teacher, plain_args, tmp_path):
     cache = TeacherCache.build(teacher, make_dataset(rows=2), tmp_path / "c", mode="topk", k=VOCAB_SIZE, progress=False)
     assert torch.all(full_batch(cache, plain_args)["teacher_tail_logprob"] == LOGPROB_FLOOR)
@@ -173,21 +197,23 @@ def test_sampled_stores_distinct_ids_with_counts_that_follow_the_teacher(plain_a
     assert torch.equal(again["teacher_sample_ids"], ids) and torch.equal(again["teacher_sample_counts"], counts)
 
 
-def test_sampled_forward_kl_gradient_is_unbiased():
-    """The mean of many sampled-signal gradients converges to the dense forward-KL gradient."""
+def sampled_gradients(sampler: str, trials: int, draws: int = 4):
+    """(dense forward-KL gradient and loss, the gradients and losses of ``trials`` sampled signals)
+    drawn by the cache build's own code, at T = 2."""
     from hf_capgap.cache import padded_samples
-    from hf_capgap.cache_encode import sample_distinct
+    from hf_capgap.cache_encode import block_signal, sampling_points
     from hf_capgap.losses import DenseTeacher, LossSpec, SampledTeacher, distillation_loss
 
     generator = torch.Generator().manual_seed(0)
     # Every token likely enough to be drawn often, so each gradient entry's standard error is measurable.
-    rows, vocab, draws, trials, temperature = 4, 12, 4, 1000, 2.0
+    rows, vocab, temperature = 4, 12, 2.0
     teacher_logits = torch.randn(rows, vocab, generator=generator)
     student_logits = torch.randn(rows, vocab, generator=generator)
     labels = torch.randint(0, vocab, (rows,), generator=generator)
     spec = LossSpec(temperature=temperature, alpha=1.0)
     log_p = torch.log_softmax(teacher_logits / temperature, -1)
     entropy = -(log_p.exp() * log_p).sum(-1)
+    storage = {"mode": "sampled", "k": draws, "real_vocab_size": vocab, "id_dtype": "uint8", "dtype": "float16"}
 
     def gradient(teacher) -> tuple[torch.Tensor, torch.Tensor]:
         logits = student_logits.clone().requires_grad_(True)
@@ -195,19 +221,57 @@ def test_sampled_forward_kl_gradient_is_unbiased():
         loss.backward()
         return logits.grad, loss.detach()
 
-    dense_grad, dense_loss = gradient(DenseTeacher(teacher_logits))
+    dense = gradient(DenseTeacher(teacher_logits))
     grads, losses = [], []
     for trial in range(trials):
-        ids, counts, sizes = sample_distinct(log_p.exp(), draws, np.random.SeedSequence([trial]))
-        padded_ids, padded_counts = padded_samples(ids.numpy(), counts.numpy(), sizes.numpy())
-        grad, loss = gradient(SampledTeacher(torch.from_numpy(padded_ids), torch.from_numpy(padded_counts), entropy=entropy))
+        points = sampling_points(rows, draws, sampler, torch.Generator().manual_seed(trial), "cpu")
+        signal = block_signal(teacher_logits / temperature, storage, points)
+        ids, counts = padded_samples(signal["sample_ids"], signal["sample_counts"], signal["sample_sizes"])
+        grad, loss = gradient(SampledTeacher(torch.from_numpy(ids), torch.from_numpy(counts), entropy=entropy))
         grads.append(grad)
         losses.append(loss)
-    grads, losses = torch.stack(grads), torch.stack(losses)
+    return dense, torch.stack(grads), torch.stack(losses)
+
+
+def test_sampling_resolves_unlikely_tokens_after_likely_ones():
+    """A point in the middle of a token's share of the cumulative distribution draws that token, for
+    a 1e-6 token behind a mass of 4, where one fp32 running sum (rounding at ~5e-7) cannot tell the
+    tokens apart."""
+    from hf_capgap.cache_encode import SEGMENT, inverse_cdf
+
+    vocab = 4 * SEGMENT
+    weights = torch.exp(torch.randn(1, vocab, generator=torch.Generator().manual_seed(0)) - 14)
+    weights[0, :4] = 1.0
+    cumulative = weights.double().cumsum(-1)
+    middles = (cumulative - weights.double() / 2) / cumulative[:, -1:]
+    ids, total = inverse_cdf(weights.clone(), middles)
+    # Inside the first segment the likely tokens' mass still hides the unlikely ones (the bound).
+    resolvable = torch.arange(vocab) >= SEGMENT
+    assert torch.equal(ids[0, resolvable], torch.arange(vocab)[resolvable])
+    assert total.item() == pytest.approx(cumulative[0, -1].item(), rel=1e-6)
+    running = weights.cumsum(-1)
+    naive = torch.searchsorted(running.double(), middles * running[:, -1:].double(), right=True)
+    assert not torch.equal(naive[0, resolvable], torch.arange(vocab)[resolvable]), "the check has teeth"
+
+
+@pytest.mark.parametrize("sampler", ["systematic", "multinomial"])
+def test_sampled_forward_kl_gradient_is_unbiased(sampler):
+    """The mean of many sampled-signal gradients converges to the dense forward-KL gradient."""
+    trials = 1000
+    (dense_grad, dense_loss), grads, losses = sampled_gradients(sampler, trials)
     z = (grads.mean(0) - dense_grad) / (grads.std(0) / trials**0.5)
     assert z.abs().max() < 4.5, "every gradient entry within 4.5 standard errors of the dense one"
     assert (grads[0] - dense_grad).norm() > 10 * (grads.mean(0) - dense_grad).norm(), "one draw alone is noisy"
     assert abs(losses.mean() - dense_loss) < 4.5 * losses.std() / trials**0.5
+
+
+def test_systematic_draws_have_less_gradient_noise_than_independent_ones():
+    """Same draws: systematic points leave the counts of tokens above 1 / draws almost exact."""
+    (dense_grad, _), systematic, _ = sampled_gradients("systematic", 200, draws=16)
+    (_, _), multinomial, _ = sampled_gradients("multinomial", 200, draws=16)
+    error = {name: (grads - dense_grad).pow(2).sum((1, 2)).mean() for name, grads in
+             (("systematic", systematic), ("multinomial", multinomial))}  # fmt: skip
+    assert error["systematic"] < 0.5 * error["multinomial"]
 
 
 def test_bytes_per_token_budget_picks_the_draws(tmp_path):
@@ -492,8 +556,8 @@ def test_shards_are_plain_arrow_streams_and_the_manifest_says_how_they_were_made
     assert str(table.schema.field("sample_counts").type) == "list<item: uint8>"
     assert sum(s["bytes"] for s in cache.manifest["shards"]) == sum(p.stat().st_size for p in cache.path.glob("shard-*"))
     m = cache.manifest
-    assert (m["format_version"], m["mode"], m["draws"], m["real_vocab_size"], m["teacher_dtype"]) == (
-        2, "sampled", 16, VOCAB_SIZE, "float32",
+    assert (m["format_version"], m["mode"], m["draws"], m["sampler"], m["real_vocab_size"], m["teacher_dtype"]) == (
+        2, "sampled", 16, "systematic", VOCAB_SIZE, "float32",
     )  # fmt: skip
     assert m["teacher_fingerprint"] == model_fingerprint(teacher) and m["dataset_fingerprint"]
 

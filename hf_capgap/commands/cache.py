@@ -42,6 +42,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--shard-tokens", type=int, default=262144, help="tokens per shard file")
     build.add_argument("--seed", type=int, default=0, help="seed of the sampled mode")
     build.add_argument(
+        "--sampler",
+        choices=["systematic", "multinomial"],
+        default="systematic",
+        help="sampled mode: evenly spaced draws from one random offset (systematic), or independent draws",
+    )
+    build.add_argument(
         "--teacher-dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
         help="dtype the teacher runs in (auto: bfloat16 on a GPU, float32 on a CPU)",
     )
@@ -110,6 +116,7 @@ def _build(args: argparse.Namespace) -> int:
         tokenizer=tokenizer,
         dtype=args.dtype,
         seed=args.seed,
+        sampler=args.sampler,
         bytes_per_token=args.bytes_per_token,
         overwrite=args.overwrite,
     )
@@ -133,7 +140,7 @@ def _info(args: argparse.Namespace) -> int:
     cache = TeacherCache.load(args.path)
     m = cache.manifest
     rows = [
-        ("mode", m["mode"]),
+        ("mode", m["mode"] if m.get("sampler") is None else f"{m['mode']} ({m['sampler']} draws)"),
         ("k", m["k"]),
         ("temperature", m["temperature"]),
         ("storage", f"ids {m['id_dtype']}, log-probs {m['value_storage']}"),
