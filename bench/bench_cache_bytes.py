@@ -6,7 +6,8 @@ rows of the embedded corpus, writes real caches and reads the sizes back from di
 format-1 layout of the same setting (k fixed slots per position: sampled 5k bytes = uint16 id + uint8
 count + fp16 log-prob per slot; top-k 4k + 4), computed since the format-1 writer is gone.
 
-For sampled caches it also reports how many distinct ids a position holds (what format 2 pays for)
+For sampled caches (systematic draws, the default, and independent multinomial draws, which format 1
+stored) it also reports how many distinct ids a position holds (what format 2 pays for)
 and what storing each drawn id's fp16 log-prob would add (2 bytes per distinct id) against the 2
 bytes per position of the teacher entropy that format 2 stores instead: the gradient needs neither,
 the logged KL value needs one of them.
@@ -25,7 +26,11 @@ from bench_cache_training import bench_data, bench_parser, format1_bytes, teache
 
 from hf_capgap import TeacherCache
 
-SETTINGS = [("topk", 16), ("topk", 64), ("topk", 128)] + [("sampled", k) for k in (4, 8, 16, 24, 32, 48, 64, 128)]
+SETTINGS = (
+    [("topk", k, None) for k in (16, 64, 128)]
+    + [("sampled", k, "systematic") for k in (4, 8, 16, 24, 32, 48, 64, 128)]
+    + [("sampled", k, "multinomial") for k in (16, 64)]
+)
 BYTES_GOAL = 50
 DISTILLKIT_TOP128_BYTES = 300
 
@@ -41,13 +46,14 @@ def main() -> None:
     print(f"teacher cache bytes per labelled position: {args.rows} held-out rows x {args.seq_len - 1} positions, "
           f"vocabulary {len(tokenizer)}, the bench teacher of bench_cache_training.py")
     print("baseline: format 1 of the same setting (k fixed slots per position)\n")
-    print("| mode | k / draws | format 2 signal B/token | file B/token | format 1 B/token | format 2 / format 1 |"
+    print("| mode | k / draws | sampler | format 2 signal B/token | file B/token | format 1 B/token | format 2 / format 1 |"
           " distinct ids per position: mean / median / p90 | + per-id fp16 log-probs would add |")
-    print("|---|---:|---:|---:|---:|---:|---|---:|")
+    print("|---|---:|---|---:|---:|---:|---:|---|---:|")
     with tempfile.TemporaryDirectory() as workdir:
-        for mode, k in SETTINGS:
-            cache = TeacherCache.build(teacher, eval_rows, Path(workdir) / f"{mode}-{k}", tokenizer=tokenizer, mode=mode,
-                                       k=k, batch_size=16, progress=False)  # fmt: skip
+        for mode, k, sampler in SETTINGS:
+            cache = TeacherCache.build(teacher, eval_rows, Path(workdir) / f"{mode}-{k}-{sampler}", tokenizer=tokenizer,
+                                       mode=mode, k=k, sampler=sampler or "systematic", batch_size=16,
+                                       progress=False)  # fmt: skip
             file_bytes = sum(shard["bytes"] for shard in cache.manifest["shards"]) / cache.manifest["num_positions"]
             old = format1_bytes(mode, k)
             distinct, extra = "-", "-"
@@ -55,7 +61,7 @@ def main() -> None:
                 sizes = np.concatenate([np.asarray(row) for row in cache.dataset["sample_sizes"]])
                 distinct = f"{sizes.mean():.1f} / {np.median(sizes):.0f} / {np.percentile(sizes, 90):.0f}"
                 extra = f"{2 * sizes.mean():.1f} B"
-            print(f"| {mode} | {k} | {cache.bytes_per_token:.1f} | {file_bytes:.1f} | {old} |"
+            print(f"| {mode} | {k} | {sampler or '-'} | {cache.bytes_per_token:.1f} | {file_bytes:.1f} | {old} |"
                   f" {cache.bytes_per_token / old:.2f} | {distinct} | {extra} |")  # fmt: skip
     print(f"\ndense fp16 would store {2 * len(tokenizer)} B/token; DistillKit publishes ~{DISTILLKIT_TOP128_BYTES} "
           f"B/token for its compressed top-128 format; goal of issue 13: a setting <= {BYTES_GOAL} B/token")

@@ -53,7 +53,7 @@ CACHES = (
     + [("sampled", k, "systematic") for k in (4, 8, 16, 32, 64)]
     + [("sampled", k, "multinomial") for k in (16, 64)]
 )
-SPREAD = [(k, "systematic") for k in (8, 16, 32)] + [(k, "multinomial") for k in (16, 32, 64)]
+SPREAD = [(k, "systematic") for k in (8, 16, 32, 64)] + [(k, "multinomial") for k in (16, 32, 64)]
 """Sampled settings rebuilt with other sampling seeds by --draw-seeds."""
 OLD_SAMPLED = "sampled k=64 multinomial"
 """Format 1's sampled-64 (independent draws in 64 fixed slots): the quality the quarter-bytes goal matches."""
@@ -346,6 +346,7 @@ def print_draw_seed_spread(seeds, results, teacher, student, rows, tokenizer, co
     print(f"\nsampled caches over {seeds + 1} sampling seeds (seed 0 is the table above; same student init):")
     print("| draws | sampler | B/token | held-out CE per seed | mean | mean / online |")
     print("|---:|---|---:|---|---:|---:|")
+    means = {}
     for k, sampler in SPREAD:
         first = results.get(f"sampled k={k} {sampler}")
         scores = [] if first is None else [first["ce"]]
@@ -359,8 +360,16 @@ def print_draw_seed_spread(seeds, results, teacher, student, rows, tokenizer, co
                 distill(model, rows, tokenizer, config(name, teacher_cache=str(path)))
             scores.append(held_out(model, teacher, eval_rows)[0])
         mean = sum(scores) / len(scores)
+        means[f"{k} {sampler}"] = (cache.bytes_per_token, mean)
         print(f"| {k} | {sampler} | {cache.bytes_per_token:.1f} | {', '.join(f'{ce:.4f}' for ce in scores)} |"
               f" {mean:.4f} | {mean / online_ce:.4f} |")
+    within = [name for name, (size, mean) in means.items() if size <= BYTES_GOAL and mean / online_ce - 1 <= QUALITY_GOAL]
+    print(f"goal some setting <= {BYTES_GOAL} B/token with held-out CE within {QUALITY_GOAL:.1%} of online, on the "
+          f"seed mean: {'met by ' + ', '.join(within) if within else 'NOT met'}")
+    old_bytes, old_mean = format1_bytes("sampled", 64), means["64 multinomial"][1]
+    matching = [name for name, (size, mean) in means.items() if size <= old_bytes / 4 and mean <= old_mean]
+    print(f"goal format-1 sampled-64 quality on the seed mean (CE {old_mean:.4f}) at <= {old_bytes / 4:.0f} B/token: "
+          f"{'met by ' + ', '.join(matching) if matching else 'NOT met'}")
 
 
 if __name__ == "__main__":
