@@ -18,6 +18,9 @@
    data, same settings (printed in the header); tokens/s and peak GPU memory, each in a fresh process.
 3. DistillationTrainer for a few steps under FSDP2 and DeepSpeed ZeRO-3 with one process (teacher
    prepared for inference): that it ran, its peak memory; ZeRO-3 is skipped when deepspeed is absent.
+4. TeacherCache.build (sampled 16 draws, systematic; top-64) with the teacher of section 2 over the
+   same rows, against a plain teacher forward over the same batches: tokens/s and peak memory (the
+   build applies the lm_head a block of positions at a time, so no [batch, seq, vocab] logits).
 
 On CPU (--smoke) memory columns read n/a, and FSDP2 / ZeRO-3 are skipped (they need CUDA here).
 """
@@ -407,6 +410,69 @@ def trainer_section(plan: Plan, smoke: bool) -> list[str]:
     return lines
 
 
+# ---------------------------------------------------------------------------------------------- cache
+
+
+def cache_section(plan: Plan) -> list[str]:
+    """Cache build vs a plain teacher forward over the same rows and batches: tokens/s and peak memory."""
+    import datasets
+
+    from hf_capgap import DistillationConfig, TeacherCache
+    from hf_capgap.artifacts import model_fingerprint
+    from hf_capgap.sft_data import forward_inputs, make_collator
+
+    teacher = qwen2(plan, plan.teacher, 1).eval()
+    if plan.bf16:
+        teacher = teacher.to(torch.bfloat16)
+    tokenizer = word_tokenizer(plan.vocab)
+    rows = plan.steps * plan.batch
+    ids = torch.randint(2, plan.vocab, (rows, plan.seq_len), generator=torch.Generator().manual_seed(0))
+    dataset = datasets.Dataset.from_dict({"input_ids": ids.tolist()})
+    args = DistillationConfig(output_dir="unused", report_to=[], max_length=plan.seq_len, use_cpu=plan.device == "cpu")
+    collator = make_collator(tokenizer, args)
+    tokens = rows * plan.seq_len
+
+    def measured(fn: Callable[[], None]) -> tuple[float, int | None]:
+        synchronize(plan.device)
+        if plan.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() if plan.device == "cuda" else 0
+        start = time.perf_counter()
+        fn()
+        synchronize(plan.device)
+        seconds = time.perf_counter() - start
+        return seconds, torch.cuda.max_memory_allocated() - base if plan.device == "cuda" else None
+
+    @torch.inference_mode()
+    def forward() -> None:
+        for low in range(0, rows, plan.batch):
+            batch = collator([{"input_ids": row} for row in ids[low : low + plan.batch].tolist()])
+            inputs = {k: v.to(plan.device) for k, v in forward_inputs(batch).items()}
+            teacher(**inputs, use_cache=False)
+
+    forward()  # warm-up
+    plain_s, plain_peak = measured(forward)
+    # Paid once per build whatever its size (every weight hashed on the host): shown apart.
+    fingerprint_s, _ = measured(lambda: model_fingerprint(teacher))
+    lines = [
+        f"teacher cache build: {rows} rows x {plan.seq_len} tokens, batch {plan.batch}, teacher {plan.teacher}; "
+        f"the build's one-time teacher fingerprint took {fingerprint_s:.1f} s",
+        "| what | tokens/s | / plain forward | / plain forward, fingerprint excluded | peak memory |",
+        "|---|---:|---:|---:|---:|",
+        f"| plain teacher forward | {tokens / plain_s:.0f} | 1.00x | 1.00x | {gib(plain_peak)} |",
+    ]
+    for mode, k in (("sampled", 16), ("topk", 64)):
+        with tempfile.TemporaryDirectory() as folder:
+            def build(path: str = folder) -> None:
+                TeacherCache.build(teacher, dataset, f"{path}/cache", tokenizer=tokenizer, args=args, mode=mode, k=k,
+                                   batch_size=plan.batch, progress=False)  # fmt: skip
+
+            seconds, peak = measured(build)
+        lines.append(f"| build {mode} k={k} | {tokens / seconds:.0f} | {plain_s / seconds:.2f}x |"
+                     f" {plain_s / max(seconds - fingerprint_s, 1e-9):.2f}x | {gib(peak)} |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, under a minute")
@@ -425,6 +491,8 @@ def main() -> None:
     print("\n".join(loss_section(plan)))
     print()
     print("\n".join(trainer_section(plan, args.smoke)))
+    print()
+    print("\n".join(cache_section(plan)))
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
 
 

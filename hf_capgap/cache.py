@@ -3,7 +3,9 @@
 In a capacity-gap sweep every student is distilled from the same few teachers, so the teacher's
 forward pass is paid once and reused for every epoch and every student. Storing only the top-k
 log-probs biases the distillation target (Anshumann et al., ACL 2025, "Sparse Logit Sampling"), so a
-cache keeps either the top-k *plus the exact tail mass*, unbiased samples, or the dense distribution.
+cache keeps either the top-k *plus the exact tail mass*, unbiased samples (systematic by default:
+the likely tokens' counts are all but exact, so few draws carry little noise), or the dense
+distribution.
 
 The cache stores the rows the trainer trains on (TRL's SFT preparation: text, messages,
 prompt-completion or pre-tokenized; packing; completion / assistant masks) and the teacher signal of

@@ -2,7 +2,8 @@
 
 The teacher runs on the batch exactly as the online teacher does in the trainer (same collator, same
 forward inputs, so packed documents never attend to each other), under ``inference_mode`` in its
-own dtype; only its logits at labelled positions are turned into a signal, on the teacher's device.
+own dtype; only its logits at labelled positions are formed and turned into a signal, a block of
+positions at a time, on the teacher's device.
 Ids use the narrowest unsigned type of the real vocabulary; log-probs are fp16 or, since Arrow has
 no bfloat16, the bf16 bit pattern in uint16; the top-k tail is float32.
 """

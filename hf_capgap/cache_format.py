@@ -23,7 +23,8 @@ from hf_capgap.artifacts import ArtifactError
 KIND = "teacher_cache"
 FORMAT_VERSION = 2
 """2: variable-length rows, signal only at labelled positions, sampled ids + counts without padding
-slots, teacher entropy instead of per-sample log-probs. Version 1 caches are refused (rebuild)."""
+slots, teacher entropy instead of per-sample log-probs. Version 1 caches are refused (rebuild). The
+manifest records the sampler (systematic or multinomial); the layout is the same for both."""
 
 MODES = ("topk", "sampled", "dense")
 DTYPES = ("float16", "bfloat16")

@@ -21,3 +21,4 @@ def test_gpu_check_smoke_prints_every_section():
     assert "| ours bf16 vs fp32 |" in table
     assert "| gkd |" in table and "fused lm_head" in table
     assert "| fsdp2, 1 process |" in table and "| zero3, 1 process |" in table
+    assert "| build sampled k=16 |" in table and "| build topk k=64 |" in table
