@@ -80,24 +80,29 @@ def encode_batch(
     # A row labelled throughout (pretraining text) is a view of the states, not a gathered copy.
     pieces = [states[index, positions] if bool(labelled.all()) else states[index, positions][labelled]
               for index, positions, labelled in spans]  # fmt: skip
+    # Where the logits are formed: the head's device, which a model split over devices may not
+    # have given its last hidden states.
+    signal_device = states.device if head is None else head.weight.device
     points = None
     if spec["mode"] == "sampled":
-        points = torch.cat([row_points(len(piece), first_row + i, spec, device) for i, piece in enumerate(pieces)])
+        points = torch.cat(
+            [row_points(len(piece), first_row + i, spec, signal_device) for i, piece in enumerate(pieces)]
+        )
     vocab = spec["real_vocab_size"]
-    head_rows, signal_rows = block_rows(vocab, device)
+    head_rows, signal_rows = block_rows(vocab, signal_device)
     parts, done = [], 0
     for block in position_blocks(pieces, head_rows):
         if head is None:
             logits = block[:, :vocab]
         else:
             bias = None if head.bias is None else head.bias[:vocab]
-            logits = torch.nn.functional.linear(block, head.weight[:vocab], bias)
+            logits = torch.nn.functional.linear(block.to(signal_device), head.weight[:vocab], bias)
         for part in logits.split(signal_rows):
             values = part.float() if spec["temperature"] == 1.0 else part.float() / spec["temperature"]
             parts.append(block_signal(values, spec, None if points is None else points[done : done + len(part)]))
             done += len(part)
     if not parts:  # no labelled position in the whole batch: empty signal columns of the right types
-        parts.append(block_signal(states.new_zeros((0, vocab), dtype=torch.float32), spec, points))
+        parts.append(block_signal(torch.zeros((0, vocab), device=signal_device), spec, points))
     signal = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
     return _record_batch(rows, signal, [len(piece) for piece in pieces], spec, schema)
 

@@ -152,6 +152,18 @@ def test_the_builds_own_lm_head_blocks_equal_the_teachers_logits(teacher, datase
             torch.testing.assert_close(*flat, atol=2e-3, rtol=1e-3)
 
 
+@pytest.mark.parametrize("mode", ["topk", "sampled", "dense"])
+def test_batches_without_a_labelled_position_store_empty_signals(teacher, plain_args, tmp_path, mode):
+    """Rows whose only label is their first token predict nothing; alone in a batch, they still get a row."""
+    ids = torch.randint(0, VOCAB_SIZE, (3, 8), generator=torch.Generator().manual_seed(0)).tolist()
+    labels = [[row[0]] + [-100] * 7 for row in ids[:2]] + [ids[2]]
+    dataset = Dataset.from_dict({"input_ids": ids, "labels": labels})
+    cache = TeacherCache.build(teacher, dataset, tmp_path / "c", mode=mode, k=4, batch_size=1, progress=False)
+    batch = full_batch(cache, plain_args)
+    assert len(cache) == 3 and cache.manifest["num_positions"] == labelled(batch) == 7
+    assert all(len(value) == 7 for key, value in batch.items() if key.startswith("teacher_"))
+
+
 def test_topk_with_k_equal_vocab_stores_floor_tail(teacher, plain_args, tmp_path):
     cache = TeacherCache.build(teacher, make_dataset(rows=2), tmp_path / "c", mode="topk", k=VOCAB_SIZE, progress=False)
     assert torch.all(full_batch(cache, plain_args)["teacher_tail_logprob"] == LOGPROB_FLOOR)
