@@ -233,11 +233,15 @@ def inverse_cdf(weights: Any, points: Any) -> tuple[Any, Any]:
     ends = segment_mass.cumsum(dim=-1)
     total = ends[:, -1]
     targets = points * total[:, None]
-    segment = torch.searchsorted(ends, targets, right=True).clamp_(max=ends.shape[1] - 1)
+    # A point that rounding puts at or past an end falls back to the last token of positive weight
+    # (never a zero-weight padding slot): the last segment with mass, and its last such token.
+    last_segment = torch.searchsorted(ends, total[:, None])
+    segment = torch.minimum(torch.searchsorted(ends, targets, right=True), last_segment)
     residual = (targets - (ends.gather(-1, segment) - segment_mass.gather(-1, segment))).float()
     within = segments.gather(1, segment[:, :, None].expand(-1, -1, SEGMENT)).cumsum(dim=-1)
-    offset = torch.searchsorted(within, residual[:, :, None], right=True).squeeze(-1).clamp_(max=SEGMENT - 1)
-    return segment * SEGMENT + offset, total
+    last_token = torch.searchsorted(within, within[:, :, -1:].contiguous())
+    offset = torch.minimum(torch.searchsorted(within, residual[:, :, None], right=True), last_token)
+    return segment * SEGMENT + offset.squeeze(-1), total
 
 
 def distinct_draws(drawn: Any) -> tuple[Any, Any, Any]:

@@ -616,3 +616,14 @@ def test_build_refuses_foreign_files_and_unrecorded_shards(teacher, dataset, tmp
         TeacherCache.build(teacher, dataset, orphan, k=4, progress=False)
     rebuilt = TeacherCache.build(teacher, dataset, orphan, k=4, progress=False, overwrite=True)
     assert rebuilt.manifest["k"] == 4 and len(rebuilt) == len(dataset)
+
+
+def test_points_at_the_very_end_draw_a_token_of_positive_weight():
+    """Rounding can put a point at the total; it must still draw a real token, never a zero-weight slot."""
+    from hf_capgap.cache_encode import SEGMENT, inverse_cdf
+
+    weights = torch.zeros(2, 3 * SEGMENT)
+    weights[0, :5] = 1.0  # the last two segments hold no mass (e.g. padding past the real vocabulary)
+    weights[1, SEGMENT + 7] = 2.0
+    ids, _ = inverse_cdf(weights.clone(), torch.tensor([[0.999, 1.0], [0.0, 1.0]], dtype=torch.float64))
+    assert ids.tolist() == [[4, 4], [SEGMENT + 7, SEGMENT + 7]]
