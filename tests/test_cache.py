@@ -600,6 +600,12 @@ def test_cli_builds_describes_and_verifies(teacher, dataset, plain_args, tmp_pat
     assert main([*build[:4], str(tmp_path / "missing"), "--out", str(tmp_path / "other")]) == 2
     assert "is not a folder" in capsys.readouterr().err and not (tmp_path / "other").exists()
 
+    sampled = tmp_path / "sampled"
+    assert main([*build[:-1], str(sampled), "--mode", "sampled", "--k", "8", "--sampler", "multinomial"]) == 0
+    assert main(["cache", "info", str(sampled)]) == 0
+    assert re.search(r"mode +sampled \(multinomial draws\)\n", capsys.readouterr().out)
+    assert TeacherCache.load(sampled).manifest["sampler"] == "multinomial"
+
 
 def test_build_refuses_foreign_files_and_unrecorded_shards(teacher, dataset, tmp_path):
     foreign = tmp_path / "foreign"
