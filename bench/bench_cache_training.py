@@ -53,6 +53,8 @@ CACHES = (
     + [("sampled", k, "systematic") for k in (4, 8, 16, 32, 64)]
     + [("sampled", k, "multinomial") for k in (16, 64)]
 )
+STUDY = ["online", (64, "multinomial"), (16, "systematic"), (32, "systematic"), (64, "systematic")]
+"""Signals distilled from by --student-seeds: online, format 1's sampled-64 and the candidates below its bytes."""
 SPREAD = [(k, "systematic") for k in (8, 16, 32, 64)] + [(k, "multinomial") for k in (16, 32, 64)]
 """Sampled settings rebuilt with other sampling seeds by --draw-seeds."""
 OLD_SAMPLED = "sampled k=64 multinomial"
@@ -224,6 +226,12 @@ def main() -> None:
         help="also distil from sampled caches of 16, 32 and 64 draws built with this many other sampling seeds, "
         "and print each one's held-out CE over seeds (tells draw noise from a real quality gap)",
     )
+    parser.add_argument(
+        "--student-seeds", type=int, default=0,
+        help="also distil other student initialisations (each with its own sampling seed) from the online teacher and "
+        "sampled 16/32/64-draw caches, and print each setting's held-out CE difference to online and to "
+        "format 1's sampled-64 per initialisation, with its mean and standard error",
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     started = time.perf_counter()
@@ -241,8 +249,8 @@ def main() -> None:
         return training_args(str(work / f"run-{name}"), args.steps, cls=DistillationConfig, loss="forward_kl",
                              alpha=1.0, **extra)  # fmt: skip
 
-    def student() -> LlamaForCausalLM:
-        return llama(len(tokenizer), hidden=64, layers=2, seed=1, seq_len=args.seq_len)
+    def student(seed: int = 1) -> LlamaForCausalLM:
+        return llama(len(tokenizer), hidden=64, layers=2, seed=seed, seq_len=args.seq_len)
 
     forward_s = min(plain_forward_seconds(teacher, student_rows, tokenizer, config("forward"), args.build_batch)
                     for _ in range(2))  # fmt: skip
@@ -310,6 +318,9 @@ def main() -> None:
     if args.draw_seeds:
         print_draw_seed_spread(args.draw_seeds, results, teacher, student, student_rows, tokenizer, config, work,
                                args.build_batch, eval_rows, online["ce"])  # fmt: skip
+    if args.student_seeds:
+        print_student_seed_study(args.student_seeds, results, teacher, student, student_rows, tokenizer, config, work,
+                                 args.build_batch, eval_rows)  # fmt: skip
     print(f"\nwall time {time.perf_counter() - started:.0f} s")
 
 
@@ -370,6 +381,46 @@ def print_draw_seed_spread(seeds, results, teacher, student, rows, tokenizer, co
     matching = [name for name, (size, mean) in means.items() if size <= old_bytes / 4 and mean <= old_mean]
     print(f"goal format-1 sampled-64 quality on the seed mean (CE {old_mean:.4f}) at <= {old_bytes / 4:.0f} B/token: "
           f"{'met by ' + ', '.join(matching) if matching else 'NOT met'}")
+
+
+def print_student_seed_study(seeds, results, teacher, student, rows, tokenizer, config, work, batch, eval_rows):
+    """Held-out CE differences between signals, paired by student initialisation (the main table's is the
+    first): tells a difference of teacher signal from one of training trajectory."""
+    scores: dict[str, list[float]] = {}
+    for setting in STUDY:
+        name = "online" if setting == "online" else f"sampled k={setting[0]} {setting[1]}"
+        scores[name] = [results[name]["ce"]] if name in results else []
+        for seed in range(len(scores[name]), seeds + 1):
+            model = student(seed=1 + seed)
+            with tempfile.TemporaryDirectory(dir=work) as caches:
+                if setting == "online":
+                    distill(model, rows, tokenizer, config(f"{name} init {seed}"), teacher=teacher)
+                else:
+                    path = Path(caches) / "cache"
+                    TeacherCache.build(teacher, rows, path, tokenizer=tokenizer, args=config(name), mode="sampled",
+                                       k=setting[0], sampler=setting[1], seed=seed, batch_size=batch, progress=False)
+                    distill(model, rows, tokenizer, config(f"{name} init {seed}", teacher_cache=str(path)))
+            scores[name].append(held_out(model, teacher, eval_rows)[0])
+
+    def paired(name: str, reference: str) -> tuple[float, float]:
+        """Mean and standard error of the relative CE difference to ``reference``, paired by initialisation."""
+        diffs = torch.tensor([a / b - 1 for a, b in zip(scores[name], scores[reference])], dtype=torch.float64)
+        return float(diffs.mean()), float(diffs.std() / len(diffs) ** 0.5)
+
+    old = OLD_SAMPLED
+    print(f"\nstudents of {seeds + 1} initialisations (the first is the table above), each sampled cache drawn with "
+          "its own seed; differences paired by initialisation, mean +- standard error:")
+    print("| signal | held-out CE per initialisation | CE vs online | CE vs format-1 sampled-64 |")
+    print("|---|---|---:|---:|")
+    for name, values in scores.items():
+        versus = [paired(name, reference) if name != reference else None for reference in ("online", old)]
+        print(f"| {name} | {', '.join(f'{ce:.4f}' for ce in values)} | "
+              + " | ".join("-" if v is None else f"{v[0]:+.2%} +- {v[1]:.2%}" for v in versus) + " |")
+    candidates = [name for name in scores if name not in ("online", old)
+                  and results.get(name, {}).get("bytes", 0) <= format1_bytes("sampled", 64) / 4]  # fmt: skip
+    matching = [name for name in candidates if paired(name, old)[0] <= 0]
+    print(f"goal format-1 sampled-64 quality at <= {format1_bytes('sampled', 64) / 4:.0f} B/token, on the mean over "
+          f"initialisations: {'met by ' + ', '.join(matching) if matching else 'NOT met'}")
 
 
 if __name__ == "__main__":

@@ -231,17 +231,23 @@ def inverse_cdf(weights: Any, points: Any) -> tuple[Any, Any]:
     segments = weights.view(positions, width // SEGMENT, SEGMENT)
     segment_mass = segments.sum(dim=-1).double()
     ends = segment_mass.cumsum(dim=-1)
-    total = ends[:, -1]
-    targets = points * total[:, None]
-    # A point that rounding puts at or past an end falls back to the last token of positive weight
-    # (never a zero-weight padding slot): the last segment with mass, and its last such token.
-    last_segment = torch.searchsorted(ends, total[:, None])
-    segment = torch.minimum(torch.searchsorted(ends, targets, right=True), last_segment)
-    residual = (targets - (ends.gather(-1, segment) - segment_mass.gather(-1, segment))).float()
+    total = ends[:, -1:]
+    # Each level reads strictly below its end and at or above its start, so a point that rounding
+    # would put at an end still lands on a token of positive weight, never a zero-weight slot.
+    targets = torch.minimum(points * total, _just_below(total))
+    segment = torch.searchsorted(ends, targets, right=True)
+    start = ends.gather(-1, segment) - segment_mass.gather(-1, segment)
     within = segments.gather(1, segment[:, :, None].expand(-1, -1, SEGMENT)).cumsum(dim=-1)
-    last_token = torch.searchsorted(within, within[:, :, -1:].contiguous())
-    offset = torch.minimum(torch.searchsorted(within, residual[:, :, None], right=True), last_token)
-    return segment * SEGMENT + offset.squeeze(-1), total
+    residual = torch.minimum((targets - start).float().clamp_(min=0.0)[:, :, None], _just_below(within[:, :, -1:]))
+    offset = torch.searchsorted(within, residual, right=True)
+    return segment * SEGMENT + offset.squeeze(-1), total.squeeze(-1)
+
+
+def _just_below(ends: Any) -> Any:
+    """The largest values below positive ``ends`` (a cumulative sum's last entry)."""
+    import torch
+
+    return torch.nextafter(ends, torch.zeros_like(ends))
 
 
 def distinct_draws(drawn: Any) -> tuple[Any, Any, Any]:

@@ -39,6 +39,7 @@ from hf_capgap.artifacts import (
     atomic_write_json,
     json_sha256,
 )
+from hf_capgap.cache_format import SAMPLERS
 from hf_capgap.law import CapacityGapLaw, format_params, parse_params
 
 LEDGER_FILE = "ledger.jsonl"
@@ -96,6 +97,8 @@ class SweepConfig:
     temperature: float = field(default=1.0, metadata=_help("Softmax temperature of the divergence."))
     cache_mode: str = field(default="topk", metadata=_help("Teacher signal: topk or sampled TeacherCache, or online."))
     cache_k: int = field(default=64, metadata=_help("Logits (or draws) kept per position by the cache."))
+    cache_sampler: str = field(default="systematic", metadata=_help("How a sampled cache draws: systematic "
+                                                                   "(one uniform per position) or multinomial."))
     eval_rows: int = field(default=256, metadata=_help("Held-out packed rows every model is scored on."))
     calibration_rows: int = field(default=32, metadata=_help("Rows for the Taylor importance scores."))
     bf16: bool = field(default=False, metadata=_help("Train students in bf16 mixed precision (GPUs)."))
@@ -162,6 +165,8 @@ class SweepConfig:
             raise ValueError(f"cache_mode={self.cache_mode!r} must be one of {CACHE_MODES}.")
         if self.cache_mode == "sampled" and self.loss != "forward_kl":
             raise ValueError(f"cache_mode='sampled' estimates forward_kl only; got loss={self.loss!r}.")
+        if self.cache_sampler not in SAMPLERS:
+            raise ValueError(f"cache_sampler={self.cache_sampler!r} must be one of {SAMPLERS}.")
         if self.loss not in DIVERGENCES:
             raise ValueError(f"loss={self.loss!r} must be one of {', '.join(DIVERGENCES)}.")
         if not 0.0 <= self.alpha <= 1.0 or not self.temperature > 0:
@@ -479,6 +484,7 @@ def _build_cache(teacher: Any, train: Any, path: Path, config: SweepConfig, toke
         path,
         mode=config.cache_mode,
         k=config.cache_k,
+        sampler=config.cache_sampler,
         temperature=config.temperature,
         batch_size=config.batch_size,
         tokenizer=tokenizer,

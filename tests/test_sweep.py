@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_capgap.artifacts import ArtifactError
+from hf_capgap.artifacts import MANIFEST_NAME, ArtifactError
 from hf_capgap.sweep import (
     LAW_FAILURE_FILE,
     LAW_FILE,
@@ -52,6 +52,7 @@ def micro(tmp_path: Path, **overrides) -> SweepConfig:
         ({"learning_rate": 0}, "learning_rate"),
         ({"cache_mode": "dense"}, "cache_mode"),
         ({"cache_mode": "sampled", "loss": "jsd"}, "sampled"),
+        ({"cache_sampler": "stratified"}, "cache_sampler"),
         ({"loss": "mse"}, "loss"),
         ({"teachers": ["llama-9M"]}, "teachers"),
         ({"family": "opt"}, "family"),
@@ -160,9 +161,11 @@ def ladder_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def killed_and_resumed(tmp_path_factory, ladder_dir):
-    """A sweep subprocess SIGKILLed right after its first finished run, then run again to the end."""
+    """A sweep subprocess SIGKILLed right after its first finished run, then run again to the end,
+    distilling from sampled caches of independent draws (the default is systematic)."""
     out = tmp_path_factory.mktemp("micro") / "sweep"
-    overrides = {**FAST, "output_dir": str(out), "ladder_dir": str(ladder_dir)}
+    overrides = {**FAST, "output_dir": str(out), "ladder_dir": str(ladder_dir), "cache_mode": "sampled",
+                 "cache_sampler": "multinomial"}
     argv = [sys.executable, str(REPO / "recipes" / "sweep.py"), str(MICRO_YAML)]
     argv += [item for key, value in overrides.items() for item in (f"--{key}", value)]
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -210,6 +213,9 @@ def test_micro_sweep_records_and_law(killed_and_resumed):
         assert record["perplexity"] == pytest.approx(2.718281828 ** record["eval_loss"], rel=1e-6)
         assert record["settings"]["tokens_per_run"] == config.tokens_per_run
     out = Path(config.output_dir)
+    manifests = [json.loads(path.read_text()) for path in (out / "caches").glob(f"*/{MANIFEST_NAME}")]
+    assert len(manifests) == len({record["teacher"] for record in records})
+    assert {(m["mode"], m["k"], m["sampler"]) for m in manifests} == {("sampled", config.cache_k, "multinomial")}
     if (out / LAW_FILE).exists():
         assert (out / LAW_PLOT_FILE).stat().st_size > 0
         assert not (out / LAW_FAILURE_FILE).exists()
