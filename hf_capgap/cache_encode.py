@@ -90,6 +90,10 @@ def encode_batch(
         )
     vocab = spec["real_vocab_size"]
     head_rows, signal_rows = block_rows(vocab, signal_device)
+    # One buffer for every block's sampling weights: a fresh [positions, vocab] tensor per block costs
+    # a CPU page faults on each first write (glibc maps and unmaps allocations this large; the
+    # sampled signal ran 1.9x slower so), and an accelerator a second GiB of peak memory.
+    workspace = None if points is None else torch.empty((signal_rows, padded_width(vocab)), device=signal_device)
     parts, done = [], 0
     for block in position_blocks(pieces, head_rows):
         if head is None:
@@ -98,8 +102,11 @@ def encode_batch(
             bias = None if head.bias is None else head.bias[:vocab]
             logits = torch.nn.functional.linear(block.to(signal_device), head.weight[:vocab], bias)
         for part in logits.split(signal_rows):
-            values = part.float() if spec["temperature"] == 1.0 else part.float() / spec["temperature"]
-            parts.append(block_signal(values, spec, None if points is None else points[done : done + len(part)]))
+            values = part.float()  # the logits themselves when they are fp32: block_signal may overwrite them
+            if spec["temperature"] != 1.0:
+                values = values.div_(spec["temperature"])
+            block_points = None if points is None else points[done : done + len(part)]
+            parts.append(block_signal(values, spec, block_points, workspace))
             done += len(part)
     if not parts:  # no labelled position in the whole batch: empty signal columns of the right types
         parts.append(block_signal(torch.zeros((0, vocab), device=signal_device), spec, points))
@@ -175,22 +182,26 @@ def sampling_points(positions: int, draws: int, sampler: str, generator: Any, de
     return (offsets + torch.arange(draws, device=device, dtype=torch.float64)) / draws
 
 
-def block_signal(values: Any, spec: dict[str, Any], points: Any = None) -> dict[str, np.ndarray]:
-    """The stored signal of a block of tempered teacher logits ``values`` [positions, vocab] (fp32).
+def block_signal(values: Any, spec: dict[str, Any], points: Any = None, workspace: Any = None) -> dict[str, np.ndarray]:
+    """The stored signal of a block of tempered teacher logits ``values`` [positions, vocab] (fp32),
+    which it overwrites. Sampling writes its weights into ``workspace`` (fp32, at least [positions,
+    padded_width(vocab)]) when given.
 
     Each pass over [positions, vocab] counts (with a small teacher they cost as much as its forward),
-    so each mode makes as few as it can.
+    so each mode makes as few as it can, and none allocates a [positions, vocab] temporary.
     """
     import torch
 
     if spec["mode"] == "sampled":
         positions, vocab = values.shape
         top = values.amax(dim=-1, keepdim=True)
-        # Unnormalised probabilities, written into a buffer padded with zero weights to whole segments.
-        padded = values.new_empty((positions, -(-vocab // SEGMENT) * SEGMENT))
+        # Unnormalised probabilities, padded with zero weights to whole segments.
+        if workspace is None:
+            workspace = values.new_empty((positions, padded_width(vocab)))
+        padded = workspace[:positions]
         padded[:, vocab:] = 0.0
         weights = torch.sub(values, top, out=padded[:, :vocab]).exp_()
-        weighted_logits = torch.linalg.vecdot(weights, values)
+        weighted_logits = values.mul_(weights).sum(dim=-1)
         drawn, total = inverse_cdf(padded, points)
         # H = -sum p log p with log p = z - top - log total, p = weights / total.
         entropy = top.squeeze(-1) + total.log() - weighted_logits / total
@@ -203,7 +214,7 @@ def block_signal(values: Any, spec: dict[str, Any], points: Any = None) -> dict[
         }
     if spec["mode"] == "topk":
         top_logits, ids = values.topk(spec["k"], dim=-1)
-        weights = (values - top_logits[:, :1]).exp_()  # unnormalised probabilities
+        weights = values.sub_(top_logits[:, :1]).exp_()  # unnormalised probabilities
         log_total = weights.sum(dim=-1, keepdim=True).log_()
         # Exact tail mass: the sum of the weights outside the top-k (no 1 - sum cancellation).
         tail = weights.scatter_(-1, ids, 0.0).sum(dim=-1, keepdim=True).log_().sub_(log_total)
@@ -213,6 +224,11 @@ def block_signal(values: Any, spec: dict[str, Any], points: Any = None) -> dict[
             "tail_logprob": tail.squeeze(-1).clamp_(min=LOGPROB_FLOOR).cpu().numpy(),
         }
     return {"logprobs": _stored_values(torch.log_softmax(values, dim=-1), spec)}
+
+
+def padded_width(vocab: int) -> int:
+    """``vocab`` rounded up to whole sampling segments."""
+    return -(-vocab // SEGMENT) * SEGMENT
 
 
 def inverse_cdf(weights: Any, points: Any) -> tuple[Any, Any]:
