@@ -132,6 +132,8 @@ class MinimaConfig:
     )
     cache_mode: str = field(default="topk", metadata=_help("TeacherCache mode: topk, sampled or dense."))
     cache_k: int = field(default=64, metadata=_help("Logits kept per position by the cache (topk/sampled)."))
+    cache_sampler: str = field(default="systematic", metadata=_help("How a sampled cache draws: systematic (one "
+                                                                   "uniform per position) or multinomial."))
     baseline: bool = field(
         default=True,
         metadata=_help("Also train the same-size student from scratch on the same tokens (the comparison the "
@@ -261,6 +263,7 @@ def _check_types(config: MinimaConfig) -> None:
 
 def check_values(config: MinimaConfig) -> None:
     """Reject impossible settings by field name; nothing is loaded, built or trained here."""
+    from hf_capgap.cache_format import SAMPLERS
     from hf_capgap.ladder import LADDERS
     from hf_capgap.losses import DIVERGENCES
     from hf_capgap.pruning import LAYER_SELECTIONS
@@ -301,6 +304,8 @@ def check_values(config: MinimaConfig) -> None:
         raise ValueError(f"cache_mode={config.cache_mode!r} must be topk, sampled or dense.")
     if config.cache_mode == "sampled" and config.loss != "forward_kl":
         raise ValueError(f"cache_mode='sampled' estimates forward_kl only; got loss={config.loss!r}.")
+    if config.cache_sampler not in SAMPLERS:
+        raise ValueError(f"cache_sampler={config.cache_sampler!r} must be one of {SAMPLERS}.")
     if config.teacher_cache and config.streaming:
         raise ValueError("teacher_cache needs a fixed set of training rows; set streaming: false or teacher_cache: false.")
     if not config.run_name or "/" in config.run_name or config.run_name.startswith("."):

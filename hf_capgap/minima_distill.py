@@ -84,6 +84,8 @@ def _train_resumably(trainer: Any, checkpoints: Path, final: Path, tokenizer: An
 
 def _teacher_cache_path(config: MinimaConfig, data: RunData, teacher_id: str) -> Path:
     inputs = [teacher_id, data.identity, config.cache_mode, config.cache_k, config.temperature]
+    if config.cache_mode == "sampled":
+        inputs.append(config.cache_sampler)
     return config.work_dir / f"cache-{json_sha256(inputs)[:12]}"
 
 
@@ -115,7 +117,7 @@ def distill_stage(config: MinimaConfig, plan: Plan, teacher: Any, student_dir: P
 
         # Prepared with the trainer's own arguments, so the cached rows are the rows it trains on.
         TeacherCache.build(teacher, data.train, cache_path, mode=config.cache_mode, k=config.cache_k,
-                           temperature=config.temperature, batch_size=config.eval_batch_size,
+                           sampler=config.cache_sampler, temperature=config.temperature, batch_size=config.eval_batch_size,
                            tokenizer=data.tokenizer, args=args)
     trainer = DistillationTrainer(
         # fp32 master weights (bf16 runs through autocast), whatever dtype the pruned folder was saved in

@@ -186,6 +186,7 @@ def kill_after_first_checkpoint(monkeypatch, work):
         ({"push_to_hub": "me/student"}, "push_to_hub='me/student' needs the Hugging Face Hub"),
         ({"push_to_hub": "student"}, "must be 'namespace/name'"),
         ({"ladder": "huge"}, "ladder='huge' is unknown"),
+        ({"cache_sampler": "stratified"}, "cache_sampler='stratified' must be one of"),
     ],
 )
 def test_config_errors_stop_before_any_work(tmp_path, no_work, overrides, message):
