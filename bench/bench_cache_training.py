@@ -232,6 +232,8 @@ def main() -> None:
         "sampled 16/32/64-draw caches, and print each setting's held-out CE difference to online and to "
         "format 1's sampled-64 per initialisation, with its mean and standard error",
     )
+    parser.add_argument("--study-only", action="store_true",
+                        help="run only the --student-seeds study (with longer --steps, say), not the tables before it")
     args = parser.parse_args()
     torch.set_num_threads(2)
     started = time.perf_counter()
@@ -252,6 +254,14 @@ def main() -> None:
     def student(seed: int = 1) -> LlamaForCausalLM:
         return llama(len(tokenizer), hidden=64, layers=2, seed=seed, seq_len=args.seq_len)
 
+    if args.study_only:
+        print(f"teacher {sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M params, held-out CE {teacher_ce:.3f}, "
+              f"mean entropy {entropy:.2f} nats; students distilled {args.steps} steps (batch {BATCH} x seq "
+              f"{args.seq_len}, alpha=1 forward KL); held-out: {args.eval_rows} validation rows")
+        print_student_seed_study(args.student_seeds, {}, teacher, student, student_rows, tokenizer, config, work,
+                                 args.build_batch, eval_rows)  # fmt: skip
+        print(f"\nwall time {time.perf_counter() - started:.0f} s")
+        return
     forward_s = min(plain_forward_seconds(teacher, student_rows, tokenizer, config("forward"), args.build_batch)
                     for _ in range(2))  # fmt: skip
     build_tokens = len(student_rows) * args.seq_len
@@ -387,6 +397,7 @@ def print_student_seed_study(seeds, results, teacher, student, rows, tokenizer, 
     """Held-out CE differences between signals, paired by student initialisation (the main table's is the
     first): tells a difference of teacher signal from one of training trajectory."""
     scores: dict[str, list[float]] = {}
+    signal_bytes = {name: r["bytes"] for name, r in results.items() if "bytes" in r}
     for setting in STUDY:
         name = "online" if setting == "online" else f"sampled k={setting[0]} {setting[1]}"
         scores[name] = [results[name]["ce"]] if name in results else []
@@ -397,8 +408,10 @@ def print_student_seed_study(seeds, results, teacher, student, rows, tokenizer, 
                     distill(model, rows, tokenizer, config(f"{name} init {seed}"), teacher=teacher)
                 else:
                     path = Path(caches) / "cache"
-                    TeacherCache.build(teacher, rows, path, tokenizer=tokenizer, args=config(name), mode="sampled",
-                                       k=setting[0], sampler=setting[1], seed=seed, batch_size=batch, progress=False)
+                    cache = TeacherCache.build(teacher, rows, path, tokenizer=tokenizer, args=config(name),
+                                               mode="sampled", k=setting[0], sampler=setting[1], seed=seed,
+                                               batch_size=batch, progress=False)  # fmt: skip
+                    signal_bytes.setdefault(name, cache.bytes_per_token)
                     distill(model, rows, tokenizer, config(f"{name} init {seed}", teacher_cache=str(path)))
             scores[name].append(held_out(model, teacher, eval_rows)[0])
 
@@ -408,17 +421,23 @@ def print_student_seed_study(seeds, results, teacher, student, rows, tokenizer, 
         return float(diffs.mean()), float(diffs.std() / len(diffs) ** 0.5)
 
     old = OLD_SAMPLED
-    print(f"\nstudents of {seeds + 1} initialisations (the first is the table above), each sampled cache drawn with "
-          "its own seed; differences paired by initialisation, mean +- standard error:")
-    print("| signal | held-out CE per initialisation | CE vs online | CE vs format-1 sampled-64 |")
-    print("|---|---|---:|---:|")
+    first = " (the first is the table above)" if results else ""
+    print(f"\nstudents of {seeds + 1} initialisations{first}, each sampled cache drawn with its own seed; "
+          "differences paired by initialisation, mean +- standard error:")
+    print("| signal | B/token | held-out CE per initialisation | CE vs online | CE vs format-1 sampled-64 |")
+    print("|---|---:|---|---:|---:|")
     for name, values in scores.items():
         versus = [paired(name, reference) if name != reference else None for reference in ("online", old)]
-        print(f"| {name} | {', '.join(f'{ce:.4f}' for ce in values)} | "
+        size = f"{signal_bytes[name]:.1f}" if name in signal_bytes else "-"
+        print(f"| {name} | {size} | {', '.join(f'{ce:.4f}' for ce in values)} | "
               + " | ".join("-" if v is None else f"{v[0]:+.2%} +- {v[1]:.2%}" for v in versus) + " |")
     candidates = [name for name in scores if name not in ("online", old)
-                  and results.get(name, {}).get("bytes", 0) <= format1_bytes("sampled", 64) / 4]  # fmt: skip
+                  and signal_bytes[name] <= format1_bytes("sampled", 64) / 4]  # fmt: skip
     matching = [name for name in candidates if paired(name, old)[0] <= 0]
+    within = [name for name in scores if name != "online" and signal_bytes[name] <= BYTES_GOAL
+              and paired(name, "online")[0] <= QUALITY_GOAL]  # fmt: skip
+    print(f"goal some setting <= {BYTES_GOAL} B/token with held-out CE within {QUALITY_GOAL:.1%} of online, on the mean "
+          f"over initialisations: {'met by ' + ', '.join(within) if within else 'NOT met'}")
     print(f"goal format-1 sampled-64 quality at <= {format1_bytes('sampled', 64) / 4:.0f} B/token, on the mean over "
           f"initialisations: {'met by ' + ', '.join(matching) if matching else 'NOT met'}")
 
