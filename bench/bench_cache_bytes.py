@@ -7,10 +7,14 @@ format-1 layout of the same setting (k fixed slots per position: sampled 5k byte
 count + fp16 log-prob per slot; top-k 4k + 4), computed since the format-1 writer is gone.
 
 For sampled caches (systematic draws, the default, and independent multinomial draws, which format 1
-stored) it also reports how many distinct ids a position holds (what format 2 pays for)
-and what storing each drawn id's fp16 log-prob would add (2 bytes per distinct id) against the 2
+stored) it also reports how many distinct ids a position holds (what format 2 pays for), the share
+of them drawn exactly once (whose uint8 count a sparser layout could leave out), and what storing each drawn id's fp16 log-prob would add (2 bytes per distinct id) against the 2
 bytes per position of the teacher entropy that format 2 stores instead: the gradient needs neither,
 the logged KL value needs one of them.
+
+Last, for systematic draws: how much of the sampled signal's variance comes from the tokens k draws
+always reach (k p >= 1), the part an exact-top-few + sampled-tail hybrid could remove. A token of
+k p = n + f draws n or n + 1 times, so its count / k has variance f (1 - f) / k^2.
 
     python bench/bench_cache_bytes.py
 """
@@ -47,8 +51,8 @@ def main() -> None:
           f"vocabulary {len(tokenizer)}, the bench teacher of bench_cache_training.py")
     print("baseline: format 1 of the same setting (k fixed slots per position)\n")
     print("| mode | k / draws | sampler | format 2 signal B/token | file B/token | format 1 B/token | format 2 / format 1 |"
-          " distinct ids per position: mean / median / p90 | + per-id fp16 log-probs would add |")
-    print("|---|---:|---|---:|---:|---:|---:|---|---:|")
+          " distinct ids per position: mean / median / p90 | + per-id fp16 log-probs would add | ids drawn once |")
+    print("|---|---:|---|---:|---:|---:|---:|---|---:|---:|")
     with tempfile.TemporaryDirectory() as workdir:
         for mode, k, sampler in SETTINGS:
             cache = TeacherCache.build(teacher, eval_rows, Path(workdir) / f"{mode}-{k}-{sampler}", tokenizer=tokenizer,
@@ -56,15 +60,40 @@ def main() -> None:
                                        progress=False)  # fmt: skip
             file_bytes = sum(shard["bytes"] for shard in cache.manifest["shards"]) / cache.manifest["num_positions"]
             old = format1_bytes(mode, k)
-            distinct, extra = "-", "-"
+            distinct, extra, once = "-", "-", "-"
             if mode == "sampled":
                 sizes = np.concatenate([np.asarray(row) for row in cache.dataset["sample_sizes"]])
+                counts = np.concatenate([np.asarray(row) for row in cache.dataset["sample_counts"]])
                 distinct = f"{sizes.mean():.1f} / {np.median(sizes):.0f} / {np.percentile(sizes, 90):.0f}"
                 extra = f"{2 * sizes.mean():.1f} B"
+                once = f"{(counts == 1).mean():.0%}"
             print(f"| {mode} | {k} | {sampler or '-'} | {cache.bytes_per_token:.1f} | {file_bytes:.1f} | {old} |"
-                  f" {cache.bytes_per_token / old:.2f} | {distinct} | {extra} |")  # fmt: skip
+                  f" {cache.bytes_per_token / old:.2f} | {distinct} | {extra} | {once} |")  # fmt: skip
+    print_certain_token_variance(teacher, eval_rows)
     print(f"\ndense fp16 would store {2 * len(tokenizer)} B/token; DistillKit publishes ~{DISTILLKIT_TOP128_BYTES} "
           f"B/token for its compressed top-128 format; goal of issue 13: a setting <= {BYTES_GOAL} B/token")
+
+
+@torch.inference_mode()
+def print_certain_token_variance(teacher, rows, chunk: int = 8) -> None:
+    """Per position, the tokens systematic draws always reach and their share of the count variance."""
+    print("\n| systematic draws | tokens always drawn per position (k p >= 1) | their mass | their share of the count variance |")
+    print("|---:|---:|---:|---:|")
+    ids = torch.tensor(rows["input_ids"], dtype=torch.long)
+    for draws in (16, 32, 64):
+        certain = mass = head = total = 0.0
+        for low in range(0, len(ids), chunk):
+            probs = torch.softmax(teacher(ids[low : low + chunk]).logits[:, :-1].float(), dim=-1)
+            scaled = probs * draws
+            fraction = scaled - scaled.floor()
+            variance = fraction * (1 - fraction) / draws**2
+            always = scaled >= 1
+            certain += always.sum().item()
+            mass += (probs * always).sum().item()
+            head += (variance * always).sum().item()
+            total += variance.sum().item()
+        positions = len(ids) * (ids.shape[1] - 1)
+        print(f"| {draws} | {certain / positions:.2f} | {mass / positions:.3f} | {head / total:.1%} |")
 
 
 if __name__ == "__main__":
