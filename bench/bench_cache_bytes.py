@@ -8,9 +8,10 @@ count + fp16 log-prob per slot; top-k 4k + 4), computed since the format-1 write
 
 For sampled caches (systematic draws, the default, and independent multinomial draws, which format 1
 stored) it also reports how many distinct ids a position holds (what format 2 pays for), the share
-of them drawn exactly once (whose uint8 count a sparser layout could leave out), and what storing each drawn id's fp16 log-prob would add (2 bytes per distinct id) against the 2
-bytes per position of the teacher entropy that format 2 stores instead: the gradient needs neither,
-the logged KL value needs one of them.
+of them drawn exactly once (whose uint8 count a sparser layout could leave out), and what storing
+each drawn id's fp16 log-prob would add (2 bytes per distinct id) against the 2 bytes per position
+of the teacher entropy that format 2 stores instead: the gradient needs neither, the logged KL
+value needs one of them.
 
 Last, for systematic draws: how much of the sampled signal's variance comes from the tokens k draws
 always reach (k p >= 1), the part an exact-top-few + sampled-tail hybrid could remove. A token of
@@ -77,7 +78,8 @@ def main() -> None:
 @torch.inference_mode()
 def print_certain_token_variance(teacher, rows, chunk: int = 8) -> None:
     """Per position, the tokens systematic draws always reach and their share of the count variance."""
-    print("\n| systematic draws | tokens always drawn per position (k p >= 1) | their mass | their share of the count variance |")
+    print("\n| systematic draws | tokens always drawn per position (k p >= 1) | their mass |"
+          " their share of the count variance |")
     print("|---:|---:|---:|---:|")
     ids = torch.tensor(rows["input_ids"], dtype=torch.long)
     for draws in (16, 32, 64):

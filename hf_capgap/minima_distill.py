@@ -117,8 +117,8 @@ def distill_stage(config: MinimaConfig, plan: Plan, teacher: Any, student_dir: P
 
         # Prepared with the trainer's own arguments, so the cached rows are the rows it trains on.
         TeacherCache.build(teacher, data.train, cache_path, mode=config.cache_mode, k=config.cache_k,
-                           sampler=config.cache_sampler, temperature=config.temperature, batch_size=config.eval_batch_size,
-                           tokenizer=data.tokenizer, args=args)
+                           sampler=config.cache_sampler, temperature=config.temperature,
+                           batch_size=config.eval_batch_size, tokenizer=data.tokenizer, args=args)
     trainer = DistillationTrainer(
         # fp32 master weights (bf16 runs through autocast), whatever dtype the pruned folder was saved in
         model=AutoModelForCausalLM.from_pretrained(student_dir, use_safetensors=True, dtype=torch.float32),
