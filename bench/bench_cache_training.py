@@ -53,8 +53,8 @@ CACHES = (
     + [("sampled", k, "systematic") for k in (4, 8, 16, 32, 64)]
     + [("sampled", k, "multinomial") for k in (16, 64)]
 )
-STUDY = ["online", (64, "multinomial"), (16, "systematic"), (32, "systematic"), (64, "systematic")]
-"""Signals distilled from by --student-seeds: online, format 1's sampled-64 and the candidates below its bytes."""
+STUDY = ["16:systematic", "32:systematic", "64:systematic"]
+"""Sampled caches (draws:sampler) the --student-seeds study compares with online and format 1's sampled-64."""
 SPREAD = [(k, "systematic") for k in (8, 16, 32, 64)] + [(k, "multinomial") for k in (16, 32, 64)]
 """Sampled settings rebuilt with other sampling seeds by --draw-seeds."""
 OLD_SAMPLED = "sampled k=64 multinomial"
@@ -232,6 +232,8 @@ def main() -> None:
         "sampled 16/32/64-draw caches, and print each setting's held-out CE difference to online and to "
         "format 1's sampled-64 per initialisation, with its mean and standard error",
     )
+    parser.add_argument("--study-signals", nargs="+", default=STUDY, metavar="DRAWS:SAMPLER",
+                        help="sampled caches of the --student-seeds study, besides online and 64:multinomial")
     parser.add_argument("--study-only", action="store_true",
                         help="run only the --student-seeds study (with longer --steps, say), not the tables before it")
     args = parser.parse_args()
@@ -258,8 +260,8 @@ def main() -> None:
         print(f"teacher {sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M params, held-out CE {teacher_ce:.3f}, "
               f"mean entropy {entropy:.2f} nats; students distilled {args.steps} steps (batch {BATCH} x seq "
               f"{args.seq_len}, alpha=1 forward KL); held-out: {args.eval_rows} validation rows")
-        print_student_seed_study(args.student_seeds, {}, teacher, student, student_rows, tokenizer, config, work,
-                                 args.build_batch, eval_rows)  # fmt: skip
+        print_student_seed_study(args.student_seeds, args.study_signals, {}, teacher, student, student_rows, tokenizer,
+                                 config, work, args.build_batch, eval_rows)  # fmt: skip
         print(f"\nwall time {time.perf_counter() - started:.0f} s")
         return
     forward_s = min(plain_forward_seconds(teacher, student_rows, tokenizer, config("forward"), args.build_batch)
@@ -329,8 +331,8 @@ def main() -> None:
         print_draw_seed_spread(args.draw_seeds, results, teacher, student, student_rows, tokenizer, config, work,
                                args.build_batch, eval_rows, online["ce"])  # fmt: skip
     if args.student_seeds:
-        print_student_seed_study(args.student_seeds, results, teacher, student, student_rows, tokenizer, config, work,
-                                 args.build_batch, eval_rows)  # fmt: skip
+        print_student_seed_study(args.student_seeds, args.study_signals, results, teacher, student, student_rows,
+                                 tokenizer, config, work, args.build_batch, eval_rows)  # fmt: skip
     print(f"\nwall time {time.perf_counter() - started:.0f} s")
 
 
@@ -393,12 +395,14 @@ def print_draw_seed_spread(seeds, results, teacher, student, rows, tokenizer, co
           f"{'met by ' + ', '.join(matching) if matching else 'NOT met'}")
 
 
-def print_student_seed_study(seeds, results, teacher, student, rows, tokenizer, config, work, batch, eval_rows):
+def print_student_seed_study(seeds, signals, results, teacher, student, rows, tokenizer, config, work, batch, eval_rows):
     """Held-out CE differences between signals, paired by student initialisation (the main table's is the
     first): tells a difference of teacher signal from one of training trajectory."""
     scores: dict[str, list[float]] = {}
     signal_bytes = {name: r["bytes"] for name, r in results.items() if "bytes" in r}
-    for setting in STUDY:
+    settings = ["online"] + [(int(draws), sampler) for draws, sampler in
+                             (signal.split(":") for signal in dict.fromkeys(["64:multinomial", *signals]))]  # fmt: skip
+    for setting in settings:
         name = "online" if setting == "online" else f"sampled k={setting[0]} {setting[1]}"
         scores[name] = [results[name]["ce"]] if name in results else []
         for seed in range(len(scores[name]), seeds + 1):
