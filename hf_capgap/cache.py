@@ -328,7 +328,7 @@ class TeacherCache:
                 keys[2]: _float(signal["tail_logprob"], False),
             }
         if self.mode == "sampled":
-            ids, counts = padded_samples(signal["sample_ids"], signal["sample_counts"], signal["sample_sizes"])
+            ids, counts = padded_samples(signal)
             return {keys[0]: _long(ids), keys[1]: _float(counts, False), keys[2]: _float(signal["entropy"], bf16)}
         return {keys[0]: _float(signal["logprobs"], bf16)}
 
@@ -357,14 +357,19 @@ class TeacherCache:
         )
 
 
-def padded_samples(ids: np.ndarray, counts: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Flat distinct ids / counts (``sizes[p]`` of them for position p) as [positions, max size] arrays
-    padded with id 0 and count 0, the shape the loss gathers with."""
-    sizes = sizes.astype(np.int64)
+def padded_samples(signal: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """A sampled signal's flat distinct ids (``sample_sizes[p]`` of them for position p) and their
+    counts (1 unless a repeat slot says otherwise) as [positions, max size] arrays padded with id 0
+    and count 0, the shape the loss gathers with."""
+    ids = signal["sample_ids"]
+    sizes = signal["sample_sizes"].astype(np.int64)
     width = int(sizes.max()) if len(sizes) else 0
     position = np.repeat(np.arange(len(sizes)), sizes)
     starts = np.cumsum(sizes) - sizes
     slot = np.arange(len(ids)) - np.repeat(starts, sizes)
+    counts = np.ones(len(ids), dtype=np.float32)
+    repeated_at = np.repeat(starts, signal["repeat_sizes"].astype(np.int64)) + signal["repeat_slots"]
+    counts[repeated_at] = signal["repeat_counts"]
     padded_ids = np.zeros((len(sizes), width), dtype=np.int64)
     padded_counts = np.zeros((len(sizes), width), dtype=np.float32)
     padded_ids[position, slot] = ids

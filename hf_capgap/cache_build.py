@@ -51,9 +51,11 @@ from hf_capgap.cache_format import (
 from hf_capgap.sft_data import has_labelled_position, make_collator, prepare_dataset, uses_padding_free
 from hf_capgap.vocabulary import check_logits_cover, vocabulary_fingerprint
 
-SAMPLED_POSITION_BYTES = 3
-"""Sampled storage per position: uint8 number of distinct ids + fp16 teacher entropy (and per distinct
-id: its id in the vocabulary's id type + a uint8 count)."""
+SAMPLED_POSITION_BYTES = 4
+"""Sampled storage per position: uint8 numbers of distinct and of repeated ids + fp16 teacher entropy
+(and per distinct id its id in the vocabulary's id type; per id drawn more than once, REPEAT_BYTES)."""
+REPEAT_BYTES = 2
+"""A uint8 slot and a uint8 count for each id drawn more than once."""
 
 SPEC_NAME = ".build_spec.json"
 """Settings of an unfinished build, so a rerun with other inputs cannot mix its shards in."""
@@ -80,9 +82,9 @@ def build_cache(
 ) -> None:
     """Write (or finish) the cache at ``path``; every input is checked before the teacher runs."""
     _check_options(mode, k, temperature, batch_size, shard_tokens, dtype, sampler)
-    if bytes_per_token is not None and (mode != "sampled" or not bytes_per_token >= SAMPLED_POSITION_BYTES + 5):
+    if bytes_per_token is not None and (mode != "sampled" or not bytes_per_token >= SAMPLED_POSITION_BYTES + 4):
         raise ValueError(
-            f"bytes_per_token={bytes_per_token!r} needs mode='sampled' and at least {SAMPLED_POSITION_BYTES + 5} "
+            f"bytes_per_token={bytes_per_token!r} needs mode='sampled' and at least {SAMPLED_POSITION_BYTES + 4} "
             "bytes (one draw); top-k and dense caches have fixed sizes (4k + 4 and 2 x vocabulary bytes)."
         )
     args = args if args is not None else default_preparation_args()
@@ -93,7 +95,7 @@ def build_cache(
     collator = make_collator(tokenizer, args)
     if bytes_per_token is not None:
         first = collator(row_dicts(rows.with_format("arrow")[:batch_size]))
-        per_id = np.dtype(id_dtype(real_vocab)).itemsize + 1
+        per_id = np.dtype(id_dtype(real_vocab)).itemsize
         k = draws_for_budget(teacher, first, real_vocab, temperature, bytes_per_token, per_id, sampler)
     if mode == "topk" and k > real_vocab:
         raise ValueError(
@@ -150,8 +152,10 @@ def draws_for_budget(
 
     Bytes grow with the *distinct* ids drawn, which depends on how peaked the teacher is: on the
     labelled positions of ``batch`` (the first rows of the dataset, so a rerun picks the same number)
-    k draws hold sum_v P(v drawn) distinct ids on average, each costing ``per_id`` bytes, where
-    P(v drawn) is 1 - (1 - p_v)^k for i.i.d. draws and min(1, k p_v) for systematic ones.
+    k draws hold sum_v P(v drawn) distinct ids on average, each costing ``per_id`` bytes, and
+    sum_v P(v drawn twice or more) repeated ones, each REPEAT_BYTES more. For systematic draws
+    P(drawn) = min(1, k p_v) and P(twice or more) = clip(k p_v - 1, 0, 1); for i.i.d. draws
+    1 - (1 - p_v)^k and that minus k p_v (1 - p_v)^(k - 1).
     """
     import torch
 
@@ -165,10 +169,13 @@ def draws_for_budget(
 
         def expected_bytes(draws: int) -> float:
             if sampler == "systematic":
-                distinct = (probs * draws).clamp_(max=1.0).sum(dim=-1).mean()
+                distinct = (probs * draws).clamp(max=1.0)
+                repeated = (probs * draws - 1.0).clamp(0.0, 1.0)
             else:
-                distinct = (1.0 - (1.0 - probs).pow(draws)).sum(dim=-1).mean()
-            return float(distinct) * per_id + SAMPLED_POSITION_BYTES
+                distinct = 1.0 - (1.0 - probs).pow(draws)
+                repeated = distinct - draws * probs * (1.0 - probs).pow(draws - 1)
+            per_position = distinct * per_id + repeated * REPEAT_BYTES
+            return float(per_position.sum(dim=-1).mean()) + SAMPLED_POSITION_BYTES
 
         low, high = 1, MAX_DRAWS  # expected bytes grow with the draws: bisect for the last that fits
         while low < high:

@@ -206,10 +206,13 @@ def block_signal(values: Any, spec: dict[str, Any], points: Any = None, workspac
         # H = -sum p log p with log p = z - top - log total, p = weights / total.
         entropy = top.squeeze(-1) + total.log() - weighted_logits / total
         ids, counts, sizes = distinct_draws(drawn)
+        slots, repeat_counts, repeat_sizes = repeated_draws(counts, sizes)
         return {
             "sample_ids": _ids(ids, spec),
-            "sample_counts": counts.cpu().numpy().astype(np.uint8),
             "sample_sizes": sizes.cpu().numpy().astype(np.uint8),
+            "repeat_slots": slots.cpu().numpy().astype(np.uint8),
+            "repeat_counts": repeat_counts.cpu().numpy().astype(np.uint8),
+            "repeat_sizes": repeat_sizes.cpu().numpy().astype(np.uint8),
             "entropy": _stored_values(entropy, spec),
         }
     if spec["mode"] == "topk":
@@ -278,6 +281,19 @@ def distinct_draws(drawn: Any) -> tuple[Any, Any, Any]:
     return drawn.reshape(-1)[starts], ends - starts, first.sum(dim=-1)
 
 
+def repeated_draws(counts: Any, sizes: Any) -> tuple[Any, Any, Any]:
+    """The ids drawn more than once among flat ``counts`` (``sizes[p]`` of them for position p): their
+    slots within their position, their counts, and how many each position has. Every other id was
+    drawn once, so its count need not be stored."""
+    import torch
+
+    repeated = counts > 1
+    starts = torch.cumsum(sizes, 0) - sizes
+    slots = torch.arange(len(counts), device=counts.device) - torch.repeat_interleave(starts, sizes)
+    position = torch.repeat_interleave(torch.arange(len(sizes), device=counts.device), sizes)
+    return slots[repeated], counts[repeated], torch.bincount(position[repeated], minlength=len(sizes))
+
+
 def _stored_values(values: Any, spec: dict[str, Any]) -> np.ndarray:
     import torch
 
@@ -315,10 +331,15 @@ def _record_batch(
     schema: pa.Schema,
 ) -> pa.RecordBatch:
     """The record batch of ``rows`` and their ``signal`` (flat over the rows' labelled positions,
-    ``positions[i]`` of them for row i; sampled ids and counts flat over their draws)."""
+    ``positions[i]`` of them for row i; sampled ids flat over their distinct draws, repeat slots and
+    counts over the ids drawn more than once)."""
+    lengths_of = {}
     if spec["mode"] == "sampled":
         row_of_position = np.repeat(np.arange(len(positions)), positions)
-        draws_per_row = np.bincount(row_of_position, weights=signal["sample_sizes"], minlength=len(positions))
+        for per_position, columns in (("sample_sizes", ("sample_ids",)),
+                                      ("repeat_sizes", ("repeat_slots", "repeat_counts"))):  # fmt: skip
+            per_row = np.bincount(row_of_position, weights=signal[per_position], minlength=len(positions))
+            lengths_of.update(dict.fromkeys(columns, per_row.astype(np.int64)))
     arrays = []
     for field in schema:
         item_type = field.type.value_type
@@ -328,6 +349,6 @@ def _record_batch(
             values, lengths = np.concatenate(parts), [len(part) for part in parts]
         else:
             values = signal[field.name]
-            lengths = draws_per_row.astype(np.int64) if field.name in ("sample_ids", "sample_counts") else positions
+            lengths = lengths_of.get(field.name, positions)
         arrays.append(_list_array(values.astype(leaf.to_pandas_dtype(), copy=False), lengths, item_type))
     return pa.RecordBatch.from_arrays(arrays, schema=schema)

@@ -21,10 +21,12 @@ import pyarrow as pa
 from hf_capgap.artifacts import ArtifactError
 
 KIND = "teacher_cache"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """2: variable-length rows, signal only at labelled positions, sampled ids + counts without padding
-slots, teacher entropy instead of per-sample log-probs. Version 1 caches are refused (rebuild). The
-manifest records the sampler (systematic or multinomial); the layout is the same for both."""
+slots, teacher entropy instead of per-sample log-probs. 3: a sampled id's count is implicit when it
+was drawn once (85-95% of them), stored only for the ids drawn more than once. Older caches are
+refused (rebuild). The manifest records the sampler (systematic or multinomial); the layout is the
+same for both."""
 
 MODES = ("topk", "sampled", "dense")
 DTYPES = ("float16", "bfloat16")
@@ -43,10 +45,11 @@ ROW_COLUMNS = ("input_ids", "labels", "seq_lengths")
 
 SIGNAL_COLUMNS: dict[str, tuple[str, ...]] = {
     "topk": ("topk_ids", "topk_logprobs", "tail_logprob"),
-    "sampled": ("sample_ids", "sample_counts", "sample_sizes", "entropy"),
+    "sampled": ("sample_ids", "sample_sizes", "repeat_slots", "repeat_counts", "repeat_sizes", "entropy"),
     "dense": ("logprobs",),
 }
-"""Per row, each a list over the row's labelled positions (sampled ids/counts: over their draws)."""
+"""Per row, each a list over the row's labelled positions (sampled ids: over their distinct draws;
+repeat slots and counts: over the ids drawn more than once)."""
 
 POSITION_COLUMN = {"topk": "tail_logprob", "sampled": "entropy", "dense": "logprobs"}
 """The signal column with exactly one entry per labelled position, which counts them."""
@@ -107,9 +110,11 @@ def shard_schema(spec: dict[str, Any]) -> pa.Schema:
         ]
     elif spec["mode"] == "sampled":
         fields += [
-            pa.field("sample_ids", pa.list_(ids)),  # distinct drawn ids, position after position
-            pa.field("sample_counts", pa.list_(pa.uint8())),  # draws of each of those ids
+            pa.field("sample_ids", pa.list_(ids)),  # distinct drawn ids, ascending, position after position
             pa.field("sample_sizes", pa.list_(pa.uint8())),  # distinct ids of each position
+            pa.field("repeat_slots", pa.list_(pa.uint8())),  # where, among its position's ids, one drawn twice+ is
+            pa.field("repeat_counts", pa.list_(pa.uint8())),  # and how often it was drawn (any other id: once)
+            pa.field("repeat_sizes", pa.list_(pa.uint8())),  # ids drawn more than once at each position
             pa.field("entropy", pa.list_(value)),  # teacher entropy: the KL value without log-probs
         ]
     else:

@@ -145,7 +145,8 @@ def test_the_builds_own_lm_head_blocks_equal_the_teachers_logits(teacher, datase
     assert not calls, "the model's own lm_head never ran: no [batch, seq, vocab] logits"
     for name in fused.dataset.column_names:
         ours, theirs = fused.dataset[name], plain.dataset[name]
-        if name in ("input_ids", "labels", "topk_ids", "sample_ids", "sample_counts", "sample_sizes"):
+        if name in ("input_ids", "labels", "topk_ids", "sample_ids", "sample_sizes", "repeat_slots", "repeat_counts",
+                    "repeat_sizes"):
             assert ours == theirs, name
         else:
             flat = [torch.tensor(row, dtype=torch.float32).reshape(-1) for row in (ours, theirs)]
@@ -238,7 +239,7 @@ def sampled_gradients(sampler: str, trials: int, draws: int = 4):
     for trial in range(trials):
         points = sampling_points(rows, draws, sampler, torch.Generator().manual_seed(trial), "cpu")
         signal = block_signal(teacher_logits / temperature, storage, points)
-        ids, counts = padded_samples(signal["sample_ids"], signal["sample_counts"], signal["sample_sizes"])
+        ids, counts = padded_samples(signal)
         grad, loss = gradient(SampledTeacher(torch.from_numpy(ids), torch.from_numpy(counts), entropy=entropy))
         grads.append(grad)
         losses.append(loss)
@@ -294,9 +295,8 @@ def test_bytes_per_token_budget_picks_the_draws(tmp_path):
         cache = TeacherCache.build(
             teacher, dataset, tmp_path / str(budget), mode="sampled", bytes_per_token=budget, progress=False
         )
-        distinct = sum(len(row["sample_ids"]) for row in cache.dataset)
         draws.append(cache.manifest["draws"])
-        stored.append((2 * distinct + 3 * cache.manifest["num_positions"]) / cache.manifest["num_positions"])
+        stored.append(cache.bytes_per_token)
     assert 1 < draws[0] < draws[1] <= 255
     assert stored[0] == pytest.approx(12, rel=0.2) and stored[1] == pytest.approx(24, rel=0.2)
 
@@ -429,8 +429,8 @@ def test_old_format_is_refused_with_a_rebuild_message(teacher, dataset, tmp_path
     path = tmp_path / "c"
     TeacherCache.build(teacher, dataset, path, k=4, progress=False)
     manifest = json.loads((path / "capgap_manifest.json").read_text())
-    (path / "capgap_manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
-    with pytest.raises(ArtifactError, match="format_version is 1.*reads 2; rebuild"):
+    (path / "capgap_manifest.json").write_text(json.dumps({**manifest, "format_version": 2}))
+    with pytest.raises(ArtifactError, match="format_version is 2.*reads 3; rebuild"):
         TeacherCache.load(path)
 
 
@@ -564,12 +564,13 @@ def test_shards_are_plain_arrow_streams_and_the_manifest_says_how_they_were_made
     cache = TeacherCache.build(teacher, dataset, tmp_path / "c", mode="sampled", k=16, progress=False)
     with pa.memory_map(str(cache.path / "shard-00000.arrow")) as source:
         table = pa.ipc.open_stream(source).read_all()
-    assert table.column_names == ["input_ids", "labels", "sample_ids", "sample_counts", "sample_sizes", "entropy"]
-    assert str(table.schema.field("sample_counts").type) == "list<item: uint8>"
+    assert table.column_names == ["input_ids", "labels", "sample_ids", "sample_sizes", "repeat_slots", "repeat_counts",
+                                  "repeat_sizes", "entropy"]
+    assert str(table.schema.field("repeat_counts").type) == "list<item: uint8>"
     assert sum(s["bytes"] for s in cache.manifest["shards"]) == sum(p.stat().st_size for p in cache.path.glob("shard-*"))
     m = cache.manifest
     assert (m["format_version"], m["mode"], m["draws"], m["sampler"], m["real_vocab_size"], m["teacher_dtype"]) == (
-        2, "sampled", 16, "systematic", VOCAB_SIZE, "float32",
+        3, "sampled", 16, "systematic", VOCAB_SIZE, "float32",
     )  # fmt: skip
     assert m["teacher_fingerprint"] == model_fingerprint(teacher) and m["dataset_fingerprint"]
 
