@@ -192,8 +192,8 @@ class TeacherCache:
         all but exact); ``multinomial`` draws independently. Both are unbiased; systematic draws
         have less variance at the same bytes (bench/results/cache_training.md). ``bytes_per_token`` (sampled only) picks
         ``k`` instead: the most draws whose expected signal, measured on the first batch, fits that
-        many bytes per position (bench/results/cache_bytes.md tabulates draws -> bytes; 16 draws of a
-        32,000-token teacher: ~40 B). Resumable: rerunning after a crash keeps
+        many bytes per position (bench/results/cache_bytes.md tabulates draws -> bytes; 16 systematic
+        draws of a 32,000-token teacher: ~32 B). Resumable: rerunning after a crash keeps
         finished shards. Under accelerate/torch.distributed each rank builds its share of shards. A
         complete cache with the same settings is reused as is; one with other settings is refused
         unless ``overwrite=True``.
