@@ -1,16 +1,17 @@
-"""On-disk bytes per cached token of each TeacherCache setting: format 3 (measured) vs formats 2 and 1.
+"""On-disk bytes per cached token of each TeacherCache setting: format 4 (measured) vs formats 3 and 1.
 
 Uses the trained teacher of ``bench_cache_training.py`` (same settings: trained once and saved, or
 loaded when that script already ran) at a realistic vocabulary (default 32,000) over --rows held-out
 rows of the embedded corpus, writes real caches and reads the sizes back from disk. Baselines: the
 format-1 layout of the same setting (k fixed slots per position: sampled 5k bytes = uint16 id + uint8
-count + fp16 log-prob per slot; top-k 4k + 4) and, for sampled caches, format 2 (a uint8 count for
-every distinct id: (id bytes + 1) per distinct id + 3 per position), both computed from the same
-draws since their writers are gone.
+count + fp16 log-prob per slot; top-k 4k + 4) and, for sampled caches, format 3 (each distinct id in
+the vocabulary's id type, 2 bytes below 65,536 tokens and 4 above, instead of format 4's varint-coded
+gaps; the rest the same), both computed from the same draws since their writers are gone.
 
 For sampled caches (systematic draws, the default, and independent multinomial draws, which format 1
-stored) it also reports how many distinct ids a position holds (what the bytes pay for), the share
-of them drawn exactly once (whose count format 3 leaves implicit), and what storing
+stored) it also reports how many distinct ids a position holds (what the bytes pay for), the bytes
+each coded id takes, the share of them drawn exactly once (whose count formats 3 and 4 leave
+implicit), and what storing
 each drawn id's fp16 log-prob would add (2 bytes per distinct id) against the 2 bytes per position
 of the teacher entropy stored instead: the gradient needs neither, the logged KL
 value needs one of them.
@@ -53,10 +54,10 @@ def main() -> None:
     print(f"teacher cache bytes per labelled position: {args.rows} held-out rows x {args.seq_len - 1} positions, "
           f"vocabulary {len(tokenizer)}, the bench teacher of bench_cache_training.py")
     print("baseline: format 1 of the same setting (k fixed slots per position)\n")
-    print("| mode | k / draws | sampler | format 3 signal B/token | file B/token | format 2 B/token | format 1 B/token |"
-          " format 3 / format 1 | distinct ids per position: mean / median / p90 | + per-id fp16 log-probs would add |"
-          " ids drawn once |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|")
+    print("| mode | k / draws | sampler | format 4 signal B/token | file B/token | format 3 B/token | format 1 B/token |"
+          " format 4 / format 1 | distinct ids per position: mean / median / p90 | B per coded id |"
+          " + per-id fp16 log-probs would add | ids drawn once |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as workdir:
         for mode, k, sampler in SETTINGS:
             cache = TeacherCache.build(teacher, eval_rows, Path(workdir) / f"{mode}-{k}-{sampler}", tokenizer=tokenizer,
@@ -64,16 +65,18 @@ def main() -> None:
                                        progress=False)  # fmt: skip
             file_bytes = sum(shard["bytes"] for shard in cache.manifest["shards"]) / cache.manifest["num_positions"]
             old = format1_bytes(mode, k)
-            distinct, extra, once, format2 = "-", "-", "-", f"{cache.bytes_per_token:.1f}"
+            distinct, per_id, extra, once, format3 = "-", "-", "-", "-", f"{cache.bytes_per_token:.1f}"
             if mode == "sampled":
-                sizes = np.concatenate([np.asarray(row) for row in cache.dataset["sample_sizes"]])
-                repeated = np.concatenate([np.asarray(row) for row in cache.dataset["repeat_sizes"]])
+                sizes, repeated, gaps = (np.concatenate([np.asarray(row) for row in cache.dataset[name]])
+                                         for name in ("sample_sizes", "repeat_sizes", "sample_id_gaps"))  # fmt: skip
                 distinct = f"{sizes.mean():.1f} / {np.median(sizes):.0f} / {np.percentile(sizes, 90):.0f}"
+                per_id = f"{len(gaps) / sizes.sum():.2f}"
                 extra = f"{2 * sizes.mean():.1f} B"
                 once = f"{1 - repeated.sum() / sizes.sum():.0%}"
-                format2 = f"{(np.dtype(cache.manifest['id_dtype']).itemsize + 1) * sizes.mean() + 3:.1f}"
-            print(f"| {mode} | {k} | {sampler or '-'} | {cache.bytes_per_token:.1f} | {file_bytes:.1f} | {format2} |"
-                  f" {old} | {cache.bytes_per_token / old:.2f} | {distinct} | {extra} | {once} |")  # fmt: skip
+                id_bytes = np.dtype(cache.manifest["id_dtype"]).itemsize
+                format3 = f"{cache.bytes_per_token + (id_bytes * sizes.sum() - len(gaps)) / len(sizes):.1f}"
+            print(f"| {mode} | {k} | {sampler or '-'} | {cache.bytes_per_token:.1f} | {file_bytes:.1f} | {format3} |"
+                  f" {old} | {cache.bytes_per_token / old:.2f} | {distinct} | {per_id} | {extra} | {once} |")  # fmt: skip
     print_certain_token_variance(teacher, eval_rows)
     print(f"\ndense fp16 would store {2 * len(tokenizer)} B/token; DistillKit publishes ~{DISTILLKIT_TOP128_BYTES} "
           f"B/token for its compressed top-128 format; goal of issue 13: a setting <= {BYTES_GOAL} B/token")

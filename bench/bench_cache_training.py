@@ -9,15 +9,15 @@ default 32,000; rows packed to --seq-len tokens):
    the teacher signal is all the student learns from; same data order) from
    online (baseline)      the teacher model run at every step, full distribution;
    topk k                 a TeacherCache with the k likeliest tokens + exact tail mass;
-   sampled k <sampler>    a TeacherCache with k unbiased draws per position (format 3: the distinct
-                          ids, the counts of those drawn more than once, the teacher entropy per
-                          position), drawn at evenly
+   sampled k <sampler>    a TeacherCache with k unbiased draws per position (format 4: the distinct
+                          ids as varint-coded gaps, the counts of those drawn more than once, the
+                          teacher entropy per position), drawn at evenly
                           spaced points from one random offset (systematic, the default) or
                           independently (multinomial, as format 1 did).
-   Bytes: on-disk bytes of the teacher signal per labelled position (format 3, measured), and what
+   Bytes: on-disk bytes of the teacher signal per labelled position (format 4, measured), and what
    format 1 stored for the same setting (fixed k slots per position: sampled 5k bytes, top-k 4k + 4:
-   computed, the format-1 writer is gone). Formats 1-3 store the same multinomial draws, so such a
-   student's quality is the same under all three; only the bytes differ.
+   computed, the format-1 writer is gone). Formats 1-4 store the same multinomial draws, so such a
+   student's quality is the same under all of them; only the bytes differ.
    Quality: the student's cross-entropy on held-out rows; ratio against online.
 3. Speed: training tokens/s over the steps after --warmup (cache build excluded; it is paid once
    per teacher and reused by every student) against plain cross-entropy training of the same
@@ -300,7 +300,7 @@ def main() -> None:
           f"steps (batch {BATCH} x seq {args.seq_len}, alpha=1 forward KL); held-out: {args.eval_rows} validation rows")
     print("quality baseline: online teacher; training speed baseline: plain CE training of the same student; "
           f"build speed baseline: plain teacher forward over the same rows ({forward_tokens_per_s:.0f} tokens/s)\n")
-    print("| student trained with | signal B/token (format 3) | format 1 B/token | held-out CE | CE / online |"
+    print("| student trained with | signal B/token (format 4) | format 1 B/token | held-out CE | CE / online |"
           " KL(teacher||student) / online | train tokens/s / plain CE | build tokens/s / plain forward |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in results.items():

@@ -38,6 +38,7 @@ from hf_capgap.cache_format import (
     SIGNAL_COLUMNS,
     TEACHER_BATCH_KEYS,
     arrow_row_count,
+    decode_id_gaps,
     row_dicts,
 )
 
@@ -358,11 +359,11 @@ class TeacherCache:
 
 
 def padded_samples(signal: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """A sampled signal's flat distinct ids (``sample_sizes[p]`` of them for position p) and their
+    """A sampled signal's distinct ids (coded gaps, ``sample_sizes[p]`` ids for position p) and their
     counts (1 unless a repeat slot says otherwise) as [positions, max size] arrays padded with id 0
     and count 0, the shape the loss gathers with."""
-    ids = signal["sample_ids"]
     sizes = signal["sample_sizes"].astype(np.int64)
+    ids = decode_id_gaps(signal["sample_id_gaps"], sizes)
     width = int(sizes.max()) if len(sizes) else 0
     position = np.repeat(np.arange(len(sizes)), sizes)
     starts = np.cumsum(sizes) - sizes

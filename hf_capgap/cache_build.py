@@ -12,12 +12,11 @@ import contextlib
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
 from hf_capgap.artifacts import (
@@ -29,7 +28,7 @@ from hf_capgap.artifacts import (
     model_fingerprint,
     write_manifest,
 )
-from hf_capgap.cache_encode import encode_batch
+from hf_capgap.cache_encode import LabelledStates, encode_batch
 from hf_capgap.cache_format import (
     DTYPES,
     FORMAT_VERSION,
@@ -39,6 +38,7 @@ from hf_capgap.cache_format import (
     MODES,
     POSITION_COLUMN,
     ROW_COLUMNS,
+    SAMPLED_POSITION_BYTES,
     SAMPLERS,
     SIGNAL_COLUMNS,
     ShardPlan,
@@ -50,12 +50,6 @@ from hf_capgap.cache_format import (
 )
 from hf_capgap.sft_data import has_labelled_position, make_collator, prepare_dataset, uses_padding_free
 from hf_capgap.vocabulary import check_logits_cover, vocabulary_fingerprint
-
-SAMPLED_POSITION_BYTES = 4
-"""Sampled storage per position: uint8 numbers of distinct and of repeated ids + fp16 teacher entropy
-(and per distinct id its id in the vocabulary's id type; per id drawn more than once, REPEAT_BYTES)."""
-REPEAT_BYTES = 2
-"""A uint8 slot and a uint8 count for each id drawn more than once."""
 
 SPEC_NAME = ".build_spec.json"
 """Settings of an unfinished build, so a rerun with other inputs cannot mix its shards in."""
@@ -82,9 +76,9 @@ def build_cache(
 ) -> None:
     """Write (or finish) the cache at ``path``; every input is checked before the teacher runs."""
     _check_options(mode, k, temperature, batch_size, shard_tokens, dtype, sampler)
-    if bytes_per_token is not None and (mode != "sampled" or not bytes_per_token >= SAMPLED_POSITION_BYTES + 4):
+    if bytes_per_token is not None and (mode != "sampled" or not bytes_per_token >= SAMPLED_POSITION_BYTES + 1):
         raise ValueError(
-            f"bytes_per_token={bytes_per_token!r} needs mode='sampled' and at least {SAMPLED_POSITION_BYTES + 4} "
+            f"bytes_per_token={bytes_per_token!r} needs mode='sampled' and at least {SAMPLED_POSITION_BYTES + 1} "
             "bytes (one draw); top-k and dense caches have fixed sizes (4k + 4 and 2 x vocabulary bytes)."
         )
     args = args if args is not None else default_preparation_args()
@@ -93,10 +87,6 @@ def build_cache(
     real_vocab = _real_vocab_size(teacher, tokenizer)
     num_tokens = _check_rows(rows, real_vocab)
     collator = make_collator(tokenizer, args)
-    if bytes_per_token is not None:
-        first = collator(row_dicts(rows.with_format("arrow")[:batch_size]))
-        per_id = np.dtype(id_dtype(real_vocab)).itemsize
-        k = draws_for_budget(teacher, first, real_vocab, temperature, bytes_per_token, per_id, sampler)
     if mode == "topk" and k > real_vocab:
         raise ValueError(
             f"k={k} exceeds the real vocabulary ({real_vocab} tokens); use k <= {real_vocab} or mode='dense'."
@@ -121,6 +111,10 @@ def build_cache(
         "vocabulary_fingerprint": None if tokenizer is None else vocabulary_fingerprint(tokenizer),
         "dataset_fingerprint": dataset_fingerprint(prepared),
     }
+    if bytes_per_token is not None:
+        first = row_dicts(rows.with_format("arrow")[:batch_size])
+        draws = draws_for_budget(teacher, first, collator(first), spec, bytes_per_token)
+        spec.update(k=draws, draws=draws)
     state = _ProcessGroup.current()
     found = _inspect_directory(path, spec, overwrite=overwrite)
     if found == "complete":
@@ -139,48 +133,34 @@ def build_cache(
     state.wait_for_everyone()
 
 
-def draws_for_budget(
-    teacher: Any,
-    batch: dict[str, Any],
-    real_vocab: int,
-    temperature: float,
-    budget: float,
-    per_id: int,
-    sampler: str,
-) -> int:
-    """The most draws (<= MAX_DRAWS) whose expected sampled signal fits ``budget`` bytes per position.
+def draws_for_budget(teacher: Any, rows: list[dict[str, Any]], batch: dict[str, Any], spec: dict[str, Any],
+                     budget: float) -> int:
+    """The most draws (<= MAX_DRAWS) whose sampled signal of ``rows`` (the first of the dataset, so a
+    rerun picks the same number; ``batch`` is them collated) fits ``budget`` bytes per position.
 
-    Bytes grow with the *distinct* ids drawn, which depends on how peaked the teacher is: on the
-    labelled positions of ``batch`` (the first rows of the dataset, so a rerun picks the same number)
-    k draws hold sum_v P(v drawn) distinct ids on average, each costing ``per_id`` bytes, and
-    sum_v P(v drawn twice or more) repeated ones, each REPEAT_BYTES more. For systematic draws
-    P(drawn) = min(1, k p_v) and P(twice or more) = clip(k p_v - 1, 0, 1); for i.i.d. draws
-    1 - (1 - p_v)^k and that minus k p_v (1 - p_v)^(k - 1).
+    The bytes follow the distinct ids drawn and the gaps between them, which depend on how peaked the
+    teacher is, so each candidate is drawn and encoded as the build will, from one teacher forward.
     """
     import torch
 
-    from hf_capgap.sft_data import forward_inputs
+    with torch.inference_mode(), _evaluating(teacher):
+        states = LabelledStates.of(teacher, rows, batch)
+        positions = sum(states.positions)
+        if not positions:
+            raise ValueError(
+                f"bytes_per_token: the first {len(rows)} rows, where the draws are measured, have no labelled "
+                "position; give k= (the draws) instead, or a larger batch_size."
+            )
 
-    device = next(teacher.parameters()).device
-    inputs = {key: v.to(device) if isinstance(v, torch.Tensor) else v for key, v in forward_inputs(batch).items()}
-    with torch.inference_mode():
-        logits = teacher(**inputs, use_cache=False).logits[:, :-1][batch["labels"][:, 1:].to(device) != -100]
-        probs = torch.softmax(logits[:, :real_vocab].float() / temperature, dim=-1)
+        def measured_bytes(draws: int) -> float:
+            candidate = {**spec, "k": draws}
+            signal = states.signal(0, candidate)
+            return sum(signal[name].nbytes for name in SIGNAL_COLUMNS["sampled"]) / positions
 
-        def expected_bytes(draws: int) -> float:
-            if sampler == "systematic":
-                distinct = (probs * draws).clamp(max=1.0)
-                repeated = (probs * draws - 1.0).clamp(0.0, 1.0)
-            else:
-                distinct = 1.0 - (1.0 - probs).pow(draws)
-                repeated = distinct - draws * probs * (1.0 - probs).pow(draws - 1)
-            per_position = distinct * per_id + repeated * REPEAT_BYTES
-            return float(per_position.sum(dim=-1).mean()) + SAMPLED_POSITION_BYTES
-
-        low, high = 1, MAX_DRAWS  # expected bytes grow with the draws: bisect for the last that fits
+        low, high = 1, MAX_DRAWS  # bytes grow with the draws: bisect for the last that fits
         while low < high:
             middle = (low + high + 1) // 2
-            low, high = (middle, high) if expected_bytes(middle) <= budget else (low, middle - 1)
+            low, high = (middle, high) if measured_bytes(middle) <= budget else (low, middle - 1)
     return low
 
 
@@ -361,8 +341,6 @@ def _build_shards(
 
     todo = [j for j in shard_indices if not _shard_is_complete(path / shard_name(j), plan, j)]
     schema = shard_schema(spec)
-    was_training = teacher.training
-    teacher.eval()
     bar = tqdm(
         total=sum(plan.rows(j)[1] - plan.rows(j)[0] for j in todo),
         desc="teacher cache",
@@ -370,7 +348,7 @@ def _build_shards(
         disable=not progress,
     )
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), _evaluating(teacher):
             for j in todo:
                 start, end = plan.rows(j)
                 final = path / shard_name(j)
@@ -387,6 +365,16 @@ def _build_shards(
                 os.replace(tmp, final)
     finally:
         bar.close()
+
+
+@contextlib.contextmanager
+def _evaluating(teacher: Any) -> Iterator[None]:
+    """The teacher in eval mode (no dropout) for the block, then back in the mode it was in."""
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        yield
+    finally:
         teacher.train(was_training)
 
 

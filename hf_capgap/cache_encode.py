@@ -4,8 +4,9 @@ The teacher runs on the batch exactly as the online teacher does in the trainer 
 forward inputs, so packed documents never attend to each other), under ``inference_mode`` in its
 own dtype; only its logits at labelled positions are formed and turned into a signal, a block of
 positions at a time, on the teacher's device.
-Ids use the narrowest unsigned type of the real vocabulary; log-probs are fp16 or, since Arrow has
-no bfloat16, the bf16 bit pattern in uint16; the top-k tail is float32.
+Top-k ids use the narrowest unsigned type of the real vocabulary, sampled ids the varint-coded gaps
+between them; log-probs are fp16 or, since Arrow has no bfloat16, the bf16 bit pattern in uint16;
+the top-k tail is float32.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from hf_capgap.cache_format import LOGPROB_FLOOR, ROW_COLUMNS
+from hf_capgap.cache_format import LOGPROB_FLOOR, ROW_COLUMNS, encode_id_gaps
 
 CPU_HEAD_ELEMENTS = 1 << 24
 """CPU: logits per lm_head matmul (64 MiB fp32). A CPU matmul repacks the [vocab, hidden] weight at
@@ -59,59 +60,77 @@ def encode_batch(
     spec: dict[str, Any],
     schema: pa.Schema,
 ) -> pa.RecordBatch:
-    """Run the teacher on ``batch`` (the collated ``rows``) and encode rows + signal for ``schema``.
+    """Run the teacher on ``batch`` (the collated ``rows``) and encode rows + signal for ``schema``."""
+    states = LabelledStates.of(teacher, rows, batch)
+    return _record_batch(rows, states.signal(first_row, spec), states.positions, spec, schema)
+
+
+class LabelledStates:
+    """The teacher's last states at a batch's labelled positions, one piece per dataset row, and the
+    lm_head that turns them into logits (None: the states are the logits).
 
     Where the teacher's lm_head can be taken out of the model (:func:`hf_capgap.lm_head.choose_lm_head`),
     the teacher returns last hidden states and the head is applied a block of labelled positions at a
     time: the [batch, seq, vocab] logits never exist (at 150k tokens they outweigh the teacher's
     activations many times over) and unlabelled positions cost no head matmul.
     """
-    import torch
 
-    from hf_capgap.lm_head import lm_head_bypassed
-    from hf_capgap.sft_data import forward_inputs
+    def __init__(self, pieces: list[Any], head: Any) -> None:
+        self.pieces, self.head = pieces, head
+        self.positions = [len(piece) for piece in pieces]
+        # Where the logits are formed: the head's device, which a model split over devices may not
+        # have given its last hidden states.
+        self.device = pieces[0].device if head is None else head.weight.device
 
-    device = next(teacher.parameters()).device
-    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in forward_inputs(batch).items()}
-    head = fusable_head(teacher)
-    with lm_head_bypassed(teacher, head) if head is not None else contextlib.nullcontext():
-        states = teacher(**inputs, use_cache=False).logits
-    spans = row_positions(batch["labels"].to(device), [len(row["input_ids"]) for row in rows])
-    # A row labelled throughout (pretraining text) is a view of the states, not a gathered copy.
-    pieces = [states[index, positions] if bool(labelled.all()) else states[index, positions][labelled]
-              for index, positions, labelled in spans]  # fmt: skip
-    # Where the logits are formed: the head's device, which a model split over devices may not
-    # have given its last hidden states.
-    signal_device = states.device if head is None else head.weight.device
-    points = None
-    if spec["mode"] == "sampled":
-        points = torch.cat(
-            [row_points(len(piece), first_row + i, spec, signal_device) for i, piece in enumerate(pieces)]
-        )
-    vocab = spec["real_vocab_size"]
-    head_rows, signal_rows = block_rows(vocab, signal_device)
-    # One buffer for every block's sampling weights: a fresh [positions, vocab] tensor per block costs
-    # a CPU page faults on each first write (glibc maps and unmaps allocations this large; the
-    # sampled signal ran 1.9x slower so), and an accelerator a second GiB of peak memory.
-    workspace = None if points is None else torch.empty((signal_rows, padded_width(vocab)), device=signal_device)
-    parts, done = [], 0
-    for block in position_blocks(pieces, head_rows):
-        if head is None:
-            logits = block[:, :vocab]
-        else:
-            bias = None if head.bias is None else head.bias[:vocab]
-            logits = torch.nn.functional.linear(block.to(signal_device), head.weight[:vocab], bias)
-        for part in logits.split(signal_rows):
-            values = part.float()  # the logits themselves when they are fp32: block_signal may overwrite them
-            if spec["temperature"] != 1.0:
-                values = values.div_(spec["temperature"])
-            block_points = None if points is None else points[done : done + len(part)]
-            parts.append(block_signal(values, spec, block_points, workspace))
-            done += len(part)
-    if not parts:  # no labelled position in the whole batch: empty signal columns of the right types
-        parts.append(block_signal(torch.zeros((0, vocab), device=signal_device), spec, points))
-    signal = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
-    return _record_batch(rows, signal, [len(piece) for piece in pieces], spec, schema)
+    @classmethod
+    def of(cls, teacher: Any, rows: Sequence[Mapping[str, Any]], batch: Mapping[str, Any]) -> LabelledStates:
+        import torch
+
+        from hf_capgap.lm_head import lm_head_bypassed
+        from hf_capgap.sft_data import forward_inputs
+
+        device = next(teacher.parameters()).device
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in forward_inputs(batch).items()}
+        head = fusable_head(teacher)
+        with lm_head_bypassed(teacher, head) if head is not None else contextlib.nullcontext():
+            states = teacher(**inputs, use_cache=False).logits
+        spans = row_positions(batch["labels"].to(device), [len(row["input_ids"]) for row in rows])
+        # A row labelled throughout (pretraining text) is a view of the states, not a gathered copy.
+        pieces = [states[index, positions] if bool(labelled.all()) else states[index, positions][labelled]
+                  for index, positions, labelled in spans]  # fmt: skip
+        return cls(pieces, head)
+
+    def signal(self, first_row: int, spec: dict[str, Any]) -> dict[str, np.ndarray]:
+        """The stored signal of every labelled position, row after row (the rows numbered from
+        ``first_row``, which seeds their draws)."""
+        import torch
+
+        points = None
+        if spec["mode"] == "sampled":
+            points = torch.cat([row_points(n, first_row + i, spec, self.device) for i, n in enumerate(self.positions)])
+        vocab = spec["real_vocab_size"]
+        head_rows, signal_rows = block_rows(vocab, self.device)
+        # One buffer for every block's sampling weights: a fresh [positions, vocab] tensor per block
+        # costs a CPU page faults on each first write (glibc maps and unmaps allocations this large; the
+        # sampled signal ran 1.9x slower so), and an accelerator a second GiB of peak memory.
+        workspace = None if points is None else torch.empty((signal_rows, padded_width(vocab)), device=self.device)
+        parts, done = [], 0
+        for block in position_blocks(self.pieces, head_rows):
+            if self.head is None:
+                logits = block[:, :vocab]
+            else:
+                bias = None if self.head.bias is None else self.head.bias[:vocab]
+                logits = torch.nn.functional.linear(block.to(self.device), self.head.weight[:vocab], bias)
+            for part in logits.split(signal_rows):
+                values = part.float()  # the logits themselves when they are fp32: block_signal may overwrite them
+                if spec["temperature"] != 1.0:
+                    values = values.div_(spec["temperature"])
+                block_points = None if points is None else points[done : done + len(part)]
+                parts.append(block_signal(values, spec, block_points, workspace))
+                done += len(part)
+        if not parts:  # no labelled position in the whole batch: empty signal columns of the right types
+            parts.append(block_signal(torch.zeros((0, vocab), device=self.device), spec, points))
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
 
 def fusable_head(teacher: Any) -> Any:
@@ -207,9 +226,10 @@ def block_signal(values: Any, spec: dict[str, Any], points: Any = None, workspac
         entropy = top.squeeze(-1) + total.log() - weighted_logits / total
         ids, counts, sizes = distinct_draws(drawn)
         slots, repeat_counts, repeat_sizes = repeated_draws(counts, sizes)
+        sizes = sizes.cpu().numpy().astype(np.uint8)
         return {
-            "sample_ids": _ids(ids, spec),
-            "sample_sizes": sizes.cpu().numpy().astype(np.uint8),
+            "sample_id_gaps": encode_id_gaps(ids.cpu().numpy(), sizes),
+            "sample_sizes": sizes,
             "repeat_slots": slots.cpu().numpy().astype(np.uint8),
             "repeat_counts": repeat_counts.cpu().numpy().astype(np.uint8),
             "repeat_sizes": repeat_sizes.cpu().numpy().astype(np.uint8),
@@ -331,15 +351,17 @@ def _record_batch(
     schema: pa.Schema,
 ) -> pa.RecordBatch:
     """The record batch of ``rows`` and their ``signal`` (flat over the rows' labelled positions,
-    ``positions[i]`` of them for row i; sampled ids flat over their distinct draws, repeat slots and
+    ``positions[i]`` of them for row i; sampled id gaps flat over their bytes, repeat slots and
     counts over the ids drawn more than once)."""
     lengths_of = {}
     if spec["mode"] == "sampled":
         row_of_position = np.repeat(np.arange(len(positions)), positions)
-        for per_position, columns in (("sample_sizes", ("sample_ids",)),
-                                      ("repeat_sizes", ("repeat_slots", "repeat_counts"))):  # fmt: skip
-            per_row = np.bincount(row_of_position, weights=signal[per_position], minlength=len(positions))
-            lengths_of.update(dict.fromkeys(columns, per_row.astype(np.int64)))
+        repeats, ids = (np.bincount(row_of_position, weights=signal[name], minlength=len(positions)).astype(np.int64)
+                        for name in ("repeat_sizes", "sample_sizes"))  # fmt: skip
+        lengths_of.update(repeat_slots=repeats, repeat_counts=repeats)
+        # A row's gap bytes end with the last byte of its last id: the ids[:i+1].sum()-th final byte.
+        gap_ends = np.concatenate(([0], np.flatnonzero(signal["sample_id_gaps"] < 0x80) + 1))
+        lengths_of["sample_id_gaps"] = np.diff(gap_ends[np.cumsum(ids)], prepend=0)
     arrays = []
     for field in schema:
         item_type = field.type.value_type

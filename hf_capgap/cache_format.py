@@ -21,12 +21,13 @@ import pyarrow as pa
 from hf_capgap.artifacts import ArtifactError
 
 KIND = "teacher_cache"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 """2: variable-length rows, signal only at labelled positions, sampled ids + counts without padding
 slots, teacher entropy instead of per-sample log-probs. 3: a sampled id's count is implicit when it
-was drawn once (85-95% of them), stored only for the ids drawn more than once. Older caches are
-refused (rebuild). The manifest records the sampler (systematic or multinomial); the layout is the
-same for both."""
+was drawn once (85-95% of them), stored only for the ids drawn more than once. 4: a position's
+sampled ids are stored as the varint-coded gaps between them (:func:`encode_id_gaps`), 1-2 bytes
+each at any vocabulary instead of 2 (4 above 65,536 tokens). Older caches are refused (rebuild).
+The manifest records the sampler (systematic or multinomial); the layout is the same for both."""
 
 MODES = ("topk", "sampled", "dense")
 DTYPES = ("float16", "bfloat16")
@@ -35,6 +36,14 @@ SAMPLERS = ("systematic", "multinomial")
 distribution (systematic), or independent draws (multinomial); both unbiased for forward KL."""
 MAX_DRAWS = 255
 """Sample counts are stored as uint8, so a sampled cache draws at most 255 tokens per position."""
+
+SAMPLED_POSITION_BYTES = 4
+"""Sampled storage per position besides its ids: uint8 numbers of distinct and of repeated ids and
+the fp16 teacher entropy."""
+REPEAT_BYTES = 2
+"""A uint8 slot and a uint8 count for each id drawn more than once."""
+VARINT_BITS = 7
+"""Payload bits per byte of a coded id gap; the high bit says another byte of the same gap follows."""
 
 LOGPROB_FLOOR = -1.0e4
 """Stored in place of log(0) (e.g. the tail when the top-k hold all the mass): finite, so fp16/bf16
@@ -45,11 +54,11 @@ ROW_COLUMNS = ("input_ids", "labels", "seq_lengths")
 
 SIGNAL_COLUMNS: dict[str, tuple[str, ...]] = {
     "topk": ("topk_ids", "topk_logprobs", "tail_logprob"),
-    "sampled": ("sample_ids", "sample_sizes", "repeat_slots", "repeat_counts", "repeat_sizes", "entropy"),
+    "sampled": ("sample_id_gaps", "sample_sizes", "repeat_slots", "repeat_counts", "repeat_sizes", "entropy"),
     "dense": ("logprobs",),
 }
-"""Per row, each a list over the row's labelled positions (sampled ids: over their distinct draws;
-repeat slots and counts: over the ids drawn more than once)."""
+"""Per row, each a list over the row's labelled positions (sampled id gaps: the bytes coding their
+distinct draws; repeat slots and counts: over the ids drawn more than once)."""
 
 POSITION_COLUMN = {"topk": "tail_logprob", "sampled": "entropy", "dense": "logprobs"}
 """The signal column with exactly one entry per labelled position, which counts them."""
@@ -110,7 +119,7 @@ def shard_schema(spec: dict[str, Any]) -> pa.Schema:
         ]
     elif spec["mode"] == "sampled":
         fields += [
-            pa.field("sample_ids", pa.list_(ids)),  # distinct drawn ids, ascending, position after position
+            pa.field("sample_id_gaps", pa.list_(pa.uint8())),  # distinct drawn ids (encode_id_gaps)
             pa.field("sample_sizes", pa.list_(pa.uint8())),  # distinct ids of each position
             pa.field("repeat_slots", pa.list_(pa.uint8())),  # where, among its position's ids, one drawn twice+ is
             pa.field("repeat_counts", pa.list_(pa.uint8())),  # and how often it was drawn (any other id: once)
@@ -141,3 +150,53 @@ def arrow_row_count(path: Path) -> int:
             return pa.ipc.open_stream(source).read_all().num_rows
     except (pa.ArrowInvalid, OSError) as err:
         raise ArtifactError(f"{path} is not a readable Arrow shard ({err}); rebuild the cache.") from err
+
+
+def encode_id_gaps(ids: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Distinct ascending ids, ``sizes[p]`` of them for position p (flat, position after position), as
+    bytes: each id's gap to the previous id of its position minus one (the first: the id itself), in
+    little-endian base 128 (LEB128). Sorted draws sit close together, and a teacher's likely tokens
+    have low ids in a BPE vocabulary, so most gaps take one byte and few take more than two."""
+    ids, sizes = ids.astype(np.int64), sizes.astype(np.int64)
+    previous = np.empty_like(ids)
+    previous[1:] = ids[:-1]
+    previous[(np.cumsum(sizes) - sizes)[sizes > 0]] = -1
+    gaps = ids - previous - 1
+    lengths = 1 + sum((gaps >> (VARINT_BITS * j) > 0).astype(np.int64) for j in range(1, 5))
+    byte_index = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    payload = (np.repeat(gaps, lengths) >> (VARINT_BITS * byte_index)) & 0x7F
+    follows = byte_index < np.repeat(lengths - 1, lengths)
+    return (payload | (follows.astype(np.int64) << VARINT_BITS)).astype(np.uint8)
+
+
+def decode_id_gaps(codes: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """The flat ids :func:`encode_id_gaps` coded (int64), ``sizes[p]`` of them for position p."""
+    codes, sizes = codes.astype(np.int64), sizes.astype(np.int64)
+    last = codes < 0x80  # the last byte of each gap
+    if int(last.sum()) != int(sizes.sum()) or (len(codes) and not last[-1]):
+        raise ArtifactError(
+            f"the sampled ids hold {int(last.sum())} coded gaps where the positions count {int(sizes.sum())} ids "
+            "(a corrupted shard); run TeacherCache.verify() and rebuild the cache."
+        )
+    if not len(codes):
+        return codes
+    gap_index = np.cumsum(last) - last
+    first_byte = np.flatnonzero(np.concatenate(([True], last[:-1])))
+    shifts = VARINT_BITS * (np.arange(len(codes)) - first_byte[gap_index])
+    steps = np.add.reduceat((codes & 0x7F) << shifts, first_byte) + 1
+    running = np.cumsum(steps)
+    starts = (np.cumsum(sizes) - sizes)[sizes > 0]
+    before = np.repeat(running[starts] - steps[starts], sizes[sizes > 0])
+    return running - before - 1
+
+
+def sampled_bytes_bound(draws: int, vocab: int) -> int:
+    """The most bytes one position of a sampled cache can take: d distinct ids, r <= min(d, draws - d)
+    of them drawn more than once. The gaps of a position sum to less than ``vocab``, so at most
+    vocab >> 7j of its d gaps take more than j bytes."""
+    def coded(distinct: int) -> int:
+        return sum(min(distinct, vocab >> (VARINT_BITS * j)) for j in range(5))
+
+    return SAMPLED_POSITION_BYTES + max(
+        coded(d) + REPEAT_BYTES * min(d, draws - d) for d in range(1, draws + 1)
+    )

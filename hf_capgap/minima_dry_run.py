@@ -99,17 +99,18 @@ def cache_bytes(config: MinimaConfig, plan: Plan, vocab_size: int) -> int:
     """TeacherCache size on disk for the training tokens, an upper bound for sampled caches.
 
     Per token: its id and its int32 label; per labelled position (all but each row's last, for packed
-    rows) the signal: top-k ids, fp16 log-probs and a float32 tail; or, sampled, d distinct ids of
-    which r were drawn more than once (a uint8 slot and count each; d + r <= ``cache_k``) plus two
-    uint8 sizes and an fp16 entropy (fewer distinct ids, fewer bytes); or the dense fp16 distribution.
+    rows) the signal: top-k ids, fp16 log-probs and a float32 tail; or, sampled, d distinct ids as
+    varint-coded gaps of which r were drawn more than once (a uint8 slot and count each; d + r <=
+    ``cache_k``) plus two uint8 sizes and an fp16 entropy (``sampled_bytes_bound``; a peaked teacher
+    draws fewer distinct ids, closer together); or the dense fp16 distribution.
     """
     import numpy as np
 
-    from hf_capgap.cache_format import id_dtype
+    from hf_capgap.cache_format import id_dtype, sampled_bytes_bound
 
     id_bytes = np.dtype(id_dtype(vocab_size)).itemsize
     per_position = {"topk": config.cache_k * (id_bytes + 2) + 4,
-                    "sampled": max(2 * id_bytes, id_bytes + 2) * config.cache_k // 2 + 4,
+                    "sampled": sampled_bytes_bound(config.cache_k, vocab_size),
                     "dense": 2 * vocab_size}[config.cache_mode]
     tokens = steps_for(config, plan) * tokens_per_step(config, plan)
     positions = tokens * (plan.seq_len - 1) // plan.seq_len

@@ -23,7 +23,7 @@ from datasets import Dataset
 
 from hf_capgap.artifacts import ArtifactError, dataset_fingerprint, model_fingerprint
 from hf_capgap.cache import TeacherCache
-from hf_capgap.cache_format import LOGPROB_FLOOR, TEACHER_BATCH_KEYS
+from hf_capgap.cache_format import LOGPROB_FLOOR, TEACHER_BATCH_KEYS, sampled_bytes_bound
 from hf_capgap.config import DistillationConfig
 from hf_capgap.sft_data import make_collator
 from hf_capgap.vocabulary import vocabulary_fingerprint
@@ -145,7 +145,7 @@ def test_the_builds_own_lm_head_blocks_equal_the_teachers_logits(teacher, datase
     assert not calls, "the model's own lm_head never ran: no [batch, seq, vocab] logits"
     for name in fused.dataset.column_names:
         ours, theirs = fused.dataset[name], plain.dataset[name]
-        if name in ("input_ids", "labels", "topk_ids", "sample_ids", "sample_sizes", "repeat_slots", "repeat_counts",
+        if name in ("input_ids", "labels", "topk_ids", "sample_id_gaps", "sample_sizes", "repeat_slots", "repeat_counts",
                     "repeat_sizes"):
             assert ours == theirs, name
         else:
@@ -194,7 +194,7 @@ def test_sampled_stores_distinct_ids_with_counts_that_follow_the_teacher(plain_a
     used = counts > 0
     assert torch.all(ids[:, 1:][used[:, 1:]] > ids[:, :-1][used[:, 1:]]), "distinct ids, ascending"
     assert torch.all(ids[~used] == 0)
-    stored = sum(len(row["sample_ids"]) for row in cache.dataset)
+    stored = sum(sum(row["sample_sizes"]) for row in cache.dataset)
     assert stored == int(used.sum()) < used.numel(), "only distinct ids are stored, no padding slots"
     entropy = -(expected.exp() * expected).sum(-1)
     torch.testing.assert_close(batch["teacher_entropy"], entropy, atol=5e-3, rtol=2e-3)
@@ -301,6 +301,21 @@ def test_bytes_per_token_budget_picks_the_draws(tmp_path):
     assert stored[0] == pytest.approx(12, rel=0.2) and stored[1] == pytest.approx(24, rel=0.2)
 
 
+def test_a_budget_needs_labelled_positions_in_the_first_batch(teacher, tmp_path):
+    """The draws are measured on the first batch: with nothing to measure there the build says what to do
+    instead of choosing a number of draws blind, and writes nothing."""
+    ids = torch.randint(0, VOCAB_SIZE, (3, 8), generator=torch.Generator().manual_seed(0)).tolist()
+    labels = [[row[0]] + [-100] * 7 for row in ids[:2]] + [ids[2]]
+    dataset = Dataset.from_dict({"input_ids": ids, "labels": labels})
+    with pytest.raises(ValueError, match="first 2 rows.*no labelled position.*k="):
+        TeacherCache.build(teacher, dataset, tmp_path / "c", mode="sampled", bytes_per_token=20, batch_size=2,
+                           progress=False)  # fmt: skip
+    assert not (tmp_path / "c").exists()
+    cache = TeacherCache.build(teacher, dataset, tmp_path / "c", mode="sampled", bytes_per_token=20, batch_size=3,
+                               progress=False)  # fmt: skip
+    assert cache.manifest["draws"] > 1 and cache.manifest["num_positions"] == 7
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_dense_roundtrips_storage_dtype(teacher, dataset, plain_args, tmp_path, dtype):
     cache = TeacherCache.build(teacher, dataset, tmp_path / "c", mode="dense", dtype=dtype, progress=False)
@@ -397,6 +412,26 @@ def test_id_width_follows_the_real_vocabulary(teacher, dataset, plain_args, tmp_
     assert torch.equal(full_batch(big, plain_args)["teacher_topk_ids"], expected_ids)
 
 
+def test_sampled_ids_of_a_vocabulary_beyond_16_bits_round_trip(plain_args, tmp_path):
+    """Ids above 65,535 and gaps of three varint bytes come back as drawn: with 8 systematic draws, a
+    token of probability above 1/8 is drawn at every position."""
+    vocab = (1 << 16) + 8
+    teacher = peaked_teacher(vocab)
+    with torch.no_grad():  # a likely token at the top of the id range, far from the others
+        teacher.lm_head.weight[vocab - 1] = teacher.lm_head.weight[vocab - 1].abs().mul(4)
+    cache = TeacherCache.build(
+        teacher, make_dataset(rows=4, seq_len=6, vocab_size=vocab), tmp_path / "c", mode="sampled", k=8, progress=False
+    )
+    batch = full_batch(cache, plain_args)
+    ids, counts = batch["teacher_sample_ids"], batch["teacher_sample_counts"]
+    probs = expected_logprobs(teacher, cache).exp()
+    likely = probs > 1 / 8
+    assert likely[:, vocab - 1].any(), "the top id is likely somewhere, so the check below reaches it"
+    drawn = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, ids, counts > 0)
+    assert torch.all(drawn[likely]) and torch.all(counts.sum(-1) == 8)
+    assert int(ids.max()) < vocab and cache.bytes_per_token <= sampled_bytes_bound(8, vocab)
+
+
 def test_load_refuses_foreign_fingerprints(tmp_path):
     tokenizer, teacher = chat_tokenizer(), tiny_qwen2(1024).eval()
     dataset = make_dataset(rows=4, vocab_size=CHAT_VOCAB_SIZE)
@@ -425,12 +460,13 @@ def test_load_refuses_foreign_fingerprints(tmp_path):
         assert "Rebuild" in str(refused.value)
 
 
-def test_old_format_is_refused_with_a_rebuild_message(teacher, dataset, tmp_path):
+@pytest.mark.parametrize("old", [2, 3])
+def test_old_format_is_refused_with_a_rebuild_message(teacher, dataset, tmp_path, old):
     path = tmp_path / "c"
     TeacherCache.build(teacher, dataset, path, k=4, progress=False)
     manifest = json.loads((path / "capgap_manifest.json").read_text())
-    (path / "capgap_manifest.json").write_text(json.dumps({**manifest, "format_version": 2}))
-    with pytest.raises(ArtifactError, match="format_version is 2.*reads 3; rebuild"):
+    (path / "capgap_manifest.json").write_text(json.dumps({**manifest, "format_version": old}))
+    with pytest.raises(ArtifactError, match=f"format_version is {old}.*reads 4; rebuild"):
         TeacherCache.load(path)
 
 
@@ -564,13 +600,13 @@ def test_shards_are_plain_arrow_streams_and_the_manifest_says_how_they_were_made
     cache = TeacherCache.build(teacher, dataset, tmp_path / "c", mode="sampled", k=16, progress=False)
     with pa.memory_map(str(cache.path / "shard-00000.arrow")) as source:
         table = pa.ipc.open_stream(source).read_all()
-    assert table.column_names == ["input_ids", "labels", "sample_ids", "sample_sizes", "repeat_slots", "repeat_counts",
-                                  "repeat_sizes", "entropy"]
+    assert table.column_names == ["input_ids", "labels", "sample_id_gaps", "sample_sizes", "repeat_slots",
+                                  "repeat_counts", "repeat_sizes", "entropy"]
     assert str(table.schema.field("repeat_counts").type) == "list<item: uint8>"
     assert sum(s["bytes"] for s in cache.manifest["shards"]) == sum(p.stat().st_size for p in cache.path.glob("shard-*"))
     m = cache.manifest
     assert (m["format_version"], m["mode"], m["draws"], m["sampler"], m["real_vocab_size"], m["teacher_dtype"]) == (
-        3, "sampled", 16, "systematic", VOCAB_SIZE, "float32",
+        4, "sampled", 16, "systematic", VOCAB_SIZE, "float32",
     )  # fmt: skip
     assert m["teacher_fingerprint"] == model_fingerprint(teacher) and m["dataset_fingerprint"]
 

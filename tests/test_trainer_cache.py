@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import CHAT_ROWS, CHAT_VOCAB_SIZE, chat_tokenizer, tiny_llama, tiny_qwen2
@@ -9,6 +10,7 @@ from datasets import Dataset
 
 from hf_capgap import DistillationConfig, DistillationTrainer, TeacherCache
 from hf_capgap.artifacts import ArtifactError
+from hf_capgap.cache_format import decode_id_gaps
 
 TEMPERATURE = 2.0
 
@@ -87,7 +89,8 @@ def test_training_from_a_cache_keeps_rows_and_signals_together(tmp_path, tokeniz
     )
     path = tmp_path / "cache"
     cache = build(teacher, chats, tokenizer, path, tmp_path, mode="sampled", k=8)
-    by_ids = {tuple(row["input_ids"]): row["sample_ids"] for row in cache.dataset}
+    by_ids = {tuple(row["input_ids"]): decode_id_gaps(np.array(row["sample_id_gaps"]), np.array(row["sample_sizes"]))
+              for row in cache.dataset}  # fmt: skip
     seen: list[bool] = []
 
     class Recording(DistillationTrainer):

@@ -143,7 +143,8 @@ def _info(args: argparse.Namespace) -> int:
         ("mode", m["mode"] if m.get("sampler") is None else f"{m['mode']} ({m['sampler']} draws)"),
         ("k", m["k"]),
         ("temperature", m["temperature"]),
-        ("storage", f"ids {m['id_dtype']}, log-probs {m['value_storage']}"),
+        ("storage", f"ids {'as varint-coded gaps' if m['mode'] == 'sampled' else m['id_dtype']}, "
+                    f"log-probs {m['value_storage']}"),
         ("vocabulary", f"{m['real_vocab_size']} real tokens {m['vocabulary_fingerprint'] or ''}".rstrip()),
         ("sequences", m["num_sequences"]),
         ("tokens", f"{m['num_tokens']} ({m['num_positions']} labelled positions)"),
