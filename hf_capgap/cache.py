@@ -192,9 +192,9 @@ class TeacherCache:
         offset, so a token of probability p gets floor(k p) or ceil(k p) draws (the likely tokens are
         all but exact); ``multinomial`` draws independently. Both are unbiased; systematic draws
         have less variance at the same bytes (bench/results/cache_training.md). ``bytes_per_token`` (sampled only) picks
-        ``k`` instead: the most draws whose expected signal, measured on the first batch, fits that
-        many bytes per position (bench/results/cache_bytes.md tabulates draws -> bytes; 16 systematic
-        draws of a 32,000-token teacher: ~32 B). Resumable: rerunning after a crash keeps
+        ``k`` instead: the most draws whose signal of the first batch, drawn and encoded as the build
+        does, fits that many bytes per position (bench/results/cache_bytes.md tabulates draws -> bytes;
+        16 systematic draws of a 32,000-token teacher: ~26 B). Resumable: rerunning after a crash keeps
         finished shards. Under accelerate/torch.distributed each rank builds its share of shards. A
         complete cache with the same settings is reused as is; one with other settings is refused
         unless ``overwrite=True``.
