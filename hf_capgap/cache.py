@@ -39,6 +39,7 @@ from hf_capgap.cache_format import (
     TEACHER_BATCH_KEYS,
     arrow_row_count,
     decode_id_gaps,
+    index_within_groups,
     row_dicts,
 )
 
@@ -367,7 +368,7 @@ def padded_samples(signal: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.nda
     width = int(sizes.max()) if len(sizes) else 0
     position = np.repeat(np.arange(len(sizes)), sizes)
     starts = np.cumsum(sizes) - sizes
-    slot = np.arange(len(ids)) - np.repeat(starts, sizes)
+    slot = index_within_groups(sizes)
     counts = np.ones(len(ids), dtype=np.float32)
     repeated_at = np.repeat(starts, signal["repeat_sizes"].astype(np.int64)) + signal["repeat_slots"]
     counts[repeated_at] = signal["repeat_counts"]

@@ -26,8 +26,9 @@ FORMAT_VERSION = 4
 slots, teacher entropy instead of per-sample log-probs. 3: a sampled id's count is implicit when it
 was drawn once (85-95% of them), stored only for the ids drawn more than once. 4: a position's
 sampled ids are stored as the varint-coded gaps between them (:func:`encode_id_gaps`), 1.3-1.5
-bytes each on average at 32,000 tokens instead of 2 (4 above 65,536 tokens). Older caches are refused (rebuild).
-The manifest records the sampler (systematic or multinomial); the layout is the same for both."""
+bytes each on average at 32,000 tokens instead of 2 (4 above 65,536 tokens). Older caches are
+refused (rebuild). The manifest records the sampler (systematic or multinomial); the layout is the
+same for both."""
 
 MODES = ("topk", "sampled", "dense")
 DTYPES = ("float16", "bfloat16")
@@ -152,6 +153,12 @@ def arrow_row_count(path: Path) -> int:
         raise ArtifactError(f"{path} is not a readable Arrow shard ({err}); rebuild the cache.") from err
 
 
+def index_within_groups(sizes: np.ndarray) -> np.ndarray:
+    """For flat entries in consecutive groups of ``sizes`` entries, each entry's index in its group."""
+    sizes = sizes.astype(np.int64)
+    return np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+
+
 def encode_id_gaps(ids: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     """Distinct ascending ids, ``sizes[p]`` of them for position p (flat, position after position), as
     bytes: each id's gap to the previous id of its position minus one (the first: the id itself), in
@@ -163,7 +170,7 @@ def encode_id_gaps(ids: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     previous[(np.cumsum(sizes) - sizes)[sizes > 0]] = -1
     gaps = ids - previous - 1
     lengths = 1 + sum((gaps >> (VARINT_BITS * j) > 0).astype(np.int64) for j in range(1, 5))
-    byte_index = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    byte_index = index_within_groups(lengths)
     payload = (np.repeat(gaps, lengths) >> (VARINT_BITS * byte_index)) & 0x7F
     follows = byte_index < np.repeat(lengths - 1, lengths)
     return (payload | (follows.astype(np.int64) << VARINT_BITS)).astype(np.uint8)
