@@ -27,6 +27,9 @@ default 32,000; rows packed to --seq-len tokens):
    (the faster of two). The bench teacher (hidden 128) is almost all lm_head, the worst case for the
    build's per-position work over the vocabulary, so build speed is also timed on a wider random-init
    teacher (--wide-teacher, hidden 512 x 8 layers by default), best of two alternating runs.
+4. --student-batch sets the rows per student step (8 by default, 504 labelled positions): a sampled
+   cache's gradient noise per step falls with the positions a step averages over, while its mean
+   stays the online teacher's, so its quality cost depends on it.
 
     python bench/bench_cache_training.py
 """
@@ -97,11 +100,11 @@ def llama(vocab: int, hidden: int, layers: int, seed: int, seq_len: int) -> Llam
     return LlamaForCausalLM(config)
 
 
-def training_args(output_dir: str, steps: int, cls=TrainingArguments, **extra):
+def training_args(output_dir: str, steps: int, cls=TrainingArguments, batch: int = BATCH, **extra):
     return cls(
         output_dir=output_dir,
         max_steps=steps,
-        per_device_train_batch_size=BATCH,
+        per_device_train_batch_size=batch,
         learning_rate=3e-3,
         warmup_steps=max(1, steps // 10),
         lr_scheduler_type="cosine",
@@ -131,7 +134,7 @@ def trained_teacher(tokenizer, rows, settings: dict, work: Path) -> LlamaForCaus
     Trainer(
         model=teacher,
         args=training_args(str(work / "teacher-run"), settings["steps"]),
-        train_dataset=rows,
+        train_dataset=rows.select(range(settings["steps"] * BATCH)),
         data_collator=make_collator(tokenizer, DistillationConfig(report_to=[])),
     ).train()
     teacher.save_pretrained(folder)
@@ -155,10 +158,10 @@ def bench_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def train_plain(model, rows, tokenizer, output_dir: str, steps: int) -> StepClock:
+def train_plain(model, rows, tokenizer, output_dir: str, steps: int, batch: int) -> StepClock:
     clock = StepClock()
     collator = make_collator(tokenizer, DistillationConfig(report_to=[]))
-    Trainer(model=model, args=training_args(output_dir, steps), train_dataset=rows, data_collator=collator,
+    Trainer(model=model, args=training_args(output_dir, steps, batch=batch), train_dataset=rows, data_collator=collator,
             callbacks=[clock]).train()  # fmt: skip
     return clock
 
@@ -215,6 +218,8 @@ def main() -> None:
     parser = bench_parser(__doc__)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--student-batch", type=int, default=BATCH,
+                        help="rows per student step (the teacher always trains on batches of %(default)s)")
     parser.add_argument("--build-batch", type=int, default=32)
     parser.add_argument(
         "--wide-teacher", type=int, nargs=2, default=(512, 8), metavar=("HIDDEN", "LAYERS"),
@@ -242,9 +247,10 @@ def main() -> None:
     started = time.perf_counter()
 
     settings = teacher_settings(args)
-    tokenizer, train_rows, eval_rows = bench_data(args.vocab, args.seq_len, args.teacher_steps * BATCH, args.eval_rows)
-    student_rows = train_rows.select(range(args.steps * BATCH))
-    tokens_per_step = BATCH * args.seq_len
+    rows = max(args.teacher_steps * BATCH, args.steps * args.student_batch)
+    tokenizer, train_rows, eval_rows = bench_data(args.vocab, args.seq_len, rows, args.eval_rows)
+    student_rows = train_rows.select(range(args.steps * args.student_batch))
+    tokens_per_step = args.student_batch * args.seq_len
     work = args.work
     teacher = trained_teacher(tokenizer, train_rows, settings, work)
     teacher_ce, _ = held_out(teacher, teacher, eval_rows)
@@ -252,14 +258,14 @@ def main() -> None:
 
     def config(name: str, **extra) -> DistillationConfig:
         return training_args(str(work / f"run-{name}"), args.steps, cls=DistillationConfig, loss="forward_kl",
-                             alpha=1.0, **extra)  # fmt: skip
+                             alpha=1.0, batch=args.student_batch, **extra)  # fmt: skip
 
     def student(seed: int = 1) -> LlamaForCausalLM:
         return llama(len(tokenizer), hidden=64, layers=2, seed=seed, seq_len=args.seq_len)
 
     if args.study_only:
         print(f"teacher {sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M params, held-out CE {teacher_ce:.3f}, "
-              f"mean entropy {entropy:.2f} nats; students distilled {args.steps} steps (batch {BATCH} x seq "
+              f"mean entropy {entropy:.2f} nats; students distilled {args.steps} steps (batch {args.student_batch} x seq "
               f"{args.seq_len}, alpha=1 forward KL); held-out: {args.eval_rows} validation rows")
         print_student_seed_study(args.student_seeds, args.study_signals, {}, teacher, student, student_rows, tokenizer,
                                  config, work, args.build_batch, eval_rows)  # fmt: skip
@@ -270,7 +276,7 @@ def main() -> None:
     build_tokens = len(student_rows) * args.seq_len
     results: dict[str, dict] = {}
     model = student()
-    results["plain CE (no teacher)"] = {"clock": train_plain(model, student_rows, tokenizer, str(work / "run-plain"), args.steps), "model": model}
+    results["plain CE (no teacher)"] = {"clock": train_plain(model, student_rows, tokenizer, str(work / "run-plain"), args.steps, args.student_batch), "model": model}
     model = student()
     results["online"] = {"clock": distill(model, student_rows, tokenizer, config("online"), teacher=teacher), "model": model}
     for mode, k, sampler in CACHES:
@@ -297,7 +303,7 @@ def main() -> None:
           f"trained {args.teacher_steps} steps of {BATCH}x{args.seq_len} tokens: held-out CE {teacher_ce:.3f}, mean "
           f"entropy {entropy:.2f} nats, mean top-64 mass {top64:.2f}")
     print(f"student {sum(p.numel() for p in plain['model'].parameters()) / 1e6:.1f}M params distilled {args.steps} "
-          f"steps (batch {BATCH} x seq {args.seq_len}, alpha=1 forward KL); held-out: {args.eval_rows} validation rows")
+          f"steps (batch {args.student_batch} x seq {args.seq_len}, alpha=1 forward KL); held-out: {args.eval_rows} validation rows")
     print("quality baseline: online teacher; training speed baseline: plain CE training of the same student; "
           f"build speed baseline: plain teacher forward over the same rows ({forward_tokens_per_s:.0f} tokens/s)\n")
     print("| student trained with | signal B/token (format 4) | format 1 B/token | held-out CE | CE / online |"
