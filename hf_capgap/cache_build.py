@@ -12,10 +12,11 @@ import contextlib
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 
@@ -111,9 +112,10 @@ def build_cache(
         "vocabulary_fingerprint": None if tokenizer is None else vocabulary_fingerprint(tokenizer),
         "dataset_fingerprint": dataset_fingerprint(prepared),
     }
+    fitting = FittingBatchSize(batch_size)
     if bytes_per_token is not None:
         first = row_dicts(rows.with_format("arrow")[:batch_size])
-        draws = draws_for_budget(teacher, first, collator(first), spec, bytes_per_token)
+        draws = draws_for_budget(teacher, first, collator, spec, bytes_per_token, fitting)
         spec.update(k=draws, draws=draws)
     state = _ProcessGroup.current()
     found = _inspect_directory(path, spec, overwrite=overwrite)
@@ -125,7 +127,7 @@ def build_cache(
     state.wait_for_everyone()
     plan = ShardPlan(spec["num_sequences"], spec["rows_per_shard"])
     own = [j for j in range(plan.num_shards) if j % state.num_processes == state.process_index]
-    _build_shards(teacher, rows, collator, path, spec, plan, own, batch_size, progress and state.is_main_process)
+    _build_shards(teacher, rows, collator, path, spec, plan, own, fitting, progress and state.is_main_process)
     state.wait_for_everyone()
     if state.is_main_process:
         teacher_name = getattr(teacher, "name_or_path", "") or teacher.config.name_or_path
@@ -133,10 +135,53 @@ def build_cache(
     state.wait_for_everyone()
 
 
-def draws_for_budget(teacher: Any, rows: list[dict[str, Any]], batch: dict[str, Any], spec: dict[str, Any],
-                     budget: float) -> int:
+T = TypeVar("T")
+
+
+class FittingBatchSize:
+    """Rows per teacher forward: the build's ``batch_size``, halved whenever a batch runs out of memory
+    (accelerate's test for such errors), and kept at the size that fit for the rest of the build.
+
+    So a ``batch_size`` too large for the device costs one failed batch, not the build, and a large one
+    finds the largest batch that fits. The rows a shard holds and the seed of a row's draws (its index)
+    do not depend on the batches, so a build that halved equals one run at the smaller size.
+    """
+
+    def __init__(self, rows: int) -> None:
+        self.rows = rows
+
+    def batches(self, start: int, end: int, work: Callable[[int, int], T]) -> Iterator[tuple[int, int, T]]:
+        """(low, high, work(low, high)) over rows [start, end) in batches that fit."""
+        low = start
+        while low < end:
+            high = min(low + self.rows, end)
+            fitted, result = self._attempt(work, low, high)
+            if fitted:
+                yield low, high, result
+                low = high
+
+    def _attempt(self, work: Callable[[int, int], T], low: int, high: int) -> tuple[bool, T | None]:
+        from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
+
+        try:
+            return True, work(low, high)
+        except RuntimeError as err:
+            if self.rows == 1 or not should_reduce_batch_size(err):
+                raise
+        # Past the except block the error, and the failed batch's tensors its traceback held, are gone.
+        clear_device_cache(garbage_collection=True)
+        self.rows = max(1, self.rows // 2)
+        warnings.warn(
+            f"teacher cache: a batch of {high - low} rows ran out of memory; continuing with batch_size={self.rows}.",
+            stacklevel=4,
+        )
+        return False, None
+
+
+def draws_for_budget(teacher: Any, rows: list[dict[str, Any]], collator: Callable[[list[dict[str, Any]]], Any],
+                     spec: dict[str, Any], budget: float, fitting: FittingBatchSize) -> int:
     """The most draws (<= MAX_DRAWS) whose sampled signal of ``rows`` (the first of the dataset, so a
-    rerun picks the same number; ``batch`` is them collated) fits ``budget`` bytes per position.
+    rerun picks the same number, in batches that fit) fits ``budget`` bytes per position.
 
     The bytes follow the distinct ids drawn and the gaps between them, which depend on how peaked the
     teacher is, so each candidate is drawn and encoded as the build will, from one teacher forward.
@@ -144,8 +189,13 @@ def draws_for_budget(teacher: Any, rows: list[dict[str, Any]], batch: dict[str, 
     import torch
 
     with torch.inference_mode(), _evaluating(teacher):
-        states = LabelledStates.of(teacher, rows, batch)
-        positions = sum(states.positions)
+        parts = [
+            (low, states)
+            for low, _, states in fitting.batches(
+                0, len(rows), lambda low, high: LabelledStates.of(teacher, rows[low:high], collator(rows[low:high]))
+            )
+        ]
+        positions = sum(sum(states.positions) for _, states in parts)
         if not positions:
             raise ValueError(
                 f"bytes_per_token: the first {len(rows)} rows, where the draws are measured, have no labelled "
@@ -154,8 +204,8 @@ def draws_for_budget(teacher: Any, rows: list[dict[str, Any]], batch: dict[str, 
 
         def measured_bytes(draws: int) -> float:
             candidate = {**spec, "k": draws}
-            signal = states.signal(0, candidate)
-            return sum(signal[name].nbytes for name in SIGNAL_COLUMNS["sampled"]) / positions
+            signals = [states.signal(low, candidate) for low, states in parts]
+            return sum(signal[name].nbytes for signal in signals for name in SIGNAL_COLUMNS["sampled"]) / positions
 
         low, high = 1, MAX_DRAWS  # bytes grow with the draws: bisect for the last that fits
         while low < high:
@@ -333,7 +383,7 @@ def _build_shards(
     spec: dict[str, Any],
     plan: ShardPlan,
     shard_indices: list[int],
-    batch_size: int,
+    fitting: FittingBatchSize,
     progress: bool,
 ) -> None:
     import torch
@@ -341,6 +391,10 @@ def _build_shards(
 
     todo = [j for j in shard_indices if not _shard_is_complete(path / shard_name(j), plan, j)]
     schema = shard_schema(spec)
+
+    def encode_rows(low: int, high: int) -> pa.RecordBatch:
+        batch_rows = row_dicts(rows.with_format("arrow")[low:high])
+        return encode_batch(teacher, batch_rows, collator(batch_rows), low, spec, schema)
     bar = tqdm(
         total=sum(plan.rows(j)[1] - plan.rows(j)[0] for j in todo),
         desc="teacher cache",
@@ -354,10 +408,7 @@ def _build_shards(
                 final = path / shard_name(j)
                 tmp = path / f".{final.name}.tmp"
                 with open(tmp, "wb") as handle, pa.ipc.new_stream(handle, schema) as writer:
-                    for low in range(start, end, batch_size):
-                        high = min(low + batch_size, end)
-                        batch_rows = row_dicts(rows.with_format("arrow")[low:high])
-                        record = encode_batch(teacher, batch_rows, collator(batch_rows), low, spec, schema)
+                    for low, high, record in fitting.batches(start, end, encode_rows):
                         writer.write_batch(record)
                         bar.update(high - low)
                 with open(tmp, "rb+") as handle:

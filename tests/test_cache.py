@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -314,6 +315,49 @@ def test_a_budget_needs_labelled_positions_in_the_first_batch(teacher, tmp_path)
     cache = TeacherCache.build(teacher, dataset, tmp_path / "c", mode="sampled", bytes_per_token=20, batch_size=3,
                                progress=False)  # fmt: skip
     assert cache.manifest["draws"] > 1 and cache.manifest["num_positions"] == 7
+
+
+def refusing_batches_over(teacher, rows: int, error: str = "CUDA out of memory. Tried to allocate 2.00 GiB"):
+    """A forward hook raising ``error`` (a device out-of-memory message by default) on batches of more rows."""
+
+    def refuse(module, args, kwargs):
+        if kwargs["input_ids"].shape[0] > rows:
+            raise torch.OutOfMemoryError(error) if "out of memory" in error else RuntimeError(error)
+
+    return teacher.register_forward_pre_hook(refuse, with_kwargs=True)
+
+
+def test_a_batch_that_runs_out_of_memory_is_halved_until_it_fits(teacher, dataset, tmp_path):
+    """batch_size=8 on a device that fits 2 rows: the build warns, halves to 4 then 2, and writes what a build in
+    batches of 2 writes, with the draws its budget picks on the same first 8 rows. Other errors, and a batch of
+    one row that does not fit, still raise."""
+    options = dict(mode="sampled", progress=False)
+    measured = TeacherCache.build(teacher, dataset, tmp_path / "ample", bytes_per_token=20, batch_size=8, **options)
+    draws = measured.manifest["draws"]
+    reference = TeacherCache.build(teacher, dataset, tmp_path / "pairs", k=draws, batch_size=2, **options)
+    handle = refusing_batches_over(teacher, 2)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cache = TeacherCache.build(teacher, dataset, tmp_path / "halved", bytes_per_token=20, batch_size=8,
+                                       **options)  # fmt: skip
+    finally:
+        handle.remove()
+    assert [str(w.message) for w in caught if "memory" in str(w.message)] == [
+        "teacher cache: a batch of 8 rows ran out of memory; continuing with batch_size=4.",
+        "teacher cache: a batch of 4 rows ran out of memory; continuing with batch_size=2.",
+    ]
+    assert cache.manifest["draws"] == draws
+    assert shard_files(cache.path) == shard_files(reference.path)
+
+    for limit, error, match in ((0, None, "out of memory"), (2, "CUDA error: an illegal memory access", "illegal")):
+        handle = refusing_batches_over(teacher, limit, *([error] if error else []))
+        try:
+            with pytest.raises(RuntimeError, match=match), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                TeacherCache.build(teacher, dataset, tmp_path / f"fails-{limit}", k=4, batch_size=8, **options)
+        finally:
+            handle.remove()
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

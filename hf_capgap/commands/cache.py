@@ -39,7 +39,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument(
         "--dtype", choices=["float16", "bfloat16"], default="float16", help="storage of log-probs"
     )
-    build.add_argument("--batch-size", type=int, default=8, help="rows per teacher forward")
+    build.add_argument(
+        "--batch-size", type=int, default=8,
+        help="rows per teacher forward, halved on out-of-memory errors: a large one finds the largest that fits",
+    )  # fmt: skip
     build.add_argument("--shard-tokens", type=int, default=262144, help="tokens per shard file")
     build.add_argument("--seed", type=int, default=0, help="seed of the sampled mode")
     build.add_argument(
