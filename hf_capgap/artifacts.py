@@ -185,7 +185,11 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 def model_fingerprint(model: Any) -> str:
-    """Hash of a model's architecture config and every weight (order-independent of device/dtype views)."""
+    """Hash of a model's architecture config and every weight (order-independent of device/dtype views).
+
+    A model sharded across ranks (FSDP2 / tensor-parallel DTensors, DeepSpeed ZeRO-3) hashes its
+    whole weights, gathered one at a time, so it equals the unsharded model's: every rank must call it.
+    """
     import torch
 
     digest = hashlib.sha256()
@@ -193,12 +197,28 @@ def model_fingerprint(model: Any) -> str:
     for volatile in ("_name_or_path", "transformers_version", "torch_dtype", "dtype"):
         config.pop(volatile, None)
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    parameters = dict(model.named_parameters(remove_duplicate=False))
     for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(str(tensor.dtype).encode())
-        data = tensor.detach().to("cpu").contiguous().reshape(-1)
-        digest.update(data.view(torch.uint8).numpy().tobytes())
+        with _whole(tensor, parameters.get(name)) as whole:
+            digest.update(name.encode())
+            digest.update(str(whole.dtype).encode())
+            data = whole.detach().to("cpu").contiguous().reshape(-1)
+            digest.update(data.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _whole(tensor: Any, parameter: Any) -> Iterator[Any]:
+    """A state-dict entry as one full tensor, gathered from the ranks where it is sharded."""
+    from torch.distributed.tensor import DTensor
+
+    if hasattr(parameter, "ds_id"):  # ZeRO-3: the state dict holds an empty placeholder
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([parameter]):
+            yield parameter.data
+    else:
+        yield tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 _FINGERPRINT_BATCH_ROWS = 4096

@@ -76,6 +76,8 @@ def build_cache(
     overwrite: bool = False,
 ) -> None:
     """Write (or finish) the cache at ``path``; every input is checked before the teacher runs."""
+    from hf_capgap.lm_head import parameter_sharding
+
     _check_options(mode, k, temperature, batch_size, shard_tokens, dtype, sampler)
     if bytes_per_token is not None and (mode != "sampled" or not bytes_per_token >= SAMPLED_POSITION_BYTES + 1):
         raise ValueError(
@@ -112,12 +114,15 @@ def build_cache(
         "vocabulary_fingerprint": None if tokenizer is None else vocabulary_fingerprint(tokenizer),
         "dataset_fingerprint": dataset_fingerprint(prepared),
     }
-    fitting = FittingBatchSize(batch_size)
+    state = _ProcessGroup.current()
+    # A teacher sharded across ranks runs each forward as a collective: every rank must run as many,
+    # and none may retry one alone.
+    lockstep = state.num_processes > 1 and parameter_sharding(teacher) is not None
+    fitting = FittingBatchSize(batch_size, halve=not lockstep)
     if bytes_per_token is not None:
         first = row_dicts(rows.with_format("arrow")[:batch_size])
         draws = draws_for_budget(teacher, first, collator, spec, bytes_per_token, fitting)
         spec.update(k=draws, draws=draws)
-    state = _ProcessGroup.current()
     found = _inspect_directory(path, spec, overwrite=overwrite)
     if found == "complete":
         return
@@ -127,7 +132,13 @@ def build_cache(
     state.wait_for_everyone()
     plan = ShardPlan(spec["num_sequences"], spec["rows_per_shard"])
     own = [j for j in range(plan.num_shards) if j % state.num_processes == state.process_index]
-    _build_shards(teacher, rows, collator, path, spec, plan, own, fitting, progress and state.is_main_process)
+    todo = [j for j in own if not _shard_is_complete(path / shard_name(j), plan, j)]
+    spare = 0
+    if lockstep:  # counted before any forward, which the other ranks' count exchange would block
+        own_batches = _batch_count(plan, todo, fitting.rows)
+        spare = state.most_over_ranks(own_batches, next(teacher.parameters()).device) - own_batches
+    _build_shards(teacher, rows, collator, path, spec, plan, todo, fitting, progress and state.is_main_process)
+    _join_other_ranks_forwards(teacher, rows, collator, spare)
     state.wait_for_everyone()
     if state.is_main_process:
         teacher_name = getattr(teacher, "name_or_path", "") or teacher.config.name_or_path
@@ -147,8 +158,8 @@ class FittingBatchSize:
     do not depend on the batches, so a build that halved equals one run at the smaller size.
     """
 
-    def __init__(self, rows: int) -> None:
-        self.rows = rows
+    def __init__(self, rows: int, *, halve: bool = True) -> None:
+        self.rows, self.halve = rows, halve
 
     def batches(self, start: int, end: int, work: Callable[[int, int], T]) -> Iterator[tuple[int, int, T]]:
         """(low, high, work(low, high)) over rows [start, end) in batches that fit."""
@@ -166,7 +177,7 @@ class FittingBatchSize:
         try:
             return True, work(low, high)
         except RuntimeError as err:
-            if self.rows == 1 or not should_reduce_batch_size(err):
+            if not self.halve or self.rows == 1 or not should_reduce_batch_size(err):
                 raise
         # Past the except block the error, and the failed batch's tensors its traceback held, are gone.
         clear_device_cache(garbage_collection=True)
@@ -267,6 +278,17 @@ class _ProcessGroup:
 
         state = process_state()
         return cls(state.process_index, state.num_processes, state.wait_for_everyone)
+
+    def most_over_ranks(self, value: int, device: Any) -> int:
+        """The largest ``value`` any rank holds (``device``: where the backend reduces, e.g. cuda for nccl)."""
+        import torch
+        import torch.distributed as dist
+
+        if self.num_processes == 1:
+            return value
+        total = torch.tensor([value], dtype=torch.int64, device=device)
+        dist.all_reduce(total, op=dist.ReduceOp.MAX)
+        return int(total.item())
 
 
 def _check_options(
@@ -382,14 +404,13 @@ def _build_shards(
     path: Path,
     spec: dict[str, Any],
     plan: ShardPlan,
-    shard_indices: list[int],
+    todo: list[int],
     fitting: FittingBatchSize,
     progress: bool,
 ) -> None:
     import torch
     from tqdm.auto import tqdm
 
-    todo = [j for j in shard_indices if not _shard_is_complete(path / shard_name(j), plan, j)]
     schema = shard_schema(spec)
 
     def encode_rows(low: int, high: int) -> pa.RecordBatch:
@@ -416,6 +437,25 @@ def _build_shards(
                 os.replace(tmp, final)
     finally:
         bar.close()
+
+
+def _batch_count(plan: ShardPlan, shards: list[int], batch_size: int) -> int:
+    return sum(-(-(plan.rows(j)[1] - plan.rows(j)[0]) // batch_size) for j in shards)
+
+
+def _join_other_ranks_forwards(
+    teacher: Any, rows: Any, collator: Callable[[list[dict[str, Any]]], Any], forwards: int
+) -> None:
+    """Run the teacher ``forwards`` times on the first row: what this rank owes the busier ranks when
+    the teacher is sharded (ranks build different shards, but each forward needs every rank)."""
+    import torch
+
+    if not forwards:
+        return
+    first = row_dicts(rows.with_format("arrow")[:1])
+    with torch.inference_mode(), _evaluating(teacher):
+        for _ in range(forwards):
+            LabelledStates.of(teacher, first, collator(first))
 
 
 @contextlib.contextmanager

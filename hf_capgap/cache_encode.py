@@ -136,15 +136,12 @@ class LabelledStates:
 def fusable_head(teacher: Any) -> Any:
     """The teacher's lm_head when the build can apply it itself, else None (the teacher returns logits).
 
-    Not when its architecture may post-process logits or its weight is partitioned (DeepSpeed ZeRO-3
-    leaves each rank an empty shard; the forward gathers it, a plain matmul would not).
+    Not when its architecture may post-process logits or its weights are sharded across ranks (the
+    teacher's forward gathers a shard, a plain matmul would not).
     """
-    from hf_capgap.lm_head import choose_lm_head
+    from hf_capgap.lm_head import choose_lm_head, parameter_sharding
 
-    head = choose_lm_head(teacher, "auto").head
-    if head is None or head.weight.numel() == 0 or hasattr(head.weight, "ds_id"):
-        return None
-    return head
+    return choose_lm_head(teacher, "auto", parameter_sharding(teacher)).head
 
 
 def block_rows(vocab: int, device: Any) -> tuple[int, int]:

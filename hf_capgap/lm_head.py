@@ -103,6 +103,25 @@ def head_sharding(accelerator: Any) -> str | None:
     return None
 
 
+def parameter_sharding(model: nn.Module) -> str | None:
+    """Why ``model``'s weights are sharded across ranks, read from the weights themselves, or None.
+
+    For a model used outside the accelerator that trains (a teacher given to a cache build): FSDP1
+    wraps modules, FSDP2 and tensor parallelism make weights DTensors, DeepSpeed ZeRO-3 marks
+    partitioned weights with ``ds_id``. Each forward of such a model is a collective.
+    """
+    from torch.distributed.tensor import DTensor
+
+    if any(type(module).__name__ == "FullyShardedDataParallel" for module in model.modules()):
+        return "FSDP shards its weights across ranks"
+    for parameter in model.parameters():
+        if hasattr(parameter, "ds_id"):
+            return "DeepSpeed ZeRO-3 partitions its weights across ranks"
+        if isinstance(parameter, DTensor):
+            return "its weights are DTensors sharded across ranks (FSDP2 or tensor parallel)"
+    return None
+
+
 def _why_not_fusable(model: nn.Module, head: nn.Module | None, sharding: str | None) -> str | None:
     config = getattr(model, "config", None)
     if sharding is not None:

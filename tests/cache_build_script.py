@@ -46,6 +46,21 @@ def make_dataset(
     return datasets.Dataset.from_dict(columns)
 
 
+def fully_shard_over_ranks(model) -> None:
+    """FSDP2 on the CPU ranks of the launch: each decoder layer and the rest of the model sharded."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from hf_capgap.processes import process_state
+
+    process_state()  # initialises the process group of the launch
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", required=True)
@@ -56,12 +71,18 @@ def main() -> None:
         "--delay", type=float, default=0.0, help="seconds of sleep before each teacher forward"
     )
     parser.add_argument("--rank-dir", help="each process writes rank-<index>.txt here (proves ranks ran)")
+    parser.add_argument(
+        "--fully-shard", action="store_true",
+        help="shard the teacher's weights over the ranks with FSDP2 (each forward becomes a collective)",
+    )  # fmt: skip
     args = parser.parse_args()
 
     torch.set_num_threads(1)
     from hf_capgap.cache import TeacherCache
 
     teacher = make_teacher()
+    if args.fully_shard:
+        fully_shard_over_ranks(teacher)
     if args.delay:
         teacher.register_forward_pre_hook(lambda module, inputs: time.sleep(args.delay))
     TeacherCache.build(

@@ -640,6 +640,28 @@ def test_two_process_accelerate_build_equals_single_process(tmp_path, reference)
     assert settled[0] == settled[1]
 
 
+def test_two_rank_build_with_an_fsdp2_sharded_teacher_equals_single_process(tmp_path):
+    """A teacher whose weights FSDP2 shards over the ranks runs each forward as a collective. Five shards
+    over two ranks give them 8 and 6 batches: the rank with fewer joins the others' forwards instead of
+    hanging them, the fingerprint gathers the whole weights, and the files equal a one-process build of
+    the unsharded teacher."""
+    settings = ["--shard-tokens", str(5 * SEQ_LEN), "--mode", "sampled"]
+    subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "one"), *settings], cwd=REPO, timeout=300,
+                   check=True)  # fmt: skip
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+        str(SCRIPT), "--out", str(tmp_path / "sharded"), "--fully-shard", *settings,
+    ]  # fmt: skip
+    # ~20 s; ranks whose forwards went out of step would hang until the timeout
+    subprocess.run(command, cwd=REPO, env={**os.environ, "ACCELERATE_USE_CPU": "1"}, timeout=120, check=True)
+
+    one, sharded = TeacherCache.load(tmp_path / "one", verify=True), TeacherCache.load(tmp_path / "sharded", verify=True)
+    assert len(one.manifest["shards"]) == 5
+    assert shard_files(sharded.path) == shard_files(one.path)
+    assert sharded.manifest["teacher_fingerprint"] == one.manifest["teacher_fingerprint"]
+
+
 def test_shards_are_plain_arrow_streams_and_the_manifest_says_how_they_were_made(teacher, dataset, tmp_path):
     cache = TeacherCache.build(teacher, dataset, tmp_path / "c", mode="sampled", k=16, progress=False)
     with pa.memory_map(str(cache.path / "shard-00000.arrow")) as source:

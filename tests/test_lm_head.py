@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from accelerate.utils import DistributedType
 from conftest import tiny_llama
 
-from hf_capgap.lm_head import base_model, choose_lm_head, head_sharding, lm_head_bypassed
+from hf_capgap.cache_encode import fusable_head
+from hf_capgap.lm_head import base_model, choose_lm_head, head_sharding, lm_head_bypassed, parameter_sharding
 from hf_capgap.losses import LossSpec, distillation_loss
 
 
@@ -40,6 +41,17 @@ def test_only_zero3_and_fsdp_shard_the_head(distributed_type, zero_stage, sharde
         assert reason in choice.reason and choice.reason.startswith("logits path")
         with pytest.raises(ValueError, match="shards the lm_head"):
             choose_lm_head(tiny_llama(), "always", reason)
+
+
+def test_a_teacher_with_weights_sharded_across_ranks_is_recognised_from_its_weights():
+    """A cache build has no accelerator to ask: the weights say it. A ZeRO-3 partitioned head is gathered by
+    the teacher's own forward, so the build does not multiply it itself. (FSDP2's DTensors: test_cache's
+    two-rank build with a sharded teacher.)"""
+    teacher = tiny_llama()
+    assert parameter_sharding(teacher) is None and fusable_head(teacher) is teacher.lm_head
+    teacher.lm_head.weight.ds_id = 7  # how DeepSpeed ZeRO-3 marks a partitioned weight
+    assert parameter_sharding(teacher) == "DeepSpeed ZeRO-3 partitions its weights across ranks"
+    assert fusable_head(teacher) is None
 
 
 def test_reasons_name_the_path_and_the_cause():
