@@ -416,6 +416,7 @@ def _build_shards(
     def encode_rows(low: int, high: int) -> pa.RecordBatch:
         batch_rows = row_dicts(rows.with_format("arrow")[low:high])
         return encode_batch(teacher, batch_rows, collator(batch_rows), low, spec, schema)
+
     bar = tqdm(
         total=sum(plan.rows(j)[1] - plan.rows(j)[0] for j in todo),
         desc="teacher cache",
