@@ -4,6 +4,8 @@ A build is resumable and can be spread over processes. Shard j always covers the
 written under a temporary name and renamed only once complete, so a rerun keeps finished shards and
 redoes the rest. Under accelerate / torch.distributed with world size W, rank r builds the shards
 with j % W == r and rank 0 writes the manifest after a barrier: the files equal a one-process build.
+A teacher sharded across the ranks (FSDP, DeepSpeed ZeRO-3) runs each forward as a collective, so
+there the ranks agree first on the most batches any of them has, and the others run spare forwards.
 """
 
 from __future__ import annotations
