@@ -51,9 +51,18 @@ from hf_capgap.cache_format import (
     shard_name,
     shard_schema,
 )
-from hf_capgap.sft_data import has_labelled_position, make_collator, prepare_dataset, uses_padding_free
+from hf_capgap.sft_data import (
+    has_labelled_position,
+    make_collator,
+    prepare_dataset,
+    rows_holding_positions,
+    uses_padding_free,
+)
 from hf_capgap.vocabulary import check_logits_cover, vocabulary_fingerprint
 
+BUDGET_POSITIONS = 4096
+"""Labelled positions a ``bytes_per_token`` budget is measured on: the first rows that hold them,
+whatever the batch size, so a rerun with another batch_size picks the same draws."""
 SPEC_NAME = ".build_spec.json"
 """Settings of an unfinished build, so a rerun with other inputs cannot mix its shards in."""
 
@@ -122,7 +131,7 @@ def build_cache(
     lockstep = state.num_processes > 1 and parameter_sharding(teacher) is not None
     fitting = FittingBatchSize(batch_size, halve=not lockstep)
     if bytes_per_token is not None:
-        first = row_dicts(rows.with_format("arrow")[:batch_size])
+        first = row_dicts(rows.with_format("arrow")[: rows_holding_positions(rows, BUDGET_POSITIONS)])
         draws = draws_for_budget(teacher, first, collator, spec, bytes_per_token, fitting)
         spec.update(k=draws, draws=draws)
     found = _inspect_directory(path, spec, overwrite=overwrite)
@@ -194,7 +203,7 @@ class FittingBatchSize:
 def draws_for_budget(teacher: Any, rows: list[dict[str, Any]], collator: Callable[[list[dict[str, Any]]], Any],
                      spec: dict[str, Any], budget: float, fitting: FittingBatchSize) -> int:
     """The most draws (<= MAX_DRAWS) whose sampled signal of ``rows`` (the first of the dataset, so a
-    rerun picks the same number, in batches that fit) fits ``budget`` bytes per position.
+    rerun picks the same number; run in batches that fit) fits ``budget`` bytes per position.
 
     The bytes follow the distinct ids drawn and the gaps between them, which depend on how peaked the
     teacher is, so each candidate is drawn and encoded as the build will, from one teacher forward.
@@ -212,7 +221,7 @@ def draws_for_budget(teacher: Any, rows: list[dict[str, Any]], collator: Callabl
         if not positions:
             raise ValueError(
                 f"bytes_per_token: the first {len(rows)} rows, where the draws are measured, have no labelled "
-                "position; give k= (the draws) instead, or a larger batch_size."
+                "position once collated; give k= (the draws) instead."
             )
 
         def measured_bytes(draws: int) -> float:

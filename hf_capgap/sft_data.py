@@ -208,6 +208,27 @@ def count_labelled_positions(labels: Tensor) -> int:
     return int((next_token_labels(labels) != IGNORE_INDEX).sum())
 
 
+def rows_holding_positions(dataset: Any, positions: int, batch_rows: int = 1024) -> int:
+    """The fewest leading rows of a prepared map-style dataset whose labelled positions (labels past
+    position 0) number at least ``positions``; all rows when they hold fewer."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    column = "labels" if "labels" in dataset.column_names else TOKENIZED_COLUMN
+    seen = rows = 0
+    for batch in dataset.with_format("arrow").iter(batch_size=batch_rows):
+        following = pc.list_slice(batch[column], 1)
+        flat = pc.list_flatten(following)
+        labelled = np.ones(len(flat)) if column == TOKENIZED_COLUMN else np.asarray(pc.not_equal(flat, IGNORE_INDEX))
+        parents = np.asarray(pc.list_parent_indices(following))
+        per_row = np.bincount(parents, weights=labelled, minlength=len(following))
+        reached = np.flatnonzero(seen + np.cumsum(per_row) >= positions)
+        if len(reached):
+            return rows + int(reached[0]) + 1
+        seen, rows = seen + int(per_row.sum()), rows + len(following)
+    return rows
+
+
 def has_labelled_position(dataset: Any, batch_rows: int = 1024) -> bool:
     """Whether any row of a prepared map-style dataset has a token to predict (a label past position 0).
 

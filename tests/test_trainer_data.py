@@ -12,7 +12,7 @@ from conftest import CHAT_ROWS, CHAT_TEMPLATE, chat_tokenizer, tiny_qwen2
 from datasets import Dataset
 
 from hf_capgap import DistillationConfig, DistillationTrainer
-from hf_capgap.sft_data import DatasetFormatError, prepare_dataset
+from hf_capgap.sft_data import DatasetFormatError, prepare_dataset, rows_holding_positions
 from hf_capgap.vocabulary import VocabularyMismatchError
 
 TEACHER_ROWS, STUDENT_ROWS = 1024, 1008
@@ -224,3 +224,14 @@ def test_the_liger_backend_is_refused_with_the_fix_when_it_cannot_run(tmp_path, 
         trainer_for(tmp_path, pair, Dataset.from_dict({"text": TEXTS}), loss_backend="liger")
     with pytest.raises(ValueError, match="loss_backend"):
         config(tmp_path, loss_backend="triton")
+
+
+def test_rows_holding_positions_counts_labels_past_the_first_token():
+    """Labelled positions per row: 0, 0, 7 (labels after position 0 that are not -100); rows without a
+    labels column: every position after the first (4 per row of 5 tokens). Read in batches of 2 rows."""
+    labelled = Dataset.from_dict(
+        {"input_ids": [[5] * 8] * 3, "labels": [[5] + [-100] * 7, [-100] * 8, [-100] + [5] * 7]}
+    )
+    assert [rows_holding_positions(labelled, n, batch_rows=2) for n in (1, 7, 8)] == [3, 3, 3]
+    unlabelled = Dataset.from_dict({"input_ids": [[5] * 5] * 4})
+    assert [rows_holding_positions(unlabelled, n, batch_rows=2) for n in (1, 4, 5, 16, 100)] == [1, 1, 2, 4, 4]
