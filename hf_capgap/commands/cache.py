@@ -32,8 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument(
         "--bytes-per-token",
         type=float,
-        help="sampled mode: instead of --k, the most draws whose signal of the first batch fits this many bytes "
-        "per position",
+        help="sampled mode: instead of --k, the most draws whose signal of the first 4,096 labelled positions "
+        "fits this many bytes per position",
     )
     build.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the teacher")
     build.add_argument(
