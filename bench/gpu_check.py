@@ -20,7 +20,8 @@
    prepared for inference): that it ran, its peak memory; ZeRO-3 is skipped when deepspeed is absent.
 4. TeacherCache.build (sampled 16 draws, systematic; top-64) with the teacher of section 2 over the
    same rows, against a plain teacher forward over the same batches: tokens/s and peak memory (the
-   build applies the lm_head a block of positions at a time, so no [batch, seq, vocab] logits).
+   build applies the lm_head a block of positions at a time, so no [batch, seq, vocab] logits); and
+   the sampled build asked for every row in one batch (halved on out-of-memory errors to what fits).
 
 On CPU (--smoke) memory columns read n/a, and FSDP2 / ZeRO-3 are skipped (they need CUDA here).
 """
@@ -36,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -470,6 +472,18 @@ def cache_section(plan: Plan) -> list[str]:
             seconds, peak = measured(build)
         lines.append(f"| build {mode} k={k} | {tokens / seconds:.0f} | {plain_s / seconds:.2f}x |"
                      f" {plain_s / max(seconds - fingerprint_s, 1e-9):.2f}x | {gib(peak)} |")
+    # batch_size = every row: the build halves it on each out-of-memory error, down to what fits.
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings(record=True) as halvings:
+        warnings.simplefilter("always")
+
+        def build_largest(path: str = folder) -> None:
+            TeacherCache.build(teacher, dataset, f"{path}/cache", tokenizer=tokenizer, args=args, mode="sampled", k=16,
+                               batch_size=rows, progress=False)  # fmt: skip
+
+        seconds, peak = measured(build_largest)
+    reached = rows >> sum("ran out of memory" in str(warning.message) for warning in halvings)
+    lines.append(f"| build sampled k=16, batch_size={rows} (ran at {reached}) | {tokens / seconds:.0f} |"
+                 f" {plain_s / seconds:.2f}x | {plain_s / max(seconds - fingerprint_s, 1e-9):.2f}x | {gib(peak)} |")
     return lines
 
 

@@ -22,3 +22,4 @@ def test_gpu_check_smoke_prints_every_section():
     assert "| gkd |" in table and "fused lm_head" in table
     assert "| fsdp2, 1 process |" in table and "| zero3, 1 process |" in table
     assert "| build sampled k=16 |" in table and "| build topk k=64 |" in table
+    assert "| build sampled k=16, batch_size=12 (ran at 12) |" in table
