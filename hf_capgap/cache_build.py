@@ -60,6 +60,8 @@ from hf_capgap.sft_data import (
 )
 from hf_capgap.vocabulary import check_logits_cover, vocabulary_fingerprint
 
+T = TypeVar("T")
+
 BUDGET_POSITIONS = 4096
 """Labelled positions a ``bytes_per_token`` budget is measured on: the first rows that hold them,
 whatever the batch size, so a rerun with another batch_size picks the same draws."""
@@ -155,9 +157,6 @@ def build_cache(
         teacher_name = getattr(teacher, "name_or_path", "") or teacher.config.name_or_path
         _write_final_manifest(path, spec, plan, teacher_name)
     state.wait_for_everyone()
-
-
-T = TypeVar("T")
 
 
 class FittingBatchSize:
