@@ -14,7 +14,7 @@ batch has one row per *labelled position*, the entries of :func:`next_token_labe
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -209,23 +209,16 @@ def count_labelled_positions(labels: Tensor) -> int:
 
 
 def rows_holding_positions(dataset: Any, positions: int, batch_rows: int = 1024) -> int:
-    """The fewest leading rows of a prepared map-style dataset whose labelled positions (labels past
-    position 0) number at least ``positions``; all rows when they hold fewer."""
+    """The fewest leading rows of a prepared map-style dataset whose labelled positions number at
+    least ``positions``; all rows when they hold fewer."""
     import numpy as np
-    import pyarrow.compute as pc
 
-    column = "labels" if "labels" in dataset.column_names else TOKENIZED_COLUMN
     seen = rows = 0
-    for batch in dataset.with_format("arrow").iter(batch_size=batch_rows):
-        following = pc.list_slice(batch[column], 1)
-        flat = pc.list_flatten(following)
-        labelled = np.ones(len(flat)) if column == TOKENIZED_COLUMN else np.asarray(pc.not_equal(flat, IGNORE_INDEX))
-        parents = np.asarray(pc.list_parent_indices(following))
-        per_row = np.bincount(parents, weights=labelled, minlength=len(following))
+    for per_row in _labelled_positions_per_row(dataset, batch_rows):
         reached = np.flatnonzero(seen + np.cumsum(per_row) >= positions)
         if len(reached):
             return rows + int(reached[0]) + 1
-        seen, rows = seen + int(per_row.sum()), rows + len(following)
+        seen, rows = seen + int(per_row.sum()), rows + len(per_row)
     return rows
 
 
@@ -235,13 +228,22 @@ def has_labelled_position(dataset: Any, batch_rows: int = 1024) -> bool:
     Reads batch by batch and stops at the first labelled token, so a large dataset costs one batch.
     """
     import datasets
-    import pyarrow.compute as pc
 
     if not isinstance(dataset, datasets.Dataset):
         return True  # a stream is not read ahead; its batches are counted as they come
+    return any(per_row.any() for per_row in _labelled_positions_per_row(dataset, batch_rows))
+
+
+def _labelled_positions_per_row(dataset: Any, batch_rows: int) -> Iterator[Any]:
+    """Each row's labelled positions (labels past position 0 that are not -100; every position past
+    the first without a labels column), as one numpy array per batch of ``batch_rows`` rows."""
+    import numpy as np
+    import pyarrow.compute as pc
+
     column = "labels" if "labels" in dataset.column_names else TOKENIZED_COLUMN
     for batch in dataset.with_format("arrow").iter(batch_size=batch_rows):
-        following = pc.list_flatten(pc.list_slice(batch[column], 1))
-        if len(following) and pc.any(pc.not_equal(following, IGNORE_INDEX)).as_py():
-            return True
-    return False
+        following = pc.list_slice(batch[column], 1)
+        flat = pc.list_flatten(following)
+        labelled = np.ones(len(flat)) if column == TOKENIZED_COLUMN else np.asarray(pc.not_equal(flat, IGNORE_INDEX))
+        parents = np.asarray(pc.list_parent_indices(following))
+        yield np.bincount(parents, weights=labelled, minlength=len(following))
