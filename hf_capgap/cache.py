@@ -192,15 +192,18 @@ class TeacherCache:
         draws at k evenly spaced points of the teacher's cumulative distribution from one random
         offset, so a token of probability p gets floor(k p) or ceil(k p) draws (the likely tokens are
         all but exact); ``multinomial`` draws independently. Both are unbiased; systematic draws
-        have less variance at the same bytes (bench/results/cache_training.md). ``bytes_per_token`` (sampled only) picks
-        ``k`` instead: the most draws whose signal of the first 4,096 labelled positions, drawn and
-        encoded as the build does, fits that many bytes per position (bench/results/cache_bytes.md tabulates draws -> bytes;
-        16 systematic draws of a 32,000-token teacher: ~26 B). ``batch_size``: rows per teacher forward,
-        halved whenever a batch runs out of device memory, so a large one finds the largest batch that
-        fits (a row's draws are seeded by its index, not by its batch). Resumable: rerunning after a crash keeps
-        finished shards. Under accelerate/torch.distributed each rank builds its share of shards. A
-        complete cache with the same settings is reused as is; one with other settings is refused
-        unless ``overwrite=True``.
+        have less variance at the same bytes (bench/results/cache_training.md).
+
+        ``bytes_per_token`` (sampled only) picks ``k`` instead: the most draws whose signal of the
+        first 4,096 labelled positions, drawn and encoded as the build does, fits that many bytes per
+        position (bench/results/cache_bytes.md tabulates draws -> bytes; 16 systematic draws of a
+        32,000-token teacher: ~26 B). ``batch_size``: rows per teacher forward, halved whenever a
+        batch runs out of device memory, so a large one finds the largest batch that fits (a row's
+        draws are seeded by its index, not by its batch).
+
+        Resumable: rerunning after a crash keeps finished shards. Under accelerate/torch.distributed
+        each rank builds its share of shards. A complete cache with the same settings is reused as
+        is; one with other settings is refused unless ``overwrite=True``.
         """
         from hf_capgap.cache_build import build_cache
 
