@@ -273,7 +273,11 @@ def inverse_cdf(weights: Any, points: Any) -> tuple[Any, Any]:
     targets = torch.minimum(points * total, _just_below(total))
     segment = torch.searchsorted(ends, targets, right=True)
     start = ends.gather(-1, segment) - segment_mass.gather(-1, segment)
-    within = segments.gather(1, segment[:, :, None].expand(-1, -1, SEGMENT)).cumsum(dim=-1)
+    # The segments the points fall in, copied whole (a row-wise index_select: ~10x faster on a CPU
+    # than a gather reading one index per weight).
+    flat_segment = segment + torch.arange(positions, device=segment.device)[:, None] * segments.shape[1]
+    within = segments.reshape(-1, SEGMENT).index_select(0, flat_segment.view(-1)).view(*segment.shape, SEGMENT)
+    within = within.cumsum(dim=-1)
     residual = torch.minimum((targets - start).float().clamp_(min=0.0)[:, :, None], _just_below(within[:, :, -1:]))
     offset = torch.searchsorted(within, residual, right=True)
     return segment * SEGMENT + offset.squeeze(-1), total.squeeze(-1)
