@@ -348,10 +348,13 @@ def _mismatches(have: dict[str, Any], spec: dict[str, Any]) -> list[str]:
     ]
 
 
+# ``atomic_write_json`` writes ``.<name>.<random>.tmp`` beside ``<name>``; a kill mid-write leaves one.
+_RECORD_TEMPORARIES = (f".{MANIFEST_NAME}.", f".{SPEC_NAME}.")
+
+
 def _is_cache_file(name: str) -> bool:
     """Files a build writes, including temporaries an interrupted build may leave behind."""
-    temporaries = (".shard-", f".{MANIFEST_NAME}.", f"{SPEC_NAME}.")
-    return name in (MANIFEST_NAME, SPEC_NAME) or name.startswith(("shard-", *temporaries))
+    return name in (MANIFEST_NAME, SPEC_NAME) or name.startswith(("shard-", ".shard-", *_RECORD_TEMPORARIES))
 
 
 def _inspect_directory(path: Path, spec: dict[str, Any], *, overwrite: bool) -> str:
@@ -393,7 +396,7 @@ def _inspect_directory(path: Path, spec: dict[str, Any], *, overwrite: bool) -> 
 
 
 def _claim_directory(path: Path, *, stale: bool, spec: dict[str, Any]) -> None:
-    """Remove a replaced cache and record this build's spec.
+    """Remove a replaced cache, or the half-written records a killed build left, and record this build's spec.
 
     The manifest goes first (so the folder never looks complete) and the old spec last (so shards are
     never left behind without a record of their settings).
@@ -403,6 +406,9 @@ def _claim_directory(path: Path, *, stale: bool, spec: dict[str, Any]) -> None:
         for name in names:
             with contextlib.suppress(FileNotFoundError):
                 (path / name).unlink()
+    elif path.is_dir():
+        for leftover in (p for p in path.iterdir() if p.name.startswith(_RECORD_TEMPORARIES)):
+            leftover.unlink(missing_ok=True)
     path.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path / SPEC_NAME, spec)
 

@@ -727,6 +727,19 @@ def test_build_refuses_foreign_files_and_unrecorded_shards(teacher, dataset, tmp
     assert rebuilt.manifest["k"] == 4 and len(rebuilt) == len(dataset)
 
 
+def test_build_resumes_over_records_a_kill_left_half_written(teacher, dataset, tmp_path):
+    """A kill inside an atomic write of the build record or the manifest leaves its temporary file; the
+    rerun builds as into an empty folder and removes it."""
+    clean = TeacherCache.build(teacher, dataset, tmp_path / "clean", k=4, progress=False)
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / "..build_spec.json.x1y2z3.tmp").write_text('{"kind": "teach')
+    (killed / ".capgap_manifest.json.a1b2c3.tmp").write_text("{")
+    resumed = TeacherCache.build(teacher, dataset, killed, k=4, progress=False)
+    assert sorted(p.name for p in killed.iterdir()) == sorted(p.name for p in clean.path.iterdir())
+    assert shard_files(resumed.path) == shard_files(clean.path)
+
+
 def test_points_at_the_very_end_draw_a_token_of_positive_weight():
     """Rounding can put a point at the total; it must still draw a real token, never a zero-weight slot."""
     from hf_capgap.cache_encode import SEGMENT, inverse_cdf
