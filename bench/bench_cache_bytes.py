@@ -16,7 +16,8 @@ each drawn id's fp16 log-prob would add (2 bytes per distinct id) against the 2 
 of the teacher entropy stored instead: the gradient needs neither, the logged KL
 value needs one of them.
 
-Last, for systematic draws: how much of the sampled signal's variance comes from the tokens k draws
+Then the draws ``bytes_per_token=50`` picks for this teacher, and the bytes they take. Last, for
+systematic draws: how much of the sampled signal's variance comes from the tokens k draws
 always reach (k p >= 1), the part an exact-top-few + sampled-tail hybrid could remove. A token of
 k p = n + f draws n or n + 1 times, so its count / k has variance f (1 - f) / k^2.
 
@@ -77,6 +78,10 @@ def main() -> None:
                 format3 = f"{cache.bytes_per_token + (id_bytes * sizes.sum() - len(gaps)) / len(sizes):.1f}"
             print(f"| {mode} | {k} | {sampler or '-'} | {cache.bytes_per_token:.1f} | {file_bytes:.1f} | {format3} |"
                   f" {old} | {cache.bytes_per_token / old:.2f} | {distinct} | {per_id} | {extra} | {once} |")  # fmt: skip
+        budget = TeacherCache.build(teacher, eval_rows, Path(workdir) / "budget", tokenizer=tokenizer, mode="sampled",
+                                    bytes_per_token=BYTES_GOAL, batch_size=16, progress=False)  # fmt: skip
+        print(f"\nbytes_per_token={BYTES_GOAL} picks {budget.manifest['draws']} systematic draws: "
+              f"{budget.bytes_per_token:.1f} B/token over these rows")
     print_certain_token_variance(teacher, eval_rows)
     print(f"\ndense fp16 would store {2 * len(tokenizer)} B/token; DistillKit publishes ~{DISTILLKIT_TOP128_BYTES} "
           f"B/token for its compressed top-128 format; goal of issue 13: a setting <= {BYTES_GOAL} B/token")
