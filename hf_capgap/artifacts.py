@@ -31,11 +31,16 @@ def _package_version() -> str:
     return __version__
 
 
+def temporary_prefix(name: str) -> str:
+    """How the temporary files and folders of an atomic write of ``name`` begin (a kill mid-write leaves one)."""
+    return f".{name}."
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_prefix(path.name), suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -62,11 +67,11 @@ def atomic_directory(final: str | os.PathLike, *, overwrite: bool = False) -> It
     if final.exists() and not overwrite:
         raise ArtifactError(f"{final} already exists; remove it or pass overwrite=True.")
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=temporary_prefix(final.name), suffix=".tmp"))
     try:
         yield tmp
         if final.exists():
-            trash = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".old"))
+            trash = Path(tempfile.mkdtemp(dir=final.parent, prefix=temporary_prefix(final.name), suffix=".old"))
             os.replace(final, trash / "old")
             os.replace(tmp, final)
             shutil.rmtree(trash, ignore_errors=True)

@@ -29,6 +29,7 @@ from hf_capgap.artifacts import (
     dataset_fingerprint,
     file_sha256,
     model_fingerprint,
+    temporary_prefix,
     write_manifest,
 )
 from hf_capgap.cache_encode import LabelledStates, encode_batch
@@ -348,8 +349,7 @@ def _mismatches(have: dict[str, Any], spec: dict[str, Any]) -> list[str]:
     ]
 
 
-# ``atomic_write_json`` writes ``.<name>.<random>.tmp`` beside ``<name>``; a kill mid-write leaves one.
-_RECORD_TEMPORARIES = (f".{MANIFEST_NAME}.", f".{SPEC_NAME}.")
+_RECORD_TEMPORARIES = (temporary_prefix(MANIFEST_NAME), temporary_prefix(SPEC_NAME))
 
 
 def _is_cache_file(name: str) -> bool:
