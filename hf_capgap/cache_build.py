@@ -136,6 +136,9 @@ def build_cache(
     if bytes_per_token is not None:
         first = row_dicts(rows.with_format("arrow")[: rows_holding_positions(rows, BUDGET_POSITIONS)])
         draws = draws_for_budget(teacher, first, collator, spec, bytes_per_token, fitting)
+        # Every rank measures the same rows, but one that halved its batches may round the bytes
+        # differently: all build with the fewest draws any rank measured, which fits the budget on each.
+        draws = state.fewest_over_ranks(draws, next(teacher.parameters()).device)
         spec.update(k=draws, draws=draws)
     found = _inspect_directory(path, spec, overwrite=overwrite)
     if found == "complete":
@@ -292,13 +295,20 @@ class _ProcessGroup:
 
     def most_over_ranks(self, value: int, device: Any) -> int:
         """The largest ``value`` any rank holds (``device``: where the backend reduces, e.g. cuda for nccl)."""
+        return self._reduce(value, device, "MAX")
+
+    def fewest_over_ranks(self, value: int, device: Any) -> int:
+        """The smallest ``value`` any rank holds."""
+        return self._reduce(value, device, "MIN")
+
+    def _reduce(self, value: int, device: Any, op: str) -> int:
         import torch
         import torch.distributed as dist
 
         if self.num_processes == 1:
             return value
         total = torch.tensor([value], dtype=torch.int64, device=device)
-        dist.all_reduce(total, op=dist.ReduceOp.MAX)
+        dist.all_reduce(total, op=getattr(dist.ReduceOp, op))
         return int(total.item())
 
 

@@ -72,6 +72,10 @@ def main() -> None:
     )
     parser.add_argument("--rank-dir", help="each process writes rank-<index>.txt here (proves ranks ran)")
     parser.add_argument(
+        "--bytes-per-token", type=float, nargs="+",
+        help="the draws' budget instead of --k; one per rank stands in for ranks that measure differently",
+    )  # fmt: skip
+    parser.add_argument(
         "--fully-shard", action="store_true",
         help="shard the teacher's weights over the ranks with FSDP2 (each forward becomes a collective)",
     )  # fmt: skip
@@ -85,12 +89,18 @@ def main() -> None:
         fully_shard_over_ranks(teacher)
     if args.delay:
         teacher.register_forward_pre_hook(lambda module, inputs: time.sleep(args.delay))
+    budget = None
+    if args.bytes_per_token:
+        from hf_capgap.processes import process_state
+
+        budget = args.bytes_per_token[process_state().process_index % len(args.bytes_per_token)]
     TeacherCache.build(
         teacher,
         make_dataset(),
         args.out,
         mode=args.mode,
         k=args.k,
+        bytes_per_token=budget,
         batch_size=2,
         shard_tokens=args.shard_tokens,
         progress=False,

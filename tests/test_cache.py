@@ -640,6 +640,27 @@ def test_two_process_accelerate_build_equals_single_process(tmp_path, reference)
     assert settled[0] == settled[1]
 
 
+def test_ranks_that_measure_different_draws_for_a_budget_build_with_the_fewest(tmp_path):
+    """Ranks measuring a bytes_per_token budget could round differently (here: each rank is given its
+    own budget); all build one cache, with the draws of the smallest, as one process would."""
+    script = [sys.executable, str(SCRIPT), "--mode", "sampled"]
+    for budget in ("20", "30"):
+        subprocess.run([*script, "--out", str(tmp_path / budget), "--bytes-per-token", budget], cwd=REPO, timeout=300,
+                       check=True)  # fmt: skip
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+        str(SCRIPT), "--mode", "sampled", "--out", str(tmp_path / "multi"), "--bytes-per-token", "20", "30",
+    ]  # fmt: skip
+    subprocess.run(command, cwd=REPO, env={**os.environ, "ACCELERATE_USE_CPU": "1"}, timeout=300, check=True)
+
+    fewer, more = (TeacherCache.load(tmp_path / budget, verify=True) for budget in ("20", "30"))
+    assert fewer.manifest["draws"] < more.manifest["draws"]
+    multi = TeacherCache.load(tmp_path / "multi", verify=True)
+    assert multi.manifest["draws"] == fewer.manifest["draws"]
+    assert shard_files(multi.path) == shard_files(fewer.path)
+
+
 def test_two_rank_build_with_an_fsdp2_sharded_teacher_equals_single_process(tmp_path):
     """A teacher whose weights FSDP2 shards over the ranks runs each forward as a collective. Five shards
     over two ranks give them 8 and 6 batches: the rank with fewer joins the others' forwards instead of
