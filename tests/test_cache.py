@@ -14,7 +14,6 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pytest
 import torch
