@@ -105,14 +105,14 @@ def main() -> None:
         shard_tokens=args.shard_tokens,
         progress=False,
     )
-    if args.rank_dir:
-        import torch.distributed as dist
+    import torch.distributed as dist
 
+    if args.rank_dir:
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         Path(args.rank_dir, f"rank-{rank}.txt").write_text(f"{world} {os.getpid()}\n")
-        if dist.is_initialized():  # as in ddp_train_script.py: skip gloo's exit-time destructors
-            dist.barrier()
-            os._exit(0)
+    if dist.is_initialized():  # as in ddp_train_script.py: skip gloo's exit-time destructors
+        dist.barrier()
+        os._exit(0)
 
 
 if __name__ == "__main__":
