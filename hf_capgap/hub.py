@@ -2,13 +2,17 @@
 
 The card states where the teacher/student pair sits against the law (fitted or the paper's), how
 the teacher was pruned and distilled, and how the student compares to the teacher, the pruned
-initialisation and a same-size model trained from scratch. The upload is the exported folder as is:
-it is checked for completeness before any request, and the token only ever travels in headers.
+initialisation and a same-size model trained from scratch. The upload is the exported folder less
+its pickles (``training_args.bin``, optimizer and RNG states, pickled weights: they execute code when
+loaded and ``training_args.bin`` holds the Hub token and local paths): it is checked for
+completeness, and for files holding the token, before any request, and the token only ever travels in
+headers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import mmap
 import os
 import shlex
 import warnings
@@ -17,7 +21,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from transformers.utils import logging
+
 from hf_capgap.artifacts import atomic_write_bytes
+
+logger = logging.get_logger(__name__)
 
 CARD_TEMPLATE = "student.md"
 PLOT_NAME = "capacity_gap_law.png"
@@ -25,6 +33,10 @@ CARD_TAGS = ("distillation", "capacity-gap-law", "hf_capgap")
 LAW_KEYS = ("ratio", "ratio_ci", "intercept", "r2", "source", "families", "citation")
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _WEIGHT_PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt", "*.joblib")
+"""Never uploaded (``upload_folder`` ignore patterns, matched in subfolders too): torch and Python
+pickles run code on load, and ``Trainer`` pickles its ``TrainingArguments`` (token included) as
+``training_args.bin`` and its optimizer, scheduler and RNG states as ``*.pt`` / ``*.pth``."""
 
 
 class HubUploadError(RuntimeError):
@@ -307,6 +319,36 @@ def _scrub(text: str, token: str | None) -> str:
     return text.replace(token, "***") if token else text
 
 
+def _files_to_upload(folder: Path) -> tuple[list[str], list[str]]:
+    """Relative paths ``upload_folder`` will send, and the pickles it will skip, by its own filter."""
+    from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
+
+    files = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
+    sent = list(filter_repo_objects(files, ignore_patterns=[*PICKLE_PATTERNS, *DEFAULT_IGNORE_PATTERNS]))
+    kept = set(filter_repo_objects(files, ignore_patterns=DEFAULT_IGNORE_PATTERNS))
+    return sent, sorted(kept - set(sent))
+
+
+def _holds(path: Path, secret: bytes) -> bool:
+    """Whether the file's bytes contain ``secret`` (memory-mapped: weights files can be large)."""
+    if path.stat().st_size < len(secret):
+        return False
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        return data.find(secret) != -1
+
+
+def _refuse_token_files(folder: Path, names: Sequence[str], token: str | None) -> None:
+    """Refuse, before any request, to upload a file whose bytes contain the Hub token (never echoed)."""
+    if not token:
+        return
+    holding = [name for name in names if _holds(folder / name, token.encode("utf-8"))]
+    if holding:
+        raise ValueError(
+            f"{folder}: {', '.join(holding)} contain(s) the Hub token used for this push; nothing was uploaded. "
+            "Remove the token from those files (or delete them) and revoke the token if they were ever shared."
+        )
+
+
 def push_student(
     folder: str | os.PathLike,
     repo_id: str,
@@ -317,17 +359,25 @@ def push_student(
     revision: str | None = None,
     commit_message: str | None = None,
 ) -> str:
-    """Upload an exported student folder, exactly as it is, to ``repo_id``; return the commit URL.
+    """Upload an exported student folder to ``repo_id``, without its pickles; return the commit URL.
 
-    Creates the repo (and ``revision`` as a branch) if needed. Without ``token`` the usual
-    huggingface_hub resolution applies (``HF_TOKEN``, then the saved login).
+    Files matching :data:`PICKLE_PATTERNS` stay local (a warning names them); a file that holds the
+    token this push sends makes it fail before any request. Creates the repo (and ``revision`` as a
+    branch) if needed. Without ``token`` the usual huggingface_hub resolution applies (``HF_TOKEN``,
+    then the saved login).
     """
     from huggingface_hub import HfApi
+    from huggingface_hub.utils import get_token_to_send
 
     folder = check_student_folder(folder)
     if "/" not in repo_id:
         raise ValueError(f"repo_id {repo_id!r} must be 'namespace/name', e.g. 'my-org/{repo_id}'.")
     _refuse_offline()
+    sent, skipped = _files_to_upload(folder)
+    sent_token = get_token_to_send(token)
+    _refuse_token_files(folder, sent, sent_token)
+    if skipped:
+        logger.warning(f"not uploading pickle file(s) {', '.join(skipped)} from {folder}: pickles run code on load.")
     api = HfApi(endpoint=endpoint, token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
@@ -338,11 +388,12 @@ def push_student(
             folder_path=folder,
             revision=revision,
             commit_message=commit_message or f"Upload distilled student {folder.name} with hf_capgap",
+            ignore_patterns=list(PICKLE_PATTERNS),
         )
     except Exception as err:
         command = retry_command(folder, repo_id, private=private, endpoint=endpoint, revision=revision)
         raise HubUploadError(
-            f"pushing {folder} to {repo_id} failed: {_scrub(str(err), token)}\nThe local folder is unchanged. "
+            f"pushing {folder} to {repo_id} failed: {_scrub(str(err), sent_token)}\nThe local folder is unchanged. "
             f"Retry with: {command}"
         ) from None
     return commit.commit_url

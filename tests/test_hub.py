@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_llama
 from huggingface_hub import ModelCard, constants, snapshot_download
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Trainer, TrainingArguments
 
 from hf_capgap import cli
 from hf_capgap.hub import (
@@ -219,6 +219,38 @@ def test_incomplete_folder_fails_before_any_request(hub, exported_student, tmp_p
             (partial / name).write_bytes(data)
     with pytest.raises(ValueError, match=removed.split(".")[0]):
         push_student(partial, REPO, token=TOKEN, endpoint=hub.url)
+    assert hub.requests == []
+
+
+def test_push_of_a_trainer_folder_sends_no_pickle_and_never_the_token(hub, exported_student, tmp_path, caplog):
+    folder = tmp_path / "trainer-output"
+    model = AutoModelForCausalLM.from_pretrained(exported_student)
+    args = TrainingArguments(output_dir=str(folder), hub_token=TOKEN, report_to="none", use_cpu=True)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(exported_student)
+    Trainer(model=model, args=args, processing_class=tokenizer).save_model()
+    (folder / "checkpoint-1").mkdir()
+    torch.save({"step": 1}, folder / "checkpoint-1" / "optimizer.pt")
+    write_model_card(folder, card_info())
+    assert TOKEN.encode() in (folder / "training_args.bin").read_bytes()
+
+    push_student(folder, REPO, token=TOKEN, endpoint=hub.url)
+    uploaded = hub.files(REPO)
+    assert {"config.json", "model.safetensors", "README.md"} <= set(uploaded)
+    assert not [name for name in uploaded if name.endswith((".bin", ".pt"))]
+    assert all(TOKEN.encode() not in data for data in uploaded.values())
+    assert any("training_args.bin" in r.getMessage() and "optimizer.pt" in r.getMessage() for r in caplog.records)
+
+
+def test_push_refuses_a_file_holding_the_token_without_echoing_it(hub, exported_student, tmp_path, monkeypatch):
+    folder = tmp_path / "leaky"
+    folder.mkdir()
+    for name, data in folder_bytes(exported_student).items():
+        (folder / name).write_bytes(data)
+    (folder / "notes.txt").write_text(f"pushed with HF_TOKEN={TOKEN}\n")
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with pytest.raises(ValueError, match="notes.txt") as caught:
+        push_student(folder, REPO, endpoint=hub.url)
+    assert TOKEN not in str(caught.value)
     assert hub.requests == []
 
 
