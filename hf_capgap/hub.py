@@ -24,13 +24,13 @@ from typing import Any
 from transformers.utils import logging
 
 from hf_capgap.artifacts import atomic_write_bytes
+from hf_capgap.law import CONFIDENCE, CapacityGapLaw
 
 logger = logging.get_logger(__name__)
 
 CARD_TEMPLATE = "student.md"
 PLOT_NAME = "capacity_gap_law.png"
 CARD_TAGS = ("distillation", "capacity-gap-law", "hf_capgap")
-LAW_KEYS = ("ratio", "ratio_ci", "intercept", "r2", "source", "families", "citation")
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _WEIGHT_PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt", "*.joblib")
@@ -79,7 +79,9 @@ class HeldOutScore:
 
 @dataclasses.dataclass(frozen=True)
 class StudentCardInfo:
-    """Everything the student card says; ``law`` is ``CapacityGapLaw.to_dict()``.
+    """Everything the student card says; ``law`` is ``CapacityGapLaw.to_dict()`` of the law that chose
+    the teacher: the card places the pair with that law's own line (``predict``) and prints only its
+    parameters, so a card never contradicts ``suggest``.
 
     ``teacher`` is how the card names the teacher; ``teacher_hub_id`` (a Hub id, never a local path)
     becomes ``base_model`` and the link, and is left out when the teacher is not on the Hub.
@@ -140,14 +142,14 @@ class StudentCardInfo:
         for name in ("teacher_params", "student_params"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a positive parameter count, got {getattr(self, name)}.")
-        missing = [key for key in LAW_KEYS if key not in self.law]
-        if missing:
-            raise ValueError(f"law is missing key(s) {missing}; pass CapacityGapLaw.to_dict().")
-        if self.law["ratio"] <= 0:
-            raise ValueError(f"law['ratio'] must be positive, got {self.law['ratio']}.")
-        ci = self.law["ratio_ci"]
+        if not isinstance(self.law, Mapping):
+            raise ValueError(f"law is a {type(self.law).__name__}; pass CapacityGapLaw.to_dict().")
+        ci = self.law.get("ratio_ci")
         if ci is not None and (len(ci) != 2 or ci[0] > ci[1]):
             raise ValueError(f"law['ratio_ci'] must be [low, high] with low <= high, or None; got {ci}.")
+        law = card_law(self.law)
+        if law.ratio <= 0 or (not law.through_origin and law.slope_affine <= 0):
+            raise ValueError(f"the law's slope must be positive: {law.formula()}.")
         if not 0 < self.pruning.kept_fraction <= 1:
             raise ValueError(f"pruning.kept_fraction must be in (0, 1], got {self.pruning.kept_fraction}.")
         if not self.eval_dataset:
@@ -166,17 +168,41 @@ def _as_info(info: StudentCardInfo | Mapping[str, Any]) -> StudentCardInfo:
     return info
 
 
+def card_law(law: Mapping[str, Any]) -> CapacityGapLaw:
+    """The ``CapacityGapLaw`` a card's ``law`` field describes; ValueError naming what is wrong."""
+    try:
+        return CapacityGapLaw.from_dict(law)
+    except ValueError as err:
+        raise ValueError(f"law: {err} Pass CapacityGapLaw.to_dict() of the law that chose the teacher.") from err
+
+
 def law_position(info: StudentCardInfo) -> dict[str, Any]:
-    """Where this teacher/student pair sits against the law's optimal teacher/student ratio."""
-    actual = info.teacher_params / info.student_params
-    ci = info.law["ratio_ci"]
-    return {
-        "actual_ratio": actual,
-        "law_ratio": float(info.law["ratio"]),
-        "ratio_ci": None if ci is None else [float(ci[0]), float(ci[1])],
-        "within_ci": None if ci is None else bool(ci[0] <= actual <= ci[1]),
-        "law_teacher_params": float(info.law["ratio"]) * info.student_params,
+    """Where this teacher/student pair sits against the law that chose it (the line its predictions use).
+
+    The optimum and its interval come from ``CapacityGapLaw.predict``, as in ``suggest``: a
+    through-origin law places the teacher with its ratio and ``ratio_ci``, an affine one with its
+    slope, intercept and bootstrap band. ``law_teacher_params`` is None where an affine law predicts
+    no teacher larger than this student.
+    """
+    law = card_law(info.law)
+    position: dict[str, Any] = {
+        "actual_ratio": info.teacher_params / info.student_params,
+        "formula": law.formula(),
+        "through_origin": law.through_origin,
+        "r2": law.r2 if law.through_origin else law.r2_affine,
+        "law_teacher_params": None,
+        "teacher_interval": None,
+        "within_ci": None,
     }
+    try:
+        optimum = law.predict(info.student_params)
+    except ValueError:
+        return position
+    position["law_teacher_params"] = float(optimum.params)
+    if optimum.lo is not None:
+        position["teacher_interval"] = [float(optimum.lo), float(optimum.hi)]
+        position["within_ci"] = bool(optimum.lo <= info.teacher_params <= optimum.hi)
+    return position
 
 
 def _eval_results(info: StudentCardInfo) -> list[Any]:
@@ -230,7 +256,8 @@ def render_model_card(info: StudentCardInfo | Mapping[str, Any]) -> Any:
         card_data,
         template_str=template.read_text(encoding="utf-8"),
         info=info,
-        law=info.law,
+        law=card_law(info.law),
+        law_confidence=CONFIDENCE,
         position=law_position(info),
         results=rows,
         plot=PLOT_NAME if info.law_plot is not None else None,

@@ -265,7 +265,11 @@ class CapacityGapLaw:
     # ------------------------------------------------------------------ queries
 
     def predict(self, student_params: float | Sequence[float] | np.ndarray) -> Prediction:
-        """The optimal teacher size for ``student_params`` (scalar or array), with its interval."""
+        """The optimal teacher size for ``student_params`` (scalar or array), with its interval.
+
+        The interval of a through-origin law is ``ratio_ci`` times the student size; an affine law's
+        comes from its bootstrap draws of (slope, intercept).
+        """
         students = _positive_array(student_params, "student_params")
         slope, intercept = self._line()
         teachers = slope * students + intercept
@@ -276,7 +280,9 @@ class CapacityGapLaw:
                 "range where the affine fit is meaningful; use a through-origin law for them."
             )
         lo = hi = None
-        if self.band_draws is not None:
+        if self.through_origin and self.ratio_ci is not None:
+            lo, hi = self.ratio_ci[0] * students, self.ratio_ci[1] * students
+        elif not self.through_origin and self.band_draws is not None:
             band = self.band_draws[:, :1] * students.reshape(1, -1) + self.band_draws[:, 1:]
             lo, hi = self._band(band)
         return _prediction(teachers, lo, hi, np.shape(student_params))
@@ -292,7 +298,9 @@ class CapacityGapLaw:
                 f"law's intercept ({format_params(intercept)}): no student size fits them."
             )
         lo = hi = None
-        if self.band_draws is not None:
+        if self.through_origin and self.ratio_ci is not None:
+            lo, hi = teachers / self.ratio_ci[1], teachers / self.ratio_ci[0]
+        elif not self.through_origin and self.band_draws is not None:
             usable = self.band_draws[self.band_draws[:, 0] > 0]
             band = (teachers.reshape(1, -1) - usable[:, 1:]) / usable[:, :1]
             lo, hi = self._band(band)

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import json
+import math
 import traceback
 from pathlib import Path
 
 import huggingface_hub
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_llama
@@ -13,6 +15,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Trainer, TrainingArguments
 
 from hf_capgap import cli
+from hf_capgap.law import CapacityGapLaw
 from hf_capgap.hub import (
     PLOT_NAME,
     HubUploadError,
@@ -41,15 +44,9 @@ def card_info(plot: Path | None = None, **overrides) -> dict:
         "repo_id": REPO,
         "teacher_params": 5_000,
         "student_params": 1_000,
-        "law": {
-            "ratio": 2.5,
-            "ratio_ci": [2.0, 3.0],
-            "intercept": 0.0,
-            "r2": 0.97,
-            "source": "paper",
-            "families": ["llama"],
-            "citation": "Zhang et al., Towards the Law of Capacity Gap in Distilling Language Models (2023)",
-        },
+        "law": CapacityGapLaw(
+            ratio=2.5, ratio_ci=(2.0, 3.0), source="fitted", slope_affine=7.77, intercept=333.0, r2=0.97, families=["llama"]
+        ).to_dict(),
         "pruning": {
             "hidden_size": 32,
             "num_layers": 2,
@@ -124,6 +121,42 @@ def test_law_position_and_card_text():
     assert "**within**" in str(render_model_card(inside))
 
 
+def affine_law() -> CapacityGapLaw:
+    """A law fitted through-optima t* = 2 s + 50M (slightly noisy losses), predicting with the affine line."""
+    rng = np.random.default_rng(0)
+    records = [
+        {
+            "student_params": student,
+            "teacher_params": float(teacher),
+            "eval_loss": 2 + 0.05 * math.log(teacher / (2 * student + 50e6)) ** 2 + float(rng.normal(0, 0.001)),
+        }
+        for student in (10e6, 20e6, 40e6, 80e6, 160e6, 320e6)
+        for teacher in np.geomspace(12e6, 4e9, 25)
+        if teacher > 1.1 * student
+    ]
+    return CapacityGapLaw.fit(records, through_origin=False, n_bootstrap=200)
+
+
+def test_card_places_the_teacher_with_the_law_that_chose_it():
+    law = affine_law()
+    suggestion = law.suggest(10e6, [30e6, 70e6, 300e6])
+    assert suggestion.teacher_params == 70e6 and suggestion.choice.in_interval
+    info = StudentCardInfo.from_dict(
+        card_info(teacher_params=70_000_000, student_params=10_000_000, law=law.to_dict())
+    )
+    position = law_position(info)
+    assert position["law_teacher_params"] == pytest.approx(suggestion.optimum.params)
+    assert position["teacher_interval"] == pytest.approx([suggestion.optimum.lo, suggestion.optimum.hi])
+    assert position["within_ci"] is True
+    text = str(render_model_card(info))
+    assert "**within**" in text and law.formula() in text
+    assert f"{law.slope_affine:.3g} / {law.intercept:,.0f} parameters" in text
+    assert "Law ratio" not in text and f"{law.r2_affine:.3f}" in text
+
+    origin = str(render_model_card(card_info()))
+    assert "t* = 2.5 x s" in origin and "intercept" not in origin and "7.77" not in origin
+
+
 def test_card_of_a_local_teacher_has_no_base_model_link_license_or_machine_path():
     info = card_info(teacher="my-teacher", teacher_hub_id=None, license=None, repo_id="me/student", scratch_eval=None)
     with pytest.warns(UserWarning, match="no license"):
@@ -146,6 +179,8 @@ def test_card_names_the_teacher_hub_id_and_the_license():
 def test_card_info_errors_name_the_field():
     with pytest.raises(ValueError, match="ratio_ci"):
         render_model_card(card_info(law={**card_info()["law"], "ratio_ci": [3.0, 2.0]}))
+    with pytest.raises(ValueError, match="law: .*lacks the field 'optima'"):
+        render_model_card(card_info(law={k: v for k, v in card_info()["law"].items() if k != "optima"}))
     with pytest.raises(ValueError, match="missing field"):
         render_model_card({k: v for k, v in card_info().items() if k != "teacher"})
     with pytest.raises(ValueError, match="kept_fraction"):
