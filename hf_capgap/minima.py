@@ -79,12 +79,24 @@ def _run_stages(config: MinimaConfig, plan: Plan) -> dict[str, Any] | None:
     if config.prune_only:
         print(f"pruned student: {student_dir}\nlaunch the distillation with: --student_init {student_dir}")
         return None
+    # The teacher is scored, then freed, right after its last use: the cache build (teacher_cache) or the
+    # distillation (online); the students after it train and are scored without it in memory.
+    evaluation_dir = config.work_dir / "evaluation"
+    teacher_score = None
+    if config.teacher_cache:
+        minima_distill.teacher_cache_stage(config, plan, teacher, student_dir, data, teacher_id)
+        teacher_score = minima_evaluate.held_out_score(config, teacher, data, evaluation_dir)
+        teacher = None
+        _free_memory()
     folders = {"pruned": student_dir,
                "distilled": minima_distill.distill_stage(config, plan, teacher, student_dir, data, teacher_id)}
+    if teacher is not None:
+        teacher_score = minima_evaluate.held_out_score(config, teacher, data, evaluation_dir)
+        teacher = None
+        _free_memory()
     if config.baseline:
         folders["scratch"] = minima_distill.scratch_stage(config, plan, student_dir, data)
-    scores = minima_evaluate.evaluate_stage(config, teacher, folders, data)
-    del teacher
+    scores = {"teacher": teacher_score, **minima_evaluate.evaluate_stage(config, folders, data)}
     if minima_distill.is_main():
         steps = steps_for(config, plan)
         results = {"run_name": config.run_name, "teacher": Path(plan.teacher).name if plan.teacher_kind == "local"
@@ -95,3 +107,15 @@ def _run_stages(config: MinimaConfig, plan: Plan) -> dict[str, Any] | None:
         minima_export.export_run(config, plan, results, folders["distilled"])
     minima_distill.wait()
     return minima_export.finished_results(config)
+
+
+def _free_memory() -> None:
+    """Reclaim a model the caller just dropped: the Trainers that ran it leave reference cycles, and CUDA
+    keeps freed blocks cached, so without this the teacher would stay resident through the next stages."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

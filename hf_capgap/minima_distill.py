@@ -89,36 +89,65 @@ def _teacher_cache_path(config: MinimaConfig, data: RunData, teacher_id: str) ->
     return config.work_dir / f"cache-{json_sha256(inputs)[:12]}"
 
 
-def distill_stage(config: MinimaConfig, plan: Plan, teacher: Any, student_dir: Path, data: RunData,
-                  teacher_id: str) -> Path:
-    """Distil the student in ``student_dir`` (online teacher or a TeacherCache); resumable; returns its folder."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from hf_capgap.config import DistillationConfig
-    from hf_capgap.trainer import DistillationTrainer
-
+def _distill_names(config: MinimaConfig, student_dir: Path, data: RunData, teacher_id: str) -> tuple[dict, Path, Path]:
+    """(inputs, final folder, checkpoint folder) of the distillation of ``student_dir``."""
     inputs = {"stage": "distill", "student": student_dir.name, "teacher": teacher_id, "data": data.identity,
               "settings": config.result_settings()}
     tag = json_sha256(inputs)[:12]
-    final = config.work_dir / f"distilled-{tag}"
-    if _finished(final, inputs):
-        return final
-    cache_path = _teacher_cache_path(config, data, teacher_id) if config.teacher_cache else None
-    checkpoints = config.work_dir / f"distill-{tag}"
-    args = student_training_arguments(
+    return inputs, config.work_dir / f"distilled-{tag}", config.work_dir / f"distill-{tag}"
+
+
+def _distill_arguments(config: MinimaConfig, plan: Plan, checkpoints: Path, cache_path: Path | None) -> Any:
+    from hf_capgap.config import DistillationConfig
+
+    return student_training_arguments(
         DistillationConfig, checkpoints, student_training(config, plan),
         save_steps=config.save_steps, logging_steps=config.logging_steps,
         loss=config.loss, alpha=config.alpha, temperature=config.temperature, teacher_dtype=config.teacher_dtype,
         teacher_cache=None if cache_path is None else str(cache_path),
     )
-    if cache_path is not None:
-        from hf_capgap.cache import TeacherCache
 
-        # Prepared with the trainer's own arguments, so the cached rows are the rows it trains on.
-        TeacherCache.build(teacher, data.train, cache_path, mode=config.cache_mode, k=config.cache_k,
-                           sampler=config.cache_sampler, temperature=config.temperature,
-                           batch_size=config.eval_batch_size, tokenizer=data.tokenizer, args=args)
+
+def teacher_cache_stage(config: MinimaConfig, plan: Plan, teacher: Any, student_dir: Path, data: RunData,
+                        teacher_id: str) -> None:
+    """Build (or finish) the TeacherCache the distillation of ``student_dir`` reads (``teacher_cache: true``).
+
+    A stage of its own so the caller can free the teacher before any student trains; nothing runs
+    when the distilled student is already finished (fingerprinting the teacher reads every weight).
+    """
+    inputs, final, checkpoints = _distill_names(config, student_dir, data, teacher_id)
+    if not config.teacher_cache or _finished(final, inputs):
+        return
+    from hf_capgap.cache import TeacherCache
+
+    cache_path = _teacher_cache_path(config, data, teacher_id)
+    # Prepared with the trainer's own arguments, so the cached rows are the rows it trains on.
+    TeacherCache.build(teacher, data.train, cache_path, mode=config.cache_mode, k=config.cache_k,
+                       sampler=config.cache_sampler, temperature=config.temperature,
+                       batch_size=config.eval_batch_size, tokenizer=data.tokenizer,
+                       args=_distill_arguments(config, plan, checkpoints, cache_path))
+
+
+def distill_stage(config: MinimaConfig, plan: Plan, teacher: Any | None, student_dir: Path, data: RunData,
+                  teacher_id: str) -> Path:
+    """Distil the student in ``student_dir`` (online teacher or a TeacherCache); resumable; returns its folder.
+
+    With ``teacher_cache`` the teacher may be None once :func:`teacher_cache_stage` built the cache.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hf_capgap.trainer import DistillationTrainer
+
+    inputs, final, checkpoints = _distill_names(config, student_dir, data, teacher_id)
+    if _finished(final, inputs):
+        return final
+    cache_path = _teacher_cache_path(config, data, teacher_id) if config.teacher_cache else None
+    if cache_path is None and teacher is None:
+        raise ValueError("distill_stage needs the teacher unless teacher_cache is set.")
+    if cache_path is not None and teacher is not None:
+        teacher_cache_stage(config, plan, teacher, student_dir, data, teacher_id)
+    args = _distill_arguments(config, plan, checkpoints, cache_path)
     trainer = DistillationTrainer(
         # fp32 master weights (bf16 runs through autocast), whatever dtype the pruned folder was saved in
         model=AutoModelForCausalLM.from_pretrained(student_dir, use_safetensors=True, dtype=torch.float32),

@@ -36,12 +36,16 @@ def held_out_score(config: MinimaConfig, model: Any, data: RunData, output_dir: 
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "params": params}
 
 
-def evaluate_stage(config: MinimaConfig, teacher: Any, folders: Mapping[str, Path], data: RunData) -> dict[str, dict]:
-    """Scores of the teacher and of each student folder (loaded one at a time, then released)."""
+def evaluate_stage(config: MinimaConfig, folders: Mapping[str, Path], data: RunData) -> dict[str, dict]:
+    """Scores of each student folder (loaded one at a time, then released).
+
+    The teacher is scored with :func:`held_out_score` by the caller while it is still loaded, so it can be
+    freed before the students train.
+    """
     from transformers import AutoModelForCausalLM
 
     output_dir = config.work_dir / "evaluation"
-    scores = {"teacher": held_out_score(config, teacher, data, output_dir)}
+    scores = {}
     for key, folder in folders.items():
         model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True)
         scores[key] = held_out_score(config, model, data, output_dir)

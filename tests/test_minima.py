@@ -435,11 +435,38 @@ def test_push_to_hub_uploads_the_finished_export(finished, monkeypatch, tmp_path
     assert f"pushed to {server.url}/tester/micro/commit/" in capsys.readouterr().out
 
 
-def test_teacher_cache_mode_distils_from_the_cache(finished, tmp_path):
-    config, _ = finished
+def watch_teacher_during_training(monkeypatch) -> list[tuple[str, bool]]:
+    """(trainer class, whether the loaded teacher is still alive) at the start of every Trainer.train."""
+    import weakref
+
+    from transformers import Trainer
+
+    teachers, seen = [], []
+    load, train = minima_teacher.load_teacher, Trainer.train
+
+    def load_and_watch(*args, **kwargs):
+        teacher = load(*args, **kwargs)
+        teachers.append(weakref.ref(teacher))
+        return teacher
+
+    def train_and_report(self, *args, **kwargs):
+        seen.append((type(self).__name__, teachers[-1]() is not None))
+        return train(self, *args, **kwargs)
+
+    monkeypatch.setattr(minima_teacher, "load_teacher", load_and_watch)
+    monkeypatch.setattr(Trainer, "train", train_and_report)
+    return seen
+
+
+def test_teacher_cache_mode_distils_from_the_cache(finished, tmp_path, monkeypatch):
+    """The teacher is scored and freed once its cache is built: no student trains with it in memory."""
+    config, online = finished
     cached = build_config({**micro_values(Path(config.output_dir).parent), "output_dir": str(tmp_path),
                            "teacher_cache": True, "cache_k": 8})
+    seen = watch_teacher_during_training(monkeypatch)
     results = run_minima(cached)
+    assert seen == [("DistillationTrainer", False), ("Trainer", False)]
+    assert results["eval"]["teacher"] == online["eval"]["teacher"]  # scored before it was freed, same numbers
     (manifest,) = cached.work_dir.glob("cache-*/capgap_manifest.json")
     assert results["eval"]["distilled"]["params"] == results["eval"]["scratch"]["params"]
     assert (cached.run_dir / "model.safetensors").is_file()
@@ -448,6 +475,14 @@ def test_teacher_cache_mode_distils_from_the_cache(finished, tmp_path):
     plan = make_plan(cached)
     estimate = minima_dry_run.cache_bytes(cached, plan, json.loads(manifest.read_text())["real_vocab_size"])
     assert estimate <= on_disk <= 1.2 * estimate
+
+
+def test_online_teacher_is_freed_before_the_baseline_trains(finished, tmp_path, monkeypatch):
+    seen = watch_teacher_during_training(monkeypatch)
+    ladder = micro_values(Path(finished[0].output_dir).parent)  # the pretrained micro ladder: no teacher training
+    results = run_minima(build_config({**ladder, "output_dir": str(tmp_path), "train_tokens": 512}))
+    assert seen == [("DistillationTrainer", True), ("Trainer", False)]
+    assert all(score is not None for score in results["eval"].values())
 
 
 def test_local_jsonl_text_field_and_chat_messages(finished, tmp_path):
