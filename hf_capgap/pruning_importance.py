@@ -54,6 +54,9 @@ def taylor_importance(
 ) -> ImportanceScores:
     """Average ``|grad x mask|`` of the LM loss over ``calibration`` batches (``input_ids`` [+ labels]).
 
+    Positions where a batch's ``attention_mask`` is 0 (padding) are left out of the loss (label -100),
+    so padded calibration scores the same as the unpadded rows.
+
     ``checkpoint_layers`` keeps only each layer's input for the backward pass and recomputes the rest
     (mask hooks included), so scoring memory stays near one layer's activations.
     """
@@ -104,8 +107,11 @@ def taylor_importance(
             _checkpoint_forwards(layers)
         for batch in tqdm(calibration, desc="Taylor importance", unit="batch"):
             input_ids = _checked_input_ids(batch, config.vocab_size)
-            labels = batch.get("labels", input_ids)
+            labels = torch.as_tensor(batch.get("labels", input_ids))
             attention_mask = batch.get("attention_mask")
+            if attention_mask is not None:  # padding must not enter the loss, or it enters the scores
+                attention_mask = torch.as_tensor(attention_mask)
+                labels = labels.masked_fill(attention_mask == 0, -100)
             loss = model(
                 input_ids=input_ids.to(device),
                 attention_mask=None if attention_mask is None else attention_mask.to(device),

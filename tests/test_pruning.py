@@ -172,6 +172,27 @@ def test_checkpointed_taylor_scores_equal_the_plain_ones(config):
     assert all("forward" not in vars(layer) for layer in teacher.modules())  # the wrapping is undone
 
 
+@pytest.mark.parametrize("config", [llama_config, gpt2_config], ids=["llama", "gpt2_learned_positions"])
+def test_padded_and_masked_calibration_scores_and_prunes_like_the_unpadded_rows(config):
+    teacher = build(config())
+    rows = [torch.randint(2, VOCAB, (2, 10)) for _ in range(2)]
+    padded = [
+        {"input_ids": torch.cat([ids, torch.zeros(2, 4, dtype=torch.long)], dim=1),
+         "attention_mask": torch.cat([torch.ones(2, 10, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long)], dim=1)}
+        for ids in rows
+    ]
+    unpadded = [{"input_ids": ids} for ids in rows]
+    plain, masked = taylor_importance(teacher, unpadded), taylor_importance(teacher, padded)
+    for unit in ("hidden", "heads", "neurons", "layers"):
+        torch.testing.assert_close(getattr(masked, unit), getattr(plain, unit), rtol=1e-4, atol=1e-7)
+    assert masked.calibration_tokens == plain.calibration_tokens == 40
+    target = n_params(teacher) // 2
+    students = [prune_model(teacher, target_params=target, calibration=data) for data in (unpadded, padded)]
+    assert students[0].pruning_record.kept == students[1].pruning_record.kept
+    for name, tensor in students[0].state_dict().items():
+        assert torch.equal(tensor, students[1].state_dict()[name]), name
+
+
 def test_gpt2_config_keeps_every_setting_and_counts_the_hub_sizes():
     teacher = gpt2_config(n_positions=48, activation_function="gelu", layer_norm_epsilon=1e-4, scale_attn_weights=False,
                           scale_attn_by_inverse_layer_idx=True, reorder_and_upcast_attn=True)
