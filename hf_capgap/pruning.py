@@ -20,6 +20,7 @@ GPT-NeoX (Pythia) and GPT-2 models; the result is a plain ``*ForCausalLM`` with 
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -233,7 +234,11 @@ def select_units(scores: ImportanceScores, shape: PruneShape, layer_selection: s
 
 
 def apply_selection(model: PreTrainedModel, selection: PruneSelection) -> PreTrainedModel:
-    """Build the student that keeps exactly ``selection`` of ``model``'s units (in the given order)."""
+    """Build the student that keeps exactly ``selection`` of ``model``'s units (in the given order).
+
+    The student generates like the teacher: it gets a copy of the teacher's ``generation_config``
+    (a config-built model would fall back to defaults and lose, e.g., a chat model's end-of-turn ids).
+    """
     config = model.config
     layout = layout_for(config)
     shape = _check_selection(config, selection)
@@ -269,6 +274,8 @@ def apply_selection(model: PreTrainedModel, selection: PruneSelection) -> PreTra
             module_name, _, buffer_name = name.rpartition(".")
             student.get_submodule(module_name)._buffers[buffer_name] = teacher_buffers[name].clone()
     student.tie_weights()
+    if getattr(model, "generation_config", None) is not None:  # end-of-turn ids, sampling defaults
+        student.generation_config = copy.deepcopy(model.generation_config)
     student.train(model.training)
     student.pruning_record = PruningRecord(
         teacher_fingerprint=model_fingerprint(model),

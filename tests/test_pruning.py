@@ -320,6 +320,22 @@ def test_save_pruned_reloads_with_auto_class(tmp_path, name):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["student"]
 
 
+def test_student_generates_like_the_teacher_after_pruning_and_saving(tmp_path):
+    from transformers import GenerationConfig
+
+    teacher = build(llama_config(bos_token_id=0, eos_token_id=2))
+    teacher.generation_config = GenerationConfig(
+        bos_token_id=0, eos_token_id=[1, 5], pad_token_id=3, do_sample=True, temperature=0.6, top_p=0.9
+    )
+    student = prune_model(teacher, target_params=n_params(teacher) // 2, calibration=batches(1))
+    assert student.generation_config == teacher.generation_config
+    assert student.generation_config is not teacher.generation_config
+    save_pruned(student, tmp_path / "student", teacher_name="tiny")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
+    assert reloaded.generation_config.eos_token_id == [1, 5] and reloaded.generation_config.temperature == 0.6
+    assert reloaded.generation_config == teacher.generation_config
+
+
 def test_save_pruned_failure_leaves_nothing(tmp_path):
     teacher = build(llama_config())
     student = prune_model(teacher, shape=PruneShape.of(teacher.config), calibration=batches(1))
