@@ -12,9 +12,10 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
-from collections.abc import Iterator, Mapping
+import stat
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +37,37 @@ def temporary_prefix(name: str) -> str:
     return f".{name}."
 
 
+def _create_temporary(parent: Path, name: str, suffix: str, create: Callable[[Path], Any]) -> tuple[Path, Any]:
+    """Create a new, uniquely named temporary of ``name`` in ``parent`` with ``create`` (exclusive).
+
+    ``tempfile.mkstemp`` / ``mkdtemp`` would make it 0600 / 0700 whatever the umask, and the rename
+    keeps that mode: published folders and files must get the usual modes under the user's umask.
+    """
+    for _ in range(100):
+        path = parent / f"{temporary_prefix(name)}{secrets.token_hex(4)}{suffix}"
+        try:
+            return path, create(path)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary for {parent / name}: 100 names were taken.")
+
+
+def _open_new_file(path: Path) -> int:
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+
+
+def _make_directory(path: Path) -> None:
+    os.mkdir(path, 0o777)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
+    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one.
+
+    The file gets the mode a plain ``open`` would give it (0666 less the umask).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_prefix(path.name), suffix=".tmp")
+    tmp, fd = _create_temporary(path.parent, path.name, ".tmp", _open_new_file)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -61,17 +88,20 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 def atomic_directory(final: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that is renamed to ``final`` only if the block succeeds.
 
-    A crash or exception leaves no trace at ``final``: the temporary directory is removed.
+    A crash or exception leaves no trace at ``final``: the temporary directory is removed. What is
+    published gets the modes of the umask (folders 0777, files 0666, less the umask), whatever the
+    writer chose: safetensors, for one, writes its files 0600, unreadable to colleagues.
     """
     final = Path(final)
     if final.exists() and not overwrite:
         raise ArtifactError(f"{final} already exists; remove it or pass overwrite=True.")
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=temporary_prefix(final.name), suffix=".tmp"))
+    tmp, _ = _create_temporary(final.parent, final.name, ".tmp", _make_directory)
     try:
         yield tmp
+        _apply_umask_modes(tmp)
         if final.exists():
-            trash = Path(tempfile.mkdtemp(dir=final.parent, prefix=temporary_prefix(final.name), suffix=".old"))
+            trash, _ = _create_temporary(final.parent, final.name, ".old", _make_directory)
             os.replace(final, trash / "old")
             os.replace(tmp, final)
             shutil.rmtree(trash, ignore_errors=True)
@@ -80,6 +110,23 @@ def atomic_directory(final: str | os.PathLike, *, overwrite: bool = False) -> It
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _apply_umask_modes(root: Path) -> None:
+    """Give every folder and file under ``root`` the mode a plain mkdir / open would (executables stay so).
+
+    ``root`` was made by ``os.mkdir(root, 0o777)``, so its own mode is 0777 less the umask: reading
+    it avoids ``os.umask``'s set-and-restore, which briefly changes the umask of every thread.
+    """
+    folder_mode = stat.S_IMODE(root.stat().st_mode)
+    for path in root.rglob("*"):
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            os.chmod(path, folder_mode)
+        else:
+            executable = path.stat().st_mode & stat.S_IXUSR
+            os.chmod(path, folder_mode if executable else folder_mode & 0o666)
 
 
 def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
