@@ -357,6 +357,25 @@ class DistillationLossOutput:
     distill_sum: Tensor  # sum over positions of T^2 * D
     ce_sum: Tensor  # sum over positions of the LM cross-entropy
     num_tokens: int
+    # sums over positions of the student's entropy (at T = 1) and of argmax == label: SFTTrainer's
+    # `entropy` and `mean_token_accuracy`; None where the loss does not compute them
+    entropy_sum: Tensor | None = None
+    num_correct: Tensor | None = None
+
+
+def _token_stats(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """(sum of the entropy of softmax(logits), count of argmax == label) over a chunk's rows.
+
+    Read before the loss overwrites the chunk, a block of rows at a time (:func:`_block_rows`), so the
+    probabilities add one small block to the chunk's memory. H = logsumexp(z) - sum softmax(z) z.
+    """
+    block = _block_rows(logits)
+    entropy = logits.new_zeros(())
+    for start in range(0, logits.shape[0], block):
+        z = logits[start : start + block]
+        lse = torch.logsumexp(z, dim=-1, keepdim=True)
+        entropy += (lse.squeeze(-1) - (z - lse).exp_().mul_(z).sum(dim=-1)).sum()
+    return entropy, (logits.argmax(dim=-1) == labels).sum().float()
 
 
 def _log_softmax_(logits: Tensor) -> Tensor:
@@ -552,8 +571,9 @@ def _chunked_sums(
     grads: _Gradients | None,
     inplace: bool,
     shape: _ChunkShape,
-) -> tuple[Tensor, Tensor]:
-    """Sums over labelled rows of T^2 * D and of CE, chunk by chunk; fills ``grads`` when given.
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Sums over labelled rows of T^2 * D, of CE, of the student's entropy and of correct argmaxes,
+    chunk by chunk; fills ``grads`` when given.
 
     Fused (``weight`` given): each chunk's logits are built from hidden states in the compute dtype
     (tensor cores under bf16 / fp16) and dropped after their gradient has been multiplied back.
@@ -565,6 +585,8 @@ def _chunked_sums(
         head_bias = None if bias is None else bias[:vocab].to(compute)
     distill_sum = student.new_zeros((), dtype=torch.float32)
     ce_sum = student.new_zeros((), dtype=torch.float32)
+    entropy_sum = student.new_zeros((), dtype=torch.float32)
+    num_correct = student.new_zeros((), dtype=torch.float32)
     for student_rows, teacher_rows in rows.chunks(shape.rows):
         chunk = student[student_rows]
         if fused:
@@ -576,6 +598,9 @@ def _chunked_sums(
         logits = logits.float()
         chunk_teacher = None if teacher is None else teacher.take(teacher_rows)
         chunk_labels = labels[student_rows]
+        entropy, correct = _token_stats(logits, chunk_labels)
+        entropy_sum += entropy
+        num_correct += correct
         if grads is None:
             distill, ce = _chunk_values(logits, chunk_teacher, chunk_labels, spec, owned)
         else:
@@ -586,7 +611,7 @@ def _chunked_sums(
                 grads.student[student_rows, :vocab] = grad.to(grads.student.dtype)
         distill_sum += distill
         ce_sum += ce
-    return distill_sum, ce_sum
+    return distill_sum, ce_sum, entropy_sum, num_correct
 
 
 def _add_head_gradients_(
@@ -625,18 +650,19 @@ class _ChunkedDistillation(torch.autograd.Function):
         rows: _Rows,
         normalizer: float,
         inplace_grad: bool,
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         shape = _ChunkShape.of(student, weight, spec)
         inplace = inplace_grad and weight is None
         grads = _Gradients.allocate(student, weight, bias, rows, ctx.needs_input_grad, inplace, shape)
-        distill_sum, ce_sum = _chunked_sums(student, weight, bias, teacher, labels, spec, rows, grads, inplace, shape)
+        sums = _chunked_sums(student, weight, bias, teacher, labels, spec, rows, grads, inplace, shape)
+        distill_sum, ce_sum = sums[:2]
         grads.finish_inplace_(student, rows, shape.vocab)
         loss = (spec.alpha * distill_sum + (1.0 - spec.alpha) * ce_sum) / normalizer
         # An attribute, not save_for_backward: the buffers are neither inputs nor outputs, and with no
         # other reference left, backward hands them to autograd without a defensive [V, H] copy.
         ctx.grads, ctx.normalizer = grads, normalizer
-        ctx.mark_non_differentiable(distill_sum, ce_sum)
-        return loss, distill_sum, ce_sum
+        ctx.mark_non_differentiable(*sums)
+        return (loss, *sums)
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor, *_unused: Tensor):  # type: ignore[override]
@@ -664,7 +690,9 @@ def distillation_loss(
     ``labels`` [N] are aligned with the rows; rows labelled -100 are skipped. ``teacher`` has one row
     per student row, or one per labelled row (a teacher cache stores only those). The sum is divided
     by ``num_items_in_batch`` when given (the token count of the whole accumulated batch, which makes
-    gradient accumulation exact) and otherwise by the number of labelled rows (at least 1).
+    gradient accumulation exact) and otherwise by the number of labelled rows (at least 1). The
+    output also carries the student's entropy and argmax-accuracy sums over the labelled rows (the
+    metrics SFTTrainer logs), read from each chunk's logits so no full logits are formed for them.
 
     A micro-batch with no labelled row gives loss 0 whose backward still reaches the inputs and the
     lm_head with exact zeros, so every DDP rank sees every parameter and steps. Without grad mode (or
@@ -682,13 +710,13 @@ def distillation_loss(
     normalizer = max(float(num_items_in_batch) if num_items_in_batch is not None else float(rows.num_valid), 1.0)
     inputs = (student, lm_head_weight, lm_head_bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
-        loss, distill_sum, ce_sum = _ChunkedDistillation.apply(
+        loss, *sums = _ChunkedDistillation.apply(
             student, lm_head_weight, lm_head_bias, teacher, labels, spec, rows, normalizer, inplace_grad
         )
     else:
         shape = _ChunkShape.of(student, lm_head_weight, spec)
-        distill_sum, ce_sum = _chunked_sums(
+        sums = _chunked_sums(
             student, lm_head_weight, lm_head_bias, teacher, labels, spec, rows, None, inplace_grad, shape
         )
-        loss = (spec.alpha * distill_sum + (1.0 - spec.alpha) * ce_sum) / normalizer
-    return DistillationLossOutput(loss, distill_sum, ce_sum, rows.num_valid)
+        loss = (spec.alpha * sums[0] + (1.0 - spec.alpha) * sums[1]) / normalizer
+    return DistillationLossOutput(loss, *sums[:2], rows.num_valid, *sums[2:])

@@ -523,3 +523,29 @@ def test_inputs_without_grad_compute_values_only_even_in_grad_mode():
         output = distillation_loss(hidden, DenseTeacher(teacher), labels, spec, lm_head_weight=weight)
     assert torch.is_grad_enabled() and not output.loss.requires_grad
     assert not recorded.made(tuple(weight.shape)) and recorded.matmuls() == math.ceil(int((labels != -100).sum()) / 8)
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "jsd"])
+@pytest.mark.parametrize("path", ["fused", "logits", "inplace_logits", "values_only"])
+def test_entropy_and_accuracy_sums_equal_a_dense_computation(kind, path):
+    """SFTTrainer's metrics from each chunk (before the loss overwrites it), over the real vocabulary."""
+    hidden, weight, teacher, labels = make_batch(vocab=30)
+    logits = hidden @ weight.t()
+    labels[1::3] = logits[1::3].argmax(-1)  # some right, some wrong
+    spec = LossSpec(kind=kind, beta=BETA[kind], temperature=2.0, chunk_size=7, vocab_size=30)
+    padded = F.pad(logits, (0, 6), value=50.0)  # padding columns would win every argmax
+    if path == "fused":
+        output = distillation_loss(hidden, DenseTeacher(teacher), labels, spec, lm_head_weight=weight.requires_grad_(True))
+    elif path == "values_only":
+        output = distillation_loss(padded, DenseTeacher(teacher), labels, spec)
+    else:
+        output = distillation_loss(
+            padded.requires_grad_(True), DenseTeacher(teacher), labels, spec, inplace_grad=path == "inplace_logits"
+        )
+    valid = labels != -100
+    dense = logits[valid].detach()
+    entropy = -(F.softmax(dense, -1) * F.log_softmax(dense, -1)).sum()
+    correct = (dense.argmax(-1) == labels[valid]).sum()
+    assert 0 < correct < valid.sum()
+    torch.testing.assert_close(output.entropy_sum, entropy, rtol=1e-5, atol=1e-5)
+    assert float(output.num_correct) == float(correct)
