@@ -9,10 +9,12 @@ asked, and pickled checkpoints are refused. The recipe, the sweep, ``hf-capgap p
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
 
 import torch
+from torch import nn
 
 TEACHER_DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 
@@ -33,6 +35,26 @@ def resolve_teacher_dtype(teacher_dtype: str, device: torch.device) -> torch.dty
     if teacher_dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, teacher_dtype)
+
+
+def teacher_in_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``model`` with its floating-point weights in ``dtype``: itself when they already are, else a copy.
+
+    ``Module.to`` converts in place, which would change the dtype of a model the caller passed in and
+    still uses. The copy is assembled from converted tensors (deepcopy's memo, tied weights stay tied),
+    so the peak is the original plus the converted weights, never two originals.
+    """
+    floating = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    if all(t.dtype == dtype for t in floating):
+        return model
+    memo: dict[int, Any] = {}
+    for param in model.parameters():
+        if param.is_floating_point():
+            memo[id(param)] = nn.Parameter(param.detach().to(dtype), requires_grad=param.requires_grad)
+    for buffer in model.buffers():
+        if buffer.is_floating_point():
+            memo[id(buffer)] = buffer.detach().to(dtype)
+    return copy.deepcopy(model, memo)
 
 
 def load_frozen_teacher(

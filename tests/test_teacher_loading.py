@@ -39,3 +39,20 @@ def test_pickled_checkpoint_is_refused(tmp_path):
     torch.save(model.state_dict(), tmp_path / "teacher" / "pytorch_model.bin")
     with pytest.raises(ValueError, match="no safetensors weights"):
         load_frozen_teacher(tmp_path / "teacher", device="cpu")
+
+
+def test_teacher_in_dtype_converts_a_copy_and_keeps_ties():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_capgap.teacher_loading import teacher_in_dtype
+
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, tie_word_embeddings=True,
+    ))
+    assert teacher_in_dtype(model, torch.float32) is model
+    converted = teacher_in_dtype(model, torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert {p.dtype for p in converted.parameters()} == {torch.bfloat16}
+    assert converted.lm_head.weight is converted.model.embed_tokens.weight
+    torch.testing.assert_close(converted.lm_head.weight, model.lm_head.weight.to(torch.bfloat16), rtol=0, atol=0)
