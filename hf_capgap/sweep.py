@@ -9,18 +9,30 @@ The output directory holds::
 
     ledger.jsonl      one JSON record per finished run (rewritten whole, atomically, per record)
     running.json      the run in progress and its process id (absent between runs)
+    .sweep.lock       held (flock) by the one sweep working in this folder, released when it ends or dies
+    .run-*            the Trainer scratch folder of the run in progress
     caches/<teacher>  one TeacherCache per teacher, shared by all of its students
     law.json law.png  the fitted law, or law_failure.json saying why it could not be fitted
 
 A killed sweep restarts where it stopped: finished runs are read from the ledger and skipped, a
 torn last ledger line is dropped, teacher caches resume shard by shard, and the interrupted run is
 redone from its start.
+
+One sweep at a time works in an output directory: :func:`run_sweep` takes an exclusive ``flock`` on
+``.sweep.lock`` (the kernel releases it when the process dies, even by SIGKILL) and a second sweep on
+the same folder is refused. Holding the lock, it removes every ``.run-*`` scratch folder it finds:
+only the lock holder creates them, so any found at start belong to a killed sweep.
+
+A run whose student diverged (a non-finite ``eval_loss``) is a finished record like any other;
+``redo_failed: true`` drops those records and runs them again (with the same settings, so a
+divergence the settings cause comes back: change them in a new ``output_dir`` then).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -47,6 +59,8 @@ RUNNING_FILE = "running.json"
 LAW_FILE = "law.json"
 LAW_PLOT_FILE = "law.png"
 LAW_FAILURE_FILE = "law_failure.json"
+LOCK_FILE = ".sweep.lock"
+SCRATCH_PREFIX = ".run-"
 LEDGER_FORMAT_VERSION = 1
 CACHE_MODES = ("topk", "sampled", "online")
 
@@ -108,6 +122,11 @@ class SweepConfig:
                                                               "bfloat16, float16 or float32."))
     ladder_dir: str | None = field(default=None, metadata=_help("Folder of the ladder teachers (ladder families)."))
     seed: int = field(default=0, metadata=_help("Seed of initialisation and the cache's samples."))
+    redo_failed: bool = field(
+        default=False,
+        metadata=_help("Run again the ledger's runs whose eval_loss is not finite (diverged), replacing their records; "
+                       "same settings, so a divergence the settings cause recurs."),
+    )
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> SweepConfig:
@@ -205,7 +224,8 @@ class SweepConfig:
         Activation checkpointing changes memory, not results, so it may differ between sessions.
         """
         values = dataclasses.asdict(self)
-        for per_sweep in ("student_sizes", "teachers", "output_dir", "ladder_dir", "gradient_checkpointing"):
+        for per_sweep in ("student_sizes", "teachers", "output_dir", "ladder_dir", "gradient_checkpointing",
+                          "redo_failed"):
             values.pop(per_sweep)
         return values
 
@@ -289,9 +309,18 @@ def read_ledger(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 def append_record(output_dir: str | os.PathLike, record: Mapping[str, Any]) -> None:
     """Add one record by rewriting the whole ledger atomically (temp file + rename)."""
-    records = [*read_ledger(output_dir), dict(record)]
+    _write_ledger(output_dir, [*read_ledger(output_dir), dict(record)])
+
+
+def _write_ledger(output_dir: str | os.PathLike, records: Sequence[Mapping[str, Any]]) -> None:
     text = "".join(json.dumps(row, sort_keys=True) + "\n" for row in records)
     atomic_write_bytes(Path(output_dir) / LEDGER_FILE, text.encode())
+
+
+def is_failed(record: Mapping[str, Any]) -> bool:
+    """A run whose student diverged: its eval_loss is NaN or infinite."""
+    loss = record["eval_loss"]
+    return not (isinstance(loss, (int, float)) and math.isfinite(loss))
 
 
 def _parse_record(line: str) -> dict[str, Any] | None:
@@ -370,7 +399,8 @@ def check_hub_access(model_ids: Sequence[str]) -> None:
 
 
 def run_sweep(config: SweepConfig, *, progress: bool = True) -> list[dict[str, Any]]:
-    """Run every planned run missing from the ledger, then fit the law; return the ledger records.
+    """Run every planned run missing from the ledger (with ``redo_failed``, also those that diverged), then
+    fit the law; return the ledger records.
 
     One process runs the grid, run after run (the ledger has one writer); each run is small.
     """
@@ -386,25 +416,70 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> list[dict[str, A
     specs = plan(config)
     if config.family in HUB_FAMILIES:
         check_hub_access(list(dict.fromkeys(spec.teacher for spec in specs)))
-    settings_sha = json_sha256(config.settings())
-    finished = read_ledger(output_dir)
-    foreign = [record["run_id"] for record in finished if record["settings_sha256"] != settings_sha]
-    if foreign:
-        raise ValueError(
-            f"{output_dir / LEDGER_FILE} holds runs {foreign} made with other settings; use another output_dir "
-            "or the settings those runs used."
-        )
-    done = {record["run_id"] for record in finished}
-    pending = [spec for spec in specs if spec.run_id not in done]
     output_dir.mkdir(parents=True, exist_ok=True)
-    if pending:
-        _run_pending(config, pending, settings_sha, progress)
-    if progress:
-        print(format_status(sweep_status(config)))
-    by_id = {record["run_id"]: record for record in read_ledger(output_dir)}
-    records = [by_id[spec.run_id] for spec in specs]
-    fit_and_save_law(records, output_dir, progress=progress)
+    with _sweep_lock(output_dir):
+        _remove_stale_scratch(output_dir)
+        settings_sha = json_sha256(config.settings())
+        finished = read_ledger(output_dir)
+        foreign = [record["run_id"] for record in finished if record["settings_sha256"] != settings_sha]
+        if foreign:
+            raise ValueError(
+                f"{output_dir / LEDGER_FILE} holds runs {foreign} made with other settings; use another output_dir "
+                "or the settings those runs used."
+            )
+        failed = [record["run_id"] for record in finished if is_failed(record)]
+        if failed and config.redo_failed:
+            finished = [record for record in finished if record["run_id"] not in failed]
+            _write_ledger(output_dir, finished)
+        elif failed and progress:
+            print(f"{len(failed)} run(s) diverged (eval_loss not finite): {', '.join(failed)}; "
+                  "run again with --redo_failed true to redo them.")
+        done = {record["run_id"] for record in finished}
+        pending = [spec for spec in specs if spec.run_id not in done]
+        if pending:
+            _run_pending(config, pending, settings_sha, progress)
+        if progress:
+            print(format_status(sweep_status(config)))
+        by_id = {record["run_id"]: record for record in read_ledger(output_dir)}
+        records = [by_id[spec.run_id] for spec in specs]
+        fit_and_save_law(records, output_dir, progress=progress)
     return records
+
+
+@contextmanager
+def _sweep_lock(output_dir: Path) -> Iterator[None]:
+    """Hold ``output_dir`` for this process: the ledger has one writer and the scratch folders one owner.
+
+    ``flock`` is released by the kernel when the process exits or is killed, so no stale lock survives a
+    SIGKILL; a second sweep on the same folder is refused, naming the holder.
+    """
+    import fcntl
+
+    with open(output_dir / LOCK_FILE, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise ValueError(
+                f"another sweep (process {holder}) is running in output_dir={output_dir}; wait for it to finish "
+                "or use another output_dir."
+            ) from None
+        handle.truncate(0)
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
+
+
+def _remove_stale_scratch(output_dir: Path) -> None:
+    """Remove the ``.run-*`` scratch folders a killed sweep left (SIGKILL skips :func:`_scratch_dir`'s
+    cleanup). Call only under :func:`_sweep_lock`: its holder alone creates them, so all found are stale."""
+    from transformers.utils import logging
+
+    for path in sorted(output_dir.glob(f"{SCRATCH_PREFIX}*")):
+        if path.is_dir():
+            logging.get_logger(__name__).warning(f"removing {path}, scratch of a sweep run that was killed")
+            shutil.rmtree(path)
 
 
 def fit_and_save_law(
@@ -565,7 +640,7 @@ def _evaluate(model: Any, eval_rows: Any, batch_size: int) -> float:
 @contextmanager
 def _scratch_dir(output_dir: Path) -> Iterator[Path]:
     """Trainer output for one run: nothing of it is kept, the ledger record is the result."""
-    path = Path(tempfile.mkdtemp(prefix=".run-", dir=output_dir))
+    path = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=output_dir))
     try:
         yield path
     finally:

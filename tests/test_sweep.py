@@ -3,7 +3,10 @@ that is SIGKILLed mid-way, restarted, and fits the law (or says clearly why it c
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +21,7 @@ from hf_capgap.sweep import (
     LAW_FILE,
     LAW_PLOT_FILE,
     LEDGER_FILE,
+    LOCK_FILE,
     SweepConfig,
     append_record,
     family_teachers,
@@ -225,6 +229,65 @@ def test_micro_sweep_records_and_law(killed_and_resumed):
         assert not (out / LAW_PLOT_FILE).exists()
 
 
+def copy_of_finished_sweep(killed_and_resumed, tmp_path: Path) -> SweepConfig:
+    """The finished micro sweep (ledger and caches) in a folder of its own, to damage."""
+    config = killed_and_resumed[0]
+    shutil.copytree(config.output_dir, tmp_path / "sweep")
+    return dataclasses.replace(config, output_dir=str(tmp_path / "sweep"))
+
+
+def test_scratch_of_a_killed_sweep_is_removed_by_the_next_one(killed_and_resumed, tmp_path):
+    config = copy_of_finished_sweep(killed_and_resumed, tmp_path)
+    out = Path(config.output_dir)
+    stale = out / ".run-k1ll3d"  # what tempfile.mkdtemp(prefix=".run-") left when SIGKILL skipped the cleanup
+    (stale / "checkpoint-1").mkdir(parents=True)
+    unrelated = out / "run-notes"
+    unrelated.mkdir()
+    records = run_sweep(config, progress=False)
+    assert not stale.exists() and unrelated.is_dir()
+    assert records == read_ledger(killed_and_resumed[0].output_dir)  # nothing was rerun
+
+
+def test_a_second_sweep_on_a_busy_folder_is_refused_and_leaves_its_scratch(killed_and_resumed, tmp_path):
+    config = copy_of_finished_sweep(killed_and_resumed, tmp_path)
+    out = Path(config.output_dir)
+    live = out / ".run-live0001"
+    live.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+         "fcntl.flock(f, fcntl.LOCK_EX); f.truncate(0); f.write('4242'); f.flush(); print('held', flush=True); time.sleep(60)",
+         str(out / LOCK_FILE)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ValueError, match=r"another sweep \(process 4242\) is running in output_dir="):
+            run_sweep(config, progress=False)
+        assert live.is_dir()
+    finally:
+        holder.kill()
+        holder.wait()
+    run_sweep(config, progress=False)  # the kernel dropped the dead holder's lock
+    assert not live.exists()
+
+
+def test_diverged_runs_are_kept_unless_redo_failed(killed_and_resumed, tmp_path, capsys):
+    config = copy_of_finished_sweep(killed_and_resumed, tmp_path)
+    good = read_ledger(config.output_dir)
+    diverged = good[0]["run_id"]
+    lines = [json.dumps({**record, "eval_loss": float("nan")} if record["run_id"] == diverged else record,
+                        sort_keys=True) for record in good]
+    (Path(config.output_dir) / LEDGER_FILE).write_text("\n".join(lines) + "\n")
+
+    kept = run_sweep(config, progress=True)
+    assert math.isnan(kept[0]["eval_loss"]) and kept[1:] == good[1:]
+    assert f"diverged (eval_loss not finite): {diverged}; run again with --redo_failed true" in capsys.readouterr().out
+
+    redone = run_sweep(dataclasses.replace(config, redo_failed=True), progress=False)
+    assert [record["run_id"] for record in redone] == [record["run_id"] for record in good]
+    assert redone[1:] == good[1:]  # finished runs are not touched
+    assert redone[0]["eval_loss"] == pytest.approx(good[0]["eval_loss"], rel=1e-4)  # the same run, redone on CPU
+    assert sorted(r["run_id"] for r in read_ledger(config.output_dir)) == sorted(r["run_id"] for r in good)
+
+
 @pytest.mark.parametrize("preset", ["sweep_pythia", "sweep_gpt2"])
 def test_gpu_presets_train_in_bf16_with_accumulation_and_checkpointing(preset):
     sys.path.insert(0, str(REPO / "recipes"))
@@ -239,8 +302,8 @@ def test_recipe_overrides_and_help(capsys):
     sys.path.insert(0, str(REPO / "recipes"))
     from sweep import parse_config
 
-    config, _ = parse_config([str(MICRO_YAML), "--student_sizes", "21K", "50K", "--bf16", "true"])
-    assert config.student_params == (21_000, 50_000) and config.bf16
+    config, _ = parse_config([str(MICRO_YAML), "--student_sizes", "21K", "50K", "--bf16", "true", "--redo_failed", "true"])
+    assert config.student_params == (21_000, 50_000) and config.bf16 and config.redo_failed
     with pytest.raises(ValueError, match="unknown config key"):
         parse_config([str(REPO / "recipes" / "configs" / "minima_tiny.yaml")])
     with pytest.raises(SystemExit):
