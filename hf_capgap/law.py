@@ -22,6 +22,12 @@ How the fit works and why:
   interval), since a sweep has only a handful of student sizes. It captures how much the optima
   scatter around the line; with fewer than five student sizes it still comes out too narrow (a
   warning says so).
+* For t* = k s every draw counts, even one that repeats a single size: k is a mean of per-student
+  ratios, and such draws are what carries the spread of those ratios. With two sizes the widened
+  percentiles reach the extreme draws, so the interval of k runs from the smaller observed ratio
+  t*/s to the larger one. For t* = k s + b a draw must hold two distinct sizes to fix a line, so only
+  those draws are redrawn; with two sizes every line passes through both optima and there is no
+  spread left to measure, so an affine law from two sizes carries no band (a warning says so).
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ REQUIRED_FIELDS = ("student_params", "teacher_params", "eval_loss")
 MIN_TEACHERS_PER_STUDENT = 3
 MIN_STUDENTS = 2
 FEW_STUDENTS = 5
+MIN_AFFINE_BAND_STUDENTS = 3
 MIN_BOOTSTRAP = 100
 
 _SUFFIXES = {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
@@ -205,6 +212,9 @@ class CapacityGapLaw:
         Each record needs ``student_params``, ``teacher_params`` and ``eval_loss``; an optional
         ``family`` is kept for the model card. ``through_origin`` picks the line that predictions
         use: t* = k s (the paper's law) or t* = k s + b. Both are always fitted and reported.
+        ``ratio_ci`` (the interval of a through-origin law) and the affine band come from the case
+        bootstrap the module docstring describes: with two student sizes ``ratio_ci`` spans their two
+        ratios t*/s, and an affine law carries no band.
         """
         if (
             not isinstance(n_bootstrap, (int, np.integer))
@@ -236,14 +246,25 @@ class CapacityGapLaw:
                 f"the affine fit t* = k s + b has a non-positive slope ({slope:.3g}); the optima do not "
                 "grow with student size. Use through_origin=True or add student sizes."
             )
-        samples = _bootstrap_samples(len(interior), n_bootstrap, seed)
+        rng = np.random.default_rng(seed)
+        samples = rng.integers(0, len(interior), size=(n_bootstrap, len(interior)))
         ratio_draws = np.array([_fit_ratio(students[sample], teachers[sample]) for sample in samples])
         percentiles = _expanded_percentiles(len(interior))
         ratio_ci = tuple(np.percentile(ratio_draws, percentiles))
         if through_origin:
             band_draws = np.column_stack([ratio_draws, np.zeros_like(ratio_draws)])
+        elif len(interior) < MIN_AFFINE_BAND_STUDENTS:
+            warnings.warn(
+                f"an affine line through {len(interior)} student sizes fits them exactly, so it carries no "
+                f"interval; add student sizes (at least {MIN_AFFINE_BAND_STUDENTS}) for one, or use the "
+                "through-origin law, whose interval reflects the spread of the ratios.",
+                CapacityGapWarning,
+                stacklevel=2,
+            )
+            band_draws = None
         else:
-            band_draws = np.array([_fit_affine(students[sample], teachers[sample]) for sample in samples])
+            spanning = _spanning_two_sizes(samples, rng)
+            band_draws = np.array([_fit_affine(students[sample], teachers[sample]) for sample in spanning])
         return cls(
             ratio=ratio,
             ratio_ci=ratio_ci,
@@ -818,17 +839,16 @@ def _r2_log(teachers: np.ndarray, predicted: np.ndarray) -> float:
     return float(1 - np.sum(residual**2) / total)
 
 
-def _bootstrap_samples(n_students: int, n_bootstrap: int, seed: int) -> np.ndarray:
-    """Case bootstrap over student sizes: each row picks student indices with replacement.
+def _spanning_two_sizes(samples: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The bootstrap rows, with each row that picks a single size drawn again until it holds two.
 
-    A row that picks a single size cannot fix a line with an intercept, so it is drawn again.
+    A single size cannot fix a line with an intercept; the through-origin ratio keeps those rows.
     """
-    rng = np.random.default_rng(seed)
-    samples = rng.integers(0, n_students, size=(n_bootstrap, n_students))
-    for row in range(n_bootstrap):
-        while np.unique(samples[row]).size < 2:
-            samples[row] = rng.integers(0, n_students, size=n_students)
-    return samples
+    spanning = samples.copy()
+    for row in range(len(spanning)):
+        while np.unique(spanning[row]).size < 2:
+            spanning[row] = rng.integers(0, samples.shape[1], size=samples.shape[1])
+    return spanning
 
 
 def _expanded_percentiles(n_students: int) -> tuple[float, float]:

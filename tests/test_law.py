@@ -361,6 +361,25 @@ def test_few_student_sizes_warn_that_the_interval_is_coarse():
     assert law.ratio == pytest.approx(2.5, rel=1e-9)
 
 
+def test_two_student_sizes_give_an_interval_spanning_their_ratios():
+    optimum = lambda s: (2.0 if s < 2e8 else 3.0) * s  # noqa: E731
+    with pytest.warns(CapacityGapWarning, match="coarse"):
+        law = CapacityGapLaw.fit(sweep(optimum, students=(1e8, 4e8)), n_bootstrap=200)
+    assert law.ratio == pytest.approx(math.sqrt(6), rel=1e-9)
+    lo, hi = law.ratio_ci
+    assert lo == pytest.approx(2.0, rel=1e-9) and hi == pytest.approx(3.0, rel=1e-9)
+    prediction = law.predict(1e8)
+    assert (prediction.lo, prediction.hi) == pytest.approx((2e8, 3e8), rel=1e-9)
+    suggestion = law.suggest(1e8, [2.2e8, 2.8e8, 5e8])
+    assert [option.in_interval for option in (suggestion.choice, *suggestion.alternatives)] == [True, True, False]
+    assert law.student_for(2.5e8).lo == pytest.approx(2.5e8 / 3.0)
+
+    with pytest.warns(CapacityGapWarning) as caught:
+        affine = CapacityGapLaw.fit(sweep(optimum, students=(1e8, 4e8)), n_bootstrap=200, through_origin=False)
+    assert any("carries no interval" in str(warning.message) for warning in caught)
+    assert affine.predict(1e8).lo is None and affine.ratio_ci == pytest.approx((lo, hi))
+
+
 GOOD = {"student_params": 1e8, "teacher_params": 3e8, "eval_loss": 3.0}
 
 
