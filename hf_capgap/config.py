@@ -20,6 +20,20 @@ from hf_capgap.teacher_loading import TEACHER_DTYPE_CHOICES
 
 
 
+def check_sft_loss_fields(args: SFTConfig) -> None:
+    """Refuse SFTConfig's loss variants, which replace the LM loss that distillation replaces already."""
+    if args.loss_type != "nll":
+        raise ValueError(
+            f"DistillationConfig.loss_type={args.loss_type!r} is not supported: the loss is "
+            "alpha * distillation + (1 - alpha) * cross-entropy. Leave loss_type at 'nll'."
+        )
+    if args.label_smoothing_factor != 0:
+        raise ValueError(
+            f"DistillationConfig.label_smoothing_factor={args.label_smoothing_factor} is not supported: the "
+            "teacher's distribution already softens the targets (raise alpha or temperature). Leave it at 0."
+        )
+
+
 @dataclass
 class DistillationConfig(SFTConfig):
     """Arguments for :class:`hf_capgap.DistillationTrainer`.
@@ -135,4 +149,5 @@ class DistillationConfig(SFTConfig):
             raise ValueError(f"DistillationConfig.loss_backend={self.loss_backend!r} must be one of {LOSS_BACKENDS}.")
         if self.teacher_dtype not in TEACHER_DTYPE_CHOICES:
             raise ValueError(f"DistillationConfig.teacher_dtype={self.teacher_dtype!r} must be one of {TEACHER_DTYPE_CHOICES}.")
+        check_sft_loss_fields(self)
         super().__post_init__()

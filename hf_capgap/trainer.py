@@ -16,12 +16,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import is_peft_model
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 from transformers.utils import logging
 from trl import SFTTrainer
 
-from hf_capgap.config import DistillationConfig
+from hf_capgap.config import DistillationConfig, check_sft_loss_fields
 from hf_capgap.lm_head import HeadChoice, base_model, choose_lm_head, head_sharding, lm_head_bypassed
 from hf_capgap.losses import (
     DenseTeacher,
@@ -38,10 +39,16 @@ from hf_capgap.sft_data import (
     has_labelled_position,
     next_token_labels,
 )
-from hf_capgap.teacher_loading import load_frozen_teacher
+from hf_capgap.teacher_loading import load_frozen_teacher, teacher_in_dtype
 from hf_capgap.vocabulary import check_logits_cover, check_same_vocabulary, vocabulary_fingerprint
 
 logger = logging.get_logger(__name__)
+
+# What each trainer mode accumulates between logs (local sums, reduced across ranks when logged).
+_PARTS = (
+    "distill_sum", "distill_tokens", "ce_sum", "ce_tokens", "empty_micro_batches",
+    "entropy_sum", "num_correct", "stat_tokens", "aux_sum", "aux_micro_batches", "input_tokens",
+)
 
 
 def _load_student(model: PreTrainedModel | str | None, init_kwargs: dict[str, Any] | None) -> PreTrainedModel:
@@ -99,6 +106,12 @@ class DistillationTrainer(SFTTrainer):
     ) -> None:
         if not isinstance(args, DistillationConfig):
             raise ValueError("args must be a hf_capgap.DistillationConfig (it carries loss, alpha, temperature ...).")
+        check_sft_loss_fields(args)
+        if kwargs.get("compute_loss_func") is not None:
+            raise ValueError(
+                "compute_loss_func is not supported: DistillationTrainer's loss is the distillation objective "
+                "(DistillationConfig.loss / alpha / temperature). Subclass DistillationTrainer to change it."
+            )
         if args.loss_backend == "liger":
             from hf_capgap.liger_backend import require_liger
 
@@ -134,6 +147,8 @@ class DistillationTrainer(SFTTrainer):
                 teacher_model, teacher_dtype=args.teacher_dtype, trust_remote_code=args.trust_remote_code
             )
         vocab_size = self._real_vocabulary(model, teacher_model, processing_class)
+        patched = model.get_base_model() if is_peft_model(model) else model  # the module SFTTrainer patches
+        own_forward = vars(patched).get("forward")  # an instance forward it had before (accelerate hooks), if any
         with self._masks_already_in(args, train_dataset, eval_dataset):
             super().__init__(
                 model=model,
@@ -146,6 +161,7 @@ class DistillationTrainer(SFTTrainer):
                 formatting_func=formatting_func,
                 **kwargs,
             )
+        self._restore_forward(patched, own_forward)
         if not has_labelled_position(self.train_dataset):
             raise ValueError(
                 "no row of train_dataset has a token to predict (every label is -100 after preparation): check "
@@ -153,8 +169,11 @@ class DistillationTrainer(SFTTrainer):
             )
         if self.teacher_cache is not None:
             self._use_cache_rows()
-        # Our loss is normalised by num_items_in_batch, which makes gradient accumulation exact.
+        # Our loss is normalised by num_items_in_batch, which makes gradient accumulation exact. It scores
+        # next_token_labels (labels shifted by one) whatever the architecture's loss_type, so the Trainer
+        # must count shifted labels for every model (it does only for loss_type ForCausalLM, not GPT-2's).
         self.model_accepts_loss_kwargs = True
+        self._loss_shifts_labels = True
         self.loss_spec = LossSpec(
             kind=args.loss,
             beta=args.beta,
@@ -168,6 +187,18 @@ class DistillationTrainer(SFTTrainer):
         self._announced_paths: set[str] = set()
 
     # ------------------------------------------------------------------ set-up checks
+
+    @staticmethod
+    def _restore_forward(module: nn.Module, own_forward: Any) -> None:
+        """Undo SFTTrainer's fused-head patch of ``module.forward``, which this trainer never calls.
+
+        The patch is a closure over the student itself, so a ``copy.deepcopy`` of the student (an EMA
+        copy, a self-distillation snapshot) would keep running the original's weights.
+        """
+        if own_forward is None:
+            vars(module).pop("forward", None)
+        else:
+            module.forward = own_forward
 
     @contextlib.contextmanager
     def _masks_already_in(self, args: DistillationConfig, train_dataset: Any, eval_dataset: Any) -> Iterator[None]:
@@ -241,7 +272,7 @@ class DistillationTrainer(SFTTrainer):
         teacher.requires_grad_(False)
         teacher.eval()
         if self.args.teacher_dtype != "auto":
-            teacher = teacher.to(getattr(torch, self.args.teacher_dtype))
+            teacher = teacher_in_dtype(teacher, getattr(torch, self.args.teacher_dtype))
         if self.is_deepspeed_enabled:
             from trl.models import prepare_deepspeed
 
@@ -277,18 +308,23 @@ class DistillationTrainer(SFTTrainer):
             (logger.warning if fell_back else logger.info)(f"hf_capgap {role} loss path: {choice.reason}")
         return choice
 
-    def _forward_states(self, model: nn.Module, inputs: dict[str, Tensor], role: str) -> tuple[Tensor, nn.Linear | None]:
-        """Last hidden states and the lm_head to fuse, or logits and None.
+    def _forward_states(
+        self, model: nn.Module, inputs: dict[str, Tensor], role: str
+    ) -> tuple[Tensor, nn.Linear | None, Tensor | None]:
+        """Last hidden states and the lm_head to fuse, or logits and None; and the student's MoE aux loss.
 
         Every collator output but the labels reaches the model, so padding-free batches keep their
         ``position_ids`` (packed documents never attend to each other) on the student and the teacher alike.
+        An MoE student is asked for its router logits as SFTTrainer asks (``aux_loss_enabled``), so it
+        returns its load-balancing ``aux_loss``.
         """
         head = self._head_choice(model, role).head
         call = {**forward_inputs(inputs), "use_cache": False}
-        if head is None:
-            return model(**call).logits, None
-        with lm_head_bypassed(self.accelerator.unwrap_model(model), head):
-            return model(**call).logits, head
+        if role == "student" and self.aux_loss_enabled:
+            call["output_router_logits"] = True
+        with contextlib.nullcontext() if head is None else lm_head_bypassed(self.accelerator.unwrap_model(model), head):
+            outputs = model(**call)
+        return outputs.logits, head, getattr(outputs, "aux_loss", None) if role == "student" else None
 
     def _teacher_signal(self, inputs: dict[str, Tensor]) -> TeacherSignal | None:
         """The teacher's view of every position, flattened to rows; None for an uncached eval batch."""
@@ -302,7 +338,7 @@ class DistillationTrainer(SFTTrainer):
                 return None  # evaluating on rows that were never cached
             return self.teacher_cache.teacher_signal(inputs)
         with torch.no_grad():
-            states, head = self._forward_states(self.teacher, inputs, "teacher")
+            states, head, _ = self._forward_states(self.teacher, inputs, "teacher")
         rows = states.flatten(0, 1)
         if head is None:
             return DenseTeacher(rows)
@@ -315,7 +351,8 @@ class DistillationTrainer(SFTTrainer):
         return_outputs: bool = False,
         num_items_in_batch: Tensor | int | None = None,
     ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
-        """alpha * T^2 * D(teacher || student) + (1 - alpha) * CE over the labelled positions.
+        """alpha * T^2 * D(teacher || student) + (1 - alpha) * CE over the labelled positions, plus an MoE
+        student's ``router_aux_loss_coef`` x ``aux_loss`` as SFTTrainer adds it.
 
         A micro-batch with no labelled position (common with assistant-only loss) gives a zero loss and
         zero gradients, so every DDP rank still steps; it is counted as ``empty_micro_batches`` in the logs.
@@ -328,7 +365,7 @@ class DistillationTrainer(SFTTrainer):
             )
         labels = next_token_labels(inputs["labels"])
         teacher = self._teacher_signal(inputs)
-        states, head = self._forward_states(model, inputs, "student")
+        states, head, aux_loss = self._forward_states(model, inputs, "student")
         rows = states.flatten(0, 1)
         # Evaluating on rows that were never cached: only the LM cross-entropy can be measured.
         spec = self.loss_spec if teacher is not None else replace(self.loss_spec, alpha=0.0)
@@ -345,11 +382,16 @@ class DistillationTrainer(SFTTrainer):
                 num_items_in_batch=num_items_in_batch,
                 inplace_grad=head is None and not return_outputs,  # the model's logits, read by nothing else
             )
-        self._record_parts(output, spec)
+        self._record_parts(output, spec, inputs, aux_loss)
         loss = output.loss
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # DDP averages gradients over processes while num_items_in_batch counts all of them.
             loss = loss * self.accelerator.num_processes
+        if aux_loss is not None:
+            # As SFTTrainer: a per-micro-batch mean, so averaged over the accumulation steps when the
+            # Trainer leaves gradient accumulation to the loss (num_items_in_batch given).
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + self.router_aux_loss_coef * aux_loss / steps
         if not return_outputs:
             return loss
         logits = states if head is None else F.linear(states, head.weight, head.bias)
@@ -383,26 +425,65 @@ class DistillationTrainer(SFTTrainer):
 
     # ------------------------------------------------------------------ logging
 
-    def _record_parts(self, output: DistillationLossOutput, spec: LossSpec) -> None:
-        """Accumulate [distill sum, its tokens, CE sum, its tokens, empty micro-batches]; a part the loss
-        skipped counts 0 tokens."""
+    def _record_parts(
+        self, output: DistillationLossOutput, spec: LossSpec, inputs: dict[str, Tensor], aux_loss: Tensor | None
+    ) -> None:
+        """Accumulate the local sums of ``_PARTS`` for the mode the model is in; a part the loss skipped
+        counts 0 tokens. Input tokens count as SFTTrainer's ``num_tokens`` does (non-padding tokens, or
+        the packed row's length for padding-free batches)."""
         mode = "train" if self.model.training else "eval"
         tokens = float(output.num_tokens)
-        step = torch.stack([
-            output.distill_sum, output.distill_sum.new_tensor(tokens if spec.alpha > 0 else 0.0),
-            output.ce_sum, output.ce_sum.new_tensor(tokens if spec.alpha < 1 else 0.0),
-            output.ce_sum.new_tensor(float(output.num_tokens == 0)),
-        ])
+        stats = output.entropy_sum is not None
+        ids = inputs["input_ids"]
+        input_tokens = inputs["attention_mask"].sum() if "attention_mask" in inputs else float(ids.shape[0] * ids.shape[1])
+        values = {
+            "distill_sum": output.distill_sum, "distill_tokens": tokens if spec.alpha > 0 else 0.0,
+            "ce_sum": output.ce_sum, "ce_tokens": tokens if spec.alpha < 1 else 0.0,
+            "empty_micro_batches": float(output.num_tokens == 0),
+            "entropy_sum": output.entropy_sum if stats else 0.0, "num_correct": output.num_correct if stats else 0.0,
+            "stat_tokens": tokens if stats else 0.0,
+            "aux_sum": aux_loss.detach().float() if aux_loss is not None else 0.0,
+            "aux_micro_batches": float(aux_loss is not None), "input_tokens": input_tokens,
+        }
+        step = torch.stack([torch.as_tensor(values[name], dtype=torch.float32, device=output.loss.device) for name in _PARTS])
         self._parts[mode] = self._parts[mode] + step if mode in self._parts else step
 
+    def _part_metrics(self, mode: str, prefix: str) -> dict[str, float]:
+        """The token-weighted means since the last log of ``mode``, summed over ranks (a collective: every
+        rank calls it), named as SFTTrainer names its metrics: distill_loss, ce_loss, empty_micro_batches,
+        entropy, mean_token_accuracy, aux_loss and num_tokens (input tokens trained on so far)."""
+        parts = self._parts.pop(mode, None)
+        if parts is None:
+            parts = torch.zeros(len(_PARTS))
+        total = dict(zip(_PARTS, self.accelerator.reduce(parts.to(self.args.device), "sum").tolist(), strict=True))
+        if mode == "train":
+            self._total_train_tokens += int(total["input_tokens"])
+        metrics: dict[str, float] = {}
+        for name, numerator, tokens in (
+            ("distill_loss", "distill_sum", "distill_tokens"), ("ce_loss", "ce_sum", "ce_tokens"),
+            ("entropy", "entropy_sum", "stat_tokens"), ("mean_token_accuracy", "num_correct", "stat_tokens"),
+            ("aux_loss", "aux_sum", "aux_micro_batches"),
+        ):
+            if total[tokens] > 0:
+                metrics[name] = round(total[numerator] / total[tokens], 6)
+        metrics["empty_micro_batches"] = int(total["empty_micro_batches"])
+        metrics["num_tokens"] = self._total_train_tokens
+        return {f"{prefix}{name}": value for name, value in metrics.items()}
+
+    def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
+        """Trainer's loop (``evaluate`` and ``predict`` both run it), with the parts of exactly this loop in
+        its metrics under its ``metric_key_prefix``: none are left behind for the next one."""
+        self._parts.pop("eval", None)
+        output = super().evaluation_loop(*args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        output.metrics.update(self._part_metrics("eval", f"{prefix}_"))
+        return output
+
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        """Adds the distillation and cross-entropy parts (token-weighted means since the last log)."""
-        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
-        if mode in self._parts:
-            parts = self.accelerator.reduce(self._parts.pop(mode).to(self.args.device), "sum").tolist()
-            prefix = "eval_" if mode == "eval" else ""
-            for name, total, tokens in (("distill_loss", *parts[0:2]), ("ce_loss", *parts[2:4])):
-                if tokens > 0:
-                    logs[f"{prefix}{name}"] = round(total / tokens, 6)
-            logs[f"{prefix}empty_micro_batches"] = int(parts[4])
+        """Adds the training parts since the last log to a training-loss log (evaluation metrics come with
+        their own loop); the parts of steps after the last training log end with the training run."""
+        if "loss" in logs:
+            logs.update(self._part_metrics("train", ""))
+        elif "train_loss" in logs:
+            self._part_metrics("train", "")  # counts their input tokens in num_tokens
         super().log(logs, *args, **kwargs)
