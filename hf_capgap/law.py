@@ -488,7 +488,9 @@ class CapacityGapLaw:
         """Save a PNG: loss vs teacher size per student with the fitted minima, and t* vs s.
 
         A paper-prior law has no measurements, so only the line is drawn. ``mark`` = (student params,
-        teacher params) places one distilled pair on the line panel, e.g. for its model card.
+        teacher params) places one distilled pair on the line panel, e.g. for its model card. An
+        affine law is drawn only over the student sizes where it predicts a teacher larger than the
+        student (a negative intercept rules out the smallest sizes).
         """
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -564,18 +566,21 @@ class CapacityGapLaw:
             low, high = 5e7, 5e9
         if mark is not None:
             low, high = min(low, mark[0] / 1.5), max(high, mark[0] * 1.5)
-        grid = np.geomspace(low, high, 100)
-        prediction = self.predict(grid)
-        axis.plot(grid, prediction.params, color="C0", lw=2, label=f"{self.formula()} ({self.source})")
-        if prediction.lo is not None:
-            axis.fill_between(
-                grid,
-                prediction.lo,
-                prediction.hi,
-                color="C0",
-                alpha=0.2,
-                label=f"{CONFIDENCE:.0%} bootstrap band",
-            )
+        grid = np.geomspace(low, high, 400)
+        slope, intercept = self._line()
+        valid = grid[slope * grid + intercept > grid]  # an affine law predicts no teacher below some size
+        if valid.size:
+            prediction = self.predict(valid)
+            axis.plot(valid, prediction.params, color="C0", lw=2, label=f"{self.formula()} ({self.source})")
+            if prediction.lo is not None:
+                axis.fill_between(
+                    valid,
+                    prediction.lo,
+                    prediction.hi,
+                    color="C0",
+                    alpha=0.2,
+                    label=f"{CONFIDENCE:.0%} bootstrap band",
+                )
         if interior:
             axis.plot(
                 students,

@@ -466,6 +466,21 @@ def test_cli_fit_writes_law_and_plot_then_suggest_reads_it(tmp_path, capsys):
     assert not CapacityGapLaw.load(out).through_origin
 
 
+def test_affine_law_with_a_negative_intercept_plots_where_it_is_valid(tmp_path, capsys):
+    ledger = tmp_path / "sweep.jsonl"
+    ledger.write_text("\n".join(json.dumps(r) for r in sweep(lambda s: 3.0 * s - 1e8, noise=0.001, seed=1)))
+    out, plot = tmp_path / "law.json", tmp_path / "law.png"
+    argv = ["law", "fit", str(ledger), "--out", str(out), "--affine", "--plot", str(plot), "--n-bootstrap", "200"]
+    assert main(argv) == 0
+    law = CapacityGapLaw.load(out)
+    assert law.intercept < 0 and not law.through_origin
+    assert _png_shape(plot)[1] > 0
+    with pytest.raises(ValueError, match="no teacher larger"):
+        law.predict(STUDENTS[0] / 1.5)  # the default plot range starts where this law is not defined
+    law.plot(tmp_path / "marked.png", mark=(40e6, 150e6))
+    assert _png_shape(tmp_path / "marked.png")[1] > 0
+
+
 def test_cli_suggest_defaults_to_the_paper_prior(capsys):
     assert main(["law", "suggest", "--student", "350M"]) == 0
     assert "875M" in capsys.readouterr().out
