@@ -47,7 +47,8 @@ def test_atomic_writes_get_the_modes_of_the_umask(tmp_path, umask, mask, file_mo
 def test_a_pruned_student_is_readable_by_group_and_others_under_umask_022(tmp_path, umask):
     teacher = tiny_llama(layers=2)
     calibration = [{"input_ids": torch.randint(0, 96, (2, 8))}]
-    student = prune_model(teacher, target_params=sum(p.numel() for p in teacher.parameters()) // 2, calibration=calibration)
+    target = sum(p.numel() for p in teacher.parameters()) // 2
+    student = prune_model(teacher, target_params=target, calibration=calibration)
     folder = save_pruned(student, tmp_path / "pruned", teacher_name="tiny")
     assert mode(folder) == 0o755
     files = [path for path in folder.rglob("*") if path.is_file()]

@@ -45,7 +45,8 @@ def card_info(plot: Path | None = None, **overrides) -> dict:
         "teacher_params": 5_000,
         "student_params": 1_000,
         "law": CapacityGapLaw(
-            ratio=2.5, ratio_ci=(2.0, 3.0), source="fitted", slope_affine=7.77, intercept=333.0, r2=0.97, families=["llama"]
+            ratio=2.5, ratio_ci=(2.0, 3.0), source="fitted", slope_affine=7.77, intercept=333.0, r2=0.97,
+            families=["llama"],
         ).to_dict(),
         "pruning": {
             "hidden_size": 32,
