@@ -5,7 +5,7 @@ MiniMA-3B was made by structurally pruning LLaMA-2-7B and distilling it with 0.5
 
     minima_config    MinimaConfig, YAML + ``--key value`` parsing, checks that load nothing
     minima_plan      teacher and student sizes from the law, sequence length, steps (meta device only)
-    minima_dry_run   ``--dry_run``: shapes, counts, tokens, steps and a per-GPU memory estimate
+    minima_dry_run   ``--dry_run``: shapes, counts, tokens, steps and per-stage, per-GPU memory estimates
     minima_teacher   the teacher's tokenizer, frozen model and identity
     minima_data      packed training, held-out and calibration rows (in memory or streamed)
     minima_prune     Taylor pruning, one process, before any sharded group

@@ -160,7 +160,7 @@ class MinimaConfig:
     accelerate_config: str | None = field(
         default=None,
         metadata=_help("accelerate config YAML the dry run estimates memory for (DDP / FSDP / ZeRO-3, process "
-                       "count); null: the launch this process runs under."),
+                       "count, use_cpu, mixed_precision); null: the launch this process runs under."),
     )
 
     def __post_init__(self) -> None:

@@ -1,12 +1,25 @@
 """``--dry_run``: what a MiniMA run would do and roughly what it needs per GPU, from configs alone.
 
 Teacher and student are built on the meta device (no weights read, nothing allocated), so a folder
-holding only a ``config.json`` is enough, offline. The memory figures are arithmetic estimates for
-the launch (single process, DDP, FSDP full sharding or DeepSpeed ZeRO-3): per parameter 4 bytes of
-fp32 weights, 4 of gradients and 8 of AdamW moments, divided by the process count where sharded; the
-frozen teacher at its dtype; activations at 34 bytes x hidden per token and layer in bf16 without
-checkpointing (Korthikanti et al. 2022, memory-efficient attention, no s^2 term) and 2 bytes x hidden
-(the layer inputs) plus one layer's full activations with it. They are not measurements.
+holding only a ``config.json`` is enough, offline. The memory figures are arithmetic estimates, per
+stage of the run and per process, for the launch (single process, DDP, FSDP full sharding or DeepSpeed
+ZeRO-3), in the precision that will run: the teacher's dtype as ``teacher_dtype`` resolves on the
+launch's device (``auto``: bf16 on a GPU, fp32 on a CPU) and activations in the trainer's precision
+(``bf16: true``, else the launch's ``mixed_precision``, else fp32). What they assume:
+
+* student: 4 bytes of fp32 weights, 4 of gradients and 8 of AdamW moments per parameter (divided by
+  the process count where sharded), plus the 16-bit weight copies autocast keeps for the backward pass;
+* activations per token and layer: ``8 x hidden + 4 x intermediate`` values (a LLaMA-style block's
+  saved inputs of attention, norms and the gated MLP; memory-efficient attention keeps no s^2 term),
+  or with checkpointing the layer input plus one layer recomputed;
+* full ``[tokens, vocab]`` logits where a stage computes a plain cross-entropy (Taylor scores, the
+  from-scratch baseline, evaluation): the logits, their fp32 log-softmax and fp32 gradient; the
+  distillation loss is chunked and its logits are not counted;
+* the teacher is loaded whole onto every GPU before anything shards it, and freed after its last use
+  (the cache build with ``teacher_cache``, else the distillation).
+
+Not counted: the CUDA context / framework runtime, allocator fragmentation, the data. They are not
+measurements; ``tests/test_minima.py`` compares them with measured peaks of a small CPU run.
 """
 
 from __future__ import annotations
@@ -24,9 +37,8 @@ from hf_capgap.minima_plan import student_skeleton as init_skeleton
 from hf_capgap.minima_plan import tokens_per_step
 
 GIB = 1024**3
-ACTIVATION_BYTES_PER_HIDDEN = 34  # per token and layer, bf16, no checkpointing
-CHECKPOINT_BYTES_PER_HIDDEN = 2  # the saved bf16 layer input per token and layer
-TEACHER_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+TRAINING_PRECISIONS = {"bf16": "bfloat16", "fp16": "float16", "no": "float32", "fp32": "float32"}
 
 
 @dataclass(frozen=True)
@@ -36,6 +48,8 @@ class Launch:
     strategy: str
     processes: int
     source: str
+    device: str = "cuda"  # "cuda" or "cpu": where the launch runs, which resolves teacher_dtype: auto
+    mixed_precision: str = "no"  # accelerate's mixed_precision, which the trainer uses unless bf16: true
 
     @property
     def shards_weights(self) -> bool:
@@ -57,7 +71,8 @@ def launch_from_yaml(path: str) -> Launch:
         strategy = "fsdp"
     else:
         strategy = "ddp" if processes > 1 else "single"
-    return Launch(strategy, processes, Path(path).name)
+    device = "cpu" if bool(values.get("use_cpu", False)) else "cuda"
+    return Launch(strategy, processes, Path(path).name, device, str(values.get("mixed_precision", "no")).lower())
 
 
 def launch_from_environment() -> Launch:
@@ -70,29 +85,120 @@ def launch_from_environment() -> Launch:
         strategy = "fsdp"
     else:
         strategy = "ddp" if processes > 1 else "single"
-    return Launch(strategy, processes, "this launch")
+    from hf_capgap.processes import use_cpu
+
+    return Launch(strategy, processes, "this launch", "cpu" if use_cpu() else "cuda",
+                  os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower())
 
 
-def memory_estimate(config: MinimaConfig, plan: Plan, launch: Launch, student: Any) -> dict[str, float]:
-    """Bytes per GPU by component, and the totals with and without activation checkpointing."""
+@dataclass(frozen=True)
+class Precision:
+    """The dtypes the run will use: the teacher's (``teacher_dtype`` resolved) and the students' activations."""
+
+    teacher: str  # torch dtype name
+    training: str  # torch dtype name of the activations (autocast), float32 without mixed precision
+
+    @property
+    def teacher_bytes(self) -> int:
+        return DTYPE_BYTES[self.teacher]
+
+    @property
+    def activation_bytes(self) -> int:
+        return DTYPE_BYTES[self.training]
+
+
+def resolve_precision(config: MinimaConfig, launch: Launch) -> Precision:
+    """As the run resolves them: ``teacher_dtype`` on the launch's device, and the trainer's precision
+    (``bf16: true``, else accelerate's ``mixed_precision``, which TrainingArguments reads from the launch)."""
+    import torch
+
+    from hf_capgap.teacher_loading import resolve_teacher_dtype
+
+    teacher = str(resolve_teacher_dtype(config.teacher_dtype, torch.device(launch.device))).removeprefix("torch.")
+    mixed = "bf16" if config.bf16 else launch.mixed_precision
+    if mixed not in TRAINING_PRECISIONS:
+        raise ValueError(f"mixed_precision={mixed!r} of {launch.source} is not one the dry run knows "
+                         f"({', '.join(TRAINING_PRECISIONS)}); set it in the accelerate config.")
+    return Precision(teacher, TRAINING_PRECISIONS[mixed])
+
+
+def _shape(model: Any) -> tuple[int, int, int, int]:
+    """(hidden, intermediate, layers, vocab) of a model's config."""
+    config = model.config
+    hidden = config.hidden_size
+    intermediate = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+    return hidden, intermediate, config.num_hidden_layers, config.vocab_size
+
+
+def activation_bytes(model: Any, tokens: int, dtype_bytes: int, checkpointing: bool) -> float:
+    """Activations a backward pass through ``model`` keeps for ``tokens`` (see the module docstring)."""
+    hidden, intermediate, layers, _ = _shape(model)
+    per_layer = 8 * hidden + 4 * intermediate
+    if checkpointing:
+        return (hidden * layers + per_layer) * tokens * dtype_bytes
+    return per_layer * layers * tokens * dtype_bytes
+
+
+def logits_bytes(model: Any, tokens: int, dtype_bytes: int) -> float:
+    """A plain cross-entropy's ``[tokens, vocab]`` logits, fp32 log-softmax and fp32 gradient."""
+    return _shape(model)[3] * tokens * (dtype_bytes + 4 + 4)
+
+
+def memory_estimate(config: MinimaConfig, plan: Plan, launch: Launch, teacher: Any, student: Any,
+                    precision: Precision) -> dict[str, dict[str, float]]:
+    """Bytes per GPU by stage and component, each stage with its ``total``, in the order the run goes."""
     params = count_params(student)
     weight_shards = launch.processes if launch.shards_weights else 1
     optimizer_shards = launch.processes if launch.shards_optimizer else 1
-    teacher_dtype = "bfloat16" if config.teacher_dtype == "auto" else config.teacher_dtype
-    hidden, layers = student.config.hidden_size, student.config.num_hidden_layers
-    tokens = config.batch_size * plan.seq_len  # one micro-batch
-    parts = {
+    whole_teacher = precision.teacher_bytes * plan.teacher_params
+    act = precision.activation_bytes
+    checkpointing = config.gradient_checkpointing
+    rows_tokens = config.batch_size * plan.seq_len  # one micro-batch (also one calibration batch)
+    eval_tokens = config.eval_batch_size * plan.seq_len
+    student_state = {
         "student weights (fp32)": 4 * params / weight_shards,
         "gradients (fp32)": 4 * params / optimizer_shards,
         "AdamW states (fp32 m, v)": 8 * params / optimizer_shards,
-        "teacher weights": 0.0 if config.teacher_cache else TEACHER_BYTES[teacher_dtype] * plan.teacher_params / weight_shards,
-        "activations without checkpointing": ACTIVATION_BYTES_PER_HIDDEN * hidden * layers * tokens,
-        "activations with checkpointing": (CHECKPOINT_BYTES_PER_HIDDEN * layers + ACTIVATION_BYTES_PER_HIDDEN) * hidden * tokens,
+        f"autocast {precision.training} weight copies": 0.0 if act == 4 else act * params / weight_shards,
+        "student activations": activation_bytes(student, rows_tokens, act, checkpointing),
     }
-    fixed = sum(parts[key] for key in list(parts)[:4])
-    parts["total with checkpointing"] = fixed + parts["activations with checkpointing"]
-    parts["total without checkpointing"] = fixed + parts["activations without checkpointing"]
-    return parts
+    stages: dict[str, dict[str, float]] = {
+        "teacher load": {"teacher weights (whole, before any sharding)": whole_teacher},
+    }
+    if plan.student_init is None:
+        stages["prune (Taylor scores, one process)"] = {
+            "teacher weights": whole_teacher,
+            "teacher activations (backward to the masks)": activation_bytes(
+                teacher, rows_tokens, precision.teacher_bytes, checkpointing),
+            "teacher logits, log-softmax, gradient": logits_bytes(teacher, rows_tokens, precision.teacher_bytes),
+        }
+    if config.teacher_cache:
+        stages["teacher cache build"] = {
+            "teacher weights (unsharded)": whole_teacher,
+            "teacher logits and log-probs": logits_bytes(teacher, eval_tokens, precision.teacher_bytes),
+        }
+    stages["distill"] = {
+        **student_state,
+        "teacher weights": 0.0 if config.teacher_cache else whole_teacher / weight_shards,
+    }
+    if config.baseline:
+        stages["baseline (from scratch)"] = {
+            **student_state,
+            "full logits, log-softmax, gradient": logits_bytes(student, rows_tokens, act),
+        }
+    stages["evaluation"] = {
+        "largest model's weights": max(whole_teacher, 4 * params),
+        "logits of one batch": logits_bytes(teacher, eval_tokens, precision.teacher_bytes),
+    }
+    for parts in stages.values():
+        parts["total"] = sum(parts.values())
+    return stages
+
+
+def peak_stage(memory: dict[str, dict[str, float]]) -> tuple[str, float]:
+    """The stage needing the most memory per GPU, and that amount."""
+    name = max(memory, key=lambda stage: memory[stage]["total"])
+    return name, memory[name]["total"]
 
 
 def cache_bytes(config: MinimaConfig, plan: Plan, vocab_size: int) -> int:
@@ -150,7 +256,9 @@ def dry_run(config: MinimaConfig) -> dict[str, Any]:
     student = student_skeleton(config, plan, teacher)
     law = load_law(config)
     steps = steps_for(config, plan)
-    memory = memory_estimate(config, plan, launch, student)
+    precision = resolve_precision(config, launch)
+    memory = memory_estimate(config, plan, launch, teacher, student, precision)
+    peak_name, peak = peak_stage(memory)
     global_rows = config.batch_size * config.gradient_accumulation_steps * launch.processes
     ratio = plan.teacher_params / count_params(student)
     lines = [
@@ -163,15 +271,26 @@ def dry_run(config: MinimaConfig) -> dict[str, Any]:
         f"tokens   {steps * tokens_per_step(config, plan):,} in {steps:,} steps; global batch {global_rows:,} rows "
         f"({config.batch_size} per GPU x {config.gradient_accumulation_steps} accumulation x {launch.processes} "
         f"processes) x {plan.seq_len} tokens = {tokens_per_step(config, plan):,} tokens per step",
-        f"launch   {launch.strategy}, {launch.processes} process(es) ({launch.source})",
-        "memory per GPU, estimated (not yet measured on a GPU):",
+        f"launch   {launch.strategy}, {launch.processes} process(es) on {launch.device} ({launch.source}); teacher in "
+        f"{precision.teacher} (teacher_dtype={config.teacher_dtype}), student activations in {precision.training} "
+        f"(bf16={str(config.bf16).lower()}, launch mixed_precision={launch.mixed_precision}), "
+        f"gradient_checkpointing={str(config.gradient_checkpointing).lower()}",
+        "memory per GPU by stage, estimated from the shapes (not measured; runtime and CUDA context not counted):",
     ]
-    lines += [f"  {name:<36}{value / GIB:>10.2f} GiB" for name, value in memory.items()]
-    lines.append(f"  configured: gradient_checkpointing={str(config.gradient_checkpointing).lower()}, "
-                 f"bf16={str(config.bf16).lower()}; logits are chunked by the fused loss and not counted.")
+    for stage, parts in memory.items():
+        lines.append(f"  {stage:<58}{parts['total'] / GIB:>10.2f} GiB")
+        lines += [f"    {name:<56}{value / GIB:>10.2f} GiB" for name, value in parts.items()
+                  if name != "total" and value]
+    lines.append(f"  peak: {peak_name}, {peak / GIB:.2f} GiB per GPU")
+    if launch.shards_weights and memory["teacher load"]["total"] > memory["distill"]["teacher weights"]:
+        whole = memory["teacher load"]["total"] / GIB
+        lines.append(f"  note: the teacher is loaded whole onto every GPU ({whole:.2f} GiB) before {launch.strategy} "
+                     "shards it for the distillation, so each GPU must hold it once.")
     if launch.processes > 1 and plan.student_init is None:
-        lines.append("note     pruning runs in one process: run with --prune_only first, then launch with --student_init.")
+        lines.append("note     pruning runs in one process: run with --prune_only first, then launch with "
+                     "--student_init.")
     report: dict[str, Any] = {"plan": plan, "launch": launch, "steps": steps, "memory": memory,
+                              "precision": precision, "peak": (peak_name, peak),
                               "teacher_params": plan.teacher_params, "student_params": count_params(student),
                               "student_config": student.config}
     if config.teacher_cache:

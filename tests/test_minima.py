@@ -314,15 +314,22 @@ def test_dry_run_of_the_7b_preset_from_a_config_only_folder(tmp_path, monkeypatc
     assert (student.hidden_size, student.num_hidden_layers, student.num_attention_heads,
             student.intermediate_size) == (3072, 24, 24, 8192)
     assert "hidden 3072, 24 layers, 24 heads (24 KV), MLP 8192" in out and "6,738,415,616 params" in out
-    assert "memory per GPU, estimated (not yet measured on a GPU)" in out and f"{strategy}, 8 process" in out
+    assert "memory per GPU by stage, estimated from the shapes (not measured" in out and f"{strategy}, 8 process" in out
     memory = report["memory"]
-    assert memory["activations with checkpointing"] < memory["activations without checkpointing"]
+    assert report["precision"] == minima_dry_run.Precision("bfloat16", "bfloat16")
+    assert list(memory) == ["teacher load", "prune (Taylor scores, one process)", "distill", "evaluation"]
+    assert memory["teacher load"]["total"] == 2 * 6_738_415_616  # whole, on every GPU, whatever the launch
+    assert report["peak"] == max(((name, parts["total"]) for name, parts in memory.items()), key=lambda x: x[1])
+    assert f"peak: {report['peak'][0]}" in out
+    distill = memory["distill"]
     if strategy == "ddp":  # every rank holds the whole student state and the whole bf16 teacher
-        assert memory["student weights (fp32)"] == 4 * report["student_params"]
-        assert memory["teacher weights"] == 2 * 6_738_415_616
+        assert distill["student weights (fp32)"] == 4 * report["student_params"]
+        assert distill["teacher weights"] == 2 * 6_738_415_616
     else:
-        assert memory["student weights (fp32)"] == 4 * report["student_params"] / 8
-        assert memory["total with checkpointing"] < 80 * GIB
+        assert distill["student weights (fp32)"] == 4 * report["student_params"] / 8
+        assert distill["teacher weights"] == 2 * 6_738_415_616 / 8
+        assert "the teacher is loaded whole onto every GPU" in out  # before sharding: the FSDP / ZeRO-3 load peak
+        assert report["peak"][1] < 80 * GIB
     steps = report["steps"]
     assert steps == 126_000_000_000 // (4 * 8 * 4096 * 8)
     assert not (tmp_path / "out").exists()
@@ -335,6 +342,111 @@ def test_dry_run_reports_the_cache_size(tmp_path, capsys):
                                 "--train_tokens", "1B"])
     report = run_minima(config)
     assert report is None and "teacher cache (topk, k=64) on disk, estimated" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("launch", "bf16", "teacher_dtype", "expected"), [
+    ("cpu.yaml", False, "auto", ("float32", "float32")),  # auto is fp32 on a CPU; no mixed precision
+    ("ddp.yaml", False, "auto", ("bfloat16", "bfloat16")),  # a GPU launch with mixed_precision: bf16
+    ("cpu.yaml", True, "float16", ("float16", "bfloat16")),
+])
+def test_dry_run_uses_the_precision_that_runs(tmp_path, launch, bf16, teacher_dtype, expected):
+    config = build_config(micro_values(tmp_path, dry_run=True, bf16=bf16, teacher_dtype=teacher_dtype,
+                                       train_tokens=8192, accelerate_config=str(REPO / "recipes" / "accelerate" / launch)))
+    report = minima_dry_run.dry_run(config)
+    assert report["precision"] == minima_dry_run.Precision(*expected)
+    cpu_launch = str(REPO / "recipes" / "accelerate" / "cpu.yaml")
+    fp32 = minima_dry_run.dry_run(dataclasses.replace(config, bf16=False, teacher_dtype="float32",
+                                                      accelerate_config=cpu_launch))
+    scale = {"float32": 1, "bfloat16": 2, "float16": 2}
+    assert fp32["memory"]["distill"]["student activations"] == (
+        scale[expected[1]] * report["memory"]["distill"]["student activations"])
+    assert fp32["memory"]["teacher load"]["total"] == scale[expected[0]] * report["memory"]["teacher load"]["total"]
+
+
+def test_dry_run_counts_the_teacher_where_it_is_loaded(tmp_path):
+    """With teacher_cache the teacher is freed once the cache is built: counted there, not in distillation."""
+    online = minima_dry_run.dry_run(build_config(micro_values(tmp_path, dry_run=True)))["memory"]
+    cached = minima_dry_run.dry_run(build_config(micro_values(tmp_path, dry_run=True, teacher_cache=True)))["memory"]
+    teacher = online["teacher load"]["total"]
+    assert online["distill"]["teacher weights"] == teacher and "teacher cache build" not in online
+    assert cached["distill"]["teacher weights"] == 0
+    assert cached["teacher cache build"]["teacher weights (unsharded)"] == teacher
+
+
+MEASURE_STAGE = """
+import json, sys
+from pathlib import Path
+
+from hf_capgap import minima_data, minima_distill, minima_prune, minima_teacher
+from hf_capgap.minima import build_config, make_plan
+
+config, stage = build_config(json.loads(sys.argv[1])), sys.argv[2]
+plan = make_plan(config)
+location = minima_teacher.teacher_location(config, plan)
+data = minima_data.prepare_data(config, plan, minima_teacher.load_tokenizer(config, location))
+
+def kib(key):
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(key + ":"))
+    return int(line.split()[1])
+
+resident = kib("VmRSS")
+Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS: the peak from here on is this stage's
+if stage == "baseline (from scratch)":
+    minima_distill.scratch_stage(config, plan, Path(config.student_init), data)
+else:
+    teacher = minima_teacher.load_teacher(config, plan, location)
+    teacher_id = minima_teacher.teacher_identity(plan, location, teacher)
+    if stage == "distill":
+        minima_distill.distill_stage(config, plan, teacher, Path(config.student_init), data, teacher_id)
+    else:
+        minima_prune.prune_stage(config, plan, teacher, data, teacher_id)
+print(json.dumps(1024 * (kib("VmHWM") - resident)))
+"""
+
+
+def measured_stage_peak(values: dict, stage: str) -> int:
+    """Bytes a stage adds to its process's peak resident memory (a fresh process, data already loaded)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_CAPGAP_CACHE": str(Path(values["output_dir"]).parent / "cache")}
+    result = subprocess.run([sys.executable, "-c", MEASURE_STAGE, json.dumps(values), stage], env=env,
+                            capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return int(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to reset the peak")
+def test_dry_run_estimate_is_within_2x_of_each_measured_stage_peak(tmp_path):
+    """Each stage's estimate is within a factor of 2 either way of the peak it measures on CPU (fp32:
+    activations dominate at this size, so the precision is what is checked; the runtime is not counted)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_capgap.data import default_tokenizer
+
+    tokenizer = default_tokenizer(2048, cache_dir=tmp_path / "cache")
+    teacher = tmp_path / "teacher"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+        vocab_size=len(tokenizer), max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    model.save_pretrained(teacher)
+    tokenizer.save_pretrained(teacher)
+    values = {"run_name": "memory", "output_dir": str(tmp_path / "out"), "teacher": str(teacher),
+              "student_params": str(sum(p.numel() for p in model.parameters()) // 2), "seq_len": 256,
+              "batch_size": 16, "eval_batch_size": 16, "train_tokens": 4096, "eval_rows": 8, "calibration_batches": 1,
+              "save_steps": 100, "logging_steps": 1}
+    stages = {"prune (Taylor scores, one process)": values}
+    measured = {"prune (Taylor scores, one process)": measured_stage_peak(values, "prune (Taylor scores, one process)")}
+    (pruned,) = (tmp_path / "out" / ".work" / "memory").glob("pruned-*")
+    from_pruned = {**values, "student_params": None, "student_init": str(pruned)}
+    for stage in ("distill", "baseline (from scratch)"):
+        stages[stage] = from_pruned
+        measured[stage] = measured_stage_peak(from_pruned, stage)
+    for stage, stage_values in stages.items():
+        report = minima_dry_run.dry_run(build_config({**stage_values, "dry_run": True}))
+        assert report["precision"] == minima_dry_run.Precision("float32", "float32")  # auto on a CPU, bf16: false
+        estimate = report["memory"][stage]["total"]
+        assert measured[stage] / 2 <= estimate <= 2 * measured[stage], (stage, estimate, measured)
 
 
 def local_text_files(root: Path, files: int = 4) -> Path:

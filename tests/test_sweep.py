@@ -255,7 +255,8 @@ def test_a_second_sweep_on_a_busy_folder_is_refused_and_leaves_its_scratch(kille
     live.mkdir()
     holder = subprocess.Popen(
         [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
-         "fcntl.flock(f, fcntl.LOCK_EX); f.truncate(0); f.write('4242'); f.flush(); print('held', flush=True); time.sleep(60)",
+         "fcntl.flock(f, fcntl.LOCK_EX); f.truncate(0); f.write('4242'); f.flush(); print('held', flush=True); "
+         "time.sleep(60)",
          str(out / LOCK_FILE)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -302,7 +303,8 @@ def test_recipe_overrides_and_help(capsys):
     sys.path.insert(0, str(REPO / "recipes"))
     from sweep import parse_config
 
-    config, _ = parse_config([str(MICRO_YAML), "--student_sizes", "21K", "50K", "--bf16", "true", "--redo_failed", "true"])
+    config, _ = parse_config([str(MICRO_YAML), "--student_sizes", "21K", "50K", "--bf16", "true",
+                              "--redo_failed", "true"])
     assert config.student_params == (21_000, 50_000) and config.bf16 and config.redo_failed
     with pytest.raises(ValueError, match="unknown config key"):
         parse_config([str(REPO / "recipes" / "configs" / "minima_tiny.yaml")])
