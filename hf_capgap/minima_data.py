@@ -9,22 +9,42 @@ Small in-memory datasets are identified by a hash of their rows. With ``streamin
 a ``datasets.IterableDataset`` tokenized and packed on the fly (never downloaded or held whole); its
 identity is where it comes from (name, config, revision, files, split, seed, token budget), and the
 held-out set is the validation split or the first ``eval_rows`` packed rows, which training skips.
+Every process reads the same stream and trains on its slice of each global batch, so the held-out rows
+stay out on every rank and both students see the same rows; a stream shorter than the token budget is
+read again from its start (with a warning naming its size), and the stages report the distinct tokens.
 """
 
 from __future__ import annotations
 
 import glob
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from transformers.utils import logging
+
 from hf_capgap.minima_config import EMBEDDED_DATASET, MinimaConfig
 from hf_capgap.minima_plan import Plan, steps_for
+
+logger = logging.get_logger(__name__)
 
 EMBEDDED_DATASET_NAME = "hf_capgap embedded Shakespeare + KJV corpus"
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 SHUFFLE_BUFFER_ROWS = 1024
 PACKED_COLUMN = "input_ids"
+
+
+@dataclass
+class StreamPasses:
+    """How often training read a stream from its start, learnt while reading it (a stream has no length)."""
+
+    rows_per_pass: int | None = None  # None: the budget fitted in one pass
+
+    def distinct_rows(self, rows: int) -> int:
+        """Distinct rows among the first ``rows`` rows trained on."""
+        return rows if self.rows_per_pass is None else min(rows, self.rows_per_pass)
 
 
 @dataclass
@@ -36,6 +56,7 @@ class RunData:
     eval: Any  # datasets.Dataset of held-out packed rows (small, materialised)
     calibration: list[dict[str, Any]]
     identity: dict[str, Any]  # what the run trained on, for stage and cache names
+    passes: StreamPasses | None = None  # how a stream covered the token budget (None in memory)
 
 
 def is_local_dataset(name: str) -> bool:
@@ -75,13 +96,20 @@ def prepare_data(config: MinimaConfig, plan: Plan, tokenizer: Any) -> RunData:
     pack = _packer(config, plan.seq_len, tokenizer)
     packed_train = pack(train_source)
     if config.streaming:
+        stream = _one_stream(packed_train)
         if eval_source is None:
-            evaluation = _materialise(packed_train.take(config.eval_rows))
-            packed_train = packed_train.skip(config.eval_rows)
+            evaluation = _materialise(stream.take(config.eval_rows))
+            stream = stream.skip(config.eval_rows)
         else:
             evaluation = _materialise(pack(eval_source).take(config.eval_rows))
-        train = packed_train.shuffle(seed=config.seed, buffer_size=SHUFFLE_BUFFER_ROWS)
+        passes = StreamPasses()
+        train = _one_stream(stream.shuffle(seed=config.seed, buffer_size=SHUFFLE_BUFFER_ROWS), rows, passes)
         calibration_rows = _materialise(train.take(config.calibration_batches * config.batch_size))
+        if len(calibration_rows) == 0:
+            raise ValueError(
+                f"the training stream holds no training row of {plan.seq_len} tokens after the eval_rows="
+                f"{config.eval_rows} held-out rows; lower eval_rows or seq_len, set eval_split, or add data."
+            )
         identity = _source_identity(config, plan, tokenizer)
     else:
         if eval_source is None:
@@ -99,9 +127,11 @@ def prepare_data(config: MinimaConfig, plan: Plan, tokenizer: Any) -> RunData:
         train = packed_train.shuffle(seed=config.seed).select(range(rows)).flatten_indices()
         calibration_rows = train.select(range(min(rows, config.calibration_batches * config.batch_size)))
         identity = {"rows_sha": _content_fingerprint(train)}
+        passes = None
     if len(evaluation) == 0:
         raise ValueError(f"the held-out data packs into no row of {plan.seq_len} tokens; lower seq_len or add text.")
-    return RunData(tokenizer, train, evaluation, _calibration_batches(calibration_rows, config.batch_size), identity)
+    return RunData(tokenizer, train, evaluation, _calibration_batches(calibration_rows, config.batch_size), identity,
+                   passes)
 
 
 def load_sources(config: MinimaConfig) -> tuple[Any, Any | None]:
@@ -136,6 +166,54 @@ def _packer(config: MinimaConfig, seq_len: int, tokenizer: Any) -> Any:
     from hf_capgap.data import tokenize_and_pack
 
     return lambda source: tokenize_and_pack(source, tokenizer, seq_len, text_field=config.dataset_text_field)
+
+
+def _one_stream(stream: Any, rows: int | None = None, passes: StreamPasses | None = None) -> Any:
+    """``stream`` as a one-shard IterableDataset; with ``rows``, exactly that many, reading it again as needed.
+
+    With one shard, accelerate gives every rank the same stream and each takes its slice of every global
+    batch (as the dispatcher of a plain Trainer does); with one shard per file it would hand each rank its
+    own files, where ``skip`` skips ``eval_rows / W`` rows per rank instead of the held-out rows, and a rank
+    with little data stops early while the others wait for it in a collective.
+    """
+    import datasets
+
+    features = datasets.Features({PACKED_COLUMN: datasets.List(datasets.Value("int32"))})
+    if rows is None:
+        return datasets.IterableDataset.from_generator(_rows_of, features=features, gen_kwargs={"stream": stream})
+    return datasets.IterableDataset.from_generator(
+        _passes_over, features=features, gen_kwargs={"stream": stream, "rows": rows, "passes": passes}
+    )
+
+
+def _rows_of(stream: Any) -> Iterator[dict[str, Any]]:
+    yield from stream
+
+
+def _passes_over(stream: Any, rows: int, passes: StreamPasses) -> Iterator[dict[str, Any]]:
+    """The first ``rows`` rows of ``stream`` read again and again, each pass shuffled by its own seed.
+
+    The Trainer sees one epoch of exactly ``rows`` rows, so a resume skips to the very row it stopped
+    at in any pass (no partial batches, no pass restarting from its beginning).
+    """
+    produced = 0
+    for index in itertools.count():
+        stream.set_epoch(index)
+        in_pass = 0
+        for row in stream:
+            if produced == rows:
+                return
+            yield row
+            in_pass, produced = in_pass + 1, produced + 1
+        if in_pass == 0 or produced == rows:
+            return
+        if passes.rows_per_pass is None:
+            passes.rows_per_pass = in_pass
+            logger.warning(
+                f"the training stream ran out after {in_pass} rows ({in_pass * len(row[PACKED_COLUMN]):,} tokens) "
+                f"of the {rows} the token budget needs: training reads it again (pass {index + 2}). Lower "
+                f"train_tokens to at most {in_pass * len(row[PACKED_COLUMN]):,} or add data to train on distinct rows."
+            )
 
 
 def _materialise(rows: Any) -> Any:

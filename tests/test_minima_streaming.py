@@ -1,0 +1,96 @@
+"""The MiniMA recipe on a stream across processes, on short streams and after torn checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import TINY_TEXT, tiny_llama
+
+REPO = Path(__file__).resolve().parent.parent
+WORDS = sorted(set(TINY_TEXT.split()))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tiny_tokenizer):
+    """A local teacher folder (with its tokenizer) and a smaller student folder to distil into."""
+    root = tmp_path_factory.mktemp("models")
+    teacher, student = root / "teacher", root / "student"
+    tiny_llama(hidden=32, layers=2).save_pretrained(teacher)
+    tiny_tokenizer.save_pretrained(teacher)
+    tiny_llama(hidden=16, layers=1).save_pretrained(student)
+    return teacher, student
+
+
+def write_documents(folder: Path, documents_per_file: list[int], seed: int = 0) -> str:
+    """jsonl files of random sentences over the tiny vocabulary; returns their glob."""
+    folder.mkdir(parents=True)
+    rng = random.Random(seed)
+    for index, count in enumerate(documents_per_file):
+        lines = [json.dumps({"text": " ".join(rng.choices(WORDS, k=rng.randint(4, 14)))}) for _ in range(count)]
+        (folder / f"part-{index}.jsonl").write_text("\n".join(lines) + "\n")
+    return str(folder / "*.jsonl")
+
+
+def recipe_values(root: Path, models, dataset: str, **overrides) -> dict:
+    """Streamed, seconds-long settings: rows of 16 tokens, 2 rows per device, 4 steps of 2 processes."""
+    teacher, student = models
+    values = {
+        "run_name": "streamed", "output_dir": str(root / "out"), "ladder_dir": str(root / "ladder"),
+        "teacher": str(teacher), "student_init": str(student), "student_params": None, "dataset": dataset,
+        "streaming": True, "eval_split": None, "baseline": True, "seq_len": 16, "batch_size": 2,
+        "train_tokens": 4 * 2 * 2 * 16, "learning_rate": 0.01, "eval_rows": 4, "eval_batch_size": 4,
+        "save_steps": 100, "logging_steps": 1, "calibration_batches": 1,
+    }
+    return {**values, **overrides}
+
+
+def launch_two_processes(out: Path, values: dict, timeout: int = 240) -> subprocess.CompletedProcess:
+    """Run tests/minima_streaming_script.py on 2 gloo processes; kill the whole launch if it hangs."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "values.json").write_text(json.dumps(values))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO / 'tests'}:{os.environ.get('PYTHONPATH', '')}"}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+        str(REPO / "recipes" / "accelerate" / "cpu.yaml"), "--main_process_port", "0",
+        str(REPO / "tests" / "minima_streaming_script.py"), str(out),
+    ]
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as launch:
+        try:
+            stdout, stderr = launch.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(launch.pid, signal.SIGTERM)  # the launcher stops its workers (each in its own session)
+            launch.communicate(timeout=60)
+            pytest.fail(f"the 2-process launch hung for more than {timeout} s")
+    return subprocess.CompletedProcess(command, launch.returncode, stdout, stderr)
+
+
+def test_two_process_stream_holds_out_its_eval_rows_and_feeds_both_students_the_same_rows(tmp_path, models):
+    """Five files (one a single short document): every rank trains on rows of the one stream after the
+    held-out rows, and the distilled and from-scratch students get the same rows on each rank."""
+    dataset = write_documents(tmp_path / "data", [30, 30, 1, 30, 30])
+    result = launch_two_processes(tmp_path / "run", recipe_values(tmp_path, models, dataset))
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [json.loads((tmp_path / "run" / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    held_out = {tuple(row) for row in ranks[0]["eval"]}
+    assert len(held_out) == 4 and all({tuple(row) for row in rank["eval"]} == held_out for rank in ranks)
+    for rank in ranks:
+        assert len(rank["distill"]) == 4 * 2  # 4 steps of 2 rows
+        assert rank["distill"] == rank["scratch"]
+        assert not held_out & {tuple(row) for row in rank["distill"]}
+    assert not {tuple(row) for row in ranks[0]["distill"]} & {tuple(row) for row in ranks[1]["distill"]}
+
+
+def test_two_process_stream_with_no_training_row_fails_on_every_rank_with_the_cause(tmp_path, models):
+    """The held-out rows take the whole stream: both ranks stop with the cause and the fix, none hangs."""
+    dataset = write_documents(tmp_path / "data", [4, 1])
+    result = launch_two_processes(tmp_path / "run", recipe_values(tmp_path, models, dataset))
+    assert result.returncode != 0
+    assert "no training row" in result.stderr and "eval_rows" in result.stderr, result.stderr[-4000:]
