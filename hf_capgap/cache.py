@@ -196,8 +196,9 @@ class TeacherCache:
 
         ``bytes_per_token`` (sampled only) picks ``k`` instead: the most draws whose signal of the
         first 4,096 labelled positions, drawn and encoded as the build does, fits that many bytes per
-        position (bench/results/cache_bytes.md tabulates draws -> bytes; 16 systematic draws of a
-        32,000-token teacher: ~26 B). ``batch_size``: rows per teacher forward, halved whenever a
+        position as the manifest counts them (list offsets included; bench/results/cache_bytes.md
+        tabulates draws -> bytes; 16 systematic draws of a 32,000-token teacher: ~26 B).
+        ``batch_size``: rows per teacher forward, halved whenever a
         batch runs out of device memory, so a large one finds the largest batch that fits (a row's
         draws are seeded by its index, not by its batch).
 

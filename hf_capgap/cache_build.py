@@ -32,7 +32,7 @@ from hf_capgap.artifacts import (
     temporary_prefix,
     write_manifest,
 )
-from hf_capgap.cache_encode import LabelledStates, encode_batch
+from hf_capgap.cache_encode import LabelledStates, encode_batch, encode_states
 from hf_capgap.cache_format import (
     DTYPES,
     FORMAT_VERSION,
@@ -44,13 +44,13 @@ from hf_capgap.cache_format import (
     ROW_COLUMNS,
     SAMPLED_POSITION_BYTES,
     SAMPLERS,
-    SIGNAL_COLUMNS,
     ShardPlan,
     arrow_row_count,
     id_dtype,
     row_dicts,
     shard_name,
     shard_schema,
+    signal_bytes,
 )
 from hf_capgap.sft_data import (
     has_labelled_position,
@@ -206,21 +206,20 @@ class FittingBatchSize:
 def draws_for_budget(teacher: Any, rows: list[dict[str, Any]], collator: Callable[[list[dict[str, Any]]], Any],
                      spec: dict[str, Any], budget: float, fitting: FittingBatchSize) -> int:
     """The most draws (<= MAX_DRAWS) whose sampled signal of ``rows`` (the first of the dataset, so a
-    rerun picks the same number; run in batches that fit) fits ``budget`` bytes per position.
+    rerun picks the same number; run in batches that fit) fits ``budget`` bytes per position as stored
+    (:func:`signal_bytes`, as the manifest counts them: list offsets included, 24 bytes a row).
 
     The bytes follow the distinct ids drawn and the gaps between them, which depend on how peaked the
     teacher is, so each candidate is drawn and encoded as the build will, from one teacher forward.
     """
     import torch
 
+    def forward(low: int, high: int) -> LabelledStates:
+        return LabelledStates.of(teacher, rows[low:high], collator(rows[low:high]))
+
     with torch.inference_mode(), _evaluating(teacher):
-        parts = [
-            (low, states)
-            for low, _, states in fitting.batches(
-                0, len(rows), lambda low, high: LabelledStates.of(teacher, rows[low:high], collator(rows[low:high]))
-            )
-        ]
-        positions = sum(sum(states.positions) for _, states in parts)
+        parts = list(fitting.batches(0, len(rows), forward))
+        positions = sum(sum(states.positions) for _, _, states in parts)
         if not positions:
             raise ValueError(
                 f"bytes_per_token: the first {len(rows)} rows, where the draws are measured, have no labelled "
@@ -228,14 +227,20 @@ def draws_for_budget(teacher: Any, rows: list[dict[str, Any]], collator: Callabl
             )
 
         def measured_bytes(draws: int) -> float:
-            candidate = {**spec, "k": draws}
-            signals = [states.signal(low, candidate) for low, states in parts]
-            return sum(signal[name].nbytes for signal in signals for name in SIGNAL_COLUMNS["sampled"]) / positions
+            candidate = {**spec, "k": draws, "draws": draws}
+            schema = shard_schema(candidate)
+            stored = [encode_states(states, rows[low:high], low, candidate, schema) for low, high, states in parts]
+            return sum(signal_bytes(record, "sampled") for record in stored) / positions
 
         low, high = 1, MAX_DRAWS  # bytes grow with the draws: bisect for the last that fits
         while low < high:
             middle = (low + high + 1) // 2
             low, high = (middle, high) if measured_bytes(middle) <= budget else (low, middle - 1)
+        if low == 1 and (one_draw := measured_bytes(1)) > budget:
+            raise ValueError(
+                f"bytes_per_token={budget}: one draw already takes {one_draw:.2f} bytes per labelled position as "
+                "stored here (with the list offsets of rows this short, 24 bytes a row); give at least that, or k=1."
+            )
     return low
 
 
@@ -519,7 +524,7 @@ def _signal_summary(file: Path, mode: str) -> tuple[int, int]:
     with pa.memory_map(str(file)) as source:
         table = pa.ipc.open_stream(source).read_all()
     positions = pc.sum(pc.list_value_length(table.column(POSITION_COLUMN[mode]))).as_py() or 0
-    return sum(table.column(name).nbytes for name in SIGNAL_COLUMNS[mode]), positions
+    return signal_bytes(table, mode), positions
 
 
 def _write_final_manifest(path: Path, spec: dict[str, Any], plan: ShardPlan, teacher_name: str) -> None:

@@ -61,7 +61,14 @@ def encode_batch(
     schema: pa.Schema,
 ) -> pa.RecordBatch:
     """Run the teacher on ``batch`` (the collated ``rows``) and encode rows + signal for ``schema``."""
-    states = LabelledStates.of(teacher, rows, batch)
+    return encode_states(LabelledStates.of(teacher, rows, batch), rows, first_row, spec, schema)
+
+
+def encode_states(
+    states: LabelledStates, rows: Sequence[Mapping[str, Any]], first_row: int, spec: dict[str, Any], schema: pa.Schema
+) -> pa.RecordBatch:
+    """The record batch of ``rows`` (numbered from ``first_row``) and the signal ``spec`` makes of their
+    teacher ``states``: what the build writes, and what a ``bytes_per_token`` budget measures."""
     return _record_batch(rows, states.signal(first_row, spec), states.positions, spec, schema)
 
 

@@ -132,6 +132,13 @@ def shard_schema(spec: dict[str, Any]) -> pa.Schema:
     return pa.schema(fields)
 
 
+def signal_bytes(table: pa.Table | pa.RecordBatch, mode: str) -> int:
+    """Bytes of the teacher signal columns of ``table`` as Arrow stores them: each column's values and
+    its list offsets (4 bytes per row). The manifest's ``signal_bytes`` and a ``bytes_per_token``
+    budget both count this, so a budget is met as the manifest counts it."""
+    return sum(table.column(name).nbytes for name in SIGNAL_COLUMNS[mode])
+
+
 def row_dicts(table: pa.Table) -> list[dict[str, np.ndarray]]:
     """The rows of a table of list columns as dicts of int64 arrays (what a collator is given), split
     from each column's flat values by its offsets instead of converting row by row."""

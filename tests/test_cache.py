@@ -301,6 +301,24 @@ def test_bytes_per_token_budget_picks_the_draws(tmp_path):
     assert stored[0] == pytest.approx(12, rel=0.2) and stored[1] == pytest.approx(24, rel=0.2)
 
 
+def test_a_budget_is_met_as_the_manifest_counts_the_bytes(tmp_path):
+    """Rows of 16 labelled positions: the list offsets stored with them (4 bytes per row and signal column,
+    1.5 bytes a position) count against the budget, so the manifest's bytes per token stay within it. On
+    rows too short for even one draw to fit, the budget is refused."""
+    teacher, dataset = peaked_teacher(64), make_dataset(rows=8, seq_len=17, vocab_size=64)
+    draws = []
+    for budget in (8, 16, 30):
+        cache = TeacherCache.build(
+            teacher, dataset, tmp_path / str(budget), mode="sampled", bytes_per_token=budget, progress=False
+        )
+        draws.append(cache.manifest["draws"])
+        assert cache.bytes_per_token <= budget
+    assert draws == sorted(draws) and draws[0] < draws[-1]
+    with pytest.raises(ValueError, match=r"bytes_per_token=8: one draw already takes 1\d\.\d\d bytes"):
+        TeacherCache.build(teacher, make_dataset(rows=8, seq_len=3, vocab_size=64), tmp_path / "short",
+                           mode="sampled", bytes_per_token=8, progress=False)  # fmt: skip
+
+
 def test_a_budget_is_measured_on_the_first_labelled_positions_whatever_the_batch_size(teacher, tmp_path):
     """The draws are measured on the first rows holding BUDGET_POSITIONS labelled positions, read past rows
     with none, so every batch_size picks the same number (a rerun with another one resumes, not refused)."""
