@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+from transformers.utils import logging
 
 from hf_capgap.artifacts import ArtifactError, file_sha256, read_manifest
 from hf_capgap.cache_format import (
@@ -47,6 +48,8 @@ if TYPE_CHECKING:
     import torch
 
     from hf_capgap.losses import TeacherSignal
+
+logger = logging.get_logger(__name__)
 
 
 class CachedRows(list):
@@ -173,6 +176,7 @@ class TeacherCache:
         seed: int = 0,
         sampler: str = "systematic",
         bytes_per_token: float | None = None,
+        formatting_func: Callable[[dict], str] | None = None,
         progress: bool = True,
         overwrite: bool = False,
     ) -> TeacherCache:
@@ -182,7 +186,9 @@ class TeacherCache:
         ``dataset`` is any format ``trl.SFTTrainer`` takes; its rows are prepared by TRL with ``args``
         (the trainer's DistillationConfig / SFTConfig: max_length, packing, padding_free, loss masks;
         default: a default DistillationConfig), which needs ``tokenizer`` unless the rows are already
-        tokenized. Pass the trainer's own ``args``: the cache then holds exactly its training rows.
+        tokenized, and ``formatting_func`` (SFTTrainer's: a row -> its text). Pass the trainer's own
+        ``args`` and ``formatting_func``: the cache then holds exactly its training rows, and the
+        manifest records the data settings a trainer on the cache is held to (:meth:`check_preparation`).
         The teacher distribution is normalised over the real vocabulary (``len(tokenizer)``, else
         the teacher's ``config.vocab_size``), the one the online teacher uses.
 
@@ -223,6 +229,7 @@ class TeacherCache:
             seed=seed,
             sampler=sampler,
             bytes_per_token=bytes_per_token,
+            formatting_func=formatting_func,
             progress=progress,
             overwrite=overwrite,
         )
@@ -237,14 +244,16 @@ class TeacherCache:
         vocabulary_fingerprint: str | None = None,
         dataset_fingerprint: str | None = None,
         temperature: float | None = None,
+        args: Any = None,
         verify: bool = False,
     ) -> TeacherCache:
         """Open a cache, refusing one built from other inputs than the fingerprints given.
 
         ``dataset_fingerprint`` is ``hf_capgap.artifacts.dataset_fingerprint`` of the *prepared*
-        rows, ``vocabulary_fingerprint`` is ``hf_capgap.vocabulary.vocabulary_fingerprint``. Shards
-        are checked cheaply (present, right size, right row count); ``verify=True`` also compares
-        every shard's sha256 with the manifest. A cache of an older format is refused (rebuild it).
+        rows, ``vocabulary_fingerprint`` is ``hf_capgap.vocabulary.vocabulary_fingerprint``; ``args``
+        (the trainer's config) is held to the cache's data settings (:meth:`check_preparation`).
+        Shards are checked cheaply (present, right size, right row count); ``verify=True`` also
+        compares every shard's sha256 with the manifest. A cache of an older format is refused (rebuild it).
         """
         path = Path(path)
         if not path.is_dir():
@@ -261,8 +270,40 @@ class TeacherCache:
             },
         )
         cache = cls(path, manifest)
+        if args is not None:
+            cache.check_preparation(args)
         cache._check_shards(checksums=verify)
         return cache
+
+    def check_preparation(self, args: Any) -> None:
+        """Refuse a config (``trl.SFTConfig`` / DistillationConfig) that would prepare or collate other rows
+        than the cached ones, naming each setting: a trainer on the cache trains on its rows as they were
+        prepared, so a disagreeing ``max_length``, packing or loss mask would be silently ignored.
+
+        A cache built before the settings were recorded is checked on padding_free alone, with a
+        warning: its rows still match a ``train_dataset`` only if their fingerprints do.
+        """
+        from hf_capgap.sft_data import PREPARATION_ARGUMENTS, preparation_disagreements
+
+        recorded = {**self.manifest.get("preparation", {}), "padding_free": self.manifest["padding_free"]}
+        if "preparation" not in self.manifest:
+            logger.warning(
+                f"{self.path}: this cache predates hf_capgap's record of the data settings its rows were prepared "
+                "with, so only padding_free is checked against the config (max_length, packing and the loss masks "
+                "are not). Rebuild it with TeacherCache.build(..., args=<the trainer's config>) to have them checked."
+            )
+        found = preparation_disagreements(recorded, args)
+        if not found:
+            return
+        problems = "; ".join(f"{field}: cache {have!r}, config {want!r}" for field, have, want in found)
+        settings = ", ".join(f"{field}={have!r}" for field, have, _ in found)
+        flags = [f"--{field} {want}" for field, _, want in found if field in PREPARATION_ARGUMENTS and want is not None]
+        command = f", or hf-capgap cache build {' '.join(flags)}" if flags else ""
+        raise ArtifactError(
+            f"{self.path}: the cache's rows were prepared with other data settings than this config ({problems}); "
+            f"training on it would ignore the config's. Set {settings} in the config, or rebuild the cache with "
+            f"this config (TeacherCache.build(..., args=<this config>){command})."
+        )
 
     def verify(self) -> None:
         """Check every shard's checksum, size and row count against the manifest."""

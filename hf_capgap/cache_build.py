@@ -56,6 +56,7 @@ from hf_capgap.sft_data import (
     has_labelled_position,
     make_collator,
     prepare_dataset,
+    preparation_settings,
     rows_holding_positions,
     uses_padding_free,
 )
@@ -86,6 +87,7 @@ def build_cache(
     seed: int = 0,
     sampler: str = "systematic",
     bytes_per_token: float | None = None,
+    formatting_func: Callable[[dict], str] | None = None,
     progress: bool = True,
     overwrite: bool = False,
 ) -> None:
@@ -99,7 +101,7 @@ def build_cache(
             "bytes (one draw); top-k and dense caches have fixed sizes (4k + 4 and 2 x vocabulary bytes)."
         )
     args = args if args is not None else default_preparation_args()
-    prepared = prepare_rows(dataset, tokenizer, args)
+    prepared = prepare_rows(dataset, tokenizer, args, formatting_func)
     rows = prepared.select_columns([c for c in ROW_COLUMNS if c in prepared.column_names])
     real_vocab = _real_vocab_size(teacher, tokenizer)
     num_tokens = _check_rows(rows, real_vocab)
@@ -119,6 +121,7 @@ def build_cache(
         "real_vocab_size": real_vocab,
         "id_dtype": id_dtype(real_vocab),
         "padding_free": uses_padding_free(args),
+        "preparation": preparation_settings(dataset, prepared, args, formatting_func=formatting_func),
         "has_seq_lengths": "seq_lengths" in rows.column_names,
         "num_sequences": len(rows),
         "num_tokens": num_tokens,
@@ -142,6 +145,9 @@ def build_cache(
         spec.update(k=draws, draws=draws)
     found = _inspect_directory(path, spec, overwrite=overwrite)
     if found == "complete":
+        if state.is_main_process:
+            _record_preparation(path, spec)
+        state.wait_for_everyone()
         return
     state.wait_for_everyone()
     if state.is_main_process:
@@ -244,15 +250,19 @@ def draws_for_budget(teacher: Any, rows: list[dict[str, Any]], collator: Callabl
     return low
 
 
-def default_preparation_args() -> Any:
-    """The trainer's default settings (a DistillationConfig), for a build given no ``args``."""
+def default_preparation_args(**settings: Any) -> Any:
+    """The trainer's default settings (a DistillationConfig) with ``settings`` (its data fields), for a
+    build given no ``args``."""
     from hf_capgap.config import DistillationConfig
 
-    return DistillationConfig(report_to=[])
+    return DistillationConfig(report_to=[], **settings)
 
 
-def prepare_rows(dataset: Any, tokenizer: Any, args: Any) -> Any:
-    """The rows the trainer trains on with ``args`` (TRL's SFT preparation, as in the trainer)."""
+def prepare_rows(
+    dataset: Any, tokenizer: Any, args: Any, formatting_func: Callable[[dict], str] | None = None
+) -> Any:
+    """The rows the trainer trains on with ``args`` and ``formatting_func`` (TRL's SFT preparation, as in
+    the trainer)."""
     from datasets import Dataset
 
     if not isinstance(dataset, Dataset):
@@ -262,7 +272,7 @@ def prepare_rows(dataset: Any, tokenizer: Any, args: Any) -> Any:
         )
     if len(dataset) == 0:
         raise ValueError("dataset is empty: there is nothing to cache; check how it was loaded or filtered.")
-    prepared = prepare_dataset(dataset, tokenizer, args)
+    prepared = prepare_dataset(dataset, tokenizer, args, formatting_func=formatting_func)
     if len(prepared) == 0:
         raise ValueError("no row of the dataset has a token in the loss after preparation; check its masks.")
     return prepared
@@ -356,12 +366,25 @@ def _check_rows(rows: Any, real_vocab: int) -> int:
     return len(ids)
 
 
+RECORDED_SINCE_FORMAT_4 = ("preparation",)
+"""Spec fields a cache of the current format may lack, having been built before they were recorded."""
+
+
 def _mismatches(have: dict[str, Any], spec: dict[str, Any]) -> list[str]:
     return [
         f"{field}: on disk {have.get(field)!r}, requested {want!r}"
         for field, want in spec.items()
-        if have.get(field) != want
+        if have.get(field) != want and not (field in RECORDED_SINCE_FORMAT_4 and field not in have)
     ]
+
+
+def _record_preparation(path: Path, spec: dict[str, Any]) -> None:
+    """Add the data settings to the manifest of a matching cache built before they were recorded: its
+    rows have the fingerprint of the rows this build's settings give, so the settings describe them."""
+    manifest = json.loads((path / MANIFEST_NAME).read_text())
+    missing = {field: spec[field] for field in RECORDED_SINCE_FORMAT_4 if field not in manifest}
+    if missing:
+        atomic_write_json(path / MANIFEST_NAME, {**manifest, **missing})
 
 
 _RECORD_TEMPORARIES = (temporary_prefix(MANIFEST_NAME), temporary_prefix(SPEC_NAME))

@@ -57,16 +57,38 @@ def _first_example(dataset: Any) -> Mapping[str, Any]:
         raise DatasetFormatError("the dataset is empty: there is nothing to train on or cache.") from None
 
 
-def check_dataset(dataset: Any, processing_class: Any, args: Any) -> str:
+def _columns(dataset: Any, formatting_func: Callable[[dict], str] | None) -> list[str]:
+    """The dataset's columns as TRL's preparation sees them: a ``formatting_func`` adds ``text``."""
+    from trl.data_utils import get_dataset_column_names
+
+    columns = list(get_dataset_column_names(dataset))
+    return columns + ["text"] if formatting_func is not None and "text" not in columns else columns
+
+
+def _is_chat(example: Mapping[str, Any]) -> bool:
+    from trl.data_utils import is_conversational
+
+    return is_conversational(example) or "conversations" in example
+
+
+def check_dataset(
+    dataset: Any, processing_class: Any, args: Any, *, formatting_func: Callable[[dict], str] | None = None
+) -> str:
     """Fail fast, before any model runs, on a dataset TRL would only reject deep inside ``map``.
 
-    Returns the dataset's format (see :func:`dataset_format`).
+    Returns the dataset's format (see :func:`dataset_format`); a ``formatting_func`` makes untokenized
+    rows language modeling text, as in TRL.
     """
     from trl.chat_template_utils import get_training_chat_template, has_generation_markers
-    from trl.data_utils import get_dataset_column_names, is_conversational
 
-    kind = dataset_format(get_dataset_column_names(dataset), args)
+    kind = dataset_format(_columns(dataset, formatting_func), args)
     example = _first_example(dataset)
+    if formatting_func is not None and completion_only(args, "prompt" in example and "completion" in example):
+        raise DatasetFormatError(
+            "completion-only loss (completion_only_loss=True, or None on prompt-completion rows) with a "
+            "formatting_func: the function turns every row into plain text, so there is no completion to mask "
+            "(TRL refuses the pair too). Format the rows before, or set completion_only_loss=False."
+        )
     if kind == "tokenized":
         return kind
     if processing_class is None:
@@ -74,7 +96,7 @@ def check_dataset(dataset: Any, processing_class: Any, args: Any) -> str:
             f"the dataset is {kind.replace('_', ' ')} text, which needs a tokenizer: pass processing_class=<the "
             "student's tokenizer> (the teacher's tokenizer, for a pruned student)."
         )
-    conversational = is_conversational(example) or "conversations" in example
+    conversational = _is_chat(example)
     if conversational:
         require_chat_template(processing_class)
     if args.assistant_only_loss:
@@ -111,6 +133,12 @@ def require_chat_template(tokenizer: Any) -> Any:
     return template
 
 
+def completion_only(args: Any, prompt_completion: bool) -> bool:
+    """Whether the loss skips prompts, as SFTTrainer decides: ``completion_only_loss``, or when None,
+    whether the rows are prompt-completion."""
+    return prompt_completion if args.completion_only_loss is None else bool(args.completion_only_loss)
+
+
 @dataclass
 class _PreparationState:
     """The three attributes TRL's ``SFTTrainer._prepare_dataset`` reads from its trainer."""
@@ -124,11 +152,7 @@ def _preparation_state(example: Mapping[str, Any], processing_class: Any, args: 
     """The same decisions ``SFTTrainer.__init__`` makes before it prepares a dataset."""
     from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
-    completion_only_loss = (
-        ("prompt" in example and "completion" in example)
-        if args.completion_only_loss is None
-        else args.completion_only_loss
-    )
+    completion_only_loss = completion_only(args, "prompt" in example and "completion" in example)
     chat_template = None
     if args.assistant_only_loss and not has_generation_markers(processing_class.chat_template):
         chat_template = get_training_chat_template(processing_class)
@@ -151,13 +175,94 @@ def prepare_dataset(
     """
     from trl import SFTTrainer
 
-    check_dataset(dataset, processing_class, args)
+    check_dataset(dataset, processing_class, args, formatting_func=formatting_func)
     if args.eos_token is not None and processing_class is not None:
         processing_class.eos_token = args.eos_token  # as SFTTrainer does before preparing
     state = _preparation_state(_first_example(dataset), processing_class, args)
     return SFTTrainer._prepare_dataset(
         state, dataset, processing_class, args, args.packing, formatting_func, dataset_name
     )
+
+
+PREPARATION_ARGUMENTS = (
+    "max_length",
+    "truncation_mode",
+    "packing",
+    "packing_strategy",
+    "padding_free",
+    "completion_only_loss",
+    "assistant_only_loss",
+    "dataset_text_field",
+    "eos_token",
+)
+"""The SFTConfig fields that shape the prepared rows and their collation (with ``shuffle_dataset`` and
+its ``seed``); ``hf-capgap cache build`` takes them as flags."""
+_FACTS = ("dataset_format", "longest_row")
+"""Entries of a preparation record that describe the rows rather than a setting."""
+
+
+def _setting(args: Any, field: str, kind: str) -> Any:
+    """The value of one preparation setting of ``args`` as it acts on rows of format ``kind``."""
+    if field == "padding_free":
+        return uses_padding_free(args)
+    if field == "completion_only_loss":
+        return completion_only(args, kind == "prompt_completion")
+    value = getattr(args, field)
+    return bool(value) if field in ("packing", "assistant_only_loss", "shuffle_dataset") else value
+
+
+def preparation_settings(
+    dataset: Any, prepared: Any, args: Any, *, formatting_func: Callable[[dict], str] | None = None
+) -> dict[str, Any]:
+    """What the rows ``prepared`` from ``dataset`` with ``args`` depend on: the rows' format, their
+    longest row, and each setting the format reads (padding_free aside, a collation setting).
+
+    Settings the format never reads are left out (``dataset_text_field`` of chat rows, the assistant
+    mask of tokenized rows, truncation when no row reached ``max_length`` ...), so a config that
+    differs only there is not told it disagrees.
+    """
+    import pyarrow.compute as pc
+
+    columns = _columns(dataset, formatting_func)
+    kind = dataset_format(columns, args)
+    longest = pc.max(pc.list_value_length(prepared.with_format("arrow")[:][TOKENIZED_COLUMN])).as_py()
+    fields = ["max_length", "packing", "shuffle_dataset"]
+    if args.packing:
+        fields.append("packing_strategy")
+    elif args.max_length is not None and longest >= args.max_length:
+        fields.append("truncation_mode")  # some rows may have been cut
+    if args.shuffle_dataset:
+        fields.append("seed")
+    if kind == "prompt_completion" or ("completion_mask" in columns and "labels" not in columns):
+        fields.append("completion_only_loss")
+    if kind != "tokenized":
+        fields.append("assistant_only_loss")
+        if not _is_chat(_first_example(dataset)):
+            fields.append("eos_token")  # appended to plain text only
+    if kind == "language_modeling":
+        fields.append("dataset_text_field")
+    return {"dataset_format": kind, "longest_row": longest, **{field: _setting(args, field, kind) for field in fields}}
+
+
+def preparation_disagreements(recorded: Mapping[str, Any], args: Any) -> list[tuple[str, Any, Any]]:
+    """(field, recorded value, value in ``args``) for each setting under which ``args`` would give
+    other rows than those :func:`preparation_settings` recorded.
+
+    Unpacked rows none of which reached either ``max_length`` were never cut, so both give them.
+    """
+    kind = recorded.get("dataset_format")
+    found = []
+    for field, have in recorded.items():
+        if field in _FACTS:
+            continue
+        want = _setting(args, field, kind)
+        uncut = (
+            field == "max_length" and not recorded["packing"] and None not in (have, want)
+            and recorded["longest_row"] < have and recorded["longest_row"] <= want
+        )  # fmt: skip
+        if want != have and not uncut:
+            found.append((field, have, want))
+    return found
 
 
 def make_collator(processing_class: Any, args: Any = None) -> Any:

@@ -221,10 +221,10 @@ class DistillationTrainer(SFTTrainer):
 
     @staticmethod
     def _open_cache(args: DistillationConfig) -> Any:
-        """The cache, refused unless it was built at this temperature (its vocabulary is checked below)."""
+        """The cache, refused unless built at this temperature and data settings (its vocabulary is checked below)."""
         from hf_capgap.cache import TeacherCache
 
-        return TeacherCache.load(args.teacher_cache, temperature=args.temperature)
+        return TeacherCache.load(args.teacher_cache, temperature=args.temperature, args=args)
 
     def _use_cache_rows(self) -> None:
         """Train on the cache's rows (inputs + teacher signal), after checking they are the prepared

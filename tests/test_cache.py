@@ -748,6 +748,51 @@ def test_cli_builds_describes_and_verifies(teacher, dataset, plain_args, tmp_pat
     assert TeacherCache.load(sampled).manifest["sampler"] == "multinomial"
 
 
+def test_cli_builds_with_the_trainers_data_settings_which_the_manifest_records(teacher, dataset, tmp_path):
+    """``cache build --max_length 12``: rows cut at 12 tokens, and a trainer config must say the same."""
+    from hf_capgap.cli import main
+
+    teacher.save_pretrained(tmp_path / "teacher")
+    dataset.save_to_disk(tmp_path / "data")
+    out = tmp_path / "cache"
+    build = ["cache", "build", str(tmp_path / "teacher"), "--dataset", str(tmp_path / "data"), "--out", str(out)]
+    assert main([*build, "--k", "4", "--max_length", "12"]) == 0
+    cache = TeacherCache.load(out, args=config(max_length=12))
+    assert {len(row) for row in cache.dataset["input_ids"]} == {12}
+    assert cache.manifest["preparation"] == {
+        "dataset_format": "tokenized", "longest_row": 12, "max_length": 12, "packing": False, "shuffle_dataset": False,
+        "truncation_mode": "keep_start",
+    }  # fmt: skip
+    with pytest.raises(ArtifactError, match=r"max_length: cache 12, config 16\).*--max_length 16"):
+        TeacherCache.load(out, args=config(max_length=16))
+    with pytest.raises(ArtifactError, match="packing: cache False, config True"):
+        cache.check_preparation(config(max_length=12, packing=True))
+
+
+def test_a_cache_built_before_its_data_settings_were_recorded(teacher, dataset, tmp_path):
+    """Such a cache still loads; a config is checked on padding_free (recorded since format 4) with a
+    warning that the rest is not, and a build with matching settings adds them to its manifest."""
+    from transformers.testing_utils import CaptureLogger
+
+    import hf_capgap.cache
+
+    path = tmp_path / "c"
+    built = TeacherCache.build(teacher, dataset, path, k=4, progress=False)
+    manifest = {name: value for name, value in built.manifest.items() if name != "preparation"}
+    (path / "capgap_manifest.json").write_text(json.dumps(manifest))
+    with CaptureLogger(hf_capgap.cache.logger) as captured:
+        TeacherCache.load(path, args=config(max_length=4))
+    assert "predates" in captured.out and "only padding_free is checked" in captured.out
+    with pytest.raises(ArtifactError, match="padding_free: cache False, config True"):
+        TeacherCache.load(path, args=config(padding_free=True))
+    calls, handle = count_forwards(teacher)
+    try:
+        again = TeacherCache.build(teacher, dataset, path, k=4, progress=False)
+    finally:
+        handle.remove()
+    assert calls == [] and again.manifest["preparation"] == built.manifest["preparation"]
+
+
 def test_build_refuses_foreign_files_and_unrecorded_shards(teacher, dataset, tmp_path):
     foreign = tmp_path / "foreign"
     foreign.mkdir()

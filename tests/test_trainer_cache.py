@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -167,3 +169,58 @@ def test_a_chat_cache_trains_without_its_dataset_and_refuses_a_same_size_other_v
             model=tiny_qwen2(1008, seed=5), args=args(tmp_path, teacher_cache=str(path)),
             processing_class=chat_tokenizer(swap=(7, 8)),
         )
+
+
+def test_a_cache_refuses_a_config_with_other_data_settings_and_trains_on_matching_ones(
+    tmp_path, chats, tokenizer, teacher
+):
+    """The cache's rows were prepared at max_length=40 with assistant-only labels. A trainer whose config
+    would prepare other rows is refused before any preparation, naming the setting, with or without
+    train_dataset; a matching config trains, and so does a longer max_length, since no row reached 40."""
+    path = tmp_path / "cache"
+    TeacherCache.build(teacher, chats, path, tokenizer=tokenizer, args=args(tmp_path, max_length=40),
+                       temperature=TEMPERATURE, k=4, progress=False)  # fmt: skip
+
+    def trainer(train_dataset=None, **overrides):
+        config = args(tmp_path, teacher_cache=str(path), **{"max_length": 40, **overrides})
+        return DistillationTrainer(
+            model=tiny_qwen2(1008, seed=5), args=config, train_dataset=train_dataset, processing_class=tokenizer
+        )
+
+    for overrides, named in (
+        ({"max_length": 16}, "max_length: cache 40, config 16"),
+        ({"packing": True}, "packing: cache False, config True"),
+        ({"assistant_only_loss": False}, "assistant_only_loss: cache True, config False"),
+    ):
+        for train_dataset in (None, chats):
+            with pytest.raises(ArtifactError, match=re.escape(named)):
+                trainer(train_dataset, **overrides)
+    for matching in (trainer(), trainer(chats, max_length=64)):
+        matching.train()
+        assert matching.state.global_step == 2
+
+
+def test_a_cache_built_with_the_trainers_formatting_func_trains_with_it(tmp_path, tokenizer, teacher):
+    """SFTTrainer's formatting_func makes each row's text: a cache built with it holds the trainer's rows;
+    one built without it holds others, which the dataset fingerprint refuses."""
+    texts = Dataset.from_dict({"text": ["the cat sat on the mat .", "a bird sang .", "the dog ran to the tree ."] * 4})
+
+    def formatting_func(row):
+        return f"{row['text']} {row['text']}"
+
+    settings = {"assistant_only_loss": False}
+    path = tmp_path / "cache"
+    TeacherCache.build(teacher, texts, path, tokenizer=tokenizer, args=args(tmp_path, **settings),
+                       formatting_func=formatting_func, temperature=TEMPERATURE, k=4, progress=False)  # fmt: skip
+
+    def trainer(formatting_func):
+        return DistillationTrainer(
+            model=tiny_qwen2(1008, seed=5), args=args(tmp_path, teacher_cache=str(path), **settings),
+            train_dataset=texts, processing_class=tokenizer, formatting_func=formatting_func,
+        )  # fmt: skip
+
+    trained = trainer(formatting_func)
+    trained.train()
+    assert trained.state.global_step == 2
+    with pytest.raises(ArtifactError, match="dataset fingerprint"):
+        trainer(None)

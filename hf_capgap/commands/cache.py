@@ -3,14 +3,33 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+
+class _DeferredArgumentsParser(argparse.ArgumentParser):
+    """A parser that adds part of its arguments only once it parses (or prints its help): ``cache build``
+    takes trl.SFTConfig's data flags, whose import (trl, torch) would slow the start of every command."""
+
+    def __init__(self, *args: Any, deferred: Callable[[argparse.ArgumentParser], None] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._deferred = deferred
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        if self._deferred is not None:
+            deferred, self._deferred = self._deferred, None
+            deferred(self)
+        return super().parse_known_args(args, namespace)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("cache", help="build, verify or describe a teacher cache")
-    actions = parser.add_subparsers(dest="cache_command", required=True)
+    actions = parser.add_subparsers(dest="cache_command", required=True, parser_class=_DeferredArgumentsParser)
 
-    build = actions.add_parser("build", help="run a teacher over a packed dataset and store its log-probs")
+    build = actions.add_parser(
+        "build", help="run a teacher over a dataset and store its signal", deferred=_add_preparation_arguments
+    )
     build.add_argument(
         "teacher", help="folder of the teacher (save_pretrained of a causal LM, with its tokenizer)"
     )
@@ -68,6 +87,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     info.set_defaults(handler=_info)
 
 
+def _add_preparation_arguments(parser: argparse.ArgumentParser) -> None:
+    """The trainer's data settings, as trl.SFTConfig declares them (HfArgumentParser's flags)."""
+    import dataclasses
+
+    from transformers import HfArgumentParser
+
+    from hf_capgap.config import DistillationConfig
+    from hf_capgap.sft_data import PREPARATION_ARGUMENTS
+
+    group = parser.add_argument_group(
+        "data preparation",
+        "trl.SFTConfig fields that shape the cached rows: give the trainer's values (a trainer whose config "
+        "disagrees is refused)",
+    )
+    fields = {field.name: field for field in dataclasses.fields(DistillationConfig)}
+    for name in PREPARATION_ARGUMENTS:
+        HfArgumentParser._parse_dataclass_field(group, fields[name])
+
+
 def _load_dataset(args: argparse.Namespace, tokenizer: object) -> object:
     import datasets
 
@@ -100,8 +138,11 @@ def _build(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from hf_capgap.cache import TeacherCache
+    from hf_capgap.cache_build import default_preparation_args
+    from hf_capgap.sft_data import PREPARATION_ARGUMENTS
     from hf_capgap.teacher_loading import load_frozen_teacher
 
+    preparation = default_preparation_args(**{name: getattr(args, name) for name in PREPARATION_ARGUMENTS})
     has_tokenizer = any(
         (teacher_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")
     )
@@ -118,6 +159,7 @@ def _build(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         shard_tokens=args.shard_tokens,
         tokenizer=tokenizer,
+        args=preparation,
         dtype=args.dtype,
         seed=args.seed,
         sampler=args.sampler,
@@ -156,6 +198,8 @@ def _info(args: argparse.Namespace) -> int:
         ("bytes/token", f"{cache.bytes_per_token:.1f}"),
         ("teacher", f"{m['teacher_name'] or '(unnamed)'} {m['teacher_dtype']} {m['teacher_fingerprint']}"),
         ("dataset", m["dataset_fingerprint"]),
+        ("prepared with", ", ".join(f"{name}={value}" for name, value in m["preparation"].items())
+                          if "preparation" in m else "(not recorded: built by an older hf_capgap)"),
     ]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
