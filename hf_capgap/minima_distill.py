@@ -56,12 +56,11 @@ def _finished(path: Path, inputs: Mapping[str, Any]) -> bool:
 
 
 def _train_resumably(trainer: Any, checkpoints: Path, final: Path, tokenizer: Any, fields: Mapping[str, Any]) -> None:
-    """Train from the last checkpoint in ``checkpoints``, then publish the model at ``final`` in one rename."""
-    from transformers.trainer_utils import get_last_checkpoint
-
+    """Train from the last complete checkpoint in ``checkpoints``, then publish the model at ``final`` in one rename."""
     from hf_capgap.artifacts import write_manifest
+    from hf_capgap.pretraining import last_complete_checkpoint
 
-    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    last = last_complete_checkpoint(checkpoints)
     trainer.train(resume_from_checkpoint=last)
     resumed_from = int(last.rsplit("-", 1)[1]) if last else None
     staging = final.with_name(f".{final.name}.partial")

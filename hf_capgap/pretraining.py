@@ -31,7 +31,9 @@ from transformers import (
     TrainerCallback,
     TrainingArguments,
 )
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import sort_checkpoints
+from transformers.utils import logging
 
 from hf_capgap.artifacts import (
     ArtifactError,
@@ -53,9 +55,26 @@ from hf_capgap.ladder import (
 from hf_capgap.processes import process_state, use_cpu
 from hf_capgap.sft_data import make_collator
 
+logger = logging.get_logger(__name__)
+
 TEACHER_KIND = "teacher"
 TEACHER_FORMAT_VERSION = 1
 WORK_DIR_NAME = ".work"
+
+
+def last_complete_checkpoint(folder: str | os.PathLike) -> str | None:
+    """The newest ``checkpoint-N`` in ``folder`` that the Trainer finished writing, or None (start afresh).
+
+    The Trainer writes a checkpoint's files one by one and ``trainer_state.json`` last, so a kill during a
+    save leaves a newer folder without it, from which every resume would fail; such folders are skipped,
+    with a warning naming them.
+    """
+    for checkpoint in reversed(sort_checkpoints(str(folder))):
+        if Path(checkpoint, TRAINER_STATE_NAME).is_file():
+            return checkpoint
+        logger.warning(f"skipping {checkpoint}: it has no {TRAINER_STATE_NAME} (its write was cut off); resuming "
+                       "from the newest complete checkpoint before it.")
+    return None
 
 
 def _help(text: str) -> dict[str, Any]:
@@ -200,7 +219,7 @@ def pretrain(
         processing_class=tokenizer,
         callbacks=list(callbacks),
     )
-    checkpoint = get_last_checkpoint(str(work_dir)) if work_dir.is_dir() else None
+    checkpoint = last_complete_checkpoint(work_dir)
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=checkpoint)
     wall_seconds = time.perf_counter() - started

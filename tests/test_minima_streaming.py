@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -94,3 +95,60 @@ def test_two_process_stream_with_no_training_row_fails_on_every_rank_with_the_ca
     result = launch_two_processes(tmp_path / "run", recipe_values(tmp_path, models, dataset))
     assert result.returncode != 0
     assert "no training row" in result.stderr and "eval_rows" in result.stderr, result.stderr[-4000:]
+
+
+def stages(values: dict):
+    """Config, plan, data, teacher and its identity, as run_minima prepares them (one process)."""
+    from hf_capgap import minima_data, minima_teacher
+    from hf_capgap.minima import build_config, make_plan
+
+    config = build_config(values)
+    plan = make_plan(config)
+    location = minima_teacher.teacher_location(config, plan)
+    data = minima_data.prepare_data(config, plan, minima_teacher.load_tokenizer(config, location))
+    teacher = minima_teacher.load_teacher(config, plan, location)
+    return config, plan, data, teacher, minima_teacher.teacher_identity(plan, location, teacher)
+
+
+def distil_killed_at_step(monkeypatch, step: int, run) -> None:
+    """Run ``run`` with a DistillationTrainer that raises KeyboardInterrupt once it saved checkpoint-``step``."""
+    from transformers import TrainerCallback
+
+    from hf_capgap.trainer import DistillationTrainer
+
+    class KillAfterSave(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                raise KeyboardInterrupt
+
+    original = DistillationTrainer.__init__
+    with monkeypatch.context() as patch:
+        patch.setattr(DistillationTrainer, "__init__",
+                      lambda self, *a, **kw: original(self, *a, **kw, callbacks=[KillAfterSave()]))
+        with pytest.raises(KeyboardInterrupt):
+            run()
+
+
+def test_a_torn_last_checkpoint_is_skipped_on_resume(tmp_path, models, monkeypatch):
+    """Killed while checkpoint-2 was written (its weights saved, trainer_state.json not yet): the rerun
+    resumes from checkpoint-1, says it skipped checkpoint-2, and finishes."""
+    from transformers.testing_utils import CaptureLogger
+
+    from hf_capgap import minima_distill, pretraining
+
+    dataset = write_documents(tmp_path / "data", [40])
+    values = recipe_values(tmp_path, models, dataset, streaming=False, train_tokens=3 * 2 * 16, save_steps=1)
+    config, plan, data, teacher, teacher_id = stages(values)
+    student = Path(config.student_init)
+    distil = lambda: minima_distill.distill_stage(config, plan, teacher, student, data, teacher_id)  # noqa: E731
+    distil_killed_at_step(monkeypatch, 1, distil)
+    (complete,) = config.work_dir.glob("distill-*/checkpoint-1")
+    torn = complete.with_name("checkpoint-2")  # the kill came after its weights, before trainer_state.json
+    torn.mkdir()
+    shutil.copy(complete / "model.safetensors", torn)
+
+    with CaptureLogger(pretraining.logger) as captured:
+        final = distil()
+    manifest = json.loads((final / "capgap_manifest.json").read_text())
+    assert (manifest["steps"], manifest["resumed_from_step"]) == (3, 1)
+    assert f"skipping {torn}" in captured.out
