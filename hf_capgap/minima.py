@@ -101,6 +101,7 @@ def _run_stages(config: MinimaConfig, plan: Plan) -> dict[str, Any] | None:
         steps = steps_for(config, plan)
         results = {"run_name": config.run_name, "teacher": Path(plan.teacher).name if plan.teacher_kind == "local"
                    else plan.teacher, "choice": plan.choice, "train_tokens": steps * tokens_per_step(config, plan),
+                   "distinct_train_tokens": minima_distill.distinct_train_tokens(folders["distilled"]),
                    "steps": steps, "eval_rows": len(data.eval), "kept_fraction": kept_fraction,
                    "eval": {key: scores.get(key) for key in ("teacher", "pruned", "distilled", "scratch")},
                    "settings": config.result_settings()}
