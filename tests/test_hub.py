@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import traceback
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from hf_capgap.hub import (
     PLOT_NAME,
     HubUploadError,
     StudentCardInfo,
+    is_pickle_file,
     law_position,
     push_student,
     render_model_card,
@@ -101,6 +103,10 @@ def hub(monkeypatch, tmp_path):
     server = FakeHub(max_requests=100, lifetime_s=60).start()
     monkeypatch.setattr(constants, "ENDPOINT", server.url)
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-login" / "token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-login" / "stored_tokens"))
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(name, raising=False)
     yield server
     server.stop()
 
@@ -306,3 +312,67 @@ def test_cli_card_and_push(hub, exported_student, tmp_path, monkeypatch, capsys)
     assert hub.files("tester/cli-student") == folder_bytes(folder)
     assert hub.requests[0].authorization == f"Bearer {TOKEN}"
     assert TOKEN not in capsys.readouterr().out
+
+
+def copy_student(exported_student: Path, folder: Path) -> Path:
+    folder.mkdir()
+    for name, data in folder_bytes(exported_student).items():
+        (folder / name).write_bytes(data)
+    return folder
+
+
+def test_push_skips_pickles_under_any_name_by_their_content(hub, exported_student, tmp_path, caplog):
+    folder = copy_student(exported_student, tmp_path / "renamed-pickles")
+    other = "hf_OTHERtoken_abcdef0123456789"
+    torch.save({"hub_token": other}, folder / "training_args.BIN")
+    torch.save({"x": 1}, folder / "optimizer.PT")
+    torch.save({"x": 1}, folder / "checkpoint.pth.tar")
+    torch.save({"x": 1}, folder / "rng_state")
+    np.save(folder / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    np.save(folder / "plain.npy", np.arange(4.0))
+    np.savez(folder / "objects.npz", a=np.array([{"a": 1}], dtype=object))
+    (folder / "pytorch_model_fsdp_0").mkdir()
+    (folder / "pytorch_model_fsdp_0" / ".metadata").write_bytes(pickle.dumps({"md": 1}, protocol=4))
+    pickles = {
+        "training_args.BIN", "optimizer.PT", "checkpoint.pth.tar", "rng_state", "obj.npy", "objects.npz",
+        "pytorch_model_fsdp_0/.metadata",
+    }
+    assert all(is_pickle_file(folder / name) for name in pickles - {"training_args.BIN", "optimizer.PT"})
+    assert not any(is_pickle_file(folder / name) for name in ("plain.npy", "model.safetensors", "config.json"))
+
+    push_student(folder, REPO, token=TOKEN, endpoint=hub.url)
+    uploaded = hub.files(REPO)
+    assert not pickles & set(uploaded)
+    assert {"plain.npy", "model.safetensors", "README.md"} <= set(uploaded)
+    assert all(other.encode() not in data for data in uploaded.values())
+    warned = " ".join(record.getMessage() for record in caplog.records)
+    assert all(name in warned for name in pickles)
+
+
+def test_push_refuses_a_file_holding_any_token_of_this_machine(hub, exported_student, tmp_path, monkeypatch):
+    env_token, saved_token = "hf_ENVtoken_9876543210fedcba", "hf_SAVEDtoken_55554444333322"
+    (tmp_path / "no-login").mkdir()
+    Path(constants.HF_STORED_TOKENS_PATH).write_text(f"[work]\nhf_token = {saved_token}\n")
+    monkeypatch.setenv("HF_TOKEN", env_token + "\n")
+    for source, leaked in (("env", env_token), ("saved", saved_token)):
+        folder = copy_student(exported_student, tmp_path / source)
+        (folder / "train_env.txt").write_text(f"token={leaked}\n")
+        with pytest.raises(ValueError, match="train_env.txt") as caught:
+            push_student(folder, REPO, token=TOKEN, endpoint=hub.url)
+        assert leaked not in str(caught.value) and TOKEN not in str(caught.value)
+    assert hub.requests == []
+
+
+def test_cli_push_with_a_newline_after_hf_token_sends_it_stripped_and_never_prints_it(
+    hub, exported_student, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(huggingface_hub.utils._http, "time", type("NoSleep", (), {"sleep": staticmethod(lambda s: None)}))
+    folder = copy_student(exported_student, tmp_path / "cli-newline")
+    monkeypatch.setenv("HF_TOKEN", TOKEN + "\n")
+    assert cli.main(["push", str(folder), REPO, "--endpoint", hub.url]) == 0
+    assert {request.authorization for request in hub.requests} == {f"Bearer {TOKEN}"}
+    hub.fail("commit", 500)
+    assert cli.main(["push", str(folder), REPO, "--endpoint", hub.url, "--token", f" {TOKEN}\n"]) == 1
+    captured = capsys.readouterr()
+    assert "Retry with" in captured.err
+    assert TOKEN not in captured.out + captured.err
