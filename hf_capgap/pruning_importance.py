@@ -18,6 +18,7 @@ Scoring only reads the weights: parameters are frozen for the backward passes an
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -49,13 +50,31 @@ class ImportanceScores:
     calibration_tokens: int = 0
 
 
+def padded_labels(labels: Tensor, attention_mask: Tensor) -> Tensor:
+    """``labels`` with -100 wherever the target or the position predicting it is padding.
+
+    Hugging Face causal LMs shift internally (the label at ``t`` is predicted from ``t - 1``), so with
+    left padding the first real token would otherwise be a target predicted from a pad position.
+    """
+    pad = attention_mask == 0
+    labels = labels.masked_fill(pad, -100)
+    labels[:, 1:] = labels[:, 1:].masked_fill(pad[:, :-1], -100)
+    return labels
+
+
+def padded_position_ids(attention_mask: Tensor) -> Tensor:
+    """Positions counted from each row's first real token (0 on left padding), as in generation."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def taylor_importance(
     model: torch.nn.Module, calibration: Iterable[Mapping[str, Tensor]], *, checkpoint_layers: bool = False
 ) -> ImportanceScores:
     """Average ``|grad x mask|`` of the LM loss over ``calibration`` batches (``input_ids`` [+ labels]).
 
-    Positions where a batch's ``attention_mask`` is 0 (padding) are left out of the loss (label -100),
-    so padded calibration scores the same as the unpadded rows.
+    With an ``attention_mask``, padding on either side scores the same as the unpadded rows: a position
+    is a target only if it and the position predicting it are real tokens (:func:`padded_labels`), and
+    models that take ``position_ids`` get each row's positions counted from its first real token.
 
     ``checkpoint_layers`` keeps only each layer's input for the backward pass and recomputes the rest
     (mask hooks included), so scoring memory stays near one layer's activations.
@@ -98,6 +117,7 @@ def taylor_importance(
         ]
     totals = {name: torch.zeros(mask.shape, dtype=torch.float32, device=device) for name, mask in masks.items()}
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    accepts_position_ids = "position_ids" in inspect.signature(model.forward).parameters
     was_training = model.training
     batches = tokens = 0
     try:
@@ -109,15 +129,14 @@ def taylor_importance(
             input_ids = _checked_input_ids(batch, config.vocab_size)
             labels = torch.as_tensor(batch.get("labels", input_ids))
             attention_mask = batch.get("attention_mask")
+            extra = {}
             if attention_mask is not None:  # padding must not enter the loss, or it enters the scores
                 attention_mask = torch.as_tensor(attention_mask)
-                labels = labels.masked_fill(attention_mask == 0, -100)
-            loss = model(
-                input_ids=input_ids.to(device),
-                attention_mask=None if attention_mask is None else attention_mask.to(device),
-                labels=labels.to(device),
-                use_cache=False,
-            ).loss
+                labels = padded_labels(labels, attention_mask)
+                extra = {"attention_mask": attention_mask.to(device)}
+                if accepts_position_ids:
+                    extra["position_ids"] = padded_position_ids(attention_mask).to(device)
+            loss = model(input_ids=input_ids.to(device), labels=labels.to(device), use_cache=False, **extra).loss
             grads = torch.autograd.grad(loss, list(masks.values()))
             for (name, mask), grad in zip(masks.items(), grads):
                 totals[name] += (grad * mask.detach()).abs().float()

@@ -172,13 +172,18 @@ def test_checkpointed_taylor_scores_equal_the_plain_ones(config):
     assert all("forward" not in vars(layer) for layer in teacher.modules())  # the wrapping is undone
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("config", [llama_config, gpt2_config], ids=["llama", "gpt2_learned_positions"])
-def test_padded_and_masked_calibration_scores_and_prunes_like_the_unpadded_rows(config):
+def test_padded_and_masked_calibration_scores_and_prunes_like_the_unpadded_rows(config, side):
     teacher = build(config())
     rows = [torch.randint(2, VOCAB, (2, 10)) for _ in range(2)]
+
+    def pad(real: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+        return torch.cat([real, fill] if side == "right" else [fill, real], dim=1)
+
+    pads = torch.zeros(2, 4, dtype=torch.long)
     padded = [
-        {"input_ids": torch.cat([ids, torch.zeros(2, 4, dtype=torch.long)], dim=1),
-         "attention_mask": torch.cat([torch.ones(2, 10, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long)], dim=1)}
+        {"input_ids": pad(ids, pads), "attention_mask": pad(torch.ones(2, 10, dtype=torch.long), pads)}
         for ids in rows
     ]
     unpadded = [{"input_ids": ids} for ids in rows]
