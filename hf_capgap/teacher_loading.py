@@ -37,23 +37,48 @@ def resolve_teacher_dtype(teacher_dtype: str, device: torch.device) -> torch.dty
     return getattr(torch, teacher_dtype)
 
 
+def _state_dtypes(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """The dtype ``from_pretrained(dtype=dtype)`` gives each floating tensor of the state dict.
+
+    Loading casts every checkpoint tensor (parameters and persistent buffers) to ``dtype``, except the
+    modules a model keeps in float32 (``_keep_in_fp32_modules(_strict)``, matched as transformers
+    matches them). Non-persistent buffers (RoPE's ``inv_freq``) are not in the checkpoint and stay as
+    the model computed them, in float32: rounding them to bf16 shifts the rotary phases of far positions.
+    """
+    from transformers import PreTrainedModel
+    from transformers.core_model_loading import build_glob_alternation
+
+    plan = model._get_dtype_plan(dtype) if isinstance(model, PreTrainedModel) else {}
+    keep = build_glob_alternation(list(plan))[0] if plan else None
+    return {
+        name: torch.float32 if keep is not None and keep.search(name) else dtype
+        for name, tensor in model.state_dict(keep_vars=True).items()
+        if tensor.is_floating_point()
+    }
+
+
 def teacher_in_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """``model`` with its floating-point weights in ``dtype``: itself when they already are, else a copy.
+    """``model`` with its weights in ``dtype`` as ``from_pretrained(dtype=dtype)`` would load them: itself
+    when they already are (a teacher loaded in ``dtype`` is not copied), else a copy.
 
     ``Module.to`` converts in place, which would change the dtype of a model the caller passed in and
-    still uses. The copy is assembled from converted tensors (deepcopy's memo, tied weights stay tied),
-    so the peak is the original plus the converted weights, never two originals.
+    still uses, and would also round the non-persistent float32 buffers, which loading keeps. The copy is
+    assembled from converted tensors (deepcopy's memo, tied weights stay tied), so the peak is the
+    original plus the converted weights, never two originals.
     """
-    floating = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
-    if all(t.dtype == dtype for t in floating):
+    targets = _state_dtypes(model, dtype)
+    state = model.state_dict(keep_vars=True)
+    if all(state[name].dtype == want for name, want in targets.items()):
         return model
     memo: dict[int, Any] = {}
-    for param in model.parameters():
-        if param.is_floating_point():
-            memo[id(param)] = nn.Parameter(param.detach().to(dtype), requires_grad=param.requires_grad)
-    for buffer in model.buffers():
-        if buffer.is_floating_point():
-            memo[id(buffer)] = buffer.detach().to(dtype)
+    for name, want in targets.items():
+        tensor = state[name]
+        if id(tensor) in memo:  # tied: one converted tensor for every name
+            continue
+        converted = tensor.detach().to(want)
+        if isinstance(tensor, nn.Parameter):
+            converted = nn.Parameter(converted, requires_grad=tensor.requires_grad)
+        memo[id(tensor)] = converted
     return copy.deepcopy(model, memo)
 
 

@@ -56,3 +56,56 @@ def test_teacher_in_dtype_converts_a_copy_and_keeps_ties():
     assert {p.dtype for p in converted.parameters()} == {torch.bfloat16}
     assert converted.lm_head.weight is converted.model.embed_tokens.weight
     torch.testing.assert_close(converted.lm_head.weight, model.lm_head.weight.to(torch.bfloat16), rtol=0, atol=0)
+
+
+def test_teacher_in_dtype_matches_from_pretrained_and_keeps_rope_buffers_float32(tmp_path):
+    """A teacher loaded in bf16 is returned as is; an fp32 one is converted as loading in bf16 converts
+    it: parameters in bf16, the non-persistent RoPE ``inv_freq`` left in float32 (rounded to bf16, the
+    rotary phase of position 1000 is off by up to ~0.4 in cos)."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_capgap.teacher_loading import teacher_in_dtype
+
+    torch.manual_seed(0)
+    model = tiny_llama(hidden=64, heads=2, kv_heads=2)
+    model.save_pretrained(tmp_path / "teacher")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "teacher", dtype=torch.bfloat16)
+    assert teacher_in_dtype(loaded, torch.bfloat16) is loaded
+    frozen = load_frozen_teacher(tmp_path / "teacher", teacher_dtype="bfloat16", device="cpu")
+    assert teacher_in_dtype(frozen, torch.bfloat16) is frozen
+
+    converted = teacher_in_dtype(model, torch.bfloat16)
+    assert converted is not model
+    assert {n: t.dtype for n, t in converted.state_dict().items()} == {
+        n: t.dtype for n, t in loaded.state_dict().items()
+    }
+    assert {n: b.dtype for n, b in converted.named_buffers()} == {n: b.dtype for n, b in loaded.named_buffers()}
+    assert {b.dtype for b in model.buffers()} == {torch.float32}
+    positions = torch.tensor([[10, 1000, 3000]])
+    x = torch.zeros(1, 3, 64, dtype=torch.bfloat16)
+    for want, got in zip(loaded.model.rotary_emb(x, positions), converted.model.rotary_emb(x, positions), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    ids = torch.arange(100).remainder(96)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(converted(ids).logits, loaded(ids).logits, rtol=0, atol=0)
+
+
+def test_teacher_in_dtype_keeps_the_modules_transformers_keeps_in_float32(tmp_path):
+    """``_keep_in_fp32_modules_strict`` (MoE routers, score biases) stays float32 when loading in bf16:
+    such a teacher is in bf16 as loaded, and an fp32 one is converted the same way."""
+    from transformers import LlamaForCausalLM
+
+    from hf_capgap.teacher_loading import teacher_in_dtype
+
+    class RouterInFloat32(LlamaForCausalLM):
+        _keep_in_fp32_modules_strict = ["lm_head"]
+
+    model = RouterInFloat32(tiny_llama().config)
+    model.save_pretrained(tmp_path / "teacher")
+    loaded = RouterInFloat32.from_pretrained(tmp_path / "teacher", dtype=torch.bfloat16)
+    assert loaded.lm_head.weight.dtype == torch.float32
+    assert teacher_in_dtype(loaded, torch.bfloat16) is loaded
+    converted = teacher_in_dtype(model, torch.bfloat16)
+    assert {n: t.dtype for n, t in converted.state_dict().items()} == {
+        n: t.dtype for n, t in loaded.state_dict().items()
+    }
