@@ -63,13 +63,16 @@ def _make_directory(path: Path) -> None:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see either the old file or the whole new one.
 
-    The file gets the mode a plain ``open`` would give it (0666 less the umask).
+    The file gets the mode a plain ``open`` would give it: a new one 0666 less the umask, an existing
+    one keeps its own (a user's 0600 stays private).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp, fd = _create_temporary(path.parent, path.name, ".tmp", _open_new_file)
     try:
         with os.fdopen(fd, "wb") as handle:
+            with contextlib.suppress(FileNotFoundError):
+                os.fchmod(handle.fileno(), os.stat(path).st_mode & 0o777)
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -116,7 +119,9 @@ def _apply_umask_modes(root: Path) -> None:
     """Give every folder and file under ``root`` the mode a plain mkdir / open would (executables stay so).
 
     ``root`` was made by ``os.mkdir(root, 0o777)``, so its own mode is 0777 less the umask: reading
-    it avoids ``os.umask``'s set-and-restore, which briefly changes the umask of every thread.
+    it avoids ``os.umask``'s set-and-restore, which briefly changes the umask of every thread. In a
+    setgid parent that mode carries the setgid bit, right for folders but never for a file (a setgid
+    executable runs with the folder's group), so files keep only the permission bits.
     """
     folder_mode = stat.S_IMODE(root.stat().st_mode)
     for path in root.rglob("*"):
@@ -126,7 +131,7 @@ def _apply_umask_modes(root: Path) -> None:
             os.chmod(path, folder_mode)
         else:
             executable = path.stat().st_mode & stat.S_IXUSR
-            os.chmod(path, folder_mode if executable else folder_mode & 0o666)
+            os.chmod(path, folder_mode & (0o777 if executable else 0o666))
 
 
 def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:

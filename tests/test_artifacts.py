@@ -54,3 +54,29 @@ def test_a_pruned_student_is_readable_by_group_and_others_under_umask_022(tmp_pa
     files = [path for path in folder.rglob("*") if path.is_file()]
     assert {"model.safetensors", "config.json", MANIFEST_NAME} <= {path.name for path in files}
     assert {path.name: mode(path) for path in files} == {path.name: 0o644 for path in files}
+
+
+def test_a_setgid_parent_makes_published_folders_setgid_but_never_a_file(tmp_path, umask):
+    umask(0o002)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o2775)
+    if not shared.stat().st_mode & stat.S_ISGID:
+        pytest.skip("this filesystem does not keep the setgid bit on folders")
+    with atomic_directory(shared / "out") as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "run.sh").write_text("#!/bin/sh\nid\n")
+        os.chmod(tmp / "run.sh", 0o755)
+        (tmp / "weights.safetensors").write_bytes(b"w")
+    assert (shared / "out" / "sub").stat().st_mode & stat.S_ISGID
+    assert stat.S_IMODE((shared / "out" / "run.sh").stat().st_mode) == 0o775
+    assert stat.S_IMODE((shared / "out" / "weights.safetensors").stat().st_mode) == 0o664
+
+
+def test_rewriting_an_existing_file_keeps_its_mode(tmp_path, umask):
+    umask(0o022)
+    private = tmp_path / "private.json"
+    private.write_text("{}")
+    os.chmod(private, 0o600)
+    atomic_write_json(private, {"a": 1})
+    assert mode(private) == 0o600 and private.read_text().startswith("{")
