@@ -55,14 +55,21 @@ def _finished(path: Path, inputs: Mapping[str, Any]) -> bool:
     return True
 
 
-def _train_resumably(trainer: Any, checkpoints: Path, final: Path, tokenizer: Any, fields: Mapping[str, Any]) -> None:
-    """Train from the last complete checkpoint in ``checkpoints``, then publish the model at ``final`` in one rename."""
+def _train_resumably(trainer: Any, checkpoints: Path, final: Path, data: RunData, seq_len: int,
+                     fields: Mapping[str, Any]) -> None:
+    """Train from the last complete checkpoint in ``checkpoints``, then publish the model at ``final`` in one rename.
+
+    The manifest records the tokens trained on and how many were distinct (fewer when a stream ran out
+    and was read again), which the results report.
+    """
     from hf_capgap.artifacts import write_manifest
     from hf_capgap.pretraining import last_complete_checkpoint
 
     last = last_complete_checkpoint(checkpoints)
     trainer.train(resume_from_checkpoint=last)
     resumed_from = int(last.rsplit("-", 1)[1]) if last else None
+    rows = trainer.state.global_step * trainer.get_total_train_batch_size(trainer.args)
+    distinct_rows = rows if data.passes is None else data.passes.distinct_rows(rows)
     staging = final.with_name(f".{final.name}.partial")
     if is_main():
         shutil.rmtree(staging, ignore_errors=True)
@@ -70,15 +77,22 @@ def _train_resumably(trainer: Any, checkpoints: Path, final: Path, tokenizer: An
     trainer.save_model(str(staging))
     if is_main():
         (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; the manifest records the settings
-        tokenizer.save_pretrained(staging)
+        data.tokenizer.save_pretrained(staging)
         write_manifest(
             staging, STAGE_KIND, FORMAT_VERSION,
             {**fields, "steps": trainer.state.global_step, "resumed_from_step": resumed_from,
+             "train_tokens": rows * seq_len, "distinct_train_tokens": distinct_rows * seq_len,
              "train_losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]},
         )
         os.replace(staging, final)
         shutil.rmtree(checkpoints, ignore_errors=True)
     wait()
+
+
+def distinct_train_tokens(stage: Path) -> int | None:
+    """Distinct tokens a finished training stage trained on (its train_tokens unless a stream ran short);
+    None for a stage finished before the manifest recorded it."""
+    return read_manifest(stage, STAGE_KIND, FORMAT_VERSION).get("distinct_train_tokens")
 
 
 def _teacher_cache_path(config: MinimaConfig, data: RunData, teacher_id: str) -> Path:
@@ -156,7 +170,7 @@ def distill_stage(config: MinimaConfig, plan: Plan, teacher: Any | None, student
         processing_class=data.tokenizer,
         teacher_processing_class=None if cache_path else data.tokenizer,
     )
-    _train_resumably(trainer, checkpoints, final, data.tokenizer, {"inputs_sha256": json_sha256(inputs)})
+    _train_resumably(trainer, checkpoints, final, data, plan.seq_len, {"inputs_sha256": json_sha256(inputs)})
     return final
 
 
@@ -184,5 +198,5 @@ def scratch_stage(config: MinimaConfig, plan: Plan, student_dir: Path, data: Run
         data_collator=make_collator(data.tokenizer),
         processing_class=data.tokenizer,
     )
-    _train_resumably(trainer, checkpoints, final, data.tokenizer, {"inputs_sha256": json_sha256(inputs)})
+    _train_resumably(trainer, checkpoints, final, data, plan.seq_len, {"inputs_sha256": json_sha256(inputs)})
     return final
