@@ -56,6 +56,10 @@ CITATION = (
     '"Towards the Law of Capacity Gap in Distilling Language Models" (Zhang et al., 2023, arXiv:2311.07052)'
 )
 REQUIRED_FIELDS = ("student_params", "teacher_params", "eval_loss")
+INTERVAL_METHOD = 2
+"""Recorded as ``bootstrap.method`` in a saved law. Files without it come from method 1, which
+redrew every single-size draw and so gave two student sizes a zero-width interval; loading one
+recomputes its interval from the stored records (the bootstrap is seeded, hence deterministic)."""
 MIN_TEACHERS_PER_STUDENT = 3
 MIN_STUDENTS = 2
 FEW_STUDENTS = 5
@@ -384,6 +388,7 @@ class CapacityGapLaw:
             else {
                 "resampled": "student sizes (cases)",
                 "interval": "expanded percentile",
+                "method": INTERVAL_METHOD,
                 "percentiles": list(self.band_percentiles),
                 "n": self.n_bootstrap,
                 "seed": self.seed,
@@ -394,7 +399,15 @@ class CapacityGapLaw:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> CapacityGapLaw:
-        """Rebuild a law from :meth:`to_dict`; refuses another kind or format version by name."""
+        """Rebuild a law from :meth:`to_dict`; refuses another kind or format version by name.
+
+        A law saved before ``bootstrap.method`` was recorded gets its interval recomputed from its
+        stored records (see :data:`INTERVAL_METHOD`), with a warning.
+        """
+        return cls._from_dict(data, "the law")
+
+    @classmethod
+    def _from_dict(cls, data: Mapping[str, Any], where: str) -> CapacityGapLaw:
         if not isinstance(data, Mapping):
             raise ArtifactError(f"a law is a JSON object, not a {type(data).__name__}; refit the law.")
         if data.get("kind") != KIND:
@@ -405,9 +418,48 @@ class CapacityGapLaw:
                 f"{FORMAT_VERSION}; refit it with `hf-capgap law fit` from its ledger."
             )
         try:
-            return cls._from_fields(data)
+            law = cls._from_fields(data)
         except KeyError as err:
             raise ArtifactError(f"the law lacks the field {err}; refit it with `hf-capgap law fit`.") from err
+        bootstrap = data["bootstrap"]
+        if isinstance(bootstrap, Mapping) and bootstrap.get("method") != INTERVAL_METHOD:
+            law._recompute_interval(bootstrap, where)
+        return law
+
+    def _recompute_interval(self, bootstrap: Mapping[str, Any], where: str) -> None:
+        """Replace an interval saved by an earlier method with this one's, refitted from the stored records.
+
+        The fit is seeded with the stored ``seed`` and ``n``, so loading gives the same interval each
+        time; without records (or if they no longer fit) the stored interval is kept, with a warning.
+        """
+        method = bootstrap.get("method", 1)
+        try:
+            if not self.records:
+                raise ValueError("the file stores no records")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", CapacityGapWarning)
+                refit = type(self).fit(
+                    self.records, n_bootstrap=bootstrap["n"], seed=bootstrap["seed"], through_origin=self.through_origin
+                )
+        except (ValueError, KeyError, TypeError) as err:
+            warnings.warn(
+                f"{where} was saved with interval method {method!r} (this hf_capgap uses {INTERVAL_METHOD}), whose "
+                f"interval can be too narrow (zero-width with two student sizes), and it cannot be recomputed: {err}. "
+                "Its interval is kept as saved; refit the law with `hf-capgap law fit` from its ledger.",
+                CapacityGapWarning,
+                stacklevel=4,
+            )
+            return
+        self.ratio_ci = refit.ratio_ci
+        self.band_draws, self.band_percentiles = refit.band_draws, refit.band_percentiles
+        self.n_bootstrap, self.seed = refit.n_bootstrap, refit.seed
+        warnings.warn(
+            f"{where} was saved with interval method {method!r} (this hf_capgap uses {INTERVAL_METHOD}); its interval "
+            f"was recomputed from its {len(self.records)} stored records (n_bootstrap={refit.n_bootstrap}, "
+            f"seed={refit.seed}). Save the law again to store the recomputed interval.",
+            CapacityGapWarning,
+            stacklevel=4,
+        )
 
     @classmethod
     def _from_fields(cls, data: Mapping[str, Any]) -> CapacityGapLaw:
@@ -445,7 +497,7 @@ class CapacityGapLaw:
         except json.JSONDecodeError as err:
             raise ArtifactError(f"{path} is not valid JSON ({err}); refit the law.") from err
         try:
-            return cls.from_dict(data)
+            return cls._from_dict(data, str(path))
         except ArtifactError as err:
             raise ArtifactError(f"{path}: {err}") from err
 

@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -276,6 +277,53 @@ def test_load_refuses_another_format_version_and_foreign_files(tmp_path):
         CapacityGapLaw.load(path)
     with pytest.raises(FileNotFoundError, match="law fit"):
         CapacityGapLaw.load(tmp_path / "missing.json")
+
+
+
+def _as_saved_by_method_1(law: CapacityGapLaw, path, **changes) -> dict:
+    """``law`` as the previous hf_capgap saved it: no ``bootstrap.method``, every draw on the fitted line."""
+    line = [law.ratio, 0.0] if law.through_origin else [law.slope_affine, law.intercept]
+    data = law.to_dict() | {"ratio_ci": [law.ratio, law.ratio]}
+    data["bootstrap"] = {
+        "resampled": "student sizes (cases)",
+        "interval": "expanded percentile",
+        "percentiles": list(law.band_percentiles),
+        "n": law.n_bootstrap,
+        "seed": law.seed,
+        "draws": [line] * law.n_bootstrap,
+    }
+    data.update(changes)
+    path.write_text(json.dumps(data))
+    return data
+
+
+@pytest.mark.parametrize("through_origin", [True, False], ids=["origin", "affine"])
+def test_a_law_saved_without_its_interval_method_gets_its_interval_recomputed(tmp_path, through_origin):
+    optimum = lambda s: (2.0 if s < 2e8 else 3.0) * s  # noqa: E731
+    with pytest.warns(CapacityGapWarning):
+        law = CapacityGapLaw.fit(sweep(optimum, students=(1e8, 4e8)), n_bootstrap=200, through_origin=through_origin)
+    path = tmp_path / "law.json"
+    _as_saved_by_method_1(law, path)
+    with pytest.warns(CapacityGapWarning, match=r"law\.json was saved with interval method 1.*recomputed"):
+        loaded = CapacityGapLaw.load(path)
+    assert loaded.to_dict() == law.to_dict()
+    if through_origin:
+        assert loaded.ratio_ci == pytest.approx((2.0, 3.0), rel=1e-9)
+        assert loaded.suggest(1e8, [2.8e8]).choice.in_interval
+    else:
+        assert loaded.predict(1e8).lo is None
+    loaded.save(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CapacityGapWarning)
+        assert CapacityGapLaw.load(path).to_dict() == law.to_dict()
+
+
+def test_a_law_saved_without_its_interval_method_or_records_loads_with_a_warning(tmp_path, noisy_law):
+    path = tmp_path / "law.json"
+    _as_saved_by_method_1(noisy_law, path, records=[])
+    with pytest.warns(CapacityGapWarning, match=r"law\.json was saved with interval method 1.*cannot be recomputed"):
+        loaded = CapacityGapLaw.load(path)
+    assert loaded.ratio_ci == (noisy_law.ratio, noisy_law.ratio)
 
 
 # ---------------------------------------------------------------------- plotting
