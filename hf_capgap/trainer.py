@@ -138,8 +138,10 @@ class DistillationTrainer(SFTTrainer):
             )
         if train_dataset is None:
             raise ValueError("train_dataset is required (or DistillationConfig.teacher_cache, whose rows are trained on).")
-        if train_dataset is not self._cached_rows:
-            check_dataset(train_dataset, processing_class, args)
+        evaluated = eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]
+        for dataset in (train_dataset, *evaluated):
+            if dataset is not None and dataset is not self._cached_rows:
+                check_dataset(dataset, processing_class, args, formatting_func=formatting_func)
         if teacher_processing_class is not None:
             check_same_vocabulary(processing_class, teacher_processing_class)
         if isinstance(teacher_model, str):

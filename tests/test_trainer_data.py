@@ -235,3 +235,23 @@ def test_rows_holding_positions_counts_labels_past_the_first_token():
     assert [rows_holding_positions(labelled, n, batch_rows=2) for n in (1, 7, 8)] == [3, 3, 3]
     unlabelled = Dataset.from_dict({"input_ids": [[5] * 5] * 4})
     assert [rows_holding_positions(unlabelled, n, batch_rows=2) for n in (1, 4, 5, 16, 100)] == [1, 1, 2, 4, 4]
+
+
+def test_a_formatting_func_makes_text_of_rows_without_a_text_column(tmp_path, pair):
+    """As in SFTTrainer, ``formatting_func`` turns any row into the text trained on, for the train and
+    the eval set alike, so the up-front format check takes the rows it formats."""
+    tokenizer = chat_tokenizer()
+    rows = Dataset.from_dict({"q": TEXTS[:6], "a": TEXTS[6:]})
+
+    def formatting_func(row: dict) -> str:
+        return f"{row['q']} {row['a']}"
+
+    trained = DistillationTrainer(
+        model=pair[1], teacher_model=pair[0], args=config(tmp_path, max_steps=1), train_dataset=rows,
+        eval_dataset={"qa": rows}, processing_class=tokenizer, formatting_func=formatting_func,
+    )
+    text = tokenizer(formatting_func(rows[0]))["input_ids"]
+    assert trained.train_dataset[0]["input_ids"][: len(text)] == text
+    assert trained.eval_dataset["qa"][0]["input_ids"] == trained.train_dataset[0]["input_ids"]
+    trained.train()
+    assert trained.evaluate()["eval_qa_ce_loss"] > 0
