@@ -246,10 +246,21 @@ def describe(model: Any) -> str:
             f"{heads} heads ({kv} KV), MLP {mlp}, vocab {config.vocab_size}")
 
 
-def dry_run(config: MinimaConfig) -> dict[str, Any]:
-    """Print the plan and the estimates; return them. Loads, downloads and allocates nothing."""
+def law_optimal_teacher(law: Any, student_params: int) -> tuple[float | None, str]:
+    """The teacher size the law predicts for this student (its own line: ratio, or slope and intercept),
+    and how the dry run states it; None where an affine law predicts no teacher larger than the student."""
     from hf_capgap.law import format_params
 
+    try:
+        teacher = float(law.predict(student_params).params)
+    except ValueError:
+        return None, (f"the law predicts no teacher larger than this {format_params(student_params)} student: it lies "
+                      "outside the range where the affine fit is meaningful (use a through-origin law for it)")
+    return teacher, f"the law-optimal teacher for this student has {format_params(teacher)} parameters"
+
+
+def dry_run(config: MinimaConfig) -> dict[str, Any]:
+    """Print the plan and the estimates; return them. Loads, downloads and allocates nothing."""
     launch = launch_from_yaml(config.accelerate_config) if config.accelerate_config else launch_from_environment()
     plan = make_plan(config, processes=launch.processes)
     _, teacher = resolve_teacher(config, plan.teacher, ladder_rungs(config))
@@ -261,13 +272,13 @@ def dry_run(config: MinimaConfig) -> dict[str, Any]:
     peak_name, peak = peak_stage(memory)
     global_rows = config.batch_size * config.gradient_accumulation_steps * launch.processes
     ratio = plan.teacher_params / count_params(student)
+    law_teacher, law_line = law_optimal_teacher(law, count_params(student))
     lines = [
         f"MiniMA dry run {config.run_name} (meta device: nothing loaded, downloaded or trained)",
         f"teacher  {plan.teacher} ({plan.teacher_kind}): {describe(teacher)}",
         f"student  {describe(student)}",
         f"         {plan.choice or 'student size as requested'}",
-        f"law      {law.source}, {law.formula()}: this pair's teacher/student ratio is {ratio:.2f}; the law-optimal "
-        f"teacher for this student has {format_params(law.ratio * count_params(student))} parameters",
+        f"law      {law.source}, {law.formula()}: this pair's teacher/student ratio is {ratio:.2f}; {law_line}",
         f"tokens   {steps * tokens_per_step(config, plan):,} in {steps:,} steps; global batch {global_rows:,} rows "
         f"({config.batch_size} per GPU x {config.gradient_accumulation_steps} accumulation x {launch.processes} "
         f"processes) x {plan.seq_len} tokens = {tokens_per_step(config, plan):,} tokens per step",
@@ -292,6 +303,7 @@ def dry_run(config: MinimaConfig) -> dict[str, Any]:
     report: dict[str, Any] = {"plan": plan, "launch": launch, "steps": steps, "memory": memory,
                               "precision": precision, "peak": (peak_name, peak),
                               "teacher_params": plan.teacher_params, "student_params": count_params(student),
+                              "law_teacher_params": law_teacher,
                               "student_config": student.config}
     if config.teacher_cache:
         report["cache_bytes"] = cache_bytes(config, plan, teacher.config.vocab_size)

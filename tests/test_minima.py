@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from hf_capgap import minima_data, minima_distill, minima_dry_run, minima_export, minima_prune, minima_teacher
-from hf_capgap.law import CapacityGapLaw
+from hf_capgap.law import CapacityGapLaw, format_params
 from hf_capgap.minima import build_config, make_plan, parse_minima_args, run_minima
 from hf_capgap.minima_config import MinimaConfig
 
@@ -361,6 +361,24 @@ def test_dry_run_uses_the_precision_that_runs(tmp_path, launch, bf16, teacher_dt
     assert fp32["memory"]["distill"]["student activations"] == (
         scale[expected[1]] * report["memory"]["distill"]["student activations"])
     assert fp32["memory"]["teacher load"]["total"] == scale[expected[0]] * report["memory"]["teacher load"]["total"]
+
+
+def test_dry_run_places_the_teacher_with_the_affine_line_it_prints(tmp_path, capsys):
+    law_file = tmp_path / "law.json"
+    CapacityGapLaw(ratio=3.0, ratio_ci=None, source="fitted", through_origin=False, slope_affine=4.5,
+                   intercept=-60_000.0).save(law_file)
+    report = minima_dry_run.dry_run(build_config(micro_values(tmp_path, dry_run=True, law=str(law_file))))
+    expected = 4.5 * report["student_params"] - 60_000
+    assert f"teacher for this student has {format_params(expected)} parameters" in capsys.readouterr().out
+    assert report["law_teacher_params"] == pytest.approx(expected)
+
+    CapacityGapLaw(ratio=3.0, ratio_ci=None, source="fitted", through_origin=False, slope_affine=1.5,
+                   intercept=-20_000.0).save(law_file)
+    report = minima_dry_run.dry_run(build_config(micro_values(tmp_path, dry_run=True, law=str(law_file),
+                                                              student_params=30_000)))
+    assert 1.5 * report["student_params"] - 20_000 <= report["student_params"]
+    assert report["law_teacher_params"] is None
+    assert "predicts no teacher larger than this" in capsys.readouterr().out
 
 
 def test_dry_run_counts_the_teacher_where_it_is_loaded(tmp_path):
