@@ -366,6 +366,9 @@ class DistillationTrainer(SFTTrainer):
                 "or a collator that adds labels with -100 on positions outside the loss."
             )
         labels = next_token_labels(inputs["labels"])
+        repeated = None if model.training else self._repeated_positions(inputs)
+        if repeated is not None:
+            labels = labels.masked_fill(repeated, -100)
         teacher = self._teacher_signal(inputs)
         states, head, aux_loss = self._forward_states(model, inputs, "student")
         rows = states.flatten(0, 1)
@@ -384,7 +387,7 @@ class DistillationTrainer(SFTTrainer):
                 num_items_in_batch=num_items_in_batch,
                 inplace_grad=head is None and not return_outputs,  # the model's logits, read by nothing else
             )
-        self._record_parts(output, spec, inputs, aux_loss)
+        self._record_parts(output, spec, inputs, aux_loss, repeated)
         loss = output.loss
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # DDP averages gradients over processes while num_items_in_batch counts all of them.
@@ -398,6 +401,27 @@ class DistillationTrainer(SFTTrainer):
             return loss
         logits = states if head is None else F.linear(states, head.weight, head.bias)
         return loss, {"loss": loss.detach(), "logits": logits}
+
+    def _repeated_positions(self, inputs: dict[str, Tensor]) -> Tensor | None:
+        """The flattened positions of the rows accelerate repeated to give every rank a full last eval batch,
+        or None when there are none.
+
+        ``gather_for_metrics`` keeps the first ``remainder`` rows of the last batch gathered rank after rank;
+        the metrics here are summed over ranks instead, so each rank drops its rows past that point. Rows are
+        the batch's rows, or for a padding-free batch the sequences its ``position_ids`` restart at (a packed
+        row's documents would be counted as rows: exact for unpacked padding-free evaluation only).
+        """
+        state = self.accelerator.gradient_state
+        if self.accelerator.num_processes == 1 or not state.end_of_dataloader or state.remainder <= 0:
+            return None
+        size = self.args.eval_batch_size
+        real = min(max(state.remainder - self.accelerator.process_index * size, 0), size)
+        ids = inputs["input_ids"]
+        if "attention_mask" not in inputs and "position_ids" in inputs:
+            row = (inputs["position_ids"] == 0).cumsum(-1) - 1
+        else:
+            row = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)
+        return (row >= real).flatten()
 
     @staticmethod
     def _liger_loss(
@@ -428,16 +452,21 @@ class DistillationTrainer(SFTTrainer):
     # ------------------------------------------------------------------ logging
 
     def _record_parts(
-        self, output: DistillationLossOutput, spec: LossSpec, inputs: dict[str, Tensor], aux_loss: Tensor | None
+        self, output: DistillationLossOutput, spec: LossSpec, inputs: dict[str, Tensor], aux_loss: Tensor | None,
+        repeated: Tensor | None = None,
     ) -> None:
         """Accumulate the local sums of ``_PARTS`` for the mode the model is in; a part the loss skipped
         counts 0 tokens. Input tokens count as SFTTrainer's ``num_tokens`` does (non-padding tokens, or
-        the packed row's length for padding-free batches)."""
+        the packed row's length for padding-free batches). Positions in ``repeated`` rows (padding of the
+        last eval batch across ranks) count nothing; a batch of only those is not counted at all."""
+        if repeated is not None and bool(repeated.all()):
+            return
         mode = "train" if self.model.training else "eval"
         tokens = float(output.num_tokens)
         stats = output.entropy_sum is not None
         ids = inputs["input_ids"]
-        input_tokens = inputs["attention_mask"].sum() if "attention_mask" in inputs else float(ids.shape[0] * ids.shape[1])
+        present = inputs["attention_mask"].flatten() if "attention_mask" in inputs else torch.ones_like(ids).flatten()
+        input_tokens = present.sum() if repeated is None else present[~repeated].sum()
         values = {
             "distill_sum": output.distill_sum, "distill_tokens": tokens if spec.alpha > 0 else 0.0,
             "ce_sum": output.ce_sum, "ce_tokens": tokens if spec.alpha < 1 else 0.0,

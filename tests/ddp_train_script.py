@@ -91,6 +91,29 @@ def train_from_cache(out: Path) -> dict[str, int]:
     }
 
 
+EVAL_LENGTHS = [7, 12, 4, 9, 10]  # 5 rows, 2 per rank and batch: the last batch is 1 row, padded by repeats
+EVAL_METRICS = ("eval_ce_loss", "eval_distill_loss", "eval_entropy", "eval_mean_token_accuracy", "eval_loss")
+
+
+def evaluate_uneven(out: Path) -> tuple[dict[str, float], DistillationTrainer]:
+    """Evaluate on 5 rows in batches of 2: under 2 ranks, rank 0's last batch repeats 1 row and rank 1's is
+    only repeated rows, which accelerate adds to even the ranks out and the metrics must not count."""
+    teacher, student = tiny_qwen2(1024, hidden=32, seed=1), tiny_qwen2(1008, hidden=16, seed=2)
+    generator = torch.Generator().manual_seed(1)
+    rows = Dataset.from_dict({"input_ids": [torch.randint(10, VOCAB - 10, (n,), generator=generator).tolist()
+                                            for n in EVAL_LENGTHS]})  # fmt: skip
+    args = DistillationConfig(
+        output_dir=str(out / "run-eval"), per_device_eval_batch_size=2, report_to=[], disable_tqdm=True,
+        use_cpu=True, alpha=0.5, temperature=2.0,
+    )
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, args=args, train_dataset=dataset(), eval_dataset=rows,
+        processing_class=chat_tokenizer(),
+    )
+    metrics = trainer.evaluate()
+    return {name: metrics[name] for name in EVAL_METRICS}, trainer
+
+
 def main(out: Path) -> None:
     before, after, trainer = train(out, per_device_batch=2)
     rank, world = trainer.args.process_index, trainer.args.world_size
@@ -105,5 +128,12 @@ def main(out: Path) -> None:
     os._exit(0)
 
 
+def main_eval(out: Path) -> None:
+    metrics, trainer = evaluate_uneven(out)
+    (out / f"eval{trainer.args.process_index}.json").write_text(json.dumps(metrics))
+    trainer.accelerator.wait_for_everyone()
+    os._exit(0)
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    (main_eval if sys.argv[2:] == ["eval"] else main)(Path(sys.argv[1]))
