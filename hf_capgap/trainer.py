@@ -47,7 +47,7 @@ logger = logging.get_logger(__name__)
 # What each trainer mode accumulates between logs (local sums, reduced across ranks when logged).
 _PARTS = (
     "distill_sum", "distill_tokens", "ce_sum", "ce_tokens", "empty_micro_batches",
-    "entropy_sum", "num_correct", "stat_tokens", "aux_sum", "aux_micro_batches", "input_tokens",
+    "entropy_sum", "num_correct", "stat_tokens", "aux_sum", "aux_micro_batches",
 )
 
 
@@ -186,6 +186,9 @@ class DistillationTrainer(SFTTrainer):
         )
         self.teacher = None if teacher_model is None else self._prepare_teacher(teacher_model)
         self._parts: dict[str, Tensor] = {}
+        # Input tokens of the training micro-batches not yet in SFTTrainer's _total_train_tokens (this rank's,
+        # int64: a float32 sum is inexact past 2**24); added, summed over ranks, at the next log of either mode.
+        self._pending_train_tokens: Tensor | None = None
         self._announced_paths: set[str] = set()
 
     # ------------------------------------------------------------------ set-up checks
@@ -456,17 +459,20 @@ class DistillationTrainer(SFTTrainer):
         repeated: Tensor | None = None,
     ) -> None:
         """Accumulate the local sums of ``_PARTS`` for the mode the model is in; a part the loss skipped
-        counts 0 tokens. Input tokens count as SFTTrainer's ``num_tokens`` does (non-padding tokens, or
-        the packed row's length for padding-free batches). Positions in ``repeated`` rows (padding of the
-        last eval batch across ranks) count nothing; a batch of only those is not counted at all."""
+        counts 0 tokens. Every training micro-batch adds its input tokens to ``num_tokens`` as SFTTrainer
+        counts them (non-padding tokens, or the packed row's length for padding-free batches). Positions in
+        ``repeated`` rows (padding of the last eval batch across ranks) count nothing; a batch of only those
+        is not counted at all."""
         if repeated is not None and bool(repeated.all()):
             return
         mode = "train" if self.model.training else "eval"
+        if mode == "train":
+            ids = inputs["input_ids"]
+            input_tokens = inputs["attention_mask"].sum() if "attention_mask" in inputs else ids.new_tensor(ids.numel())
+            pending = self._pending_train_tokens
+            self._pending_train_tokens = input_tokens.long() if pending is None else pending + input_tokens
         tokens = float(output.num_tokens)
         stats = output.entropy_sum is not None
-        ids = inputs["input_ids"]
-        present = inputs["attention_mask"].flatten() if "attention_mask" in inputs else torch.ones_like(ids).flatten()
-        input_tokens = present.sum() if repeated is None else present[~repeated].sum()
         values = {
             "distill_sum": output.distill_sum, "distill_tokens": tokens if spec.alpha > 0 else 0.0,
             "ce_sum": output.ce_sum, "ce_tokens": tokens if spec.alpha < 1 else 0.0,
@@ -474,7 +480,7 @@ class DistillationTrainer(SFTTrainer):
             "entropy_sum": output.entropy_sum if stats else 0.0, "num_correct": output.num_correct if stats else 0.0,
             "stat_tokens": tokens if stats else 0.0,
             "aux_sum": aux_loss.detach().float() if aux_loss is not None else 0.0,
-            "aux_micro_batches": float(aux_loss is not None), "input_tokens": input_tokens,
+            "aux_micro_batches": float(aux_loss is not None),
         }
         step = torch.stack([torch.as_tensor(values[name], dtype=torch.float32, device=output.loss.device) for name in _PARTS])
         self._parts[mode] = self._parts[mode] + step if mode in self._parts else step
@@ -482,13 +488,17 @@ class DistillationTrainer(SFTTrainer):
     def _part_metrics(self, mode: str, prefix: str) -> dict[str, float]:
         """The token-weighted means since the last log of ``mode``, summed over ranks (a collective: every
         rank calls it), named as SFTTrainer names its metrics: distill_loss, ce_loss, empty_micro_batches,
-        entropy, mean_token_accuracy, aux_loss and num_tokens (input tokens trained on so far)."""
+        entropy, mean_token_accuracy, aux_loss and num_tokens (input tokens trained on so far, counted as
+        SFTTrainer counts them: every training micro-batch, summed over ranks, over the tensor-parallel size)."""
         parts = self._parts.pop(mode, None)
         if parts is None:
             parts = torch.zeros(len(_PARTS))
-        total = dict(zip(_PARTS, self.accelerator.reduce(parts.to(self.args.device), "sum").tolist(), strict=True))
-        if mode == "train":
-            self._total_train_tokens += int(total["input_tokens"])
+        pending = self._pending_train_tokens
+        self._pending_train_tokens = None
+        pending = torch.zeros((), dtype=torch.long) if pending is None else pending
+        reduced = self.accelerator.reduce({"parts": parts.to(self.args.device), "tokens": pending.to(self.args.device)}, "sum")
+        total = dict(zip(_PARTS, reduced["parts"].tolist(), strict=True))
+        self._total_train_tokens += int(reduced["tokens"]) // self._tp_size
         metrics: dict[str, float] = {}
         for name, numerator, tokens in (
             ("distill_loss", "distill_sum", "distill_tokens"), ("ce_loss", "ce_sum", "ce_tokens"),
@@ -516,5 +526,5 @@ class DistillationTrainer(SFTTrainer):
         if "loss" in logs:
             logs.update(self._part_metrics("train", ""))
         elif "train_loss" in logs:
-            self._part_metrics("train", "")  # counts their input tokens in num_tokens
+            self._part_metrics("train", "")  # counts the last steps' input tokens in num_tokens
         super().log(logs, *args, **kwargs)

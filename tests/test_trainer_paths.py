@@ -192,6 +192,25 @@ def test_sft_metrics_equal_a_dense_computation_in_train_and_eval(tmp_path, tiny_
     assert metrics["eval_num_tokens"] == 2 * tokens
 
 
+def test_num_tokens_counts_every_micro_batch_as_sft_trainer(tmp_path, tiny_tokenizer, tiny_text_dataset):
+    """As SFTTrainer's, num_tokens is the input tokens of every training micro-batch so far: an evaluation
+    between training logs sees the steps not logged yet, and none is counted twice."""
+    teacher, student = teacher_student(len(tiny_tokenizer))
+    args = config(
+        tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2, logging_steps=2,
+        eval_strategy="steps", eval_steps=1, train_sampling_strategy="sequential",
+    )
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, args=args, train_dataset=tiny_text_dataset.select(range(8)),
+        eval_dataset=tiny_text_dataset.select(range(4)), processing_class=tiny_tokenizer,
+    )
+    trainer.train()
+    lengths = [len(trainer.train_dataset[i]["input_ids"]) for i in range(8)]
+    evaluated = [entry["eval_num_tokens"] for entry in trainer.state.log_history if "eval_num_tokens" in entry]
+    assert evaluated == [sum(lengths[:4]), sum(lengths)]
+    assert [entry["num_tokens"] for entry in trainer.state.log_history if "loss" in entry] == [sum(lengths)]
+
+
 def test_teacher_dtype_leaves_the_callers_teacher_as_it_was(tmp_path, tiny_tokenizer, tiny_text_dataset):
     teacher, student = teacher_student(len(tiny_tokenizer))
     trainer = DistillationTrainer(
