@@ -372,10 +372,11 @@ class DistillationTrainer(SFTTrainer):
         repeated = None if model.training else self._repeated_positions(inputs)
         if repeated is not None:
             labels = labels.masked_fill(repeated, -100)
-        teacher = self._teacher_signal(inputs)
+        # alpha weights the distillation term: at 0 the loss is the LM cross-entropy alone, with no teacher to run.
+        teacher = self._teacher_signal(inputs) if self.loss_spec.alpha > 0 else None
         states, head, aux_loss = self._forward_states(model, inputs, "student")
         rows = states.flatten(0, 1)
-        # Evaluating on rows that were never cached: only the LM cross-entropy can be measured.
+        # alpha = 0, or evaluating on rows that were never cached: only the LM cross-entropy is computed.
         spec = self.loss_spec if teacher is not None else replace(self.loss_spec, alpha=0.0)
         if self.args.loss_backend == "liger":
             output = self._liger_loss(rows, teacher, labels, spec, head, num_items_in_batch)

@@ -74,6 +74,41 @@ def test_logged_loss_and_step_equal_their_dense_parts_for_every_architecture(
     torch.testing.assert_close(step, -head.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_alpha_zero_trains_on_cross_entropy_without_running_the_teacher(tmp_path, tiny_tokenizer, tiny_text_dataset):
+    """alpha weights the distillation term: at alpha = 0 the loss is the LM cross-entropy alone, so the
+    teacher never runs (train or eval) and no distill_loss is logged; loss and step equal dense CE."""
+    vocab = len(tiny_tokenizer)
+    teacher, student = tiny_llama(vocab, hidden=24), tiny_llama(vocab, hidden=24)
+    forwards = []
+    teacher.register_forward_hook(lambda *_: forwards.append(1))
+    data = tiny_text_dataset.select(range(8))
+    initial = copy.deepcopy(student)
+    args = config(
+        tmp_path, alpha=0.0, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=1,
+        logging_steps=1, optim="sgd", learning_rate=1.0, lr_scheduler_type="constant", max_grad_norm=0.0,
+    )
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, args=args, train_dataset=data, eval_dataset=data,
+        processing_class=tiny_tokenizer,
+    )
+    trainer.train()
+    assert forwards == []
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(data))])
+    ce = dense_parts(initial, teacher, batch, vocab)["ce"]
+    forwards.clear()  # dense_parts ran the teacher
+    logged = next(entry for entry in trainer.state.log_history if "loss" in entry)
+    assert logged["loss"] == pytest.approx(float(ce.detach()), rel=1e-5)
+    assert logged["ce_loss"] == pytest.approx(float(ce), rel=1e-5, abs=1e-6)
+    assert "distill_loss" not in logged
+    ce.backward()
+    head = initial.get_output_embeddings().weight
+    step = student.get_output_embeddings().weight.detach() - head.detach()
+    torch.testing.assert_close(step, -head.grad, rtol=1e-4, atol=1e-6)
+    metrics = trainer.evaluate()
+    assert "eval_ce_loss" in metrics and "eval_distill_loss" not in metrics
+    assert forwards == []
+
+
 @pytest.mark.parametrize("alpha", [0.0, 0.3])
 def test_moe_student_loss_adds_router_aux_loss(tmp_path, tiny_tokenizer, tiny_text_dataset, alpha):
     vocab = len(tiny_tokenizer)
