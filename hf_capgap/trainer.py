@@ -116,6 +116,10 @@ class DistillationTrainer(SFTTrainer):
             from hf_capgap.liger_backend import require_liger
 
             require_liger()
+            logger.warning(
+                "loss_backend='liger': entropy and mean_token_accuracy are not logged (Liger's fused losses return "
+                "neither, and computing them would add an lm_head pass); use loss_backend='hf_capgap' for them."
+            )
             if args.teacher_cache is not None:
                 raise ValueError(
                     "loss_backend='liger' needs an online teacher (Liger fuses both lm_heads); a teacher_cache runs "

@@ -94,3 +94,37 @@ def test_same_objective_and_normalisation_as_ours(monkeypatch, kind, beta, alpha
         torch.autograd.grad(theirs.loss, (hidden, weight)), torch.autograd.grad(ours.loss, (hidden, weight)), strict=True
     ):
         torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-6)
+
+
+def test_trainer_says_liger_logs_no_entropy_or_accuracy(monkeypatch, tmp_path, tiny_tokenizer, tiny_text_dataset):
+    """Liger's fused losses return neither the student's entropy nor its argmax: with loss_backend='liger'
+    the trainer says so once and logs the losses alone (the loss still equals ours)."""
+    from transformers.testing_utils import CaptureLogger
+
+    import hf_capgap.trainer
+    from hf_capgap import DistillationConfig, DistillationTrainer
+    from tests.conftest import tiny_llama
+
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", stand_in_liger())
+    monkeypatch.setattr(liger_backend, "require_liger", lambda: None)
+    logs = {}
+    for backend in ("liger", "hf_capgap"):
+        torch.manual_seed(0)
+        teacher, student = tiny_llama(len(tiny_tokenizer)), tiny_llama(len(tiny_tokenizer))
+        args = DistillationConfig(
+            output_dir=str(tmp_path / backend), loss_backend=backend, per_device_train_batch_size=4, max_steps=1,
+            logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, chunk_size=16,
+        )
+        with CaptureLogger(hf_capgap.trainer.logger) as captured:
+            trainer = DistillationTrainer(
+                model=student, teacher_model=teacher, args=args, train_dataset=tiny_text_dataset.select(range(4)),
+                processing_class=tiny_tokenizer,
+            )
+        assert ("entropy and mean_token_accuracy are not logged" in captured.out) == (backend == "liger")
+        trainer.train()
+        logs[backend] = next(entry for entry in trainer.state.log_history if "loss" in entry)
+    assert not {"entropy", "mean_token_accuracy"} & logs["liger"].keys()
+    assert {"entropy", "mean_token_accuracy"} <= logs["hf_capgap"].keys()
+    for name in ("loss", "distill_loss", "ce_loss"):
+        assert logs["liger"][name] == pytest.approx(logs["hf_capgap"][name], rel=1e-5, abs=1e-6)
