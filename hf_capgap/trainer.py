@@ -129,7 +129,7 @@ class DistillationTrainer(SFTTrainer):
         processing_class = _tokenizer_for(model, processing_class)
         # Every check that needs no teacher weights runs before the teacher loads.
         self._cached_rows = None
-        self.teacher_cache = self._open_cache(args) if args.teacher_cache is not None else None
+        self.teacher_cache = self._open_cache(args, processing_class) if args.teacher_cache is not None else None
         if self.teacher_cache is not None:
             if teacher_model is not None:
                 raise ValueError("pass either teacher_model or DistillationConfig.teacher_cache, not both.")
@@ -229,11 +229,12 @@ class DistillationTrainer(SFTTrainer):
             args.assistant_only_loss = True
 
     @staticmethod
-    def _open_cache(args: DistillationConfig) -> Any:
-        """The cache, refused unless built at this temperature and data settings (its vocabulary is checked below)."""
+    def _open_cache(args: DistillationConfig, tokenizer: Any) -> Any:
+        """The cache, refused unless built at this temperature and data settings, eos and chat template
+        resolved against ``tokenizer`` (its vocabulary is checked below)."""
         from hf_capgap.cache import TeacherCache
 
-        return TeacherCache.load(args.teacher_cache, temperature=args.temperature, args=args)
+        return TeacherCache.load(args.teacher_cache, temperature=args.temperature, args=args, tokenizer=tokenizer)
 
     def _use_cache_rows(self) -> None:
         """Train on the cache's rows (inputs + teacher signal), after checking they are the prepared
