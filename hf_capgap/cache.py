@@ -245,13 +245,14 @@ class TeacherCache:
         dataset_fingerprint: str | None = None,
         temperature: float | None = None,
         args: Any = None,
+        tokenizer: Any = None,
         verify: bool = False,
     ) -> TeacherCache:
         """Open a cache, refusing one built from other inputs than the fingerprints given.
 
         ``dataset_fingerprint`` is ``hf_capgap.artifacts.dataset_fingerprint`` of the *prepared*
         rows, ``vocabulary_fingerprint`` is ``hf_capgap.vocabulary.vocabulary_fingerprint``; ``args``
-        (the trainer's config) is held to the cache's data settings (:meth:`check_preparation`).
+        (the trainer's config, with its ``tokenizer``) is held to the cache's data settings (:meth:`check_preparation`).
         Shards are checked cheaply (present, right size, right row count); ``verify=True`` also
         compares every shard's sha256 with the manifest. A cache of an older format is refused (rebuild it).
         """
@@ -271,14 +272,18 @@ class TeacherCache:
         )
         cache = cls(path, manifest)
         if args is not None:
-            cache.check_preparation(args)
+            cache.check_preparation(args, tokenizer)
         cache._check_shards(checksums=verify)
         return cache
 
-    def check_preparation(self, args: Any) -> None:
+    def check_preparation(self, args: Any, tokenizer: Any = None) -> None:
         """Refuse a config (``trl.SFTConfig`` / DistillationConfig) that would prepare or collate other rows
         than the cached ones, naming each setting: a trainer on the cache trains on its rows as they were
         prepared, so a disagreeing ``max_length``, packing or loss mask would be silently ignored.
+
+        ``tokenizer`` is the trainer's processing_class as given (before SFTTrainer applies ``eos_token`` and
+        ``chat_template_path``): the eos appended to text rows and the chat template of chat rows are
+        resolved from it; without it they are checked only where ``args`` fixes them.
 
         A cache built before the settings were recorded is checked on padding_free alone, with a
         warning: its rows still match a ``train_dataset`` only if their fingerprints do.
@@ -292,17 +297,18 @@ class TeacherCache:
                 "with, so only padding_free is checked against the config (max_length, packing and the loss masks "
                 "are not). Rebuild it with TeacherCache.build(..., args=<the trainer's config>) to have them checked."
             )
-        found = preparation_disagreements(recorded, args)
+        found = preparation_disagreements(recorded, args, tokenizer)
         if not found:
             return
         problems = "; ".join(f"{field}: cache {have!r}, config {want!r}" for field, have, want in found)
-        settings = ", ".join(f"{field}={have!r}" for field, have, _ in found)
-        flags = [f"--{field} {want}" for field, _, want in found if field in PREPARATION_ARGUMENTS and want is not None]
+        fixes = ", ".join(_config_fix(field, have) for field, have, _ in found)
+        flag_names = {**{name: name for name in PREPARATION_ARGUMENTS}, "seed": "data_seed"}
+        flags = [f"--{flag_names[field]} {want}" for field, _, want in found if field in flag_names]
         command = f", or hf-capgap cache build {' '.join(flags)}" if flags else ""
         raise ArtifactError(
             f"{self.path}: the cache's rows were prepared with other data settings than this config ({problems}); "
-            f"training on it would ignore the config's. Set {settings} in the config, or rebuild the cache with "
-            f"this config (TeacherCache.build(..., args=<this config>){command})."
+            f"training on it would ignore the config's. Set {fixes}, or rebuild the cache with this config and "
+            f"tokenizer (TeacherCache.build(..., tokenizer=<the trainer's>, args=<this config>){command})."
         )
 
     def verify(self) -> None:
@@ -424,3 +430,12 @@ def padded_samples(signal: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.nda
     padded_ids[position, slot] = ids
     padded_counts[position, slot] = counts
     return padded_ids, padded_counts
+
+
+def _config_fix(field: str, recorded: Any) -> str:
+    """What to set in the trainer's config (or tokenizer) to match the cache's recorded ``field``."""
+    if field == "chat_template_sha256":
+        return f"the chat template the cache was built with (sha256 {recorded}: that tokenizer or chat_template_path)"
+    if field == "skip_prepare_dataset":
+        return f"dataset_kwargs={{'skip_prepare_dataset': {recorded!r}}} in the config"
+    return f"{field}={recorded!r} in the config"

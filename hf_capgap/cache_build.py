@@ -55,8 +55,7 @@ from hf_capgap.cache_format import (
 from hf_capgap.sft_data import (
     has_labelled_position,
     make_collator,
-    prepare_dataset,
-    preparation_settings,
+    prepare_and_record,
     rows_holding_positions,
     uses_padding_free,
 )
@@ -101,7 +100,7 @@ def build_cache(
             "bytes (one draw); top-k and dense caches have fixed sizes (4k + 4 and 2 x vocabulary bytes)."
         )
     args = args if args is not None else default_preparation_args()
-    prepared = prepare_rows(dataset, tokenizer, args, formatting_func)
+    prepared, preparation = prepare_rows(dataset, tokenizer, args, formatting_func)
     rows = prepared.select_columns([c for c in ROW_COLUMNS if c in prepared.column_names])
     real_vocab = _real_vocab_size(teacher, tokenizer)
     num_tokens = _check_rows(rows, real_vocab)
@@ -121,7 +120,7 @@ def build_cache(
         "real_vocab_size": real_vocab,
         "id_dtype": id_dtype(real_vocab),
         "padding_free": uses_padding_free(args),
-        "preparation": preparation_settings(dataset, prepared, args, formatting_func=formatting_func),
+        "preparation": preparation,
         "has_seq_lengths": "seq_lengths" in rows.column_names,
         "num_sequences": len(rows),
         "num_tokens": num_tokens,
@@ -260,9 +259,9 @@ def default_preparation_args(**settings: Any) -> Any:
 
 def prepare_rows(
     dataset: Any, tokenizer: Any, args: Any, formatting_func: Callable[[dict], str] | None = None
-) -> Any:
+) -> tuple[Any, dict[str, Any]]:
     """The rows the trainer trains on with ``args`` and ``formatting_func`` (TRL's SFT preparation, as in
-    the trainer)."""
+    the trainer), and the record of what they depend on (:func:`hf_capgap.sft_data.prepare_and_record`)."""
     from datasets import Dataset
 
     if not isinstance(dataset, Dataset):
@@ -272,10 +271,10 @@ def prepare_rows(
         )
     if len(dataset) == 0:
         raise ValueError("dataset is empty: there is nothing to cache; check how it was loaded or filtered.")
-    prepared = prepare_dataset(dataset, tokenizer, args, formatting_func=formatting_func)
+    prepared, record = prepare_and_record(dataset, tokenizer, args, formatting_func=formatting_func)
     if len(prepared) == 0:
         raise ValueError("no row of the dataset has a token in the loss after preparation; check its masks.")
-    return prepared
+    return prepared, record
 
 
 def _real_vocab_size(teacher: Any, tokenizer: Any) -> int:

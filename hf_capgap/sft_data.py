@@ -14,6 +14,10 @@ batch has one row per *labelled position*, the entries of :func:`next_token_labe
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
+import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -171,17 +175,205 @@ def prepare_dataset(
     would train on them with the same ``args`` (a ``trl.SFTConfig``, e.g. a DistillationConfig).
 
     Pre-tokenized datasets keep their rows; ``labels`` are added (a copy of ``input_ids``, or masked by a
-    ``completion_mask`` / ``assistant_masks`` column) unless present.
+    ``completion_mask`` / ``assistant_masks`` column) unless present. With
+    ``dataset_kwargs={"skip_prepare_dataset": True}`` the rows are returned as given, as SFTTrainer does.
+    """
+    return prepare_and_record(dataset, processing_class, args, formatting_func=formatting_func, dataset_name=dataset_name)[0]
+
+
+def prepare_and_record(
+    dataset: Any,
+    processing_class: Any,
+    args: Any,
+    *,
+    formatting_func: Callable[[dict], str] | None = None,
+    dataset_name: str = "train",
+) -> tuple[Any, dict[str, Any]]:
+    """:func:`prepare_dataset`'s rows and the record of what they depend on (the rows' format, their
+    longest row before truncation, how many rows had no label, and each setting the format reads).
+
+    TRL's preparation runs in two steps, tokenizing (no truncation, packing or shuffle), then the rest on
+    the tokenized rows, so the record can say whether ``max_length`` cut or dropped any row: a longer
+    ``max_length`` only gives the same rows when none was. Settings the format never reads are left
+    out (``dataset_text_field`` of chat rows, ``truncation_mode`` when no row was cut ...), so a config
+    that differs only there is not told it disagrees.
     """
     from trl import SFTTrainer
 
+    check_sft_config(args, processing_class)
+    if skips_preparation(args):
+        return _unprepared_rows(dataset, args), {"dataset_format": "tokenized", "skip_prepare_dataset": True}
     check_dataset(dataset, processing_class, args, formatting_func=formatting_func)
-    if args.eos_token is not None and processing_class is not None:
-        processing_class.eos_token = args.eos_token  # as SFTTrainer does before preparing
-    state = _preparation_state(_first_example(dataset), processing_class, args)
-    return SFTTrainer._prepare_dataset(
-        state, dataset, processing_class, args, args.packing, formatting_func, dataset_name
+    if processing_class is not None:
+        if args.eos_token is not None:
+            processing_class.eos_token = args.eos_token  # as SFTTrainer.__init__ does, before the chat template
+        apply_chat_template_path(processing_class, args)
+    example = _first_example(dataset)
+    state = _preparation_state(example, processing_class, args)
+    tokenizing = copy.copy(args)
+    tokenizing.max_length, tokenizing.shuffle_dataset = None, False
+    tokenized = SFTTrainer._prepare_dataset(
+        state, dataset, processing_class, tokenizing, False, formatting_func, dataset_name
     )
+    longest, unlabelled = _longest_and_unlabelled(tokenized)
+    prepared = SFTTrainer._prepare_dataset(state, tokenized, processing_class, args, args.packing, None, dataset_name)
+    kind = dataset_format(_columns(dataset, formatting_func), args)
+    record = {
+        "dataset_format": kind,
+        "longest_untruncated_row": longest,
+        "unlabelled_rows": unlabelled,
+        **_settings_read(dataset, args, kind, longest, formatting_func),
+    }
+    if processing_class is not None and kind != "tokenized":
+        if _is_chat(example):
+            record["chat_template_sha256"] = template_digest(processing_class.chat_template)
+        else:
+            record["eos_token"] = processing_class.eos_token  # the one appended to each text
+    return prepared, record
+
+
+def skips_preparation(args: Any) -> bool:
+    """Whether SFTTrainer trains on the rows as given: ``dataset_kwargs={"skip_prepare_dataset": True}``."""
+    return bool((args.dataset_kwargs or {}).get("skip_prepare_dataset", False))
+
+
+def _unprepared_rows(dataset: Any, args: Any) -> Any:
+    """The rows SFTTrainer trains on when it skips preparation: the dataset itself, which must hold them."""
+    from trl import SFTTrainer
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    if TOKENIZED_COLUMN not in _columns(dataset, None):
+        raise DatasetFormatError(
+            f"dataset_kwargs={args.dataset_kwargs!r} skips TRL's preparation, so the rows must already be tokenized "
+            f"('input_ids', with 'labels' where the loss skips tokens); this dataset has columns "
+            f"{_columns(dataset, None)}. Tokenize it first, or drop skip_prepare_dataset."
+        )
+    # TRL's own check that mask columns without 'labels' would silently train on every token.
+    skipping = _SkippingState(_skip_prepare_dataset=True, _is_vision_dataset=False)
+    collator = DataCollatorForLanguageModeling(pad_token_id=0)
+    SFTTrainer._reject_skip_prepare_without_labels(skipping, {"train": dataset}, collator)
+    return dataset
+
+
+@dataclass
+class _SkippingState:
+    """The attributes ``SFTTrainer._reject_skip_prepare_without_labels`` reads from its trainer."""
+
+    _skip_prepare_dataset: bool
+    _is_vision_dataset: bool
+
+
+def check_sft_config(args: Any, processing_class: Any) -> None:
+    """The checks ``SFTTrainer.__init__`` makes of the data settings before it prepares rows, so a cache
+    is never built with settings no trainer accepts.
+
+    TRL runs them inline in ``SFTTrainer.__init__`` (trl/trainer/sft_trainer.py: the ``eos_token``
+    vocabulary check, and "When `padding_free=True` without packing, `max_length` is not enforced"),
+    with no function to call, so they are restated here.
+    """
+    if args.padding_free and not args.packing and args.max_length is not None:
+        raise ValueError(
+            f"padding_free=True without packing does not enforce max_length (now {args.max_length}), so SFTTrainer "
+            "refuses it: set max_length=None (hf-capgap cache build --max_length None) and give rows already cut "
+            "to length, or enable packing (packing=True, packing_strategy='bfd')."
+        )
+    if args.eos_token is not None and processing_class is not None:
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        if args.eos_token not in tokenizer.get_vocab():
+            raise ValueError(
+                f"eos_token={args.eos_token!r} is not in the vocabulary of the tokenizer "
+                f"{getattr(tokenizer, 'name_or_path', '')!r} (SFTTrainer refuses it too): name one of its tokens, "
+                "or leave eos_token=None to use the tokenizer's own."
+            )
+
+
+def _is_template_file(path: str) -> bool:
+    """Whether SFTTrainer reads ``chat_template_path`` as a template file rather than a tokenizer to clone."""
+    return os.path.isfile(path) and path.endswith((".jinja", ".j2"))
+
+
+def apply_chat_template_path(processing_class: Any, args: Any) -> None:
+    """Give the tokenizer ``args.chat_template_path``'s template, as ``SFTTrainer.__init__`` does
+    (trl/trainer/sft_trainer.py, right after ``eos_token``) before it prepares rows.
+
+    A ``.jinja`` / ``.j2`` file is read as the template. Any other path is a tokenizer TRL's
+    ``clone_chat_template`` copies the template from, adding its tokens to the tokenizer and resizing the
+    model: that would resize the teacher, so it is refused here with the way to do it first.
+    """
+    path = args.chat_template_path
+    if path is None:
+        return
+    if not _is_template_file(path):
+        raise DatasetFormatError(
+            f"chat_template_path={path!r} is not a .jinja/.j2 file, so SFTTrainer would clone a tokenizer's template "
+            "onto the model, adding tokens and resizing its embeddings. Apply trl.clone_chat_template(teacher, "
+            "tokenizer, path) yourself and build with chat_template_path=None, or pass a .jinja file."
+        )
+    with open(path, encoding="utf-8") as template:
+        processing_class.chat_template = template.read()
+
+
+def template_digest(template: str | dict[str, str] | None) -> str | None:
+    """A short sha256 of a chat template (a string, or a dict of named templates)."""
+    if template is None:
+        return None
+    text = template if isinstance(template, str) else json.dumps(template, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _trainer_chat_template(tokenizer: Any, args: Any) -> str | dict[str, str] | None:
+    """The template a trainer with ``args`` and ``tokenizer`` renders chats with, once SFTTrainer has
+    applied ``chat_template_path``; None when unknown (no tokenizer, and no template file)."""
+    path = args.chat_template_path
+    if path is not None and _is_template_file(path):
+        with open(path, encoding="utf-8") as template:
+            return template.read()
+    if path is not None:
+        return _clone_source(path).get_chat_template()
+    return None if tokenizer is None else getattr(tokenizer, "chat_template", None)
+
+
+def _trainer_eos_token(tokenizer: Any, args: Any) -> str | None:
+    """The eos SFTTrainer appends to text rows with ``args`` and ``tokenizer``: ``eos_token``, else the
+    tokenizer's, and a cloned template's source tokenizer's over both; None when unknown."""
+    path = args.chat_template_path
+    if path is not None and not _is_template_file(path):
+        return _clone_source(path).eos_token  # clone_chat_template sets it after eos_token
+    if args.eos_token is not None:
+        return args.eos_token
+    return None if tokenizer is None else getattr(tokenizer, "eos_token", None)
+
+
+def _clone_source(path: str) -> Any:
+    """The tokenizer ``clone_chat_template`` copies from (it loads it the same way)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _longest_and_unlabelled(rows: Any, batch_rows: int = 8192) -> tuple[int, int]:
+    """The longest row of tokenized rows and how many have no label (TRL's truncation drops those),
+    read one column at a time in batches so no rank holds a whole column."""
+    import pyarrow.compute as pc
+
+    longest = unlabelled = 0
+    for batch in rows.with_format("arrow", columns=[TOKENIZED_COLUMN]).iter(batch_size=batch_rows):
+        longest = max(longest, pc.max(pc.list_value_length(batch[TOKENIZED_COLUMN])).as_py() or 0)
+    if "labels" in rows.column_names:
+        for per_row in _label_counts(rows, batch_rows):
+            unlabelled += int((per_row == 0).sum())
+    return longest, unlabelled
+
+
+def _label_counts(rows: Any, batch_rows: int) -> Iterator[Any]:
+    """Each row's labels that are not -100 (position 0 included), one numpy array per batch."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    for batch in rows.with_format("arrow", columns=["labels"]).iter(batch_size=batch_rows):
+        labels = batch["labels"]
+        flat = np.asarray(pc.not_equal(pc.list_flatten(labels), IGNORE_INDEX))
+        yield np.bincount(np.asarray(pc.list_parent_indices(labels)), weights=flat, minlength=len(labels))
 
 
 PREPARATION_ARGUMENTS = (
@@ -194,75 +386,87 @@ PREPARATION_ARGUMENTS = (
     "assistant_only_loss",
     "dataset_text_field",
     "eos_token",
+    "shuffle_dataset",
 )
-"""The SFTConfig fields that shape the prepared rows and their collation (with ``shuffle_dataset`` and
-its ``seed``); ``hf-capgap cache build`` takes them as flags."""
-_FACTS = ("dataset_format", "longest_row")
+"""The SFTConfig fields that shape the prepared rows and their collation (with ``shuffle_dataset``'s
+``seed``, ``dataset_kwargs`` and ``chat_template_path``); ``hf-capgap cache build`` takes them as flags."""
+_FACTS = ("dataset_format", "longest_row", "longest_untruncated_row", "unlabelled_rows")
 """Entries of a preparation record that describe the rows rather than a setting."""
 
 
-def _setting(args: Any, field: str, kind: str) -> Any:
-    """The value of one preparation setting of ``args`` as it acts on rows of format ``kind``."""
+def _setting(args: Any, field: str, kind: str, tokenizer: Any = None) -> Any:
+    """The value of one preparation setting of ``args`` (with the trainer's ``tokenizer``) as it acts on
+    rows of format ``kind``; None for the eos and chat template when they cannot be known."""
     if field == "padding_free":
         return uses_padding_free(args)
     if field == "completion_only_loss":
         return completion_only(args, kind == "prompt_completion")
+    if field == "skip_prepare_dataset":
+        return skips_preparation(args)
+    if field == "eos_token":
+        return _trainer_eos_token(tokenizer, args)
+    if field == "chat_template_sha256":
+        return template_digest(_trainer_chat_template(tokenizer, args))
     value = getattr(args, field)
     return bool(value) if field in ("packing", "assistant_only_loss", "shuffle_dataset") else value
 
 
-def preparation_settings(
-    dataset: Any, prepared: Any, args: Any, *, formatting_func: Callable[[dict], str] | None = None
+def _settings_read(
+    dataset: Any, args: Any, kind: str, longest: int, formatting_func: Callable[[dict], str] | None
 ) -> dict[str, Any]:
-    """What the rows ``prepared`` from ``dataset`` with ``args`` depend on: the rows' format, their
-    longest row, and each setting the format reads (padding_free aside, a collation setting).
-
-    Settings the format never reads are left out (``dataset_text_field`` of chat rows, the assistant
-    mask of tokenized rows, truncation when no row reached ``max_length`` ...), so a config that
-    differs only there is not told it disagrees.
-    """
-    import pyarrow.compute as pc
-
+    """Each setting rows of format ``kind`` (longest ``longest`` tokens before truncation) depend on."""
     columns = _columns(dataset, formatting_func)
-    kind = dataset_format(columns, args)
-    longest = pc.max(pc.list_value_length(prepared.with_format("arrow")[:][TOKENIZED_COLUMN])).as_py()
-    fields = ["max_length", "packing", "shuffle_dataset"]
+    fields = ["skip_prepare_dataset", "max_length", "packing", "shuffle_dataset"]
     if args.packing:
         fields.append("packing_strategy")
-    elif args.max_length is not None and longest >= args.max_length:
-        fields.append("truncation_mode")  # some rows may have been cut
+    elif args.max_length is not None and longest > args.max_length:
+        fields.append("truncation_mode")  # some rows were cut
     if args.shuffle_dataset:
         fields.append("seed")
     if kind == "prompt_completion" or ("completion_mask" in columns and "labels" not in columns):
         fields.append("completion_only_loss")
     if kind != "tokenized":
         fields.append("assistant_only_loss")
-        if not _is_chat(_first_example(dataset)):
-            fields.append("eos_token")  # appended to plain text only
     if kind == "language_modeling":
         fields.append("dataset_text_field")
-    return {"dataset_format": kind, "longest_row": longest, **{field: _setting(args, field, kind) for field in fields}}
+    return {field: _setting(args, field, kind) for field in fields}
 
 
-def preparation_disagreements(recorded: Mapping[str, Any], args: Any) -> list[tuple[str, Any, Any]]:
-    """(field, recorded value, value in ``args``) for each setting under which ``args`` would give
-    other rows than those :func:`preparation_settings` recorded.
+def preparation_disagreements(
+    recorded: Mapping[str, Any], args: Any, tokenizer: Any = None
+) -> list[tuple[str, Any, Any]]:
+    """(field, recorded value, value in ``args``) for each setting under which ``args`` (with the trainer's
+    ``tokenizer``, before SFTTrainer applies ``eos_token`` and ``chat_template_path`` to it) would give other
+    rows than those :func:`prepare_and_record` recorded.
 
-    Unpacked rows none of which reached either ``max_length`` were never cut, so both give them.
+    Without ``tokenizer``, the eos and chat template are checked only where ``args`` fixes them.
     """
     kind = recorded.get("dataset_format")
     found = []
     for field, have in recorded.items():
         if field in _FACTS:
             continue
-        want = _setting(args, field, kind)
-        uncut = (
-            field == "max_length" and not recorded["packing"] and None not in (have, want)
-            and recorded["longest_row"] < have and recorded["longest_row"] <= want
-        )  # fmt: skip
-        if want != have and not uncut:
-            found.append((field, have, want))
+        want = _setting(args, field, kind, tokenizer)
+        if want != have and not (want is None and field in ("eos_token", "chat_template_sha256")):
+            if not _same_rows_anyway(recorded, field, have, want):
+                found.append((field, have, want))
     return found
+
+
+def _same_rows_anyway(recorded: Mapping[str, Any], field: str, have: Any, want: Any) -> bool:
+    """Whether two values of ``field`` still prepare the recorded rows alike: any two ``max_length``
+    (None is unlimited) that cut no row, and drop none (a max_length drops rows with no label, None
+    keeps them); ``bfd`` and ``bfd_split`` when no row is longer than the packs."""
+    longest = recorded.get("longest_untruncated_row")
+    if longest is None:
+        return False  # recorded before the longest untruncated row was: compare strictly
+    unlimited = float("inf")
+    if field == "max_length" and not recorded["packing"]:
+        fits = longest <= (unlimited if have is None else have) and longest <= (unlimited if want is None else want)
+        return fits and (recorded["unlabelled_rows"] == 0 or None not in (have, want))
+    if field == "packing_strategy":
+        return {have, want} <= {"bfd", "bfd_split"} and longest <= recorded["max_length"]
+    return False
 
 
 def make_collator(processing_class: Any, args: Any = None) -> Any:

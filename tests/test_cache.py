@@ -760,13 +760,71 @@ def test_cli_builds_with_the_trainers_data_settings_which_the_manifest_records(t
     cache = TeacherCache.load(out, args=config(max_length=12))
     assert {len(row) for row in cache.dataset["input_ids"]} == {12}
     assert cache.manifest["preparation"] == {
-        "dataset_format": "tokenized", "longest_row": 12, "max_length": 12, "packing": False, "shuffle_dataset": False,
+        "dataset_format": "tokenized", "longest_untruncated_row": SEQ_LEN, "unlabelled_rows": 0,
+        "skip_prepare_dataset": False, "max_length": 12, "packing": False, "shuffle_dataset": False,
         "truncation_mode": "keep_start",
     }  # fmt: skip
     with pytest.raises(ArtifactError, match=r"max_length: cache 12, config 16\).*--max_length 16"):
         TeacherCache.load(out, args=config(max_length=16))
     with pytest.raises(ArtifactError, match="packing: cache False, config True"):
         cache.check_preparation(config(max_length=12, packing=True))
+
+
+def test_a_longer_max_length_is_refused_when_truncation_cut_or_dropped_a_row_and_accepted_when_none_was(tmp_path):
+    """A prompt filling max_length=8 leaves its row without a label, and TRL then drops it: the rows at 8
+    are not the rows at 64 even though every kept row is short. Rows that exactly reach max_length but were
+    never cut give the same rows at any longer max_length, None included, and any truncation_mode."""
+    teacher = tiny_qwen2(CHAT_VOCAB_SIZE)
+    prompts = Dataset.from_dict(
+        {"prompt": ["the cat sat on the mat . " * 3, "hello ", "what ? "], "completion": ["the dog", "a cat", "a bird"]}
+    )
+    dropped = TeacherCache.build(teacher, prompts, tmp_path / "dropped", tokenizer=chat_tokenizer(),
+                                 args=config(max_length=8), k=4, progress=False)  # fmt: skip
+    assert len(dropped) == 2
+    for other, named in (({"max_length": 64}, "max_length: cache 8, config 64"),
+                         ({"max_length": 8, "truncation_mode": "keep_end"}, "truncation_mode: cache 'keep_start'")):  # fmt: skip
+        with pytest.raises(ArtifactError, match=re.escape(named)):
+            TeacherCache.load(dropped.path, args=config(**other), tokenizer=chat_tokenizer())
+
+    tokenizer = chat_tokenizer()
+    texts = Dataset.from_dict({"text": ["the cat sat on the mat .", "a bird sang ."]})
+    longest = max(len(tokenizer(text + tokenizer.eos_token)["input_ids"]) for text in texts["text"])
+    uncut = TeacherCache.build(teacher, texts, tmp_path / "uncut", tokenizer=tokenizer, args=config(max_length=longest),
+                               k=4, progress=False)  # fmt: skip
+    for other in ({"max_length": 64}, {"max_length": None}, {"max_length": longest, "truncation_mode": "keep_end"}):
+        TeacherCache.load(uncut.path, args=config(**other), tokenizer=tokenizer)
+
+
+def test_the_eos_checked_is_the_one_appended_to_the_text(tmp_path):
+    """With eos_token=None TRL appends the tokenizer's eos: a base tokenizer's '</s>' and an instruct one's
+    '<|im_end|>' (same vocabulary) give other rows, while eos_token='</s>' with a '</s>' tokenizer gives the same."""
+    texts = Dataset.from_dict({"text": ["the cat sat on the mat .", "a bird sang ."]})
+    base, instruct = chat_tokenizer(eos_token="</s>"), chat_tokenizer(eos_token="<|im_end|>")
+    cache = TeacherCache.build(tiny_qwen2(CHAT_VOCAB_SIZE), texts, tmp_path / "c", tokenizer=base, args=config(),
+                               k=4, progress=False)  # fmt: skip
+    with pytest.raises(ArtifactError, match=re.escape("eos_token: cache '</s>', config '<|im_end|>'")):
+        TeacherCache.load(cache.path, args=config(), tokenizer=instruct)
+    TeacherCache.load(cache.path, args=config(eos_token="</s>"), tokenizer=chat_tokenizer(eos_token="</s>"))
+    TeacherCache.load(cache.path, args=config(eos_token="</s>"), tokenizer=instruct)
+
+
+def test_padding_free_without_packing_builds_at_no_max_length_as_trl_requires(teacher, dataset, tmp_path):
+    """SFTTrainer refuses padding_free without packing at a max_length, so the build does too; the CLI takes
+    --max_length None, and such a cache serves a max_length=None trainer; rows shorter than a max_length
+    are the same without one."""
+    from hf_capgap.cli import main
+
+    with pytest.raises(ValueError, match="padding_free=True without packing.*max_length=None"):
+        TeacherCache.build(teacher, dataset, tmp_path / "refused", args=config(padding_free=True), k=4, progress=False)
+    teacher.save_pretrained(tmp_path / "teacher")
+    dataset.save_to_disk(tmp_path / "data")
+    out = tmp_path / "cache"
+    build = ["cache", "build", str(tmp_path / "teacher"), "--dataset", str(tmp_path / "data"), "--out", str(out)]
+    assert main([*build, "--k", "4", "--padding_free", "--max_length", "None"]) == 0
+    cache = TeacherCache.load(out, args=config(padding_free=True, max_length=None))
+    assert cache.manifest["padding_free"] and cache.manifest["preparation"]["max_length"] is None
+    short = TeacherCache.build(teacher, dataset, tmp_path / "short", k=4, progress=False)
+    TeacherCache.load(short.path, args=config(max_length=None))
 
 
 def test_a_cache_built_before_its_data_settings_were_recorded(teacher, dataset, tmp_path):

@@ -104,6 +104,19 @@ def _add_preparation_arguments(parser: argparse.ArgumentParser) -> None:
     fields = {field.name: field for field in dataclasses.fields(DistillationConfig)}
     for name in PREPARATION_ARGUMENTS:
         HfArgumentParser._parse_dataclass_field(group, fields[name])
+    for action in group._group_actions:
+        if action.dest == "max_length":
+            action.type = _int_or_none  # HfArgumentParser parses Optional[int] as int: None is SFTConfig's "no limit"
+            action.help = f"{action.help} 'None': no limit (padding_free without packing needs it)"
+    group.add_argument(
+        "--data_seed", type=int, default=fields["seed"].default,
+        help="SFTConfig.seed, the seed shuffle_dataset shuffles the rows with (--seed is the sampled mode's)",
+    )  # fmt: skip
+
+
+def _int_or_none(value: str) -> int | None:
+    """An int, or None for 'None' (as SFTConfig's max_length takes)."""
+    return None if value.lower() == "none" else int(value)
 
 
 def _load_dataset(args: argparse.Namespace, tokenizer: object) -> object:
@@ -142,7 +155,9 @@ def _build(args: argparse.Namespace) -> int:
     from hf_capgap.sft_data import PREPARATION_ARGUMENTS
     from hf_capgap.teacher_loading import load_frozen_teacher
 
-    preparation = default_preparation_args(**{name: getattr(args, name) for name in PREPARATION_ARGUMENTS})
+    preparation = default_preparation_args(
+        **{name: getattr(args, name) for name in PREPARATION_ARGUMENTS}, seed=args.data_seed
+    )
     has_tokenizer = any(
         (teacher_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")
     )
