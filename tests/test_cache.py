@@ -827,6 +827,23 @@ def test_padding_free_without_packing_builds_at_no_max_length_as_trl_requires(te
     TeacherCache.load(short.path, args=config(max_length=None))
 
 
+def test_cli_builds_shuffled_rows_with_the_trainers_data_seed(teacher, dataset, tmp_path):
+    """--shuffle_dataset with --data_seed (SFTConfig.seed; --seed is the sampled mode's) gives the rows a
+    shuffle_dataset=True trainer with that seed trains on."""
+    from hf_capgap.cli import main
+
+    teacher.save_pretrained(tmp_path / "teacher")
+    dataset.save_to_disk(tmp_path / "data")
+    out = tmp_path / "cache"
+    build = ["cache", "build", str(tmp_path / "teacher"), "--dataset", str(tmp_path / "data"), "--out", str(out)]
+    assert main([*build, "--k", "4", "--shuffle_dataset", "--data_seed", "3", "--seed", "5"]) == 0
+    shuffled = config(shuffle_dataset=True, seed=3)
+    cache = TeacherCache.load(out, args=shuffled, dataset_fingerprint=dataset_fingerprint(dataset.shuffle(seed=3)))
+    assert cache.manifest["seed"] == 5
+    with pytest.raises(ArtifactError, match=re.escape("seed: cache 3, config 42)") + ".*--data_seed 42"):
+        TeacherCache.load(out, args=config(shuffle_dataset=True))
+
+
 def test_a_cache_built_before_its_data_settings_were_recorded(teacher, dataset, tmp_path):
     """Such a cache still loads; a config is checked on padding_free (recorded since format 4) with a
     warning that the rest is not, and a build with matching settings adds them to its manifest."""

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import CHAT_ROWS, CHAT_VOCAB_SIZE, chat_tokenizer, tiny_llama, tiny_qwen2
+from conftest import CHAT_ROWS, CHAT_TEMPLATE, CHAT_VOCAB_SIZE, chat_tokenizer, tiny_llama, tiny_qwen2
 from datasets import Dataset
 
 from hf_capgap import DistillationConfig, DistillationTrainer, TeacherCache
@@ -224,3 +224,61 @@ def test_a_cache_built_with_the_trainers_formatting_func_trains_with_it(tmp_path
     assert trained.state.global_step == 2
     with pytest.raises(ArtifactError, match="dataset fingerprint"):
         trainer(None)
+
+
+def test_a_cache_holds_the_rows_of_the_trainers_chat_template_path_and_refuses_another_template(tmp_path, chats, teacher):
+    """SFTTrainer gives its tokenizer the chat_template_path template before preparing: so does the build,
+    which records the template's hash; a trainer rendering chats with another template is refused."""
+    path_of_template = tmp_path / "system.jinja"
+    path_of_template.write_text(CHAT_TEMPLATE.replace("message['role'] + '\\n'", "message['role'] + ' system\\n'"))
+    settings = {"chat_template_path": str(path_of_template), "max_length": 64}
+    cache = TeacherCache.build(teacher, chats, tmp_path / "cache", tokenizer=chat_tokenizer(), args=args(tmp_path, **settings),
+                               temperature=TEMPERATURE, k=4, progress=False)  # fmt: skip
+    assert "user system" in chat_tokenizer().decode(cache.dataset[0]["input_ids"])
+
+    def trainer(**overrides):
+        config = args(tmp_path, teacher_cache=str(cache.path), **{**settings, **overrides})
+        return DistillationTrainer(
+            model=tiny_qwen2(1008, seed=5), args=config, train_dataset=chats, processing_class=chat_tokenizer()
+        )
+
+    trained = trainer()
+    trained.train()
+    assert trained.state.global_step == 2
+    with pytest.raises(ArtifactError, match=r"chat_template_sha256: cache '[0-9a-f]{16}', config '[0-9a-f]{16}'"):
+        trainer(chat_template_path=None)
+
+
+def test_a_text_cache_refuses_a_trainer_whose_tokenizer_appends_another_eos(tmp_path, teacher):
+    """The same vocabulary, but a base tokenizer ends each text with '</s>' and an instruct one with '<|im_end|>'."""
+    texts = Dataset.from_dict({"text": ["the cat sat on the mat .", "a bird sang ."] * 4})
+    settings = {"assistant_only_loss": False}
+    path = tmp_path / "cache"
+    TeacherCache.build(teacher, texts, path, tokenizer=chat_tokenizer(eos_token="</s>"), args=args(tmp_path, **settings),
+                       temperature=TEMPERATURE, k=4, progress=False)  # fmt: skip
+    with pytest.raises(ArtifactError, match=re.escape("eos_token: cache '</s>', config '<|im_end|>'")):
+        DistillationTrainer(model=tiny_qwen2(1008, seed=5), args=args(tmp_path, teacher_cache=str(path), **settings),
+                            processing_class=chat_tokenizer(eos_token="<|im_end|>"))  # fmt: skip
+
+
+def test_a_cache_of_rows_given_as_they_are_keeps_them_uncut(tmp_path, teacher):
+    """dataset_kwargs={'skip_prepare_dataset': True}: SFTTrainer trains on the rows as given (no truncation at
+    max_length), and so does the cache; a config that prepares them is refused."""
+    ids = [list(range(10, 30)), list(range(40, 52))]
+    rows = Dataset.from_dict({"input_ids": ids, "labels": ids})
+    skipping = {"max_length": 8, "dataset_kwargs": {"skip_prepare_dataset": True}, "assistant_only_loss": False}
+    path = tmp_path / "cache"
+    cache = TeacherCache.build(teacher, rows, path, tokenizer=chat_tokenizer(), args=args(tmp_path, **skipping),
+                               temperature=TEMPERATURE, k=4, progress=False)  # fmt: skip
+    assert cache.dataset["input_ids"] == ids
+
+    def trainer(**settings):
+        config = args(tmp_path, teacher_cache=str(path), per_device_train_batch_size=2, **settings)
+        return DistillationTrainer(model=tiny_qwen2(1008, seed=5), args=config, train_dataset=rows,
+                                   processing_class=chat_tokenizer())  # fmt: skip
+
+    trained = trainer(**skipping)
+    trained.train()
+    assert trained.state.global_step == 2
+    with pytest.raises(ArtifactError, match="skip_prepare_dataset: cache True, config False"):
+        trainer(max_length=8, assistant_only_loss=False)
