@@ -66,8 +66,8 @@ def _train_resumably(trainer: Any, checkpoints: Path, final: Path, data: RunData
     from hf_capgap.pretraining import last_complete_checkpoint
 
     last = last_complete_checkpoint(checkpoints)
-    trainer.train(resume_from_checkpoint=last)
-    resumed_from = int(last.rsplit("-", 1)[1]) if last else None
+    trainer.train(resume_from_checkpoint=None if last is None else last.path)
+    resumed_from = None if last is None else last.step
     rows = trainer.state.global_step * trainer.get_total_train_batch_size(trainer.args)
     distinct_rows = rows if data.passes is None else data.passes.distinct_rows(rows)
     staging = final.with_name(f".{final.name}.partial")

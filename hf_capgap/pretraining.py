@@ -16,7 +16,7 @@ import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import datasets
 import torch
@@ -32,7 +32,7 @@ from transformers import (
     TrainingArguments,
 )
 from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import sort_checkpoints
+from transformers.trainer_utils import _re_checkpoint
 from transformers.utils import logging
 
 from hf_capgap.artifacts import (
@@ -62,18 +62,33 @@ TEACHER_FORMAT_VERSION = 1
 WORK_DIR_NAME = ".work"
 
 
-def last_complete_checkpoint(folder: str | os.PathLike) -> str | None:
+class Checkpoint(NamedTuple):
+    """A Trainer checkpoint folder and the step it holds (read from its name)."""
+
+    path: str
+    step: int
+
+
+def last_complete_checkpoint(folder: str | os.PathLike) -> Checkpoint | None:
     """The newest ``checkpoint-N`` in ``folder`` that the Trainer finished writing, or None (start afresh).
 
-    The Trainer writes a checkpoint's files one by one and ``trainer_state.json`` last, so a kill during a
-    save leaves a newer folder without it, from which every resume would fail; such folders are skipped,
+    Only folders named exactly ``checkpoint-<step>`` count, as in transformers' ``get_last_checkpoint``: a
+    copy such as ``checkpoint-3.bak`` or ``checkpoint-9-old`` is neither resumed from nor outranks the real
+    ones. The Trainer writes a checkpoint's files one by one and ``trainer_state.json`` last, so a kill during
+    a save leaves a newer folder without it, from which every resume would fail; such folders are skipped,
     with a warning naming them.
     """
-    for checkpoint in reversed(sort_checkpoints(str(folder))):
-        if Path(checkpoint, TRAINER_STATE_NAME).is_file():
+    folder = Path(folder)
+    found: list[Checkpoint] = []
+    for path in folder.iterdir() if folder.is_dir() else ():
+        match = _re_checkpoint.search(path.name)  # ^checkpoint-(\d+)$, as get_last_checkpoint reads
+        if match is not None and path.is_dir():
+            found.append(Checkpoint(str(path), int(match.group(1))))
+    for checkpoint in sorted(found, key=lambda candidate: (candidate.step, candidate.path), reverse=True):
+        if Path(checkpoint.path, TRAINER_STATE_NAME).is_file():
             return checkpoint
-        logger.warning(f"skipping {checkpoint}: it has no {TRAINER_STATE_NAME} (its write was cut off); resuming "
-                       "from the newest complete checkpoint before it.")
+        logger.warning(f"skipping {checkpoint.path}: it has no {TRAINER_STATE_NAME} (its write was cut off); "
+                       "resuming from the newest complete checkpoint before it.")
     return None
 
 
@@ -221,7 +236,7 @@ def pretrain(
     )
     checkpoint = last_complete_checkpoint(work_dir)
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.train(resume_from_checkpoint=None if checkpoint is None else checkpoint.path)
     wall_seconds = time.perf_counter() - started
     eval_loss = trainer.evaluate()["eval_loss"]
 
@@ -244,7 +259,7 @@ def pretrain(
                     "non_embedding_params": non_embedding,
                     "tokens_seen": trainer.state.global_step * batch_size * seq_len * args.world_size,
                     "final_validation_loss": eval_loss,
-                    "resumed_from_step": int(checkpoint.rsplit("-", 1)[1]) if checkpoint else None,
+                    "resumed_from_step": None if checkpoint is None else checkpoint.step,
                     "wall_seconds": round(wall_seconds, 1),
                 },
             )

@@ -19,7 +19,9 @@ from hf_capgap.pretraining import (
     TEACHER_FORMAT_VERSION,
     TEACHER_KIND,
     WORK_DIR_NAME,
+    Checkpoint,
     ensure_ladder,
+    last_complete_checkpoint,
     load_teacher,
     pretrain,
 )
@@ -106,6 +108,16 @@ def test_killed_run_resumes_from_last_checkpoint(setup, tmp_path):
     assert manifest["resumed_from_step"] == RUN["save_steps"]
     assert manifest["tokens_seen"] == RUN["max_tokens"]
     assert not checkpoints[0].exists()
+
+
+def test_only_folders_named_exactly_checkpoint_step_are_resumed_from(tmp_path):
+    """Copies a user or tool leaves beside the checkpoints are neither resumed from nor outrank them."""
+    for name in ("checkpoint-2", "checkpoint-3", "checkpoint-3.bak", "checkpoint-3-copy", "checkpoint-3_old",
+                 "checkpoint-9-old", "old-checkpoint-9", "checkpoint-foo"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "trainer_state.json").write_text("{}")
+    assert last_complete_checkpoint(tmp_path) == Checkpoint(str(tmp_path / "checkpoint-3"), 3)
+    assert last_complete_checkpoint(tmp_path / "missing") is None
 
 
 def test_bad_inputs_fail_before_training(setup, tmp_path):
