@@ -40,7 +40,21 @@ PACKED_COLUMN = "input_ids"
 class StreamPasses:
     """How often training read a stream from its start, learnt while reading it (a stream has no length)."""
 
-    rows_per_pass: int | None = None  # None: the budget fitted in one pass
+    rows: int  # rows the token budget trains on
+    seq_len: int
+    rows_per_pass: int | None = None  # None: the budget fitted in one pass (as far as read)
+
+    def ran_out(self, rows_per_pass: int) -> None:
+        """Record that the stream holds ``rows_per_pass`` rows, warning (once) that training reads it again."""
+        if self.rows_per_pass is not None:
+            return
+        self.rows_per_pass = rows_per_pass
+        tokens = rows_per_pass * self.seq_len
+        logger.warning(
+            f"the training stream ran out after {rows_per_pass} rows ({tokens:,} tokens) of the {self.rows} the token "
+            f"budget needs: training reads it again. Lower train_tokens to at most {tokens:,} or add data to train "
+            "on distinct rows."
+        )
 
     def distinct_rows(self, rows: int) -> int:
         """Distinct rows among the first ``rows`` rows trained on."""
@@ -102,7 +116,7 @@ def prepare_data(config: MinimaConfig, plan: Plan, tokenizer: Any) -> RunData:
             stream = stream.skip(config.eval_rows)
         else:
             evaluation = _materialise(pack(eval_source).take(config.eval_rows))
-        passes = StreamPasses()
+        passes = StreamPasses(rows, plan.seq_len)
         train = _one_stream(stream.shuffle(seed=config.seed, buffer_size=SHUFFLE_BUFFER_ROWS), rows, passes)
         calibration_rows = _materialise(train.take(config.calibration_batches * config.batch_size))
         if len(calibration_rows) == 0:
@@ -207,13 +221,7 @@ def _passes_over(stream: Any, rows: int, passes: StreamPasses) -> Iterator[dict[
             in_pass, produced = in_pass + 1, produced + 1
         if in_pass == 0 or produced == rows:
             return
-        if passes.rows_per_pass is None:
-            passes.rows_per_pass = in_pass
-            logger.warning(
-                f"the training stream ran out after {in_pass} rows ({in_pass * len(row[PACKED_COLUMN]):,} tokens) "
-                f"of the {rows} the token budget needs: training reads it again (pass {index + 2}). Lower "
-                f"train_tokens to at most {in_pass * len(row[PACKED_COLUMN]):,} or add data to train on distinct rows."
-            )
+        passes.ran_out(in_pass)
 
 
 def _materialise(rows: Any) -> Any:

@@ -16,7 +16,7 @@ from typing import Any
 
 from hf_capgap.artifacts import json_sha256, read_manifest
 from hf_capgap.minima_config import MinimaConfig
-from hf_capgap.minima_data import RunData
+from hf_capgap.minima_data import RunData, StreamPasses
 from hf_capgap.minima_plan import Plan, steps_for
 from hf_capgap.training_arguments import StudentTraining, student_training_arguments
 
@@ -55,6 +55,29 @@ def _finished(path: Path, inputs: Mapping[str, Any]) -> bool:
     return True
 
 
+def _stream_passes_callback(passes: StreamPasses) -> Any:
+    """A TrainerCallback keeping ``passes.rows_per_pass`` in each checkpoint and restoring it on resume.
+
+    A rerun from the final checkpoint reads no pass of the stream, yet reports the distinct tokens the
+    uninterrupted run does. Saved as an ``ExportableState`` in ``trainer_state.json``, which the Trainer
+    writes last, so every complete checkpoint holds it.
+    """
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import ExportableState
+
+    class StreamPassesState(TrainerCallback, ExportableState):
+        def state(self) -> dict[str, Any]:
+            return {"args": {}, "attributes": {"rows_per_pass": passes.rows_per_pass}}
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            # setdefault: a checkpoint saved without this callback lacks the entry the Trainer's next save updates
+            recorded = state.stateful_callbacks.setdefault(type(self).__name__, self.state())
+            if recorded["attributes"]["rows_per_pass"] is not None:
+                passes.ran_out(recorded["attributes"]["rows_per_pass"])
+
+    return StreamPassesState()
+
+
 def _train_resumably(trainer: Any, checkpoints: Path, final: Path, data: RunData, seq_len: int,
                      fields: Mapping[str, Any]) -> None:
     """Train from the last complete checkpoint in ``checkpoints``, then publish the model at ``final`` in one rename.
@@ -63,10 +86,12 @@ def _train_resumably(trainer: Any, checkpoints: Path, final: Path, data: RunData
     and was read again), which the results report.
     """
     from hf_capgap.artifacts import write_manifest
-    from hf_capgap.pretraining import last_complete_checkpoint
+    from hf_capgap.pretraining import last_complete_checkpoint, train_from
 
     last = last_complete_checkpoint(checkpoints)
-    trainer.train(resume_from_checkpoint=None if last is None else last.path)
+    if data.passes is not None:
+        trainer.add_callback(_stream_passes_callback(data.passes))
+    train_from(trainer, last)
     resumed_from = None if last is None else last.step
     rows = trainer.state.global_step * trainer.get_total_train_batch_size(trainer.args)
     distinct_rows = rows if data.passes is None else data.passes.distinct_rows(rows)

@@ -92,6 +92,39 @@ def last_complete_checkpoint(folder: str | os.PathLike) -> Checkpoint | None:
     return None
 
 
+class _AlreadyTrained(Exception):
+    """Raised by :class:`_StopWhenAlreadyTrained` to leave ``Trainer.train`` before its first step."""
+
+
+class _StopWhenAlreadyTrained(TrainerCallback):
+    """Stops ``train()`` before any step when the checkpoint it resumed from already holds ``max_steps`` steps.
+
+    The Trainer resumes such a checkpoint into a new epoch and runs one step more before its step-end check
+    stops it, whenever an epoch is not ``max_steps`` steps (an IterableDataset, whose epochs the Trainer sets
+    to ``max_steps`` steps and ``sys.maxsize`` of them, or a dataset longer or shorter than the run).
+    ``on_train_begin`` comes after the checkpoint's weights, optimizer and state were loaded by whichever
+    backend runs (DDP, FSDP, DeepSpeed), so stopping there leaves the trainer as the finished run left it.
+    """
+
+    def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step >= state.max_steps:
+            raise _AlreadyTrained
+
+
+def train_from(trainer: Trainer, checkpoint: Checkpoint | None) -> None:
+    """``trainer.train()`` resumed from ``checkpoint`` (None: from the start), training nothing when the
+    checkpoint is the run's last (a run killed after its final save, before it published its model)."""
+    stop = _StopWhenAlreadyTrained()
+    trainer.add_callback(stop)
+    try:
+        trainer.train(resume_from_checkpoint=None if checkpoint is None else checkpoint.path)
+    except _AlreadyTrained:
+        trainer.is_in_train = False  # as train() leaves it on return
+        logger.info(f"{checkpoint.path} holds all {trainer.state.max_steps} steps: finishing from it without training.")
+    finally:
+        trainer.remove_callback(stop)
+
+
 def _help(text: str) -> dict[str, Any]:
     return {"help": text}
 
@@ -236,7 +269,7 @@ def pretrain(
     )
     checkpoint = last_complete_checkpoint(work_dir)
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=None if checkpoint is None else checkpoint.path)
+    train_from(trainer, checkpoint)
     wall_seconds = time.perf_counter() - started
     eval_loss = trainer.evaluate()["eval_loss"]
 

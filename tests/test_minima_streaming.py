@@ -154,9 +154,12 @@ def test_a_torn_last_checkpoint_is_skipped_on_resume(tmp_path, models, monkeypat
     assert f"skipping {torn}" in captured.out
 
 
-def test_a_short_stream_is_reported_and_a_resume_in_its_second_pass_is_exact(tmp_path, models, monkeypatch):
+@pytest.mark.parametrize("killed_at", [5, 8])
+def test_a_short_stream_is_reported_and_a_resume_in_its_second_pass_is_exact(tmp_path, models, monkeypatch,
+                                                                             killed_at):
     """A stream of a few rows under a 16-row budget: a warning names its size, the manifest its distinct
-    tokens, and a run killed in the second pass then rerun ends as the uninterrupted run does."""
+    tokens, and a run killed in the second pass (at step 5, or after its final checkpoint at step 8, before
+    the stage published) then rerun ends as the uninterrupted run does, without training a step more."""
     import torch
     from safetensors.torch import load_file
     from transformers.testing_utils import CaptureLogger
@@ -172,18 +175,20 @@ def test_a_short_stream_is_reported_and_a_resume_in_its_second_pass_is_exact(tmp
         student = Path(config.student_init)
         distil = lambda: minima_distill.distill_stage(config, plan, teacher, student, data, teacher_id)  # noqa: E731
         if name == "killed":
-            distil_killed_at_step(monkeypatch, 5, distil)
-            assert data.passes.rows_per_pass < 5 * 2  # step 5 read rows of the second pass
+            distil_killed_at_step(monkeypatch, killed_at, distil)
+            assert data.passes.rows_per_pass < 5 * 2  # steps 5 and on read rows of the second pass
             data = stages(values)[2]  # a fresh process: nothing learnt about the stream yet
         with CaptureLogger(minima_data.logger) as captured:
             finals[name] = distil()
         rows_per_pass = data.passes.rows_per_pass
         assert 2 <= rows_per_pass < 8 and f"ran out after {rows_per_pass} rows" in captured.out
         manifest = json.loads((finals[name] / "capgap_manifest.json").read_text())
-        assert (manifest["train_tokens"], manifest["distinct_train_tokens"]) == (16 * 16, rows_per_pass * 16)
+        assert (manifest["steps"], manifest["train_tokens"], manifest["distinct_train_tokens"]) == (
+            8, 16 * 16, rows_per_pass * 16)
         finals[name] = manifest, load_file(str(finals[name] / "model.safetensors"))
     (uninterrupted, weights), (killed, resumed_weights) = finals["uninterrupted"], finals["killed"]
-    assert killed["resumed_from_step"] == 5 and uninterrupted["resumed_from_step"] is None
+    assert killed["resumed_from_step"] == killed_at and uninterrupted["resumed_from_step"] is None
+    assert killed["distinct_train_tokens"] == uninterrupted["distinct_train_tokens"]
     assert killed["train_losses"] == pytest.approx(uninterrupted["train_losses"], rel=1e-5)
     for key, tensor in weights.items():
         torch.testing.assert_close(resumed_weights[key], tensor, rtol=1e-5, atol=1e-6)

@@ -55,9 +55,13 @@ def _loss(model: LlamaForCausalLM, dataset) -> float:
         return model(**batch).loss.item()
 
 
-class _KillAfterFirstSave(TrainerCallback):
+class _KillAfterSave(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
     def on_save(self, args, state, control, **kwargs):
-        raise KeyboardInterrupt(f"killed after saving step {state.global_step}")
+        if state.global_step == self.step:
+            raise KeyboardInterrupt(f"killed after saving step {state.global_step}")
 
 
 @pytest.fixture(scope="module")
@@ -96,18 +100,26 @@ def test_rerun_reuses_finished_teacher_and_refuses_foreign_one(setup, trained):
         pretrain(rung, train, evaluation, output_dir, tokenizer=tokenizer, **{**RUN, "learning_rate": 5e-3})
 
 
-def test_killed_run_resumes_from_last_checkpoint(setup, tmp_path):
+@pytest.mark.parametrize("killed_at", [RUN["save_steps"], 2 * RUN["save_steps"]])
+def test_killed_run_resumes_from_last_checkpoint(setup, trained, tmp_path, killed_at):
+    """Killed after a checkpoint (the last one at max_steps, before the teacher was published): the rerun
+    ends as the uninterrupted run, not one step past it."""
+    from safetensors.torch import load_file
+
     rung, tokenizer, train, evaluation = setup
     with pytest.raises(KeyboardInterrupt):
-        pretrain(rung, train, evaluation, tmp_path, tokenizer=tokenizer, callbacks=[_KillAfterFirstSave()], **RUN)
+        pretrain(rung, train, evaluation, tmp_path, tokenizer=tokenizer, callbacks=[_KillAfterSave(killed_at)], **RUN)
     assert not (tmp_path / rung.name).exists()
     checkpoints = list((tmp_path / WORK_DIR_NAME).glob("*/checkpoint-*"))
-    assert [c.name for c in checkpoints] == [f"checkpoint-{RUN['save_steps']}"]
+    assert [c.name for c in checkpoints] == [f"checkpoint-{killed_at}"]
     path = pretrain(rung, train, evaluation, tmp_path, tokenizer=tokenizer, **RUN)
     manifest = read_manifest(path, TEACHER_KIND, TEACHER_FORMAT_VERSION)
-    assert manifest["resumed_from_step"] == RUN["save_steps"]
+    assert manifest["resumed_from_step"] == killed_at
     assert manifest["tokens_seen"] == RUN["max_tokens"]
     assert not checkpoints[0].exists()
+    uninterrupted = load_file(str(trained[1] / "model.safetensors"))
+    for key, tensor in load_file(str(path / "model.safetensors")).items():
+        torch.testing.assert_close(tensor, uninterrupted[key])
 
 
 def test_only_folders_named_exactly_checkpoint_step_are_resumed_from(tmp_path):
