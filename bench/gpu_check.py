@@ -349,7 +349,7 @@ def run_trainer(plan: Plan, variant: str, distributed: str | None) -> dict:
 
 def head_path(trainer) -> str:
     """The lm_head path the student trained on, in the words the trainer logs."""
-    from hf_capgap.lm_head import choose_lm_head, head_sharding
+    from hf_capgap.losses.lm_head import choose_lm_head, head_sharding
 
     model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
     return choose_lm_head(model, trainer.args.fused_lm_head, head_sharding(trainer.accelerator)).reason

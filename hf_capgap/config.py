@@ -9,12 +9,13 @@ same names and meanings (``max_length``, ``packing``, ``padding_free``, ``comple
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from trl import SFTConfig
 
-from hf_capgap.liger_backend import LOSS_BACKENDS
-from hf_capgap.lm_head import FUSED_LM_HEAD_MODES
+from hf_capgap.losses.liger import LOSS_BACKENDS
+from hf_capgap.losses.lm_head import FUSED_LM_HEAD_MODES
 from hf_capgap.losses import DIVERGENCES, check_beta
 from hf_capgap.teacher_loading import TEACHER_DTYPE_CHOICES
 
@@ -151,3 +152,9 @@ class DistillationConfig(SFTConfig):
             raise ValueError(f"DistillationConfig.teacher_dtype={self.teacher_dtype!r} must be one of {TEACHER_DTYPE_CHOICES}.")
         check_sft_loss_fields(self)
         super().__post_init__()
+
+
+def default_preparation_args(**settings: Any) -> DistillationConfig:
+    """The trainer's default settings (a DistillationConfig) with ``settings`` (its data fields), as
+    ``hf-capgap cache build`` prepares rows with."""
+    return DistillationConfig(report_to=[], **settings)

@@ -263,7 +263,7 @@ def _check_types(config: MinimaConfig) -> None:
 
 def check_values(config: MinimaConfig) -> None:
     """Reject impossible settings by field name; nothing is loaded, built or trained here."""
-    from hf_capgap.cache_format import SAMPLERS
+    from hf_capgap.cache.format import SAMPLERS
     from hf_capgap.ladder import LADDERS
     from hf_capgap.losses import DIVERGENCES
     from hf_capgap.pruning import LAYER_SELECTIONS

@@ -212,7 +212,7 @@ def cache_bytes(config: MinimaConfig, plan: Plan, vocab_size: int) -> int:
     """
     import numpy as np
 
-    from hf_capgap.cache_format import id_dtype, sampled_bytes_bound
+    from hf_capgap.cache.format import id_dtype, sampled_bytes_bound
 
     id_bytes = np.dtype(id_dtype(vocab_size)).itemsize
     per_position = {"topk": config.cache_k * (id_bytes + 2) + 4,
@@ -226,7 +226,7 @@ def cache_bytes(config: MinimaConfig, plan: Plan, vocab_size: int) -> int:
 def student_skeleton(config: MinimaConfig, plan: Plan, teacher: Any) -> Any:
     """The student on the meta device: student_init's config, the explicit shape, or the target's shape."""
     from hf_capgap.pruning import PruneShape, shape_for_target
-    from hf_capgap.pruning_layouts import meta_model, pruned_config, validate_shape
+    from hf_capgap.pruning.layouts import meta_model, pruned_config, validate_shape
 
     if plan.student_init is not None:
         return init_skeleton(plan.student_init)

@@ -131,7 +131,7 @@ def resolve_teacher(config: MinimaConfig, teacher: str, rungs: Mapping[str, Any]
     """(kind, model on the meta device) of the teacher, from its config alone."""
     from transformers import AutoConfig
 
-    from hf_capgap.pruning_layouts import meta_model
+    from hf_capgap.pruning.layouts import meta_model
 
     if teacher in rungs:
         return "ladder", meta_model(rungs[teacher].config)
@@ -156,7 +156,7 @@ def resolve_teacher(config: MinimaConfig, teacher: str, rungs: Mapping[str, Any]
 def student_skeleton(folder: str) -> Any:
     from transformers import AutoConfig
 
-    from hf_capgap.pruning_layouts import meta_model
+    from hf_capgap.pruning.layouts import meta_model
 
     return meta_model(AutoConfig.from_pretrained(folder))
 

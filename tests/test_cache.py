@@ -23,10 +23,10 @@ from datasets import Dataset
 
 from hf_capgap.artifacts import ArtifactError, dataset_fingerprint, model_fingerprint
 from hf_capgap.cache import TeacherCache
-from hf_capgap.cache_format import LOGPROB_FLOOR, TEACHER_BATCH_KEYS, sampled_bytes_bound
+from hf_capgap.cache.format import LOGPROB_FLOOR, TEACHER_BATCH_KEYS, sampled_bytes_bound
 from hf_capgap.config import DistillationConfig
 from hf_capgap.sft_data import make_collator
-from hf_capgap.vocabulary import vocabulary_fingerprint
+from hf_capgap.models import vocabulary_fingerprint
 
 SCRIPT = Path(__file__).with_name("cache_build_script.py")
 REPO = SCRIPT.parent.parent
@@ -132,7 +132,7 @@ def test_topk_matches_teacher_at_labelled_positions_and_tail_closes_the_distribu
 def test_the_builds_own_lm_head_blocks_equal_the_teachers_logits(teacher, dataset, tmp_path, monkeypatch, mode):
     """The build applies a fusable lm_head itself, a block of labelled positions at a time (the model's
     head never runs), and stores what a build from the model's full logits stores."""
-    import hf_capgap.cache_encode as cache_encode
+    import hf_capgap.cache.encode as cache_encode
 
     calls, handle = count_forwards(teacher.lm_head)
     monkeypatch.setattr(cache_encode, "CPU_HEAD_ELEMENTS", 5 * VOCAB_SIZE)  # blocks of 5 positions, across rows
@@ -214,7 +214,7 @@ def sampled_gradients(sampler: str, trials: int, draws: int = 4):
     """(dense forward-KL gradient and loss, the gradients and losses of ``trials`` sampled signals)
     drawn by the cache build's own code, at T = 2."""
     from hf_capgap.cache import padded_samples
-    from hf_capgap.cache_encode import block_signal, sampling_points
+    from hf_capgap.cache.encode import block_signal, sampling_points
     from hf_capgap.losses import DenseTeacher, LossSpec, SampledTeacher, distillation_loss
 
     generator = torch.Generator().manual_seed(0)
@@ -250,7 +250,7 @@ def test_sampling_resolves_unlikely_tokens_after_likely_ones():
     """A point in the middle of a token's share of the cumulative distribution draws that token, for
     a 1e-6 token behind a mass of 4, where one fp32 running sum (rounding at ~5e-7) cannot tell the
     tokens apart."""
-    from hf_capgap.cache_encode import SEGMENT, inverse_cdf
+    from hf_capgap.cache.encode import SEGMENT, inverse_cdf
 
     vocab = 4 * SEGMENT
     weights = torch.exp(torch.randn(1, vocab, generator=torch.Generator().manual_seed(0)) - 14)
@@ -849,13 +849,13 @@ def test_a_cache_built_before_its_data_settings_were_recorded(teacher, dataset, 
     warning that the rest is not, and a build with matching settings adds them to its manifest."""
     from transformers.testing_utils import CaptureLogger
 
-    import hf_capgap.cache
+    import hf_capgap.cache.teacher_cache
 
     path = tmp_path / "c"
     built = TeacherCache.build(teacher, dataset, path, k=4, progress=False)
     manifest = {name: value for name, value in built.manifest.items() if name != "preparation"}
     (path / "capgap_manifest.json").write_text(json.dumps(manifest))
-    with CaptureLogger(hf_capgap.cache.logger) as captured:
+    with CaptureLogger(hf_capgap.cache.teacher_cache.logger) as captured:
         TeacherCache.load(path, args=config(max_length=4))
     assert "predates" in captured.out and "only padding_free is checked" in captured.out
     with pytest.raises(ArtifactError, match="padding_free: cache False, config True"):
@@ -900,7 +900,7 @@ def test_build_resumes_over_records_a_kill_left_half_written(teacher, dataset, t
 
 def test_points_at_the_very_end_draw_a_token_of_positive_weight():
     """Rounding can put a point at the total; it must still draw a real token, never a zero-weight slot."""
-    from hf_capgap.cache_encode import SEGMENT, inverse_cdf
+    from hf_capgap.cache.encode import SEGMENT, inverse_cdf
 
     weights = torch.zeros(2, 3 * SEGMENT)
     weights[0, :5] = 1.0  # the last two segments hold no mass (e.g. padding past the real vocabulary)

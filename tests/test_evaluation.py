@@ -11,7 +11,7 @@ from datasets import Dataset
 from conftest import tiny_llama
 from transformers import LlamaForCausalLM
 
-from hf_capgap.evaluation import evaluate_perplexity, perplexity_metric_path, run_lm_eval_harness
+from hf_capgap.models import evaluate_perplexity, perplexity_metric_path, run_lm_eval_harness
 
 VOCAB = 61
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_capgap import liger_backend
-from hf_capgap.liger_backend import liger_distillation_loss, liger_unsupported, require_liger
+from hf_capgap.losses import liger as liger_backend
+from hf_capgap.losses.liger import liger_distillation_loss, liger_unsupported, require_liger
 from hf_capgap.losses import DenseTeacher, FusedTeacher, LossSpec, distillation_loss
 
 
@@ -101,7 +101,7 @@ def test_trainer_says_liger_logs_no_entropy_or_accuracy(monkeypatch, tmp_path, t
     the trainer says so once and logs the losses alone (the loss still equals ours)."""
     from transformers.testing_utils import CaptureLogger
 
-    import hf_capgap.trainer
+    import hf_capgap.trainer.trainer
     from hf_capgap import DistillationConfig, DistillationTrainer
     from tests.conftest import tiny_llama
 
@@ -116,7 +116,7 @@ def test_trainer_says_liger_logs_no_entropy_or_accuracy(monkeypatch, tmp_path, t
             output_dir=str(tmp_path / backend), loss_backend=backend, per_device_train_batch_size=4, max_steps=1,
             logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, chunk_size=16,
         )
-        with CaptureLogger(hf_capgap.trainer.logger) as captured:
+        with CaptureLogger(hf_capgap.trainer.trainer.logger) as captured:
             trainer = DistillationTrainer(
                 model=student, teacher_model=teacher, args=args, train_dataset=tiny_text_dataset.select(range(4)),
                 processing_class=tiny_tokenizer,

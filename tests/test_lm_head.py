@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from accelerate.utils import DistributedType
 from conftest import tiny_llama
 
-from hf_capgap.cache_encode import fusable_head
-from hf_capgap.lm_head import base_model, choose_lm_head, head_sharding, lm_head_bypassed, parameter_sharding
+from hf_capgap.cache.encode import fusable_head
+from hf_capgap.losses.lm_head import base_model, choose_lm_head, head_sharding, lm_head_bypassed, parameter_sharding
 from hf_capgap.losses import LossSpec, distillation_loss
 
 

@@ -29,8 +29,8 @@ from hf_capgap.pruning import (
     shape_for_target,
     shape_params,
 )
-from hf_capgap.pruning_importance import magnitude_importance, taylor_importance
-from hf_capgap.pruning_layouts import meta_model, param_counter
+from hf_capgap.pruning.importance import magnitude_importance, taylor_importance
+from hf_capgap.pruning.layouts import meta_model, param_counter
 
 VOCAB = 64
 

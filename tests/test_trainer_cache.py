@@ -12,7 +12,7 @@ from datasets import Dataset
 
 from hf_capgap import DistillationConfig, DistillationTrainer, TeacherCache
 from hf_capgap.artifacts import ArtifactError
-from hf_capgap.cache_format import decode_id_gaps
+from hf_capgap.cache.format import decode_id_gaps
 
 TEMPERATURE = 2.0
 

@@ -13,7 +13,7 @@ from datasets import Dataset
 
 from hf_capgap import DistillationConfig, DistillationTrainer
 from hf_capgap.sft_data import DatasetFormatError, prepare_dataset, rows_holding_positions
-from hf_capgap.vocabulary import VocabularyMismatchError
+from hf_capgap.models import VocabularyMismatchError
 
 TEACHER_ROWS, STUDENT_ROWS = 1024, 1008
 TEXTS = [

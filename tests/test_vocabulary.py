@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import CHAT_VOCAB_SIZE, chat_tokenizer
 
-from hf_capgap.vocabulary import (
+from hf_capgap.models import (
     VocabularyMismatchError,
     check_same_vocabulary,
     real_vocab_size,

@@ -32,8 +32,8 @@ from hf_capgap.artifacts import (
     temporary_prefix,
     write_manifest,
 )
-from hf_capgap.cache_encode import LabelledStates, encode_batch, encode_states
-from hf_capgap.cache_format import (
+from hf_capgap.cache.encode import LabelledStates, encode_batch, encode_states
+from hf_capgap.cache.format import (
     DTYPES,
     FORMAT_VERSION,
     KIND,
@@ -59,7 +59,7 @@ from hf_capgap.sft_data import (
     rows_holding_positions,
     uses_padding_free,
 )
-from hf_capgap.vocabulary import check_logits_cover, vocabulary_fingerprint
+from hf_capgap.models import check_logits_cover, vocabulary_fingerprint
 
 T = TypeVar("T")
 
@@ -91,7 +91,7 @@ def build_cache(
     overwrite: bool = False,
 ) -> None:
     """Write (or finish) the cache at ``path``; every input is checked before the teacher runs."""
-    from hf_capgap.lm_head import parameter_sharding
+    from hf_capgap.losses.lm_head import parameter_sharding
 
     _check_options(mode, k, temperature, batch_size, shard_tokens, dtype, sampler)
     if bytes_per_token is not None and (mode != "sampled" or not bytes_per_token >= SAMPLED_POSITION_BYTES + 1):
@@ -249,12 +249,14 @@ def draws_for_budget(teacher: Any, rows: list[dict[str, Any]], collator: Callabl
     return low
 
 
-def default_preparation_args(**settings: Any) -> Any:
-    """The trainer's default settings (a DistillationConfig) with ``settings`` (its data fields), for a
-    build given no ``args``."""
-    from hf_capgap.config import DistillationConfig
+def default_preparation_args() -> Any:
+    """The data settings a default ``DistillationConfig`` prepares and collates rows with, for a build
+    given no ``args``: TRL's SFTConfig defaults, with the two defaults DistillationConfig changes (bf16
+    and gradient checkpointing, which do not shape rows) set as it sets them on a CPU. Built here from
+    ``trl.SFTConfig`` so the cache does not import the trainer stage above it."""
+    from trl import SFTConfig
 
-    return DistillationConfig(report_to=[], **settings)
+    return SFTConfig(report_to=[], bf16=False, gradient_checkpointing=None)
 
 
 def prepare_rows(

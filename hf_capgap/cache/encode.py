@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from hf_capgap.cache_format import LOGPROB_FLOOR, ROW_COLUMNS, encode_id_gaps
+from hf_capgap.cache.format import LOGPROB_FLOOR, ROW_COLUMNS, encode_id_gaps
 
 CPU_HEAD_ELEMENTS = 1 << 24
 """CPU: logits per lm_head matmul (64 MiB fp32). A CPU matmul repacks the [vocab, hidden] weight at
@@ -76,7 +76,7 @@ class LabelledStates:
     """The teacher's last states at a batch's labelled positions, one piece per dataset row, and the
     lm_head that turns them into logits (None: the states are the logits).
 
-    Where the teacher's lm_head can be taken out of the model (:func:`hf_capgap.lm_head.choose_lm_head`),
+    Where the teacher's lm_head can be taken out of the model (:func:`hf_capgap.losses.lm_head.choose_lm_head`),
     the teacher returns last hidden states and the head is applied a block of labelled positions at a
     time: the [batch, seq, vocab] logits never exist (at 150k tokens they outweigh the teacher's
     activations many times over) and unlabelled positions cost no head matmul.
@@ -93,7 +93,7 @@ class LabelledStates:
     def of(cls, teacher: Any, rows: Sequence[Mapping[str, Any]], batch: Mapping[str, Any]) -> LabelledStates:
         import torch
 
-        from hf_capgap.lm_head import lm_head_bypassed
+        from hf_capgap.losses.lm_head import lm_head_bypassed
         from hf_capgap.sft_data import forward_inputs
 
         device = next(teacher.parameters()).device
@@ -146,7 +146,7 @@ def fusable_head(teacher: Any) -> Any:
     Not when its architecture may post-process logits or its weights are sharded across ranks (the
     teacher's forward gathers a shard, a plain matmul would not).
     """
-    from hf_capgap.lm_head import choose_lm_head, parameter_sharding
+    from hf_capgap.losses.lm_head import choose_lm_head, parameter_sharding
 
     return choose_lm_head(teacher, "auto", parameter_sharding(teacher)).head
 

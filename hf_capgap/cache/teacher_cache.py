@@ -31,7 +31,7 @@ import pyarrow as pa
 from transformers.utils import logging
 
 from hf_capgap.artifacts import ArtifactError, file_sha256, read_manifest
-from hf_capgap.cache_format import (
+from hf_capgap.cache.format import (
     FORMAT_VERSION,
     KIND,
     POSITION_COLUMN,
@@ -212,7 +212,7 @@ class TeacherCache:
         each rank builds its share of shards. A complete cache with the same settings is reused as
         is; one with other settings is refused unless ``overwrite=True``.
         """
-        from hf_capgap.cache_build import build_cache
+        from hf_capgap.cache.build import build_cache
 
         build_cache(
             teacher,
@@ -251,7 +251,7 @@ class TeacherCache:
         """Open a cache, refusing one built from other inputs than the fingerprints given.
 
         ``dataset_fingerprint`` is ``hf_capgap.artifacts.dataset_fingerprint`` of the *prepared*
-        rows, ``vocabulary_fingerprint`` is ``hf_capgap.vocabulary.vocabulary_fingerprint``; ``args``
+        rows, ``vocabulary_fingerprint`` is ``hf_capgap.models.vocabulary.vocabulary_fingerprint``; ``args``
         (the trainer's config, with its ``tokenizer``) is held to the cache's data settings (:meth:`check_preparation`).
         Shards are checked cheaply (present, right size, right row count); ``verify=True`` also
         compares every shard's sha256 with the manifest. A cache of an older format is refused (rebuild it).

@@ -151,7 +151,7 @@ def _build(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from hf_capgap.cache import TeacherCache
-    from hf_capgap.cache_build import default_preparation_args
+    from hf_capgap.config import default_preparation_args
     from hf_capgap.sft_data import PREPARATION_ARGUMENTS
     from hf_capgap.teacher_loading import load_frozen_teacher
 

@@ -57,7 +57,7 @@ def _prune(args: argparse.Namespace) -> int:
         shape_for_target,
         shape_params,
     )
-    from hf_capgap.pruning_layouts import layout_for, meta_model
+    from hf_capgap.pruning.layouts import layout_for, meta_model
     from hf_capgap.teacher_loading import load_frozen_teacher
 
     if launched_processes() > 1:

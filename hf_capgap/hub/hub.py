@@ -237,7 +237,7 @@ def _eval_results(info: StudentCardInfo) -> list[Any]:
 
 
 def render_model_card(info: StudentCardInfo | Mapping[str, Any]) -> Any:
-    """Render ``model_cards/student.md`` into a ``huggingface_hub.ModelCard`` with Hub metadata."""
+    """Render ``hub/templates/student.md`` into a ``huggingface_hub.ModelCard`` with Hub metadata."""
     from huggingface_hub import ModelCard, ModelCardData
 
     info = _as_info(info)
@@ -261,7 +261,7 @@ def render_model_card(info: StudentCardInfo | Mapping[str, Any]) -> Any:
     rows = [("Teacher", info.teacher_eval), ("Pruned student, before distillation", info.pruned_eval)]
     rows += [("Distilled student (this model)", info.distilled_eval)]
     rows.append(("Same-size student trained from scratch", info.scratch_eval))
-    template = resources.files("hf_capgap.model_cards") / CARD_TEMPLATE
+    template = resources.files("hf_capgap.hub") / "templates" / CARD_TEMPLATE
     return ModelCard.from_template(
         card_data,
         template_str=template.read_text(encoding="utf-8"),

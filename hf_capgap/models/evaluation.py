@@ -1,6 +1,6 @@
 """Held-out evaluation of causal LMs: perplexity, and an optional lm-evaluation-harness adapter.
 
-Perplexity is aggregated by the `evaluate` module shipped in ``hf_capgap/metrics/perplexity``
+Perplexity is aggregated by the `evaluate` module shipped in ``hf_capgap/models/perplexity``
 (loaded by path, so it works offline): every batch contributes its summed token NLL and token count,
 which makes the result token-weighted rather than a mean of batch means.
 """
@@ -19,7 +19,7 @@ PERPLEXITY_METRIC_NAME = "perplexity"
 
 def perplexity_metric_path() -> str:
     """Filesystem path of the shipped perplexity metric module, for ``evaluate.load``."""
-    return str(resources.files("hf_capgap.metrics") / PERPLEXITY_METRIC_NAME)
+    return str(resources.files("hf_capgap.models") / PERPLEXITY_METRIC_NAME)
 
 
 def _check_packed(dataset: Any, batch_size: int, max_batches: int | None) -> int:

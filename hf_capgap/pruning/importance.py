@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hf_capgap.pruning_layouts import (
+from hf_capgap.pruning.layouts import (
     HEADS,
     HIDDEN,
     NEURONS,

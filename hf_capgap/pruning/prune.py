@@ -37,12 +37,12 @@ from hf_capgap.artifacts import (
     model_fingerprint,
     write_manifest,
 )
-from hf_capgap.pruning_importance import (
+from hf_capgap.pruning.importance import (
     ImportanceScores,
     magnitude_importance,
     taylor_importance,
 )
-from hf_capgap.pruning_layouts import (
+from hf_capgap.pruning.layouts import (
     HEADS,
     HIDDEN,
     NEURONS,

@@ -51,7 +51,6 @@ from hf_capgap.artifacts import (
     atomic_write_json,
     json_sha256,
 )
-from hf_capgap.cache_format import SAMPLERS
 from hf_capgap.law import CapacityGapLaw, format_params, parse_params
 
 LEDGER_FILE = "ledger.jsonl"
@@ -155,6 +154,7 @@ class SweepConfig:
         return tuple(int(parse_params(size)) for size in self.student_sizes)
 
     def __post_init__(self) -> None:
+        from hf_capgap.cache.format import SAMPLERS
         from hf_capgap.losses import DIVERGENCES
         from hf_capgap.teacher_loading import TEACHER_DTYPE_CHOICES
 
@@ -628,7 +628,7 @@ def _run_one(
 
 
 def evaluate_student(model: Any, eval_rows: Any, batch_size: int) -> dict[str, float | int]:
-    from hf_capgap.evaluation import evaluate_perplexity
+    from hf_capgap.models import evaluate_perplexity
 
     return evaluate_perplexity(model, eval_rows, batch_size=batch_size)
 

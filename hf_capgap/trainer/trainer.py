@@ -23,7 +23,7 @@ from transformers.utils import logging
 from trl import SFTTrainer
 
 from hf_capgap.config import DistillationConfig, check_sft_loss_fields
-from hf_capgap.lm_head import HeadChoice, base_model, choose_lm_head, head_sharding, lm_head_bypassed
+from hf_capgap.losses.lm_head import HeadChoice, base_model, choose_lm_head, head_sharding, lm_head_bypassed
 from hf_capgap.losses import (
     DenseTeacher,
     DistillationLossOutput,
@@ -40,7 +40,7 @@ from hf_capgap.sft_data import (
     next_token_labels,
 )
 from hf_capgap.teacher_loading import load_frozen_teacher, teacher_in_dtype
-from hf_capgap.vocabulary import check_logits_cover, check_same_vocabulary, vocabulary_fingerprint
+from hf_capgap.models import check_logits_cover, check_same_vocabulary, vocabulary_fingerprint
 
 logger = logging.get_logger(__name__)
 
@@ -113,7 +113,7 @@ class DistillationTrainer(SFTTrainer):
                 "(DistillationConfig.loss / alpha / temperature). Subclass DistillationTrainer to change it."
             )
         if args.loss_backend == "liger":
-            from hf_capgap.liger_backend import require_liger
+            from hf_capgap.losses.liger import require_liger
 
             require_liger()
             logger.warning(
@@ -438,7 +438,7 @@ class DistillationTrainer(SFTTrainer):
         num_items_in_batch: Tensor | int | None,
     ) -> DistillationLossOutput:
         """The same objective computed by Liger-Kernel (``loss_backend='liger'``), for the cases it covers."""
-        from hf_capgap.liger_backend import liger_distillation_loss, liger_unsupported
+        from hf_capgap.losses.liger import liger_distillation_loss, liger_unsupported
 
         reason = liger_unsupported(spec, teacher, fused=head is not None, bias=None if head is None else head.bias)
         if reason is not None:

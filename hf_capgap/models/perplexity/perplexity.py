@@ -28,7 +28,7 @@ Returns:
     perplexity (float): exp(eval_loss).
     num_tokens (int): sum(references).
 Example:
-    >>> metric = evaluate.load("hf_capgap/metrics/perplexity")
+    >>> metric = evaluate.load("hf_capgap/models/perplexity")
     >>> metric.compute(predictions=[6.0, 2.0], references=[3, 1])["eval_loss"]
     2.0
 """

@@ -1,0 +1,37 @@
+"""Loading and checking models: the frozen teacher loader, vocabulary checks between teacher and
+student, and perplexity evaluation (through the shipped ``evaluate`` metric in ``perplexity/``).
+"""
+
+from __future__ import annotations
+
+from hf_capgap.models.vocabulary import (
+    SHOWN_DIFFERENCES,
+    VocabularyMismatchError,
+    real_vocab_size,
+    output_rows,
+    check_logits_cover,
+    vocabulary_fingerprint,
+    vocabulary_differences,
+    check_same_vocabulary,
+)
+from hf_capgap.models.evaluation import (
+    PERPLEXITY_METRIC_NAME,
+    perplexity_metric_path,
+    evaluate_perplexity,
+    run_lm_eval_harness,
+)
+
+__all__ = [
+    "SHOWN_DIFFERENCES",
+    "VocabularyMismatchError",
+    "real_vocab_size",
+    "output_rows",
+    "check_logits_cover",
+    "vocabulary_fingerprint",
+    "vocabulary_differences",
+    "check_same_vocabulary",
+    "PERPLEXITY_METRIC_NAME",
+    "perplexity_metric_path",
+    "evaluate_perplexity",
+    "run_lm_eval_harness",
+]

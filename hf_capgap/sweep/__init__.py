@@ -1,0 +1,61 @@
+"""Measure the law: distill a grid of students from a ladder of teachers, append every result to a
+ledger that survives a crash, and fit the law from it.
+"""
+
+from __future__ import annotations
+
+from hf_capgap.sweep.sweep import (
+    LEDGER_FILE,
+    RUNNING_FILE,
+    LAW_FILE,
+    LAW_PLOT_FILE,
+    LAW_FAILURE_FILE,
+    LOCK_FILE,
+    SCRATCH_PREFIX,
+    LEDGER_FORMAT_VERSION,
+    CACHE_MODES,
+    HUB_FAMILIES,
+    HUB_MODEL_TYPES,
+    SweepConfig,
+    RunSpec,
+    family_names,
+    family_teachers,
+    plan,
+    read_ledger,
+    append_record,
+    is_failed,
+    sweep_status,
+    format_status,
+    check_hub_access,
+    run_sweep,
+    fit_and_save_law,
+    evaluate_student,
+)
+
+__all__ = [
+    "LEDGER_FILE",
+    "RUNNING_FILE",
+    "LAW_FILE",
+    "LAW_PLOT_FILE",
+    "LAW_FAILURE_FILE",
+    "LOCK_FILE",
+    "SCRATCH_PREFIX",
+    "LEDGER_FORMAT_VERSION",
+    "CACHE_MODES",
+    "HUB_FAMILIES",
+    "HUB_MODEL_TYPES",
+    "SweepConfig",
+    "RunSpec",
+    "family_names",
+    "family_teachers",
+    "plan",
+    "read_ledger",
+    "append_record",
+    "is_failed",
+    "sweep_status",
+    "format_status",
+    "check_hub_access",
+    "run_sweep",
+    "fit_and_save_law",
+    "evaluate_student",
+]
