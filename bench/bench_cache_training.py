@@ -47,9 +47,9 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 from hf_capgap import DistillationConfig, DistillationTrainer, TeacherCache
-from hf_capgap.artifacts import json_sha256
+from hf_capgap.utils.artifacts import json_sha256
 from hf_capgap.data import default_tokenizer, load_corpus, tokenize_and_pack
-from hf_capgap.sft_data import forward_inputs, make_collator
+from hf_capgap.data import forward_inputs, make_collator
 
 BATCH = 8
 CACHES = (
@@ -181,7 +181,7 @@ def distill(student, rows, tokenizer, config, *, teacher=None) -> StepClock:
 @torch.inference_mode()
 def plain_forward_seconds(teacher, rows, tokenizer, config, batch_size: int) -> float:
     """Seconds of the teacher's forward over ``rows`` in the cache build's batches (the build's floor)."""
-    from hf_capgap.sft_data import prepare_dataset
+    from hf_capgap.data import prepare_dataset
 
     prepared = prepare_dataset(rows, tokenizer, config)
     collator = make_collator(tokenizer, config)

@@ -133,7 +133,7 @@ def common_args(output_dir: str, steps: int) -> dict:
 
 
 def make_trainer(variant: str, output_dir: str, steps: int):
-    from hf_capgap.sft_data import make_collator
+    from hf_capgap.data import make_collator
     from hf_capgap.data import default_tokenizer
 
     teacher, student = build_models()

@@ -291,7 +291,7 @@ def run_trainer(plan: Plan, variant: str, distributed: str | None) -> dict:
     import datasets
     from transformers import TrainerCallback
 
-    from hf_capgap.sft_data import make_collator
+    from hf_capgap.data import make_collator
 
     student, teacher = qwen2(plan, plan.student, 0), qwen2(plan, plan.teacher, 1)
     if plan.bf16:
@@ -420,8 +420,8 @@ def cache_section(plan: Plan) -> list[str]:
     import datasets
 
     from hf_capgap import DistillationConfig, TeacherCache
-    from hf_capgap.artifacts import model_fingerprint
-    from hf_capgap.sft_data import forward_inputs, make_collator
+    from hf_capgap.utils.artifacts import model_fingerprint
+    from hf_capgap.data import forward_inputs, make_collator
 
     teacher = qwen2(plan, plan.teacher, 1).eval()
     if plan.bf16:

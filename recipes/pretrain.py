@@ -3,7 +3,7 @@
     python recipes/pretrain.py recipes/configs/pretrain_tiny.yaml [--key value ...]
     python recipes/pretrain.py --help            # every key, with its help
 
-Keys are the fields of ``hf_capgap.pretraining.LadderRun`` (preset, output_dir, cache_dir, num_proc)
+Keys are the fields of ``hf_capgap.ladder.pretraining.LadderRun`` (preset, output_dir, cache_dir, num_proc)
 and of ``PretrainSettings``; ``--key value`` pairs override the YAML.
 """
 
@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import sys
 
-from hf_capgap.artifacts import read_manifest
-from hf_capgap.pretraining import TEACHER_FORMAT_VERSION, TEACHER_KIND, LadderRun, PretrainSettings, ensure_ladder
-from hf_capgap.recipe_args import parse_with_preset, read_preset, split_preset
+from hf_capgap.utils.artifacts import read_manifest
+from hf_capgap.ladder import TEACHER_FORMAT_VERSION, TEACHER_KIND, LadderRun, PretrainSettings, ensure_ladder
+from hf_capgap.utils.recipe_args import parse_with_preset, read_preset, split_preset
 
 
 def parse_config(argv: list[str]) -> tuple[LadderRun, PretrainSettings]:

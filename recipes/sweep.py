@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from hf_capgap.recipe_args import parse_with_preset, read_preset, split_preset
+from hf_capgap.utils.recipe_args import parse_with_preset, read_preset, split_preset
 from hf_capgap.sweep import SweepConfig, format_status, run_sweep, sweep_status
 
 

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import pyarrow as pa
 
-from hf_capgap.artifacts import (
+from hf_capgap.utils.artifacts import (
     MANIFEST_NAME,
     ArtifactError,
     atomic_write_json,
@@ -52,7 +52,7 @@ from hf_capgap.cache.format import (
     shard_schema,
     signal_bytes,
 )
-from hf_capgap.sft_data import (
+from hf_capgap.data import (
     has_labelled_position,
     make_collator,
     prepare_and_record,
@@ -263,7 +263,7 @@ def prepare_rows(
     dataset: Any, tokenizer: Any, args: Any, formatting_func: Callable[[dict], str] | None = None
 ) -> tuple[Any, dict[str, Any]]:
     """The rows the trainer trains on with ``args`` and ``formatting_func`` (TRL's SFT preparation, as in
-    the trainer), and the record of what they depend on (:func:`hf_capgap.sft_data.prepare_and_record`)."""
+    the trainer), and the record of what they depend on (:func:`hf_capgap.data.sft.prepare_and_record`)."""
     from datasets import Dataset
 
     if not isinstance(dataset, Dataset):
@@ -304,7 +304,7 @@ class _ProcessGroup:
 
         if dist.is_available() and dist.is_initialized():
             return cls(dist.get_rank(), dist.get_world_size(), dist.barrier)
-        from hf_capgap.processes import process_state
+        from hf_capgap.utils.processes import process_state
 
         state = process_state()
         return cls(state.process_index, state.num_processes, state.wait_for_everyone)

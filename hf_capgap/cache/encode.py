@@ -94,7 +94,7 @@ class LabelledStates:
         import torch
 
         from hf_capgap.losses.lm_head import lm_head_bypassed
-        from hf_capgap.sft_data import forward_inputs
+        from hf_capgap.data import forward_inputs
 
         device = next(teacher.parameters()).device
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in forward_inputs(batch).items()}

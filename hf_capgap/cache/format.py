@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from hf_capgap.artifacts import ArtifactError
+from hf_capgap.utils.artifacts import ArtifactError
 
 KIND = "teacher_cache"
 FORMAT_VERSION = 4

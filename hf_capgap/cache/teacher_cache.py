@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 from transformers.utils import logging
 
-from hf_capgap.artifacts import ArtifactError, file_sha256, read_manifest
+from hf_capgap.utils.artifacts import ArtifactError, file_sha256, read_manifest
 from hf_capgap.cache.format import (
     FORMAT_VERSION,
     KIND,
@@ -125,7 +125,7 @@ class CacheCollator:
         self.cache, self.base = cache, base
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        from hf_capgap.sft_data import count_labelled_positions
+        from hf_capgap.data import count_labelled_positions
 
         if not len(features):
             raise ValueError("the collator got an empty list of rows; a batch must hold at least one row.")
@@ -250,7 +250,7 @@ class TeacherCache:
     ) -> TeacherCache:
         """Open a cache, refusing one built from other inputs than the fingerprints given.
 
-        ``dataset_fingerprint`` is ``hf_capgap.artifacts.dataset_fingerprint`` of the *prepared*
+        ``dataset_fingerprint`` is ``hf_capgap.utils.artifacts.dataset_fingerprint`` of the *prepared*
         rows, ``vocabulary_fingerprint`` is ``hf_capgap.models.vocabulary.vocabulary_fingerprint``; ``args``
         (the trainer's config, with its ``tokenizer``) is held to the cache's data settings (:meth:`check_preparation`).
         Shards are checked cheaply (present, right size, right row count); ``verify=True`` also
@@ -288,7 +288,7 @@ class TeacherCache:
         A cache built before the settings were recorded is checked on padding_free alone, with a
         warning: its rows still match a ``train_dataset`` only if their fingerprints do.
         """
-        from hf_capgap.sft_data import PREPARATION_ARGUMENTS, preparation_disagreements
+        from hf_capgap.data import PREPARATION_ARGUMENTS, preparation_disagreements
 
         recorded = {**self.manifest.get("preparation", {}), "padding_free": self.manifest["padding_free"]}
         if "preparation" not in self.manifest:
@@ -368,7 +368,7 @@ class TeacherCache:
         return CacheRows(self.dataset)
 
     def collator(self, base: Callable[[list[dict[str, Any]]], dict[str, Any]]) -> CacheCollator:
-        """A collator that batches rows like ``base`` (``hf_capgap.sft_data.make_collator``) and adds
+        """A collator that batches rows like ``base`` (``hf_capgap.data.sft.make_collator``) and adds
         the ``teacher_*`` tensors of the batch's labelled positions."""
         return CacheCollator(self, base)
 

@@ -1,7 +1,7 @@
 """``hf-capgap prune``: cut a student of a given size out of a local teacher checkpoint (MiniMA).
 
 Pruning is a one-process job: the teacher is loaded once, in bf16 on the GPU when there is one
-(``hf_capgap.teacher_loading``), scored with layer-wise activation checkpointing, and the student is
+(``hf_capgap.models.teacher_loading``), scored with layer-wise activation checkpointing, and the student is
 written with its manifest. A multi-process distillation then starts from that folder
 (``recipes/minima.py --student_init OUT``).
 """
@@ -50,7 +50,7 @@ def _prune(args: argparse.Namespace) -> int:
     from transformers import AutoConfig
 
     from hf_capgap.law import parse_params
-    from hf_capgap.processes import launched_processes
+    from hf_capgap.utils.processes import launched_processes
     from hf_capgap.pruning import (
         prune_model,
         save_pruned,
@@ -58,7 +58,7 @@ def _prune(args: argparse.Namespace) -> int:
         shape_params,
     )
     from hf_capgap.pruning.layouts import layout_for, meta_model
-    from hf_capgap.teacher_loading import load_frozen_teacher
+    from hf_capgap.models import load_frozen_teacher
 
     if launched_processes() > 1:
         raise ValueError(

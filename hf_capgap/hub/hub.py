@@ -29,7 +29,7 @@ from typing import IO, Any
 import numpy as np
 from transformers.utils import logging
 
-from hf_capgap.artifacts import atomic_write_bytes
+from hf_capgap.utils.artifacts import atomic_write_bytes
 from hf_capgap.law import CONFIDENCE, CapacityGapLaw
 
 logger = logging.get_logger(__name__)

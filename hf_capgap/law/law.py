@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from hf_capgap.artifacts import ArtifactError, atomic_write_bytes, atomic_write_json
+from hf_capgap.utils.artifacts import ArtifactError, atomic_write_bytes, atomic_write_json
 
 FORMAT_VERSION = 1
 KIND = "capacity_gap_law"

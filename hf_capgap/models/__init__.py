@@ -4,6 +4,13 @@ student, and perplexity evaluation (through the shipped ``evaluate`` metric in `
 
 from __future__ import annotations
 
+from hf_capgap.models.teacher_loading import (
+    TEACHER_DTYPE_CHOICES,
+    teacher_device,
+    resolve_teacher_dtype,
+    teacher_in_dtype,
+    load_frozen_teacher,
+)
 from hf_capgap.models.vocabulary import (
     SHOWN_DIFFERENCES,
     VocabularyMismatchError,
@@ -22,6 +29,11 @@ from hf_capgap.models.evaluation import (
 )
 
 __all__ = [
+    "TEACHER_DTYPE_CHOICES",
+    "teacher_device",
+    "resolve_teacher_dtype",
+    "teacher_in_dtype",
+    "load_frozen_teacher",
     "SHOWN_DIFFERENCES",
     "VocabularyMismatchError",
     "real_vocab_size",

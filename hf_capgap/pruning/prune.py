@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from transformers import PretrainedConfig, PreTrainedModel
 
-from hf_capgap.artifacts import (
+from hf_capgap.utils.artifacts import (
     atomic_directory,
     json_sha256,
     model_fingerprint,

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hf_capgap.artifacts import (
+from hf_capgap.utils.artifacts import (
     ArtifactError,
     atomic_write_bytes,
     atomic_write_json,
@@ -156,7 +156,7 @@ class SweepConfig:
     def __post_init__(self) -> None:
         from hf_capgap.cache.format import SAMPLERS
         from hf_capgap.losses import DIVERGENCES
-        from hf_capgap.teacher_loading import TEACHER_DTYPE_CHOICES
+        from hf_capgap.models import TEACHER_DTYPE_CHOICES
 
         object.__setattr__(self, "student_sizes", [str(s) for s in _as_list(self.student_sizes, "student_sizes")])
         object.__setattr__(self, "teachers", [str(t) for t in _as_list(self.teachers, "teachers")])
@@ -258,7 +258,7 @@ def family_teachers(family: str) -> dict[str, int]:
     """Teacher name -> total parameter count, smallest first, for a ladder preset or Hub family."""
     if family in HUB_FAMILIES:
         return dict(HUB_FAMILIES[family])
-    from hf_capgap.pretraining import preset_rungs
+    from hf_capgap.ladder import preset_rungs
 
     return {rung.name: rung.params for rung in preset_rungs(family)}
 
@@ -404,7 +404,7 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> list[dict[str, A
 
     One process runs the grid, run after run (the ledger has one writer); each run is small.
     """
-    from hf_capgap.processes import process_state
+    from hf_capgap.utils.processes import process_state
 
     processes = process_state().num_processes
     if processes > 1:
@@ -547,8 +547,8 @@ def _run_pending(config: SweepConfig, pending: list[RunSpec], settings_sha: str,
 def _build_cache(teacher: Any, train: Any, path: Path, config: SweepConfig, tokenizer: Any, progress: bool) -> None:
     """One cache per teacher, of the rows exactly as every student's trainer prepares them."""
     from hf_capgap.cache import TeacherCache
-    from hf_capgap.config import DistillationConfig
-    from hf_capgap.training_arguments import student_training_arguments
+    from hf_capgap.trainer import DistillationConfig
+    from hf_capgap.trainer.training_arguments import student_training_arguments
 
     data_args = student_training_arguments(
         DistillationConfig, path, _student_training(config), save_steps=None, logging_steps=1, temperature=config.temperature
@@ -571,7 +571,7 @@ def _build_cache(teacher: Any, train: Any, path: Path, config: SweepConfig, toke
 
 def _student_training(config: SweepConfig) -> Any:
     """How every student of the sweep trains (and how its rows are prepared)."""
-    from hf_capgap.training_arguments import StudentTraining
+    from hf_capgap.trainer.training_arguments import StudentTraining
 
     return StudentTraining(
         steps=config.steps, batch_size=config.batch_size, seq_len=config.seq_len, learning_rate=config.learning_rate,
@@ -586,10 +586,10 @@ def _run_one(
     """Prune the teacher to the student size, distill on the shared token budget, evaluate."""
     import torch
 
-    from hf_capgap.config import DistillationConfig
+    from hf_capgap.trainer import DistillationConfig
     from hf_capgap.pruning import prune_model
     from hf_capgap.trainer import DistillationTrainer
-    from hf_capgap.training_arguments import student_training_arguments
+    from hf_capgap.trainer.training_arguments import student_training_arguments
 
     started = time.perf_counter()
     torch.manual_seed(config.seed)
@@ -659,7 +659,7 @@ class _TeacherSource:
 
             self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
         else:
-            from hf_capgap.pretraining import ensure_ladder, load_teacher
+            from hf_capgap.ladder import ensure_ladder, load_teacher
 
             ladder_dir = config.ladder_dir or str(Path("outputs") / "ladder" / config.family)
             self._ladder_paths = {path.name: path for path in ensure_ladder(config.family, ladder_dir)}
@@ -668,11 +668,11 @@ class _TeacherSource:
     def load(self, name: str) -> tuple[Any, int]:
         """The teacher model in eval mode and its exact total parameter count."""
         if name in self._ladder_paths:
-            from hf_capgap.pretraining import load_teacher
+            from hf_capgap.ladder import load_teacher
 
             model = load_teacher(self._ladder_paths[name], teacher_dtype=self.config.teacher_dtype)[0]
         else:
-            from hf_capgap.teacher_loading import load_frozen_teacher
+            from hf_capgap.models import load_frozen_teacher
 
             model = load_frozen_teacher(name, teacher_dtype=self.config.teacher_dtype)
         if model.config.max_position_embeddings < self.config.seq_len:

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from hf_capgap.trainer.trainer import DistillationTrainer
-from hf_capgap.config import DistillationConfig, check_sft_loss_fields
+from hf_capgap.trainer.config import DistillationConfig, check_sft_loss_fields
 
 __all__ = [
     "DistillationTrainer",

@@ -22,7 +22,7 @@ from transformers import PreTrainedModel
 from transformers.utils import logging
 from trl import SFTTrainer
 
-from hf_capgap.config import DistillationConfig, check_sft_loss_fields
+from hf_capgap.trainer.config import DistillationConfig, check_sft_loss_fields
 from hf_capgap.losses.lm_head import HeadChoice, base_model, choose_lm_head, head_sharding, lm_head_bypassed
 from hf_capgap.losses import (
     DenseTeacher,
@@ -32,14 +32,14 @@ from hf_capgap.losses import (
     TeacherSignal,
     distillation_loss,
 )
-from hf_capgap.sft_data import (
+from hf_capgap.data import (
     TEACHER_KEY_PREFIX,
     check_dataset,
     forward_inputs,
     has_labelled_position,
     next_token_labels,
 )
-from hf_capgap.teacher_loading import load_frozen_teacher, teacher_in_dtype
+from hf_capgap.models import load_frozen_teacher, teacher_in_dtype
 from hf_capgap.models import check_logits_cover, check_same_vocabulary, vocabulary_fingerprint
 
 logger = logging.get_logger(__name__)
@@ -239,7 +239,7 @@ class DistillationTrainer(SFTTrainer):
     def _use_cache_rows(self) -> None:
         """Train on the cache's rows (inputs + teacher signal), after checking they are the prepared
         training set: a cache built from other rows would pair each input with another row's teacher."""
-        from hf_capgap.artifacts import ArtifactError, dataset_fingerprint
+        from hf_capgap.utils.artifacts import ArtifactError, dataset_fingerprint
 
         if self.train_dataset is not self._cached_rows:
             have, want = self.teacher_cache.manifest["dataset_fingerprint"], dataset_fingerprint(self.train_dataset)

@@ -1,1 +1,0 @@
-"""Embedded public-domain corpus (see README.md in this folder)."""

@@ -1,0 +1,127 @@
+"""The MiniMA recipe as library stages: plan -> prune -> distill -> evaluate -> export (-> Hub).
+
+MiniMA-3B was made by structurally pruning LLaMA-2-7B and distilling it with 0.5 x LM cross-entropy +
+0.5 x forward KL at T = 1. :func:`run_minima` does the same at any scale, one stage per module:
+
+    minima_config    MinimaConfig, YAML + ``--key value`` parsing, checks that load nothing
+    minima_plan      teacher and student sizes from the law, sequence length, steps (meta device only)
+    minima_dry_run   ``--dry_run``: shapes, counts, tokens, steps and per-stage, per-GPU memory estimates
+    minima_teacher   the teacher's tokenizer, frozen model and identity
+    minima_data      packed training, held-out and calibration rows (in memory or streamed)
+    minima_prune     Taylor pruning, one process, before any sharded group
+    minima_distill   distillation and the optional from-scratch baseline (every process)
+    minima_evaluate  held-out loss of every model through Trainer.evaluate (every process)
+    minima_export    the table, the Hub-ready folder and its card
+
+Every stage is resumable: finished stages live in ``<output_dir>/.work/<run_name>/`` under names that
+hash their inputs, each with a manifest checked on reuse; training stages resume from their last
+Trainer checkpoint. The exported folder ``<output_dir>/<run_name>/`` appears atomically, once complete.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hf_capgap.minima.config import MinimaConfig, build_config, parse_minima_args
+from hf_capgap.minima.plan import Plan, make_plan, steps_for, tokens_per_step
+
+__all__ = ["MinimaConfig", "Plan", "build_config", "make_plan", "parse_minima_args", "run_minima"]
+
+
+def run_minima(config: MinimaConfig) -> dict[str, Any] | None:
+    """Run (or resume, or reprint) the recipe; returns the results written to results.json.
+
+    ``dry_run`` prints the plan and returns None; ``prune_only`` prunes, prints the folder and returns None.
+    """
+    from hf_capgap.minima.export import finished_results
+
+    if config.dry_run:
+        from hf_capgap.minima.dry_run import dry_run
+
+        dry_run(config)
+        return None
+    plan = make_plan(config)
+    results = finished_results(config)
+    if results is None:
+        results = _run_stages(config, plan)
+        if results is None:
+            return None
+    from hf_capgap.minima.distill import is_main
+    from hf_capgap.minima.export import format_table
+
+    if is_main():
+        print(format_table(results))
+        if config.push_to_hub is not None:
+            from hf_capgap.hub import push_student
+
+            url = push_student(config.run_dir, config.push_to_hub, private=config.hub_private,
+                               endpoint=config.hub_endpoint)
+            print(f"pushed to {url}")
+    return results
+
+
+def _run_stages(config: MinimaConfig, plan: Plan) -> dict[str, Any] | None:
+    from hf_capgap.minima import data as minima_data
+    from hf_capgap.minima import distill as minima_distill
+    from hf_capgap.minima import evaluate as minima_evaluate
+    from hf_capgap.minima import export as minima_export
+    from hf_capgap.minima import prune as minima_prune
+    from hf_capgap.minima import teacher as minima_teacher
+    from hf_capgap.utils.processes import process_state
+
+    location = minima_teacher.teacher_location(config, plan)
+    tokenizer = minima_teacher.load_tokenizer(config, location)
+    with process_state().main_process_first():  # one process fills the datasets cache, the others read it
+        data = minima_data.prepare_data(config, plan, tokenizer)
+    teacher = minima_teacher.load_teacher(config, plan, location)
+    teacher_id = minima_teacher.teacher_identity(plan, location, teacher)
+    if plan.student_init is None:
+        student_dir, pruned_manifest = minima_prune.prune_stage(config, plan, teacher, data, teacher_id)
+        kept_fraction = pruned_manifest["kept_fraction"]
+    else:
+        student_dir, kept_fraction = Path(plan.student_init), plan.student_params / plan.teacher_params
+    if config.prune_only:
+        print(f"pruned student: {student_dir}\nlaunch the distillation with: --student_init {student_dir}")
+        return None
+    # The teacher is scored, then freed, right after its last use: the cache build (teacher_cache) or the
+    # distillation (online); the students after it train and are scored without it in memory.
+    evaluation_dir = config.work_dir / "evaluation"
+    teacher_score = None
+    if config.teacher_cache:
+        minima_distill.teacher_cache_stage(config, plan, teacher, student_dir, data, teacher_id)
+        teacher_score = minima_evaluate.held_out_score(config, teacher, data, evaluation_dir)
+        teacher = None
+        _free_memory()
+    folders = {"pruned": student_dir,
+               "distilled": minima_distill.distill_stage(config, plan, teacher, student_dir, data, teacher_id)}
+    if teacher is not None:
+        teacher_score = minima_evaluate.held_out_score(config, teacher, data, evaluation_dir)
+        teacher = None
+        _free_memory()
+    if config.baseline:
+        folders["scratch"] = minima_distill.scratch_stage(config, plan, student_dir, data)
+    scores = {"teacher": teacher_score, **minima_evaluate.evaluate_stage(config, folders, data)}
+    if minima_distill.is_main():
+        steps = steps_for(config, plan)
+        results = {"run_name": config.run_name, "teacher": Path(plan.teacher).name if plan.teacher_kind == "local"
+                   else plan.teacher, "choice": plan.choice, "train_tokens": steps * tokens_per_step(config, plan),
+                   "distinct_train_tokens": minima_distill.distinct_train_tokens(folders["distilled"]),
+                   "steps": steps, "eval_rows": len(data.eval), "kept_fraction": kept_fraction,
+                   "eval": {key: scores.get(key) for key in ("teacher", "pruned", "distilled", "scratch")},
+                   "settings": config.result_settings()}
+        minima_export.export_run(config, plan, results, folders["distilled"])
+    minima_distill.wait()
+    return minima_export.finished_results(config)
+
+
+def _free_memory() -> None:
+    """Reclaim a model the caller just dropped: the Trainers that ran it leave reference cycles, and CUDA
+    keeps freed blocks cached, so without this the teacher would stay resident through the next stages."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

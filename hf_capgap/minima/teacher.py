@@ -1,0 +1,57 @@
+"""The teacher of a MiniMA run: its tokenizer (read first, so data errors come before any weights),
+the frozen model through :func:`hf_capgap.models.teacher_loading.load_frozen_teacher`, and an identity that
+names it without hashing billions of weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hf_capgap.utils.artifacts import json_sha256
+from hf_capgap.minima.config import MinimaConfig
+from hf_capgap.minima.plan import Plan
+
+
+def teacher_location(config: MinimaConfig, plan: Plan) -> str:
+    """Where the teacher's files are: the ladder rung's folder (pretrained once, resumable), or as given."""
+    if plan.teacher_kind != "ladder":
+        return plan.teacher
+    from hf_capgap.ladder import ensure_ladder
+
+    (path,) = ensure_ladder(config.ladder, config.ladder_dir, only=[plan.teacher])
+    return str(path)
+
+
+def load_tokenizer(config: MinimaConfig, location: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(location, revision=config.teacher_revision,
+                                         trust_remote_code=config.trust_remote_code)
+
+
+def load_teacher(config: MinimaConfig, plan: Plan, location: str) -> Any:
+    """The frozen teacher on this process's device (bf16 on a GPU unless teacher_dtype says otherwise)."""
+    from hf_capgap.models import load_frozen_teacher
+
+    if plan.teacher_kind == "ladder":
+        from hf_capgap.utils.artifacts import read_manifest
+        from hf_capgap.ladder import TEACHER_FORMAT_VERSION, TEACHER_KIND
+
+        read_manifest(location, TEACHER_KIND, TEACHER_FORMAT_VERSION, verify_files=True)
+    return load_frozen_teacher(location, teacher_dtype=config.teacher_dtype, revision=config.teacher_revision,
+                               trust_remote_code=config.trust_remote_code)
+
+
+def teacher_identity(plan: Plan, location: str, teacher: Any) -> str:
+    """A name for the teacher's weights: file checksums of a ladder rung, the Hub commit, or the
+    folder's config and weight file sizes (reading 13 GB to hash a 7B teacher on every rank is not worth it)."""
+    folder = Path(location)
+    if plan.teacher_kind == "ladder":
+        import json
+
+        return json_sha256(json.loads((folder / "capgap_manifest.json").read_text())["files"])[:16]
+    if plan.teacher_kind == "hub":
+        return json_sha256([plan.teacher, getattr(teacher.config, "_commit_hash", None)])[:16]
+    weights = sorted((p.name, p.stat().st_size) for p in folder.iterdir() if p.suffix in (".safetensors", ".json"))
+    return json_sha256([(folder / "config.json").read_text(), weights])[:16]

@@ -1,0 +1,123 @@
+"""The one way hf_capgap loads a frozen teacher: right dtype, right device, one copy in host memory.
+
+At 7B on 8 GPUs a plain ``from_pretrained`` is the failure: every rank materialises the teacher in fp32
+on the CPU (~28 GB each) before moving it. Here the weights stream from safetensors straight onto the
+local rank's device (``device_map``), in bf16 when that device is a GPU, remote code stays off unless
+asked, and pickled checkpoints are refused. The recipe, the sweep, ``hf-capgap prune`` and
+``hf-capgap cache build`` all load teachers through :func:`load_frozen_teacher`.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+TEACHER_DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
+
+
+def teacher_device() -> torch.device:
+    """The local rank's device: ``cuda:LOCAL_RANK`` when GPUs are used, else the CPU."""
+    from hf_capgap.utils.processes import use_cpu
+
+    if use_cpu():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_teacher_dtype(teacher_dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` is bf16 on a GPU (what the teacher runs in there) and float32 on a CPU."""
+    if teacher_dtype not in TEACHER_DTYPE_CHOICES:
+        raise ValueError(f"teacher_dtype={teacher_dtype!r} must be one of {TEACHER_DTYPE_CHOICES}.")
+    if teacher_dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, teacher_dtype)
+
+
+def _state_dtypes(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """The dtype ``from_pretrained(dtype=dtype)`` gives each floating tensor of the state dict.
+
+    Loading casts every checkpoint tensor (parameters and persistent buffers) to ``dtype``, except the
+    modules a model keeps in float32 (``_keep_in_fp32_modules(_strict)``, matched as transformers
+    matches them). Non-persistent buffers (RoPE's ``inv_freq``) are not in the checkpoint and stay as
+    the model computed them, in float32: rounding them to bf16 shifts the rotary phases of far positions.
+    """
+    from transformers import PreTrainedModel
+    from transformers.core_model_loading import build_glob_alternation
+
+    plan = model._get_dtype_plan(dtype) if isinstance(model, PreTrainedModel) else {}
+    keep = build_glob_alternation(list(plan))[0] if plan else None
+    return {
+        name: torch.float32 if keep is not None and keep.search(name) else dtype
+        for name, tensor in model.state_dict(keep_vars=True).items()
+        if tensor.is_floating_point()
+    }
+
+
+def teacher_in_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``model`` with its weights in ``dtype`` as ``from_pretrained(dtype=dtype)`` would load them: itself
+    when they already are (a teacher loaded in ``dtype`` is not copied), else a copy.
+
+    ``Module.to`` converts in place, which would change the dtype of a model the caller passed in and
+    still uses, and would also round the non-persistent float32 buffers, which loading keeps. The copy is
+    assembled from converted tensors (deepcopy's memo, tied weights stay tied), so the peak is the
+    original plus the converted weights, never two originals.
+    """
+    targets = _state_dtypes(model, dtype)
+    state = model.state_dict(keep_vars=True)
+    if all(state[name].dtype == want for name, want in targets.items()):
+        return model
+    memo: dict[int, Any] = {}
+    for name, want in targets.items():
+        tensor = state[name]
+        if id(tensor) in memo:  # tied: one converted tensor for every name
+            continue
+        converted = tensor.detach().to(want)
+        if isinstance(tensor, nn.Parameter):
+            converted = nn.Parameter(converted, requires_grad=tensor.requires_grad)
+        memo[id(tensor)] = converted
+    return copy.deepcopy(model, memo)
+
+
+def load_frozen_teacher(
+    name_or_path: str | os.PathLike,
+    *,
+    teacher_dtype: str = "auto",
+    device: torch.device | str | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> Any:
+    """A causal LM in eval mode with gradients off, loaded once onto ``device`` (default: this rank's).
+
+    Weights go from the safetensors files directly to the device (no full-precision host copy);
+    under an initialised DeepSpeed ZeRO-3 context transformers partitions them instead, which is what
+    a ZeRO-3 teacher wants and what pruning must refuse (it checks before calling this).
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    device = teacher_device() if device is None else torch.device(device)
+    dtype = resolve_teacher_dtype(teacher_dtype, device)
+    placement = {} if is_deepspeed_zero3_enabled() else {"device_map": {"": device}}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path,
+            dtype=dtype,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
+            low_cpu_mem_usage=True,
+            **placement,
+        )
+    except OSError as err:
+        if "safetensors" in str(err).lower():
+            raise ValueError(
+                f"teacher {str(name_or_path)!r} has no safetensors weights; hf_capgap loads no pickled "
+                "checkpoints. Re-save it with save_pretrained(..., safe_serialization=True)."
+            ) from err
+        raise
+    model.requires_grad_(False)
+    return model.eval()

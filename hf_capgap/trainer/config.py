@@ -1,0 +1,160 @@
+"""DistillationConfig: TRL's SFTConfig plus the knobs of KL-on-logits distillation.
+
+Subclassing ``trl.SFTConfig`` gives distillation the data knobs of supervised fine-tuning with the
+same names and meanings (``max_length``, ``packing``, ``padding_free``, ``completion_only_loss``,
+``assistant_only_loss``, ``dataset_text_field``, ``dataset_kwargs`` ...), and it stays a
+``transformers.TrainingArguments``, so ``HfArgumentParser`` / ``TrlParser`` read it from YAML and flags.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from trl import SFTConfig
+
+from hf_capgap.losses.liger import LOSS_BACKENDS
+from hf_capgap.losses.lm_head import FUSED_LM_HEAD_MODES
+from hf_capgap.losses import DIVERGENCES, check_beta
+from hf_capgap.models import TEACHER_DTYPE_CHOICES
+
+
+
+def check_sft_loss_fields(args: SFTConfig) -> None:
+    """Refuse SFTConfig's loss variants, which replace the LM loss that distillation replaces already."""
+    if args.loss_type != "nll":
+        raise ValueError(
+            f"DistillationConfig.loss_type={args.loss_type!r} is not supported: the loss is "
+            "alpha * distillation + (1 - alpha) * cross-entropy. Leave loss_type at 'nll'."
+        )
+    if args.label_smoothing_factor != 0:
+        raise ValueError(
+            f"DistillationConfig.label_smoothing_factor={args.label_smoothing_factor} is not supported: the "
+            "teacher's distribution already softens the targets (raise alpha or temperature). Leave it at 0."
+        )
+
+
+@dataclass
+class DistillationConfig(SFTConfig):
+    """Arguments for :class:`hf_capgap.DistillationTrainer`.
+
+    The defaults are MiniMA's: 0.5 x LM cross-entropy + 0.5 x forward KL(teacher || student) at T = 1.
+    Two SFTConfig defaults differ: ``bf16`` is on only where a GPU supports it (SFTConfig turns it on
+    everywhere, CPUs included), and ``gradient_checkpointing`` is off (turn it on for large students).
+    """
+
+    bf16: bool | None = field(
+        default=None,
+        metadata={
+            "help": "bf16 mixed precision. None: on when a CUDA GPU with bf16 support is used and fp16 is not "
+            "set, off on CPUs."
+        },
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Deprecated alias of activation_checkpointing (recompute activations in the backward pass: "
+            "less memory, about 20-30%% more compute). Off unless one of the two is set."
+        },
+    )
+
+    loss: str = field(
+        default="forward_kl",
+        metadata={
+            "help": "Divergence between teacher and student next-token distributions: forward_kl "
+            "(KL(teacher||student), MiniMA's), reverse_kl, jsd (generalized JSD with `beta`), skew_kl "
+            "(DistiLLM's skewed forward KL with skew `beta`) or tvd (total variation).",
+            "choices": DIVERGENCES,
+        },
+    )
+    temperature: float = field(
+        default=1.0,
+        metadata={"help": "Both logits are divided by T before the softmax; the divergence is scaled by T^2."},
+    )
+    alpha: float = field(
+        default=0.5,
+        metadata={"help": "Weight of the distillation term; (1 - alpha) weights the ordinary LM cross-entropy."},
+    )
+    beta: float = field(
+        default=0.5,
+        metadata={
+            "help": "jsd: teacher weight of the mixture, in (0, 1). skew_kl: skew of the mixture "
+            "beta*teacher + (1-beta)*student, in [0, 1). Ignored by the other losses."
+        },
+    )
+    chunk_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Tokens per chunk of the memory-lean loss; peak extra memory grows with chunk_size x vocab. "
+            "None: automatic, by device: on a CPU the power of two that keeps one chunk near 4M logits (128 "
+            "tokens at vocab 32000); on a GPU hidden_size / 4 rows, a power of two within 256-2048."
+        },
+    )
+    fused_lm_head: str = field(
+        default="auto",
+        metadata={
+            "help": "Compute the loss from last hidden states and the lm_head weight chunk by chunk so the full "
+            "[tokens, vocab] logits are never materialised. 'auto' uses it where the model allows it "
+            "(plain linear head, no logit post-processing; torch.compile and DeepSpeed ZeRO-0/1/2 keep it, FSDP "
+            "and ZeRO-3 shard the head) and logs which path runs and why.",
+            "choices": FUSED_LM_HEAD_MODES,
+        },
+    )
+    loss_backend: str = field(
+        default="hf_capgap",
+        metadata={
+            "help": "hf_capgap (ours), or liger to compare with Liger-Kernel's fused linear JSD (optional: pip "
+            "install liger-kernel; CUDA GPU; online teacher with fused heads; forward_kl / reverse_kl / jsd; no "
+            "lm_head bias).",
+            "choices": LOSS_BACKENDS,
+        },
+    )
+    teacher_dtype: str = field(
+        default="auto",
+        metadata={"help": "dtype the frozen teacher runs in. 'auto': a teacher given as a path loads in bf16 on a GPU "
+                  "and float32 on a CPU; a teacher given as a model keeps its dtype.",
+                  "choices": TEACHER_DTYPE_CHOICES},
+    )
+    teacher_cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "Path of a TeacherCache built by `TeacherCache.build` / `hf-capgap cache build`. When set, "
+            "the teacher's signal is read from the cache and no teacher model is needed."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.bf16 is None:
+            self.bf16 = not self.fp16 and not self.use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        if self.chat_template_path is not None and not self.chat_template_path.endswith((".jinja", ".j2")):
+            raise ValueError(
+                f"DistillationConfig.chat_template_path={self.chat_template_path!r} names a model: cloning its chat "
+                "template adds tokens to the student only, so teacher and student would no longer share a "
+                "vocabulary. Pass a .jinja template file, or set the template on the shared tokenizer."
+            )
+        if self.loss not in DIVERGENCES:
+            raise ValueError(f"DistillationConfig.loss={self.loss!r} is not one of {', '.join(DIVERGENCES)}.")
+        if not self.temperature > 0:
+            raise ValueError(f"DistillationConfig.temperature must be > 0, got {self.temperature}.")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"DistillationConfig.alpha must be in [0, 1], got {self.alpha}.")
+        check_beta(self.loss, self.beta)
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError(f"DistillationConfig.chunk_size must be a positive number of tokens, got {self.chunk_size}.")
+        if self.fused_lm_head not in FUSED_LM_HEAD_MODES:
+            raise ValueError(
+                f"DistillationConfig.fused_lm_head={self.fused_lm_head!r} must be one of {FUSED_LM_HEAD_MODES}."
+            )
+        if self.loss_backend not in LOSS_BACKENDS:
+            raise ValueError(f"DistillationConfig.loss_backend={self.loss_backend!r} must be one of {LOSS_BACKENDS}.")
+        if self.teacher_dtype not in TEACHER_DTYPE_CHOICES:
+            raise ValueError(f"DistillationConfig.teacher_dtype={self.teacher_dtype!r} must be one of {TEACHER_DTYPE_CHOICES}.")
+        check_sft_loss_fields(self)
+        super().__post_init__()
+
+
+def default_preparation_args(**settings: Any) -> DistillationConfig:
+    """The trainer's default settings (a DistillationConfig) with ``settings`` (its data fields), as
+    ``hf-capgap cache build`` prepares rows with."""
+    return DistillationConfig(report_to=[], **settings)

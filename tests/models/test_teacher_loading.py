@@ -1,0 +1,111 @@
+"""The one teacher loader: dtype by device, eval mode without gradients, safetensors only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_capgap.models import load_frozen_teacher, resolve_teacher_dtype
+from tests.conftest import tiny_llama
+
+
+def test_loads_frozen_in_float32_on_the_cpu(tmp_path):
+    tiny_llama().save_pretrained(tmp_path / "teacher")
+    teacher = load_frozen_teacher(str(tmp_path / "teacher"), device="cpu")
+    assert not teacher.training
+    assert all(not p.requires_grad for p in teacher.parameters())
+    assert {p.dtype for p in teacher.parameters()} == {torch.float32}
+    assert {p.device.type for p in teacher.parameters()} == {"cpu"}
+
+
+def test_dtype_choice():
+    assert resolve_teacher_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
+    assert resolve_teacher_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_teacher_dtype("float16", torch.device("cpu")) == torch.float16
+    with pytest.raises(ValueError, match="teacher_dtype='fp8'"):
+        resolve_teacher_dtype("fp8", torch.device("cpu"))
+
+
+def test_bfloat16_request_is_honoured(tmp_path):
+    tiny_llama().save_pretrained(tmp_path / "teacher")
+    teacher = load_frozen_teacher(tmp_path / "teacher", teacher_dtype="bfloat16", device="cpu")
+    assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}
+
+
+def test_pickled_checkpoint_is_refused(tmp_path):
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "teacher")
+    (tmp_path / "teacher" / "model.safetensors").unlink()
+    torch.save(model.state_dict(), tmp_path / "teacher" / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="no safetensors weights"):
+        load_frozen_teacher(tmp_path / "teacher", device="cpu")
+
+
+def test_teacher_in_dtype_converts_a_copy_and_keeps_ties():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_capgap.models import teacher_in_dtype
+
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, tie_word_embeddings=True,
+    ))
+    assert teacher_in_dtype(model, torch.float32) is model
+    converted = teacher_in_dtype(model, torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert {p.dtype for p in converted.parameters()} == {torch.bfloat16}
+    assert converted.lm_head.weight is converted.model.embed_tokens.weight
+    torch.testing.assert_close(converted.lm_head.weight, model.lm_head.weight.to(torch.bfloat16), rtol=0, atol=0)
+
+
+def test_teacher_in_dtype_matches_from_pretrained_and_keeps_rope_buffers_float32(tmp_path):
+    """A teacher loaded in bf16 is returned as is; an fp32 one is converted as loading in bf16 converts
+    it: parameters in bf16, the non-persistent RoPE ``inv_freq`` left in float32 (rounded to bf16, the
+    rotary phase of position 1000 is off by up to ~0.4 in cos)."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_capgap.models import teacher_in_dtype
+
+    torch.manual_seed(0)
+    model = tiny_llama(hidden=64, heads=2, kv_heads=2)
+    model.save_pretrained(tmp_path / "teacher")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "teacher", dtype=torch.bfloat16)
+    assert teacher_in_dtype(loaded, torch.bfloat16) is loaded
+    frozen = load_frozen_teacher(tmp_path / "teacher", teacher_dtype="bfloat16", device="cpu")
+    assert teacher_in_dtype(frozen, torch.bfloat16) is frozen
+
+    converted = teacher_in_dtype(model, torch.bfloat16)
+    assert converted is not model
+    assert {n: t.dtype for n, t in converted.state_dict().items()} == {
+        n: t.dtype for n, t in loaded.state_dict().items()
+    }
+    assert {n: b.dtype for n, b in converted.named_buffers()} == {n: b.dtype for n, b in loaded.named_buffers()}
+    assert {b.dtype for b in model.buffers()} == {torch.float32}
+    positions = torch.tensor([[10, 1000, 3000]])
+    x = torch.zeros(1, 3, 64, dtype=torch.bfloat16)
+    for want, got in zip(loaded.model.rotary_emb(x, positions), converted.model.rotary_emb(x, positions), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    ids = torch.arange(100).remainder(96)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(converted(ids).logits, loaded(ids).logits, rtol=0, atol=0)
+
+
+def test_teacher_in_dtype_keeps_the_modules_transformers_keeps_in_float32(tmp_path):
+    """``_keep_in_fp32_modules_strict`` (MoE routers, score biases) stays float32 when loading in bf16:
+    such a teacher is in bf16 as loaded, and an fp32 one is converted the same way."""
+    from transformers import LlamaForCausalLM
+
+    from hf_capgap.models import teacher_in_dtype
+
+    class RouterInFloat32(LlamaForCausalLM):
+        _keep_in_fp32_modules_strict = ["lm_head"]
+
+    model = RouterInFloat32(tiny_llama().config)
+    model.save_pretrained(tmp_path / "teacher")
+    loaded = RouterInFloat32.from_pretrained(tmp_path / "teacher", dtype=torch.bfloat16)
+    assert loaded.lm_head.weight.dtype == torch.float32
+    assert teacher_in_dtype(loaded, torch.bfloat16) is loaded
+    converted = teacher_in_dtype(model, torch.bfloat16)
+    assert {n: t.dtype for n, t in converted.state_dict().items()} == {
+        n: t.dtype for n, t in loaded.state_dict().items()
+    }

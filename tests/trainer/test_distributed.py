@@ -1,0 +1,66 @@
+"""Real multi-process CPU training (gloo) through `accelerate launch`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def launch(out: Path, *script_args: str) -> None:
+    """Run tests/helpers/ddp_train_script.py on 2 gloo CPU processes (the repository on the path, for its
+    ``tests.conftest`` import)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+        str(REPO / "recipes" / "accelerate" / "cpu.yaml"), "--main_process_port", "0",
+        str(REPO / "tests" / "helpers" / "ddp_train_script.py"), str(out), *script_args,
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_two_process_training_online_and_from_a_cache(tmp_path):
+    """2 ranks x 2 rows == 1 process x 4 rows (gradients token-normalised across processes), also when
+    one rank's micro-batch has no labelled token; and training from a teacher cache keeps every
+    position aligned with its signal under data sharding."""
+    launch(tmp_path)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["rank"] for r in ranks] == [0, 1] and {r["world_size"] for r in ranks} == {2}
+    assert {r["empty_micro_batches"] for r in ranks} == {1}  # rank 1's, summed over ranks in the log
+    # Cache built by both ranks; two shuffled epochs over 12 rows of 8 tokens split across 2 processes,
+    # every labelled position carrying its own teacher signal.
+    assert sum(r["positions_seen"] for r in ranks) == 2 * 12 * 7
+    assert all(r["positions_aligned"] == r["positions_seen"] for r in ranks)
+    assert ranks[0]["shards"] > 1
+    deltas = [load_file(str(tmp_path / f"rank{r}.safetensors"))["delta"] for r in (0, 1)]
+    torch.testing.assert_close(deltas[0], deltas[1])  # DDP kept the replicas identical
+
+    from tests.helpers.ddp_train_script import train
+
+    before, after, _ = train(tmp_path / "single", per_device_batch=4)
+    assert deltas[0].abs().max() > 0
+    torch.testing.assert_close(deltas[0], after - before, rtol=1e-4, atol=1e-6)
+
+
+def test_two_process_evaluation_does_not_count_the_rows_that_even_out_the_last_batch(tmp_path):
+    """5 eval rows on 2 ranks x 2: accelerate repeats rows to fill the last batch of each rank; the
+    token-weighted metrics summed over ranks equal one process over the 5 rows."""
+    launch(tmp_path, "eval")
+    ranks = [json.loads((tmp_path / f"eval{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]
+
+    from tests.helpers.ddp_train_script import EVAL_METRICS, evaluate_uneven
+
+    single, _ = evaluate_uneven(tmp_path / "single")
+    assert set(single) == set(EVAL_METRICS)
+    for name in EVAL_METRICS:
+        assert ranks[0][name] == pytest.approx(single[name], rel=1e-5, abs=1e-6), name
