@@ -16,7 +16,6 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,6 +31,7 @@ from hf_capgap.utils.artifacts import (
     temporary_prefix,
     write_manifest,
 )
+from hf_capgap.utils.processes import ProcessGroup
 from hf_capgap.cache.encode import LabelledStates, encode_batch, encode_states
 from hf_capgap.cache.format import (
     DTYPES,
@@ -130,7 +130,7 @@ def build_cache(
         "vocabulary_fingerprint": None if tokenizer is None else vocabulary_fingerprint(tokenizer),
         "dataset_fingerprint": dataset_fingerprint(prepared),
     }
-    state = _ProcessGroup.current()
+    state = ProcessGroup.current()
     # A teacher sharded across ranks runs each forward as a collective: every rank must run as many,
     # and none may retry one alone.
     lockstep = state.num_processes > 1 and parameter_sharding(teacher) is not None
@@ -284,48 +284,6 @@ def _real_vocab_size(teacher: Any, tokenizer: Any) -> int:
     if tokenizer is None:
         return int(teacher.config.vocab_size)
     return check_logits_cover(teacher, tokenizer, "the teacher")
-
-
-@dataclass(frozen=True)
-class _ProcessGroup:
-    """This process's place among the build's processes (one, or the ranks of a distributed launch)."""
-
-    process_index: int
-    num_processes: int
-    wait_for_everyone: Callable[[], None]
-
-    @property
-    def is_main_process(self) -> bool:
-        return self.process_index == 0
-
-    @classmethod
-    def current(cls) -> _ProcessGroup:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return cls(dist.get_rank(), dist.get_world_size(), dist.barrier)
-        from hf_capgap.utils.processes import process_state
-
-        state = process_state()
-        return cls(state.process_index, state.num_processes, state.wait_for_everyone)
-
-    def most_over_ranks(self, value: int, device: Any) -> int:
-        """The largest ``value`` any rank holds (``device``: where the backend reduces, e.g. cuda for nccl)."""
-        return self._reduce(value, device, "MAX")
-
-    def fewest_over_ranks(self, value: int, device: Any) -> int:
-        """The smallest ``value`` any rank holds."""
-        return self._reduce(value, device, "MIN")
-
-    def _reduce(self, value: int, device: Any, op: str) -> int:
-        import torch
-        import torch.distributed as dist
-
-        if self.num_processes == 1:
-            return value
-        total = torch.tensor([value], dtype=torch.int64, device=device)
-        dist.all_reduce(total, op=getattr(dist.ReduceOp, op))
-        return int(total.item())
 
 
 def _check_options(

@@ -9,6 +9,8 @@ therefore asks this module (and every ``TrainingArguments`` passes :func:`use_cp
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -47,3 +49,43 @@ def launched_processes() -> int:
     before anything joins (or waits in) a collective.
     """
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@dataclass(frozen=True)
+class ProcessGroup:
+    """This process's place among the build's processes (one, or the ranks of a distributed launch)."""
+
+    process_index: int
+    num_processes: int
+    wait_for_everyone: Callable[[], None]
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.process_index == 0
+
+    @classmethod
+    def current(cls) -> ProcessGroup:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size(), dist.barrier)
+        state = process_state()
+        return cls(state.process_index, state.num_processes, state.wait_for_everyone)
+
+    def most_over_ranks(self, value: int, device: Any) -> int:
+        """The largest ``value`` any rank holds (``device``: where the backend reduces, e.g. cuda for nccl)."""
+        return self._reduce(value, device, "MAX")
+
+    def fewest_over_ranks(self, value: int, device: Any) -> int:
+        """The smallest ``value`` any rank holds."""
+        return self._reduce(value, device, "MIN")
+
+    def _reduce(self, value: int, device: Any, op: str) -> int:
+        import torch
+        import torch.distributed as dist
+
+        if self.num_processes == 1:
+            return value
+        total = torch.tensor([value], dtype=torch.int64, device=device)
+        dist.all_reduce(total, op=getattr(dist.ReduceOp, op))
+        return int(total.item())
