@@ -31,6 +31,7 @@ from hf_capgap.law.law import (
     plot_measurements,
     STUDENT_SIZE_TOLERANCE,
 )
+from hf_capgap.law.records import read_ledger
 
 __all__ = [
     "FORMAT_VERSION",
@@ -57,4 +58,5 @@ __all__ = [
     "CapacityGapLaw",
     "plot_measurements",
     "STUDENT_SIZE_TOLERANCE",
+    "read_ledger",
 ]

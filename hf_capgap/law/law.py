@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from hf_capgap.law.records import read_ledger
 from hf_capgap.utils.artifacts import ArtifactError, atomic_write_bytes, atomic_write_json
 
 FORMAT_VERSION = 1
@@ -718,31 +719,12 @@ def _save_png(figure: Any, path: str | os.PathLike) -> None:
 
 def _read_records(records: Any) -> list[Mapping[str, Any]]:
     if isinstance(records, (str, os.PathLike)):
-        return _read_ledger(Path(records))
+        return read_ledger(records)
     if hasattr(records, "columns") and hasattr(records, "to_dict"):
         return records.to_dict("records")
     if isinstance(records, Mapping):
         raise ValueError("records must be a ledger path, a list of dicts or a DataFrame, not a single dict.")
     return list(records)
-
-
-def _read_ledger(path: Path) -> list[Mapping[str, Any]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"no sweep ledger at {path}; pass the JSON-lines file the sweep wrote.")
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(
-                f"{path} line {number} is not valid JSON ({err}); fix or remove that line."
-            ) from err
-        if not isinstance(row, dict):
-            raise ValueError(f"{path} line {number} is not a JSON object; each line must be one record.")
-        rows.append(row)
-    return rows
 
 
 def _validated_records(rows: list[Mapping[str, Any]]) -> list[dict[str, Any]]:

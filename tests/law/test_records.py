@@ -1,0 +1,51 @@
+"""The one ledger reader: a torn last line is dropped with a warning, damage elsewhere is refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hf_capgap.law import CapacityGapLaw, read_ledger
+from hf_capgap.utils.artifacts import ArtifactError
+from tests.law.test_law import proportional, sweep
+
+
+def _write(path, records, tail=""):
+    path.write_text("".join(json.dumps(record) + "\n" for record in records) + tail)
+    return path
+
+
+def test_the_law_fits_a_ledger_whose_last_line_a_kill_tore(tmp_path):
+    records = sweep(proportional(2.5))
+    ledger = _write(tmp_path / "ledger.jsonl", records, json.dumps(records[0])[:25])
+    with pytest.warns(UserWarning, match="torn last line"):
+        law = CapacityGapLaw.fit(str(ledger), n_bootstrap=200)
+    assert law.ratio == pytest.approx(CapacityGapLaw.fit(records, n_bootstrap=200).ratio)
+    assert len(law.records) == len(records)
+
+
+def test_a_torn_line_in_the_middle_is_refused_naming_it(tmp_path):
+    records = sweep(proportional(2.5))[:3]
+    ledger = tmp_path / "ledger.jsonl"
+    ledger.write_text(json.dumps(records[0]) + "\n" + json.dumps(records[1])[:20] + "\n" + json.dumps(records[2]))
+    with pytest.raises(ArtifactError, match="line 2 is not valid JSON"):
+        read_ledger(ledger)
+
+
+def test_a_bad_last_line_ended_by_a_newline_is_damage_not_a_kill(tmp_path):
+    ledger = _write(tmp_path / "ledger.jsonl", sweep(proportional(2.5))[:2], "[1, 2]\n")
+    with pytest.raises(ArtifactError, match="line 3 is not a JSON object"):
+        read_ledger(ledger)
+
+
+def test_required_fields_make_a_partial_object_a_non_record(tmp_path):
+    ledger = _write(tmp_path / "ledger.jsonl", [{"run_id": "a", "eval_loss": 1.0}, {"eval_loss": 2.0}])
+    with pytest.raises(ArtifactError, match="line 2 is not a sweep record .it lacks run_id"):
+        read_ledger(ledger, required_fields=("run_id", "eval_loss"))
+    assert read_ledger(ledger) == [{"run_id": "a", "eval_loss": 1.0}, {"eval_loss": 2.0}]
+
+
+def test_a_missing_ledger_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no sweep ledger"):
+        read_ledger(tmp_path / "missing.jsonl")
