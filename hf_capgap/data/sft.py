@@ -25,12 +25,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from hf_capgap.errors import HfCapgapError
+
 IGNORE_INDEX = -100
 TEACHER_KEY_PREFIX = "teacher_"
 TOKENIZED_COLUMN = "input_ids"
 
 
-class DatasetFormatError(ValueError):
+class DatasetFormatError(HfCapgapError, ValueError):
     """A dataset, tokenizer or setting that TRL's SFT data path cannot turn into training rows."""
 
 

@@ -29,6 +29,7 @@ from typing import IO, Any
 import numpy as np
 from transformers.utils import logging
 
+from hf_capgap.errors import HfCapgapError
 from hf_capgap.utils.artifacts import atomic_write_bytes
 from hf_capgap.law import CONFIDENCE, CapacityGapLaw
 
@@ -49,7 +50,7 @@ _NPY_MAGIC = b"\x93NUMPY"
 _NPY_MAX_HEADER = 1 << 16
 
 
-class HubUploadError(RuntimeError):
+class HubUploadError(HfCapgapError, RuntimeError):
     """The push reached the Hub but did not complete; the local folder is untouched."""
 
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from hf_capgap.errors import HfCapgapError
+
 SHOWN_DIFFERENCES = 5
 
 
-class VocabularyMismatchError(ValueError):
+class VocabularyMismatchError(HfCapgapError, ValueError):
     """Teacher and student tokenizers map some token to different ids."""
 
 

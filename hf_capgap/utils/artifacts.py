@@ -19,10 +19,12 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from hf_capgap.errors import HfCapgapError
+
 MANIFEST_NAME = "capgap_manifest.json"
 
 
-class ArtifactError(ValueError):
+class ArtifactError(HfCapgapError, ValueError):
     """An artifact on disk is missing, incomplete, corrupted or was made from different inputs."""
 
 
