@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from hf_capgap.errors import HfCapgapError
 from hf_capgap.law.records import read_ledger
 from hf_capgap.utils.artifacts import ArtifactError, atomic_write_bytes, atomic_write_json
 
@@ -71,7 +72,7 @@ _SUFFIXES = {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
 _PARAMS_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmbgt]?)\s*$", re.IGNORECASE)
 
 
-class TooFewOptimaError(ValueError):
+class TooFewOptimaError(HfCapgapError, ValueError):
     """The records bracket too few students' optima to fit a line (the grid needs more teachers)."""
 
 
