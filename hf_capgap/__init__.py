@@ -48,6 +48,7 @@ _EXPORTS = {
     "write_model_card": "hf_capgap.hub",
     "StudentCardInfo": "hf_capgap.hub",
     "HubUploadError": "hf_capgap.hub",
+    "HfCapgapError": "hf_capgap.errors",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -24,12 +24,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; an error hf_capgap raises (or a bad value, a missing file) is printed as one line.
+
+    Exit 2 when the input is at fault (a ``ValueError``, a missing file), 1 when a library step failed
+    on its own (a Hub upload the server broke off): a script can tell "fix the command" from "retry".
+    """
+    from hf_capgap.errors import HfCapgapError
+
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"hf-capgap {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except (HfCapgapError, ValueError, FileNotFoundError) as err:
+        message = " ".join(str(err).split("\n"))
+        print(f"hf-capgap {args.command}: error: {message}", file=sys.stderr)
+        return 2 if isinstance(err, (ValueError, FileNotFoundError)) else 1
 
 
 if __name__ == "__main__":

@@ -93,8 +93,8 @@ def _add_preparation_arguments(parser: argparse.ArgumentParser) -> None:
 
     from transformers import HfArgumentParser
 
-    from hf_capgap.trainer import DistillationConfig
     from hf_capgap.data import PREPARATION_ARGUMENTS
+    from hf_capgap.trainer import DistillationConfig
 
     group = parser.add_argument_group(
         "data preparation",
@@ -151,9 +151,9 @@ def _build(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from hf_capgap.cache import TeacherCache
-    from hf_capgap.trainer.config import default_preparation_args
     from hf_capgap.data import PREPARATION_ARGUMENTS
     from hf_capgap.models import load_frozen_teacher
+    from hf_capgap.trainer.config import default_preparation_args
 
     preparation = default_preparation_args(
         **{name: getattr(args, name) for name in PREPARATION_ARGUMENTS}, seed=args.data_seed

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 
@@ -27,21 +26,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _push(args: argparse.Namespace) -> int:
-    from hf_capgap.hub import HubUploadError, push_student
+    from hf_capgap.hub import push_student
 
     # Only --token is passed: huggingface_hub resolves HF_TOKEN and the saved login itself (stripped).
-    try:
-        url = push_student(
-            args.folder,
-            args.repo_id,
-            token=args.token,
-            private=args.private,
-            endpoint=args.endpoint,
-            revision=args.revision,
-        )
-    except HubUploadError as err:
-        print(f"hf-capgap push: error: {err}", file=sys.stderr)
-        return 1
+    url = push_student(
+        args.folder,
+        args.repo_id,
+        token=args.token,
+        private=args.private,
+        endpoint=args.endpoint,
+        revision=args.revision,
+    )
     print(url)
     return 0
 

@@ -50,7 +50,7 @@ def _prune(args: argparse.Namespace) -> int:
     from transformers import AutoConfig
 
     from hf_capgap.law import parse_params
-    from hf_capgap.utils.processes import launched_processes
+    from hf_capgap.models import load_frozen_teacher
     from hf_capgap.pruning import (
         prune_model,
         save_pruned,
@@ -58,7 +58,7 @@ def _prune(args: argparse.Namespace) -> int:
         shape_params,
     )
     from hf_capgap.pruning.layouts import layout_for, meta_model
-    from hf_capgap.models import load_frozen_teacher
+    from hf_capgap.utils.processes import launched_processes
 
     if launched_processes() > 1:
         raise ValueError(
