@@ -29,6 +29,8 @@ from hf_capgap.errors import HfCapgapError
 
 IGNORE_INDEX = -100
 TEACHER_KEY_PREFIX = "teacher_"
+# Each example's token count in an evaluation batch: where a padding-free batch's rows end (trainer metrics).
+EXAMPLE_TOKENS_KEY = "example_tokens"
 TOKENIZED_COLUMN = "input_ids"
 
 
@@ -496,12 +498,13 @@ def uses_padding_free(args: Any) -> bool:
 
 
 def forward_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
-    """What a causal LM's forward gets from a collated batch: everything but the labels and the
-    cached teacher signal (``position_ids``, ``cu_seq_lens_*`` ... of padding-free batches included)."""
+    """What a causal LM's forward gets from a collated batch: everything but the labels, the example
+    token counts and the cached teacher signal (``position_ids``, ``cu_seq_lens_*`` ... of padding-free
+    batches included)."""
     return {
         key: value
         for key, value in batch.items()
-        if key != "labels" and not key.startswith(TEACHER_KEY_PREFIX)
+        if key not in ("labels", EXAMPLE_TOKENS_KEY) and not key.startswith(TEACHER_KEY_PREFIX)
     }
 
 
