@@ -14,11 +14,10 @@ from typing import Any
 import torch
 from trl import SFTConfig
 
+from hf_capgap.losses import check_beta
 from hf_capgap.losses.liger import LOSS_BACKENDS
 from hf_capgap.losses.lm_head import FUSED_LM_HEAD_MODES
-from hf_capgap.losses import DIVERGENCES, check_beta
-from hf_capgap.models import TEACHER_DTYPE_CHOICES
-
+from hf_capgap.trainer.settings import DistillationSettings
 
 
 def check_sft_loss_fields(args: SFTConfig) -> None:
@@ -36,12 +35,14 @@ def check_sft_loss_fields(args: SFTConfig) -> None:
 
 
 @dataclass
-class DistillationConfig(SFTConfig):
+class DistillationConfig(DistillationSettings, SFTConfig):
     """Arguments for :class:`hf_capgap.DistillationTrainer`.
 
     The defaults are MiniMA's: 0.5 x LM cross-entropy + 0.5 x forward KL(teacher || student) at T = 1.
     Two SFTConfig defaults differ: ``bf16`` is on only where a GPU supports it (SFTConfig turns it on
     everywhere, CPUs included), and ``gradient_checkpointing`` is off (turn it on for large students).
+    ``loss``, ``alpha``, ``temperature`` and ``teacher_dtype`` are :class:`DistillationSettings`, shared with
+    the sweep's and the MiniMA recipe's configs.
     """
 
     bf16: bool | None = field(
@@ -59,23 +60,6 @@ class DistillationConfig(SFTConfig):
         },
     )
 
-    loss: str = field(
-        default="forward_kl",
-        metadata={
-            "help": "Divergence between teacher and student next-token distributions: forward_kl "
-            "(KL(teacher||student), MiniMA's), reverse_kl, jsd (generalized JSD with `beta`), skew_kl "
-            "(DistiLLM's skewed forward KL with skew `beta`) or tvd (total variation).",
-            "choices": DIVERGENCES,
-        },
-    )
-    temperature: float = field(
-        default=1.0,
-        metadata={"help": "Both logits are divided by T before the softmax; the divergence is scaled by T^2."},
-    )
-    alpha: float = field(
-        default=0.5,
-        metadata={"help": "Weight of the distillation term; (1 - alpha) weights the ordinary LM cross-entropy."},
-    )
     beta: float = field(
         default=0.5,
         metadata={
@@ -110,12 +94,6 @@ class DistillationConfig(SFTConfig):
             "choices": LOSS_BACKENDS,
         },
     )
-    teacher_dtype: str = field(
-        default="auto",
-        metadata={"help": "dtype the frozen teacher runs in. 'auto': a teacher given as a path loads in bf16 on a GPU "
-                  "and float32 on a CPU; a teacher given as a model keeps its dtype.",
-                  "choices": TEACHER_DTYPE_CHOICES},
-    )
     teacher_cache: str | None = field(
         default=None,
         metadata={
@@ -126,30 +104,26 @@ class DistillationConfig(SFTConfig):
 
     def __post_init__(self) -> None:
         if self.bf16 is None:
-            self.bf16 = not self.fp16 and not self.use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+            gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+            self.bf16 = not self.fp16 and not self.use_cpu and gpu_bf16
         if self.chat_template_path is not None and not self.chat_template_path.endswith((".jinja", ".j2")):
             raise ValueError(
                 f"DistillationConfig.chat_template_path={self.chat_template_path!r} names a model: cloning its chat "
                 "template adds tokens to the student only, so teacher and student would no longer share a "
                 "vocabulary. Pass a .jinja template file, or set the template on the shared tokenizer."
             )
-        if self.loss not in DIVERGENCES:
-            raise ValueError(f"DistillationConfig.loss={self.loss!r} is not one of {', '.join(DIVERGENCES)}.")
-        if not self.temperature > 0:
-            raise ValueError(f"DistillationConfig.temperature must be > 0, got {self.temperature}.")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"DistillationConfig.alpha must be in [0, 1], got {self.alpha}.")
+        self.check_distillation_settings()
         check_beta(self.loss, self.beta)
         if self.chunk_size is not None and self.chunk_size < 1:
-            raise ValueError(f"DistillationConfig.chunk_size must be a positive number of tokens, got {self.chunk_size}.")
+            raise ValueError(
+                f"DistillationConfig.chunk_size must be a positive number of tokens, got {self.chunk_size}."
+            )
         if self.fused_lm_head not in FUSED_LM_HEAD_MODES:
             raise ValueError(
                 f"DistillationConfig.fused_lm_head={self.fused_lm_head!r} must be one of {FUSED_LM_HEAD_MODES}."
             )
         if self.loss_backend not in LOSS_BACKENDS:
             raise ValueError(f"DistillationConfig.loss_backend={self.loss_backend!r} must be one of {LOSS_BACKENDS}.")
-        if self.teacher_dtype not in TEACHER_DTYPE_CHOICES:
-            raise ValueError(f"DistillationConfig.teacher_dtype={self.teacher_dtype!r} must be one of {TEACHER_DTYPE_CHOICES}.")
         check_sft_loss_fields(self)
         super().__post_init__()
 
