@@ -10,6 +10,7 @@ from hf_capgap.models.teacher_loading import (
     resolve_teacher_dtype,
     teacher_in_dtype,
     load_frozen_teacher,
+    check_model_folder,
 )
 from hf_capgap.models.vocabulary import (
     SHOWN_DIFFERENCES,
@@ -34,6 +35,7 @@ __all__ = [
     "resolve_teacher_dtype",
     "teacher_in_dtype",
     "load_frozen_teacher",
+    "check_model_folder",
     "SHOWN_DIFFERENCES",
     "VocabularyMismatchError",
     "real_vocab_size",

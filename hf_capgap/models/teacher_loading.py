@@ -3,20 +3,31 @@
 At 7B on 8 GPUs a plain ``from_pretrained`` is the failure: every rank materialises the teacher in fp32
 on the CPU (~28 GB each) before moving it. Here the weights stream from safetensors straight onto the
 local rank's device (``device_map``), in bf16 when that device is a GPU, remote code stays off unless
-asked, and pickled checkpoints are refused. The recipe, the sweep, ``hf-capgap prune`` and
-``hf-capgap cache build`` all load teachers through :func:`load_frozen_teacher`.
+asked, and pickled checkpoints are refused. A local folder is checked first (:func:`check_model_folder`),
+so a folder missing its weights or tokenizer is named as such instead of failing deep inside transformers.
+The recipe, the ladder, the sweep, ``hf-capgap prune`` and ``hf-capgap cache build`` all load teachers
+through :func:`load_frozen_teacher`.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from hf_capgap.errors import ConfigError, ModelFolderError
+
 TEACHER_DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
+TOKENIZER_VOCABULARIES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "*.tiktoken")
+"""Files one of which holds a tokenizer's vocabulary (fast, sentencepiece, BPE, WordPiece, tiktoken)."""
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "pytorch_model.bin.index.json")
+_SAVE_HINT = "save the model and its tokenizer into it with save_pretrained(DIR), or pass a Hub id"
 
 
 def teacher_device() -> torch.device:
@@ -31,7 +42,7 @@ def teacher_device() -> torch.device:
 def resolve_teacher_dtype(teacher_dtype: str, device: torch.device) -> torch.dtype:
     """``auto`` is bf16 on a GPU (what the teacher runs in there) and float32 on a CPU."""
     if teacher_dtype not in TEACHER_DTYPE_CHOICES:
-        raise ValueError(f"teacher_dtype={teacher_dtype!r} must be one of {TEACHER_DTYPE_CHOICES}.")
+        raise ConfigError(f"teacher_dtype={teacher_dtype!r} must be one of {TEACHER_DTYPE_CHOICES}.")
     if teacher_dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, teacher_dtype)
@@ -99,6 +110,8 @@ def load_frozen_teacher(
     from transformers import AutoModelForCausalLM
     from transformers.integrations import is_deepspeed_zero3_enabled
 
+    if Path(name_or_path).is_dir():
+        check_model_folder(name_or_path, tokenizer=False)
     device = teacher_device() if device is None else torch.device(device)
     dtype = resolve_teacher_dtype(teacher_dtype, device)
     placement = {} if is_deepspeed_zero3_enabled() else {"device_map": {"": device}}
@@ -114,10 +127,45 @@ def load_frozen_teacher(
         )
     except OSError as err:
         if "safetensors" in str(err).lower():
-            raise ValueError(
-                f"teacher {str(name_or_path)!r} has no safetensors weights; hf_capgap loads no pickled "
-                "checkpoints. Re-save it with save_pretrained(..., safe_serialization=True)."
-            ) from err
+            raise ModelFolderError(_pickles_refused(name_or_path)) from err
         raise
     model.requires_grad_(False)
     return model.eval()
+
+
+def check_model_folder(folder: str | os.PathLike, *, tokenizer: bool = True) -> None:
+    """Refuse a local model folder that cannot load, naming every missing file, before anything loads.
+
+    transformers reports a folder holding only ``config.json`` as a missing sentencepiece or tiktoken
+    install, which sends the user the wrong way. ``tokenizer=False`` skips the tokenizer (a teacher whose
+    tokenizer is not needed, as in ``hf-capgap cache build`` on token ids).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelFolderError(f"{folder} is not a folder; {_SAVE_HINT}.")
+    missing = [] if (folder / "config.json").is_file() else ["config.json"]
+    if tokenizer and not _holds(folder, TOKENIZER_VOCABULARIES):
+        missing.append(f"a tokenizer (one of {', '.join(TOKENIZER_VOCABULARIES)})")
+    if (folder / SAFETENSORS_INDEX).is_file():
+        shards = sorted(set(json.loads((folder / SAFETENSORS_INDEX).read_text())["weight_map"].values()))
+        missing += [f"{shard} (listed in {SAFETENSORS_INDEX})" for shard in shards if not (folder / shard).is_file()]
+    elif not _holds(folder, ("*.safetensors",)):
+        if _holds(folder, PICKLED_WEIGHTS):
+            raise ModelFolderError(_pickles_refused(folder))
+        missing.append(f"the weights (*.safetensors or {SAFETENSORS_INDEX})")
+    if missing:
+        present = sorted(path.name for path in folder.iterdir()) or ["nothing"]
+        raise ModelFolderError(
+            f"model folder {folder} is missing {'; '.join(missing)} (it holds {', '.join(present)}); {_SAVE_HINT}."
+        )
+
+
+def _holds(folder: Path, patterns: tuple[str, ...]) -> bool:
+    return any(path.is_file() for pattern in patterns for path in folder.glob(pattern))
+
+
+def _pickles_refused(name_or_path: str | os.PathLike) -> str:
+    return (
+        f"teacher {str(name_or_path)!r} has no safetensors weights; hf_capgap loads no pickled checkpoints. "
+        "Re-save it with save_pretrained(..., safe_serialization=True)."
+    )

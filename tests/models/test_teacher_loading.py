@@ -109,3 +109,29 @@ def test_teacher_in_dtype_keeps_the_modules_transformers_keeps_in_float32(tmp_pa
     assert {n: t.dtype for n, t in converted.state_dict().items()} == {
         n: t.dtype for n, t in loaded.state_dict().items()
     }
+
+
+def test_a_config_only_folder_is_refused_naming_the_missing_files(tmp_path):
+    """Before anything loads, not as transformers' "You need to have sentencepiece or tiktoken installed"."""
+    from hf_capgap.errors import ModelFolderError
+    from hf_capgap.models import check_model_folder
+
+    folder = tmp_path / "teacher"
+    tiny_llama().config.save_pretrained(folder)
+    with pytest.raises(ModelFolderError, match=r"missing a tokenizer \(one of tokenizer.json.*the weights \(\*.safetensors"):
+        check_model_folder(folder)
+    with pytest.raises(ValueError, match=r"holds config.json\); save the model and its tokenizer into it"):
+        load_frozen_teacher(folder, device="cpu")
+
+
+def test_a_sharded_folder_missing_a_shard_is_named(tmp_path):
+    from hf_capgap.models import check_model_folder
+
+    folder = tmp_path / "teacher"
+    tiny_llama().save_pretrained(folder, max_shard_size="20KB")
+    shards = sorted(folder.glob("*.safetensors"))
+    assert len(shards) > 1 and (folder / "model.safetensors.index.json").is_file()
+    check_model_folder(folder, tokenizer=False)
+    shards[-1].unlink()
+    with pytest.raises(ValueError, match=rf"missing {shards[-1].name} \(listed in model.safetensors.index.json\)"):
+        check_model_folder(folder, tokenizer=False)
