@@ -14,6 +14,7 @@ import fnmatch
 import glob
 import mmap
 import os
+import pickletools
 import shlex
 import struct
 import zipfile
@@ -29,11 +30,14 @@ from hf_capgap.errors import HfCapgapError
 logger = logging.get_logger(__name__)
 
 _WEIGHT_PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
-PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt", "*.joblib")
+PICKLE_PATTERNS = (
+    "*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt", "*.joblib", "*.pkl.*", "*.pickle.*", "*.joblib.*"
+)
 """Never uploaded (matched in subfolders too, in any letter case): torch and Python pickles run code
 on load, and ``Trainer`` pickles its ``TrainingArguments`` (token included) as ``training_args.bin``
 and its optimizer, scheduler and RNG states as ``*.pt`` / ``*.pth``. Pickles under other names are
-found by their content (:func:`is_pickle_file`)."""
+found by their content (:func:`is_pickle_file`); compressed pickles (``*.pkl.gz``) by their suffix."""
+_PICKLE_OPCODES = frozenset(opcode.code.encode("latin1") for opcode in pickletools.opcodes)
 _ZIP_MAGIC = b"PK\x03\x04"
 _NPY_MAGIC = b"\x93NUMPY"
 _NPY_MAX_HEADER = 1 << 16
@@ -45,7 +49,11 @@ class HubUploadError(HfCapgapError, RuntimeError):
 
 def missing_student_files(folder: Path) -> list[str]:
     """What an exported student folder lacks to be loadable from the Hub with its card."""
-    present = {path.name for path in folder.iterdir()} if folder.is_dir() else set()
+    return _missing_from({path.name for path in folder.iterdir()} if folder.is_dir() else set())
+
+
+def _missing_from(present: set[str]) -> list[str]:
+    """What a set of top-level file names lacks to make a loadable student with its card."""
     missing = []
     if "config.json" not in present:
         missing.append("config.json")
@@ -131,16 +139,25 @@ def _npy_holds_objects(handle: IO[bytes]) -> bool:
         return False
 
 
+def _is_safetensors(head: bytes, size: int) -> bool:
+    """Whether a file starts like safetensors: a little-endian header length that fits, then its JSON."""
+    return len(head) == 9 and 8 + struct.unpack("<Q", head[:8])[0] <= size and head[8:9] == b"{"
+
+
 def is_pickle_file(path: str | os.PathLike) -> bool:
     """Whether loading the file may unpickle, told from its first bytes, whatever its name.
 
-    Pickles of protocol 2 and later start with ``\\x80`` and the protocol byte; ``torch.save`` writes a
-    zip holding ``*/data.pkl``; an ``.npy`` (or a zip of them, ``.npz``) of dtype object needs
-    ``allow_pickle``. Only the header (and a zip's central directory) is read, so weights stay cheap.
+    Pickles of protocol 2 and later start with ``\\x80``, the protocol byte and an opcode; ``torch.save``
+    writes a zip holding ``*/data.pkl``; an ``.npy`` (or a zip of them, ``.npz``) of dtype object needs
+    ``allow_pickle``. A safetensors file is recognised first: its 8-byte header length can begin with
+    the same two bytes as a pickle. Only the header (and a zip's central directory) is read, so weights
+    stay cheap.
     """
     with open(path, "rb") as handle:
-        head = handle.read(8)
-        if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        head = handle.read(9)
+        if _is_safetensors(head, os.fstat(handle.fileno()).st_size):
+            return False
+        if len(head) >= 3 and head[0] == 0x80 and 2 <= head[1] <= 5 and head[2:3] in _PICKLE_OPCODES:
             return True
         if head.startswith(_NPY_MAGIC):
             handle.seek(0)
@@ -242,6 +259,12 @@ def push_student(
     token = (token.strip() or None) if token else None
     tokens = known_tokens(token)
     sent, skipped = _files_to_upload(folder)
+    unsent = _missing_from({name for name in sent if "/" not in name})
+    if unsent:
+        raise ValueError(
+            f"{folder}: the push would leave out {', '.join(unsent)} (skipped as pickle(s): "
+            f"{', '.join(skipped) or 'none'}); nothing was uploaded. Re-save the student with save_pretrained."
+        )
     _refuse_token_files(folder, sent, tokens)
     if skipped:
         logger.warning(f"not uploading pickle file(s) {', '.join(skipped)} from {folder}: pickles run code on load.")

@@ -376,3 +376,45 @@ def test_cli_push_with_a_newline_after_hf_token_sends_it_stripped_and_never_prin
     captured = capsys.readouterr()
     assert "Retry with" in captured.err
     assert TOKEN not in captured.out + captured.err
+
+
+def save_safetensors_with_header_like_a_pickle(path: Path) -> None:
+    """Save a safetensors file whose header length's first bytes read 80 0N, as a pickle's do."""
+    import struct
+
+    from safetensors.torch import save_file
+
+    for pad in range(1500):
+        save_file({"w": torch.zeros(2, 2)}, path, metadata={"format": "pt", "pad": "x" * pad})
+        length = struct.unpack("<Q", path.read_bytes()[:8])[0]
+        if length & 0xFF == 0x80 and 2 <= (length >> 8) & 0xFF <= 5:
+            return
+    raise AssertionError("no padding gave a pickle-like header length")
+
+
+def test_safetensors_whose_header_length_reads_like_a_pickle_is_uploaded(hub, exported_student, tmp_path):
+    folder = copy_student(exported_student, tmp_path / "pickle-like-header")
+    save_safetensors_with_header_like_a_pickle(folder / "model.safetensors")
+    assert not is_pickle_file(folder / "model.safetensors")
+    push_student(folder, REPO, token=TOKEN, endpoint=hub.url)
+    assert hub.files(REPO)["model.safetensors"] == (folder / "model.safetensors").read_bytes()
+
+
+def test_push_refuses_when_a_required_file_would_be_skipped_as_a_pickle(hub, exported_student, tmp_path):
+    folder = copy_student(exported_student, tmp_path / "pickled-weights")
+    torch.save({"w": torch.zeros(2)}, folder / "model.safetensors")
+    with pytest.raises(ValueError, match=r"leave out model\.safetensors.*skipped as pickle\(s\): model\.safetensors"):
+        push_student(folder, REPO, token=TOKEN, endpoint=hub.url)
+    assert REPO not in hub.repos
+
+
+def test_compressed_pickles_are_not_uploaded(hub, exported_student, tmp_path):
+    import gzip
+    import lzma
+
+    folder = copy_student(exported_student, tmp_path / "compressed-pickles")
+    (folder / "state.pkl.gz").write_bytes(gzip.compress(pickle.dumps({"x": 1})))
+    (folder / "state.PICKLE.xz").write_bytes(lzma.compress(pickle.dumps({"x": 1})))
+    (folder / "model.joblib.bz2").write_bytes(b"BZh9")
+    push_student(folder, REPO, token=TOKEN, endpoint=hub.url)
+    assert not {"state.pkl.gz", "state.PICKLE.xz", "model.joblib.bz2"} & set(hub.files(REPO))
