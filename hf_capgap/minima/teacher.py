@@ -8,9 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from hf_capgap.utils.artifacts import json_sha256
 from hf_capgap.minima.config import MinimaConfig
 from hf_capgap.minima.plan import Plan
+from hf_capgap.utils.artifacts import json_sha256
 
 
 def teacher_location(config: MinimaConfig, plan: Plan) -> str:
@@ -24,19 +24,25 @@ def teacher_location(config: MinimaConfig, plan: Plan) -> str:
 
 
 def load_tokenizer(config: MinimaConfig, location: str) -> Any:
+    """The teacher's tokenizer; a local folder is first checked for everything the run will load from it."""
     from transformers import AutoTokenizer
 
+    from hf_capgap.models import check_model_folder
+
+    if Path(location).is_dir():
+        check_model_folder(location)
     return AutoTokenizer.from_pretrained(location, revision=config.teacher_revision,
                                          trust_remote_code=config.trust_remote_code)
 
 
 def load_teacher(config: MinimaConfig, plan: Plan, location: str) -> Any:
-    """The frozen teacher on this process's device (bf16 on a GPU unless teacher_dtype says otherwise)."""
+    """The frozen teacher on this process's device (bf16 on a GPU unless teacher_dtype says otherwise),
+    through the one loader; a ladder rung's manifest and checksums are verified first."""
     from hf_capgap.models import load_frozen_teacher
 
     if plan.teacher_kind == "ladder":
-        from hf_capgap.utils.artifacts import read_manifest
         from hf_capgap.ladder import TEACHER_FORMAT_VERSION, TEACHER_KIND
+        from hf_capgap.utils.artifacts import read_manifest
 
         read_manifest(location, TEACHER_KIND, TEACHER_FORMAT_VERSION, verify_files=True)
     return load_frozen_teacher(location, teacher_dtype=config.teacher_dtype, revision=config.teacher_revision,

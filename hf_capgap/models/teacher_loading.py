@@ -156,7 +156,7 @@ def check_model_folder(folder: str | os.PathLike, *, tokenizer: bool = True) -> 
     if missing:
         present = sorted(path.name for path in folder.iterdir()) or ["nothing"]
         raise ModelFolderError(
-            f"model folder {folder} is missing {'; '.join(missing)} (it holds {', '.join(present)}); {_SAVE_HINT}."
+            f"model folder {folder} is missing {' and '.join(missing)} (it holds {', '.join(present)}); {_SAVE_HINT}."
         )
 
 

@@ -135,3 +135,25 @@ def test_a_sharded_folder_missing_a_shard_is_named(tmp_path):
     shards[-1].unlink()
     with pytest.raises(ValueError, match=rf"missing {shards[-1].name} \(listed in model.safetensors.index.json\)"):
         check_model_folder(folder, tokenizer=False)
+
+
+def test_the_minima_recipe_refuses_a_config_only_teacher_folder_before_loading(tmp_path, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the tokenizer was loaded from a folder that cannot hold one")
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", refuse)
+    tiny_llama().config.save_pretrained(tmp_path / "teacher")
+    recipe_path = Path(__file__).resolve().parents[2] / "recipes" / "minima.py"
+    spec = importlib.util.spec_from_file_location("minima_recipe", recipe_path)
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    with pytest.raises(SystemExit) as info:
+        recipe.main(["--teacher", str(tmp_path / "teacher"), "--output_dir", str(tmp_path / "out"),
+                     "--student_params", "8K"])
+    assert str(info.value.code).startswith(f"minima: model folder {tmp_path / 'teacher'} is missing a tokenizer")
+    assert "the weights (*.safetensors or model.safetensors.index.json) (it holds config.json)" in info.value.code
