@@ -200,9 +200,11 @@ def _holds(path: Path, secret: bytes) -> bool:
 
 def known_tokens(token: str | None = None) -> list[str]:
     """Every Hub token this machine knows, stripped: ``token``, ``HF_TOKEN`` (and its legacy name), the
-    token file, ``get_token()`` and the saved logins.
+    token file, the saved logins and, when no ``token`` is given, ``get_token()``.
 
     A file holding any of them must not be uploaded, not only one holding the token this push sends.
+    ``get_token()`` is left out beside an explicit token: with ``HF_OIDC_RESOURCE`` set it exchanges
+    an OIDC token over the network (or raises), for a token this push would not send.
     """
     from huggingface_hub import constants, get_token
     from huggingface_hub.utils import get_stored_tokens
@@ -210,13 +212,29 @@ def known_tokens(token: str | None = None) -> list[str]:
     token_file = Path(constants.HF_TOKEN_PATH)
     candidates = [
         token,
-        os.environ.get("HF_TOKEN"),
-        os.environ.get("HUGGING_FACE_HUB_TOKEN"),
+        *_environment_tokens(),
         token_file.read_text(encoding="utf-8") if token_file.is_file() else None,
-        get_token(),
         *get_stored_tokens().values(),
     ]
+    if token is None:
+        candidates.append(get_token())
     return sorted({candidate.strip() for candidate in candidates if candidate and candidate.strip()})
+
+
+def _environment_tokens() -> list[str | None]:
+    return [os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")]
+
+
+def _gather_tokens(token: str | None) -> list[str]:
+    """:func:`known_tokens`, with a failure (an OIDC exchange, an unreadable login) as a scrubbed HubUploadError."""
+    try:
+        return known_tokens(token)
+    except Exception as err:
+        secrets = [secret for secret in (token, *_environment_tokens()) if secret]
+        raise HubUploadError(
+            f"could not read the Hub tokens of this machine: {_scrub(str(err), secrets)}; nothing was uploaded. "
+            "Pass --token (or HF_TOKEN), or fix the login named above."
+        ) from None
 
 
 def _refuse_token_files(folder: Path, names: Sequence[str], tokens: Sequence[str]) -> None:
@@ -248,7 +266,8 @@ def push_student(
     (``rng_state``, ``.metadata``, ``checkpoint.pth.tar``). A file holding any Hub token this machine
     knows (:func:`known_tokens`) makes the push fail before any request. Creates the repo (and
     ``revision`` as a branch) if needed. Without ``token`` the usual huggingface_hub resolution applies
-    (``HF_TOKEN``, then the saved login); an explicit ``token`` is stripped of surrounding whitespace.
+    (an OIDC exchange where ``HF_OIDC_RESOURCE`` is set, ``HF_TOKEN``, then the saved login); an
+    explicit ``token`` is sent as is, stripped of surrounding whitespace, with no OIDC exchange.
     """
     from huggingface_hub import HfApi
 
@@ -257,7 +276,7 @@ def push_student(
         raise ValueError(f"repo_id {repo_id!r} must be 'namespace/name', e.g. 'my-org/{repo_id}'.")
     _refuse_offline()
     token = (token.strip() or None) if token else None
-    tokens = known_tokens(token)
+    tokens = _gather_tokens(token)
     sent, skipped = _files_to_upload(folder)
     unsent = _missing_from({name for name in sent if "/" not in name})
     if unsent:

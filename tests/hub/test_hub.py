@@ -418,3 +418,21 @@ def test_compressed_pickles_are_not_uploaded(hub, exported_student, tmp_path):
     (folder / "model.joblib.bz2").write_bytes(b"BZh9")
     push_student(folder, REPO, token=TOKEN, endpoint=hub.url)
     assert not {"state.pkl.gz", "state.PICKLE.xz", "model.joblib.bz2"} & set(hub.files(REPO))
+
+
+def test_an_explicit_token_push_ignores_an_oidc_setting_and_sends_no_exchange(hub, exported_student, monkeypatch):
+    monkeypatch.setenv("HF_OIDC_RESOURCE", REPO)
+    monkeypatch.setenv("HF_OIDC_ID_TOKEN", "eyJ.fake.jwt")
+    push_student(exported_student, REPO, token=TOKEN, endpoint=hub.url)
+    assert "README.md" in hub.files(REPO)
+    assert not any("oauth" in request.path for request in hub.requests)
+
+
+def test_a_failed_oidc_exchange_is_a_hub_upload_error_without_the_token(hub, exported_student, monkeypatch):
+    monkeypatch.setenv("HF_OIDC_RESOURCE", REPO)
+    monkeypatch.setenv("HF_OIDC_ID_TOKEN", "eyJ.fake.jwt")
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with pytest.raises(HubUploadError, match="could not read the Hub tokens") as caught:
+        push_student(exported_student, REPO, endpoint=hub.url)
+    assert TOKEN not in str(caught.value)
+    assert REPO not in hub.repos
