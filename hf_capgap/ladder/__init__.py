@@ -24,6 +24,7 @@ from hf_capgap.ladder.pretraining import (
     PRETRAIN_PRESETS,
     preset_rungs,
     pretrain,
+    LadderTeacher,
     load_teacher,
     ensure_ladder,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "PRETRAIN_PRESETS",
     "preset_rungs",
     "pretrain",
+    "LadderTeacher",
     "load_teacher",
     "ensure_ladder",
 ]

@@ -301,11 +301,18 @@ def pretrain(
     return teacher_dir
 
 
-def load_teacher(
-    path: str | os.PathLike, *, teacher_dtype: str = "auto"
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
-    """A pretrained ladder teacher (frozen, on this process's device), its tokenizer and manifest, after
-    checking the manifest and file checksums."""
+class LadderTeacher(NamedTuple):
+    """A loaded ladder rung; unpacks as ``model, tokenizer, manifest``."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    manifest: dict[str, Any]
+
+
+def load_teacher(path: str | os.PathLike, *, teacher_dtype: str = "auto") -> LadderTeacher:
+    """A pretrained ladder teacher (frozen, on this process's device, through the one loader
+    :func:`hf_capgap.models.load_frozen_teacher`), its tokenizer and manifest, after checking the
+    manifest, the file checksums and the tokenizer's fingerprint."""
     from hf_capgap.models import load_frozen_teacher
 
     manifest = read_manifest(path, TEACHER_KIND, TEACHER_FORMAT_VERSION, verify_files=True)
@@ -313,7 +320,7 @@ def load_teacher(
     read_manifest(
         path, TEACHER_KIND, TEACHER_FORMAT_VERSION, expected={"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)}
     )
-    return load_frozen_teacher(path, teacher_dtype=teacher_dtype), tokenizer, manifest
+    return LadderTeacher(load_frozen_teacher(path, teacher_dtype=teacher_dtype), tokenizer, manifest)
 
 
 def ensure_ladder(
