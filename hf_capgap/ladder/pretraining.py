@@ -53,6 +53,7 @@ from hf_capgap.ladder.ladder import (
     rung_name,
 )
 from hf_capgap.utils.processes import process_state, use_cpu
+from hf_capgap.utils.recipe_args import field_help
 from hf_capgap.data import make_collator
 
 logger = logging.get_logger(__name__)
@@ -125,35 +126,39 @@ def train_from(trainer: Trainer, checkpoint: Checkpoint | None) -> None:
         trainer.remove_callback(stop)
 
 
-def _help(text: str) -> dict[str, Any]:
-    return {"help": text}
-
-
 @dataclass(frozen=True)
 class PretrainSettings:
     """Data and optimisation settings shared by every rung of a ladder."""
 
-    vocab_size: int = field(default=8192, metadata=_help("Size of the BPE vocabulary trained on the embedded corpus."))
-    seq_len: int = field(default=128, metadata=_help("Tokens per packed training row (the teachers' context)."))
-    max_tokens: int = field(default=1_000_000, metadata=_help("Training tokens of every rung, all processes together."))
-    batch_size: int = field(default=16, metadata=_help("Rows per device per step."))
-    learning_rate: float = field(default=3e-3, metadata=_help("Peak AdamW learning rate (cosine schedule)."))
-    warmup_ratio: float = field(default=0.05, metadata=_help("Fraction of steps spent warming up."))
-    weight_decay: float = field(default=0.1, metadata=_help("AdamW weight decay."))
-    eval_rows: int = field(default=256, metadata=_help("Validation rows for the final held-out loss."))
-    save_steps: int = field(default=100, metadata=_help("Checkpoint interval (what a killed run resumes from)."))
-    logging_steps: int = field(default=25, metadata=_help("Logging interval."))
-    seed: int = field(default=0, metadata=_help("Seed of initialisation and data order."))
+    vocab_size: int = field(
+        default=8192, metadata=field_help("Size of the BPE vocabulary trained on the embedded corpus.")
+    )
+    seq_len: int = field(default=128, metadata=field_help("Tokens per packed training row (the teachers' context)."))
+    max_tokens: int = field(
+        default=1_000_000, metadata=field_help("Training tokens of every rung, all processes together.")
+    )
+    batch_size: int = field(default=16, metadata=field_help("Rows per device per step."))
+    learning_rate: float = field(default=3e-3, metadata=field_help("Peak AdamW learning rate (cosine schedule)."))
+    warmup_ratio: float = field(default=0.05, metadata=field_help("Fraction of steps spent warming up."))
+    weight_decay: float = field(default=0.1, metadata=field_help("AdamW weight decay."))
+    eval_rows: int = field(default=256, metadata=field_help("Validation rows for the final held-out loss."))
+    save_steps: int = field(default=100, metadata=field_help("Checkpoint interval (what a killed run resumes from)."))
+    logging_steps: int = field(default=25, metadata=field_help("Logging interval."))
+    seed: int = field(default=0, metadata=field_help("Seed of initialisation and data order."))
 
 
 @dataclass(frozen=True)
 class LadderRun:
     """Which ladder to pretrain and where (the keys of a pretrain preset besides PretrainSettings)."""
 
-    preset: str = field(default="tiny", metadata=_help("Ladder preset: a key of hf_capgap.ladder.LADDERS (tiny, micro)."))
-    output_dir: str = field(default="outputs/ladder/tiny", metadata=_help("Folder the teachers are written to."))
-    cache_dir: str | None = field(default=None, metadata=_help("Cache of the tokenized corpus; null: the default."))
-    num_proc: int | None = field(default=None, metadata=_help("Processes for tokenization; null: one."))
+    preset: str = field(
+        default="tiny", metadata=field_help("Ladder preset: a key of hf_capgap.ladder.LADDERS (tiny, micro).")
+    )
+    output_dir: str = field(default="outputs/ladder/tiny", metadata=field_help("Folder the teachers are written to."))
+    cache_dir: str | None = field(
+        default=None, metadata=field_help("Cache of the tokenized corpus; null: the default.")
+    )
+    num_proc: int | None = field(default=None, metadata=field_help("Processes for tokenization; null: one."))
 
 
 PRETRAIN_PRESETS: dict[str, PretrainSettings] = {

@@ -17,6 +17,11 @@ from typing import Any
 import yaml
 
 
+def field_help(text: str) -> dict[str, Any]:
+    """The ``dataclasses.field`` metadata that ``HfArgumentParser`` shows as a setting's ``--help`` text."""
+    return {"help": text}
+
+
 def read_preset(path: str | Path, dataclass_types: Sequence[type]) -> dict[str, Any]:
     """A preset's key: value mapping, checked against the fields of ``dataclass_types``."""
     path = Path(path)
