@@ -1,19 +1,29 @@
-"""The one reader of a sweep ledger: the JSON-lines file a sweep appends one record to per finished run.
+"""Sweep records: the one reader of a sweep ledger, and the checked (student, teacher, loss) rows a fit uses.
 
-Both the sweep (to skip finished runs) and the law (to fit) read it through :func:`read_ledger`, so
-a ledger the sweep accepts is one the law can fit.
+A ledger is the JSON-lines file a sweep appends one record to per finished run. Both the sweep (to
+skip finished runs) and the law (to fit) read it through :func:`read_ledger`, so a ledger the sweep
+accepts is one the law can fit.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from hf_capgap.law.params import format_params, parse_params
 from hf_capgap.utils.artifacts import ArtifactError
+
+REQUIRED_FIELDS = ("student_params", "teacher_params", "eval_loss")
+STUDENT_SIZE_TOLERANCE = 0.02
+"""Students within 2% of each other are one size: pruning hits a target within 2%, so the "same"
+student cut from different teachers has slightly different exact counts."""
 
 
 def read_ledger(path: str | os.PathLike, *, required_fields: Sequence[str] = ()) -> list[dict[str, Any]]:
@@ -55,3 +65,88 @@ def _parse_record(line: str, required_fields: Sequence[str]) -> dict[str, Any]:
     if missing:
         raise ValueError(f"is not a sweep record (it lacks {', '.join(missing)})")
     return record
+
+
+def read_records(records: Any) -> list[Mapping[str, Any]]:
+    """The rows of a ledger path, a DataFrame or an iterable of dicts, unchecked."""
+    if isinstance(records, (str, os.PathLike)):
+        return read_ledger(records)
+    if hasattr(records, "columns") and hasattr(records, "to_dict"):
+        return records.to_dict("records")
+    if isinstance(records, Mapping):
+        raise ValueError("records must be a ledger path, a list of dicts or a DataFrame, not a single dict.")
+    return list(records)
+
+
+def validated_records(rows: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The rows as dicts of numbers (student_params, teacher_params, eval_loss, family if a string); ValueError
+    naming the first bad one."""
+    if not rows:
+        raise ValueError(
+            "no sweep records: the law needs evaluated (student_params, teacher_params, eval_loss) records."
+        )
+    clean = []
+    for index, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise ValueError(f"record {index} is a {type(row).__name__}, not a dict of fields.")
+        missing = [field for field in REQUIRED_FIELDS if field not in row or row[field] is None]
+        if missing:
+            raise ValueError(
+                f"record {index} lacks {', '.join(missing)}; every record needs {', '.join(REQUIRED_FIELDS)}."
+            )
+        student = _record_size(row, "student_params", index)
+        teacher = _record_size(row, "teacher_params", index)
+        if teacher <= student:
+            raise ValueError(
+                f"record {index}: teacher_params ({format_params(teacher)}) must be larger than "
+                f"student_params ({format_params(student)}); the student is pruned from its teacher."
+            )
+        try:
+            loss = float(row["eval_loss"])
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"record {index}: eval_loss {row['eval_loss']!r} is not a number.") from err
+        if not math.isfinite(loss):
+            raise ValueError(
+                f"record {index} (student {format_params(student)}, teacher {format_params(teacher)}): "
+                f"eval_loss is {loss}; rerun that evaluation or drop the record."
+            )
+        record = {"student_params": student, "teacher_params": teacher, "eval_loss": loss}
+        if isinstance(row.get("family"), str):
+            record["family"] = row["family"]
+        clean.append(record)
+    return clean
+
+
+def _record_size(row: Mapping[str, Any], field: str, index: int) -> float:
+    try:
+        return parse_params(row[field])
+    except ValueError as err:
+        raise ValueError(f"record {index}: {field}: {err}") from err
+
+
+def _student_groups(sizes: Iterable[float]) -> dict[float, float]:
+    """Map every student size to its group's median, grouping sorted sizes within the tolerance."""
+    groups: list[list[float]] = []
+    for size in sorted(set(sizes)):
+        if groups and size <= groups[-1][0] * (1 + STUDENT_SIZE_TOLERANCE):
+            groups[-1].append(size)
+        else:
+            groups.append([size])
+    return {size: float(np.median(group)) for group in groups for size in group}
+
+
+def curves(rows: Sequence[Mapping[str, Any]]) -> dict[float, tuple[np.ndarray, np.ndarray]]:
+    """Per student size: sorted teacher sizes and the mean loss at each (repeats are averaged)."""
+    group_of = _student_groups(row["student_params"] for row in rows)
+    grouped: dict[float, dict[float, list[float]]] = {}
+    for row in rows:
+        grouped.setdefault(group_of[row["student_params"]], {}).setdefault(row["teacher_params"], []).append(
+            row["eval_loss"]
+        )
+    return {
+        student: (
+            np.array(sorted(by_teacher)),
+            np.array([np.mean(by_teacher[t]) for t in sorted(by_teacher)]),
+        )
+        for student, by_teacher in grouped.items()
+    }

@@ -596,3 +596,15 @@ def test_students_within_two_percent_are_one_size():
     ]
     law = CapacityGapLaw.fit(records, n_bootstrap=200)
     assert len(law.optima) == 2 and all(optimum.interior for optimum in law.optima)
+
+
+def test_an_old_interval_that_cannot_be_recomputed_keeps_its_method_when_saved_again(tmp_path):
+    data = CapacityGapLaw.fit(sweep(proportional(2.5)), n_bootstrap=200).to_dict()
+    del data["bootstrap"]["method"]
+    data["records"] = []
+    with pytest.warns(CapacityGapWarning, match="cannot be recomputed"):
+        law = CapacityGapLaw.from_dict(data)
+    law.save(tmp_path / "law.json")
+    assert json.loads((tmp_path / "law.json").read_text())["bootstrap"]["method"] == 1
+    with pytest.warns(CapacityGapWarning, match="cannot be recomputed"):
+        CapacityGapLaw.load(tmp_path / "law.json")
