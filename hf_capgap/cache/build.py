@@ -10,64 +10,48 @@ there the ranks agree first on the most batches any of them has, and the others 
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import os
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pyarrow as pa
 
-from hf_capgap.utils.artifacts import (
-    MANIFEST_NAME,
-    ArtifactError,
-    atomic_write_json,
-    dataset_fingerprint,
-    file_sha256,
-    model_fingerprint,
-    temporary_prefix,
-    write_manifest,
+from hf_capgap.cache.batching import (
+    FittingBatchSize,
+    batch_count,
+    evaluating,
+    join_other_ranks_forwards,
+    runs_in_lockstep,
 )
-from hf_capgap.utils.processes import ProcessGroup
-from hf_capgap.cache.encode import LabelledStates, encode_batch, encode_states
+from hf_capgap.cache.budget import check_budget, draws_agreed_over_ranks
+from hf_capgap.cache.directory import (
+    claim_directory,
+    inspect_directory,
+    record_preparation,
+    shard_is_complete,
+    write_final_manifest,
+)
+from hf_capgap.cache.encode import encode_batch
 from hf_capgap.cache.format import (
     DTYPES,
-    FORMAT_VERSION,
-    KIND,
-    LOGPROB_FLOOR,
     MAX_DRAWS,
     MODES,
-    POSITION_COLUMN,
     ROW_COLUMNS,
-    SAMPLED_POSITION_BYTES,
     SAMPLERS,
     ShardPlan,
-    arrow_row_count,
     id_dtype,
     row_dicts,
     shard_name,
     shard_schema,
-    signal_bytes,
 )
-from hf_capgap.data import (
-    has_labelled_position,
-    make_collator,
-    prepare_and_record,
-    rows_holding_positions,
-    uses_padding_free,
-)
+from hf_capgap.data import has_labelled_position, make_collator, prepare_and_record, uses_padding_free
 from hf_capgap.models import check_logits_cover, vocabulary_fingerprint
+from hf_capgap.utils.artifacts import dataset_fingerprint, model_fingerprint
+from hf_capgap.utils.processes import ProcessGroup
 
-T = TypeVar("T")
-
-BUDGET_POSITIONS = 4096
-"""Labelled positions a ``bytes_per_token`` budget is measured on: the first rows that hold them,
-whatever the batch size, so a rerun with another batch_size picks the same draws."""
-SPEC_NAME = ".build_spec.json"
-"""Settings of an unfinished build, so a rerun with other inputs cannot mix its shards in."""
+Collator = Callable[[list[dict[str, Any]]], Any]
 
 
 def build_cache(
@@ -91,15 +75,37 @@ def build_cache(
     overwrite: bool = False,
 ) -> None:
     """Write (or finish) the cache at ``path``; every input is checked before the teacher runs."""
-    from hf_capgap.losses.lm_head import parameter_sharding
-
     _check_options(mode, k, temperature, batch_size, shard_tokens, dtype, sampler)
-    if bytes_per_token is not None and (mode != "sampled" or not bytes_per_token >= SAMPLED_POSITION_BYTES + 1):
-        raise ValueError(
-            f"bytes_per_token={bytes_per_token!r} needs mode='sampled' and at least {SAMPLED_POSITION_BYTES + 1} "
-            "bytes (one draw); top-k and dense caches have fixed sizes (4k + 4 and 2 x vocabulary bytes)."
-        )
+    check_budget(bytes_per_token, mode)
     args = args if args is not None else default_preparation_args()
+    rows, collator, spec = _prepare_build(
+        teacher, dataset, tokenizer, args, formatting_func, mode=mode, k=k, temperature=temperature, dtype=dtype,
+        seed=seed, sampler=sampler, shard_tokens=shard_tokens,
+    )
+    group = ProcessGroup.current()
+    lockstep = runs_in_lockstep(teacher, group.num_processes)
+    fitting = FittingBatchSize(batch_size, halve=not lockstep)
+    if bytes_per_token is not None:
+        draws = draws_agreed_over_ranks(teacher, rows, collator, spec, bytes_per_token, fitting, group)
+        spec.update(k=draws, draws=draws)
+    if _reuse_or_claim(path, spec, group, overwrite=overwrite):
+        return
+    plan = ShardPlan(spec["num_sequences"], spec["rows_per_shard"])
+    _build_own_shards(teacher, rows, collator, path, spec, plan, fitting, group, lockstep=lockstep,
+                      progress=progress)
+    group.wait_for_everyone()
+    if group.is_main_process:
+        teacher_name = getattr(teacher, "name_or_path", "") or teacher.config.name_or_path
+        write_final_manifest(path, spec, plan, teacher_name)
+    group.wait_for_everyone()
+
+
+def _prepare_build(
+    teacher: Any, dataset: Any, tokenizer: Any, args: Any, formatting_func: Callable[[dict], str] | None, *,
+    mode: str, k: int, temperature: float, dtype: str, seed: int, sampler: str, shard_tokens: int,
+) -> tuple[Any, Collator, dict[str, Any]]:
+    """The rows the trainer trains on, their collator, and the spec: every setting the cache depends on,
+    what a rerun must match to reuse or resume it."""
     prepared, preparation = prepare_rows(dataset, tokenizer, args, formatting_func)
     rows = prepared.select_columns([c for c in ROW_COLUMNS if c in prepared.column_names])
     real_vocab = _real_vocab_size(teacher, tokenizer)
@@ -130,123 +136,39 @@ def build_cache(
         "vocabulary_fingerprint": None if tokenizer is None else vocabulary_fingerprint(tokenizer),
         "dataset_fingerprint": dataset_fingerprint(prepared),
     }
-    state = ProcessGroup.current()
-    # A teacher sharded across ranks runs each forward as a collective: every rank must run as many,
-    # and none may retry one alone.
-    lockstep = state.num_processes > 1 and parameter_sharding(teacher) is not None
-    fitting = FittingBatchSize(batch_size, halve=not lockstep)
-    if bytes_per_token is not None:
-        first = row_dicts(rows.with_format("arrow")[: rows_holding_positions(rows, BUDGET_POSITIONS)])
-        draws = draws_for_budget(teacher, first, collator, spec, bytes_per_token, fitting)
-        # Every rank measures the same rows, but one that halved its batches may round the bytes
-        # differently: all build with the fewest draws any rank measured, which fits the budget on each.
-        draws = state.fewest_over_ranks(draws, next(teacher.parameters()).device)
-        spec.update(k=draws, draws=draws)
-    found = _inspect_directory(path, spec, overwrite=overwrite)
+    return rows, collator, spec
+
+
+def _reuse_or_claim(path: Path, spec: dict[str, Any], group: ProcessGroup, *, overwrite: bool) -> bool:
+    """True when ``path`` already holds this cache complete (reused as is); otherwise the main process
+    clears what it must and records the spec, and the build goes on."""
+    found = inspect_directory(path, spec, overwrite=overwrite)
     if found == "complete":
-        if state.is_main_process:
-            _record_preparation(path, spec)
-        state.wait_for_everyone()
-        return
-    state.wait_for_everyone()
-    if state.is_main_process:
-        _claim_directory(path, stale=found == "stale", spec=spec)
-    state.wait_for_everyone()
-    plan = ShardPlan(spec["num_sequences"], spec["rows_per_shard"])
-    own = [j for j in range(plan.num_shards) if j % state.num_processes == state.process_index]
-    todo = [j for j in own if not _shard_is_complete(path / shard_name(j), plan, j)]
+        if group.is_main_process:
+            record_preparation(path, spec)
+        group.wait_for_everyone()
+        return True
+    group.wait_for_everyone()
+    if group.is_main_process:
+        claim_directory(path, stale=found == "stale", spec=spec)
+    group.wait_for_everyone()
+    return False
+
+
+def _build_own_shards(
+    teacher: Any, rows: Any, collator: Collator, path: Path, spec: dict[str, Any], plan: ShardPlan,
+    fitting: FittingBatchSize, group: ProcessGroup, *, lockstep: bool, progress: bool,
+) -> None:
+    """Build the unfinished shards j with j % W == rank; in lockstep, then the spare forwards the busier
+    ranks' collectives need (counted before any forward, which the others' count exchange would block)."""
+    own = [j for j in range(plan.num_shards) if j % group.num_processes == group.process_index]
+    todo = [j for j in own if not shard_is_complete(path / shard_name(j), plan, j)]
     spare = 0
-    if lockstep:  # counted before any forward, which the other ranks' count exchange would block
-        own_batches = _batch_count(plan, todo, fitting.rows)
-        spare = state.most_over_ranks(own_batches, next(teacher.parameters()).device) - own_batches
-    _build_shards(teacher, rows, collator, path, spec, plan, todo, fitting, progress and state.is_main_process)
-    _join_other_ranks_forwards(teacher, rows, collator, spare)
-    state.wait_for_everyone()
-    if state.is_main_process:
-        teacher_name = getattr(teacher, "name_or_path", "") or teacher.config.name_or_path
-        _write_final_manifest(path, spec, plan, teacher_name)
-    state.wait_for_everyone()
-
-
-class FittingBatchSize:
-    """Rows per teacher forward: the build's ``batch_size``, halved whenever a batch runs out of memory
-    (accelerate's test for such errors), and kept at the size that fit for the rest of the build.
-
-    So a ``batch_size`` too large for the device costs one failed batch, not the build, and a large one
-    finds the largest batch that fits. The rows a shard holds and the seed of a row's draws (its index)
-    do not depend on the batches, so a build that halved equals one run at the smaller size.
-    """
-
-    def __init__(self, rows: int, *, halve: bool = True) -> None:
-        self.rows, self.halve = rows, halve
-
-    def batches(self, start: int, end: int, work: Callable[[int, int], T]) -> Iterator[tuple[int, int, T]]:
-        """(low, high, work(low, high)) over rows [start, end) in batches that fit."""
-        low = start
-        while low < end:
-            high = min(low + self.rows, end)
-            fitted, result = self._attempt(work, low, high)
-            if fitted:
-                yield low, high, result
-                low = high
-
-    def _attempt(self, work: Callable[[int, int], T], low: int, high: int) -> tuple[bool, T | None]:
-        from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
-
-        try:
-            return True, work(low, high)
-        except RuntimeError as err:
-            if not self.halve or self.rows == 1 or not should_reduce_batch_size(err):
-                raise
-        # Past the except block the error, and the failed batch's tensors its traceback held, are gone.
-        clear_device_cache(garbage_collection=True)
-        self.rows = max(1, self.rows // 2)
-        warnings.warn(
-            f"teacher cache: a batch of {high - low} rows ran out of memory; continuing with batch_size={self.rows}.",
-            stacklevel=4,
-        )
-        return False, None
-
-
-def draws_for_budget(teacher: Any, rows: list[dict[str, Any]], collator: Callable[[list[dict[str, Any]]], Any],
-                     spec: dict[str, Any], budget: float, fitting: FittingBatchSize) -> int:
-    """The most draws (<= MAX_DRAWS) whose sampled signal of ``rows`` (the first of the dataset, so a
-    rerun picks the same number; run in batches that fit) fits ``budget`` bytes per position as stored
-    (:func:`signal_bytes`, as the manifest counts them: list offsets included, 24 bytes a row).
-
-    The bytes follow the distinct ids drawn and the gaps between them, which depend on how peaked the
-    teacher is, so each candidate is drawn and encoded as the build will, from one teacher forward.
-    """
-    import torch
-
-    def forward(low: int, high: int) -> LabelledStates:
-        return LabelledStates.of(teacher, rows[low:high], collator(rows[low:high]))
-
-    with torch.inference_mode(), _evaluating(teacher):
-        parts = list(fitting.batches(0, len(rows), forward))
-        positions = sum(sum(states.positions) for _, _, states in parts)
-        if not positions:
-            raise ValueError(
-                f"bytes_per_token: the first {len(rows)} rows, where the draws are measured, have no labelled "
-                "position once collated; give k= (the draws) instead."
-            )
-
-        def measured_bytes(draws: int) -> float:
-            candidate = {**spec, "k": draws, "draws": draws}
-            schema = shard_schema(candidate)
-            stored = [encode_states(states, rows[low:high], low, candidate, schema) for low, high, states in parts]
-            return sum(signal_bytes(record, "sampled") for record in stored) / positions
-
-        low, high = 1, MAX_DRAWS  # bytes grow with the draws: bisect for the last that fits
-        while low < high:
-            middle = (low + high + 1) // 2
-            low, high = (middle, high) if measured_bytes(middle) <= budget else (low, middle - 1)
-        if low == 1 and (one_draw := measured_bytes(1)) > budget:
-            raise ValueError(
-                f"bytes_per_token={budget}: one draw already takes {one_draw:.2f} bytes per labelled position as "
-                "stored here (with the list offsets of rows this short, 24 bytes a row); give at least that, or k=1."
-            )
-    return low
+    if lockstep:
+        own_batches = batch_count(plan, todo, fitting.rows)
+        spare = group.most_over_ranks(own_batches, next(teacher.parameters()).device) - own_batches
+    _build_shards(teacher, rows, collator, path, spec, plan, todo, fitting, progress and group.is_main_process)
+    join_other_ranks_forwards(teacher, rows, collator, spare)
 
 
 def default_preparation_args() -> Any:
@@ -325,95 +247,10 @@ def _check_rows(rows: Any, real_vocab: int) -> int:
     return len(ids)
 
 
-RECORDED_SINCE_FORMAT_4 = ("preparation",)
-"""Spec fields a cache of the current format may lack, having been built before they were recorded."""
-
-
-def _mismatches(have: dict[str, Any], spec: dict[str, Any]) -> list[str]:
-    return [
-        f"{field}: on disk {have.get(field)!r}, requested {want!r}"
-        for field, want in spec.items()
-        if have.get(field) != want and not (field in RECORDED_SINCE_FORMAT_4 and field not in have)
-    ]
-
-
-def _record_preparation(path: Path, spec: dict[str, Any]) -> None:
-    """Add the data settings to the manifest of a matching cache built before they were recorded: its
-    rows have the fingerprint of the rows this build's settings give, so the settings describe them."""
-    manifest = json.loads((path / MANIFEST_NAME).read_text())
-    missing = {field: spec[field] for field in RECORDED_SINCE_FORMAT_4 if field not in manifest}
-    if missing:
-        atomic_write_json(path / MANIFEST_NAME, {**manifest, **missing})
-
-
-_RECORD_TEMPORARIES = (temporary_prefix(MANIFEST_NAME), temporary_prefix(SPEC_NAME))
-
-
-def _is_cache_file(name: str) -> bool:
-    """Files a build writes, including temporaries an interrupted build may leave behind."""
-    return name in (MANIFEST_NAME, SPEC_NAME) or name.startswith(("shard-", ".shard-", *_RECORD_TEMPORARIES))
-
-
-def _inspect_directory(path: Path, spec: dict[str, Any], *, overwrite: bool) -> str:
-    """Say what ``path`` holds: 'complete' (same settings), 'stale' (to replace) or 'build' (new/resume).
-
-    Read-only, so every rank runs it and all raise together; foreign or mismatched contents are refused.
-    """
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"cache path {path} is a file; pass a directory path.")
-    names = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
-    foreign = [name for name in names if not _is_cache_file(name)]
-    if foreign:
-        raise ArtifactError(
-            f"{path} holds files that are not part of a teacher cache ({foreign[:3]}); choose an empty or new path."
-        )
-    for name, what in ((MANIFEST_NAME, "a complete cache"), (SPEC_NAME, "an unfinished cache build")):
-        if name not in names:
-            continue
-        have = json.loads((path / name).read_text())
-        problems = (
-            _mismatches(have, spec) if have.get("kind", KIND) == KIND else ["kind: not a teacher cache"]
-        )
-        if not problems:
-            return "complete" if name == MANIFEST_NAME else "build"
-        if not overwrite:
-            raise ArtifactError(
-                f"{path} holds {what} made with other settings ({'; '.join(problems)}); pass overwrite=True "
-                "to replace it, or choose another path."
-            )
-        return "stale"
-    if any(name.startswith("shard-") for name in names):
-        if not overwrite:
-            raise ArtifactError(
-                f"{path} holds cache shards without a manifest or build record, so their settings are unknown; "
-                "pass overwrite=True to replace them, or choose another path."
-            )
-        return "stale"
-    return "build"
-
-
-def _claim_directory(path: Path, *, stale: bool, spec: dict[str, Any]) -> None:
-    """Remove a replaced cache, or the half-written records a killed build left, and record this build's spec.
-
-    The manifest goes first (so the folder never looks complete) and the old spec last (so shards are
-    never left behind without a record of their settings).
-    """
-    if stale:
-        names = sorted((p.name for p in path.iterdir()), key=lambda n: (n != MANIFEST_NAME, n == SPEC_NAME))
-        for name in names:
-            with contextlib.suppress(FileNotFoundError):
-                (path / name).unlink()
-    elif path.is_dir():
-        for leftover in (p for p in path.iterdir() if p.name.startswith(_RECORD_TEMPORARIES)):
-            leftover.unlink(missing_ok=True)
-    path.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path / SPEC_NAME, spec)
-
-
 def _build_shards(
     teacher: Any,
     rows: Any,
-    collator: Callable[[list[dict[str, Any]]], dict[str, Any]],
+    collator: Collator,
     path: Path,
     spec: dict[str, Any],
     plan: ShardPlan,
@@ -421,6 +258,7 @@ def _build_shards(
     fitting: FittingBatchSize,
     progress: bool,
 ) -> None:
+    """Write the shards ``todo``, each under a temporary name renamed once complete and synced."""
     import torch
     from tqdm.auto import tqdm
 
@@ -437,7 +275,7 @@ def _build_shards(
         disable=not progress,
     )
     try:
-        with torch.inference_mode(), _evaluating(teacher):
+        with torch.inference_mode(), evaluating(teacher):
             for j in todo:
                 start, end = plan.rows(j)
                 final = path / shard_name(j)
@@ -451,94 +289,3 @@ def _build_shards(
                 os.replace(tmp, final)
     finally:
         bar.close()
-
-
-def _batch_count(plan: ShardPlan, shards: list[int], batch_size: int) -> int:
-    return sum(-(-(plan.rows(j)[1] - plan.rows(j)[0]) // batch_size) for j in shards)
-
-
-def _join_other_ranks_forwards(
-    teacher: Any, rows: Any, collator: Callable[[list[dict[str, Any]]], Any], forwards: int
-) -> None:
-    """Run the teacher ``forwards`` times on the first row: what this rank owes the busier ranks when
-    the teacher is sharded (ranks build different shards, but each forward needs every rank)."""
-    import torch
-
-    if not forwards:
-        return
-    first = row_dicts(rows.with_format("arrow")[:1])
-    with torch.inference_mode(), _evaluating(teacher):
-        for _ in range(forwards):
-            LabelledStates.of(teacher, first, collator(first))
-
-
-@contextlib.contextmanager
-def _evaluating(teacher: Any) -> Iterator[None]:
-    """The teacher in eval mode (no dropout) for the block, then back in the mode it was in."""
-    was_training = teacher.training
-    teacher.eval()
-    try:
-        yield
-    finally:
-        teacher.train(was_training)
-
-
-def _shard_is_complete(final: Path, plan: ShardPlan, index: int) -> bool:
-    """A renamed shard is complete by construction; still check its rows and drop any stale temp file."""
-    with contextlib.suppress(FileNotFoundError):
-        (final.parent / f".{final.name}.tmp").unlink()
-    if not final.exists():
-        return False
-    start, end = plan.rows(index)
-    try:
-        if arrow_row_count(final) == end - start:
-            return True
-    except ArtifactError:
-        pass
-    final.unlink()
-    return False
-
-
-def _signal_summary(file: Path, mode: str) -> tuple[int, int]:
-    """(bytes of the teacher signal columns, labelled positions) of one shard."""
-    import pyarrow.compute as pc
-
-    with pa.memory_map(str(file)) as source:
-        table = pa.ipc.open_stream(source).read_all()
-    positions = pc.sum(pc.list_value_length(table.column(POSITION_COLUMN[mode]))).as_py() or 0
-    return signal_bytes(table, mode), positions
-
-
-def _write_final_manifest(path: Path, spec: dict[str, Any], plan: ShardPlan, teacher_name: str) -> None:
-    shards = []
-    for j in range(plan.num_shards):
-        file = path / shard_name(j)
-        start, end = plan.rows(j)
-        rows = arrow_row_count(file)
-        if rows != end - start:
-            raise ArtifactError(
-                f"{file} holds {rows} rows instead of {end - start}; rerun the build to redo it."
-            )
-        signal_bytes, positions = _signal_summary(file, spec["mode"])
-        shards.append(
-            {
-                "file": file.name,
-                "rows": [start, end],
-                "num_rows": rows,
-                "num_positions": positions,
-                "bytes": file.stat().st_size,
-                "sha256": file_sha256(file),
-                "signal_bytes": signal_bytes,
-            }
-        )
-    fields = {
-        **spec,
-        "teacher_name": teacher_name,
-        "value_storage": "float16" if spec["dtype"] == "float16" else "bfloat16 bit pattern in uint16",
-        "logprob_floor": LOGPROB_FLOOR,
-        "num_positions": sum(s["num_positions"] for s in shards),
-        "signal_bytes": sum(s["signal_bytes"] for s in shards),
-        "shards": shards,
-    }
-    write_manifest(path, KIND, FORMAT_VERSION, fields, checksum_files=False)
-    (path / SPEC_NAME).unlink()

@@ -1,7 +1,7 @@
 """The on-disk format of a teacher cache: constants, shard naming and the Arrow schema.
 
-Imported by ``cache`` (reading), ``cache_build`` (writing) and ``cache_encode`` (teacher signal to
-Arrow), none of which import each other's internals, so the three never form an import circle.
+Imported by ``teacher_cache`` (reading), ``build`` and its steps (writing) and ``encode`` (teacher signal
+to Arrow), none of which import each other's internals, so they never form an import circle.
 
 A shard holds one Arrow row per dataset row. The teacher signal covers only the row's *labelled*
 positions (position t is kept when the collated label of token t + 1 is not -100), concatenated in
