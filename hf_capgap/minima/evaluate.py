@@ -15,6 +15,7 @@ from typing import Any
 
 from hf_capgap.minima.config import MinimaConfig
 from hf_capgap.minima.data import RunData
+from hf_capgap.utils.parameters import count_model_parameters
 
 
 def held_out_score(config: MinimaConfig, model: Any, data: RunData, output_dir: Path) -> dict[str, float | int]:
@@ -24,7 +25,7 @@ def held_out_score(config: MinimaConfig, model: Any, data: RunData, output_dir: 
     from hf_capgap.data import make_collator
     from hf_capgap.trainer.training_arguments import evaluation_arguments
 
-    params = sum(parameter.numel() for parameter in model.parameters())  # before ZeRO-3 partitions it
+    params = count_model_parameters(model)  # before ZeRO-3 partitions it
     trainer = Trainer(
         model=model,
         args=evaluation_arguments(output_dir, batch_size=config.eval_batch_size, bf16=config.bf16),

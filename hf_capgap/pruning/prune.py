@@ -37,6 +37,7 @@ from hf_capgap.utils.artifacts import (
     model_fingerprint,
     write_manifest,
 )
+from hf_capgap.utils.parameters import count_model_parameters
 from hf_capgap.pruning.importance import (
     ImportanceScores,
     magnitude_importance,
@@ -281,8 +282,8 @@ def apply_selection(model: PreTrainedModel, selection: PruneSelection) -> PreTra
         teacher_fingerprint=model_fingerprint(model),
         teacher_shape=PruneShape.of(config).to_dict(),
         shape=shape.to_dict(),
-        teacher_params=sum(p.numel() for p in model.parameters()),
-        student_params=sum(p.numel() for p in student.parameters()),
+        teacher_params=count_model_parameters(model),
+        student_params=count_model_parameters(student),
         kept=_kept_summary(config, selection),
     )
     return student
