@@ -65,16 +65,16 @@ def _make_directory(path: Path) -> None:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see either the old file or the whole new one.
 
-    The file gets the mode a plain ``open`` would give it: a new one 0666 less the umask, an existing
-    one keeps its own (a user's 0600 stays private).
+    The file ends up as a plain ``open`` would leave it: a new one gets 0666 less the umask; an
+    existing one keeps its mode and group (a user's 0600 stays private, a group-shared 0640 stays
+    readable to its group), and a symlink keeps pointing at the file, which is what gets rewritten.
     """
-    path = Path(path)
+    path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp, fd = _create_temporary(path.parent, path.name, ".tmp", _open_new_file)
     try:
         with os.fdopen(fd, "wb") as handle:
-            with contextlib.suppress(FileNotFoundError):
-                os.fchmod(handle.fileno(), os.stat(path).st_mode & 0o777)
+            _keep_mode_and_group(handle.fileno(), path)
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -83,6 +83,20 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _keep_mode_and_group(fd: int, existing: Path) -> None:
+    """Give the new file behind ``fd`` the mode and group of ``existing``, if there is one.
+
+    Changing the group needs membership of it; a user who may not keeps the default group.
+    """
+    try:
+        status = os.stat(existing)
+    except FileNotFoundError:
+        return
+    os.fchmod(fd, status.st_mode & 0o777)
+    with contextlib.suppress(PermissionError):
+        os.fchown(fd, -1, status.st_gid)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -80,3 +80,23 @@ def test_rewriting_an_existing_file_keeps_its_mode(tmp_path, umask):
     os.chmod(private, 0o600)
     atomic_write_json(private, {"a": 1})
     assert mode(private) == 0o600 and private.read_text().startswith("{")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file another group needs root or membership of it")
+def test_rewriting_a_group_shared_file_keeps_its_group(tmp_path):
+    shared = tmp_path / "README.md"
+    shared.write_text("old")
+    os.chown(shared, -1, 4321)
+    os.chmod(shared, 0o640)
+    atomic_write_bytes(shared, b"new")
+    assert shared.stat().st_gid == 4321 and mode(shared) == 0o640 and shared.read_bytes() == b"new"
+
+
+def test_rewriting_through_a_symlink_rewrites_its_target_and_keeps_the_link(tmp_path):
+    target = tmp_path / "cards" / "README.md"
+    target.parent.mkdir()
+    target.write_text("old")
+    link = tmp_path / "README.md"
+    link.symlink_to(target)
+    atomic_write_bytes(link, b"new")
+    assert link.is_symlink() and target.read_bytes() == b"new"
