@@ -48,24 +48,51 @@ def resolve_teacher_dtype(teacher_dtype: str, device: torch.device) -> torch.dty
     return getattr(torch, teacher_dtype)
 
 
-def _state_dtypes(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.dtype]:
-    """The dtype ``from_pretrained(dtype=dtype)`` gives each floating tensor of the state dict.
+def _buffer_dtypes_as_built(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """The dtype of each buffer of ``model``'s class built in ``dtype``, as ``from_pretrained(dtype=dtype)``
+    builds it before loading: read from an instance on the meta device (no memory, no compute)."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        return {}
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            built = type(model)(copy.deepcopy(model.config))
+    finally:
+        torch.set_default_dtype(previous)
+    return {name: buffer.dtype for name, buffer in built.named_buffers()}
+
+
+def _target_dtypes(model: nn.Module, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.dtype]]:
+    """Each floating tensor of ``model`` (of its base model, when PEFT wraps it) with the dtype
+    ``from_pretrained(dtype=dtype)`` gives it.
 
     Loading casts every checkpoint tensor (parameters and persistent buffers) to ``dtype``, except the
     modules a model keeps in float32 (``_keep_in_fp32_modules(_strict)``, matched as transformers
-    matches them). Non-persistent buffers (RoPE's ``inv_freq``) are not in the checkpoint and stay as
-    the model computed them, in float32: rounding them to bf16 shifts the rotary phases of far positions.
+    matches them). Non-persistent buffers are not in the checkpoint and stay as the model computes them
+    under ``dtype`` as default: RoPE's ``inv_freq`` in float32 (rounding it to bf16 shifts the rotary
+    phases of far positions), Gemma's ``embed_scale`` in ``dtype``.
     """
     from transformers import PreTrainedModel
     from transformers.core_model_loading import build_glob_alternation
 
-    plan = model._get_dtype_plan(dtype) if isinstance(model, PreTrainedModel) else {}
+    get_base_model = getattr(model, "get_base_model", None)  # a PEFT model: the tensors are its base model's
+    base = get_base_model() if callable(get_base_model) else model
+    plan = base._get_dtype_plan(dtype) if isinstance(base, PreTrainedModel) else {}
     keep = build_glob_alternation(list(plan))[0] if plan else None
-    return {
-        name: torch.float32 if keep is not None and keep.search(name) else dtype
-        for name, tensor in model.state_dict(keep_vars=True).items()
+    state = base.state_dict(keep_vars=True)
+    targets = {
+        name: (tensor, torch.float32 if keep is not None and keep.search(name) else dtype)
+        for name, tensor in state.items()
         if tensor.is_floating_point()
     }
+    built = _buffer_dtypes_as_built(base, dtype)
+    for name, buffer in base.named_buffers():
+        if name not in state and name in built and buffer.is_floating_point():
+            targets[name] = (buffer, built[name])
+    return targets
 
 
 def teacher_in_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -77,13 +104,11 @@ def teacher_in_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     assembled from converted tensors (deepcopy's memo, tied weights stay tied), so the peak is the
     original plus the converted weights, never two originals.
     """
-    targets = _state_dtypes(model, dtype)
-    state = model.state_dict(keep_vars=True)
-    if all(state[name].dtype == want for name, want in targets.items()):
+    targets = _target_dtypes(model, dtype)
+    if all(tensor.dtype == want for tensor, want in targets.values()):
         return model
     memo: dict[int, Any] = {}
-    for name, want in targets.items():
-        tensor = state[name]
+    for tensor, want in targets.values():
         if id(tensor) in memo:  # tied: one converted tensor for every name
             continue
         converted = tensor.detach().to(want)

@@ -157,3 +157,41 @@ def test_the_minima_recipe_refuses_a_config_only_teacher_folder_before_loading(t
                      "--student_params", "8K"])
     assert str(info.value.code).startswith(f"minima: model folder {tmp_path / 'teacher'} is missing a tokenizer")
     assert "the weights (*.safetensors or model.safetensors.index.json) (it holds config.json)" in info.value.code
+
+
+def test_teacher_in_dtype_keeps_float32_modules_of_a_peft_wrapped_teacher():
+    """A PEFT-wrapped teacher (not a PreTrainedModel itself) keeps its base model's float32 modules."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from hf_capgap.models import teacher_in_dtype
+
+    class RouterInFloat32(LlamaForCausalLM):
+        _keep_in_fp32_modules_strict = ["lm_head"]
+
+    wrapped = get_peft_model(RouterInFloat32(tiny_llama().config), LoraConfig(r=2, target_modules=["q_proj"]))
+    converted = teacher_in_dtype(wrapped, torch.bfloat16).get_base_model()
+    assert converted.lm_head.weight.dtype == torch.float32
+    assert converted.model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_teacher_in_dtype_gives_non_persistent_buffers_the_dtype_loading_gives_them(tmp_path):
+    """Non-persistent buffers are as the model computes them under the load dtype: RoPE's ``inv_freq`` in
+    float32, but Gemma 2's ``embed_scale`` in bf16 (computed in the default dtype, which loading sets)."""
+    from transformers import AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM
+
+    from hf_capgap.models import teacher_in_dtype
+
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(Gemma2Config(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8,
+    ))  # fmt: skip
+    model.save_pretrained(tmp_path / "teacher")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "teacher", dtype=torch.bfloat16)
+    converted = teacher_in_dtype(model, torch.bfloat16)
+    assert {n: b.dtype for n, b in converted.named_buffers()} == {n: b.dtype for n, b in loaded.named_buffers()}
+    assert {b.dtype for b in model.buffers()} == {torch.float32}
+    ids = torch.arange(40).remainder(96)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(converted(ids).logits, loaded(ids).logits, rtol=0, atol=0)
