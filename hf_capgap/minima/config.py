@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hf_capgap.trainer.settings import TeacherCacheSettings, field_help
+from hf_capgap.trainer.settings import TeacherCacheSettings
+from hf_capgap.utils.recipe_args import field_help
 
 EMBEDDED_DATASET = "embedded"
 STUDENT_SHAPE_FIELDS = ("student_hidden_size", "student_num_layers", "student_num_heads", "student_intermediate_size")

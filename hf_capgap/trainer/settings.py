@@ -9,12 +9,8 @@ so ``import hf_capgap.sweep`` and ``import hf_capgap.minima`` stay free of torch
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
-
-def field_help(text: str) -> dict[str, Any]:
-    """The ``field`` metadata ``HfArgumentParser`` shows as ``--help`` text."""
-    return {"help": text}
+from hf_capgap.utils.recipe_args import field_help
 
 
 @dataclass
