@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from typing import Any
 
+from hf_capgap.sweep import SweepConfig, format_status, run_sweep, sweep_report, sweep_status
 from hf_capgap.utils.recipe_args import parse_with_preset, read_preset, split_preset
-from hf_capgap.sweep import SweepConfig, format_status, run_sweep, sweep_status
 
 
 @dataclass(frozen=True)
@@ -29,13 +30,20 @@ def parse_config(argv: list[str]) -> tuple[SweepConfig, bool]:
     return config, command.status
 
 
+def run_and_report(config: SweepConfig) -> list[dict[str, Any]]:
+    """Run the sweep, then print its progress table, diverged runs and law; return the ledger records."""
+    records = run_sweep(config)
+    print(sweep_report(config))
+    return records
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         config, status_only = parse_config(sys.argv[1:] if argv is None else argv)
         if status_only:
             print(format_status(sweep_status(config)))
             return
-        run_sweep(config)
+        run_and_report(config)
     except (ValueError, FileNotFoundError) as err:  # settings errors, raised before any work starts
         sys.exit(f"sweep: {err}")
 

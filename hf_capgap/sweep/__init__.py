@@ -1,36 +1,41 @@
 """Measure the law: distill a grid of students from a ladder of teachers, append every result to a
 ledger that survives a crash, and fit the law from it.
+
+config.py says what a sweep measures (SweepConfig, the grid), ledger.py keeps its output folder (the
+ledger of finished runs, progress), teachers.py loads the teachers and data, run.py runs the grid.
 """
 
 from __future__ import annotations
 
-from hf_capgap.sweep.sweep import (
-    LEDGER_FILE,
-    RUNNING_FILE,
-    LAW_FILE,
-    LAW_PLOT_FILE,
-    LAW_FAILURE_FILE,
-    LOCK_FILE,
-    SCRATCH_PREFIX,
-    LEDGER_FORMAT_VERSION,
-    CACHE_MODES,
+from hf_capgap.sweep.config import (
     HUB_FAMILIES,
     HUB_MODEL_TYPES,
-    SweepConfig,
+    TEACHER_SIGNALS,
     RunSpec,
+    SweepConfig,
     family_names,
     family_teachers,
     plan,
-    read_ledger,
+)
+from hf_capgap.sweep.ledger import (
+    LAW_FAILURE_FILE,
+    LAW_FILE,
+    LAW_PLOT_FILE,
+    LEDGER_FILE,
+    LEDGER_FORMAT_VERSION,
+    LOCK_FILE,
+    RECORD_FIELDS,
+    RUNNING_FILE,
+    SCRATCH_PREFIX,
     append_record,
+    diverged_note,
+    finished_records,
+    format_status,
     is_failed,
     sweep_status,
-    format_status,
-    check_hub_access,
-    run_sweep,
-    fit_and_save_law,
-    evaluate_student,
 )
+from hf_capgap.sweep.run import evaluate_student, fit_and_save_law, run_sweep, sweep_report
+from hf_capgap.sweep.teachers import check_hub_access
 
 __all__ = [
     "LEDGER_FILE",
@@ -41,7 +46,8 @@ __all__ = [
     "LOCK_FILE",
     "SCRATCH_PREFIX",
     "LEDGER_FORMAT_VERSION",
-    "CACHE_MODES",
+    "RECORD_FIELDS",
+    "TEACHER_SIGNALS",
     "HUB_FAMILIES",
     "HUB_MODEL_TYPES",
     "SweepConfig",
@@ -49,11 +55,13 @@ __all__ = [
     "family_names",
     "family_teachers",
     "plan",
-    "read_ledger",
+    "finished_records",
     "append_record",
     "is_failed",
+    "diverged_note",
     "sweep_status",
     "format_status",
+    "sweep_report",
     "check_hub_access",
     "run_sweep",
     "fit_and_save_law",

@@ -27,7 +27,7 @@ from hf_capgap.sweep import (
     append_record,
     family_teachers,
     plan,
-    read_ledger,
+    finished_records,
     run_sweep,
     sweep_status,
 )
@@ -118,7 +118,7 @@ def test_torn_last_line_is_dropped_and_the_next_write_repairs_it(tmp_path):
     complete = ledger.read_text()
     ledger.write_text(complete + json.dumps(_record("c", 3.0))[:37])
     with pytest.warns(UserWarning, match="torn"):
-        assert [record["run_id"] for record in read_ledger(tmp_path)] == ["a", "b"]
+        assert [record["run_id"] for record in finished_records(tmp_path)] == ["a", "b"]
     with pytest.warns(UserWarning, match="torn"):
         append_record(tmp_path, _record("c", 3.0))
     lines = ledger.read_text().splitlines()
@@ -131,10 +131,10 @@ def test_damaged_middle_line_and_duplicates_are_refused(tmp_path):
     good = json.dumps(_record("a", 5.0))
     ledger.write_text(good + "\n{not json\n" + json.dumps(_record("b", 4.0)) + "\n")
     with pytest.raises(ArtifactError, match="line 2"):
-        read_ledger(tmp_path)
+        finished_records(tmp_path)
     ledger.write_text(good + "\n" + good + "\n")
     with pytest.raises(ArtifactError, match="more than once"):
-        read_ledger(tmp_path)
+        finished_records(tmp_path)
 
 
 # ---------------------------------------------------------------------- Hub families
@@ -191,7 +191,7 @@ def killed_and_resumed(tmp_path_factory, ladder_dir):
     process.send_signal(signal.SIGKILL)
     _, stderr = process.communicate()
     assert (out / LEDGER_FILE).exists(), f"the sweep wrote no record before the kill: {stderr[-2000:]}"
-    before = read_ledger(out)
+    before = finished_records(out)
     config = SweepConfig.from_dict(_yaml(MICRO_YAML, overrides))
     status_after_kill = sweep_status(config)
     records = run_sweep(config, progress=False)
@@ -209,7 +209,7 @@ def test_sigkilled_sweep_resumes_without_duplicates(killed_and_resumed):
     assert before, "the kill came after at least one finished run"
     assert {row["state"] for row in status_after_kill} <= {"done", "left"}, "a killed run is not 'running'"
     assert sum(row["state"] == "done" for row in status_after_kill) == len(before) < len(plan(config))
-    ledger = read_ledger(config.output_dir)
+    ledger = finished_records(config.output_dir)
     assert sorted(record["run_id"] for record in ledger) == sorted(run.run_id for run in plan(config))
     finished_first = {record["run_id"]: record for record in before}
     for record in ledger:
@@ -257,7 +257,7 @@ def test_scratch_of_a_killed_sweep_is_removed_by_the_next_one(killed_and_resumed
     unrelated.mkdir()
     records = run_sweep(config, progress=False)
     assert not stale.exists() and unrelated.is_dir()
-    assert records == read_ledger(killed_and_resumed[0].output_dir)  # nothing was rerun
+    assert records == finished_records(killed_and_resumed[0].output_dir)  # nothing was rerun
 
 
 def test_a_second_sweep_on_a_busy_folder_is_refused_and_leaves_its_scratch(killed_and_resumed, tmp_path):
@@ -284,13 +284,13 @@ def test_a_second_sweep_on_a_busy_folder_is_refused_and_leaves_its_scratch(kille
 
 def test_diverged_runs_are_kept_unless_redo_failed(killed_and_resumed, tmp_path, capsys):
     config = copy_of_finished_sweep(killed_and_resumed, tmp_path)
-    good = read_ledger(config.output_dir)
+    good = finished_records(config.output_dir)
     diverged = good[0]["run_id"]
     lines = [json.dumps({**record, "eval_loss": float("nan")} if record["run_id"] == diverged else record,
                         sort_keys=True) for record in good]
     (Path(config.output_dir) / LEDGER_FILE).write_text("\n".join(lines) + "\n")
 
-    kept = run_sweep(config, progress=True)
+    kept = _sweep_recipe().run_and_report(config)
     assert math.isnan(kept[0]["eval_loss"]) and kept[1:] == good[1:]
     assert f"diverged (eval_loss not finite): {diverged}; run again with --redo_failed true" in capsys.readouterr().out
 
@@ -298,7 +298,7 @@ def test_diverged_runs_are_kept_unless_redo_failed(killed_and_resumed, tmp_path,
     assert [record["run_id"] for record in redone] == [record["run_id"] for record in good]
     assert redone[1:] == good[1:]  # finished runs are not touched
     assert redone[0]["eval_loss"] == pytest.approx(good[0]["eval_loss"], rel=1e-4)  # the same run, redone on CPU
-    assert sorted(r["run_id"] for r in read_ledger(config.output_dir)) == sorted(r["run_id"] for r in good)
+    assert sorted(r["run_id"] for r in finished_records(config.output_dir)) == sorted(r["run_id"] for r in good)
 
 
 @pytest.mark.parametrize("preset", ["sweep_pythia", "sweep_gpt2"])

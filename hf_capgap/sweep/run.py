@@ -1,0 +1,350 @@
+"""The capacity-gap sweep: prune every teacher into every smaller student size, distill, evaluate.
+
+MiniMA's protocol: for each student size s and each teacher t larger than s, the student is made by
+pruning t to s, distilled from t on the same token budget as every other run, and evaluated on
+held-out text. For each s the best teacher t*(s) is where that loss is lowest; the law of capacity
+gap says t* grows linearly with s. :func:`run_sweep` does this and fits :class:`CapacityGapLaw`.
+
+The output directory holds::
+
+    ledger.jsonl      one JSON record per finished run (rewritten whole, atomically, per record)
+    running.json      the run in progress and its process id (absent between runs)
+    .sweep.lock       held (flock) by the one sweep working in this folder, released when it ends or dies
+    .run-*            the Trainer scratch folder of the run in progress
+    caches/<teacher>  one TeacherCache per teacher, shared by all of its students
+    law.json law.png  the fitted law, or law_failure.json saying why it could not be fitted
+
+A killed sweep restarts where it stopped: finished runs are read from the ledger and skipped, a
+torn last ledger line is dropped, teacher caches resume shard by shard, and the interrupted run is
+redone from its start.
+
+One sweep at a time works in an output directory: :func:`run_sweep` takes an exclusive ``flock`` on
+``.sweep.lock`` (the kernel releases it when the process dies, even by SIGKILL) and a second sweep on
+the same folder is refused. Holding the lock, it removes every ``.run-*`` scratch folder it finds:
+only the lock holder creates them, so any found at start belong to a killed sweep.
+
+A run whose student diverged (a non-finite ``eval_loss``) is a finished record like any other;
+``redo_failed: true`` drops those records and runs them again (with the same settings, so a
+divergence the settings cause comes back: change them in a new ``output_dir`` then).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from hf_capgap.law import CapacityGapLaw
+from hf_capgap.sweep.config import HUB_FAMILIES, RunSpec, SweepConfig, plan
+from hf_capgap.sweep.ledger import (
+    LAW_FAILURE_FILE,
+    LAW_FILE,
+    LAW_PLOT_FILE,
+    LEDGER_FILE,
+    LEDGER_FORMAT_VERSION,
+    LOCK_FILE,
+    RUNNING_FILE,
+    SCRATCH_PREFIX,
+    append_record,
+    diverged_note,
+    finished_records,
+    format_status,
+    is_failed,
+    sweep_status,
+    write_ledger,
+)
+from hf_capgap.sweep.teachers import TeacherSource, check_hub_access
+from hf_capgap.utils.artifacts import atomic_write_json, json_sha256
+
+# What transformers.utils.logging.get_logger returns for a name outside "transformers", without importing
+# transformers here (it would make `import hf_capgap.sweep` slow).
+logger = logging.getLogger(__name__)
+
+
+def run_sweep(config: SweepConfig, *, progress: bool = True) -> list[dict[str, Any]]:
+    """Run every planned run missing from the ledger (with ``redo_failed``, also those that diverged), then
+    fit the law; return the ledger records.
+
+    One process runs the grid, run after run (the ledger has one writer); each run is small. ``progress``
+    shows progress bars; what the sweep found is logged, and :func:`sweep_report` tells it to a user.
+    """
+    from hf_capgap.utils.processes import process_state
+
+    processes = process_state().num_processes
+    if processes > 1:
+        raise ValueError(
+            f"the sweep was launched as {processes} processes; it runs its grid in one "
+            "process with one ledger writer. Start it with `python recipes/sweep.py CONFIG`."
+        )
+    output_dir = Path(config.output_dir)
+    specs = plan(config)
+    if config.family in HUB_FAMILIES:
+        check_hub_access(list(dict.fromkeys(spec.teacher for spec in specs)))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with _sweep_lock(output_dir):
+        _remove_stale_scratch(output_dir)
+        settings_sha = json_sha256(config.settings())
+        finished = finished_records(output_dir)
+        foreign = [record["run_id"] for record in finished if record["settings_sha256"] != settings_sha]
+        if foreign:
+            raise ValueError(
+                f"{output_dir / LEDGER_FILE} holds runs {foreign} made with other settings; use another output_dir "
+                "or the settings those runs used."
+            )
+        failed = [record["run_id"] for record in finished if is_failed(record)]
+        if failed and config.redo_failed:
+            finished = [record for record in finished if record["run_id"] not in failed]
+            write_ledger(output_dir, finished)
+        elif failed:
+            logger.info(diverged_note(finished))
+        done = {record["run_id"] for record in finished}
+        pending = [spec for spec in specs if spec.run_id not in done]
+        if pending:
+            _run_pending(config, pending, settings_sha, progress)
+        logger.info(format_status(sweep_status(config)))
+        by_id = {record["run_id"]: record for record in finished_records(output_dir)}
+        records = [by_id[spec.run_id] for spec in specs]
+        fit_and_save_law(records, output_dir)
+    return records
+
+
+def sweep_report(config: SweepConfig) -> str:
+    """What a user of the sweep must see once it has run: the progress table, the runs that diverged, and
+    the fitted law or why it could not be fitted."""
+    output_dir = Path(config.output_dir)
+    lines = [format_status(sweep_status(config))]
+    note = diverged_note(finished_records(output_dir))
+    if note:
+        lines.append(note)
+    if (output_dir / LAW_FILE).is_file():
+        lines.append(CapacityGapLaw.load(output_dir / LAW_FILE).summary())
+    elif (output_dir / LAW_FAILURE_FILE).is_file():
+        lines.append(
+            f"the law could not be fitted: {json.loads((output_dir / LAW_FAILURE_FILE).read_text())['error']}"
+        )
+    return "\n".join(lines)
+
+
+@contextmanager
+def _sweep_lock(output_dir: Path) -> Iterator[None]:
+    """Hold ``output_dir`` for this process: the ledger has one writer and the scratch folders one owner.
+
+    ``flock`` is released by the kernel when the process exits or is killed, so no stale lock survives a
+    SIGKILL; a second sweep on the same folder is refused, naming the holder.
+    """
+    import fcntl
+
+    with open(output_dir / LOCK_FILE, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise ValueError(
+                f"another sweep (process {holder}) is running in output_dir={output_dir}; wait for it to finish "
+                "or use another output_dir."
+            ) from None
+        handle.truncate(0)
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
+
+
+def _remove_stale_scratch(output_dir: Path) -> None:
+    """Remove the ``.run-*`` scratch folders a killed sweep left (SIGKILL skips :func:`_scratch_dir`'s
+    cleanup). Call only under :func:`_sweep_lock`: its holder alone creates them, so all found are stale."""
+    for path in sorted(output_dir.glob(f"{SCRATCH_PREFIX}*")):
+        if path.is_dir():
+            logger.warning(f"removing {path}, scratch of a sweep run that was killed")
+            shutil.rmtree(path)
+
+
+def fit_and_save_law(records: Sequence[Mapping[str, Any]], output_dir: str | os.PathLike) -> CapacityGapLaw | None:
+    """Fit the law and write law.json + law.png, or law_failure.json with the reason; never a guess. The fit's
+    warnings (e.g. a weak fit) are logged as notes."""
+    output_dir = Path(output_dir)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            law = CapacityGapLaw.fit(records)
+        except ValueError as err:
+            (output_dir / LAW_FILE).unlink(missing_ok=True)
+            (output_dir / LAW_PLOT_FILE).unlink(missing_ok=True)
+            atomic_write_json(output_dir / LAW_FAILURE_FILE, {"error": str(err), "runs": len(records)})
+            logger.info(f"the law could not be fitted: {err}")
+            return None
+    law.save(output_dir / LAW_FILE)
+    law.plot(output_dir / LAW_PLOT_FILE)
+    (output_dir / LAW_FAILURE_FILE).unlink(missing_ok=True)
+    logger.info(law.summary())
+    for warning in caught:
+        logger.warning(f"note: {warning.message}")
+    return law
+
+
+def _run_pending(config: SweepConfig, pending: list[RunSpec], settings_sha: str, progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    output_dir = Path(config.output_dir)
+    source = TeacherSource(config, pending[0].teacher)
+    data = source.data()
+    bar = tqdm(total=len(pending), desc="capacity-gap sweep", unit="run", disable=not progress)
+    for teacher_name in dict.fromkeys(spec.teacher for spec in pending):
+        teacher, teacher_params = source.load(teacher_name)
+        teacher_eval = _evaluate(teacher, data["eval"], config.batch_size)
+        cache_path = None
+        if config.cache_mode != "online":
+            cache_path = output_dir / "caches" / teacher_name.rsplit("/", 1)[-1]
+            _build_cache(teacher, data["train"], cache_path, config, source.tokenizer, progress)
+        for spec in (spec for spec in pending if spec.teacher == teacher_name):
+            bar.set_postfix_str(spec.run_id)
+            atomic_write_json(output_dir / RUNNING_FILE, {"run_id": spec.run_id, "pid": os.getpid()})
+            record = _run_one(spec, teacher, cache_path, data, source.tokenizer, config)
+            append_record(
+                output_dir,
+                {
+                    **record,
+                    "family": config.family,
+                    "teacher_params": teacher_params,
+                    "teacher_eval_loss": teacher_eval,
+                    "settings": config.settings(),
+                    "settings_sha256": settings_sha,
+                    "format_version": LEDGER_FORMAT_VERSION,
+                },
+            )
+            (output_dir / RUNNING_FILE).unlink(missing_ok=True)
+            bar.update()
+        del teacher
+    bar.close()
+
+
+def _build_cache(teacher: Any, train: Any, path: Path, config: SweepConfig, tokenizer: Any, progress: bool) -> None:
+    """One cache per teacher, of the rows exactly as every student's trainer prepares them."""
+    from hf_capgap.cache import TeacherCache
+    from hf_capgap.trainer import DistillationConfig
+    from hf_capgap.trainer.training_arguments import student_training_arguments
+
+    data_args = student_training_arguments(
+        DistillationConfig,
+        path,
+        _student_training(config),
+        save_steps=None,
+        logging_steps=1,
+        temperature=config.temperature,
+    )
+    TeacherCache.build(
+        teacher,
+        train,
+        path,
+        mode=config.cache_mode,
+        k=config.cache_k,
+        sampler=config.cache_sampler,
+        temperature=config.temperature,
+        batch_size=config.batch_size,
+        tokenizer=tokenizer,
+        args=data_args,
+        seed=config.seed,
+        progress=progress,
+    )
+
+
+def _student_training(config: SweepConfig) -> Any:
+    """How every student of the sweep trains (and how its rows are prepared)."""
+    from hf_capgap.trainer.training_arguments import StudentTraining
+
+    return StudentTraining(
+        steps=config.steps,
+        batch_size=config.batch_size,
+        seq_len=config.seq_len,
+        learning_rate=config.learning_rate,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        warmup_ratio=config.warmup_ratio,
+        bf16=config.bf16,
+        gradient_checkpointing=config.gradient_checkpointing,
+        seed=config.seed,
+    )
+
+
+def _run_one(
+    spec: RunSpec, teacher: Any, cache_path: Path | None, data: dict[str, Any], tokenizer: Any, config: SweepConfig
+) -> dict[str, Any]:
+    """Prune the teacher to the student size, distill on the shared token budget, evaluate."""
+    import torch
+
+    from hf_capgap.pruning import prune_model
+    from hf_capgap.trainer import DistillationConfig, DistillationTrainer
+    from hf_capgap.trainer.training_arguments import student_training_arguments
+
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)
+    student = prune_model(
+        teacher,
+        target_params=spec.student_params,
+        calibration=data["calibration"],
+        checkpoint_layers=config.gradient_checkpointing,
+    )
+    student = student.float()  # fp32 master weights under bf16 mixed precision, whatever the teacher's dtype
+    pruned_eval = _evaluate(student, data["eval"], config.batch_size)
+    steps = config.steps
+    with _scratch_dir(Path(config.output_dir)) as work_dir:
+        args = student_training_arguments(
+            DistillationConfig,
+            work_dir,
+            _student_training(config),
+            save_steps=None,
+            logging_steps=max(1, steps // 4),
+            loss=config.loss,
+            alpha=config.alpha,
+            temperature=config.temperature,
+            teacher_cache=None if cache_path is None else str(cache_path),
+            disable_tqdm=True,
+        )
+        trainer = DistillationTrainer(
+            model=student,
+            teacher_model=None if cache_path is not None else teacher,
+            args=args,
+            train_dataset=data["train"],
+            processing_class=tokenizer,
+        )
+        trainer.train()
+    final = evaluate_student(student, data["eval"], config.batch_size)
+    return {
+        "run_id": spec.run_id,
+        "student_name": spec.run_id.split("-from-")[0],
+        "student_target": spec.student_params,
+        "student_params": sum(parameter.numel() for parameter in student.parameters()),
+        "teacher": spec.teacher,
+        "tokens": steps * config.tokens_per_step,
+        "pruned_eval_loss": pruned_eval,
+        "eval_loss": final["eval_loss"],
+        "perplexity": final["perplexity"],
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def evaluate_student(model: Any, eval_rows: Any, batch_size: int) -> dict[str, float | int]:
+    from hf_capgap.models import evaluate_perplexity
+
+    return evaluate_perplexity(model, eval_rows, batch_size=batch_size)
+
+
+def _evaluate(model: Any, eval_rows: Any, batch_size: int) -> float:
+    return evaluate_student(model, eval_rows, batch_size)["eval_loss"]
+
+
+@contextmanager
+def _scratch_dir(output_dir: Path) -> Iterator[Path]:
+    """Trainer output for one run: nothing of it is kept, the ledger record is the result."""
+    path = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=output_dir))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
