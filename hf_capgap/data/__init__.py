@@ -1,5 +1,6 @@
 """Data: the embedded public-domain corpus and its tokenizer (``corpus``), and TRL's SFT data path as
-the trainer and the cache share it (``sft``: formats, chat templates, packing, masks, collation).
+the trainer and the cache share it: ``formats`` (which format, TRL's checks), ``chat_templates``,
+``sft`` (preparation, packing, masks, collation) and ``preparation_record`` (what the rows depend on).
 """
 
 from __future__ import annotations
@@ -17,30 +18,30 @@ from hf_capgap.data.corpus import (
     default_tokenizer,
     tokenize_and_pack,
 )
-from hf_capgap.data.sft import (
+from hf_capgap.data.chat_templates import apply_chat_template_path, template_digest
+from hf_capgap.data.formats import (
     IGNORE_INDEX,
-    TEACHER_KEY_PREFIX,
     TOKENIZED_COLUMN,
     DatasetFormatError,
-    dataset_format,
     check_dataset,
-    require_chat_template,
-    completion_only,
-    prepare_dataset,
-    prepare_and_record,
-    skips_preparation,
     check_sft_config,
-    apply_chat_template_path,
-    template_digest,
-    PREPARATION_ARGUMENTS,
-    preparation_disagreements,
-    make_collator,
+    completion_only,
+    dataset_format,
+    require_chat_template,
+    skips_preparation,
     uses_padding_free,
-    forward_inputs,
-    next_token_labels,
+)
+from hf_capgap.data.preparation_record import PREPARATION_ARGUMENTS, preparation_disagreements
+from hf_capgap.data.sft import (
+    TEACHER_KEY_PREFIX,
     count_labelled_positions,
-    rows_holding_positions,
+    forward_inputs,
     has_labelled_position,
+    make_collator,
+    next_token_labels,
+    prepare_and_record,
+    prepare_dataset,
+    rows_holding_positions,
 )
 
 __all__ = [
