@@ -12,6 +12,7 @@ an interrupted run, or reprints a finished one. A multi-process launch starts fr
 
 from __future__ import annotations
 
+import logging
 import sys
 
 from hf_capgap.minima import parse_minima_args, run_minima
@@ -19,8 +20,10 @@ from hf_capgap.utils.processes import end_processes
 
 
 def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(format="%(message)s")  # hf_capgap's progress (INFO and up) on stderr, as bare lines
+    logging.getLogger("hf_capgap").setLevel(logging.INFO)
     try:
-        run_minima(parse_minima_args(sys.argv[1:] if argv is None else argv))
+        run_minima(parse_minima_args(sys.argv[1:] if argv is None else argv), show=print)
     except (ValueError, FileNotFoundError) as err:  # config errors, raised before any work starts
         sys.exit(f"minima: {err}")
     end_processes()  # only after success: a failed process must not wait in a barrier for the others

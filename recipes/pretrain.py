@@ -9,6 +9,7 @@ and of ``PretrainSettings``; ``--key value`` pairs override the YAML.
 
 from __future__ import annotations
 
+import logging
 import sys
 
 from hf_capgap.utils.artifacts import read_manifest
@@ -25,6 +26,8 @@ def parse_config(argv: list[str]) -> tuple[LadderRun, PretrainSettings]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(format="%(message)s")  # hf_capgap's progress (INFO and up) on stderr, as bare lines
+    logging.getLogger("hf_capgap").setLevel(logging.INFO)
     try:
         run, settings = parse_config(sys.argv[1:] if argv is None else argv)
     except (ValueError, FileNotFoundError) as err:

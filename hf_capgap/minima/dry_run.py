@@ -260,7 +260,8 @@ def law_optimal_teacher(law: Any, student_params: int) -> tuple[float | None, st
 
 
 def dry_run(config: MinimaConfig) -> dict[str, Any]:
-    """Print the plan and the estimates; return them. Loads, downloads and allocates nothing."""
+    """The plan and the estimates, with ``summary``: the text ``--dry_run`` shows. Loads, downloads and
+    allocates nothing."""
     launch = launch_from_yaml(config.accelerate_config) if config.accelerate_config else launch_from_environment()
     plan = make_plan(config, processes=launch.processes)
     _, teacher = resolve_teacher(config, plan.teacher, ladder_rungs(config))
@@ -309,5 +310,5 @@ def dry_run(config: MinimaConfig) -> dict[str, Any]:
         report["cache_bytes"] = cache_bytes(config, plan, teacher.config.vocab_size)
         lines.append(f"teacher cache ({config.cache_mode}, k={config.cache_k}) on disk, estimated: "
                      f"{report['cache_bytes'] / GIB:,.1f} GiB")
-    print("\n".join(lines))
+    report["summary"] = "\n".join(lines)
     return report

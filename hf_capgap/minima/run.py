@@ -3,15 +3,15 @@
 MiniMA-3B was made by structurally pruning LLaMA-2-7B and distilling it with 0.5 x LM cross-entropy +
 0.5 x forward KL at T = 1. :func:`run_minima` does the same at any scale, one stage per module:
 
-    minima_config    MinimaConfig, YAML + ``--key value`` parsing, checks that load nothing
-    minima_plan      teacher and student sizes from the law, sequence length, steps (meta device only)
-    minima_dry_run   ``--dry_run``: shapes, counts, tokens, steps and per-stage, per-GPU memory estimates
-    minima_teacher   the teacher's tokenizer, frozen model and identity
-    minima_data      packed training, held-out and calibration rows (in memory or streamed)
-    minima_prune     Taylor pruning, one process, before any sharded group
-    minima_distill   distillation and the optional from-scratch baseline (every process)
-    minima_evaluate  held-out loss of every model through Trainer.evaluate (every process)
-    minima_export    the table, the Hub-ready folder and its card
+    config           MinimaConfig, YAML + ``--key value`` parsing, checks that load nothing
+    plan             teacher and student sizes from the law, sequence length, steps (meta device only)
+    dry_run          ``--dry_run``: shapes, counts, tokens, steps and per-stage, per-GPU memory estimates
+    teacher          the teacher's tokenizer, frozen model and identity
+    data             packed training, held-out and calibration rows (in memory or streamed)
+    prune            Taylor pruning, one process, before any sharded group
+    distill          distillation and the optional from-scratch baseline (every process)
+    evaluate         held-out loss of every model through Trainer.evaluate (every process)
+    export           the table, the Hub-ready folder and its card
 
 Every stage is resumable: finished stages live in ``<output_dir>/.work/<run_name>/`` under names that
 hash their inputs, each with a manifest checked on reuse; training stages resume from their last
@@ -20,48 +20,55 @@ Trainer checkpoint. The exported folder ``<output_dir>/<run_name>/`` appears ato
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from transformers.utils import logging
 
 from hf_capgap.minima.config import MinimaConfig, build_config, parse_minima_args
 from hf_capgap.minima.plan import Plan, make_plan, steps_for, tokens_per_step
 
 __all__ = ["MinimaConfig", "Plan", "build_config", "make_plan", "parse_minima_args", "run_minima"]
 
+logger = logging.get_logger(__name__)
 
-def run_minima(config: MinimaConfig) -> dict[str, Any] | None:
+
+def run_minima(config: MinimaConfig, show: Callable[[str], None] = logger.info) -> dict[str, Any] | None:
     """Run (or resume, or reprint) the recipe; returns the results written to results.json.
 
-    ``dry_run`` prints the plan and returns None; ``prune_only`` prunes, prints the folder and returns None.
+    What a user must see goes to ``show`` (the recipe passes ``print``; the library itself only logs it):
+    the results table and the Hub commit on the main process; ``dry_run`` shows the plan and returns None;
+    ``prune_only`` prunes, shows the folder and returns None.
     """
     from hf_capgap.minima.export import finished_results
 
     if config.dry_run:
         from hf_capgap.minima.dry_run import dry_run
 
-        dry_run(config)
+        show(dry_run(config)["summary"])
         return None
     plan = make_plan(config)
     results = finished_results(config)
     if results is None:
-        results = _run_stages(config, plan)
+        results = _run_stages(config, plan, show)
         if results is None:
             return None
     from hf_capgap.minima.distill import is_main
     from hf_capgap.minima.export import format_table
 
     if is_main():
-        print(format_table(results))
+        show(format_table(results))
         if config.push_to_hub is not None:
             from hf_capgap.hub import push_student
 
             url = push_student(config.run_dir, config.push_to_hub, private=config.hub_private,
                                endpoint=config.hub_endpoint)
-            print(f"pushed to {url}")
+            show(f"pushed to {url}")
     return results
 
 
-def _run_stages(config: MinimaConfig, plan: Plan) -> dict[str, Any] | None:
+def _run_stages(config: MinimaConfig, plan: Plan, show: Callable[[str], None]) -> dict[str, Any] | None:
     from hf_capgap.minima import data as minima_data
     from hf_capgap.minima import distill as minima_distill
     from hf_capgap.minima import evaluate as minima_evaluate
@@ -82,7 +89,7 @@ def _run_stages(config: MinimaConfig, plan: Plan) -> dict[str, Any] | None:
     else:
         student_dir, kept_fraction = Path(plan.student_init), plan.student_params / plan.teacher_params
     if config.prune_only:
-        print(f"pruned student: {student_dir}\nlaunch the distillation with: --student_init {student_dir}")
+        show(f"pruned student: {student_dir}\nlaunch the distillation with: --student_init {student_dir}")
         return None
     # The teacher is scored, then freed, right after its last use: the cache build (teacher_cache) or the
     # distillation (online); the students after it train and are scored without it in memory.

@@ -111,7 +111,7 @@ def test_results_follow_the_paper_law_and_compare_all_four_models(finished):
 
 def test_finished_run_rerun_is_a_no_op_that_reprints(finished, no_work, capsys):
     config, results = finished
-    assert run_minima(config) == results
+    assert run_minima(config, show=print) == results
     assert "distilled student" in capsys.readouterr().out
 
 
@@ -299,7 +299,7 @@ def llama2_7b_folder(root: Path) -> Path:
 
 @pytest.mark.parametrize(("launch", "strategy"), [("fsdp.yaml", "fsdp"), ("deepspeed_zero3.yaml", "zero3"),
                                                   ("ddp.yaml", "ddp")])
-def test_dry_run_of_the_7b_preset_from_a_config_only_folder(tmp_path, monkeypatch, capsys, launch, strategy):
+def test_dry_run_of_the_7b_preset_from_a_config_only_folder(tmp_path, monkeypatch, launch, strategy):
     from hf_capgap.models import teacher_loading
     from hf_capgap.minima.dry_run import GIB
 
@@ -312,7 +312,7 @@ def test_dry_run_of_the_7b_preset_from_a_config_only_folder(tmp_path, monkeypatc
     from hf_capgap.minima.dry_run import dry_run
 
     report = dry_run(config)
-    out = capsys.readouterr().out
+    out = report["summary"]
     assert report["teacher_params"] == 6_738_415_616
     assert 2.9e9 < report["student_params"] < 3.1e9
     student = report["student_config"]
@@ -345,7 +345,7 @@ def test_dry_run_reports_the_cache_size(tmp_path, capsys):
     config = parse_minima_args([str(RECIPE.parent / "configs" / "minima_llama2_7b.yaml"), "--teacher", str(teacher),
                                 "--dry_run", "--teacher_cache", "true", "--streaming", "false",
                                 "--train_tokens", "1B"])
-    report = run_minima(config)
+    report = run_minima(config, show=print)
     assert report is None and "teacher cache (topk, k=64) on disk, estimated" in capsys.readouterr().out
 
 
@@ -368,13 +368,13 @@ def test_dry_run_uses_the_precision_that_runs(tmp_path, launch, bf16, teacher_dt
     assert fp32["memory"]["teacher load"]["total"] == scale[expected[0]] * report["memory"]["teacher load"]["total"]
 
 
-def test_dry_run_places_the_teacher_with_the_affine_line_it_prints(tmp_path, capsys):
+def test_dry_run_places_the_teacher_with_the_affine_line_it_prints(tmp_path):
     law_file = tmp_path / "law.json"
     CapacityGapLaw(ratio=3.0, ratio_ci=None, source="fitted", through_origin=False, slope_affine=4.5,
                    intercept=-60_000.0).save(law_file)
     report = minima_dry_run.dry_run(build_config(micro_values(tmp_path, dry_run=True, law=str(law_file))))
     expected = 4.5 * report["student_params"] - 60_000
-    assert f"teacher for this student has {format_params(expected)} parameters" in capsys.readouterr().out
+    assert f"teacher for this student has {format_params(expected)} parameters" in report["summary"]
     assert report["law_teacher_params"] == pytest.approx(expected)
 
     CapacityGapLaw(ratio=3.0, ratio_ci=None, source="fitted", through_origin=False, slope_affine=1.5,
@@ -383,7 +383,7 @@ def test_dry_run_places_the_teacher_with_the_affine_line_it_prints(tmp_path, cap
                                                               student_params=30_000)))
     assert 1.5 * report["student_params"] - 20_000 <= report["student_params"]
     assert report["law_teacher_params"] is None
-    assert "predicts no teacher larger than this" in capsys.readouterr().out
+    assert "predicts no teacher larger than this" in report["summary"]
 
 
 def test_dry_run_counts_the_teacher_where_it_is_loaded(tmp_path):
@@ -563,7 +563,7 @@ def test_push_to_hub_uploads_the_finished_export(finished, monkeypatch, tmp_path
     server = FakeHub(max_requests=100, lifetime_s=60).start()
     try:
         pushed = build_config({**dataclasses.asdict(config), "push_to_hub": "tester/micro", "hub_endpoint": server.url})
-        assert run_minima(pushed) == results  # the same run: pushing is not part of its identity
+        assert run_minima(pushed, show=print) == results  # the same run: pushing is not part of its identity
         uploaded = server.files("tester/micro")
     finally:
         server.stop()
