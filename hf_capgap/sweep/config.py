@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hf_capgap.law import format_params, parse_params
-from hf_capgap.trainer.settings import TeacherCacheSettings, field_help
+from hf_capgap.trainer.settings import TeacherCacheSettings
+from hf_capgap.utils.recipe_args import field_help
 
 TEACHER_SIGNALS = ("topk", "sampled", "online")
 """How a sweep's students read their teacher: a topk or sampled TeacherCache, or the teacher run online."""
