@@ -7,6 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hf_capgap.errors import ConfigError, ModelFolderError
+
 
 class _DeferredArgumentsParser(argparse.ArgumentParser):
     """A parser that adds part of its arguments only once it parses (or prints its help): ``cache build``
@@ -126,25 +128,24 @@ def _load_dataset(args: argparse.Namespace, tokenizer: object) -> object:
         from hf_capgap.data import load_corpus, tokenize_and_pack
 
         if tokenizer is None:
-            raise ValueError(f"--corpus embedded needs the teacher's tokenizer, but {args.teacher} has none.")
+            raise ModelFolderError(f"--corpus embedded needs the teacher's tokenizer, but {args.teacher} has none.")
         corpus = load_corpus()
         if args.split not in corpus:
-            raise ValueError(f"--split {args.split!r} is not in the corpus; use one of {list(corpus)}.")
+            raise ConfigError(f"--split {args.split!r} is not in the corpus; use one of {list(corpus)}.")
         return tokenize_and_pack(corpus[args.split], tokenizer, args.seq_len)
     loaded = datasets.load_from_disk(args.dataset)
     if isinstance(loaded, datasets.DatasetDict):
         if args.split not in loaded:
-            raise ValueError(f"--split {args.split!r} is not in {args.dataset}; use one of {list(loaded)}.")
+            raise ConfigError(f"--split {args.split!r} is not in {args.dataset}; use one of {list(loaded)}.")
         return loaded[args.split]
     return loaded
 
 
 def _build(args: argparse.Namespace) -> int:
+    from hf_capgap.models import check_model_folder
+
     teacher_dir = Path(args.teacher)
-    if not (teacher_dir / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{teacher_dir} has no config.json; pass a folder written by save_pretrained."
-        )
+    check_model_folder(teacher_dir, tokenizer=False)  # token-id datasets need no tokenizer
     if args.dataset and not Path(args.dataset).is_dir():
         raise FileNotFoundError(f"--dataset {args.dataset} is not a folder; pass a save_to_disk folder.")
 

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from hf_capgap.errors import ConfigError
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     push = subparsers.add_parser("push", help="Upload an exported student folder to the Hugging Face Hub.")
@@ -50,6 +52,6 @@ def _card(args: argparse.Namespace) -> int:
     try:
         info = json.loads(info_path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"--info {info_path} is not valid JSON: {err}") from err
+        raise ConfigError(f"--info {info_path} is not valid JSON: {err}") from err
     print(write_model_card(args.folder, info))
     return 0

@@ -42,7 +42,7 @@ def _fit(args: argparse.Namespace) -> int:
         if not args.plot:
             raise
         plot_measurements(args.ledger, args.plot)
-        raise ValueError(f"{error} No law written; the measured curves are in {args.plot}.") from error
+        raise TooFewOptimaError(f"{error} No law written; the measured curves are in {args.plot}.") from error
     law.save(args.out)
     if args.plot:
         law.plot(args.plot)

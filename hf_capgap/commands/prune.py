@@ -13,6 +13,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from hf_capgap.errors import ConfigError, ModelFolderError
+
 CHARS_PER_TOKEN_BOUND = 6  # English BPE rarely packs more characters into one token
 
 
@@ -50,7 +52,7 @@ def _prune(args: argparse.Namespace) -> int:
     from transformers import AutoConfig
 
     from hf_capgap.law import parse_params
-    from hf_capgap.models import load_frozen_teacher
+    from hf_capgap.models import check_model_folder, load_frozen_teacher
     from hf_capgap.pruning import (
         prune_model,
         save_pruned,
@@ -61,19 +63,18 @@ def _prune(args: argparse.Namespace) -> int:
     from hf_capgap.utils.processes import launched_processes
 
     if launched_processes() > 1:
-        raise ValueError(
+        raise ConfigError(
             f"hf-capgap prune was launched as {launched_processes()} processes; pruning runs in one. Start it with "
             "`hf-capgap prune ...` (no accelerate launch)."
         )
     teacher_dir, out = Path(args.teacher_dir), Path(args.out)
-    if not (teacher_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{teacher_dir} has no config.json; TEACHER_DIR must be a saved model folder.")
+    check_model_folder(teacher_dir, tokenizer=False)  # the tokenizer is looked for only when calibration needs it
     if out.exists() and not args.overwrite:
-        raise ValueError(f"--out {out} already exists; remove it or pass --overwrite.")
+        raise ConfigError(f"--out {out} already exists; remove it or pass --overwrite.")
     for flag, value, least in (("--calibration-tokens", args.calibration_tokens, 0), ("--seq-len", args.seq_len, 2),
                                ("--batch-size", args.batch_size, 1)):
         if value < least:
-            raise ValueError(f"{flag} must be at least {least}, got {value}.")
+            raise ConfigError(f"{flag} must be at least {least}, got {value}.")
     config = AutoConfig.from_pretrained(teacher_dir)
     layout_for(config)
     skeleton = meta_model(config)
@@ -105,13 +106,13 @@ def _teacher_tokenizer(teacher_dir: Path, vocab_size: int, *, needed: bool) -> A
         tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     except (OSError, ValueError) as err:
         if needed:
-            raise ValueError(
+            raise ModelFolderError(
                 f"{teacher_dir} has no loadable tokenizer ({err}); calibration text must be tokenized with "
                 "the teacher's tokenizer. Save it into TEACHER_DIR or pass --calibration-tokens 0."
             ) from err
         return None
     if len(tokenizer) > vocab_size:
-        raise ValueError(
+        raise ModelFolderError(
             f"the tokenizer in {teacher_dir} has {len(tokenizer)} tokens but the teacher's vocab_size is "
             f"{vocab_size}; save the teacher's own tokenizer next to it."
         )
@@ -124,7 +125,7 @@ def _calibration_batches(tokenizer: Any, tokens: int, seq_len: int, batch_size: 
 
     data = importlib.import_module("hf_capgap.data")
     if not all(hasattr(data, name) for name in ("load_corpus", "tokenize_and_pack", "PASSAGE_CHARS")):
-        raise ValueError(
+        raise ConfigError(
             "this hf_capgap has no embedded corpus (hf_capgap.data.load_corpus / tokenize_and_pack); "
             "pass --calibration-tokens 0 to rank by weight magnitude."
         )
