@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from hf_capgap.errors import ConfigError
+
 
 def field_help(text: str) -> dict[str, Any]:
     """The ``dataclasses.field`` metadata that ``HfArgumentParser`` shows as a setting's ``--help`` text."""
@@ -29,7 +31,7 @@ def read_preset(path: str | Path, dataclass_types: Sequence[type]) -> dict[str, 
         raise FileNotFoundError(f"config file {path} does not exist; pass a YAML preset from recipes/configs/.")
     values = yaml.safe_load(path.read_text()) or {}
     if not isinstance(values, dict):
-        raise ValueError(f"{path} must hold a YAML mapping of key: value, got {type(values).__name__}.")
+        raise ConfigError(f"{path} must hold a YAML mapping of key: value, got {type(values).__name__}.")
     return known_values(values, dataclass_types, str(path))
 
 
@@ -37,7 +39,7 @@ def known_values(values: Mapping[str, Any], dataclass_types: Sequence[type], whe
     known = {item.name for kind in dataclass_types for item in dataclasses.fields(kind)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"unknown config key(s) {unknown} in {where}; valid keys: {', '.join(sorted(known))}.")
+        raise ConfigError(f"unknown config key(s) {unknown} in {where}; valid keys: {', '.join(sorted(known))}.")
     return dict(values)
 
 
@@ -55,7 +57,9 @@ def parse_with_preset(
     except SystemExit as err:  # argparse printed the usage and the reason already
         if err.code == 0:  # --help
             raise
-        raise ValueError(f"could not read the settings {list(argv) or dict(values)}; see the message above and --help.") from None
+        raise ConfigError(
+            f"could not read the settings {list(argv) or dict(values)}; see the message above and --help."
+        ) from None
 
 
 def split_preset(argv: Sequence[str]) -> tuple[str | None, list[str]]:
