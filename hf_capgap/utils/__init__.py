@@ -1,7 +1,8 @@
-"""Helpers every stage uses, importing nothing else of hf_capgap but ``hf_capgap.errors``: ``artifacts`` (atomic writes,
-manifests, fingerprints), ``processes`` (which process of a launch this is, CPU or accelerator),
-``parameters`` (a model's parameter count) and ``recipe_args`` (YAML presets with ``--key value``
-overrides). Nothing is imported here, so a light stage (the law) pays only for the helper it uses."""
+"""Helpers every stage uses, importing nothing of hf_capgap but ``hf_capgap.errors``: ``artifacts``
+(atomic writes, manifests, fingerprints), ``processes`` (which process of a launch this is, CPU or
+accelerator), ``parameters`` (a model's parameter count) and ``recipe_args`` (YAML presets with
+``--key value`` overrides). Nothing is imported here, so a light stage (the law) pays only for the
+helper it uses."""
 
 from __future__ import annotations
 
