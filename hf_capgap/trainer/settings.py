@@ -23,7 +23,8 @@ class DistillationSettings:
         metadata=field_help(
             "Divergence between teacher and student next-token distributions: forward_kl "
             "(KL(teacher||student), MiniMA's), reverse_kl, jsd (generalized JSD with `beta`), skew_kl "
-            "(DistiLLM's skewed forward KL with skew `beta`) or tvd (total variation)."
+            "(DistiLLM's skewed forward KL with skew `beta`) or tvd (total variation). `beta` is 0.5 where the "
+            "config has no beta setting."
         ),
     )
     alpha: float = field(
