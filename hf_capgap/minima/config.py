@@ -256,7 +256,7 @@ def _check_types(config: MinimaConfig) -> None:
 
 def check_values(config: MinimaConfig) -> None:
     """Reject impossible settings by field name; nothing is loaded, built or trained here."""
-    from hf_capgap.cache.format import MODES as CACHE_MODES
+    from hf_capgap.cache.format import MODES
     from hf_capgap.ladder import LADDERS
     from hf_capgap.pruning import LAYER_SELECTIONS
 
@@ -284,7 +284,7 @@ def check_values(config: MinimaConfig) -> None:
         raise ValueError(f"ladder={config.ladder!r} is unknown; choose one of {sorted(LADDERS)}.")
     if config.layer_selection not in LAYER_SELECTIONS:
         raise ValueError(f"layer_selection={config.layer_selection!r} must be one of {LAYER_SELECTIONS}.")
-    config.check_teacher_signal(config.cache_mode, CACHE_MODES)
+    config.check_teacher_signal(config.cache_mode, MODES)
     if config.teacher_cache and config.streaming:
         raise ValueError("teacher_cache needs a fixed set of training rows; set streaming: false or teacher_cache: false.")
     if not config.run_name or "/" in config.run_name or config.run_name.startswith("."):
