@@ -1,352 +1,28 @@
-"""Divergences between teacher and student next-token distributions, dense and sparse.
+"""distillation_loss: alpha * T^2 * D(teacher, student) + (1 - alpha) * CE, what the trainer runs.
 
-Plain torch, importable without the Trainer. Two entry points:
-
-* :func:`divergence` is the readable dense reference: full log-softmax of both sides, one formula.
-* :func:`distillation_loss` is what the trainer runs: the same values and gradients, computed chunk
-  by chunk inside one autograd Function so that no [tokens, vocab] intermediate outlives its chunk.
-  Given last hidden states and the lm_head weight it never materialises the student logits at all.
-  It also takes sparse teacher signals from a teacher cache: {top-k + tail} buckets, or samples.
-
-All divergences work on the last dimension of two log-distributions over the same support, so the
-top-k case is the same formula applied to k + 1 buckets (the top-k tokens and the rest).
+The same values and gradients as :func:`hf_capgap.losses.divergence`, computed chunk by chunk inside one
+autograd Function so that no [tokens, vocab] intermediate outlives its chunk. Given last hidden states and
+the lm_head weight it never materialises the student logits at all. The teacher side is any
+:data:`hf_capgap.losses.TeacherSignal` (online, or sparse from a teacher cache).
 """
 
 from __future__ import annotations
 
-import abc
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd")
-CHUNK_ELEMENTS = 1 << 22  # CPU: logits per automatic chunk, 16 MiB in fp32 (128 rows at a 32000 vocabulary)
-ACCELERATOR_CHUNK_ROWS = (256, 2048)  # accelerators: H / 4 rows per automatic chunk, within these bounds
-SIGNAL_BLOCK_ELEMENTS = 1 << 21  # CPU: teacher log-probs formed per block of this many values (8 MiB fp32)
+from hf_capgap.losses.divergence import IGNORE_INDEX
+from hf_capgap.losses.signals import TeacherSignal, block_rows
+from hf_capgap.losses.spec import LossSpec
+
 # A bf16 / fp16 lm_head gradient summed over at most this many chunks stays in its dtype: measured on CPU
 # (bench/bench_losses.py), 8 bf16 additions give 2.1x the error of one bf16 rounding, 32 give 4.1x, 64 5.7x.
 LOW_PRECISION_MAX_CHUNKS = 8
-IGNORE_INDEX = -100
-
-
-def check_beta(kind: str, beta: float) -> None:
-    """Raise if ``beta`` is outside the range where ``kind`` is defined."""
-    if kind == "jsd" and not 0.0 < beta < 1.0:
-        raise ValueError(f"beta must be in (0, 1) for loss='jsd' (teacher weight of the mixture), got {beta}.")
-    if kind == "skew_kl" and not 0.0 <= beta < 1.0:
-        raise ValueError(f"beta must be in [0, 1) for loss='skew_kl' (skew of the mixture), got {beta}.")
-
-
-def _kl_terms(log_a: Tensor, log_b: Tensor) -> Tensor:
-    """Elementwise a * (log a - log b), with 0 where a == 0 (so -inf log-probs give 0, not NaN)."""
-    return torch.where(log_a == -math.inf, torch.zeros_like(log_a), log_a.exp() * (log_a - log_b))
-
-
-def _log_mixture(log_p: Tensor, log_q: Tensor, weight_p: float) -> Tensor:
-    """log(weight_p * p + (1 - weight_p) * q), computed in log space."""
-    if weight_p == 0.0:
-        return log_q
-    return torch.logaddexp(log_p + math.log(weight_p), log_q + math.log1p(-weight_p))
-
-
-def bucket_divergence(log_p: Tensor, log_q: Tensor, kind: str, beta: float = 0.5) -> Tensor:
-    """Divergence between teacher ``log_p`` and student ``log_q`` along the last dim, one value per row."""
-    if kind == "forward_kl":
-        terms = _kl_terms(log_p, log_q)
-    elif kind == "reverse_kl":
-        terms = _kl_terms(log_q, log_p)
-    elif kind == "jsd":
-        log_m = _log_mixture(log_p, log_q, beta)
-        terms = beta * _kl_terms(log_p, log_m) + (1.0 - beta) * _kl_terms(log_q, log_m)
-    elif kind == "skew_kl":
-        terms = _kl_terms(log_p, _log_mixture(log_p, log_q, beta))
-    elif kind == "tvd":
-        terms = 0.5 * (log_p.exp() - log_q.exp()).abs()
-    else:
-        raise ValueError(f"unknown divergence kind={kind!r}; choose one of {', '.join(DIVERGENCES)}.")
-    return terms.sum(dim=-1)
-
-
-def divergence(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    labels: Tensor,
-    kind: str = "forward_kl",
-    beta: float = 0.5,
-    temperature: float = 1.0,
-) -> Tensor:
-    """Reference distillation divergence, scaled by T^2, averaged over positions whose label is not -100.
-
-    ``labels`` are already aligned with the logits (position i of the logits predicts ``labels[i]``).
-    Both logits are divided by ``temperature`` before the softmax; multiplying by T^2 keeps gradient
-    magnitudes comparable across temperatures (Hinton et al., 2015).
-    """
-    check_beta(kind, beta)
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ."
-        )
-    valid = labels != IGNORE_INDEX
-    if not valid.any():
-        raise ValueError("every label is -100: there is no position to distill on.")
-    log_q = F.log_softmax(student_logits[valid].float() / temperature, dim=-1)
-    log_p = F.log_softmax(teacher_logits[valid].float() / temperature, dim=-1)
-    return bucket_divergence(log_p, log_q, kind, beta).mean() * temperature**2
-
-
-@dataclass(frozen=True)
-class LossSpec:
-    """What :func:`distillation_loss` computes: alpha * T^2 * D(teacher, student) + (1 - alpha) * CE."""
-
-    kind: str = "forward_kl"
-    beta: float = 0.5
-    temperature: float = 1.0
-    alpha: float = 0.5
-    chunk_size: int | None = None  # rows per chunk; None: automatic, by vocabulary, hidden size and device
-    vocab_size: int | None = None  # real vocabulary: columns past it (padding) are ignored
-
-    def __post_init__(self) -> None:
-        if self.kind not in DIVERGENCES:
-            raise ValueError(f"kind={self.kind!r} is not one of {', '.join(DIVERGENCES)}.")
-        check_beta(self.kind, self.beta)
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}.")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}.")
-        if self.chunk_size is not None and self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1 (or None for automatic), got {self.chunk_size}.")
-
-    def rows_per_chunk(self, vocab: int, hidden: int | None = None, device: torch.device | str | None = None) -> int:
-        """Rows per chunk: the explicit ``chunk_size``, else :meth:`automatic_rows`."""
-        if self.chunk_size is not None:
-            return self.chunk_size
-        return self.automatic_rows(vocab, hidden, device)
-
-    @staticmethod
-    def automatic_rows(vocab: int, hidden: int | None = None, device: torch.device | str | None = None) -> int:
-        """Rows per chunk for a [vocab, hidden] lm_head (``hidden`` None: logits input) on ``device``.
-
-        CPU: the power of two that keeps one [rows, vocab] fp32 buffer near CHUNK_ELEMENTS; the loss
-        holds about three such buffers, whatever the vocabulary (measured, bench/results/losses.md).
-        Accelerators: each fused chunk re-reads the [V, H] weight and read-modify-writes its
-        gradient (about 3 V H elements moved) for 6 rows V H flops, so at least 256 rows keep the
-        matmuls above a current GPU's flop-per-byte ridge, and H / 4 rows keep the chunk's fp32
-        [rows, V] buffers within one [V, H] fp32 gradient. Derived, not yet measured on a GPU:
-        bench/gpu_check.py sweeps it.
-        """
-        if device is None or torch.device(device).type == "cpu":
-            return 1 << max(4, (CHUNK_ELEMENTS // vocab).bit_length() - 1)
-        low, high = ACCELERATOR_CHUNK_ROWS
-        return 1 << (min(max((hidden or 0) // 4, low), high).bit_length() - 1)
-
-
-# ----------------------------------------------------------------------------------------------
-# Teacher signals. Each holds [N, ...] tensors aligned with the student rows and knows how to
-# compute its divergence to a chunk of student logits.
-# ----------------------------------------------------------------------------------------------
-
-
-class _FullDistributionTeacher(abc.ABC):
-    """A teacher signal that yields the whole next-token distribution of each row (``log_probs``)."""
-
-    @abc.abstractmethod
-    def log_probs(self, vocab: int, temperature: float) -> Tensor:
-        """Teacher log-probs at ``temperature`` over the first ``vocab`` tokens: a fresh [rows, vocab] fp32
-        buffer that the caller may overwrite."""
-
-    def divergence(self, student_logits: Tensor, spec: LossSpec) -> Tensor:
-        vocab = student_logits.shape[-1]
-        log_q = F.log_softmax(student_logits / spec.temperature, dim=-1)
-        return bucket_divergence(self.log_probs(vocab, spec.temperature), log_q, spec.kind, spec.beta)
-
-    @abc.abstractmethod
-    def take(self, index: slice | Tensor) -> _FullDistributionTeacher:
-        """The signal of the rows ``index``."""
-
-    def forward_kl_into_gradient_(self, log_q: Tensor, temperature: float, scale: float) -> Tensor:
-        """Sum of KL(p || q) over rows; ``log_q`` is overwritten with ``q - scale * p``.
-
-        The teacher side is formed a block of rows at a time (:func:`_block_rows`), so on CPU its
-        log-probs and probs add two small blocks to the chunk's memory, not two [chunk, vocab] buffers.
-        """
-        rows, vocab = log_q.shape
-        block = _block_rows(log_q)
-        total = log_q.new_zeros(())
-        for start in range(0, rows, block):
-            part = slice(start, start + block)
-            log_p = (self if block >= rows else self.take(part)).log_probs(vocab, temperature)
-            p = log_p.exp()
-            # Elementwise then a cascade sum: a BLAS dot of p.log_p minus p.log_q cancels badly in fp32.
-            total += log_p.sub_(log_q[part]).mul_(p).sum()
-            log_q[part].exp_().sub_(p, alpha=scale)
-        return total
-
-
-def _block_rows(logits: Tensor) -> int:
-    """Rows per elementwise block of a [rows, vocab] chunk: about SIGNAL_BLOCK_ELEMENTS values on CPU, where
-    memory is what the blocks save; the whole chunk on accelerators, where kernel launches cost more."""
-    rows, vocab = logits.shape
-    return max(1, SIGNAL_BLOCK_ELEMENTS // vocab) if logits.device.type == "cpu" else max(rows, 1)
-
-
-@dataclass(frozen=True)
-class DenseTeacher(_FullDistributionTeacher):
-    """Full teacher logits [N, V] (online teacher), or log-probs already at temperature (dense cache)."""
-
-    logits: Tensor
-    tempered_logprobs: bool = False
-
-    @property
-    def num_rows(self) -> int:
-        return self.logits.shape[0]
-
-    def take(self, index: slice | Tensor) -> DenseTeacher:
-        return replace(self, logits=self.logits[index])
-
-    def log_probs(self, vocab: int, temperature: float) -> Tensor:
-        if self.tempered_logprobs:
-            return self.logits[:, :vocab].to(torch.float32, copy=True)
-        values = self.logits[:, :vocab].float()
-        return F.log_softmax(values / temperature if temperature != 1.0 else values, dim=-1)
-
-
-@dataclass(frozen=True)
-class FusedTeacher(_FullDistributionTeacher):
-    """Teacher last hidden states [N, H] and lm_head: teacher logits are built one chunk at a time."""
-
-    hidden: Tensor
-    weight: Tensor
-    bias: Tensor | None = None
-
-    @property
-    def num_rows(self) -> int:
-        return self.hidden.shape[0]
-
-    def take(self, index: slice | Tensor) -> FusedTeacher:
-        return replace(self, hidden=self.hidden[index])
-
-    def log_probs(self, vocab: int, temperature: float) -> Tensor:
-        logits = F.linear(self.hidden, self.weight[:vocab], None if self.bias is None else self.bias[:vocab])
-        return DenseTeacher(logits).log_probs(vocab, temperature)
-
-
-@dataclass(frozen=True)
-class TopKTeacher:
-    """The teacher's k most likely tokens per position and the log of the remaining mass (tail).
-
-    The divergence is taken over k + 1 buckets: each top-k token, and everything else. On the teacher
-    side the buckets are exact (no renormalisation); the student's tail bucket is the log-sum-exp of
-    its log-probs outside the teacher's top-k.
-    """
-
-    ids: Tensor  # [N, k] long
-    logprobs: Tensor  # [N, k] teacher log-probs at the cache temperature
-    tail_logprob: Tensor  # [N] log(1 - sum of top-k probs)
-
-    @property
-    def num_rows(self) -> int:
-        return self.ids.shape[0]
-
-    def take(self, index: slice | Tensor) -> TopKTeacher:
-        return TopKTeacher(self.ids[index], self.logprobs[index], self.tail_logprob[index])
-
-    def divergence(self, student_logits: Tensor, spec: LossSpec) -> Tensor:
-        log_q = F.log_softmax(student_logits / spec.temperature, dim=-1)
-        log_q_top = log_q.gather(-1, self.ids)
-        # A huge finite fill instead of -inf keeps the tail (and its gradient) finite when the top-k
-        # covers the whole vocabulary.
-        outside = log_q.scatter(-1, self.ids, torch.finfo(log_q.dtype).min / 2)
-        log_q_tail = torch.logsumexp(outside, dim=-1, keepdim=True)
-        log_p = torch.cat([self.logprobs.float(), self.tail_logprob.float().unsqueeze(-1)], dim=-1)
-        return bucket_divergence(log_p, torch.cat([log_q_top, log_q_tail], dim=-1), spec.kind, spec.beta)
-
-    def forward_kl_into_gradient_(self, log_q: Tensor, temperature: float, scale: float) -> Tensor:
-        """Sum of the bucketed KL over rows; ``log_q`` is overwritten with ``q - scale * r``.
-
-        The gradient of the k + 1 bucket KL w.r.t. the tempered logits is ``q - r`` with r = p on
-        the top-k tokens and r = q * p_tail / q_tail elsewhere: the teacher's tail mass spread over
-        the rest of the vocabulary in the student's own proportions.
-        """
-        log_q_top = log_q.gather(-1, self.ids)
-        q = log_q.exp_().scatter_(-1, self.ids, 0.0)
-        # A plain sum of the off-top-k entries: exact (no 1 - sum(top-k) cancellation) and no extra
-        # [rows, vocab] buffer. The floor keeps the log finite if the top-k hold all the student's mass.
-        log_q_tail = q.sum(dim=-1).clamp_(min=torch.finfo(q.dtype).tiny).log_()
-        log_p_top, log_p_tail = self.logprobs.float(), self.tail_logprob.float()
-        total = _kl_terms(log_p_top, log_q_top).sum() + _kl_terms(log_p_tail, log_q_tail).sum()
-        tail_ratio = (log_p_tail - log_q_tail).exp().clamp_(max=1e30)  # finite, so 0 * ratio stays 0
-        q.mul_((1.0 - scale * tail_ratio).unsqueeze(-1))
-        q.scatter_(-1, self.ids, log_q_top.exp() - scale * log_p_top.exp())
-        return total
-
-
-@dataclass(frozen=True)
-class SampledTeacher:
-    """k draws (with replacement) from the teacher per position, stored as unique ids with counts.
-
-    The Monte-Carlo forward KL  sum_j (c_j / k) (log p(x_j) - log q(x_j))  is an unbiased estimate of
-    KL(p || q), and its gradient  (q - p_hat) / T  an unbiased estimate of the true gradient (q - p) / T.
-    The gradient needs only ids and counts; the value also needs the teacher's side, either the
-    log-probs of the drawn ids or, as a teacher cache stores it (2 bytes per position instead of 2 per
-    id), the teacher's entropy H(p): KL = -H(p) - E_p[log q], estimated by -H(p) - sum_j (c_j / k) log q(x_j).
-    """
-
-    ids: Tensor  # [N, k] long; padding slots have count 0
-    counts: Tensor  # [N, k]
-    logprobs: Tensor | None = None  # [N, k] teacher log-probs of ids at the cache temperature
-    entropy: Tensor | None = None  # [N] teacher entropy at the cache temperature
-
-    def __post_init__(self) -> None:
-        if (self.logprobs is None) == (self.entropy is None):
-            raise ValueError("SampledTeacher needs exactly one of logprobs (per drawn id) or entropy (per row).")
-
-    @property
-    def num_rows(self) -> int:
-        return self.ids.shape[0]
-
-    def take(self, index: slice | Tensor) -> SampledTeacher:
-        def rows(value: Tensor | None) -> Tensor | None:
-            return None if value is None else value[index]
-
-        return SampledTeacher(self.ids[index], self.counts[index], rows(self.logprobs), rows(self.entropy))
-
-    def _kl_estimate(self, weights: Tensor, log_q_drawn: Tensor) -> Tensor:
-        """Per-row Monte-Carlo KL(p || q); padding slots (weight 0) contribute nothing."""
-        if self.logprobs is not None:
-            terms = weights * (self.logprobs.float() - log_q_drawn)
-            return torch.where(weights > 0, terms, torch.zeros_like(terms)).sum(dim=-1)
-        cross = torch.where(weights > 0, weights * log_q_drawn, torch.zeros_like(log_q_drawn)).sum(dim=-1)
-        return -self.entropy.float() - cross
-
-    def divergence(self, student_logits: Tensor, spec: LossSpec) -> Tensor:
-        if spec.kind != "forward_kl":
-            raise ValueError(
-                f"a sampled teacher cache estimates forward_kl only; got loss={spec.kind!r}. "
-                "Use loss='forward_kl', or build the cache with mode='topk' or 'dense'."
-            )
-        log_q = F.log_softmax(student_logits / spec.temperature, dim=-1).gather(-1, self.ids)
-        counts = self.counts.float()
-        return self._kl_estimate(counts / counts.sum(dim=-1, keepdim=True), log_q)
-
-    def forward_kl_into_gradient_(self, log_q: Tensor, temperature: float, scale: float) -> Tensor:
-        """Sum of the Monte-Carlo KL over rows; ``log_q`` is overwritten with ``q - scale * p_hat``."""
-        counts = self.counts.float()
-        weights = counts / counts.sum(dim=-1, keepdim=True)
-        total = self._kl_estimate(weights, log_q.gather(-1, self.ids)).sum()
-        log_q.exp_().scatter_add_(-1, self.ids, weights.mul_(-scale))  # padding slots add 0
-        return total
-
-
-TeacherSignal = DenseTeacher | FusedTeacher | TopKTeacher | SampledTeacher
-
-
-# ----------------------------------------------------------------------------------------------
-# Chunked loss
-# ----------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -366,10 +42,10 @@ class DistillationLossOutput:
 def _token_stats(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """(sum of the entropy of softmax(logits), count of argmax == label) over a chunk's rows.
 
-    Read before the loss overwrites the chunk, a block of rows at a time (:func:`_block_rows`), so the
+    Read before the loss overwrites the chunk, a block of rows at a time (:func:`block_rows`), so the
     probabilities add one small block to the chunk's memory. H = logsumexp(z) - sum softmax(z) z.
     """
-    block = _block_rows(logits)
+    block = block_rows(logits)
     entropy = logits.new_zeros(())
     for start in range(0, logits.shape[0], block):
         z = logits[start : start + block]

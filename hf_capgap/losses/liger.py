@@ -14,7 +14,9 @@ import importlib.util
 import torch
 from torch import Tensor
 
-from hf_capgap.losses.chunked import DistillationLossOutput, FusedTeacher, LossSpec, TeacherSignal
+from hf_capgap.losses.chunked import DistillationLossOutput
+from hf_capgap.losses.signals import FusedTeacher, TeacherSignal
+from hf_capgap.losses.spec import LossSpec
 
 LOSS_BACKENDS = ("hf_capgap", "liger")
 # Liger's generalized JSD weight of the teacher (JSD_b = b KL(P||M) + (1-b) KL(Q||M), M = b P + (1-b) Q).
