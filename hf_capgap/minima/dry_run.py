@@ -32,9 +32,10 @@ from typing import Any
 import yaml
 
 from hf_capgap.minima.config import MinimaConfig
-from hf_capgap.minima.plan import Plan, count_params, ladder_rungs, load_law, make_plan, resolve_teacher, steps_for
+from hf_capgap.minima.plan import Plan, ladder_rungs, load_law, make_plan, resolve_teacher, steps_for
 from hf_capgap.minima.plan import student_skeleton as init_skeleton
 from hf_capgap.minima.plan import tokens_per_step
+from hf_capgap.utils.parameters import count_model_parameters
 
 GIB = 1024**3
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -147,7 +148,7 @@ def logits_bytes(model: Any, tokens: int, dtype_bytes: int) -> float:
 def memory_estimate(config: MinimaConfig, plan: Plan, launch: Launch, teacher: Any, student: Any,
                     precision: Precision) -> dict[str, dict[str, float]]:
     """Bytes per GPU by stage and component, each stage with its ``total``, in the order the run goes."""
-    params = count_params(student)
+    params = count_model_parameters(student)
     weight_shards = launch.processes if launch.shards_weights else 1
     optimizer_shards = launch.processes if launch.shards_optimizer else 1
     whole_teacher = precision.teacher_bytes * plan.teacher_params
@@ -242,8 +243,8 @@ def describe(model: Any) -> str:
     heads = config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", None) or heads
     mlp = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * config.hidden_size
-    return (f"{count_params(model):,} params: hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
-            f"{heads} heads ({kv} KV), MLP {mlp}, vocab {config.vocab_size}")
+    return (f"{count_model_parameters(model):,} params: hidden {config.hidden_size}, "
+            f"{config.num_hidden_layers} layers, {heads} heads ({kv} KV), MLP {mlp}, vocab {config.vocab_size}")
 
 
 def law_optimal_teacher(law: Any, student_params: int) -> tuple[float | None, str]:
@@ -272,8 +273,8 @@ def dry_run(config: MinimaConfig) -> dict[str, Any]:
     memory = memory_estimate(config, plan, launch, teacher, student, precision)
     peak_name, peak = peak_stage(memory)
     global_rows = config.batch_size * config.gradient_accumulation_steps * launch.processes
-    ratio = plan.teacher_params / count_params(student)
-    law_teacher, law_line = law_optimal_teacher(law, count_params(student))
+    ratio = plan.teacher_params / count_model_parameters(student)
+    law_teacher, law_line = law_optimal_teacher(law, count_model_parameters(student))
     lines = [
         f"MiniMA dry run {config.run_name} (meta device: nothing loaded, downloaded or trained)",
         f"teacher  {plan.teacher} ({plan.teacher_kind}): {describe(teacher)}",
@@ -303,7 +304,7 @@ def dry_run(config: MinimaConfig) -> dict[str, Any]:
                      "--student_init.")
     report: dict[str, Any] = {"plan": plan, "launch": launch, "steps": steps, "memory": memory,
                               "precision": precision, "peak": (peak_name, peak),
-                              "teacher_params": plan.teacher_params, "student_params": count_params(student),
+                              "teacher_params": plan.teacher_params, "student_params": count_model_parameters(student),
                               "law_teacher_params": law_teacher,
                               "student_config": student.config}
     if config.teacher_cache:

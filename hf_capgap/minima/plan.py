@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from hf_capgap.minima.config import EMBEDDED_DATASET, MinimaConfig
+from hf_capgap.utils.parameters import count_model_parameters
 
 LADDER_LICENSE = "apache-2.0"  # ladder teachers are trained by hf_capgap (Apache-2.0) on public-domain text
 
@@ -73,12 +74,12 @@ def make_plan(config: MinimaConfig, processes: int | None = None) -> Plan:
         teacher = next(name for name, rung in rungs.items() if rung.params == suggestion.teacher_params)
         choice = f"law ({law.source}) suggests {teacher} for a {format_params(config.student_param_count)} student"
     kind, skeleton = resolve_teacher(config, teacher, rungs)
-    teacher_params = count_params(skeleton)
+    teacher_params = count_model_parameters(skeleton)
     seq_len = resolve_seq_len(config, kind, skeleton)
     check_dataset_access(config)
     shape = config.student_shape
     if config.student_init is not None:
-        student_params = count_params(student_skeleton(config.student_init))
+        student_params = count_model_parameters(student_skeleton(config.student_init))
         shape = None
         choice = f"student initialised from {Path(config.student_init).name} ({format_params(student_params)}), not pruned here"
     elif shape is not None:
@@ -121,10 +122,6 @@ def ladder_rungs(config: MinimaConfig, vocab_size: int | None = None) -> dict[st
     from hf_capgap.ladder import preset_rungs
 
     return {rung.name: rung for rung in preset_rungs(config.ladder, vocab_size)}
-
-
-def count_params(model: Any) -> int:
-    return sum(parameter.numel() for parameter in model.parameters())
 
 
 def resolve_teacher(config: MinimaConfig, teacher: str, rungs: Mapping[str, Any]) -> tuple[str, Any]:

@@ -63,6 +63,7 @@ from hf_capgap.sweep.ledger import (
 )
 from hf_capgap.sweep.teachers import TeacherSource, check_hub_access
 from hf_capgap.utils.artifacts import atomic_write_json, json_sha256
+from hf_capgap.utils.parameters import count_model_parameters
 
 # What transformers.utils.logging.get_logger returns for a name outside "transformers", without importing
 # transformers here (it would make `import hf_capgap.sweep` slow).
@@ -320,7 +321,7 @@ def _run_one(
         "run_id": spec.run_id,
         "student_name": spec.run_id.split("-from-")[0],
         "student_target": spec.student_params,
-        "student_params": sum(parameter.numel() for parameter in student.parameters()),
+        "student_params": count_model_parameters(student),
         "teacher": spec.teacher,
         "tokens": steps * config.tokens_per_step,
         "pruned_eval_loss": pruned_eval,

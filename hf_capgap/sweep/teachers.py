@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_capgap.sweep.config import HUB_FAMILIES, SweepConfig
+from hf_capgap.utils.parameters import count_model_parameters
 
 
 def check_hub_access(model_ids: Sequence[str]) -> None:
@@ -67,7 +68,7 @@ class TeacherSource:
                 f"seq_len={self.config.seq_len} exceeds teacher {name}'s max_position_embeddings="
                 f"{model.config.max_position_embeddings}; lower seq_len."
             )
-        return model.eval(), sum(parameter.numel() for parameter in model.parameters())
+        return model.eval(), count_model_parameters(model)
 
     def data(self) -> dict[str, Any]:
         """The shared token budget (first rows of train), held-out rows and calibration batches."""
