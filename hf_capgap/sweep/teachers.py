@@ -51,14 +51,14 @@ class TeacherSource:
 
             ladder_dir = config.ladder_dir or str(Path("outputs") / "ladder" / config.family)
             self._ladder_paths = {path.name: path for path in ensure_ladder(config.family, ladder_dir)}
-            self.tokenizer = load_teacher(self._ladder_paths[tokenizer_from])[1]
+            self.tokenizer = load_teacher(self._ladder_paths[tokenizer_from]).tokenizer
 
     def load(self, name: str) -> tuple[Any, int]:
         """The teacher model in eval mode and its exact total parameter count."""
         if name in self._ladder_paths:
             from hf_capgap.ladder import load_teacher
 
-            model = load_teacher(self._ladder_paths[name], teacher_dtype=self.config.teacher_dtype)[0]
+            model = load_teacher(self._ladder_paths[name], teacher_dtype=self.config.teacher_dtype).model
         else:
             from hf_capgap.models import load_frozen_teacher
 
