@@ -1,5 +1,6 @@
 """The teacher of a MiniMA run: its tokenizer (read first, so data errors come before any weights),
-the frozen model through :func:`hf_capgap.models.teacher_loading.load_frozen_teacher`, and an identity that
+the frozen model through :func:`hf_capgap.models.load_frozen_teacher` (a ladder rung through
+:func:`hf_capgap.ladder.load_teacher`, which checks its manifest), and an identity that
 names it without hashing billions of weights.
 """
 
@@ -37,14 +38,13 @@ def load_tokenizer(config: MinimaConfig, location: str) -> Any:
 
 def load_teacher(config: MinimaConfig, plan: Plan, location: str) -> Any:
     """The frozen teacher on this process's device (bf16 on a GPU unless teacher_dtype says otherwise),
-    through the one loader; a ladder rung's manifest and checksums are verified first."""
+    through the one loader; a ladder rung goes through the ladder's, which verifies its manifest first."""
+    if plan.teacher_kind == "ladder":
+        from hf_capgap.ladder import load_teacher as load_ladder_teacher
+
+        return load_ladder_teacher(location, teacher_dtype=config.teacher_dtype).model
     from hf_capgap.models import load_frozen_teacher
 
-    if plan.teacher_kind == "ladder":
-        from hf_capgap.ladder import TEACHER_FORMAT_VERSION, TEACHER_KIND
-        from hf_capgap.utils.artifacts import read_manifest
-
-        read_manifest(location, TEACHER_KIND, TEACHER_FORMAT_VERSION, verify_files=True)
     return load_frozen_teacher(location, teacher_dtype=config.teacher_dtype, revision=config.teacher_revision,
                                trust_remote_code=config.trust_remote_code)
 
