@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
-from tests.conftest import tiny_llama
 from transformers import LlamaForCausalLM
 
 from hf_capgap.models import evaluate_perplexity, perplexity_metric_path, run_lm_eval_harness
+from tests.conftest import tiny_llama
 
 VOCAB = 61
 

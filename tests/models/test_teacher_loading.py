@@ -118,7 +118,8 @@ def test_a_config_only_folder_is_refused_naming_the_missing_files(tmp_path):
 
     folder = tmp_path / "teacher"
     tiny_llama().config.save_pretrained(folder)
-    with pytest.raises(ModelFolderError, match=r"missing a tokenizer \(one of tokenizer.json.*the weights \(\*.safetensors"):
+    missing = r"missing a tokenizer \(one of tokenizer.json.* and the weights \(\*.safetensors"
+    with pytest.raises(ModelFolderError, match=missing):
         check_model_folder(folder)
     with pytest.raises(ValueError, match=r"holds config.json\); save the model and its tokenizer into it"):
         load_frozen_teacher(folder, device="cpu")

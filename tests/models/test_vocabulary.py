@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from tests.conftest import CHAT_VOCAB_SIZE, chat_tokenizer
 
 from hf_capgap.models import (
     VocabularyMismatchError,
@@ -12,6 +11,7 @@ from hf_capgap.models import (
     vocabulary_differences,
     vocabulary_fingerprint,
 )
+from tests.conftest import CHAT_VOCAB_SIZE, chat_tokenizer
 
 
 def test_special_token_roles_and_templates_do_not_change_the_vocabulary():
