@@ -31,6 +31,10 @@ ROUTES = {
     ("GET", "info"): re.compile(rf"^/api/models/{_REPO}(?:/revision/{_REV})?$"),
     ("GET", "resolve"): re.compile(rf"^/{_REPO}/resolve/{_REV}/(?P<path>.+)$"),
 }
+# huggingface_hub fetches its AI-agent registry from the endpoint, without a token, whenever it
+# formats terminal output and has no fresh copy cached: not a request of the upload protocol under
+# test, so it is answered with an empty registry and left out of ``requests``.
+AGENT_REGISTRY_PATH = "/api/agent-harnesses"
 
 
 def git_blob_sha1(data: bytes) -> str:
@@ -183,6 +187,9 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else b""
             path = urlsplit(self.path).path
+            if path == AGENT_REGISTRY_PATH:
+                self._reply(200, {"standardEnvVars": [], "harnesses": {}}, {})
+                return
             with hub._lock:
                 hub.requests.append(SeenRequest(self.command, path, self.headers.get("Authorization")))
                 if len(hub.requests) > hub.max_requests:
@@ -193,6 +200,9 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                         if verb == method and (match := pattern.match(path)):
                             status, payload, headers = hub.handle(route, match, body, hub.url)
                             break
+            self._reply(status, payload, headers)
+
+        def _reply(self, status: int, payload: object, headers: dict) -> None:
             data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/octet-stream" if isinstance(payload, bytes) else "application/json")
