@@ -22,8 +22,13 @@ from transformers import PreTrainedModel
 from transformers.utils import logging
 from trl import SFTTrainer
 
-from hf_capgap.trainer.config import DistillationConfig, check_sft_loss_fields
-from hf_capgap.losses.lm_head import HeadChoice, base_model, choose_lm_head, head_sharding, lm_head_bypassed
+from hf_capgap.data import (
+    TEACHER_KEY_PREFIX,
+    check_dataset,
+    forward_inputs,
+    has_labelled_position,
+    next_token_labels,
+)
 from hf_capgap.losses import (
     DenseTeacher,
     DistillationLossOutput,
@@ -32,23 +37,18 @@ from hf_capgap.losses import (
     TeacherSignal,
     distillation_loss,
 )
-from hf_capgap.data import (
-    TEACHER_KEY_PREFIX,
-    check_dataset,
-    forward_inputs,
-    has_labelled_position,
-    next_token_labels,
+from hf_capgap.losses.lm_head import HeadChoice, base_model, choose_lm_head, head_sharding, lm_head_bypassed
+from hf_capgap.models import (
+    check_logits_cover,
+    check_same_vocabulary,
+    load_frozen_teacher,
+    teacher_in_dtype,
+    vocabulary_fingerprint,
 )
-from hf_capgap.models import load_frozen_teacher, teacher_in_dtype
-from hf_capgap.models import check_logits_cover, check_same_vocabulary, vocabulary_fingerprint
+from hf_capgap.trainer.config import DistillationConfig, check_sft_loss_fields
+from hf_capgap.trainer.metrics import ExampleTokensCollator, MetricSums, repeated_positions
 
 logger = logging.get_logger(__name__)
-
-# What each trainer mode accumulates between logs (local sums, reduced across ranks when logged).
-_PARTS = (
-    "distill_sum", "distill_tokens", "ce_sum", "ce_tokens", "empty_micro_batches",
-    "entropy_sum", "num_correct", "stat_tokens", "aux_sum", "aux_micro_batches",
-)
 
 
 def _load_student(model: PreTrainedModel | str | None, init_kwargs: dict[str, Any] | None) -> PreTrainedModel:
@@ -104,48 +104,12 @@ class DistillationTrainer(SFTTrainer):
         formatting_func: Any = None,
         **kwargs: Any,
     ) -> None:
-        if not isinstance(args, DistillationConfig):
-            raise ValueError("args must be a hf_capgap.DistillationConfig (it carries loss, alpha, temperature ...).")
-        check_sft_loss_fields(args)
-        if kwargs.get("compute_loss_func") is not None:
-            raise ValueError(
-                "compute_loss_func is not supported: DistillationTrainer's loss is the distillation objective "
-                "(DistillationConfig.loss / alpha / temperature). Subclass DistillationTrainer to change it."
-            )
-        if args.loss_backend == "liger":
-            from hf_capgap.losses.liger import require_liger
-
-            require_liger()
-            logger.warning(
-                "loss_backend='liger': entropy and mean_token_accuracy are not logged (Liger's fused losses return "
-                "neither, and computing them would add an lm_head pass); use loss_backend='hf_capgap' for them."
-            )
-            if args.teacher_cache is not None:
-                raise ValueError(
-                    "loss_backend='liger' needs an online teacher (Liger fuses both lm_heads); a teacher_cache runs "
-                    "with loss_backend='hf_capgap'."
-                )
+        self._check_arguments(args, kwargs)
         model = _load_student(model, args.model_init_kwargs)
         processing_class = _tokenizer_for(model, processing_class)
         # Every check that needs no teacher weights runs before the teacher loads.
-        self._cached_rows = None
-        self.teacher_cache = self._open_cache(args, processing_class) if args.teacher_cache is not None else None
-        if self.teacher_cache is not None:
-            if teacher_model is not None:
-                raise ValueError("pass either teacher_model or DistillationConfig.teacher_cache, not both.")
-            self._cached_rows = self.teacher_cache.dataset
-            train_dataset = self._cached_rows if train_dataset is None else train_dataset
-        elif teacher_model is None:
-            raise ValueError(
-                "teacher_model is required: pass a causal LM (or a path), or set "
-                "DistillationConfig.teacher_cache to a cache built with TeacherCache.build."
-            )
-        if train_dataset is None:
-            raise ValueError("train_dataset is required (or DistillationConfig.teacher_cache, whose rows are trained on).")
-        evaluated = eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]
-        for dataset in (train_dataset, *evaluated):
-            if dataset is not None and dataset is not self._cached_rows:
-                check_dataset(dataset, processing_class, args, formatting_func=formatting_func)
+        train_dataset = self._choose_teacher_source(args, processing_class, teacher_model, train_dataset)
+        self._check_datasets(args, processing_class, formatting_func, train_dataset, eval_dataset)
         if teacher_processing_class is not None:
             check_same_vocabulary(processing_class, teacher_processing_class)
         if isinstance(teacher_model, str):
@@ -153,21 +117,17 @@ class DistillationTrainer(SFTTrainer):
                 teacher_model, teacher_dtype=args.teacher_dtype, trust_remote_code=args.trust_remote_code
             )
         vocab_size = self._real_vocabulary(model, teacher_model, processing_class)
-        patched = model.get_base_model() if is_peft_model(model) else model  # the module SFTTrainer patches
-        own_forward = vars(patched).get("forward")  # an instance forward it had before (accelerate hooks), if any
-        with self._masks_already_in(args, train_dataset, eval_dataset):
-            super().__init__(
-                model=model,
-                args=args,
-                data_collator=data_collator,
-                train_dataset=train_dataset,
-                eval_dataset=eval_dataset,
-                processing_class=processing_class,
-                peft_config=peft_config,
-                formatting_func=formatting_func,
-                **kwargs,
-            )
-        self._restore_forward(patched, own_forward)
+        self._set_up_sft(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            peft_config=peft_config,
+            formatting_func=formatting_func,
+            **kwargs,
+        )
         if not has_labelled_position(self.train_dataset):
             raise ValueError(
                 "no row of train_dataset has a token to predict (every label is -100 after preparation): check "
@@ -189,13 +149,76 @@ class DistillationTrainer(SFTTrainer):
             vocab_size=vocab_size,
         )
         self.teacher = None if teacher_model is None else self._prepare_teacher(teacher_model)
-        self._parts: dict[str, Tensor] = {}
-        # Input tokens of the training micro-batches not yet in SFTTrainer's _total_train_tokens (this rank's,
-        # int64: a float32 sum is inexact past 2**24); added, summed over ranks, at the next log of either mode.
-        self._pending_train_tokens: Tensor | None = None
+        self._metric_sums = MetricSums()
         self._announced_paths: set[str] = set()
 
-    # ------------------------------------------------------------------ set-up checks
+    # ------------------------------------------------------------------ set-up steps
+
+    @staticmethod
+    def _check_arguments(args: Any, kwargs: dict[str, Any]) -> None:
+        """Refuse settings this trainer cannot honour before anything loads."""
+        if not isinstance(args, DistillationConfig):
+            raise ValueError("args must be a hf_capgap.DistillationConfig (it carries loss, alpha, temperature ...).")
+        check_sft_loss_fields(args)
+        if kwargs.get("compute_loss_func") is not None:
+            raise ValueError(
+                "compute_loss_func is not supported: DistillationTrainer's loss is the distillation objective "
+                "(DistillationConfig.loss / alpha / temperature). Subclass DistillationTrainer to change it."
+            )
+        if args.loss_backend == "liger":
+            from hf_capgap.losses.liger import require_liger
+
+            require_liger()
+            logger.warning(
+                "loss_backend='liger': entropy and mean_token_accuracy are not logged (Liger's fused losses return "
+                "neither, and computing them would add an lm_head pass); use loss_backend='hf_capgap' for them."
+            )
+            if args.teacher_cache is not None:
+                raise ValueError(
+                    "loss_backend='liger' needs an online teacher (Liger fuses both lm_heads); a teacher_cache runs "
+                    "with loss_backend='hf_capgap'."
+                )
+
+    def _choose_teacher_source(
+        self, args: DistillationConfig, tokenizer: Any, teacher_model: PreTrainedModel | str | None, train_dataset: Any
+    ) -> Any:
+        """Open the teacher cache if one is set (exactly one of it and ``teacher_model``); return the rows to
+        train on: ``train_dataset``, or by default the cache's own rows."""
+        self._cached_rows = None
+        self.teacher_cache = self._open_cache(args, tokenizer) if args.teacher_cache is not None else None
+        if self.teacher_cache is not None:
+            if teacher_model is not None:
+                raise ValueError("pass either teacher_model or DistillationConfig.teacher_cache, not both.")
+            self._cached_rows = self.teacher_cache.dataset
+            train_dataset = self._cached_rows if train_dataset is None else train_dataset
+        elif teacher_model is None:
+            raise ValueError(
+                "teacher_model is required: pass a causal LM (or a path), or set "
+                "DistillationConfig.teacher_cache to a cache built with TeacherCache.build."
+            )
+        if train_dataset is None:
+            raise ValueError(
+                "train_dataset is required (or DistillationConfig.teacher_cache, whose rows are trained on)."
+            )
+        return train_dataset
+
+    def _check_datasets(
+        self, args: DistillationConfig, tokenizer: Any, formatting_func: Any, train_dataset: Any, eval_dataset: Any
+    ) -> None:
+        """Check every dataset SFTTrainer will prepare (the cache's own rows were prepared before caching)."""
+        evaluated = eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]
+        for dataset in (train_dataset, *evaluated):
+            if dataset is not None and dataset is not self._cached_rows:
+                check_dataset(dataset, tokenizer, args, formatting_func=formatting_func)
+
+    def _set_up_sft(self, model: nn.Module, args: DistillationConfig, **sft_kwargs: Any) -> None:
+        """SFTTrainer's set-up (datasets prepared, collator, model wrapped), less its patch of the student's
+        forward."""
+        patched = model.get_base_model() if is_peft_model(model) else model  # the module SFTTrainer patches
+        own_forward = vars(patched).get("forward")  # an instance forward it had before (accelerate hooks), if any
+        with self._masks_already_in(args, sft_kwargs["train_dataset"], sft_kwargs["eval_dataset"]):
+            super().__init__(model=model, args=args, **sft_kwargs)
+        self._restore_forward(patched, own_forward)
 
     @staticmethod
     def _restore_forward(module: nn.Module, own_forward: Any) -> None:
@@ -374,7 +397,7 @@ class DistillationTrainer(SFTTrainer):
                 "or a collator that adds labels with -100 on positions outside the loss."
             )
         labels = next_token_labels(inputs["labels"])
-        repeated = None if model.training else self._repeated_positions(inputs)
+        repeated = None if model.training else repeated_positions(inputs, self.accelerator)
         if repeated is not None:
             labels = labels.masked_fill(repeated, -100)
         # alpha weights the distillation term: at 0 the loss is the LM cross-entropy alone, with no teacher to run.
@@ -396,7 +419,7 @@ class DistillationTrainer(SFTTrainer):
                 num_items_in_batch=num_items_in_batch,
                 inplace_grad=head is None and not return_outputs,  # the model's logits, read by nothing else
             )
-        self._record_parts(output, spec, inputs, aux_loss, repeated)
+        self._metric_sums.record("train" if self.model.training else "eval", output, spec, inputs, aux_loss, repeated)
         loss = output.loss
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # DDP averages gradients over processes while num_items_in_batch counts all of them.
@@ -410,27 +433,6 @@ class DistillationTrainer(SFTTrainer):
             return loss
         logits = states if head is None else F.linear(states, head.weight, head.bias)
         return loss, {"loss": loss.detach(), "logits": logits}
-
-    def _repeated_positions(self, inputs: dict[str, Tensor]) -> Tensor | None:
-        """The flattened positions of the rows accelerate repeated to give every rank a full last eval batch,
-        or None when there are none.
-
-        ``gather_for_metrics`` keeps the first ``remainder`` rows of the last batch gathered rank after rank;
-        the metrics here are summed over ranks instead, so each rank drops its rows past that point. Rows are
-        the batch's rows, or for a padding-free batch the sequences its ``position_ids`` restart at (a packed
-        row's documents would be counted as rows: exact for unpacked padding-free evaluation only).
-        """
-        state = self.accelerator.gradient_state
-        if self.accelerator.num_processes == 1 or not state.end_of_dataloader or state.remainder <= 0:
-            return None
-        size = self.args.eval_batch_size
-        real = min(max(state.remainder - self.accelerator.process_index * size, 0), size)
-        ids = inputs["input_ids"]
-        if "attention_mask" not in inputs and "position_ids" in inputs:
-            row = (inputs["position_ids"] == 0).cumsum(-1) - 1
-        else:
-            row = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)
-        return (row >= real).flatten()
 
     @staticmethod
     def _liger_loss(
@@ -450,7 +452,8 @@ class DistillationTrainer(SFTTrainer):
     def prediction_step(
         self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: list[str] | None = None
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        """As ``Trainer.prediction_step``: the loss, and the student's logits and labels unless only the loss is asked."""
+        """As ``Trainer.prediction_step``: the loss, and the student's logits and labels unless only the loss
+        is asked."""
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             if prediction_loss_only:
@@ -460,67 +463,32 @@ class DistillationTrainer(SFTTrainer):
 
     # ------------------------------------------------------------------ logging
 
-    def _record_parts(
-        self, output: DistillationLossOutput, spec: LossSpec, inputs: dict[str, Tensor], aux_loss: Tensor | None,
-        repeated: Tensor | None = None,
-    ) -> None:
-        """Accumulate the local sums of ``_PARTS`` for the mode the model is in; a part the loss skipped
-        counts 0 tokens. Every training micro-batch adds its input tokens to ``num_tokens`` as SFTTrainer
-        counts them (non-padding tokens, or the packed row's length for padding-free batches). Positions in
-        ``repeated`` rows (padding of the last eval batch across ranks) count nothing; a batch of only those
-        is not counted at all."""
-        if repeated is not None and bool(repeated.all()):
-            return
-        mode = "train" if self.model.training else "eval"
-        if mode == "train":
-            ids = inputs["input_ids"]
-            input_tokens = inputs["attention_mask"].sum() if "attention_mask" in inputs else ids.new_tensor(ids.numel())
-            pending = self._pending_train_tokens
-            self._pending_train_tokens = input_tokens.long() if pending is None else pending + input_tokens
-        tokens = float(output.num_tokens)
-        stats = output.entropy_sum is not None
-        values = {
-            "distill_sum": output.distill_sum, "distill_tokens": tokens if spec.alpha > 0 else 0.0,
-            "ce_sum": output.ce_sum, "ce_tokens": tokens if spec.alpha < 1 else 0.0,
-            "empty_micro_batches": float(output.num_tokens == 0),
-            "entropy_sum": output.entropy_sum if stats else 0.0, "num_correct": output.num_correct if stats else 0.0,
-            "stat_tokens": tokens if stats else 0.0,
-            "aux_sum": aux_loss.detach().float() if aux_loss is not None else 0.0,
-            "aux_micro_batches": float(aux_loss is not None),
-        }
-        step = torch.stack([torch.as_tensor(values[name], dtype=torch.float32, device=output.loss.device) for name in _PARTS])
-        self._parts[mode] = self._parts[mode] + step if mode in self._parts else step
+    def _get_dataloader(self, *args: Any, is_training: bool = False, **kwargs: Any) -> Any:
+        """Trainer's dataloader; an evaluation one collates with :class:`ExampleTokensCollator`, so the rows
+        repeated to even out its last batch across ranks can be told apart in padding-free batches too."""
+        if is_training:
+            return super()._get_dataloader(*args, is_training=True, **kwargs)
+        collator = self.data_collator
+        self.data_collator = ExampleTokensCollator(collator)
+        try:
+            return super()._get_dataloader(*args, **kwargs)
+        finally:
+            self.data_collator = collator
 
     def _part_metrics(self, mode: str, prefix: str) -> dict[str, float]:
         """The token-weighted means since the last log of ``mode``, summed over ranks (a collective: every
         rank calls it), named as SFTTrainer names its metrics: distill_loss, ce_loss, empty_micro_batches,
         entropy, mean_token_accuracy, aux_loss and num_tokens (input tokens trained on so far, counted as
         SFTTrainer counts them: every training micro-batch, summed over ranks, over the tensor-parallel size)."""
-        parts = self._parts.pop(mode, None)
-        if parts is None:
-            parts = torch.zeros(len(_PARTS))
-        pending = self._pending_train_tokens
-        self._pending_train_tokens = None
-        pending = torch.zeros((), dtype=torch.long) if pending is None else pending
-        reduced = self.accelerator.reduce({"parts": parts.to(self.args.device), "tokens": pending.to(self.args.device)}, "sum")
-        total = dict(zip(_PARTS, reduced["parts"].tolist(), strict=True))
-        self._total_train_tokens += int(reduced["tokens"]) // self._tp_size
-        metrics: dict[str, float] = {}
-        for name, numerator, tokens in (
-            ("distill_loss", "distill_sum", "distill_tokens"), ("ce_loss", "ce_sum", "ce_tokens"),
-            ("entropy", "entropy_sum", "stat_tokens"), ("mean_token_accuracy", "num_correct", "stat_tokens"),
-            ("aux_loss", "aux_sum", "aux_micro_batches"),
-        ):
-            if total[tokens] > 0:
-                metrics[name] = round(total[numerator] / total[tokens], 6)
-        metrics["empty_micro_batches"] = int(total["empty_micro_batches"])
+        metrics, train_tokens = self._metric_sums.reduce(mode, self.accelerator, self.args.device)
+        self._total_train_tokens += train_tokens // self._tp_size
         metrics["num_tokens"] = self._total_train_tokens
         return {f"{prefix}{name}": value for name, value in metrics.items()}
 
     def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
         """Trainer's loop (``evaluate`` and ``predict`` both run it), with the parts of exactly this loop in
         its metrics under its ``metric_key_prefix``: none are left behind for the next one."""
-        self._parts.pop("eval", None)
+        self._metric_sums.discard("eval")
         output = super().evaluation_loop(*args, **kwargs)
         prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
         output.metrics.update(self._part_metrics("eval", f"{prefix}_"))

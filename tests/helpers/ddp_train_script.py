@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from safetensors.torch import save_file
-from tests.conftest import chat_tokenizer, tiny_qwen2
 
 from hf_capgap import DistillationConfig, DistillationTrainer
 from hf_capgap.data import forward_inputs, next_token_labels
+from tests.conftest import chat_tokenizer, tiny_qwen2
 
 VOCAB = 1000  # the tokenizer's real vocabulary; both models pad their embeddings past it
 LENGTHS = [5, 11, 8, 3, 12, 6, 9, 4]
@@ -91,24 +91,33 @@ def train_from_cache(out: Path) -> dict[str, int]:
     }
 
 
-EVAL_LENGTHS = [7, 12, 4, 9, 10]  # 5 rows, 2 per rank and batch: the last batch is 1 row, padded by repeats
 EVAL_METRICS = ("eval_ce_loss", "eval_distill_loss", "eval_entropy", "eval_mean_token_accuracy", "eval_loss")
+# Eval sets whose last batch accelerate evens out across 2 ranks of 2 rows: 5 rows (rank 0's last batch repeats
+# 1 row, rank 1's is only repeated rows); 6 equal rows streamed (an IterableDataset: rank 0 reads and dispatches,
+# the last batch is 1 row per rank); 10 rows packed into rows of 16 tokens (padding-free batches of documents).
+EVAL_CASES = {
+    "padded": {"lengths": [7, 12, 4, 9, 10]},
+    "iterable": {"lengths": [8] * 6, "iterable": True},
+    "packed": {"lengths": [5, 11, 8, 3, 12, 6, 9, 7, 10, 4], "packing": True, "max_length": 16, "eval_packing": True},
+}
 
 
-def evaluate_uneven(out: Path) -> tuple[dict[str, float], DistillationTrainer]:
-    """Evaluate on 5 rows in batches of 2: under 2 ranks, rank 0's last batch repeats 1 row and rank 1's is
-    only repeated rows, which accelerate adds to even the ranks out and the metrics must not count."""
+def evaluate_uneven(out: Path, case: str = "padded") -> tuple[dict[str, float], DistillationTrainer]:
+    """Evaluate on the rows of EVAL_CASES[case] in batches of 2: under 2 ranks, the rows accelerate repeats to
+    even the ranks out must not count in the metrics."""
+    settings = dict(EVAL_CASES[case])
+    lengths, iterable = settings.pop("lengths"), settings.pop("iterable", False)
     teacher, student = tiny_qwen2(1024, hidden=32, seed=1), tiny_qwen2(1008, hidden=16, seed=2)
     generator = torch.Generator().manual_seed(1)
     rows = Dataset.from_dict({"input_ids": [torch.randint(10, VOCAB - 10, (n,), generator=generator).tolist()
-                                            for n in EVAL_LENGTHS]})  # fmt: skip
+                                            for n in lengths]})  # fmt: skip
     args = DistillationConfig(
         output_dir=str(out / "run-eval"), per_device_eval_batch_size=2, report_to=[], disable_tqdm=True,
-        use_cpu=True, alpha=0.5, temperature=2.0,
+        use_cpu=True, alpha=0.5, temperature=2.0, **settings,
     )
     trainer = DistillationTrainer(
-        model=student, teacher_model=teacher, args=args, train_dataset=dataset(), eval_dataset=rows,
-        processing_class=chat_tokenizer(),
+        model=student, teacher_model=teacher, args=args, train_dataset=dataset(),
+        eval_dataset=rows.to_iterable_dataset() if iterable else rows, processing_class=chat_tokenizer(),
     )
     metrics = trainer.evaluate()
     return {name: metrics[name] for name in EVAL_METRICS}, trainer
@@ -128,12 +137,15 @@ def main(out: Path) -> None:
     os._exit(0)
 
 
-def main_eval(out: Path) -> None:
-    metrics, trainer = evaluate_uneven(out)
+def main_eval(out: Path, case: str) -> None:
+    metrics, trainer = evaluate_uneven(out, case)
     (out / f"eval{trainer.args.process_index}.json").write_text(json.dumps(metrics))
     trainer.accelerator.wait_for_everyone()
     os._exit(0)
 
 
 if __name__ == "__main__":
-    (main_eval if sys.argv[2:] == ["eval"] else main)(Path(sys.argv[1]))
+    if sys.argv[2:3] == ["eval"]:
+        main_eval(Path(sys.argv[1]), sys.argv[3])
+    else:
+        main(Path(sys.argv[1]))
