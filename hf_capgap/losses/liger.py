@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib.util
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from hf_capgap.losses.chunked import DistillationLossOutput
 from hf_capgap.losses.signals import FusedTeacher, TeacherSignal
@@ -85,3 +85,21 @@ def liger_distillation_loss(
     if num_tokens == 0:  # exact zeros still reach the student and its head (every DDP rank steps)
         loss = loss + 0.0 * (student.sum() + lm_head_weight.sum())
     return DistillationLossOutput(loss, distill_sum.detach(), ce_sum.detach(), num_tokens)
+
+
+def liger_loss_on_head(
+    rows: Tensor,
+    teacher: TeacherSignal | None,
+    labels: Tensor,
+    spec: LossSpec,
+    head: nn.Linear | None,
+    num_items_in_batch: Tensor | int | None,
+) -> DistillationLossOutput:
+    """:func:`liger_distillation_loss` on the student's fused ``head`` (None: not fused), refused with the
+    reason for a case Liger does not cover (``loss_backend='liger'``)."""
+    reason = liger_unsupported(spec, teacher, fused=head is not None, bias=None if head is None else head.bias)
+    if reason is not None:
+        raise ValueError(f"loss_backend='liger' cannot compute this loss: {reason}. Use loss_backend='hf_capgap'.")
+    return liger_distillation_loss(
+        rows, teacher, labels, spec, lm_head_weight=head.weight, num_items_in_batch=num_items_in_batch
+    )

@@ -31,7 +31,6 @@ from hf_capgap.data import (
 )
 from hf_capgap.losses import (
     DenseTeacher,
-    DistillationLossOutput,
     FusedTeacher,
     LossSpec,
     TeacherSignal,
@@ -407,7 +406,9 @@ class DistillationTrainer(SFTTrainer):
         # alpha = 0, or evaluating on rows that were never cached: only the LM cross-entropy is computed.
         spec = self.loss_spec if teacher is not None else replace(self.loss_spec, alpha=0.0)
         if self.args.loss_backend == "liger":
-            output = self._liger_loss(rows, teacher, labels, spec, head, num_items_in_batch)
+            from hf_capgap.losses.liger import liger_loss_on_head
+
+            output = liger_loss_on_head(rows, teacher, labels, spec, head, num_items_in_batch)
         else:
             output = distillation_loss(
                 rows,
@@ -433,21 +434,6 @@ class DistillationTrainer(SFTTrainer):
             return loss
         logits = states if head is None else F.linear(states, head.weight, head.bias)
         return loss, {"loss": loss.detach(), "logits": logits}
-
-    @staticmethod
-    def _liger_loss(
-        rows: Tensor, teacher: TeacherSignal | None, labels: Tensor, spec: LossSpec, head: nn.Linear | None,
-        num_items_in_batch: Tensor | int | None,
-    ) -> DistillationLossOutput:
-        """The same objective computed by Liger-Kernel (``loss_backend='liger'``), for the cases it covers."""
-        from hf_capgap.losses.liger import liger_distillation_loss, liger_unsupported
-
-        reason = liger_unsupported(spec, teacher, fused=head is not None, bias=None if head is None else head.bias)
-        if reason is not None:
-            raise ValueError(f"loss_backend='liger' cannot compute this loss: {reason}. Use loss_backend='hf_capgap'.")
-        return liger_distillation_loss(
-            rows, teacher, labels, spec, lm_head_weight=head.weight, num_items_in_batch=num_items_in_batch
-        )
 
     def prediction_step(
         self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: list[str] | None = None
