@@ -19,8 +19,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.utils import logging
 
 from hf_capgap.errors import ConfigError, ModelFolderError
+
+logger = logging.get_logger(__name__)
 
 TEACHER_DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 TOKENIZER_VOCABULARIES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "*.tiktoken")
@@ -50,7 +53,10 @@ def resolve_teacher_dtype(teacher_dtype: str, device: torch.device) -> torch.dty
 
 def _buffer_dtypes_as_built(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.dtype]:
     """The dtype of each buffer of ``model``'s class built in ``dtype``, as ``from_pretrained(dtype=dtype)``
-    builds it before loading: read from an instance on the meta device (no memory, no compute)."""
+    builds it before loading: read from an instance on the meta device (no memory, no compute).
+
+    A class that cannot be built there (custom code) gives nothing: its buffers keep their dtypes.
+    """
     from transformers import PreTrainedModel
 
     if not isinstance(model, PreTrainedModel):
@@ -60,6 +66,11 @@ def _buffer_dtypes_as_built(model: nn.Module, dtype: torch.dtype) -> dict[str, t
     try:
         with torch.device("meta"):
             built = type(model)(copy.deepcopy(model.config))
+    except Exception as error:  # a foreign constructor's failure means "unknown", not a failed load
+        logger.warning(
+            f"Could not build {type(model).__name__} on the meta device ({error}); its buffers keep their dtypes."
+        )
+        return {}
     finally:
         torch.set_default_dtype(previous)
     return {name: buffer.dtype for name, buffer in built.named_buffers()}

@@ -196,3 +196,21 @@ def test_teacher_in_dtype_gives_non_persistent_buffers_the_dtype_loading_gives_t
     ids = torch.arange(40).remainder(96)[None]
     with torch.no_grad():
         torch.testing.assert_close(converted(ids).logits, loaded(ids).logits, rtol=0, atol=0)
+
+
+def test_teacher_in_dtype_converts_a_model_whose_class_cannot_be_built_on_the_meta_device():
+    from transformers import LlamaForCausalLM
+
+    from hf_capgap.models.teacher_loading import teacher_in_dtype
+
+    class NeedsMoreThanItsConfig(LlamaForCausalLM):
+        def __init__(self, config, weights_path=None):
+            if weights_path is None and torch.get_default_device().type == "meta":
+                raise RuntimeError("needs weights_path")
+            super().__init__(config)
+
+    model = NeedsMoreThanItsConfig(tiny_llama().config)
+    converted = teacher_in_dtype(model, torch.bfloat16)
+    assert converted.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert converted.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
