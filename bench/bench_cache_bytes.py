@@ -52,12 +52,16 @@ def main() -> None:
     tokenizer, train_rows, eval_rows = bench_data(args.vocab, args.seq_len, args.teacher_steps * 8, args.rows)
     teacher = trained_teacher(tokenizer, train_rows, teacher_settings(args), args.work)
 
-    print(f"teacher cache bytes per labelled position: {args.rows} held-out rows x {args.seq_len - 1} positions, "
-          f"vocabulary {len(tokenizer)}, the bench teacher of bench_cache_training.py")
+    print(
+        f"teacher cache bytes per labelled position: {args.rows} held-out rows x {args.seq_len - 1} positions, "
+        f"vocabulary {len(tokenizer)}, the bench teacher of bench_cache_training.py"
+    )
     print("baseline: format 1 of the same setting (k fixed slots per position)\n")
-    print("| mode | k / draws | sampler | format 4 signal B/token | file B/token | format 3 B/token | format 1 B/token |"
-          " format 4 / format 1 | distinct ids per position: mean / median / p90 | B per coded id |"
-          " + per-id fp16 log-probs would add | ids drawn once |")
+    print(
+        "| mode | k / draws | sampler | format 4 signal B/token | file B/token | format 3 B/token | format 1 B/token |"
+        " format 4 / format 1 | distinct ids per position: mean / median / p90 | B per coded id |"
+        " + per-id fp16 log-probs would add | ids drawn once |"
+    )
     print("|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as workdir:
         for mode, k, sampler in SETTINGS:
@@ -80,18 +84,24 @@ def main() -> None:
                   f" {old} | {cache.bytes_per_token / old:.2f} | {distinct} | {per_id} | {extra} | {once} |")  # fmt: skip
         budget = TeacherCache.build(teacher, eval_rows, Path(workdir) / "budget", tokenizer=tokenizer, mode="sampled",
                                     bytes_per_token=BYTES_GOAL, batch_size=16, progress=False)  # fmt: skip
-        print(f"\nbytes_per_token={BYTES_GOAL} picks {budget.manifest['draws']} systematic draws: "
-              f"{budget.bytes_per_token:.1f} B/token over these rows")
+        print(
+            f"\nbytes_per_token={BYTES_GOAL} picks {budget.manifest['draws']} systematic draws: "
+            f"{budget.bytes_per_token:.1f} B/token over these rows"
+        )
     print_certain_token_variance(teacher, eval_rows)
-    print(f"\ndense fp16 would store {2 * len(tokenizer)} B/token; DistillKit publishes ~{DISTILLKIT_TOP128_BYTES} "
-          f"B/token for its compressed top-128 format; goal of issue 13: a setting <= {BYTES_GOAL} B/token")
+    print(
+        f"\ndense fp16 would store {2 * len(tokenizer)} B/token; DistillKit publishes ~{DISTILLKIT_TOP128_BYTES} "
+        f"B/token for its compressed top-128 format; goal of issue 13: a setting <= {BYTES_GOAL} B/token"
+    )
 
 
 @torch.inference_mode()
 def print_certain_token_variance(teacher, rows, chunk: int = 8) -> None:
     """Per position, the tokens systematic draws always reach and their share of the count variance."""
-    print("\n| systematic draws | tokens always drawn per position (k p >= 1) | their mass |"
-          " their share of the count variance |")
+    print(
+        "\n| systematic draws | tokens always drawn per position (k p >= 1) | their mass |"
+        " their share of the count variance |"
+    )
     print("|---:|---:|---:|---:|")
     ids = torch.tensor(rows["input_ids"], dtype=torch.long)
     for draws in (16, 32, 64):

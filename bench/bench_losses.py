@@ -191,7 +191,9 @@ def main() -> None:
         results = {(variant, chunk): measure(variant, vocab, chunk or 1024, args.repeats) for variant, chunk in plan()}
         base = results[(BASELINE, None)]
         print(f"V = {vocab}  (one [N, V] fp32 tensor = {TOKENS * vocab * 4 / 2**20:.0f} MiB)")
-        print("| variant | chunk | time ms | time / naive | peak extra MiB | grads MiB | memory / naive | loss | |dW| |")
+        print(
+            "| variant | chunk | time ms | time / naive | peak extra MiB | grads MiB | memory / naive | loss | |dW| |"
+        )
         print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for (variant, chunk), result in results.items():
             print(

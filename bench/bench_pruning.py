@@ -32,8 +32,14 @@ BATCH = 8
 
 
 def teacher_config(hidden: int, layers: int) -> LlamaConfig:
-    return LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=hidden // 32,
-                       num_key_value_heads=hidden // 64, intermediate_size=hidden * 8 // 3 // 8 * 8)
+    return LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 32,
+        num_key_value_heads=hidden // 64,
+        intermediate_size=hidden * 8 // 3 // 8 * 8,
+    )
 
 
 SIZES = {1: (128, 4), 4: (256, 5), 12: (384, 7), 30: (512, 10)}  # ~M params: (hidden, layers)
@@ -104,10 +110,14 @@ def quality(steps: int) -> None:
     teacher.eval()
     validation = toy_batch(64, generator)
     calibration = [{"input_ids": toy_batch(BATCH, generator)} for _ in range(4)]
-    print(f"\nquality: teacher {n_params(teacher) / 1e6:.1f}M trained {steps} steps, val loss "
-          f"{loss(teacher, validation):.3f} (uniform would be {torch.log(torch.tensor(float(VOCAB))):.3f})")
-    print(f"{'kept':>6} {'shape (hidden/layers/heads/ffn)':>32} {'random':>8} {'taylor':>8} {'magnitude':>10} "
-          f"{'taylor/random':>14} {'magnitude/random':>17}")
+    print(
+        f"\nquality: teacher {n_params(teacher) / 1e6:.1f}M trained {steps} steps, val loss "
+        f"{loss(teacher, validation):.3f} (uniform would be {torch.log(torch.tensor(float(VOCAB))):.3f})"
+    )
+    print(
+        f"{'kept':>6} {'shape (hidden/layers/heads/ffn)':>32} {'random':>8} {'taylor':>8} {'magnitude':>10} "
+        f"{'taylor/random':>14} {'magnitude/random':>17}"
+    )
     for fraction in (0.5, 0.25):
         target = int(n_params(teacher) * fraction)
         taylor = prune_model(teacher, target_params=target, calibration=calibration)
@@ -118,8 +128,10 @@ def quality(steps: int) -> None:
         c = taylor.config
         shape = f"{c.hidden_size}/{c.num_hidden_layers}/{c.num_attention_heads}/{c.intermediate_size}"
         losses = [loss(m, validation) for m in (random_init, taylor, magnitude)]
-        print(f"{fraction:>6.0%} {shape:>32} {losses[0]:>8.3f} {losses[1]:>8.3f} {losses[2]:>10.3f} "
-              f"{losses[1] / losses[0]:>14.3f} {losses[2] / losses[0]:>17.3f}")
+        print(
+            f"{fraction:>6.0%} {shape:>32} {losses[0]:>8.3f} {losses[1]:>8.3f} {losses[2]:>10.3f} "
+            f"{losses[1] / losses[0]:>14.3f} {losses[2] / losses[0]:>17.3f}"
+        )
 
 
 def main() -> None:
@@ -128,16 +140,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150, help="teacher training steps for the quality table")
     args = parser.parse_args()
     context = multiprocessing.get_context("spawn")
-    print(f"cost: prune to 50% with Taylor scores on 4 batches of {BATCH}x{SEQ} tokens; baseline = one "
-          "training step (fwd+bwd+AdamW) of the teacher on one batch; 1 thread")
-    print(f"{'teacher':>10} {'student':>10} {'step s':>8} {'prune s':>8} {'prune/step':>11} {'peak extra / teacher bytes':>27}")
+    print(
+        f"cost: prune to 50% with Taylor scores on 4 batches of {BATCH}x{SEQ} tokens; baseline = one "
+        "training step (fwd+bwd+AdamW) of the teacher on one batch; 1 thread"
+    )
+    print(
+        f"{'teacher':>10} {'student':>10} {'step s':>8} {'prune s':>8} {'prune/step':>11} {'peak extra / teacher bytes':>27}"
+    )
     for size in (int(s) for s in args.sizes.split(",")):
         queue = context.Queue()
         worker = context.Process(target=cost_of_size, args=(size, queue))
         worker.start()
         teacher, student, step_s, prune_s, memory = queue.get()
         worker.join()
-        print(f"{teacher:>10,} {student:>10,} {step_s:>8.3f} {prune_s:>8.3f} {prune_s / step_s:>11.1f} {memory:>27.2f}")
+        print(
+            f"{teacher:>10,} {student:>10,} {step_s:>8.3f} {prune_s:>8.3f} {prune_s / step_s:>11.1f} {memory:>27.2f}"
+        )
     quality(args.steps)
 
 

@@ -133,8 +133,7 @@ def common_args(output_dir: str, steps: int) -> dict:
 
 
 def make_trainer(variant: str, output_dir: str, steps: int):
-    from hf_capgap.data import make_collator
-    from hf_capgap.data import default_tokenizer
+    from hf_capgap.data import default_tokenizer, make_collator
 
     teacher, student = build_models()
     tokenizer = default_tokenizer(VOCAB)
@@ -156,7 +155,10 @@ def make_trainer(variant: str, output_dir: str, steps: int):
         trainer_class = DistillationTrainer
         alpha = 0.5 if variant == "ours-alpha0.5" else 1.0
         args = DistillationConfig(
-            **common_args(output_dir, steps), loss="forward_kl", alpha=alpha, temperature=1.0,
+            **common_args(output_dir, steps),
+            loss="forward_kl",
+            alpha=alpha,
+            temperature=1.0,
             assistant_only_loss=messages,
         )
     trainer = trainer_class(
@@ -242,7 +244,9 @@ def main() -> None:
         )
     gkd_chat, ours_chat = (results[v] for v in MESSAGES_VARIANTS)
     print("\nsame messages dataset, assistant-only loss (ours assistant_only_loss=True, gkd DataCollatorForChatML):\n")
-    print("| variant | conversations/s | speed vs gkd-messages | peak extra MiB | memory vs gkd-messages | train loss |")
+    print(
+        "| variant | conversations/s | speed vs gkd-messages | peak extra MiB | memory vs gkd-messages | train loss |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
     for variant, result in (("gkd-messages", gkd_chat), ("ours-messages", ours_chat)):
         print(

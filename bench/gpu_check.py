@@ -169,7 +169,11 @@ def ours(x: dict[str, torch.Tensor], chunk: int | None) -> torch.Tensor:
 
 
 LOSSES: dict[str, Callable[[dict[str, torch.Tensor], int | None], torch.Tensor]] = {
-    "naive": naive, "trl-gkd": trl_gkd, "trl-chunked": trl_chunked, "liger": liger, "ours": ours,
+    "naive": naive,
+    "trl-gkd": trl_gkd,
+    "trl-chunked": trl_chunked,
+    "liger": liger,
+    "ours": ours,
 }
 
 
@@ -218,7 +222,10 @@ def loss_section(plan: Plan) -> list[str]:
         "| N | H | V | variant | chunk | time ms | time / naive | peak extra MiB | memory / naive | loss |",
         "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
-    errors = ["| N | H | V | variant | loss rel. err | d hidden rel. err | d weight rel. err |", "|---:|---:|---:|---|---:|---:|---:|"]
+    errors = [
+        "| N | H | V | variant | loss rel. err | d hidden rel. err | d weight rel. err |",
+        "|---:|---:|---:|---|---:|---:|---:|",
+    ]
     from hf_capgap.losses import LossSpec
 
     for n, hidden, vocab in plan.loss_shapes:
@@ -235,19 +242,25 @@ def loss_section(plan: Plan) -> list[str]:
             try:
                 result = time_loss(LOSSES[variant], x, chunk, plan.device)
             except Exception as error:  # a baseline that cannot run here is a row, not a crash
-                lines.append(f"| {n} | {hidden} | {vocab} | {variant} | {shown} | failed: {type(error).__name__}: {error} | | | | |")
+                lines.append(
+                    f"| {n} | {hidden} | {vocab} | {variant} | {shown} | failed: {type(error).__name__}: {error} | | | | |"
+                )
                 continue
             base = base or result
             memory = "n/a" if result["peak_bytes"] is None else f"{result['peak_bytes'] / 2**20:.0f}"
-            memory_ratio = "n/a" if result["peak_bytes"] is None else f"{result['peak_bytes'] / base['peak_bytes']:.3f}x"
+            memory_ratio = (
+                "n/a" if result["peak_bytes"] is None else f"{result['peak_bytes'] / base['peak_bytes']:.3f}x"
+            )
             lines.append(
                 f"| {n} | {hidden} | {vocab} | {variant} | {shown} | {result['seconds'] * 1e3:.1f}"
                 f" | {result['seconds'] / base['seconds']:.2f}x | {memory} | {memory_ratio} | {result['loss']:.5f} |"
             )
         for variant in ("ours", "naive"):
             loss_err, hidden_err, weight_err = relative_errors(LOSSES[variant], x)
-            errors.append(f"| {min(n, REFERENCE_ROWS)} | {hidden} | {vocab} | {variant} bf16 vs fp32 | "
-                          f"{loss_err:.2e} | {hidden_err:.2e} | {weight_err:.2e} |")
+            errors.append(
+                f"| {min(n, REFERENCE_ROWS)} | {hidden} | {vocab} | {variant} bf16 vs fp32 | "
+                f"{loss_err:.2e} | {hidden_err:.2e} | {weight_err:.2e} |"
+            )
         del x
     return lines + ["", *errors]
 
@@ -260,9 +273,14 @@ def qwen2(plan: Plan, shape: Model, seed: int):
 
     torch.manual_seed(seed)
     config = Qwen2Config(
-        vocab_size=plan.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-        max_position_embeddings=plan.seq_len, tie_word_embeddings=True,
+        vocab_size=plan.vocab,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        max_position_embeddings=plan.seq_len,
+        tie_word_embeddings=True,
     )
     with torch.device(plan.device):
         return Qwen2ForCausalLM(config)
@@ -281,8 +299,11 @@ def word_tokenizer(vocab: int):
 def trainer_settings(plan: Plan) -> dict:
     """Set on both trainers, explicitly (GKDConfig's own defaults are bf16=True, gradient_checkpointing=True)."""
     return {
-        "bf16": plan.bf16, "fp16": False, "gradient_checkpointing": plan.gradient_checkpointing,
-        "per_device_train_batch_size": plan.batch, "max_length": plan.seq_len,
+        "bf16": plan.bf16,
+        "fp16": False,
+        "gradient_checkpointing": plan.gradient_checkpointing,
+        "per_device_train_batch_size": plan.batch,
+        "max_length": plan.seq_len,
     }
 
 
@@ -297,18 +318,30 @@ def run_trainer(plan: Plan, variant: str, distributed: str | None) -> dict:
     if plan.bf16:
         teacher = teacher.to(torch.bfloat16)
     tokenizer = word_tokenizer(plan.vocab)
-    ids = torch.randint(2, plan.vocab, (plan.steps * plan.batch, plan.seq_len), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        2, plan.vocab, (plan.steps * plan.batch, plan.seq_len), generator=torch.Generator().manual_seed(0)
+    )
     dataset = datasets.Dataset.from_dict({"input_ids": ids.tolist()})
     common = {
-        **trainer_settings(plan), "max_steps": plan.steps, "learning_rate": 1e-5, "save_strategy": "no",
-        "report_to": [], "disable_tqdm": True, "logging_steps": plan.steps, "seed": 0, "use_cpu": plan.device == "cpu",
+        **trainer_settings(plan),
+        "max_steps": plan.steps,
+        "learning_rate": 1e-5,
+        "save_strategy": "no",
+        "report_to": [],
+        "disable_tqdm": True,
+        "logging_steps": plan.steps,
+        "seed": 0,
+        "use_cpu": plan.device == "cpu",
     }
     if distributed == "fsdp2":
         common.update(fsdp="full_shard", fsdp_config={"version": 2, "reshard_after_forward": True})
     elif distributed == "zero3":
         common["deepspeed"] = {
-            "zero_optimization": {"stage": 3}, "bf16": {"enabled": "auto"},
-            "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto", "gradient_accumulation_steps": "auto",
+            "zero_optimization": {"stage": 3},
+            "bf16": {"enabled": "auto"},
+            "train_micro_batch_size_per_gpu": "auto",
+            "train_batch_size": "auto",
+            "gradient_accumulation_steps": "auto",
         }
     with tempfile.TemporaryDirectory() as output_dir:
         if variant == "gkd":
@@ -321,8 +354,14 @@ def run_trainer(plan: Plan, variant: str, distributed: str | None) -> dict:
 
             args = DistillationConfig(output_dir=output_dir, **common, loss="forward_kl", alpha=1.0, temperature=1.0)
             trainer_class, collator = DistillationTrainer, None
-        trainer = trainer_class(model=student, teacher_model=teacher, args=args, train_dataset=dataset,
-                                data_collator=collator, processing_class=tokenizer)
+        trainer = trainer_class(
+            model=student,
+            teacher_model=teacher,
+            args=args,
+            train_dataset=dataset,
+            data_collator=collator,
+            processing_class=tokenizer,
+        )
         clock: list[float] = []
 
         class StepClock(TrainerCallback):
@@ -382,21 +421,38 @@ def trainer_section(plan: Plan, smoke: bool) -> list[str]:
     import importlib.util
 
     results = {variant: trainer_in_subprocess(smoke, variant, None) for variant in ("gkd", "ours")}
-    lines = ["| trainer | tokens/s | speed vs gkd | peak GPU memory | memory vs gkd | train loss | lm_head path |",
-             "|---|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        "| trainer | tokens/s | speed vs gkd | peak GPU memory | memory vs gkd | train loss | lm_head path |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
     base = results["gkd"]
     for variant, result in results.items():
         if "error" in result:
             lines.append(f"| {variant} | failed: {result['error']} | | | | | |")
             continue
         speed = f"{result['tokens_per_s'] / base['tokens_per_s']:.2f}x" if "error" not in base else "-"
-        memory = "n/a" if result["peak_bytes"] is None or "error" in base else f"{result['peak_bytes'] / base['peak_bytes']:.2f}x"
-        lines.append(f"| {variant} | {result['tokens_per_s']:.0f} | {speed} | {gib(result['peak_bytes'])} | {memory}"
-                     f" | {result['train_loss']:.4f} | {result['head']} |")
+        memory = (
+            "n/a"
+            if result["peak_bytes"] is None or "error" in base
+            else f"{result['peak_bytes'] / base['peak_bytes']:.2f}x"
+        )
+        lines.append(
+            f"| {variant} | {result['tokens_per_s']:.0f} | {speed} | {gib(result['peak_bytes'])} | {memory}"
+            f" | {result['train_loss']:.4f} | {result['head']} |"
+        )
     if "error" not in base:
-        lines.insert(0, f"settings read back from both trainers: gkd {base['settings']}, ours {results['ours'].get('settings')}")
-        lines.insert(1, f"student {base['student_params'] / 1e6:.2f}M params, teacher {base['teacher_params'] / 1e6:.2f}M params\n")
-    lines += ["", "| ours under | ran | sharding active | tokens/s | peak GPU memory | lm_head path |", "|---|---|---|---:|---:|---|"]
+        lines.insert(
+            0, f"settings read back from both trainers: gkd {base['settings']}, ours {results['ours'].get('settings')}"
+        )
+        lines.insert(
+            1,
+            f"student {base['student_params'] / 1e6:.2f}M params, teacher {base['teacher_params'] / 1e6:.2f}M params\n",
+        )
+    lines += [
+        "",
+        "| ours under | ran | sharding active | tokens/s | peak GPU memory | lm_head path |",
+        "|---|---|---|---:|---:|---|",
+    ]
     for distributed in ("fsdp2", "zero3"):
         if plan.device != "cuda":
             lines.append(f"| {distributed}, 1 process | skipped: needs CUDA | | | | |")
@@ -407,8 +463,10 @@ def trainer_section(plan: Plan, smoke: bool) -> list[str]:
             if "error" in result:
                 lines.append(f"| {distributed}, 1 process | failed: {result['error']} | | | | |")
             else:
-                lines.append(f"| {distributed}, 1 process | yes | {result['sharding']} | {result['tokens_per_s']:.0f}"
-                             f" | {gib(result['peak_bytes'])} | {result['head']} |")
+                lines.append(
+                    f"| {distributed}, 1 process | yes | {result['sharding']} | {result['tokens_per_s']:.0f}"
+                    f" | {gib(result['peak_bytes'])} | {result['head']} |"
+                )
     return lines
 
 
@@ -420,8 +478,8 @@ def cache_section(plan: Plan) -> list[str]:
     import datasets
 
     from hf_capgap import DistillationConfig, TeacherCache
-    from hf_capgap.utils.artifacts import model_fingerprint
     from hf_capgap.data import forward_inputs, make_collator
+    from hf_capgap.utils.artifacts import model_fingerprint
 
     teacher = qwen2(plan, plan.teacher, 1).eval()
     if plan.bf16:
@@ -465,13 +523,16 @@ def cache_section(plan: Plan) -> list[str]:
     ]
     for mode, k in (("sampled", 16), ("topk", 64)):
         with tempfile.TemporaryDirectory() as folder:
-            def build(path: str = folder) -> None:
+
+            def build(path: str = folder, mode: str = mode, k: int = k) -> None:
                 TeacherCache.build(teacher, dataset, f"{path}/cache", tokenizer=tokenizer, args=args, mode=mode, k=k,
                                    batch_size=plan.batch, progress=False)  # fmt: skip
 
             seconds, peak = measured(build)
-        lines.append(f"| build {mode} k={k} | {tokens / seconds:.0f} | {plain_s / seconds:.2f}x |"
-                     f" {plain_s / max(seconds - fingerprint_s, 1e-9):.2f}x | {gib(peak)} |")
+        lines.append(
+            f"| build {mode} k={k} | {tokens / seconds:.0f} | {plain_s / seconds:.2f}x |"
+            f" {plain_s / max(seconds - fingerprint_s, 1e-9):.2f}x | {gib(peak)} |"
+        )
     # batch_size = every row: the build halves it on each out-of-memory error, down to what fits.
     with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings(record=True) as halvings:
         warnings.simplefilter("always")
@@ -482,8 +543,10 @@ def cache_section(plan: Plan) -> list[str]:
 
         seconds, peak = measured(build_largest)
     reached = rows >> sum("ran out of memory" in str(warning.message) for warning in halvings)
-    lines.append(f"| build sampled k=16, batch_size={rows} (ran at {reached}) | {tokens / seconds:.0f} |"
-                 f" {plain_s / seconds:.2f}x | {plain_s / max(seconds - fingerprint_s, 1e-9):.2f}x | {gib(peak)} |")
+    lines.append(
+        f"| build sampled k=16, batch_size={rows} (ran at {reached}) | {tokens / seconds:.0f} |"
+        f" {plain_s / seconds:.2f}x | {plain_s / max(seconds - fingerprint_s, 1e-9):.2f}x | {gib(peak)} |"
+    )
     return lines
 
 

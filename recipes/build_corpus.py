@@ -42,7 +42,7 @@ def strip_gutenberg_boilerplate(text: str) -> str:
     """Keep only the work itself: drop the Project Gutenberg header, licence and trademark text."""
     start = _GUTENBERG_START.search(text)
     if start:
-        text = text[start.end():]
+        text = text[start.end() :]
     end = _GUTENBERG_END.search(text)
     if end:
         text = text[: end.start()]
@@ -65,9 +65,7 @@ def shakespeare_documents() -> list[dict[str, str]]:
 def bible_documents() -> list[dict[str, str]]:
     """One document per book: chapter headings kept, verse numbers dropped, one verse per line."""
     try:
-        printed = subprocess.run(
-            ["bible", "-l100000", BIBLE_RANGE], check=True, capture_output=True, text=True
-        ).stdout
+        printed = subprocess.run(["bible", "-l100000", BIBLE_RANGE], check=True, capture_output=True, text=True).stdout
     except FileNotFoundError as err:
         raise SystemExit("`bible` not found: run `apt-get install -y bible-kjv` first.") from err
     books: dict[str, list[str]] = {}
@@ -81,8 +79,7 @@ def bible_documents() -> list[dict[str, str]]:
                 raise SystemExit(f"verse before any chapter heading in `bible` output: {line!r}")
             current.append(verse["text"].strip())
     return [
-        {"source": BIBLE_SOURCE, "title": book, "text": normalise("\n".join(lines))}
-        for book, lines in books.items()
+        {"source": BIBLE_SOURCE, "title": book, "text": normalise("\n".join(lines))} for book, lines in books.items()
     ]
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 import sys
 
-from hf_capgap.utils.artifacts import read_manifest
 from hf_capgap.ladder import TEACHER_FORMAT_VERSION, TEACHER_KIND, LadderRun, PretrainSettings, ensure_ladder
+from hf_capgap.utils.artifacts import read_manifest
 from hf_capgap.utils.recipe_args import parse_with_preset, read_preset, split_preset
 
 
@@ -32,7 +32,9 @@ def main(argv: list[str] | None = None) -> None:
         run, settings = parse_config(sys.argv[1:] if argv is None else argv)
     except (ValueError, FileNotFoundError) as err:
         sys.exit(f"pretrain: {err}")
-    paths = ensure_ladder(run.preset, run.output_dir, settings=settings, cache_dir=run.cache_dir, num_proc=run.num_proc)
+    paths = ensure_ladder(
+        run.preset, run.output_dir, settings=settings, cache_dir=run.cache_dir, num_proc=run.num_proc
+    )
     print(f"{'teacher':<14}{'params':>11}{'tokens':>11}{'wall s':>9}{'val loss':>10}")
     for path in paths:
         manifest = read_manifest(path, TEACHER_KIND, TEACHER_FORMAT_VERSION)

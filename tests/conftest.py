@@ -84,7 +84,9 @@ CHAT_VOCAB_SIZE = 1000
 CHAT_WORDS = sorted(set(TINY_TEXT.split()) | {"user", "assistant", "system", "hello", "what", "sits", "?"})
 
 
-def chat_tokenizer(eos_token: str = "<|im_end|>", chat_template: str | None = CHAT_TEMPLATE, swap: tuple[int, int] | None = None):
+def chat_tokenizer(
+    eos_token: str = "<|im_end|>", chat_template: str | None = CHAT_TEMPLATE, swap: tuple[int, int] | None = None
+):
     """A real-model-like tokenizer of exactly CHAT_VOCAB_SIZE tokens: words, filler tokens, ChatML specials.
 
     ``eos_token`` / ``chat_template`` vary the special-token roles as a base / instruct pair does;
@@ -102,7 +104,11 @@ def chat_tokenizer(eos_token: str = "<|im_end|>", chat_template: str | None = CH
     backend = Tokenizer(models.WordLevel({token: i for i, token in enumerate(tokens)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token=eos_token,
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token=eos_token,
         additional_special_tokens=["<|im_start|>", "<|im_end|>"],
     )
     tokenizer.chat_template = chat_template
@@ -130,9 +136,19 @@ def tiny_qwen2(embedding_rows: int, hidden: int = 32, layers: int = 1, seed: int
 
 
 CHAT_ROWS = [
-    [{"role": "user", "content": "what sits on the mat ?"}, {"role": "assistant", "content": "the cat sat on the mat ."}],
-    [{"role": "system", "content": "a bird"}, {"role": "user", "content": "hello"},
-     {"role": "assistant", "content": "the dog ran to the tree and the cat ran to the mat ."}],
-    [{"role": "user", "content": "the bird sang on the tree ?"}, {"role": "assistant", "content": "a bird and a cat sang ."},
-     {"role": "user", "content": "what ?"}, {"role": "assistant", "content": "the dog sat on the log ."}],
+    [
+        {"role": "user", "content": "what sits on the mat ?"},
+        {"role": "assistant", "content": "the cat sat on the mat ."},
+    ],
+    [
+        {"role": "system", "content": "a bird"},
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "the dog ran to the tree and the cat ran to the mat ."},
+    ],
+    [
+        {"role": "user", "content": "the bird sang on the tree ?"},
+        {"role": "assistant", "content": "a bird and a cat sang ."},
+        {"role": "user", "content": "what ?"},
+        {"role": "assistant", "content": "the dog sat on the log ."},
+    ],
 ] * 4

@@ -5,7 +5,7 @@ for the trainer and refuses a cache built from other inputs.
 
 from __future__ import annotations
 
-from hf_capgap.cache.teacher_cache import CachedRows, CacheRows, CacheCollator, TeacherCache, padded_samples
+from hf_capgap.cache.teacher_cache import CacheCollator, CachedRows, CacheRows, TeacherCache, padded_samples
 
 __all__ = [
     "CachedRows",

@@ -47,6 +47,7 @@ from hf_capgap.cache.format import (
     shard_schema,
 )
 from hf_capgap.data import has_labelled_position, make_collator, prepare_and_record, uses_padding_free
+from hf_capgap.errors import ConfigError
 from hf_capgap.models import check_logits_cover, vocabulary_fingerprint
 from hf_capgap.utils.artifacts import dataset_fingerprint, model_fingerprint
 from hf_capgap.utils.processes import ProcessGroup
@@ -79,8 +80,18 @@ def build_cache(
     check_budget(bytes_per_token, mode)
     args = args if args is not None else default_preparation_args()
     rows, collator, spec = _prepare_build(
-        teacher, dataset, tokenizer, args, formatting_func, mode=mode, k=k, temperature=temperature, dtype=dtype,
-        seed=seed, sampler=sampler, shard_tokens=shard_tokens,
+        teacher,
+        dataset,
+        tokenizer,
+        args,
+        formatting_func,
+        mode=mode,
+        k=k,
+        temperature=temperature,
+        dtype=dtype,
+        seed=seed,
+        sampler=sampler,
+        shard_tokens=shard_tokens,
     )
     group = ProcessGroup.current()
     lockstep = runs_in_lockstep(teacher, group.num_processes)
@@ -91,8 +102,7 @@ def build_cache(
     if _reuse_or_claim(path, spec, group, overwrite=overwrite):
         return
     plan = ShardPlan(spec["num_sequences"], spec["rows_per_shard"])
-    _build_own_shards(teacher, rows, collator, path, spec, plan, fitting, group, lockstep=lockstep,
-                      progress=progress)
+    _build_own_shards(teacher, rows, collator, path, spec, plan, fitting, group, lockstep=lockstep, progress=progress)
     group.wait_for_everyone()
     if group.is_main_process:
         teacher_name = getattr(teacher, "name_or_path", "") or teacher.config.name_or_path
@@ -101,8 +111,19 @@ def build_cache(
 
 
 def _prepare_build(
-    teacher: Any, dataset: Any, tokenizer: Any, args: Any, formatting_func: Callable[[dict], str] | None, *,
-    mode: str, k: int, temperature: float, dtype: str, seed: int, sampler: str, shard_tokens: int,
+    teacher: Any,
+    dataset: Any,
+    tokenizer: Any,
+    args: Any,
+    formatting_func: Callable[[dict], str] | None,
+    *,
+    mode: str,
+    k: int,
+    temperature: float,
+    dtype: str,
+    seed: int,
+    sampler: str,
+    shard_tokens: int,
 ) -> tuple[Any, Collator, dict[str, Any]]:
     """The rows the trainer trains on, their collator, and the spec: every setting the cache depends on,
     what a rerun must match to reuse or resume it."""
@@ -112,7 +133,7 @@ def _prepare_build(
     num_tokens = _check_rows(rows, real_vocab)
     collator = make_collator(tokenizer, args)
     if mode == "topk" and k > real_vocab:
-        raise ValueError(
+        raise ConfigError(
             f"k={k} exceeds the real vocabulary ({real_vocab} tokens); use k <= {real_vocab} or mode='dense'."
         )
     spec = {
@@ -156,8 +177,17 @@ def _reuse_or_claim(path: Path, spec: dict[str, Any], group: ProcessGroup, *, ov
 
 
 def _build_own_shards(
-    teacher: Any, rows: Any, collator: Collator, path: Path, spec: dict[str, Any], plan: ShardPlan,
-    fitting: FittingBatchSize, group: ProcessGroup, *, lockstep: bool, progress: bool,
+    teacher: Any,
+    rows: Any,
+    collator: Collator,
+    path: Path,
+    spec: dict[str, Any],
+    plan: ShardPlan,
+    fitting: FittingBatchSize,
+    group: ProcessGroup,
+    *,
+    lockstep: bool,
+    progress: bool,
 ) -> None:
     """Build the unfinished shards j with j % W == rank; in lockstep, then the spare forwards the busier
     ranks' collectives need (counted before any forward, which the others' count exchange would block)."""
@@ -194,10 +224,10 @@ def prepare_rows(
             f"got {type(dataset).__name__}."
         )
     if len(dataset) == 0:
-        raise ValueError("dataset is empty: there is nothing to cache; check how it was loaded or filtered.")
+        raise ConfigError("dataset is empty: there is nothing to cache; check how it was loaded or filtered.")
     prepared, record = prepare_and_record(dataset, tokenizer, args, formatting_func=formatting_func)
     if len(prepared) == 0:
-        raise ValueError("no row of the dataset has a token in the loss after preparation; check its masks.")
+        raise ConfigError("no row of the dataset has a token in the loss after preparation; check its masks.")
     return prepared, record
 
 
@@ -212,21 +242,21 @@ def _check_options(
     mode: str, k: int, temperature: float, batch_size: int, shard_tokens: int, dtype: str, sampler: str
 ) -> None:
     if mode not in MODES:
-        raise ValueError(f"mode={mode!r} is not a cache mode; use one of {', '.join(MODES)}.")
+        raise ConfigError(f"mode={mode!r} is not a cache mode; use one of {', '.join(MODES)}.")
     if sampler not in SAMPLERS:
-        raise ValueError(f"sampler={sampler!r} is not a sampler; use one of {', '.join(SAMPLERS)}.")
+        raise ConfigError(f"sampler={sampler!r} is not a sampler; use one of {', '.join(SAMPLERS)}.")
     if not isinstance(k, int) or k < 1:
-        raise ValueError(f"k={k!r} must be a positive int (entries kept, or draws, per position).")
+        raise ConfigError(f"k={k!r} must be a positive int (entries kept, or draws, per position).")
     if mode == "sampled" and k > MAX_DRAWS:
-        raise ValueError(f"k={k} draws: a sampled cache stores counts as uint8, so use k <= {MAX_DRAWS}.")
+        raise ConfigError(f"k={k} draws: a sampled cache stores counts as uint8, so use k <= {MAX_DRAWS}.")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature={temperature!r} must be a finite number > 0.")
+        raise ConfigError(f"temperature={temperature!r} must be a finite number > 0.")
     if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be a positive int.")
+        raise ConfigError(f"batch_size={batch_size!r} must be a positive int.")
     if not isinstance(shard_tokens, int) or shard_tokens < 1:
-        raise ValueError(f"shard_tokens={shard_tokens!r} must be a positive int.")
+        raise ConfigError(f"shard_tokens={shard_tokens!r} must be a positive int.")
     if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not a storage dtype; use one of {', '.join(DTYPES)}.")
+        raise ConfigError(f"dtype={dtype!r} is not a storage dtype; use one of {', '.join(DTYPES)}.")
 
 
 def _check_rows(rows: Any, real_vocab: int) -> int:
@@ -236,14 +266,14 @@ def _check_rows(rows: Any, real_vocab: int) -> int:
     ids = pc.list_flatten(rows.with_format("arrow")[:]["input_ids"])
     low, high = pc.min(ids).as_py(), pc.max(ids).as_py()
     if low < 0:
-        raise ValueError("dataset 'input_ids' holds negative ids; token ids must be >= 0.")
+        raise ConfigError("dataset 'input_ids' holds negative ids; token ids must be >= 0.")
     if high >= real_vocab:
-        raise ValueError(
+        raise ConfigError(
             f"dataset holds token id {high} but the real vocabulary has {real_vocab} tokens; the dataset was "
             "tokenized for another model."
         )
     if not has_labelled_position(rows):
-        raise ValueError("no row has a labelled token after its first one: there is nothing to cache.")
+        raise ConfigError("no row has a labelled token after its first one: there is nothing to cache.")
     return len(ids)
 
 

@@ -20,6 +20,7 @@ from hf_capgap.cache.format import (
     shard_name,
     signal_bytes,
 )
+from hf_capgap.errors import ConfigError
 from hf_capgap.utils.artifacts import (
     MANIFEST_NAME,
     ArtifactError,
@@ -42,7 +43,7 @@ def inspect_directory(path: Path, spec: dict[str, Any], *, overwrite: bool) -> s
     Read-only, so every rank runs it and all raise together; foreign or mismatched contents are refused.
     """
     if path.exists() and not path.is_dir():
-        raise ValueError(f"cache path {path} is a file; pass a directory path.")
+        raise ConfigError(f"cache path {path} is a file; pass a directory path.")
     names = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
     foreign = [name for name in names if not _is_cache_file(name)]
     if foreign:
@@ -53,9 +54,7 @@ def inspect_directory(path: Path, spec: dict[str, Any], *, overwrite: bool) -> s
         if name not in names:
             continue
         have = json.loads((path / name).read_text())
-        problems = (
-            _mismatches(have, spec) if have.get("kind", KIND) == KIND else ["kind: not a teacher cache"]
-        )
+        problems = _mismatches(have, spec) if have.get("kind", KIND) == KIND else ["kind: not a teacher cache"]
         if not problems:
             return "complete" if name == MANIFEST_NAME else "build"
         if not overwrite:
@@ -138,9 +137,7 @@ def write_final_manifest(path: Path, spec: dict[str, Any], plan: ShardPlan, teac
         start, end = plan.rows(j)
         rows = arrow_row_count(file)
         if rows != end - start:
-            raise ArtifactError(
-                f"{file} holds {rows} rows instead of {end - start}; rerun the build to redo it."
-            )
+            raise ArtifactError(f"{file} holds {rows} rows instead of {end - start}; rerun the build to redo it.")
         shard_signal_bytes, positions = _signal_summary(file, spec["mode"])
         shards.append(
             {

@@ -93,8 +93,8 @@ class LabelledStates:
     def of(cls, teacher: Any, rows: Sequence[Mapping[str, Any]], batch: Mapping[str, Any]) -> LabelledStates:
         import torch
 
-        from hf_capgap.losses.lm_head import lm_head_bypassed
         from hf_capgap.data import forward_inputs
+        from hf_capgap.losses.lm_head import lm_head_bypassed
 
         device = next(teacher.parameters()).device
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in forward_inputs(batch).items()}
@@ -205,7 +205,9 @@ def sampling_points(positions: int, draws: int, sampler: str, generator: Any, de
     return (offsets + torch.arange(draws, device=device, dtype=torch.float64)) / draws
 
 
-def block_signal(values: Any, spec: dict[str, Any], points: Any = None, workspace: Any = None) -> dict[str, np.ndarray]:
+def block_signal(
+    values: Any, spec: dict[str, Any], points: Any = None, workspace: Any = None
+) -> dict[str, np.ndarray]:
     """The stored signal of a block of tempered teacher logits ``values`` [positions, vocab] (fp32),
     which it overwrites. Sampling writes its weights into ``workspace`` (fp32, at least [positions,
     padded_width(vocab)]) when given.

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from hf_capgap.errors import ConfigError
 from hf_capgap.utils.artifacts import ArtifactError
 
 KIND = "teacher_cache"
@@ -81,7 +82,7 @@ def id_dtype(real_vocab_size: int) -> str:
     for name, bits in (("uint8", 8), ("uint16", 16), ("uint32", 32)):
         if real_vocab_size <= 1 << bits:
             return name
-    raise ValueError(f"a vocabulary of {real_vocab_size} tokens does not fit 32-bit ids.")
+    raise ConfigError(f"a vocabulary of {real_vocab_size} tokens does not fit 32-bit ids.")
 
 
 @dataclass(frozen=True)
@@ -208,9 +209,8 @@ def sampled_bytes_bound(draws: int, vocab: int) -> int:
     """The most bytes one position of a sampled cache can take: d distinct ids, r <= min(d, draws - d)
     of them drawn more than once. The gaps of a position sum to less than ``vocab``, so at most
     vocab >> 7j of its d gaps take more than j bytes."""
+
     def coded(distinct: int) -> int:
         return sum(min(distinct, vocab >> (VARINT_BITS * j)) for j in range(5))
 
-    return SAMPLED_POSITION_BYTES + max(
-        coded(d) + REPEAT_BYTES * min(d, draws - d) for d in range(1, draws + 1)
-    )
+    return SAMPLED_POSITION_BYTES + max(coded(d) + REPEAT_BYTES * min(d, draws - d) for d in range(1, draws + 1))

@@ -30,7 +30,6 @@ import numpy as np
 import pyarrow as pa
 from transformers.utils import logging
 
-from hf_capgap.utils.artifacts import ArtifactError, file_sha256, read_manifest
 from hf_capgap.cache.format import (
     FORMAT_VERSION,
     KIND,
@@ -43,6 +42,8 @@ from hf_capgap.cache.format import (
     index_within_groups,
     row_dicts,
 )
+from hf_capgap.errors import ConfigError
+from hf_capgap.utils.artifacts import ArtifactError, file_sha256, read_manifest
 
 if TYPE_CHECKING:
     import torch
@@ -128,7 +129,7 @@ class CacheCollator:
         from hf_capgap.data import count_labelled_positions
 
         if not len(features):
-            raise ValueError("the collator got an empty list of rows; a batch must hold at least one row.")
+            raise ConfigError("the collator got an empty list of rows; a batch must hold at least one row.")
         names = SIGNAL_COLUMNS[self.cache.mode]
         if isinstance(features, CachedRows):
             rows, signal = list(features), features.signal
@@ -327,9 +328,7 @@ class TeacherCache:
                     "modified); rebuild the cache."
                 )
             if checksums and file_sha256(file) != shard["sha256"]:
-                raise ArtifactError(
-                    f"{file} does not match its manifest sha256 (corrupted); rebuild the cache."
-                )
+                raise ArtifactError(f"{file} does not match its manifest sha256 (corrupted); rebuild the cache.")
             rows = arrow_row_count(file)
             if rows != shard["num_rows"]:
                 raise ArtifactError(
@@ -394,7 +393,7 @@ class TeacherCache:
         keys = TEACHER_BATCH_KEYS[self.mode]
         missing = [key for key in keys if key not in batch]
         if missing:
-            raise ValueError(
+            raise ConfigError(
                 f"the batch has no {missing[0]!r}: collate cache rows with TeacherCache.collator(base_collator)."
             )
         values = [batch[key] for key in keys]

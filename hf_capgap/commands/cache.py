@@ -32,17 +32,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build = actions.add_parser(
         "build", help="run a teacher over a dataset and store its signal", deferred=_add_preparation_arguments
     )
-    build.add_argument(
-        "teacher", help="folder of the teacher (save_pretrained of a causal LM, with its tokenizer)"
-    )
+    build.add_argument("teacher", help="folder of the teacher (save_pretrained of a causal LM, with its tokenizer)")
     source = build.add_mutually_exclusive_group(required=True)
     source.add_argument(
         "--dataset",
         help="save_to_disk folder of a dataset: text, messages, prompt-completion or tokenized input_ids",
     )
-    source.add_argument(
-        "--corpus", choices=["embedded"], help="tokenize and pack the corpus shipped with hf_capgap"
-    )
+    source.add_argument("--corpus", choices=["embedded"], help="tokenize and pack the corpus shipped with hf_capgap")
     build.add_argument("--split", default="train", help="split to cache when the dataset has several")
     build.add_argument("--seq-len", type=int, default=128, help="row length when packing --corpus")
     build.add_argument("--out", required=True, help="cache folder to write (a rerun resumes it)")
@@ -57,9 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "fits this many bytes per position",
     )
     build.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the teacher")
-    build.add_argument(
-        "--dtype", choices=["float16", "bfloat16"], default="float16", help="storage of log-probs"
-    )
+    build.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16", help="storage of log-probs")
     build.add_argument(
         "--batch-size", type=int, default=8,
         help="rows per teacher forward, halved on out-of-memory errors: a large one finds the largest that fits",
@@ -73,7 +67,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="sampled mode: evenly spaced draws from one random offset (systematic), or independent draws",
     )
     build.add_argument(
-        "--teacher-dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+        "--teacher-dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
         help="dtype the teacher runs in (auto: bfloat16 on a GPU, float32 on a CPU)",
     )
     build.add_argument("--device", help="device of the teacher (default: cuda if available, else cpu)")
@@ -159,9 +155,7 @@ def _build(args: argparse.Namespace) -> int:
     preparation = default_preparation_args(
         **{name: getattr(args, name) for name in PREPARATION_ARGUMENTS}, seed=args.data_seed
     )
-    has_tokenizer = any(
-        (teacher_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")
-    )
+    has_tokenizer = any((teacher_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir) if has_tokenizer else None
     dataset = _load_dataset(args, tokenizer)
     teacher = load_frozen_teacher(teacher_dir, teacher_dtype=args.teacher_dtype, device=args.device)
@@ -190,9 +184,7 @@ def _verify(args: argparse.Namespace) -> int:
     from hf_capgap.cache import TeacherCache
 
     cache = TeacherCache.load(args.path, verify=True)
-    print(
-        f"ok: {len(cache.manifest['shards'])} shards, {len(cache)} sequences match the manifest of {args.path}"
-    )
+    print(f"ok: {len(cache.manifest['shards'])} shards, {len(cache)} sequences match the manifest of {args.path}")
     return 0
 
 
@@ -205,8 +197,11 @@ def _info(args: argparse.Namespace) -> int:
         ("mode", m["mode"] if m.get("sampler") is None else f"{m['mode']} ({m['sampler']} draws)"),
         ("k", m["k"]),
         ("temperature", m["temperature"]),
-        ("storage", f"ids {'as varint-coded gaps' if m['mode'] == 'sampled' else m['id_dtype']}, "
-                    f"log-probs {m['value_storage']}"),
+        (
+            "storage",
+            f"ids {'as varint-coded gaps' if m['mode'] == 'sampled' else m['id_dtype']}, "
+            f"log-probs {m['value_storage']}",
+        ),
         ("vocabulary", f"{m['real_vocab_size']} real tokens {m['vocabulary_fingerprint'] or ''}".rstrip()),
         ("sequences", m["num_sequences"]),
         ("tokens", f"{m['num_tokens']} ({m['num_positions']} labelled positions)"),
@@ -214,8 +209,12 @@ def _info(args: argparse.Namespace) -> int:
         ("bytes/token", f"{cache.bytes_per_token:.1f}"),
         ("teacher", f"{m['teacher_name'] or '(unnamed)'} {m['teacher_dtype']} {m['teacher_fingerprint']}"),
         ("dataset", m["dataset_fingerprint"]),
-        ("prepared with", ", ".join(f"{name}={value}" for name, value in m["preparation"].items())
-                          if "preparation" in m else "(not recorded: built by an older hf_capgap)"),
+        (
+            "prepared with",
+            ", ".join(f"{name}={value}" for name, value in m["preparation"].items())
+            if "preparation" in m
+            else "(not recorded: built by an older hf_capgap)",
+        ),
     ]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:

@@ -17,17 +17,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     fit.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap draws for the interval of k")
     fit.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
-    fit.add_argument(
-        "--affine", action="store_true", help="predict with t* = k s + b instead of the paper's t* = k s"
-    )
+    fit.add_argument("--affine", action="store_true", help="predict with t* = k s + b instead of the paper's t* = k s")
     fit.set_defaults(handler=_fit)
 
     suggest = actions.add_parser("suggest", help="the best teacher size for a student size")
     suggest.add_argument("--student", required=True, help="student size, e.g. 3e9, 3B, 350M, 70m")
     suggest.add_argument("--teachers", help="comma-separated sizes you can use as teacher, e.g. 1B,3B,7B,13B")
-    suggest.add_argument(
-        "--law", help="law JSON from `hf-capgap law fit` (default: the published law, k = 2.5)"
-    )
+    suggest.add_argument("--law", help="law JSON from `hf-capgap law fit` (default: the published law, k = 2.5)")
     suggest.set_defaults(handler=_suggest)
 
 

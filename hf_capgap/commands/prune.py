@@ -26,22 +26,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--target-params", required=True, help="student size, e.g. 3e9, 3B, 350M, 1200000")
     parser.add_argument("--out", required=True, help="folder to write the student into (must not exist)")
     parser.add_argument(
-        "--calibration-tokens", type=int, default=16384,
+        "--calibration-tokens",
+        type=int,
+        default=16384,
         help="tokens of the embedded corpus for Taylor importance; 0 ranks by weight magnitude instead",
     )
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per calibration row")
     parser.add_argument("--batch-size", type=int, default=4, help="calibration rows per backward pass")
     parser.add_argument(
-        "--layer-selection", choices=("score", "middle"), default="score",
+        "--layer-selection",
+        choices=("score", "middle"),
+        default="score",
         help="drop the least important layers (score) or layers evenly from both ends (middle, as MiniMA)",
     )
     parser.add_argument("--teacher-name", help="name recorded in the manifest (default: TEACHER_DIR's folder name)")
     parser.add_argument(
-        "--teacher-dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
+        "--teacher-dtype",
+        choices=("auto", "bfloat16", "float16", "float32"),
+        default="auto",
         help="dtype the teacher is loaded and scored in (auto: bf16 on a GPU, float32 on a CPU)",
     )
     parser.add_argument(
-        "--checkpoint-layers", action=argparse.BooleanOptionalAction, default=True,
+        "--checkpoint-layers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="recompute each layer's activations in the scoring backward pass (memory of one layer, not all)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -71,8 +79,11 @@ def _prune(args: argparse.Namespace) -> int:
     check_model_folder(teacher_dir, tokenizer=False)  # the tokenizer is looked for only when calibration needs it
     if out.exists() and not args.overwrite:
         raise ConfigError(f"--out {out} already exists; remove it or pass --overwrite.")
-    for flag, value, least in (("--calibration-tokens", args.calibration_tokens, 0), ("--seq-len", args.seq_len, 2),
-                               ("--batch-size", args.batch_size, 1)):
+    for flag, value, least in (
+        ("--calibration-tokens", args.calibration_tokens, 0),
+        ("--seq-len", args.seq_len, 2),
+        ("--batch-size", args.batch_size, 1),
+    ):
         if value < least:
             raise ConfigError(f"{flag} must be at least {least}, got {value}.")
     config = AutoConfig.from_pretrained(teacher_dir)
@@ -82,14 +93,25 @@ def _prune(args: argparse.Namespace) -> int:
     tokenizer = _teacher_tokenizer(teacher_dir, config.vocab_size, needed=args.calibration_tokens > 0)
     calibration = (
         _calibration_batches(tokenizer, args.calibration_tokens, args.seq_len, args.batch_size)
-        if args.calibration_tokens > 0 else None
+        if args.calibration_tokens > 0
+        else None
     )
 
     teacher = load_frozen_teacher(teacher_dir, teacher_dtype=args.teacher_dtype)
-    student = prune_model(teacher, shape=shape, calibration=calibration, layer_selection=args.layer_selection,
-                          checkpoint_layers=args.checkpoint_layers)
-    save_pruned(student, out, teacher_name=args.teacher_name or teacher_dir.resolve().name, tokenizer=tokenizer,
-                overwrite=args.overwrite)
+    student = prune_model(
+        teacher,
+        shape=shape,
+        calibration=calibration,
+        layer_selection=args.layer_selection,
+        checkpoint_layers=args.checkpoint_layers,
+    )
+    save_pruned(
+        student,
+        out,
+        teacher_name=args.teacher_name or teacher_dir.resolve().name,
+        tokenizer=tokenizer,
+        overwrite=args.overwrite,
+    )
     record = student.pruning_record
     print(
         f"pruned {record.teacher_params:,} -> {record.student_params:,} parameters "

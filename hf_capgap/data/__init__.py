@@ -5,20 +5,20 @@ the trainer and the cache share it: ``formats`` (which format, TRL's checks), ``
 
 from __future__ import annotations
 
+from hf_capgap.data.chat_templates import apply_chat_template_path, template_digest
 from hf_capgap.data.corpus import (
     CORPUS_FILE,
-    VALIDATION_FRACTION,
     PASSAGE_CHARS,
     SPECIAL_TOKENS,
-    TOKENIZER_KIND,
     TOKENIZER_FORMAT_VERSION,
+    TOKENIZER_KIND,
+    VALIDATION_FRACTION,
     DatasetOrDict,
-    load_corpus,
-    train_tokenizer,
     default_tokenizer,
+    load_corpus,
     tokenize_and_pack,
+    train_tokenizer,
 )
-from hf_capgap.data.chat_templates import apply_chat_template_path, template_digest
 from hf_capgap.data.formats import (
     IGNORE_INDEX,
     TOKENIZED_COLUMN,

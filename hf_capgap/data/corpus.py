@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import datasets
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from hf_capgap.errors import ConfigError
 from hf_capgap.utils.artifacts import (
     ArtifactError,
     atomic_directory,
@@ -72,7 +73,7 @@ def load_corpus(cache_dir: str | os.PathLike | None = None) -> datasets.DatasetD
 def _validation_rows(sources: list[str], titles: list[str]) -> set[int]:
     """Per source, the documents whose title hash sorts first (at least one per source)."""
     by_source: dict[str, list[tuple[str, int]]] = {}
-    for row, (source, title) in enumerate(zip(sources, titles)):
+    for row, (source, title) in enumerate(zip(sources, titles, strict=True)):
         key = hashlib.sha256(f"{source}/{title}".encode()).hexdigest()
         by_source.setdefault(source, []).append((key, row))
     held_out: set[int] = set()
@@ -84,7 +85,7 @@ def _validation_rows(sources: list[str], titles: list[str]) -> set[int]:
 
 def _split_into_passages(batch: dict[str, list], max_chars: int) -> dict[str, list]:
     passages: dict[str, list] = {"text": [], "title": [], "source": []}
-    for text, title, source in zip(batch["text"], batch["title"], batch["source"]):
+    for text, title, source in zip(batch["text"], batch["title"], batch["source"], strict=True):
         current: list[str] = []
         size = 0
         for paragraph in text.split("\n\n"):
@@ -111,11 +112,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192) -> PreTrainedT
 
     minimum = _BYTE_ALPHABET_SIZE + len(SPECIAL_TOKENS)
     if vocab_size < minimum:
-        raise ValueError(f"vocab_size={vocab_size} is too small: byte-level BPE needs at least {minimum}.")
+        raise ConfigError(f"vocab_size={vocab_size} is too small: byte-level BPE needs at least {minimum}.")
     iterator: Iterator[str] = iter(texts)
     first = next(iterator, None)
     if first is None:
-        raise ValueError("texts is empty: train_tokenizer needs at least one non-empty text.")
+        raise ConfigError("texts is empty: train_tokenizer needs at least one non-empty text.")
     backend = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
@@ -129,9 +130,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192) -> PreTrainedT
     return PreTrainedTokenizerFast(tokenizer_object=backend, **SPECIAL_TOKENS)
 
 
-def default_tokenizer(
-    vocab_size: int = 8192, cache_dir: str | os.PathLike | None = None
-) -> PreTrainedTokenizerFast:
+def default_tokenizer(vocab_size: int = 8192, cache_dir: str | os.PathLike | None = None) -> PreTrainedTokenizerFast:
     """The tokenizer trained on the embedded train split, built once and then loaded from disk.
 
     Cached under ``cache_dir``, else ``$HF_CAPGAP_CACHE``, else ``~/.cache/hf_capgap``, keyed by the
@@ -194,9 +193,9 @@ def tokenize_and_pack(
     from trl import pack_dataset
 
     if seq_len < 2:
-        raise ValueError(f"seq_len={seq_len} is too small: a language-model row needs at least 2 tokens.")
+        raise ConfigError(f"seq_len={seq_len} is too small: a language-model row needs at least 2 tokens.")
     if tokenizer.eos_token_id is None:
-        raise ValueError("tokenizer has no eos_token: set tokenizer.eos_token so documents can be separated.")
+        raise ConfigError("tokenizer has no eos_token: set tokenizer.eos_token so documents can be separated.")
     if isinstance(dataset, datasets.DatasetDict):
         return datasets.DatasetDict(
             {
@@ -207,17 +206,23 @@ def tokenize_and_pack(
     streamed = isinstance(dataset, datasets.IterableDataset)
     columns = list(next(iter(dataset), {})) if streamed else dataset.column_names
     if not columns:
-        raise ValueError("dataset is empty: tokenize_and_pack needs at least one text row.")
+        raise ConfigError("dataset is empty: tokenize_and_pack needs at least one text row.")
     chat_template = _document_source(columns, text_field, tokenizer)
     if not streamed and len(dataset) == 0:
-        raise ValueError("dataset is empty: tokenize_and_pack needs at least one text row.")
-    fingerprint = _derived_fingerprint(
-        dataset, "pack", _PACK_FORMAT_VERSION, tokenizer_fingerprint(tokenizer), seq_len, text_field, chat_template
-    ) if not streamed else None
+        raise ConfigError("dataset is empty: tokenize_and_pack needs at least one text row.")
+    fingerprint = (
+        _derived_fingerprint(
+            dataset, "pack", _PACK_FORMAT_VERSION, tokenizer_fingerprint(tokenizer), seq_len, text_field, chat_template
+        )
+        if not streamed
+        else None
+    )
 
     def cached(name: str, description: str) -> dict[str, Any]:
         """map/filter options that only in-memory datasets take."""
-        return {} if streamed else {"num_proc": num_proc, "new_fingerprint": f"{fingerprint}-{name}", "desc": description}
+        return (
+            {} if streamed else {"num_proc": num_proc, "new_fingerprint": f"{fingerprint}-{name}", "desc": description}
+        )
 
     if chat_template is not None:
         from trl.data_utils import maybe_apply_chat_template
@@ -240,11 +245,16 @@ def tokenize_and_pack(
         # Row by row: a batched filter on a stream joins the keys of every batch before it into one string.
         return packed.filter(lambda ids: len(ids) == seq_len, input_columns="input_ids")
     full = packed.filter(
-        _full_rows, batched=True, input_columns="input_ids", fn_kwargs={"seq_len": seq_len}, num_proc=num_proc,
-        new_fingerprint=fingerprint, desc=f"Keeping full rows of {seq_len}",
+        _full_rows,
+        batched=True,
+        input_columns="input_ids",
+        fn_kwargs={"seq_len": seq_len},
+        num_proc=num_proc,
+        new_fingerprint=fingerprint,
+        desc=f"Keeping full rows of {seq_len}",
     )
     if len(full) == 0:
-        raise ValueError(
+        raise ConfigError(
             f"seq_len={seq_len} is longer than the tokens available per batch: no full row could be "
             "packed. Use a smaller seq_len or more text."
         )
@@ -257,7 +267,7 @@ def _document_source(columns: list[str], text_field: str, tokenizer: PreTrainedT
     if text_field in columns:
         return None
     if "messages" not in columns:
-        raise ValueError(
+        raise ConfigError(
             f"dataset has columns {columns}, neither the text column {text_field!r} nor chat 'messages'; set "
             "dataset_text_field to the column holding the text."
         )
@@ -267,7 +277,9 @@ def _document_source(columns: list[str], text_field: str, tokenizer: PreTrainedT
     return template if isinstance(template, str) else json_sha256(template)
 
 
-def _tokenize_documents(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, text_field: str) -> dict[str, list]:
+def _tokenize_documents(
+    batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, text_field: str
+) -> dict[str, list]:
     texts = [text for text in batch[text_field] if text]
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
     return {"input_ids": [ids + [tokenizer.eos_token_id] for ids in encoded]}

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from hf_capgap.errors import HfCapgapError
+from hf_capgap.errors import ConfigError, HfCapgapError
 
 IGNORE_INDEX = -100
 TOKENIZED_COLUMN = "input_ids"
@@ -145,7 +145,7 @@ def check_sft_config(args: Any, processing_class: Any) -> None:
     with no function to call, so they are restated here.
     """
     if args.padding_free and not args.packing and args.max_length is not None:
-        raise ValueError(
+        raise ConfigError(
             f"padding_free=True without packing does not enforce max_length (now {args.max_length}), so SFTTrainer "
             "refuses it: set max_length=None (hf-capgap cache build --max_length None) and give rows already cut "
             "to length, or enable packing (packing=True, packing_strategy='bfd')."
@@ -153,7 +153,7 @@ def check_sft_config(args: Any, processing_class: Any) -> None:
     if args.eos_token is not None and processing_class is not None:
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         if args.eos_token not in tokenizer.get_vocab():
-            raise ValueError(
+            raise ConfigError(
                 f"eos_token={args.eos_token!r} is not in the vocabulary of the tokenizer "
                 f"{getattr(tokenizer, 'name_or_path', '')!r} (SFTTrainer refuses it too): name one of its tokens, "
                 "or leave eos_token=None to use the tokenizer's own."

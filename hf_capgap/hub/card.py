@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from hf_capgap.errors import ConfigError
 from hf_capgap.law import CONFIDENCE, CapacityGapLaw
 from hf_capgap.utils.artifacts import atomic_write_bytes
 
@@ -96,7 +97,7 @@ class StudentCardInfo:
         known = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown card info field(s) {unknown}; expected only {sorted(known)}.")
+            raise ConfigError(f"unknown card info field(s) {unknown}; expected only {sorted(known)}.")
         missing = sorted(
             field.name
             for field in dataclasses.fields(cls)
@@ -105,7 +106,7 @@ class StudentCardInfo:
             and field.default_factory is dataclasses.MISSING
         )
         if missing:
-            raise ValueError(f"card info is missing field(s) {missing}.")
+            raise ConfigError(f"card info is missing field(s) {missing}.")
         nested = {"pruning": PruningShape, "training": TrainingSetup}
         nested |= {name: HeldOutScore for name in ("teacher_eval", "pruned_eval", "distilled_eval", "scratch_eval")}
         values = dict(data)
@@ -115,7 +116,7 @@ class StudentCardInfo:
                 try:
                     values[name] = record(**value)
                 except TypeError as err:
-                    raise ValueError(
+                    raise ConfigError(
                         f"card info field {name!r}: {err}; expected fields of {record.__name__}."
                     ) from err
         return cls(**values)
@@ -124,23 +125,23 @@ class StudentCardInfo:
         """Raise ValueError naming the first field that cannot make a truthful card."""
         for name in ("teacher_params", "student_params"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be a positive parameter count, got {getattr(self, name)}.")
+                raise ConfigError(f"{name} must be a positive parameter count, got {getattr(self, name)}.")
         if not isinstance(self.law, Mapping):
-            raise ValueError(f"law is a {type(self.law).__name__}; pass CapacityGapLaw.to_dict().")
+            raise ConfigError(f"law is a {type(self.law).__name__}; pass CapacityGapLaw.to_dict().")
         ci = self.law.get("ratio_ci")
         if ci is not None and (len(ci) != 2 or ci[0] > ci[1]):
-            raise ValueError(f"law['ratio_ci'] must be [low, high] with low <= high, or None; got {ci}.")
+            raise ConfigError(f"law['ratio_ci'] must be [low, high] with low <= high, or None; got {ci}.")
         law = card_law(self.law)
         if law.ratio <= 0 or (not law.through_origin and law.slope_affine <= 0):
-            raise ValueError(f"the law's slope must be positive: {law.formula()}.")
+            raise ConfigError(f"the law's slope must be positive: {law.formula()}.")
         if not 0 < self.pruning.kept_fraction <= 1:
-            raise ValueError(f"pruning.kept_fraction must be in (0, 1], got {self.pruning.kept_fraction}.")
+            raise ConfigError(f"pruning.kept_fraction must be in (0, 1], got {self.pruning.kept_fraction}.")
         if not self.eval_dataset:
-            raise ValueError("eval_dataset is empty: name the held-out data the losses were measured on.")
+            raise ConfigError("eval_dataset is empty: name the held-out data the losses were measured on.")
         for name in ("teacher_hub_id", "repo_id"):
             value = getattr(self, name)
             if value is not None and (value.count("/") != 1 or value.startswith((".", "/", "~"))):
-                raise ValueError(f"{name}={value!r} must be a Hub id 'namespace/name', not a local path.")
+                raise ConfigError(f"{name}={value!r} must be a Hub id 'namespace/name', not a local path.")
         if self.law_plot is not None and not Path(self.law_plot).is_file():
             raise FileNotFoundError(f"law_plot {self.law_plot} does not exist; pass the PNG from CapacityGapLaw.plot.")
 
@@ -156,7 +157,7 @@ def card_law(law: Mapping[str, Any]) -> CapacityGapLaw:
     try:
         return CapacityGapLaw.from_dict(law)
     except ValueError as err:
-        raise ValueError(f"law: {err} Pass CapacityGapLaw.to_dict() of the law that chose the teacher.") from err
+        raise ConfigError(f"law: {err} Pass CapacityGapLaw.to_dict() of the law that chose the teacher.") from err
 
 
 def law_position(info: StudentCardInfo) -> dict[str, Any]:
@@ -258,7 +259,7 @@ def write_model_card(folder: str | os.PathLike, info: StudentCardInfo | Mapping[
     if info.law_plot is not None:
         plot_bytes = Path(info.law_plot).read_bytes()
         if not plot_bytes.startswith(_PNG_MAGIC):
-            raise ValueError(f"law_plot {info.law_plot} is not a PNG; save the law plot with format='png'.")
+            raise ConfigError(f"law_plot {info.law_plot} is not a PNG; save the law plot with format='png'.")
     card = render_model_card(info)
     if plot_bytes is not None:
         atomic_write_bytes(folder / PLOT_NAME, plot_bytes)

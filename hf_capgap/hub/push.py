@@ -25,13 +25,22 @@ from typing import IO
 import numpy as np
 from transformers.utils import logging
 
-from hf_capgap.errors import HfCapgapError
+from hf_capgap.errors import ConfigError, HfCapgapError
 
 logger = logging.get_logger(__name__)
 
 _WEIGHT_PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
 PICKLE_PATTERNS = (
-    "*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt", "*.joblib", "*.pkl.*", "*.pickle.*", "*.joblib.*"
+    "*.bin",
+    "*.pt",
+    "*.pth",
+    "*.pkl",
+    "*.pickle",
+    "*.ckpt",
+    "*.joblib",
+    "*.pkl.*",
+    "*.pickle.*",
+    "*.joblib.*",
 )
 """Never uploaded (matched in subfolders too, in any letter case): torch and Python pickles run code
 on load, and ``Trainer`` pickles its ``TrainingArguments`` (token included) as ``training_args.bin``
@@ -75,10 +84,10 @@ def check_student_folder(folder: str | os.PathLike) -> Path:
         raise FileNotFoundError(f"student folder {folder} does not exist.")
     pickles = sorted(name for name in _WEIGHT_PICKLES if (folder / name).exists())
     if pickles:
-        raise ValueError(f"{folder} holds pickled weights {pickles}; re-save with safetensors and remove them.")
+        raise ConfigError(f"{folder} holds pickled weights {pickles}; re-save with safetensors and remove them.")
     missing = missing_student_files(folder)
     if missing:
-        raise ValueError(
+        raise ConfigError(
             f"{folder} is not a complete exported student, missing: {', '.join(missing)}. Save the model and "
             "tokenizer with save_pretrained(folder) and write the card with `hf-capgap card FOLDER --info info.json`."
         )
@@ -103,7 +112,7 @@ def _refuse_offline() -> None:
     from huggingface_hub import constants
 
     if constants.is_offline_mode():
-        raise ValueError(
+        raise ConfigError(
             "HF_HUB_OFFLINE is set (or TRANSFORMERS_OFFLINE), which blocks every upload, even to a local "
             "endpoint. Unset HF_HUB_OFFLINE to push."
         )
@@ -242,7 +251,7 @@ def _refuse_token_files(folder: Path, names: Sequence[str], tokens: Sequence[str
     secrets = [token.encode("utf-8") for token in tokens]
     holding = [name for name in names if any(_holds(folder / name, secret) for secret in secrets)]
     if holding:
-        raise ValueError(
+        raise ConfigError(
             f"{folder}: {', '.join(holding)} contain(s) a Hub token of this machine (the one for this push, HF_TOKEN "
             "or a saved login); nothing was uploaded. Remove the token from those files (or delete them) and revoke "
             "the token if they were ever shared."
@@ -273,14 +282,14 @@ def push_student(
 
     folder = check_student_folder(folder)
     if "/" not in repo_id:
-        raise ValueError(f"repo_id {repo_id!r} must be 'namespace/name', e.g. 'my-org/{repo_id}'.")
+        raise ConfigError(f"repo_id {repo_id!r} must be 'namespace/name', e.g. 'my-org/{repo_id}'.")
     _refuse_offline()
     token = (token.strip() or None) if token else None
     tokens = _gather_tokens(token)
     sent, skipped = _files_to_upload(folder)
     unsent = _missing_from({name for name in sent if "/" not in name})
     if unsent:
-        raise ValueError(
+        raise ConfigError(
             f"{folder}: the push would leave out {', '.join(unsent)} (skipped as pickle(s): "
             f"{', '.join(skipped) or 'none'}); nothing was uploaded. Re-save the student with save_pretrained."
         )

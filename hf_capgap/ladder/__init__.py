@@ -5,28 +5,28 @@ embedded corpus, used to measure the law at toy scale.
 from __future__ import annotations
 
 from hf_capgap.ladder.ladder import (
-    LadderPreset,
     LADDERS,
+    LadderPreset,
     LadderRung,
+    build_ladder,
     count_parameters,
     ladder_config,
-    build_ladder,
     rung_name,
 )
 from hf_capgap.ladder.pretraining import (
-    TEACHER_KIND,
+    PRETRAIN_PRESETS,
     TEACHER_FORMAT_VERSION,
+    TEACHER_KIND,
     WORK_DIR_NAME,
     Checkpoint,
-    last_complete_checkpoint,
-    PretrainSettings,
     LadderRun,
-    PRETRAIN_PRESETS,
+    LadderTeacher,
+    PretrainSettings,
+    ensure_ladder,
+    last_complete_checkpoint,
+    load_teacher,
     preset_rungs,
     pretrain,
-    LadderTeacher,
-    load_teacher,
-    ensure_ladder,
 )
 
 __all__ = [

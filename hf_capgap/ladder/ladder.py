@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from transformers import LlamaConfig
 
+from hf_capgap.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class LadderPreset:
@@ -49,7 +51,7 @@ def count_parameters(config: LlamaConfig) -> tuple[int, int]:
     Kaplan et al. convention). Matches ``sum(p.numel() for p in model.parameters())``.
     """
     if config.attention_bias or config.mlp_bias:
-        raise ValueError("count_parameters covers bias-free LLaMA configs: set attention_bias=mlp_bias=False.")
+        raise ConfigError("count_parameters covers bias-free LLaMA configs: set attention_bias=mlp_bias=False.")
     hidden = config.hidden_size
     head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
     kv_heads = config.num_key_value_heads or config.num_attention_heads
@@ -114,11 +116,11 @@ def build_ladder(
     so a sweep can fit the law either way. Raises ValueError if two targets land on the same shape.
     """
     if not sizes:
-        raise ValueError("sizes is empty: pass at least one target parameter count.")
+        raise ConfigError("sizes is empty: pass at least one target parameter count.")
     if vocab_size < 1:
-        raise ValueError(f"vocab_size={vocab_size} must be positive.")
+        raise ConfigError(f"vocab_size={vocab_size} must be positive.")
     if heads_per_kv < 1:
-        raise ValueError(f"heads_per_kv={heads_per_kv} must be >= 1 (1 = full multi-head attention).")
+        raise ConfigError(f"heads_per_kv={heads_per_kv} must be >= 1 (1 = full multi-head attention).")
     options = dict(
         head_dim=head_dim,
         hidden_per_layer=hidden_per_layer,
@@ -130,19 +132,18 @@ def build_ladder(
     family = [
         (count_parameters(config), config)
         for config in (
-            ladder_config(heads, vocab_size, **options)
-            for heads in range(heads_per_kv, max_heads + 1, heads_per_kv)
+            ladder_config(heads, vocab_size, **options) for heads in range(heads_per_kv, max_heads + 1, heads_per_kv)
         )
     ]
     rungs = []
     for target in sizes:
         if target <= 0:
-            raise ValueError(f"sizes contains {target}: every target parameter count must be positive.")
+            raise ConfigError(f"sizes contains {target}: every target parameter count must be positive.")
         (total, non_embedding), config = min(family, key=lambda item: abs(item[0][0] - target))
         rungs.append(LadderRung(rung_name(total), config, total, non_embedding, target))
     names = [rung.name for rung in rungs]
     if len(set(names)) != len(names):
-        raise ValueError(
+        raise ConfigError(
             f"sizes {list(sizes)} map to repeated shapes {names}: spread the targets further apart or "
             "lower head_dim for a finer-grained family."
         )

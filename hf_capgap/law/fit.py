@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from hf_capgap.errors import HfCapgapError
+from hf_capgap.errors import ConfigError, HfCapgapError
 from hf_capgap.law.params import format_params
 from hf_capgap.law.records import curves, read_records, validated_records
 
@@ -80,12 +80,8 @@ def locate_optima(rows: Iterable[Mapping[str, Any]]) -> list[Optimum]:
 
 def fit_fields(records: Any, *, n_bootstrap: int, seed: int, through_origin: bool) -> dict[str, Any]:
     """The fitted law's constructor arguments, but ``source``: see ``CapacityGapLaw.fit``."""
-    if (
-        not isinstance(n_bootstrap, (int, np.integer))
-        or isinstance(n_bootstrap, bool)
-        or n_bootstrap < MIN_BOOTSTRAP
-    ):
-        raise ValueError(
+    if not isinstance(n_bootstrap, (int, np.integer)) or isinstance(n_bootstrap, bool) or n_bootstrap < MIN_BOOTSTRAP:
+        raise ConfigError(
             f"n_bootstrap must be an integer of at least {MIN_BOOTSTRAP} for a "
             f"{CONFIDENCE:.0%} interval, got {n_bootstrap!r}."
         )
@@ -106,7 +102,7 @@ def fit_fields(records: Any, *, n_bootstrap: int, seed: int, through_origin: boo
     ratio = fit_ratio(students, teachers)
     slope, intercept = fit_affine(students, teachers)
     if not through_origin and slope <= 0:
-        raise ValueError(
+        raise ConfigError(
             f"the affine fit t* = k s + b has a non-positive slope ({slope:.3g}); the optima do not "
             "grow with student size. Use through_origin=True or add student sizes."
         )
@@ -153,9 +149,7 @@ def _locate_optimum(student: float, curve: tuple[np.ndarray, np.ndarray]) -> Opt
     best = int(np.argmin(losses))
     note = _unbracketed(student, teachers, best)
     if note is not None:
-        return Optimum(
-            student, float(teachers[best]), float(losses[best]), tuple(map(float, teachers)), False, note
-        )
+        return Optimum(student, float(teachers[best]), float(losses[best]), tuple(map(float, teachers)), False, note)
     x = np.log(teachers[best - 1 : best + 2])
     curvature, slope, constant = np.polyfit(x, losses[best - 1 : best + 2], 2)
     vertex = float(np.clip(-slope / (2 * curvature), x[0], x[-1])) if curvature > 0 else float(x[1])

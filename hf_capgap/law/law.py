@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from hf_capgap.errors import ConfigError
 from hf_capgap.law.fit import CONFIDENCE, INTERVAL_METHOD, Optimum, fit_fields
 from hf_capgap.law.paper import CITATION, PAPER_FAMILIES, PAPER_RATIO
 from hf_capgap.law.params import format_params, parse_params
@@ -86,7 +87,7 @@ class CapacityGapLaw:
         interval_method: int = INTERVAL_METHOD,
     ) -> None:
         if not through_origin and (slope_affine is None or intercept is None):
-            raise ValueError("an affine law (through_origin=False) needs slope_affine and intercept.")
+            raise ConfigError("an affine law (through_origin=False) needs slope_affine and intercept.")
         self.ratio = float(ratio)
         self.ratio_ci = None if ratio_ci is None else (float(ratio_ci[0]), float(ratio_ci[1]))
         self.source = source
@@ -150,7 +151,7 @@ class CapacityGapLaw:
         slope, intercept = self.line()
         teachers = slope * students + intercept
         if np.any(teachers <= students):
-            raise ValueError(
+            raise ConfigError(
                 f"the law predicts no teacher larger than student sizes "
                 f"{[format_params(s) for s in students[teachers <= students]]}: they lie outside the "
                 "range where the affine fit is meaningful; use a through-origin law for them."
@@ -169,7 +170,7 @@ class CapacityGapLaw:
         slope, intercept = self.line()
         students = (teachers - intercept) / slope
         if np.any(students <= 0):
-            raise ValueError(
+            raise ConfigError(
                 f"teachers {[format_params(t) for t in teachers[students <= 0]]} are below the affine "
                 f"law's intercept ({format_params(intercept)}): no student size fits them."
             )
@@ -187,11 +188,11 @@ class CapacityGapLaw:
         student = parse_params(student_params)
         offered = sorted({parse_params(teacher) for teacher in available_teachers})
         if not offered:
-            raise ValueError("available_teachers is empty; pass the teacher sizes you can use.")
+            raise ConfigError("available_teachers is empty; pass the teacher sizes you can use.")
         usable = [teacher for teacher in offered if teacher > student]
         excluded = tuple(teacher for teacher in offered if teacher <= student)
         if not usable:
-            raise ValueError(
+            raise ConfigError(
                 f"no available teacher is larger than the {format_params(student)} student "
                 f"(offered: {', '.join(format_params(t) for t in offered)}); the student is pruned "
                 "from its teacher, so offer at least one larger model."
@@ -274,15 +275,14 @@ class CapacityGapLaw:
         if self.optima:
             lines.append(f"{'student':>9} {'t*':>9} {'t*/s':>6} {'loss':>8}  bracket")
             for optimum in self.optima:
-                bracket = "-".join(
-                    format_params(t) for t in (optimum.points_used[0], optimum.points_used[-1])
-                )
+                bracket = "-".join(format_params(t) for t in (optimum.points_used[0], optimum.points_used[-1]))
                 status = bracket if optimum.interior else f"excluded: {optimum.note}"
                 lines.append(
                     f"{format_params(optimum.student_params):>9} {format_params(optimum.teacher_params):>9} "
                     f"{optimum.teacher_params / optimum.student_params:>6.2f} {optimum.loss:>8.4f}  {status}"
                 )
         return "\n".join(lines)
+
     def plot(self, path: str | os.PathLike, *, mark: tuple[float, float] | None = None) -> None:
         """Save a PNG: loss vs teacher size per student with the fitted minima, and t* vs s.
 
@@ -357,9 +357,9 @@ def _positive_array(values: Any, name: str) -> np.ndarray:
         values = parse_params(values)
     array = np.asarray(values, dtype=float)
     if array.size == 0:
-        raise ValueError(f"{name} is empty; pass one or more parameter counts.")
+        raise ConfigError(f"{name} is empty; pass one or more parameter counts.")
     if not np.all(np.isfinite(array)) or np.any(array <= 0):
-        raise ValueError(f"{name} must be positive, finite parameter counts, got {values!r}.")
+        raise ConfigError(f"{name} must be positive, finite parameter counts, got {values!r}.")
     return array.reshape(-1)
 
 
@@ -368,9 +368,7 @@ def _prediction(
 ) -> Prediction:
     """Give back floats for a scalar query and arrays shaped like the query otherwise."""
     if shape == ():
-        return Prediction(
-            float(params[0]), None if lo is None else float(lo[0]), None if hi is None else float(hi[0])
-        )
+        return Prediction(float(params[0]), None if lo is None else float(lo[0]), None if hi is None else float(hi[0]))
     return Prediction(
         params.reshape(shape),
         None if lo is None else lo.reshape(shape),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import re
 
+from hf_capgap.errors import ConfigError
+
 _SUFFIXES = {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
 _PARAMS_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmbgt]?)\s*$", re.IGNORECASE)
 
@@ -16,12 +18,10 @@ def parse_params(text: str | float) -> float:
     else:
         match = _PARAMS_PATTERN.match(str(text))
         if match is None:
-            raise ValueError(
-                f"cannot read {text!r} as a parameter count; write it like 3e9, 3B, 350M or 70m."
-            )
+            raise ConfigError(f"cannot read {text!r} as a parameter count; write it like 3e9, 3B, 350M or 70m.")
         value = float(match.group(1)) * _SUFFIXES[match.group(2).lower()]
     if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"a parameter count must be a positive number, got {text!r}.")
+        raise ConfigError(f"a parameter count must be a positive number, got {text!r}.")
     return value
 
 

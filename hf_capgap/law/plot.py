@@ -86,16 +86,20 @@ def _draw_line(axis: Any, law: CapacityGapLaw, mark: tuple[float, float] | None)
     if law.source != "paper":
         axis.plot(grid, PAPER_RATIO * grid, ":", color="grey", label=f"paper: t* = {PAPER_RATIO} s")
     if mark is not None:
-        axis.plot(*mark, "*", color="red", ms=14, mec="black",
-                  label=f"this pair: {format_params(mark[0])} from {format_params(mark[1])}")
+        axis.plot(
+            *mark,
+            "*",
+            color="red",
+            ms=14,
+            mec="black",
+            label=f"this pair: {format_params(mark[0])} from {format_params(mark[1])}",
+        )
     axis.set_xscale("log")
     axis.set_yscale("log")
     axis.set_xlabel("student parameters s")
     axis.set_ylabel("optimal teacher parameters t*")
     axis.set_title(
-        "Law of capacity gap"
-        if law.source != "paper"
-        else "Law of capacity gap: published prior (no interval)"
+        "Law of capacity gap" if law.source != "paper" else "Law of capacity gap: published prior (no interval)"
     )
     axis.grid(True, which="both", alpha=0.3)
     axis.legend(fontsize=8)

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from hf_capgap.errors import ConfigError
 from hf_capgap.law.params import format_params, parse_params
 from hf_capgap.utils.artifacts import ArtifactError
 
@@ -58,12 +59,12 @@ def _parse_record(line: str, required_fields: Sequence[str]) -> dict[str, Any]:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
-        raise ValueError(f"is not valid JSON ({err})") from err
+        raise ConfigError(f"is not valid JSON ({err})") from err
     if not isinstance(record, dict):
-        raise ValueError("is not a JSON object (each line must be one record)")
+        raise ConfigError("is not a JSON object (each line must be one record)")
     missing = [field for field in required_fields if field not in record]
     if missing:
-        raise ValueError(f"is not a sweep record (it lacks {', '.join(missing)})")
+        raise ConfigError(f"is not a sweep record (it lacks {', '.join(missing)})")
     return record
 
 
@@ -74,7 +75,7 @@ def read_records(records: Any) -> list[Mapping[str, Any]]:
     if hasattr(records, "columns") and hasattr(records, "to_dict"):
         return records.to_dict("records")
     if isinstance(records, Mapping):
-        raise ValueError("records must be a ledger path, a list of dicts or a DataFrame, not a single dict.")
+        raise ConfigError("records must be a ledger path, a list of dicts or a DataFrame, not a single dict.")
     return list(records)
 
 
@@ -82,31 +83,31 @@ def validated_records(rows: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """The rows as dicts of numbers (student_params, teacher_params, eval_loss, family if a string); ValueError
     naming the first bad one."""
     if not rows:
-        raise ValueError(
+        raise ConfigError(
             "no sweep records: the law needs evaluated (student_params, teacher_params, eval_loss) records."
         )
     clean = []
     for index, row in enumerate(rows):
         if not isinstance(row, Mapping):
-            raise ValueError(f"record {index} is a {type(row).__name__}, not a dict of fields.")
+            raise ConfigError(f"record {index} is a {type(row).__name__}, not a dict of fields.")
         missing = [field for field in REQUIRED_FIELDS if field not in row or row[field] is None]
         if missing:
-            raise ValueError(
+            raise ConfigError(
                 f"record {index} lacks {', '.join(missing)}; every record needs {', '.join(REQUIRED_FIELDS)}."
             )
         student = _record_size(row, "student_params", index)
         teacher = _record_size(row, "teacher_params", index)
         if teacher <= student:
-            raise ValueError(
+            raise ConfigError(
                 f"record {index}: teacher_params ({format_params(teacher)}) must be larger than "
                 f"student_params ({format_params(student)}); the student is pruned from its teacher."
             )
         try:
             loss = float(row["eval_loss"])
         except (TypeError, ValueError) as err:
-            raise ValueError(f"record {index}: eval_loss {row['eval_loss']!r} is not a number.") from err
+            raise ConfigError(f"record {index}: eval_loss {row['eval_loss']!r} is not a number.") from err
         if not math.isfinite(loss):
-            raise ValueError(
+            raise ConfigError(
                 f"record {index} (student {format_params(student)}, teacher {format_params(teacher)}): "
                 f"eval_loss is {loss}; rerun that evaluation or drop the record."
             )
@@ -121,7 +122,7 @@ def _record_size(row: Mapping[str, Any], field: str, index: int) -> float:
     try:
         return parse_params(row[field])
     except ValueError as err:
-        raise ValueError(f"record {index}: {field}: {err}") from err
+        raise ConfigError(f"record {index}: {field}: {err}") from err
 
 
 def _student_groups(sizes: Iterable[float]) -> dict[float, float]:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hf_capgap.errors import ConfigError
 from hf_capgap.law.fit import CONFIDENCE, INTERVAL_METHOD, CapacityGapWarning, Optimum, fit_fields
 from hf_capgap.utils.artifacts import ArtifactError
 
@@ -38,9 +39,7 @@ def law_to_dict(law: CapacityGapLaw) -> dict[str, Any]:
         "families": list(law.families),
         "citation": law.citation,
         "n_students": sum(optimum.interior for optimum in law.optima),
-        "optima": [
-            {**asdict(optimum), "points_used": list(optimum.points_used)} for optimum in law.optima
-        ],
+        "optima": [{**asdict(optimum), "points_used": list(optimum.points_used)} for optimum in law.optima],
         "bootstrap": None
         if law.band_draws is None
         else {
@@ -105,7 +104,7 @@ def recompute_interval(law: CapacityGapLaw, bootstrap: Mapping[str, Any], where:
     method = bootstrap.get("method", 1)
     try:
         if not law.records:
-            raise ValueError("the file stores no records")
+            raise ConfigError("the file stores no records")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", CapacityGapWarning)
             refit = fit_fields(
@@ -142,4 +141,3 @@ def read_law_file(path: Path) -> Any:
     except json.JSONDecodeError as err:
         raise ArtifactError(f"{path} is not valid JSON ({err}); refit the law.") from err
     return data
-

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hf_capgap.errors import ConfigError
 from hf_capgap.losses.divergence import IGNORE_INDEX
 from hf_capgap.losses.signals import TeacherSignal, block_rows
 from hf_capgap.losses.spec import LossSpec
@@ -150,7 +151,7 @@ class _Rows:
         valid = labels != IGNORE_INDEX
         num_valid = int(valid.sum())
         if teacher_rows not in (None, labels.shape[0], num_valid):
-            raise ValueError(
+            raise ConfigError(
                 f"the teacher signal has {teacher_rows} rows; expected one per student row ({labels.shape[0]}) "
                 f"or one per labelled row ({num_valid})."
             )
@@ -179,8 +180,14 @@ class _Gradients:
 
     @classmethod
     def allocate(
-        cls, student: Tensor, weight: Tensor | None, bias: Tensor | None, rows: _Rows, needs: tuple[bool, ...],
-        inplace: bool, shape: _ChunkShape,
+        cls,
+        student: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        rows: _Rows,
+        needs: tuple[bool, ...],
+        inplace: bool,
+        shape: _ChunkShape,
     ) -> _Gradients:
         """Zeroed where a chunk never writes (unlabelled rows, padded vocabulary columns)."""
         vocab = shape.vocab
@@ -377,11 +384,11 @@ def distillation_loss(
     nothing else reads.
     """
     if student.dim() != 2 or labels.dim() != 1 or labels.shape[0] != student.shape[0]:
-        raise ValueError(
+        raise ConfigError(
             f"expected student [N, V or H] and labels [N], got {tuple(student.shape)} and {tuple(labels.shape)}."
         )
     if teacher is None and spec.alpha > 0:
-        raise ValueError(f"no teacher signal was given but alpha={spec.alpha}: the distillation term needs one.")
+        raise ConfigError(f"no teacher signal was given but alpha={spec.alpha}: the distillation term needs one.")
     rows = _Rows.of(labels, None if teacher is None else teacher.num_rows)
     normalizer = max(float(num_items_in_batch) if num_items_in_batch is not None else float(rows.num_valid), 1.0)
     inputs = (student, lm_head_weight, lm_head_bias)

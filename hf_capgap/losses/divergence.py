@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hf_capgap.errors import ConfigError
+
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd")
 IGNORE_INDEX = -100
 
@@ -20,9 +22,9 @@ IGNORE_INDEX = -100
 def check_beta(kind: str, beta: float) -> None:
     """Raise if ``beta`` is outside the range where ``kind`` is defined."""
     if kind == "jsd" and not 0.0 < beta < 1.0:
-        raise ValueError(f"beta must be in (0, 1) for loss='jsd' (teacher weight of the mixture), got {beta}.")
+        raise ConfigError(f"beta must be in (0, 1) for loss='jsd' (teacher weight of the mixture), got {beta}.")
     if kind == "skew_kl" and not 0.0 <= beta < 1.0:
-        raise ValueError(f"beta must be in [0, 1) for loss='skew_kl' (skew of the mixture), got {beta}.")
+        raise ConfigError(f"beta must be in [0, 1) for loss='skew_kl' (skew of the mixture), got {beta}.")
 
 
 def kl_terms(log_a: Tensor, log_b: Tensor) -> Tensor:
@@ -51,7 +53,7 @@ def bucket_divergence(log_p: Tensor, log_q: Tensor, kind: str, beta: float = 0.5
     elif kind == "tvd":
         terms = 0.5 * (log_p.exp() - log_q.exp()).abs()
     else:
-        raise ValueError(f"unknown divergence kind={kind!r}; choose one of {', '.join(DIVERGENCES)}.")
+        raise ConfigError(f"unknown divergence kind={kind!r}; choose one of {', '.join(DIVERGENCES)}.")
     return terms.sum(dim=-1)
 
 
@@ -71,12 +73,12 @@ def divergence(
     """
     check_beta(kind, beta)
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
+        raise ConfigError(
             f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ."
         )
     valid = labels != IGNORE_INDEX
     if not valid.any():
-        raise ValueError("every label is -100: there is no position to distill on.")
+        raise ConfigError("every label is -100: there is no position to distill on.")
     log_q = F.log_softmax(student_logits[valid].float() / temperature, dim=-1)
     log_p = F.log_softmax(teacher_logits[valid].float() / temperature, dim=-1)
     return bucket_divergence(log_p, log_q, kind, beta).mean() * temperature**2

@@ -14,6 +14,7 @@ import importlib.util
 import torch
 from torch import Tensor, nn
 
+from hf_capgap.errors import ConfigError
 from hf_capgap.losses.chunked import DistillationLossOutput
 from hf_capgap.losses.signals import FusedTeacher, TeacherSignal
 from hf_capgap.losses.spec import LossSpec
@@ -31,7 +32,7 @@ def require_liger() -> None:
             "(optional), or keep the default loss_backend='hf_capgap'."
         )
     if not torch.cuda.is_available():
-        raise ValueError(
+        raise ConfigError(
             "loss_backend='liger' runs Liger's Triton kernels, which need a CUDA GPU, and none is visible; "
             "use loss_backend='hf_capgap' on this machine."
         )
@@ -99,7 +100,7 @@ def liger_loss_on_head(
     reason for a case Liger does not cover (``loss_backend='liger'``)."""
     reason = liger_unsupported(spec, teacher, fused=head is not None, bias=None if head is None else head.bias)
     if reason is not None:
-        raise ValueError(f"loss_backend='liger' cannot compute this loss: {reason}. Use loss_backend='hf_capgap'.")
+        raise ConfigError(f"loss_backend='liger' cannot compute this loss: {reason}. Use loss_backend='hf_capgap'.")
     return liger_distillation_loss(
         rows, teacher, labels, spec, lm_head_weight=head.weight, num_items_in_batch=num_items_in_batch
     )

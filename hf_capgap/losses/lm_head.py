@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from hf_capgap.errors import ConfigError
+
 # Architectures whose logits are exactly lm_head(last_hidden_state): no soft-capping or scaling after.
 FUSABLE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt_neox", "gpt2", "phi3", "olmo2"})
 FUSED_LM_HEAD_MODES = ("auto", "always", "never")
@@ -142,7 +144,7 @@ def choose_lm_head(model: nn.Module, mode: str, sharding: str | None = None) -> 
     :func:`head_sharding`'s answer. ``mode='always'`` raises with the reason where the head cannot be fused.
     """
     if mode not in FUSED_LM_HEAD_MODES:
-        raise ValueError(f"fused_lm_head={mode!r} must be one of {', '.join(FUSED_LM_HEAD_MODES)}.")
+        raise ConfigError(f"fused_lm_head={mode!r} must be one of {', '.join(FUSED_LM_HEAD_MODES)}.")
     logits_path = "logits path: the model returns full [batch, seq, vocab] logits and the loss chunks them"
     if mode == "never":
         return HeadChoice(None, f"{logits_path}, because fused_lm_head='never'")
@@ -157,6 +159,5 @@ def choose_lm_head(model: nn.Module, mode: str, sharding: str | None = None) -> 
             "so the [tokens, vocab] logits never exist in full",
         )
     if mode == "always":
-        raise ValueError(f"fused_lm_head='always' but {reason}; use fused_lm_head='auto' or 'never'.")
+        raise ConfigError(f"fused_lm_head='always' but {reason}; use fused_lm_head='auto' or 'never'.")
     return HeadChoice(None, f"{logits_path}; the lm_head is not fused because {reason}")
-

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hf_capgap.errors import ConfigError
 from hf_capgap.losses.divergence import bucket_divergence, kl_terms
 from hf_capgap.losses.spec import LossSpec
 
@@ -171,7 +172,7 @@ class SampledTeacher:
 
     def __post_init__(self) -> None:
         if (self.logprobs is None) == (self.entropy is None):
-            raise ValueError("SampledTeacher needs exactly one of logprobs (per drawn id) or entropy (per row).")
+            raise ConfigError("SampledTeacher needs exactly one of logprobs (per drawn id) or entropy (per row).")
 
     @property
     def num_rows(self) -> int:
@@ -193,7 +194,7 @@ class SampledTeacher:
 
     def divergence(self, student_logits: Tensor, spec: LossSpec) -> Tensor:
         if spec.kind != "forward_kl":
-            raise ValueError(
+            raise ConfigError(
                 f"a sampled teacher cache estimates forward_kl only; got loss={spec.kind!r}. "
                 "Use loss='forward_kl', or build the cache with mode='topk' or 'dense'."
             )

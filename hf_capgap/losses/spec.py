@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hf_capgap.errors import ConfigError
 from hf_capgap.losses.divergence import DIVERGENCES, check_beta
 
 CHUNK_ELEMENTS = 1 << 22  # CPU: logits per automatic chunk, 16 MiB in fp32 (128 rows at a 32000 vocabulary)
@@ -25,14 +26,14 @@ class LossSpec:
 
     def __post_init__(self) -> None:
         if self.kind not in DIVERGENCES:
-            raise ValueError(f"kind={self.kind!r} is not one of {', '.join(DIVERGENCES)}.")
+            raise ConfigError(f"kind={self.kind!r} is not one of {', '.join(DIVERGENCES)}.")
         check_beta(self.kind, self.beta)
         if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}.")
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}.")
         if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}.")
+            raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}.")
         if self.chunk_size is not None and self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1 (or None for automatic), got {self.chunk_size}.")
+            raise ConfigError(f"chunk_size must be >= 1 (or None for automatic), got {self.chunk_size}.")
 
     def rows_per_chunk(self, vocab: int, hidden: int | None = None, device: torch.device | str | None = None) -> int:
         """Rows per chunk: the explicit ``chunk_size``, else :meth:`automatic_rows`."""

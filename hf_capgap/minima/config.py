@@ -18,17 +18,38 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hf_capgap.errors import ConfigError
 from hf_capgap.trainer.settings import TeacherCacheSettings
 from hf_capgap.utils.recipe_args import field_help
 
 EMBEDDED_DATASET = "embedded"
 STUDENT_SHAPE_FIELDS = ("student_hidden_size", "student_num_layers", "student_num_heads", "student_intermediate_size")
 # Fields that change neither what is trained nor what is exported: a run differing only here is the same run.
-NON_RESULT_FIELDS = ("push_to_hub", "hub_endpoint", "hub_private", "logging_steps", "save_steps", "dry_run", "prune_only",
-                     "accelerate_config", "teacher_hub_id", "license")
+NON_RESULT_FIELDS = (
+    "push_to_hub",
+    "hub_endpoint",
+    "hub_private",
+    "logging_steps",
+    "save_steps",
+    "dry_run",
+    "prune_only",
+    "accelerate_config",
+    "teacher_hub_id",
+    "license",
+)
 NULL_WORDS = ("null", "none", "")
-LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-                 "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay")
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "reduce_lr_on_plateau",
+    "cosine_with_min_lr",
+    "warmup_stable_decay",
+)
 
 
 @dataclass
@@ -48,7 +69,9 @@ class MinimaConfig(TeacherCacheSettings):
             "model id. null: choose the ladder rung the law suggests for `student_params`."
         ),
     )
-    teacher_revision: str | None = field(default=None, metadata=field_help("Hub revision (branch, tag or commit) of the teacher."))
+    teacher_revision: str | None = field(
+        default=None, metadata=field_help("Hub revision (branch, tag or commit) of the teacher.")
+    )
     teacher_hub_id: str | None = field(
         default=None,
         metadata=field_help(
@@ -58,32 +81,52 @@ class MinimaConfig(TeacherCacheSettings):
     )
     license: str | None = field(
         default=None,
-        metadata=field_help("License of the student for its card (a student inherits its teacher's terms); null: "
-                       "the teacher's card/config license, or left for you to fill in (with a warning)."),
+        metadata=field_help(
+            "License of the student for its card (a student inherits its teacher's terms); null: "
+            "the teacher's card/config license, or left for you to fill in (with a warning)."
+        ),
     )
-    trust_remote_code: bool = field(default=False, metadata=field_help("Run the teacher's own modelling code (off unless asked)."))
+    trust_remote_code: bool = field(
+        default=False, metadata=field_help("Run the teacher's own modelling code (off unless asked).")
+    )
     student_params: str | None = field(
         default="170K",
-        metadata=field_help("Student size in total parameters (170000, 60M, 1.5B, 2e9). null: the law's best student "
-                       "for the teacher (student_for)."),
+        metadata=field_help(
+            "Student size in total parameters (170000, 60M, 1.5B, 2e9). null: the law's best student "
+            "for the teacher (student_for)."
+        ),
     )
     student_init: str | None = field(
         default=None,
-        metadata=field_help("A folder holding an existing student (e.g. from `hf-capgap prune`): distillation starts from "
-                       "it and the prune stage is skipped. Required for multi-process launches."),
+        metadata=field_help(
+            "A folder holding an existing student (e.g. from `hf-capgap prune`): distillation starts from "
+            "it and the prune stage is skipped. Required for multi-process launches."
+        ),
     )
-    law: str | None = field(default=None, metadata=field_help("A law.json from `hf-capgap law fit`; null uses the paper's t* = 2.5 s."))
-    ladder: str = field(default="tiny", metadata=field_help("Ladder preset (hf_capgap.ladder.LADDERS) the teacher rungs come from."))
-    ladder_dir: str = field(default="outputs/ladder/tiny", metadata=field_help("Folder holding the pretrained ladder teachers."))
-    student_hidden_size: int | None = field(default=None, metadata=field_help("Explicit student width (all four student_* or none)."))
+    law: str | None = field(
+        default=None, metadata=field_help("A law.json from `hf-capgap law fit`; null uses the paper's t* = 2.5 s.")
+    )
+    ladder: str = field(
+        default="tiny", metadata=field_help("Ladder preset (hf_capgap.ladder.LADDERS) the teacher rungs come from.")
+    )
+    ladder_dir: str = field(
+        default="outputs/ladder/tiny", metadata=field_help("Folder holding the pretrained ladder teachers.")
+    )
+    student_hidden_size: int | None = field(
+        default=None, metadata=field_help("Explicit student width (all four student_* or none).")
+    )
     student_num_layers: int | None = field(default=None, metadata=field_help("Explicit student depth."))
     student_num_heads: int | None = field(default=None, metadata=field_help("Explicit student attention heads."))
     student_intermediate_size: int | None = field(default=None, metadata=field_help("Explicit student MLP width."))
     layer_selection: str = field(
         default="score",
-        metadata=field_help("Which layers survive: 'score' (Taylor gate scores) or 'middle' (MiniMA dropped the ends)."),
+        metadata=field_help(
+            "Which layers survive: 'score' (Taylor gate scores) or 'middle' (MiniMA dropped the ends)."
+        ),
     )
-    calibration_batches: int = field(default=4, metadata=field_help("Train batches (of batch_size rows) for the Taylor importance scores."))
+    calibration_batches: int = field(
+        default=4, metadata=field_help("Train batches (of batch_size rows) for the Taylor importance scores.")
+    )
     dataset: str = field(
         default=EMBEDDED_DATASET,
         metadata=field_help(
@@ -96,64 +139,95 @@ class MinimaConfig(TeacherCacheSettings):
     dataset_split: str = field(default="train", metadata=field_help("Split the students train on."))
     eval_split: str | None = field(
         default="validation",
-        metadata=field_help("Held-out split; null (or a dataset without it): the first eval_rows packed rows of "
-                       "dataset_split are held out and never trained on."),
+        metadata=field_help(
+            "Held-out split; null (or a dataset without it): the first eval_rows packed rows of "
+            "dataset_split are held out and never trained on."
+        ),
     )
-    dataset_text_field: str = field(default="text", metadata=field_help("Column holding the text (rows with `messages` "
-                                                                      "are rendered with the tokenizer's chat template)."))
+    dataset_text_field: str = field(
+        default="text",
+        metadata=field_help(
+            "Column holding the text (rows with `messages` are rendered with the tokenizer's chat template)."
+        ),
+    )
     streaming: bool = field(
         default=False,
-        metadata=field_help("Read the dataset as a datasets.IterableDataset: tokenized and packed on the fly, never "
-                       "downloaded or held whole; the run's identity is the dataset's name, files, split and seed."),
+        metadata=field_help(
+            "Read the dataset as a datasets.IterableDataset: tokenized and packed on the fly, never "
+            "downloaded or held whole; the run's identity is the dataset's name, files, split and seed."
+        ),
     )
-    seq_len: int | None = field(default=128, metadata=field_help("Tokens per packed training row; null: the teacher's "
-                                                            "max_position_embeddings."))
+    seq_len: int | None = field(
+        default=128,
+        metadata=field_help("Tokens per packed training row; null: the teacher's max_position_embeddings."),
+    )
     batch_size: int = field(default=16, metadata=field_help("Rows per device per micro-batch."))
     gradient_accumulation_steps: int = field(default=1, metadata=field_help("Micro-batches per optimizer step."))
     train_tokens: str = field(
-        default="409600", metadata=field_help("Tokens each student trains on (409600, 100M, 126B, 2e9), all processes together.")
+        default="409600",
+        metadata=field_help("Tokens each student trains on (409600, 100M, 126B, 2e9), all processes together."),
     )
-    learning_rate: float = field(default=3e-3, metadata=field_help("Peak AdamW learning rate (MiniMA on LLaMA-2: 3e-4)."))
+    learning_rate: float = field(
+        default=3e-3, metadata=field_help("Peak AdamW learning rate (MiniMA on LLaMA-2: 3e-4).")
+    )
     lr_scheduler_type: str = field(default="cosine", metadata=field_help("transformers scheduler name."))
-    warmup_ratio: float = field(default=0.01, metadata=field_help("Fraction of steps spent warming up (MiniMA: 1 percent)."))
+    warmup_ratio: float = field(
+        default=0.01, metadata=field_help("Fraction of steps spent warming up (MiniMA: 1 percent).")
+    )
     weight_decay: float = field(default=0.1, metadata=field_help("AdamW weight decay."))
     adam_beta1: float = field(default=0.9, metadata=field_help("AdamW beta1."))
     adam_beta2: float = field(default=0.95, metadata=field_help("AdamW beta2."))
     max_grad_norm: float = field(default=1.0, metadata=field_help("Gradient clipping norm."))
     bf16: bool = field(default=False, metadata=field_help("Train in bf16 mixed precision (GPUs)."))
-    gradient_checkpointing: bool = field(default=False, metadata=field_help("Recompute activations in the backward pass "
-                                                                       "(students and Taylor scoring)."))
+    gradient_checkpointing: bool = field(
+        default=False, metadata=field_help("Recompute activations in the backward pass (students and Taylor scoring).")
+    )
     teacher_cache: bool = field(
-        default=False, metadata=field_help("Precompute the teacher's top-k signal once (TeacherCache) instead of running it online.")
+        default=False,
+        metadata=field_help("Precompute the teacher's top-k signal once (TeacherCache) instead of running it online."),
     )
     cache_mode: str = field(default="topk", metadata=field_help("TeacherCache mode: topk, sampled or dense."))
     baseline: bool = field(
         default=True,
-        metadata=field_help("Also train the same-size student from scratch on the same tokens (the comparison the "
-                       "table and card report); off in the GPU presets, where it would double the training."),
+        metadata=field_help(
+            "Also train the same-size student from scratch on the same tokens (the comparison the "
+            "table and card report); off in the GPU presets, where it would double the training."
+        ),
     )
     eval_rows: int = field(default=256, metadata=field_help("Held-out packed rows every model is scored on."))
     eval_batch_size: int = field(default=16, metadata=field_help("Rows per device per evaluation forward pass."))
-    save_steps: int = field(default=50, metadata=field_help("Trainer checkpoint interval (what a killed run resumes from)."))
+    save_steps: int = field(
+        default=50, metadata=field_help("Trainer checkpoint interval (what a killed run resumes from).")
+    )
     logging_steps: int = field(default=25, metadata=field_help("Trainer logging interval."))
     seed: int = field(default=0, metadata=field_help("Seed of data order, calibration and initialisation."))
-    push_to_hub: str | None = field(default=None, metadata=field_help("Hub repo id ('namespace/name') to push the student to."))
-    hub_endpoint: str | None = field(default=None, metadata=field_help("Hub URL, e.g. a private Hub; null uses huggingface.co."))
+    push_to_hub: str | None = field(
+        default=None, metadata=field_help("Hub repo id ('namespace/name') to push the student to.")
+    )
+    hub_endpoint: str | None = field(
+        default=None, metadata=field_help("Hub URL, e.g. a private Hub; null uses huggingface.co.")
+    )
     hub_private: bool = field(default=False, metadata=field_help("Create the Hub repo as private."))
     dry_run: bool = field(
         default=False,
-        metadata=field_help("Resolve the plan on the meta device and print shapes, parameter counts, the law, tokens, "
-                       "steps, global batch and a per-GPU memory estimate; load, download and train nothing."),
+        metadata=field_help(
+            "Resolve the plan on the meta device and print shapes, parameter counts, the law, tokens, "
+            "steps, global batch and a per-GPU memory estimate; load, download and train nothing."
+        ),
     )
     prune_only: bool = field(
         default=False,
-        metadata=field_help("Run only the prune stage (one process) and print the pruned folder, for a later "
-                       "multi-process launch with --student_init."),
+        metadata=field_help(
+            "Run only the prune stage (one process) and print the pruned folder, for a later "
+            "multi-process launch with --student_init."
+        ),
     )
     accelerate_config: str | None = field(
         default=None,
-        metadata=field_help("accelerate config YAML the dry run estimates memory for (DDP / FSDP / ZeRO-3, process "
-                       "count, use_cpu, mixed_precision); null: the launch this process runs under."),
+        metadata=field_help(
+            "accelerate config YAML the dry run estimates memory for (DDP / FSDP / ZeRO-3, process "
+            "count, use_cpu, mixed_precision); null: the launch this process runs under."
+        ),
     )
 
     def __post_init__(self) -> None:
@@ -185,8 +259,12 @@ class MinimaConfig(TeacherCacheSettings):
         if all(value is None for value in values):
             return None
         hidden, layers, heads, intermediate = values
-        return {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
-                "intermediate_size": intermediate}
+        return {
+            "hidden_size": hidden,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "intermediate_size": intermediate,
+        }
 
     def result_settings(self) -> dict[str, Any]:
         """The fields that decide the exported student (the run's identity), sizes as plain numbers."""
@@ -202,9 +280,9 @@ def _count(key: str, value: str | int) -> int:
     try:
         number = parse_params(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{key}={value!r} is not a count; write it like 170000, 60M, 1.5B or 2e9.") from None
+        raise ConfigError(f"{key}={value!r} is not a count; write it like 170000, 60M, 1.5B or 2e9.") from None
     if number < 1 or not math.isfinite(number):
-        raise ValueError(f"{key}={value!r} must be a positive count.")
+        raise ConfigError(f"{key}={value!r} must be a positive count.")
     return round(number)
 
 
@@ -251,7 +329,7 @@ def _check_types(config: MinimaConfig) -> None:
             ok = True
         if not ok:
             wanted = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[expected]
-            raise ValueError(f"{item.name}={value!r} is not {wanted}; set {item.name} to {wanted}.")
+            raise ConfigError(f"{item.name}={value!r} is not {wanted}; set {item.name} to {wanted}.")
 
 
 def check_values(config: MinimaConfig) -> None:
@@ -260,55 +338,68 @@ def check_values(config: MinimaConfig) -> None:
     from hf_capgap.ladder import LADDERS
     from hf_capgap.pruning import LAYER_SELECTIONS
 
-    positive = ("batch_size", "gradient_accumulation_steps", "calibration_batches", "eval_rows", "eval_batch_size",
-                "save_steps", "logging_steps")
+    positive = (
+        "batch_size",
+        "gradient_accumulation_steps",
+        "calibration_batches",
+        "eval_rows",
+        "eval_batch_size",
+        "save_steps",
+        "logging_steps",
+    )
     for name in positive:
         if getattr(config, name) < 1:
-            raise ValueError(f"{name}={getattr(config, name)} must be >= 1.")
+            raise ConfigError(f"{name}={getattr(config, name)} must be >= 1.")
     if config.seq_len is not None and config.seq_len < 2:
-        raise ValueError(f"seq_len={config.seq_len} must be >= 2 (a row predicts its next tokens).")
+        raise ConfigError(f"seq_len={config.seq_len} must be >= 2 (a row predicts its next tokens).")
     tokens = config.train_token_count
     if config.seq_len is not None and tokens < config.batch_size * config.gradient_accumulation_steps * config.seq_len:
-        raise ValueError(
+        raise ConfigError(
             f"train_tokens={config.train_tokens} is less than one optimizer step "
             f"(batch_size*gradient_accumulation_steps*seq_len); raise train_tokens."
         )
     if not (config.learning_rate > 0 and math.isfinite(config.learning_rate)):
-        raise ValueError(f"learning_rate={config.learning_rate} must be a positive number.")
+        raise ConfigError(f"learning_rate={config.learning_rate} must be a positive number.")
     if not 0 <= config.warmup_ratio < 1:
-        raise ValueError(f"warmup_ratio={config.warmup_ratio} must be in [0, 1).")
+        raise ConfigError(f"warmup_ratio={config.warmup_ratio} must be in [0, 1).")
     if config.lr_scheduler_type not in LR_SCHEDULERS:
-        raise ValueError(f"lr_scheduler_type={config.lr_scheduler_type!r} must be one of {', '.join(LR_SCHEDULERS)}.")
+        raise ConfigError(f"lr_scheduler_type={config.lr_scheduler_type!r} must be one of {', '.join(LR_SCHEDULERS)}.")
     config.check_distillation_settings()
     if config.ladder not in LADDERS:
-        raise ValueError(f"ladder={config.ladder!r} is unknown; choose one of {sorted(LADDERS)}.")
+        raise ConfigError(f"ladder={config.ladder!r} is unknown; choose one of {sorted(LADDERS)}.")
     if config.layer_selection not in LAYER_SELECTIONS:
-        raise ValueError(f"layer_selection={config.layer_selection!r} must be one of {LAYER_SELECTIONS}.")
+        raise ConfigError(f"layer_selection={config.layer_selection!r} must be one of {LAYER_SELECTIONS}.")
     config.check_teacher_signal(config.cache_mode, MODES)
     if config.teacher_cache and config.streaming:
-        raise ValueError("teacher_cache needs a fixed set of training rows; set streaming: false or teacher_cache: false.")
+        raise ConfigError(
+            "teacher_cache needs a fixed set of training rows; set streaming: false or teacher_cache: false."
+        )
     if not config.run_name or "/" in config.run_name or config.run_name.startswith("."):
-        raise ValueError(f"run_name={config.run_name!r} must be a plain folder name such as 'minima-tiny'.")
+        raise ConfigError(f"run_name={config.run_name!r} must be a plain folder name such as 'minima-tiny'.")
     if config.teacher is None and config.student_params is None:
-        raise ValueError("set teacher (a ladder rung, folder or Hub id) or student_params (the law picks the teacher).")
+        raise ConfigError(
+            "set teacher (a ladder rung, folder or Hub id) or student_params (the law picks the teacher)."
+        )
     config.student_param_count  # noqa: B018 - parses, raising on a bad count
     shape = [getattr(config, name) for name in STUDENT_SHAPE_FIELDS]
     if any(value is None for value in shape) and any(value is not None for value in shape):
-        raise ValueError(f"give all of {', '.join(STUDENT_SHAPE_FIELDS)} or none of them.")
+        raise ConfigError(f"give all of {', '.join(STUDENT_SHAPE_FIELDS)} or none of them.")
     if config.student_shape is not None and config.student_params is not None:
-        raise ValueError("set either student_params or the student_* shape fields, not both (student_params: null).")
+        raise ConfigError("set either student_params or the student_* shape fields, not both (student_params: null).")
     if config.student_shape is not None and min(shape) < 1:
-        raise ValueError(f"student shape {config.student_shape} must hold positive sizes.")
+        raise ConfigError(f"student shape {config.student_shape} must hold positive sizes.")
     if config.student_init is not None and not (Path(config.student_init) / "config.json").is_file():
         raise FileNotFoundError(
             f"student_init={config.student_init} holds no config.json; point it at a saved student folder "
             "(e.g. written by `hf-capgap prune`)."
         )
     if config.push_to_hub is not None and "/" not in config.push_to_hub:
-        raise ValueError(f"push_to_hub={config.push_to_hub!r} must be 'namespace/name'.")
+        raise ConfigError(f"push_to_hub={config.push_to_hub!r} must be 'namespace/name'.")
     if config.teacher_hub_id is not None and config.teacher_hub_id.count("/") != 1:
-        raise ValueError(f"teacher_hub_id={config.teacher_hub_id!r} must be a Hub id 'namespace/name'.")
+        raise ConfigError(f"teacher_hub_id={config.teacher_hub_id!r} must be a Hub id 'namespace/name'.")
     if config.law is not None and not Path(config.law).is_file():
-        raise FileNotFoundError(f"law={config.law} does not exist; write one with `hf-capgap law fit` or set law: null.")
+        raise FileNotFoundError(
+            f"law={config.law} does not exist; write one with `hf-capgap law fit` or set law: null."
+        )
     if config.accelerate_config is not None and not Path(config.accelerate_config).is_file():
         raise FileNotFoundError(f"accelerate_config={config.accelerate_config} does not exist.")

@@ -25,6 +25,7 @@ from typing import Any
 
 from transformers.utils import logging
 
+from hf_capgap.errors import ConfigError
 from hf_capgap.minima.config import EMBEDDED_DATASET, MinimaConfig
 from hf_capgap.minima.plan import Plan, steps_for
 
@@ -75,8 +76,12 @@ class RunData:
 
 def is_local_dataset(name: str) -> bool:
     """A path, glob or data file on this machine (anything else names a Hub dataset)."""
-    return (Path(name).exists() or any(char in name for char in "*?[") or name.startswith((".", "/", "~"))
-            or Path(name).suffix in FILE_BUILDERS)
+    return (
+        Path(name).exists()
+        or any(char in name for char in "*?[")
+        or name.startswith((".", "/", "~"))
+        or Path(name).suffix in FILE_BUILDERS
+    )
 
 
 def local_data_files(name: str) -> tuple[str, list[str]]:
@@ -94,7 +99,7 @@ def local_data_files(name: str) -> tuple[str, list[str]]:
         )
     builders = {FILE_BUILDERS.get(Path(file).suffix) for file in files}
     if None in builders or len(builders) != 1:
-        raise ValueError(
+        raise ConfigError(
             f"dataset={name!r} mixes or holds unsupported file types {sorted({Path(f).suffix for f in files})}; "
             f"use one of {', '.join(FILE_BUILDERS)} per dataset."
         )
@@ -104,7 +109,9 @@ def local_data_files(name: str) -> tuple[str, list[str]]:
 def prepare_data(config: MinimaConfig, plan: Plan, tokenizer: Any) -> RunData:
     """Pack the data with the teacher's tokenizer; pick the training, held-out and calibration rows."""
     if tokenizer.eos_token_id is None:
-        raise ValueError("the teacher's tokenizer has no eos_token; documents are joined with it. Set one and save it.")
+        raise ConfigError(
+            "the teacher's tokenizer has no eos_token; documents are joined with it. Set one and save it."
+        )
     train_source, eval_source = load_sources(config)
     rows = steps_for(config, plan) * config.batch_size * config.gradient_accumulation_steps * plan.processes
     pack = _packer(config, plan.seq_len, tokenizer)
@@ -120,7 +127,7 @@ def prepare_data(config: MinimaConfig, plan: Plan, tokenizer: Any) -> RunData:
         train = _one_stream(stream.shuffle(seed=config.seed, buffer_size=SHUFFLE_BUFFER_ROWS), rows, passes)
         calibration_rows = _materialise(train.take(config.calibration_batches * config.batch_size))
         if len(calibration_rows) == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"the training stream holds no training row of {plan.seq_len} tokens after the eval_rows="
                 f"{config.eval_rows} held-out rows; lower eval_rows or seq_len, set eval_split, or add data."
             )
@@ -134,7 +141,7 @@ def prepare_data(config: MinimaConfig, plan: Plan, tokenizer: Any) -> RunData:
             packed_eval = pack(eval_source)
             evaluation = packed_eval.select(range(min(config.eval_rows, len(packed_eval))))
         if rows > len(packed_train):
-            raise ValueError(
+            raise ConfigError(
                 f"train_tokens={config.train_tokens} needs {rows} rows of {plan.seq_len} tokens but the training data "
                 f"packs into {len(packed_train)}; lower train_tokens (or stream a larger dataset)."
             )
@@ -143,9 +150,10 @@ def prepare_data(config: MinimaConfig, plan: Plan, tokenizer: Any) -> RunData:
         identity = {"rows_sha": _content_fingerprint(train)}
         passes = None
     if len(evaluation) == 0:
-        raise ValueError(f"the held-out data packs into no row of {plan.seq_len} tokens; lower seq_len or add text.")
-    return RunData(tokenizer, train, evaluation, _calibration_batches(calibration_rows, config.batch_size), identity,
-                   passes)
+        raise ConfigError(f"the held-out data packs into no row of {plan.seq_len} tokens; lower seq_len or add text.")
+    return RunData(
+        tokenizer, train, evaluation, _calibration_batches(calibration_rows, config.batch_size), identity, passes
+    )
 
 
 def load_sources(config: MinimaConfig) -> tuple[Any, Any | None]:
@@ -251,9 +259,16 @@ def _source_identity(config: MinimaConfig, plan: Plan, tokenizer: Any) -> dict[s
     if is_local_dataset(config.dataset):
         files = [(Path(file).name, Path(file).stat().st_size) for file in local_data_files(config.dataset)[1]]
     return {
-        "dataset": config.dataset if files is None else "local files", "data_files": files,
-        "config": config.dataset_config, "revision": config.dataset_revision, "split": config.dataset_split,
-        "eval_split": config.eval_split, "eval_rows": config.eval_rows, "text_field": config.dataset_text_field,
-        "seed": config.seed, "train_tokens": config.train_token_count, "seq_len": plan.seq_len,
+        "dataset": config.dataset if files is None else "local files",
+        "data_files": files,
+        "config": config.dataset_config,
+        "revision": config.dataset_revision,
+        "split": config.dataset_split,
+        "eval_split": config.eval_split,
+        "eval_rows": config.eval_rows,
+        "text_field": config.dataset_text_field,
+        "seed": config.seed,
+        "train_tokens": config.train_token_count,
+        "seq_len": plan.seq_len,
         "tokenizer": tokenizer_fingerprint(tokenizer),
     }

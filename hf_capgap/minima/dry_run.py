@@ -31,10 +31,10 @@ from typing import Any
 
 import yaml
 
+from hf_capgap.errors import ConfigError
 from hf_capgap.minima.config import MinimaConfig
-from hf_capgap.minima.plan import Plan, ladder_rungs, load_law, make_plan, resolve_teacher, steps_for
+from hf_capgap.minima.plan import Plan, ladder_rungs, load_law, make_plan, resolve_teacher, steps_for, tokens_per_step
 from hf_capgap.minima.plan import student_skeleton as init_skeleton
-from hf_capgap.minima.plan import tokens_per_step
 from hf_capgap.utils.parameters import count_model_parameters
 
 GIB = 1024**3
@@ -88,8 +88,13 @@ def launch_from_environment() -> Launch:
         strategy = "ddp" if processes > 1 else "single"
     from hf_capgap.utils.processes import use_cpu
 
-    return Launch(strategy, processes, "this launch", "cpu" if use_cpu() else "cuda",
-                  os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower())
+    return Launch(
+        strategy,
+        processes,
+        "this launch",
+        "cpu" if use_cpu() else "cuda",
+        os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower(),
+    )
 
 
 @dataclass(frozen=True)
@@ -118,8 +123,10 @@ def resolve_precision(config: MinimaConfig, launch: Launch) -> Precision:
     teacher = str(resolve_teacher_dtype(config.teacher_dtype, torch.device(launch.device))).removeprefix("torch.")
     mixed = "bf16" if config.bf16 else launch.mixed_precision
     if mixed not in TRAINING_PRECISIONS:
-        raise ValueError(f"mixed_precision={mixed!r} of {launch.source} is not one the dry run knows "
-                         f"({', '.join(TRAINING_PRECISIONS)}); set it in the accelerate config.")
+        raise ConfigError(
+            f"mixed_precision={mixed!r} of {launch.source} is not one the dry run knows "
+            f"({', '.join(TRAINING_PRECISIONS)}); set it in the accelerate config."
+        )
     return Precision(teacher, TRAINING_PRECISIONS[mixed])
 
 
@@ -145,8 +152,9 @@ def logits_bytes(model: Any, tokens: int, dtype_bytes: int) -> float:
     return _shape(model)[3] * tokens * (dtype_bytes + 4 + 4)
 
 
-def memory_estimate(config: MinimaConfig, plan: Plan, launch: Launch, teacher: Any, student: Any,
-                    precision: Precision) -> dict[str, dict[str, float]]:
+def memory_estimate(
+    config: MinimaConfig, plan: Plan, launch: Launch, teacher: Any, student: Any, precision: Precision
+) -> dict[str, dict[str, float]]:
     """Bytes per GPU by stage and component, each stage with its ``total``, in the order the run goes."""
     params = count_model_parameters(student)
     weight_shards = launch.processes if launch.shards_weights else 1
@@ -170,7 +178,8 @@ def memory_estimate(config: MinimaConfig, plan: Plan, launch: Launch, teacher: A
         stages["prune (Taylor scores, one process)"] = {
             "teacher weights": whole_teacher,
             "teacher activations (backward to the masks)": activation_bytes(
-                teacher, rows_tokens, precision.teacher_bytes, checkpointing),
+                teacher, rows_tokens, precision.teacher_bytes, checkpointing
+            ),
             "teacher logits, log-softmax, gradient": logits_bytes(teacher, rows_tokens, precision.teacher_bytes),
         }
     if config.teacher_cache:
@@ -216,9 +225,11 @@ def cache_bytes(config: MinimaConfig, plan: Plan, vocab_size: int) -> int:
     from hf_capgap.cache.format import id_dtype, sampled_bytes_bound
 
     id_bytes = np.dtype(id_dtype(vocab_size)).itemsize
-    per_position = {"topk": config.cache_k * (id_bytes + 2) + 4,
-                    "sampled": sampled_bytes_bound(config.cache_k, vocab_size),
-                    "dense": 2 * vocab_size}[config.cache_mode]
+    per_position = {
+        "topk": config.cache_k * (id_bytes + 2) + 4,
+        "sampled": sampled_bytes_bound(config.cache_k, vocab_size),
+        "dense": 2 * vocab_size,
+    }[config.cache_mode]
     tokens = steps_for(config, plan) * tokens_per_step(config, plan)
     positions = tokens * (plan.seq_len - 1) // plan.seq_len
     return tokens * (id_bytes + 4) + positions * per_position
@@ -243,8 +254,10 @@ def describe(model: Any) -> str:
     heads = config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", None) or heads
     mlp = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * config.hidden_size
-    return (f"{count_model_parameters(model):,} params: hidden {config.hidden_size}, "
-            f"{config.num_hidden_layers} layers, {heads} heads ({kv} KV), MLP {mlp}, vocab {config.vocab_size}")
+    return (
+        f"{count_model_parameters(model):,} params: hidden {config.hidden_size}, "
+        f"{config.num_hidden_layers} layers, {heads} heads ({kv} KV), MLP {mlp}, vocab {config.vocab_size}"
+    )
 
 
 def law_optimal_teacher(law: Any, student_params: int) -> tuple[float | None, str]:
@@ -255,8 +268,10 @@ def law_optimal_teacher(law: Any, student_params: int) -> tuple[float | None, st
     try:
         teacher = float(law.predict(student_params).params)
     except ValueError:
-        return None, (f"the law predicts no teacher larger than this {format_params(student_params)} student: it lies "
-                      "outside the range where the affine fit is meaningful (use a through-origin law for it)")
+        return None, (
+            f"the law predicts no teacher larger than this {format_params(student_params)} student: it lies "
+            "outside the range where the affine fit is meaningful (use a through-origin law for it)"
+        )
     return teacher, f"the law-optimal teacher for this student has {format_params(teacher)} parameters"
 
 
@@ -292,24 +307,37 @@ def dry_run(config: MinimaConfig) -> dict[str, Any]:
     ]
     for stage, parts in memory.items():
         lines.append(f"  {stage:<58}{parts['total'] / GIB:>10.2f} GiB")
-        lines += [f"    {name:<56}{value / GIB:>10.2f} GiB" for name, value in parts.items()
-                  if name != "total" and value]
+        lines += [
+            f"    {name:<56}{value / GIB:>10.2f} GiB" for name, value in parts.items() if name != "total" and value
+        ]
     lines.append(f"  peak: {peak_name}, {peak / GIB:.2f} GiB per GPU")
     if launch.shards_weights and memory["teacher load"]["total"] > memory["distill"]["teacher weights"]:
         whole = memory["teacher load"]["total"] / GIB
-        lines.append(f"  note: the teacher is loaded whole onto every GPU ({whole:.2f} GiB) before {launch.strategy} "
-                     "shards it for the distillation, so each GPU must hold it once.")
+        lines.append(
+            f"  note: the teacher is loaded whole onto every GPU ({whole:.2f} GiB) before {launch.strategy} "
+            "shards it for the distillation, so each GPU must hold it once."
+        )
     if launch.processes > 1 and plan.student_init is None:
-        lines.append("note     pruning runs in one process: run with --prune_only first, then launch with "
-                     "--student_init.")
-    report: dict[str, Any] = {"plan": plan, "launch": launch, "steps": steps, "memory": memory,
-                              "precision": precision, "peak": (peak_name, peak),
-                              "teacher_params": plan.teacher_params, "student_params": count_model_parameters(student),
-                              "law_teacher_params": law_teacher,
-                              "student_config": student.config}
+        lines.append(
+            "note     pruning runs in one process: run with --prune_only first, then launch with --student_init."
+        )
+    report: dict[str, Any] = {
+        "plan": plan,
+        "launch": launch,
+        "steps": steps,
+        "memory": memory,
+        "precision": precision,
+        "peak": (peak_name, peak),
+        "teacher_params": plan.teacher_params,
+        "student_params": count_model_parameters(student),
+        "law_teacher_params": law_teacher,
+        "student_config": student.config,
+    }
     if config.teacher_cache:
         report["cache_bytes"] = cache_bytes(config, plan, teacher.config.vocab_size)
-        lines.append(f"teacher cache ({config.cache_mode}, k={config.cache_k}) on disk, estimated: "
-                     f"{report['cache_bytes'] / GIB:,.1f} GiB")
+        lines.append(
+            f"teacher cache ({config.cache_mode}, k={config.cache_k}) on disk, estimated: "
+            f"{report['cache_bytes'] / GIB:,.1f} GiB"
+        )
     report["summary"] = "\n".join(lines)
     return report

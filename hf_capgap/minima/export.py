@@ -13,6 +13,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from hf_capgap.errors import ConfigError
+from hf_capgap.minima.config import EMBEDDED_DATASET, MinimaConfig
+from hf_capgap.minima.data import EMBEDDED_DATASET_NAME, is_local_dataset
+from hf_capgap.minima.plan import LADDER_LICENSE, Plan, load_law, teacher_hub_id
 from hf_capgap.utils.artifacts import (
     MANIFEST_NAME,
     ArtifactError,
@@ -22,21 +26,24 @@ from hf_capgap.utils.artifacts import (
     read_manifest,
     write_manifest,
 )
-from hf_capgap.minima.config import EMBEDDED_DATASET, MinimaConfig
-from hf_capgap.minima.data import EMBEDDED_DATASET_NAME, is_local_dataset
-from hf_capgap.minima.plan import LADDER_LICENSE, Plan, load_law, teacher_hub_id
 
 RUN_KIND = "minima_run"
 FORMAT_VERSION = 2
 NOT_RUN = "not run"
-ROWS = (("teacher", "teacher"), ("pruned", "pruned student, before distillation"),
-        ("distilled", "distilled student"), ("scratch", "same-size student from scratch, same tokens"))
+ROWS = (
+    ("teacher", "teacher"),
+    ("pruned", "pruned student, before distillation"),
+    ("distilled", "distilled student"),
+    ("scratch", "same-size student from scratch, same tokens"),
+)
 
 
 def format_table(results: Mapping[str, Any]) -> str:
     """The table a user reads to see what distillation bought."""
-    lines = [f"MiniMA run {results['run_name']}: {results['choice']}",
-             f"{'model':<46}{'params':>14}{'loss':>9}{'ppl':>10}"]
+    lines = [
+        f"MiniMA run {results['run_name']}: {results['choice']}",
+        f"{'model':<46}{'params':>14}{'loss':>9}{'ppl':>10}",
+    ]
     for key, label in ROWS:
         score = results["eval"].get(key)
         if score is None:
@@ -52,7 +59,9 @@ def format_table(results: Mapping[str, Any]) -> str:
     if gain > 0:
         lines.append(f"distillation beat training from scratch by {gain:.4f} nats of held-out loss ({tokens}).")
     else:
-        lines.append(f"distillation did NOT beat training from scratch at this scale ({-gain:.4f} nats worse, {tokens}).")
+        lines.append(
+            f"distillation did NOT beat training from scratch at this scale ({-gain:.4f} nats worse, {tokens})."
+        )
     return "\n".join(lines)
 
 
@@ -108,8 +117,10 @@ def export_run(config: MinimaConfig, plan: Plan, results: Mapping[str, Any], dis
 
     law = load_law(config)
     student_config = AutoConfig.from_pretrained(distilled_dir)
-    scores = {key: None if value is None else HeldOutScore(value["loss"], value["perplexity"])
-              for key, value in results["eval"].items()}
+    scores = {
+        key: None if value is None else HeldOutScore(value["loss"], value["perplexity"])
+        for key, value in results["eval"].items()
+    }
     with atomic_directory(config.run_dir, overwrite=True) as tmp:
         for item in distilled_dir.iterdir():
             if item.is_file() and item.name != MANIFEST_NAME:
@@ -135,8 +146,12 @@ def export_run(config: MinimaConfig, plan: Plan, results: Mapping[str, Any], dis
             ),
             training=TrainingSetup(
                 loss=f"{1 - config.alpha:g} x LM cross-entropy + {config.alpha:g} x {config.loss}",
-                alpha=config.alpha, temperature=config.temperature, learning_rate=config.learning_rate,
-                steps=results["steps"], tokens=results["train_tokens"], batch_size=config.batch_size,
+                alpha=config.alpha,
+                temperature=config.temperature,
+                learning_rate=config.learning_rate,
+                steps=results["steps"],
+                tokens=results["train_tokens"],
+                batch_size=config.batch_size,
                 seq_len=plan.seq_len,
             ),
             teacher_eval=scores["teacher"],
@@ -148,8 +163,12 @@ def export_run(config: MinimaConfig, plan: Plan, results: Mapping[str, Any], dis
         )
         write_model_card(tmp, info)
         atomic_write_json(tmp / "results.json", {**results, "settings": public_settings(results["settings"])})
-        write_manifest(tmp, RUN_KIND, FORMAT_VERSION,
-                       {"settings_sha256": json_sha256(config.result_settings()), "repo_id": config.push_to_hub})
+        write_manifest(
+            tmp,
+            RUN_KIND,
+            FORMAT_VERSION,
+            {"settings_sha256": json_sha256(config.result_settings()), "repo_id": config.push_to_hub},
+        )
 
 
 def finished_results(config: MinimaConfig) -> dict[str, Any] | None:
@@ -159,10 +178,15 @@ def finished_results(config: MinimaConfig) -> dict[str, Any] | None:
     if not config.run_dir.exists():
         return None
     try:
-        manifest = read_manifest(config.run_dir, RUN_KIND, FORMAT_VERSION,
-                                 expected={"settings_sha256": json_sha256(config.result_settings())}, verify_files=True)
+        manifest = read_manifest(
+            config.run_dir,
+            RUN_KIND,
+            FORMAT_VERSION,
+            expected={"settings_sha256": json_sha256(config.result_settings())},
+            verify_files=True,
+        )
     except ArtifactError as err:
-        raise ValueError(
+        raise ConfigError(
             f"{config.run_dir} holds another run ({err}); choose another run_name or remove that folder."
         ) from None
     if manifest.get("repo_id") != config.push_to_hub:

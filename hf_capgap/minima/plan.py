@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from hf_capgap.errors import ConfigError
 from hf_capgap.minima.config import EMBEDDED_DATASET, MinimaConfig
 from hf_capgap.utils.parameters import count_model_parameters
 
@@ -57,7 +58,7 @@ def make_plan(config: MinimaConfig, processes: int | None = None) -> Plan:
 
     processes = launched_processes() if processes is None else processes
     if processes > 1 and config.student_init is None and not config.dry_run:
-        raise ValueError(
+        raise ConfigError(
             f"this launch runs {processes} processes, but pruning is a one-process stage (it loads the whole teacher "
             "and must not hold the other ranks in a barrier or run inside a sharded group). Prune first, then launch "
             "the distillation from the pruned folder:\n"
@@ -95,8 +96,10 @@ def make_plan(config: MinimaConfig, processes: int | None = None) -> Plan:
         student_params = round(law.student_for(teacher_params).params)
         choice = f"law ({law.source}, {law.formula()}) picks a {format_params(student_params)} student"
     if student_params >= teacher_params:
-        field_name = "student_init" if config.student_init else "student_* shape" if shape is not None else "student_params"
-        raise ValueError(
+        field_name = (
+            "student_init" if config.student_init else "student_* shape" if shape is not None else "student_params"
+        )
+        raise ConfigError(
             f"{field_name} gives {student_params:,} parameters but the teacher {teacher} has {teacher_params:,}; "
             "a distilled student must be smaller than its teacher."
         )
@@ -104,7 +107,7 @@ def make_plan(config: MinimaConfig, processes: int | None = None) -> Plan:
         require_hub("push_to_hub", config.push_to_hub, config.hub_endpoint)
     plan = Plan(teacher, kind, teacher_params, student_params, shape, choice, seq_len, processes, config.student_init)
     if config.train_token_count < tokens_per_step(config, plan):
-        raise ValueError(
+        raise ConfigError(
             f"train_tokens={config.train_tokens} is less than one optimizer step ({tokens_per_step(config, plan):,} "
             "tokens: batch_size x gradient_accumulation_steps x seq_len x processes); raise train_tokens."
         )
@@ -137,7 +140,7 @@ def resolve_teacher(config: MinimaConfig, teacher: str, rungs: Mapping[str, Any]
             raise FileNotFoundError(f"teacher={teacher} holds no config.json; point it at a saved model folder.")
         kind = "local"
     elif teacher.startswith((".", "/", "~")) or teacher.count("/") != 1:
-        raise ValueError(
+        raise ConfigError(
             f"teacher={teacher!r} is neither a rung of the {config.ladder} ladder ({', '.join(rungs)}), "
             "an existing model folder, nor a Hub id 'namespace/name'; fix teacher."
         )
@@ -165,14 +168,18 @@ def resolve_seq_len(config: MinimaConfig, kind: str, skeleton: Any) -> int:
     if kind == "ladder":
         limit, where = PRETRAIN_PRESETS[config.ladder].seq_len, f"the {config.ladder} ladder's"
     else:
-        limit = getattr(skeleton.config, "max_position_embeddings", None) or getattr(skeleton.config, "n_positions", None)
+        limit = getattr(skeleton.config, "max_position_embeddings", None) or getattr(
+            skeleton.config, "n_positions", None
+        )
         where = "the teacher's max_position_embeddings"
     if config.seq_len is None:
         if limit is None:
-            raise ValueError("seq_len is null but the teacher's config states no max_position_embeddings; set seq_len.")
+            raise ConfigError(
+                "seq_len is null but the teacher's config states no max_position_embeddings; set seq_len."
+            )
         return int(limit)
     if limit is not None and config.seq_len > limit:
-        raise ValueError(f"seq_len={config.seq_len} exceeds {where} {limit}; set seq_len <= {limit}.")
+        raise ConfigError(f"seq_len={config.seq_len} exceeds {where} {limit}; set seq_len <= {limit}.")
     return config.seq_len
 
 
@@ -193,7 +200,7 @@ def require_hub(key: str, name: str, endpoint: str | None) -> None:
     from huggingface_hub import constants
 
     if constants.is_offline_mode():
-        raise ValueError(
+        raise ConfigError(
             f"{key}={name!r} needs the Hugging Face Hub but HF_HUB_OFFLINE is set; unset it, or set {key} "
             "to something local (a ladder rung, a folder or local files)."
         )
@@ -201,7 +208,7 @@ def require_hub(key: str, name: str, endpoint: str | None) -> None:
     try:
         socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=5).close()
     except OSError as err:
-        raise ValueError(
+        raise ConfigError(
             f"{key}={name!r} needs the Hub at {url.geturl()}, which is unreachable ({err}); connect, or use a local {key}."
         ) from None
 

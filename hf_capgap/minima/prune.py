@@ -11,10 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from hf_capgap.utils.artifacts import json_sha256, read_manifest
 from hf_capgap.minima.config import MinimaConfig
 from hf_capgap.minima.data import RunData
 from hf_capgap.minima.plan import Plan
+from hf_capgap.utils.artifacts import json_sha256, read_manifest
 
 
 def refuse_sharded_pruning() -> None:
@@ -30,13 +30,20 @@ def refuse_sharded_pruning() -> None:
 
 
 def pruned_folder(config: MinimaConfig, plan: Plan, data: RunData, teacher_id: str) -> Path:
-    inputs = {"teacher": teacher_id, "student_params": plan.student_params, "shape": plan.student_shape,
-              "layer_selection": config.layer_selection, "calibration": len(data.calibration),
-              "data": data.identity}
+    inputs = {
+        "teacher": teacher_id,
+        "student_params": plan.student_params,
+        "shape": plan.student_shape,
+        "layer_selection": config.layer_selection,
+        "calibration": len(data.calibration),
+        "data": data.identity,
+    }
     return config.work_dir / f"pruned-{json_sha256(inputs)[:12]}"
 
 
-def prune_stage(config: MinimaConfig, plan: Plan, teacher: Any, data: RunData, teacher_id: str) -> tuple[Path, dict[str, Any]]:
+def prune_stage(
+    config: MinimaConfig, plan: Plan, teacher: Any, data: RunData, teacher_id: str
+) -> tuple[Path, dict[str, Any]]:
     """The Taylor-pruned student's folder and manifest, pruned now or reused."""
     from hf_capgap.pruning import FORMAT_VERSION, MANIFEST_KIND, prune_model, save_pruned
 
@@ -51,7 +58,11 @@ def prune_stage(config: MinimaConfig, plan: Plan, teacher: Any, data: RunData, t
             layer_selection=config.layer_selection,
             checkpoint_layers=config.gradient_checkpointing,
         )
-        save_pruned(student, path, teacher_name=plan.teacher if plan.teacher_kind != "local" else Path(plan.teacher).name,
-                    tokenizer=data.tokenizer)
+        save_pruned(
+            student,
+            path,
+            teacher_name=plan.teacher if plan.teacher_kind != "local" else Path(plan.teacher).name,
+            tokenizer=data.tokenizer,
+        )
         del student
     return path, read_manifest(path, MANIFEST_KIND, FORMAT_VERSION, verify_files=True)

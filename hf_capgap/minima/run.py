@@ -62,8 +62,9 @@ def run_minima(config: MinimaConfig, show: Callable[[str], None] = logger.info) 
         if config.push_to_hub is not None:
             from hf_capgap.hub import push_student
 
-            url = push_student(config.run_dir, config.push_to_hub, private=config.hub_private,
-                               endpoint=config.hub_endpoint)
+            url = push_student(
+                config.run_dir, config.push_to_hub, private=config.hub_private, endpoint=config.hub_endpoint
+            )
             show(f"pushed to {url}")
     return results
 
@@ -100,8 +101,10 @@ def _run_stages(config: MinimaConfig, plan: Plan, show: Callable[[str], None]) -
         teacher_score = minima_evaluate.held_out_score(config, teacher, data, evaluation_dir)
         teacher = None
         _free_memory()
-    folders = {"pruned": student_dir,
-               "distilled": minima_distill.distill_stage(config, plan, teacher, student_dir, data, teacher_id)}
+    folders = {
+        "pruned": student_dir,
+        "distilled": minima_distill.distill_stage(config, plan, teacher, student_dir, data, teacher_id),
+    }
     if teacher is not None:
         teacher_score = minima_evaluate.held_out_score(config, teacher, data, evaluation_dir)
         teacher = None
@@ -111,12 +114,18 @@ def _run_stages(config: MinimaConfig, plan: Plan, show: Callable[[str], None]) -
     scores = {"teacher": teacher_score, **minima_evaluate.evaluate_stage(config, folders, data)}
     if minima_distill.is_main():
         steps = steps_for(config, plan)
-        results = {"run_name": config.run_name, "teacher": Path(plan.teacher).name if plan.teacher_kind == "local"
-                   else plan.teacher, "choice": plan.choice, "train_tokens": steps * tokens_per_step(config, plan),
-                   "distinct_train_tokens": minima_distill.distinct_train_tokens(folders["distilled"]),
-                   "steps": steps, "eval_rows": len(data.eval), "kept_fraction": kept_fraction,
-                   "eval": {key: scores.get(key) for key in ("teacher", "pruned", "distilled", "scratch")},
-                   "settings": config.result_settings()}
+        results = {
+            "run_name": config.run_name,
+            "teacher": Path(plan.teacher).name if plan.teacher_kind == "local" else plan.teacher,
+            "choice": plan.choice,
+            "train_tokens": steps * tokens_per_step(config, plan),
+            "distinct_train_tokens": minima_distill.distinct_train_tokens(folders["distilled"]),
+            "steps": steps,
+            "eval_rows": len(data.eval),
+            "kept_fraction": kept_fraction,
+            "eval": {key: scores.get(key) for key in ("teacher", "pruned", "distilled", "scratch")},
+            "settings": config.result_settings(),
+        }
         minima_export.export_run(config, plan, results, folders["distilled"])
     minima_distill.wait()
     return minima_export.finished_results(config)

@@ -32,8 +32,9 @@ def load_tokenizer(config: MinimaConfig, location: str) -> Any:
 
     if Path(location).is_dir():
         check_model_folder(location)
-    return AutoTokenizer.from_pretrained(location, revision=config.teacher_revision,
-                                         trust_remote_code=config.trust_remote_code)
+    return AutoTokenizer.from_pretrained(
+        location, revision=config.teacher_revision, trust_remote_code=config.trust_remote_code
+    )
 
 
 def load_teacher(config: MinimaConfig, plan: Plan, location: str) -> Any:
@@ -45,8 +46,12 @@ def load_teacher(config: MinimaConfig, plan: Plan, location: str) -> Any:
         return load_ladder_teacher(location, teacher_dtype=config.teacher_dtype).model
     from hf_capgap.models import load_frozen_teacher
 
-    return load_frozen_teacher(location, teacher_dtype=config.teacher_dtype, revision=config.teacher_revision,
-                               trust_remote_code=config.trust_remote_code)
+    return load_frozen_teacher(
+        location,
+        teacher_dtype=config.teacher_dtype,
+        revision=config.teacher_revision,
+        trust_remote_code=config.trust_remote_code,
+    )
 
 
 def teacher_identity(plan: Plan, location: str, teacher: Any) -> str:

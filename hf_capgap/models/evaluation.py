@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from hf_capgap.errors import ConfigError
+
 PERPLEXITY_METRIC_NAME = "perplexity"
 
 
@@ -25,22 +27,22 @@ def perplexity_metric_path() -> str:
 def _check_packed(dataset: Any, batch_size: int, max_batches: int | None) -> int:
     """Validate inputs before any forward pass; return the packed row length."""
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
     if max_batches is not None and max_batches < 1:
-        raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}.")
+        raise ConfigError(f"max_batches must be >= 1 or None, got {max_batches}.")
     if "input_ids" not in dataset.column_names:
-        raise ValueError(
+        raise ConfigError(
             f"dataset has no 'input_ids' column (columns: {dataset.column_names}); "
             "tokenize and pack it first (hf_capgap.data.tokenize_and_pack)."
         )
     if len(dataset) == 0:
-        raise ValueError("dataset is empty: perplexity needs at least one packed row of input_ids.")
+        raise ConfigError("dataset is empty: perplexity needs at least one packed row of input_ids.")
     lengths = {len(row) for row in dataset[: min(len(dataset), 64)]["input_ids"]}  # later rows: checked by torch
     if len(lengths) != 1:
-        raise ValueError(f"input_ids rows must have one fixed length (packed), found lengths {sorted(lengths)}.")
+        raise ConfigError(f"input_ids rows must have one fixed length (packed), found lengths {sorted(lengths)}.")
     (length,) = lengths
     if length < 2:
-        raise ValueError(f"packed rows must hold at least 2 tokens to predict one, got length {length}.")
+        raise ConfigError(f"packed rows must hold at least 2 tokens to predict one, got length {length}.")
     return length
 
 
@@ -98,7 +100,7 @@ def run_lm_eval_harness(model_dir: str, tasks: list[str], **kwargs: Any) -> dict
     ``batch_size`` ...). Remote code is never trusted.
     """
     if not tasks:
-        raise ValueError("tasks is empty: name at least one lm-evaluation-harness task, e.g. ['hellaswag'].")
+        raise ConfigError("tasks is empty: name at least one lm-evaluation-harness task, e.g. ['hellaswag'].")
     try:
         lm_eval = importlib.import_module("lm_eval")
     except ImportError as err:

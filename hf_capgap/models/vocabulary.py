@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from hf_capgap.errors import HfCapgapError
+from hf_capgap.errors import ConfigError, HfCapgapError
 
 SHOWN_DIFFERENCES = 5
 
@@ -38,7 +38,7 @@ def check_logits_cover(model: Any, tokenizer: Any, who: str) -> int:
     past it are fine); raise naming ``who`` when the model is too small for the tokenizer."""
     real, rows = real_vocab_size(tokenizer), output_rows(model)
     if rows < real:
-        raise ValueError(
+        raise ConfigError(
             f"{who} has {rows} output logits but the tokenizer has {real} tokens "
             f"({getattr(tokenizer, 'name_or_path', '')!r}): they do not belong together. Resize the model's "
             "embeddings or use the matching tokenizer."
@@ -79,7 +79,8 @@ def check_same_vocabulary(student_tokenizer: Any, teacher_tokenizer: Any) -> Non
     if not differences:
         return
     shown = ", ".join(
-        f"id {index}: student {student!r} vs teacher {teacher!r}" for index, student, teacher in differences[:SHOWN_DIFFERENCES]
+        f"id {index}: student {student!r} vs teacher {teacher!r}"
+        for index, student, teacher in differences[:SHOWN_DIFFERENCES]
     )
     more = f" (and {len(differences) - SHOWN_DIFFERENCES} more)" if len(differences) > SHOWN_DIFFERENCES else ""
     raise VocabularyMismatchError(

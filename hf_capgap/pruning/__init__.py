@@ -5,10 +5,10 @@ model transform, and save it with a manifest.
 from __future__ import annotations
 
 from hf_capgap.pruning.prune import (
-    MANIFEST_KIND,
     FORMAT_VERSION,
-    TARGET_TOLERANCE,
     LAYER_SELECTIONS,
+    MANIFEST_KIND,
+    TARGET_TOLERANCE,
     PruneSelection,
     PruneShape,
     PruningRecord,

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from hf_capgap.errors import ConfigError
 from hf_capgap.pruning.layouts import (
     HEADS,
     HIDDEN,
@@ -86,10 +87,12 @@ def taylor_importance(
     device = next(model.parameters()).device
     masks = {
         HIDDEN: torch.ones(teacher.hidden_size, dtype=dtype, device=device, requires_grad=True),
-        HEADS: torch.ones(teacher.num_hidden_layers, teacher.num_key_value_heads, dtype=dtype, device=device,
-                          requires_grad=True),
-        NEURONS: torch.ones(teacher.num_hidden_layers, teacher.intermediate_size, dtype=dtype, device=device,
-                            requires_grad=True),
+        HEADS: torch.ones(
+            teacher.num_hidden_layers, teacher.num_key_value_heads, dtype=dtype, device=device, requires_grad=True
+        ),
+        NEURONS: torch.ones(
+            teacher.num_hidden_layers, teacher.intermediate_size, dtype=dtype, device=device, requires_grad=True
+        ),
         "layers": torch.ones(teacher.num_hidden_layers, dtype=dtype, device=device, requires_grad=True),
     }
 
@@ -104,8 +107,10 @@ def taylor_importance(
 
         return hook
 
-    handles = [model.get_submodule(name).register_forward_hook(lambda m, a, out: out * masks[HIDDEN])
-               for name in layout.embeddings]
+    handles = [
+        model.get_submodule(name).register_forward_hook(lambda m, a, out: out * masks[HIDDEN])
+        for name in layout.embeddings
+    ]
     for index, layer in enumerate(layers):
         attention_out = layer.get_submodule(layout.attention_output)
         mlp_out = layer.get_submodule(layout.mlp_output)
@@ -138,7 +143,7 @@ def taylor_importance(
                     extra["position_ids"] = padded_position_ids(attention_mask).to(device)
             loss = model(input_ids=input_ids.to(device), labels=labels.to(device), use_cache=False, **extra).loss
             grads = torch.autograd.grad(loss, list(masks.values()))
-            for (name, mask), grad in zip(masks.items(), grads):
+            for (name, mask), grad in zip(masks.items(), grads, strict=True):
                 totals[name] += (grad * mask.detach()).abs().float()
             batches += 1
             tokens += int(attention_mask.sum()) if attention_mask is not None else input_ids.numel()
@@ -151,7 +156,7 @@ def taylor_importance(
             param.requires_grad_(trainable[name])
         model.train(was_training)
     if batches == 0:
-        raise ValueError("calibration yielded no batches; pass at least one {'input_ids': ...} batch or None.")
+        raise ConfigError("calibration yielded no batches; pass at least one {'input_ids': ...} batch or None.")
     return ImportanceScores(
         hidden=totals[HIDDEN] / batches,
         heads=totals[HEADS] / batches,
@@ -204,22 +209,26 @@ def magnitude_importance(model: torch.nn.Module) -> ImportanceScores:
                 else:
                     scores[axis.unit][index] += per_unit
         layers = model.get_submodule(layout.layers)
-        layer_scores = torch.tensor([
-            float(layer.get_submodule(layout.attention_output).weight.float().norm())
-            + float(layer.get_submodule(layout.mlp_output).weight.float().norm())
-            for layer in layers
-        ])
+        layer_scores = torch.tensor(
+            [
+                float(layer.get_submodule(layout.attention_output).weight.float().norm())
+                + float(layer.get_submodule(layout.mlp_output).weight.float().norm())
+                for layer in layers
+            ]
+        )
     return ImportanceScores(scores[HIDDEN], scores[HEADS], scores[NEURONS], layer_scores, method="magnitude")
 
 
 def _checked_input_ids(batch: Mapping[str, Tensor], vocab_size: int) -> Tensor:
     if not isinstance(batch, Mapping) or "input_ids" not in batch:
-        raise ValueError("each calibration batch must be a dict with an 'input_ids' tensor of shape (batch, seq).")
+        raise ConfigError("each calibration batch must be a dict with an 'input_ids' tensor of shape (batch, seq).")
     input_ids = torch.as_tensor(batch["input_ids"])
     if input_ids.dim() != 2 or input_ids.numel() == 0:
-        raise ValueError(f"calibration input_ids must be a non-empty (batch, seq) tensor, got shape {tuple(input_ids.shape)}.")
+        raise ConfigError(
+            f"calibration input_ids must be a non-empty (batch, seq) tensor, got shape {tuple(input_ids.shape)}."
+        )
     if int(input_ids.max()) >= vocab_size or int(input_ids.min()) < 0:
-        raise ValueError(
+        raise ConfigError(
             f"calibration input_ids hold token id {int(input_ids.max())} but the teacher's vocab_size is "
             f"{vocab_size}; tokenize the calibration text with the teacher's tokenizer."
         )

@@ -19,6 +19,8 @@ import torch
 from torch import Tensor
 from transformers import PretrainedConfig
 
+from hf_capgap.errors import ConfigError
+
 HIDDEN = "hidden"
 HEADS = "heads"
 NEURONS = "neurons"
@@ -59,10 +61,10 @@ class PruneShape:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(value) - known)
         if unknown:
-            raise ValueError(f"shape has unknown keys {unknown}; allowed keys are {sorted(known)}.")
+            raise ConfigError(f"shape has unknown keys {unknown}; allowed keys are {sorted(known)}.")
         missing = sorted(f.name for f in fields(cls) if f.name not in value and f.name != "num_key_value_heads")
         if missing:
-            raise ValueError(f"shape is missing {missing}; give every size of the student.")
+            raise ConfigError(f"shape is missing {missing}; give every size of the student.")
         return cls(**value)
 
     def to_dict(self) -> dict[str, int | None]:
@@ -185,16 +187,45 @@ def _gpt2_axes(config: PretrainedConfig, layer: str) -> WeightAxes:
     return axes
 
 
-_STANDARD_KEYS = tuple((size, size) for size in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                                                 "intermediate_size"))
+_STANDARD_KEYS = tuple(
+    (size, size) for size in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+)
 LAYOUTS = (
-    Layout("llama", ("llama", "mistral", "qwen2"), "model.layers", ("model.embed_tokens",), "self_attn.o_proj",
-           "mlp.down_proj", (*_STANDARD_KEYS, ("num_key_value_heads", "num_key_value_heads")), _llama_axes),
-    Layout("gpt_neox", ("gpt_neox",), "gpt_neox.layers", ("gpt_neox.embed_in",), "attention.dense",
-           "mlp.dense_4h_to_h", _STANDARD_KEYS, _gpt_neox_axes),
-    Layout("gpt2", ("gpt2",), "transformer.h", ("transformer.wte", "transformer.wpe"), "attn.c_proj", "mlp.c_proj",
-           (("hidden_size", "n_embd"), ("num_hidden_layers", "n_layer"), ("num_attention_heads", "n_head"),
-            ("intermediate_size", "n_inner")), _gpt2_axes),
+    Layout(
+        "llama",
+        ("llama", "mistral", "qwen2"),
+        "model.layers",
+        ("model.embed_tokens",),
+        "self_attn.o_proj",
+        "mlp.down_proj",
+        (*_STANDARD_KEYS, ("num_key_value_heads", "num_key_value_heads")),
+        _llama_axes,
+    ),
+    Layout(
+        "gpt_neox",
+        ("gpt_neox",),
+        "gpt_neox.layers",
+        ("gpt_neox.embed_in",),
+        "attention.dense",
+        "mlp.dense_4h_to_h",
+        _STANDARD_KEYS,
+        _gpt_neox_axes,
+    ),
+    Layout(
+        "gpt2",
+        ("gpt2",),
+        "transformer.h",
+        ("transformer.wte", "transformer.wpe"),
+        "attn.c_proj",
+        "mlp.c_proj",
+        (
+            ("hidden_size", "n_embd"),
+            ("num_hidden_layers", "n_layer"),
+            ("num_attention_heads", "n_head"),
+            ("intermediate_size", "n_inner"),
+        ),
+        _gpt2_axes,
+    ),
 )
 SUPPORTED_MODEL_TYPES = tuple(t for layout in LAYOUTS for t in layout.model_types)
 
@@ -203,7 +234,7 @@ def layout_for(config: PretrainedConfig) -> Layout:
     for layout in LAYOUTS:
         if config.model_type in layout.model_types:
             return layout
-    raise ValueError(
+    raise ConfigError(
         f"model_type {config.model_type!r} is not supported for pruning; supported model types are "
         f"{', '.join(SUPPORTED_MODEL_TYPES)} (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
         "GPTNeoXForCausalLM, GPT2LMHeadModel)."
@@ -247,7 +278,7 @@ def validate_shape(config: PretrainedConfig, shape: PruneShape) -> PruneShape:
     """Check ``shape`` against the teacher and fill in ``num_key_value_heads``; raise before any work."""
     layout_for(config)
     if getattr(config, "add_cross_attention", False):
-        raise ValueError(
+        raise ConfigError(
             "config.add_cross_attention=True adds encoder cross-attention weights that pruning does not "
             "know; prune a decoder-only causal LM."
         )
@@ -258,26 +289,26 @@ def validate_shape(config: PretrainedConfig, shape: PruneShape) -> PruneShape:
         if value is None:
             continue
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"shape.{field.name} must be a positive integer, got {value!r}.")
+            raise ConfigError(f"shape.{field.name} must be a positive integer, got {value!r}.")
         if value > getattr(teacher, field.name):
-            raise ValueError(
+            raise ConfigError(
                 f"shape.{field.name}={value} exceeds the teacher's {getattr(teacher, field.name)}; pruning "
                 "only removes structure, so ask for at most the teacher's size."
             )
     if shape.hidden_size % shape.num_attention_heads:
-        raise ValueError(
+        raise ConfigError(
             f"shape.num_attention_heads={shape.num_attention_heads} does not divide "
             f"shape.hidden_size={shape.hidden_size}; choose a hidden size that is a multiple of the heads."
         )
     kv_heads = shape.num_key_value_heads or shape.num_attention_heads // group
     if shape.num_attention_heads % kv_heads or shape.num_attention_heads // kv_heads != group:
-        raise ValueError(
+        raise ConfigError(
             f"shape.num_attention_heads={shape.num_attention_heads} must be {group} x "
             f"shape.num_key_value_heads (the teacher's query heads per KV head, since KV groups are kept "
             f"whole); use a multiple of {group} heads and leave num_key_value_heads unset."
         )
     if getattr(config, "head_dim", None) is None and shape.hidden_size != shape.num_attention_heads * head_dim(config):
-        raise ValueError(
+        raise ConfigError(
             f"{config.model_type} derives the head size from hidden_size / num_attention_heads, so "
             f"shape.hidden_size must be num_attention_heads x {head_dim(config)} = "
             f"{shape.num_attention_heads * head_dim(config)}, got {shape.hidden_size}."
@@ -285,7 +316,9 @@ def validate_shape(config: PretrainedConfig, shape: PruneShape) -> PruneShape:
     return PruneShape(**{**shape.to_dict(), "num_key_value_heads": kv_heads})
 
 
-def pruned_config(config: PretrainedConfig, shape: PruneShape, kept_layers: list[int] | None = None) -> PretrainedConfig:
+def pruned_config(
+    config: PretrainedConfig, shape: PruneShape, kept_layers: list[int] | None = None
+) -> PretrainedConfig:
     """The teacher's config resized to ``shape``: rope, norms, tying, dtype, head size and every other
     setting carry over."""
     shape = validate_shape(config, shape)

@@ -31,13 +31,7 @@ import torch
 from torch import Tensor
 from transformers import PretrainedConfig, PreTrainedModel
 
-from hf_capgap.utils.artifacts import (
-    atomic_directory,
-    json_sha256,
-    model_fingerprint,
-    write_manifest,
-)
-from hf_capgap.utils.parameters import count_model_parameters
+from hf_capgap.errors import ConfigError
 from hf_capgap.pruning.importance import (
     ImportanceScores,
     magnitude_importance,
@@ -60,6 +54,13 @@ from hf_capgap.pruning.layouts import (
     template_name,
     validate_shape,
 )
+from hf_capgap.utils.artifacts import (
+    atomic_directory,
+    json_sha256,
+    model_fingerprint,
+    write_manifest,
+)
+from hf_capgap.utils.parameters import count_model_parameters
 
 __all__ = [
     "PruneSelection",
@@ -129,22 +130,29 @@ def prune_model(
     config = model.config
     layout_for(config)
     if (target_params is None) == (shape is None):
-        raise ValueError("pass exactly one of target_params (a parameter count) or shape (explicit sizes).")
+        raise ConfigError("pass exactly one of target_params (a parameter count) or shape (explicit sizes).")
     if isinstance(calibration, Sequence) and len(calibration) == 0:
-        raise ValueError("calibration is empty; pass at least one {'input_ids': ...} batch, or None for magnitude scores.")
+        raise ConfigError(
+            "calibration is empty; pass at least one {'input_ids': ...} batch, or None for magnitude scores."
+        )
     explicit_layers = _explicit_layers(layer_selection, config.num_hidden_layers)
     if shape is not None:
         shape = validate_shape(config, PruneShape.from_value(shape))
     else:
-        shape = shape_for_target(model, target_params, num_hidden_layers=len(explicit_layers) if explicit_layers else None)
+        shape = shape_for_target(
+            model, target_params, num_hidden_layers=len(explicit_layers) if explicit_layers else None
+        )
     if explicit_layers is not None and len(explicit_layers) != shape.num_hidden_layers:
-        raise ValueError(
+        raise ConfigError(
             f"layer_selection keeps {len(explicit_layers)} layers but shape.num_hidden_layers is "
             f"{shape.num_hidden_layers}; make them agree."
         )
 
-    scores = (magnitude_importance(model) if calibration is None
-              else taylor_importance(model, calibration, checkpoint_layers=checkpoint_layers))
+    scores = (
+        magnitude_importance(model)
+        if calibration is None
+        else taylor_importance(model, calibration, checkpoint_layers=checkpoint_layers)
+    )
     selection = select_units(scores, shape, explicit_layers if explicit_layers is not None else layer_selection)
     student = apply_selection(model, selection)
     student.pruning_record = replace(
@@ -173,9 +181,9 @@ def shape_for_target(
     count = param_counter(model)
     teacher_params = count(teacher)
     if not isinstance(target_params, int) or isinstance(target_params, bool) or target_params < 1:
-        raise ValueError(f"target_params must be a positive integer, got {target_params!r}.")
+        raise ConfigError(f"target_params must be a positive integer, got {target_params!r}.")
     if target_params > teacher_params:
-        raise ValueError(
+        raise ConfigError(
             f"target_params={target_params:,} is larger than the teacher ({teacher_params:,} parameters); "
             "pruning only shrinks a model."
         )
@@ -185,8 +193,13 @@ def shape_for_target(
     best: tuple[float, float, PruneShape] | None = None
     for heads in range(group, teacher.num_attention_heads + 1, group):
         for layers in depths:
-            base = PruneShape(hidden_size=heads * per_head, num_hidden_layers=layers, num_attention_heads=heads,
-                              num_key_value_heads=heads // group, intermediate_size=1)
+            base = PruneShape(
+                hidden_size=heads * per_head,
+                num_hidden_layers=layers,
+                num_attention_heads=heads,
+                num_key_value_heads=heads // group,
+                intermediate_size=1,
+            )
             fixed = count(base)
             per_neuron = count(replace(base, intermediate_size=2)) - fixed
             exact = 1 + (target_params - fixed) / per_neuron
@@ -205,9 +218,10 @@ def shape_for_target(
                     best = (*key, candidate)
                 break
     if best is None:
-        smallest = PruneShape(hidden_size=group * per_head, num_hidden_layers=1, num_attention_heads=group,
-                              intermediate_size=1)
-        raise ValueError(
+        smallest = PruneShape(
+            hidden_size=group * per_head, num_hidden_layers=1, num_attention_heads=group, intermediate_size=1
+        )
+        raise ConfigError(
             f"no shape of this {config.model_type} teacher has target_params={target_params:,} parameters "
             f"within {TARGET_TOLERANCE:.0%} (the smallest has {shape_params(model, smallest):,}); choose "
             "another target_params or pass an explicit shape."
@@ -257,7 +271,9 @@ def apply_selection(model: PreTrainedModel, selection: PruneSelection) -> PreTra
             continue
         spec = axes.get(template_name(name))
         if spec is None:
-            raise ValueError(f"weight {name!r} is not part of the standard {config.model_type} layout; cannot prune it.")
+            raise ConfigError(
+                f"weight {name!r} is not part of the standard {config.model_type} layout; cannot prune it."
+            )
         key = (tensor.data_ptr(), tuple(tensor.shape))  # tied weights are sliced once and stay shared
         if key not in by_storage:
             units = {HIDDEN: selection.hidden}
@@ -297,7 +313,7 @@ def save_pruned(
     if not isinstance(record, PruningRecord):
         raise TypeError("model has no pruning_record: save_pruned takes a student returned by prune_model.")
     if not teacher_name:
-        raise ValueError("teacher_name is empty; pass the teacher's Hub id or local path.")
+        raise ConfigError("teacher_name is empty; pass the teacher's Hub id or local path.")
     out_dir = Path(out_dir)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -322,15 +338,15 @@ def _top(scores: Tensor, k: int) -> Tensor:
 def _explicit_layers(layer_selection: str | Sequence[int], num_layers: int) -> list[int] | None:
     if isinstance(layer_selection, str):
         if layer_selection not in LAYER_SELECTIONS:
-            raise ValueError(
+            raise ConfigError(
                 f"layer_selection={layer_selection!r} is not one of {LAYER_SELECTIONS} or a list of layer indices."
             )
         return None
     layers = list(layer_selection)
     if not layers or any(not isinstance(i, int) or not 0 <= i < num_layers for i in layers):
-        raise ValueError(f"layer_selection must list layer indices in [0, {num_layers}), got {layers}.")
+        raise ConfigError(f"layer_selection must list layer indices in [0, {num_layers}), got {layers}.")
     if len(set(layers)) != len(layers) or layers != sorted(layers):
-        raise ValueError(f"layer_selection must list distinct layer indices in increasing order, got {layers}.")
+        raise ConfigError(f"layer_selection must list distinct layer indices in increasing order, got {layers}.")
     return layers
 
 
@@ -338,7 +354,7 @@ def _check_selection(config: PretrainedConfig, selection: PruneSelection) -> Pru
     teacher = PruneShape.of(config)
     _explicit_layers(selection.layers, teacher.num_hidden_layers)
     if len(selection.heads) != len(selection.layers) or len(selection.neurons) != len(selection.layers):
-        raise ValueError("selection.heads and selection.neurons need one entry per kept layer.")
+        raise ConfigError("selection.heads and selection.neurons need one entry per kept layer.")
     for name, groups, limit in (
         ("hidden", [selection.hidden], teacher.hidden_size),
         ("heads", selection.heads, teacher.num_key_value_heads),
@@ -346,25 +362,36 @@ def _check_selection(config: PretrainedConfig, selection: PruneSelection) -> Pru
     ):
         sizes = {len(g) for g in groups}
         if len(sizes) != 1:
-            raise ValueError(f"selection.{name} keeps different counts per layer {sorted(sizes)}; keep the same number.")
+            raise ConfigError(
+                f"selection.{name} keeps different counts per layer {sorted(sizes)}; keep the same number."
+            )
         for g in groups:
             if len(g) == 0 or len(set(g.tolist())) != len(g) or int(g.min()) < 0 or int(g.max()) >= limit:
-                raise ValueError(f"selection.{name} must hold distinct indices in [0, {limit}).")
+                raise ConfigError(f"selection.{name} must hold distinct indices in [0, {limit}).")
     group = teacher.num_attention_heads // teacher.num_key_value_heads
-    return validate_shape(config, PruneShape(
-        hidden_size=len(selection.hidden),
-        num_hidden_layers=len(selection.layers),
-        num_attention_heads=len(selection.heads[0]) * group,
-        intermediate_size=len(selection.neurons[0]),
-    ))
+    return validate_shape(
+        config,
+        PruneShape(
+            hidden_size=len(selection.hidden),
+            num_hidden_layers=len(selection.layers),
+            num_attention_heads=len(selection.heads[0]) * group,
+            intermediate_size=len(selection.neurons[0]),
+        ),
+    )
 
 
 def _kept_summary(config: PretrainedConfig, selection: PruneSelection) -> dict[str, Any]:
     return {
         "layers": selection.layers,
         "heads": [g.tolist() for g in selection.heads],
-        "hidden": {"kept": len(selection.hidden), "of": config.hidden_size,
-                   "sha256": json_sha256(selection.hidden.tolist())},
-        "neurons": {"kept_per_layer": len(selection.neurons[0]), "of": mlp_width(config),
-                    "sha256": json_sha256([n.tolist() for n in selection.neurons])},
+        "hidden": {
+            "kept": len(selection.hidden),
+            "of": config.hidden_size,
+            "sha256": json_sha256(selection.hidden.tolist()),
+        },
+        "neurons": {
+            "kept_per_layer": len(selection.neurons[0]),
+            "of": mlp_width(config),
+            "sha256": json_sha256([n.tolist() for n in selection.neurons]),
+        },
     }

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from hf_capgap.errors import ConfigError
 from hf_capgap.law import format_params, parse_params
 from hf_capgap.trainer.settings import TeacherCacheSettings
 from hf_capgap.utils.recipe_args import field_help
@@ -93,7 +94,7 @@ class SweepConfig(TeacherCacheSettings):
         fields = {item.name: item for item in dataclasses.fields(cls)}
         unknown = sorted(set(values) - set(fields))
         if unknown:
-            raise ValueError(f"unknown sweep config keys {unknown}; valid keys: {sorted(fields)}.")
+            raise ConfigError(f"unknown sweep config keys {unknown}; valid keys: {sorted(fields)}.")
         hints = typing.get_type_hints(cls)  # not field.type: HfArgumentParser rewrites it in place
         parsed = {}
         for name, value in values.items():
@@ -117,14 +118,14 @@ class SweepConfig(TeacherCacheSettings):
         self.student_sizes = [str(size) for size in _as_list(self.student_sizes, "student_sizes")]
         self.teachers = [str(teacher) for teacher in _as_list(self.teachers, "teachers")]
         if self.family not in family_names():
-            raise ValueError(f"family={self.family!r} is unknown; choose one of {family_names()}.")
+            raise ConfigError(f"family={self.family!r} is unknown; choose one of {family_names()}.")
         if not self.student_sizes:
-            raise ValueError("student_sizes is empty; list at least one student parameter count.")
+            raise ConfigError("student_sizes is empty; list at least one student parameter count.")
         for size in self.student_sizes:
             try:
                 parse_params(size)
             except ValueError:
-                raise ValueError(
+                raise ConfigError(
                     f"student_sizes holds {size!r}, not a size; write sizes like 110K, 100M or 1.5B."
                 ) from None
         for name in (
@@ -136,11 +137,11 @@ class SweepConfig(TeacherCacheSettings):
             "calibration_rows",
         ):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be positive.")
+                raise ConfigError(f"{name}={getattr(self, name)} must be positive.")
         if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate={self.learning_rate} must be positive.")
+            raise ConfigError(f"learning_rate={self.learning_rate} must be positive.")
         if self.tokens_per_run < self.tokens_per_step:
-            raise ValueError(
+            raise ConfigError(
                 f"tokens_per_run={self.tokens_per_run} is less than one optimizer step (batch_size*"
                 f"gradient_accumulation_steps*seq_len={self.tokens_per_step}); raise tokens_per_run."
             )
@@ -149,11 +150,13 @@ class SweepConfig(TeacherCacheSettings):
         available = family_teachers(self.family)
         unknown = sorted(set(self.teachers) - set(available))
         if unknown:
-            raise ValueError(f"teachers {unknown} are not in family {self.family!r}; choose from {sorted(available)}.")
+            raise ConfigError(
+                f"teachers {unknown} are not in family {self.family!r}; choose from {sorted(available)}."
+            )
         largest = max(self.teacher_sizes().values())
         too_big = [size for size in self.student_params if size >= largest]
         if too_big:
-            raise ValueError(
+            raise ConfigError(
                 f"student_sizes {too_big} are not smaller than any teacher (largest: {format_params(largest)}); "
                 "every student is pruned from a larger teacher."
             )
@@ -204,7 +207,7 @@ def _as_list(value: Any, name: str) -> list[Any]:
     if isinstance(value, str):
         return [part for part in value.replace(",", " ").split() if part]
     if not isinstance(value, Sequence):
-        raise ValueError(f"{name} must be a list, got {value!r}.")
+        raise ConfigError(f"{name} must be a list, got {value!r}.")
     return list(value)
 
 

@@ -42,6 +42,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from hf_capgap.errors import ConfigError
 from hf_capgap.law import CapacityGapLaw
 from hf_capgap.sweep.config import HUB_FAMILIES, RunSpec, SweepConfig, plan
 from hf_capgap.sweep.ledger import (
@@ -81,7 +82,7 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> list[dict[str, A
 
     processes = process_state().num_processes
     if processes > 1:
-        raise ValueError(
+        raise ConfigError(
             f"the sweep was launched as {processes} processes; it runs its grid in one "
             "process with one ledger writer. Start it with `python recipes/sweep.py CONFIG`."
         )
@@ -96,7 +97,7 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> list[dict[str, A
         finished = finished_records(output_dir)
         foreign = [record["run_id"] for record in finished if record["settings_sha256"] != settings_sha]
         if foreign:
-            raise ValueError(
+            raise ConfigError(
                 f"{output_dir / LEDGER_FILE} holds runs {foreign} made with other settings; use another output_dir "
                 "or the settings those runs used."
             )
@@ -149,7 +150,7 @@ def _sweep_lock(output_dir: Path) -> Iterator[None]:
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
-            raise ValueError(
+            raise ConfigError(
                 f"another sweep (process {holder}) is running in output_dir={output_dir}; wait for it to finish "
                 "or use another output_dir."
             ) from None

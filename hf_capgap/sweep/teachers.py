@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hf_capgap.errors import ConfigError
 from hf_capgap.sweep.config import HUB_FAMILIES, SweepConfig
 from hf_capgap.utils.parameters import count_model_parameters
 
@@ -20,7 +21,7 @@ def check_hub_access(model_ids: Sequence[str]) -> None:
     if not missing:
         return
     if constants.HF_HUB_OFFLINE:
-        raise ValueError(
+        raise ConfigError(
             f"teachers {missing} are not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids "
             "downloading them; download them on a machine with network access, or unset HF_HUB_OFFLINE."
         )
@@ -29,7 +30,7 @@ def check_hub_access(model_ids: Sequence[str]) -> None:
         try:
             api.model_info(model_id, timeout=10)
         except Exception as err:  # any failure here means the sweep could not load this teacher
-            raise ValueError(
+            raise ConfigError(
                 f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} for teacher {model_id!r} ({err}); "
                 "the sweep needs network access to download its teachers, or a local cache holding them."
             ) from err
@@ -64,7 +65,7 @@ class TeacherSource:
 
             model = load_frozen_teacher(name, teacher_dtype=self.config.teacher_dtype)
         if model.config.max_position_embeddings < self.config.seq_len:
-            raise ValueError(
+            raise ConfigError(
                 f"seq_len={self.config.seq_len} exceeds teacher {name}'s max_position_embeddings="
                 f"{model.config.max_position_embeddings}; lower seq_len."
             )
@@ -81,7 +82,7 @@ class TeacherSource:
         train_rows = config.steps * config.batch_size * config.gradient_accumulation_steps
         for split, needed in (("train", train_rows), ("validation", config.eval_rows)):
             if len(packed[split]) < needed:
-                raise ValueError(
+                raise ConfigError(
                     f"the corpus {split} split packs into {len(packed[split])} rows of {config.seq_len} tokens, "
                     f"fewer than the {needed} the sweep needs; lower tokens_per_run / eval_rows or seq_len."
                 )

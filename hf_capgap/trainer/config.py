@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from trl import SFTConfig
 
+from hf_capgap.errors import ConfigError
 from hf_capgap.losses import check_beta
 from hf_capgap.losses.liger import LOSS_BACKENDS
 from hf_capgap.losses.lm_head import FUSED_LM_HEAD_MODES
@@ -23,12 +24,12 @@ from hf_capgap.trainer.settings import DistillationSettings
 def check_sft_loss_fields(args: SFTConfig) -> None:
     """Refuse SFTConfig's loss variants, which replace the LM loss that distillation replaces already."""
     if args.loss_type != "nll":
-        raise ValueError(
+        raise ConfigError(
             f"DistillationConfig.loss_type={args.loss_type!r} is not supported: the loss is "
             "alpha * distillation + (1 - alpha) * cross-entropy. Leave loss_type at 'nll'."
         )
     if args.label_smoothing_factor != 0:
-        raise ValueError(
+        raise ConfigError(
             f"DistillationConfig.label_smoothing_factor={args.label_smoothing_factor} is not supported: the "
             "teacher's distribution already softens the targets (raise alpha or temperature). Leave it at 0."
         )
@@ -107,7 +108,7 @@ class DistillationConfig(DistillationSettings, SFTConfig):
             gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
             self.bf16 = not self.fp16 and not self.use_cpu and gpu_bf16
         if self.chat_template_path is not None and not self.chat_template_path.endswith((".jinja", ".j2")):
-            raise ValueError(
+            raise ConfigError(
                 f"DistillationConfig.chat_template_path={self.chat_template_path!r} names a model: cloning its chat "
                 "template adds tokens to the student only, so teacher and student would no longer share a "
                 "vocabulary. Pass a .jinja template file, or set the template on the shared tokenizer."
@@ -115,15 +116,15 @@ class DistillationConfig(DistillationSettings, SFTConfig):
         self.check_distillation_settings()
         check_beta(self.loss, self.beta)
         if self.chunk_size is not None and self.chunk_size < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"DistillationConfig.chunk_size must be a positive number of tokens, got {self.chunk_size}."
             )
         if self.fused_lm_head not in FUSED_LM_HEAD_MODES:
-            raise ValueError(
+            raise ConfigError(
                 f"DistillationConfig.fused_lm_head={self.fused_lm_head!r} must be one of {FUSED_LM_HEAD_MODES}."
             )
         if self.loss_backend not in LOSS_BACKENDS:
-            raise ValueError(f"DistillationConfig.loss_backend={self.loss_backend!r} must be one of {LOSS_BACKENDS}.")
+            raise ConfigError(f"DistillationConfig.loss_backend={self.loss_backend!r} must be one of {LOSS_BACKENDS}.")
         check_sft_loss_fields(self)
         super().__post_init__()
 

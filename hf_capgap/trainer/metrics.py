@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hf_capgap.data.sft import EXAMPLE_TOKENS_KEY
+from hf_capgap.errors import ConfigError
 from hf_capgap.losses import DistillationLossOutput, LossSpec
 
 # What each trainer mode accumulates between logs (local sums, reduced across ranks when logged).
@@ -66,7 +67,7 @@ def repeated_positions(inputs: Mapping[str, Tensor], accelerator: Any) -> Tensor
         row = torch.repeat_interleave(torch.arange(rows, device=ids.device), tokens)
         row = F.pad(row, (0, ids.numel() - row.numel()), value=rows)  # a pad_to_multiple_of tail: no example's
     elif "attention_mask" not in inputs and "position_ids" in inputs:
-        raise ValueError(
+        raise ConfigError(
             f"a padding-free eval batch without {EXAMPLE_TOKENS_KEY!r} under {accelerator.num_processes} processes: "
             "its rows cannot be told apart from the rows repeated to even out the last batch. Evaluate with the "
             "trainer's own eval dataloader."
@@ -95,8 +96,13 @@ class MetricSums:
         self._pending_train_tokens: Tensor | None = None
 
     def record(
-        self, mode: str, output: DistillationLossOutput, spec: LossSpec, inputs: Mapping[str, Tensor],
-        aux_loss: Tensor | None, repeated: Tensor | None = None,
+        self,
+        mode: str,
+        output: DistillationLossOutput,
+        spec: LossSpec,
+        inputs: Mapping[str, Tensor],
+        aux_loss: Tensor | None,
+        repeated: Tensor | None = None,
     ) -> None:
         """Add one micro-batch; a part the loss skipped counts 0 tokens. Every training micro-batch adds its
         input tokens. Positions in ``repeated`` rows count nothing; a batch of only those is not counted."""
@@ -138,9 +144,7 @@ class MetricSums:
         reduced = accelerator.reduce({"parts": parts.to(device), "tokens": pending.to(device)}, "sum")
         total = dict(zip(PARTS, reduced["parts"].tolist(), strict=True))
         metrics: dict[str, float] = {
-            name: round(total[numerator] / total[tokens], 6)
-            for name, numerator, tokens in _MEANS
-            if total[tokens] > 0
+            name: round(total[numerator] / total[tokens], 6) for name, numerator, tokens in _MEANS if total[tokens] > 0
         }
         metrics["empty_micro_batches"] = int(total["empty_micro_batches"])
         return metrics, int(reduced["tokens"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from hf_capgap.errors import ConfigError
 from hf_capgap.utils.recipe_args import field_help
 
 
@@ -49,11 +50,11 @@ class DistillationSettings:
         from hf_capgap.models import TEACHER_DTYPE_CHOICES
 
         if self.loss not in DIVERGENCES:
-            raise ValueError(f"loss={self.loss!r} must be one of {', '.join(DIVERGENCES)}.")
+            raise ConfigError(f"loss={self.loss!r} must be one of {', '.join(DIVERGENCES)}.")
         LossSpec(kind=self.loss, alpha=self.alpha, temperature=self.temperature)
         if self.teacher_dtype not in TEACHER_DTYPE_CHOICES:
             choices = ", ".join(TEACHER_DTYPE_CHOICES)
-            raise ValueError(f"teacher_dtype={self.teacher_dtype!r} must be one of {choices}.")
+            raise ConfigError(f"teacher_dtype={self.teacher_dtype!r} must be one of {choices}.")
 
 
 @dataclass
@@ -77,10 +78,10 @@ class TeacherCacheSettings(DistillationSettings):
         from hf_capgap.cache.format import SAMPLERS
 
         if cache_mode not in modes:
-            raise ValueError(f"cache_mode={cache_mode!r} must be one of {', '.join(modes)}.")
+            raise ConfigError(f"cache_mode={cache_mode!r} must be one of {', '.join(modes)}.")
         if cache_mode == "sampled" and self.loss != "forward_kl":
-            raise ValueError(f"cache_mode='sampled' estimates forward_kl only; got loss={self.loss!r}.")
+            raise ConfigError(f"cache_mode='sampled' estimates forward_kl only; got loss={self.loss!r}.")
         if self.cache_sampler not in SAMPLERS:
-            raise ValueError(f"cache_sampler={self.cache_sampler!r} must be one of {', '.join(SAMPLERS)}.")
+            raise ConfigError(f"cache_sampler={self.cache_sampler!r} must be one of {', '.join(SAMPLERS)}.")
         if self.cache_k < 1:
-            raise ValueError(f"cache_k={self.cache_k} must be >= 1.")
+            raise ConfigError(f"cache_k={self.cache_k} must be >= 1.")

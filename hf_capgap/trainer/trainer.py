@@ -29,6 +29,7 @@ from hf_capgap.data import (
     has_labelled_position,
     next_token_labels,
 )
+from hf_capgap.errors import ConfigError
 from hf_capgap.losses import (
     DenseTeacher,
     FusedTeacher,
@@ -53,7 +54,7 @@ logger = logging.get_logger(__name__)
 def _load_student(model: PreTrainedModel | str | None, init_kwargs: dict[str, Any] | None) -> PreTrainedModel:
     """The student as SFTTrainer loads one from a path (``model_init_kwargs``), checked before the teacher loads."""
     if model is None:
-        raise ValueError("model (the student) is required: pass a causal LM or a path.")
+        raise ConfigError("model (the student) is required: pass a causal LM or a path.")
     if isinstance(model, str):
         from trl.trainer.utils import create_model_from_path
 
@@ -70,7 +71,7 @@ def _tokenizer_for(model: PreTrainedModel, processing_class: Any) -> Any:
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(path)
-    raise ValueError(
+    raise ConfigError(
         "processing_class is required: pass the student's tokenizer (the teacher's, for a pruned student). It "
         "tokenizes text / chat datasets, pads batches and names the real vocabulary both sides are compared on."
     )
@@ -128,7 +129,7 @@ class DistillationTrainer(SFTTrainer):
             **kwargs,
         )
         if not has_labelled_position(self.train_dataset):
-            raise ValueError(
+            raise ConfigError(
                 "no row of train_dataset has a token to predict (every label is -100 after preparation): check "
                 "completion_only_loss / assistant_only_loss and the chat template's generation markers."
             )
@@ -157,10 +158,10 @@ class DistillationTrainer(SFTTrainer):
     def _check_arguments(args: Any, kwargs: dict[str, Any]) -> None:
         """Refuse settings this trainer cannot honour before anything loads."""
         if not isinstance(args, DistillationConfig):
-            raise ValueError("args must be a hf_capgap.DistillationConfig (it carries loss, alpha, temperature ...).")
+            raise ConfigError("args must be a hf_capgap.DistillationConfig (it carries loss, alpha, temperature ...).")
         check_sft_loss_fields(args)
         if kwargs.get("compute_loss_func") is not None:
-            raise ValueError(
+            raise ConfigError(
                 "compute_loss_func is not supported: DistillationTrainer's loss is the distillation objective "
                 "(DistillationConfig.loss / alpha / temperature). Subclass DistillationTrainer to change it."
             )
@@ -173,7 +174,7 @@ class DistillationTrainer(SFTTrainer):
                 "neither, and computing them would add an lm_head pass); use loss_backend='hf_capgap' for them."
             )
             if args.teacher_cache is not None:
-                raise ValueError(
+                raise ConfigError(
                     "loss_backend='liger' needs an online teacher (Liger fuses both lm_heads); a teacher_cache runs "
                     "with loss_backend='hf_capgap'."
                 )
@@ -187,16 +188,16 @@ class DistillationTrainer(SFTTrainer):
         self.teacher_cache = self._open_cache(args, tokenizer) if args.teacher_cache is not None else None
         if self.teacher_cache is not None:
             if teacher_model is not None:
-                raise ValueError("pass either teacher_model or DistillationConfig.teacher_cache, not both.")
+                raise ConfigError("pass either teacher_model or DistillationConfig.teacher_cache, not both.")
             self._cached_rows = self.teacher_cache.dataset
             train_dataset = self._cached_rows if train_dataset is None else train_dataset
         elif teacher_model is None:
-            raise ValueError(
+            raise ConfigError(
                 "teacher_model is required: pass a causal LM (or a path), or set "
                 "DistillationConfig.teacher_cache to a cache built with TeacherCache.build."
             )
         if train_dataset is None:
-            raise ValueError(
+            raise ConfigError(
                 "train_dataset is required (or DistillationConfig.teacher_cache, whose rows are trained on)."
             )
         return train_dataset
@@ -240,7 +241,7 @@ class DistillationTrainer(SFTTrainer):
             yield
             return
         if eval_dataset is not None:
-            raise ValueError(
+            raise ConfigError(
                 "with assistant_only_loss, a teacher_cache and an eval_dataset, also pass train_dataset=<the chat "
                 "dataset the cache was built from>: the eval rows are prepared with the same chat settings."
             )
@@ -287,13 +288,13 @@ class DistillationTrainer(SFTTrainer):
         if self.teacher_cache is not None:
             cache = self.teacher_cache
             if cache.real_vocab_size != real:
-                raise ValueError(
+                raise ConfigError(
                     f"{cache.path}: the cache holds teacher distributions over {cache.real_vocab_size} tokens but the "
                     f"student's tokenizer has {real}: it was built for another vocabulary. Rebuild it with the "
                     "student's tokenizer."
                 )
             if cache.manifest["vocabulary_fingerprint"] != vocabulary_fingerprint(tokenizer):
-                raise ValueError(
+                raise ConfigError(
                     f"{cache.path}: the cache was built with a tokenizer of the same size but another token -> id map "
                     "than the student's; its ids would name other tokens. Rebuild it with the student's tokenizer."
                 )
@@ -333,7 +334,9 @@ class DistillationTrainer(SFTTrainer):
     def _head_choice(self, model: nn.Module, role: str) -> HeadChoice:
         """Which lm_head to fuse for ``role`` (student / teacher); says once, in the log, which path runs and why
         (as a warning when 'auto' had to fall back to full logits, which costs [tokens, vocab] memory)."""
-        choice = choose_lm_head(self.accelerator.unwrap_model(model), self.args.fused_lm_head, head_sharding(self.accelerator))
+        choice = choose_lm_head(
+            self.accelerator.unwrap_model(model), self.args.fused_lm_head, head_sharding(self.accelerator)
+        )
         if role not in self._announced_paths:
             self._announced_paths.add(role)
             fell_back = choice.head is None and self.args.fused_lm_head == "auto"
@@ -354,7 +357,9 @@ class DistillationTrainer(SFTTrainer):
         call = {**forward_inputs(inputs), "use_cache": False}
         if role == "student" and self.aux_loss_enabled:
             call["output_router_logits"] = True
-        with contextlib.nullcontext() if head is None else lm_head_bypassed(self.accelerator.unwrap_model(model), head):
+        with (
+            contextlib.nullcontext() if head is None else lm_head_bypassed(self.accelerator.unwrap_model(model), head)
+        ):
             outputs = model(**call)
         return outputs.logits, head, getattr(outputs, "aux_loss", None) if role == "student" else None
 
@@ -363,7 +368,7 @@ class DistillationTrainer(SFTTrainer):
         if self.teacher_cache is not None:
             if not any(key.startswith(TEACHER_KEY_PREFIX) for key in inputs):
                 if self.model.training:
-                    raise ValueError(
+                    raise ConfigError(
                         "the batch carries no cached teacher signal: with DistillationConfig.teacher_cache, train on "
                         "the cache's rows with its collator (the trainer sets both up; do not pass data_collator)."
                     )
@@ -391,7 +396,7 @@ class DistillationTrainer(SFTTrainer):
         With ``return_outputs`` the student's logits come back too (for ``compute_metrics`` / ``predict``).
         """
         if "labels" not in inputs:
-            raise ValueError(
+            raise ConfigError(
                 "the batch has no 'labels': use the trainer's own collator (TRL's DataCollatorForLanguageModeling), "
                 "or a collator that adds labels with -100 on positions outside the loss."
             )
@@ -436,7 +441,11 @@ class DistillationTrainer(SFTTrainer):
         return loss, {"loss": loss.detach(), "logits": logits}
 
     def prediction_step(
-        self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: list[str] | None = None
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """As ``Trainer.prediction_step``: the loss, and the student's logits and labels unless only the loss
         is asked."""

@@ -12,7 +12,9 @@ SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "gpu_check.py"
 
 def test_gpu_check_smoke_prints_every_section():
     env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1"}
-    done = subprocess.run([sys.executable, str(SCRIPT), "--smoke"], capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke"], capture_output=True, text=True, env=env, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     table = done.stdout
     assert "failed" not in table, table

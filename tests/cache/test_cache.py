@@ -17,16 +17,16 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 import torch
-from tests.helpers.cache_build_script import SEQ_LEN, VOCAB_SIZE, make_dataset, make_teacher
-from tests.conftest import CHAT_ROWS, CHAT_VOCAB_SIZE, TINY_TEXT, chat_tokenizer, tiny_qwen2
 from datasets import Dataset
 
-from hf_capgap.utils.artifacts import ArtifactError, dataset_fingerprint, model_fingerprint
 from hf_capgap.cache import TeacherCache
 from hf_capgap.cache.format import LOGPROB_FLOOR, TEACHER_BATCH_KEYS, sampled_bytes_bound
-from hf_capgap.trainer import DistillationConfig
 from hf_capgap.data import make_collator
 from hf_capgap.models import vocabulary_fingerprint
+from hf_capgap.trainer import DistillationConfig
+from hf_capgap.utils.artifacts import ArtifactError, dataset_fingerprint, model_fingerprint
+from tests.conftest import CHAT_ROWS, CHAT_VOCAB_SIZE, TINY_TEXT, chat_tokenizer, tiny_qwen2
+from tests.helpers.cache_build_script import SEQ_LEN, VOCAB_SIZE, make_dataset, make_teacher
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tests" / "helpers" / "cache_build_script.py"
@@ -145,8 +145,16 @@ def test_the_builds_own_lm_head_blocks_equal_the_teachers_logits(teacher, datase
     assert not calls, "the model's own lm_head never ran: no [batch, seq, vocab] logits"
     for name in fused.dataset.column_names:
         ours, theirs = fused.dataset[name], plain.dataset[name]
-        if name in ("input_ids", "labels", "topk_ids", "sample_id_gaps", "sample_sizes", "repeat_slots", "repeat_counts",
-                    "repeat_sizes"):
+        if name in (
+            "input_ids",
+            "labels",
+            "topk_ids",
+            "sample_id_gaps",
+            "sample_sizes",
+            "repeat_slots",
+            "repeat_counts",
+            "repeat_sizes",
+        ):
             assert ours == theirs, name
         else:
             flat = [torch.tensor(row, dtype=torch.float32).reshape(-1) for row in (ours, theirs)]
@@ -166,7 +174,9 @@ def test_batches_without_a_labelled_position_store_empty_signals(teacher, plain_
 
 
 def test_topk_with_k_equal_vocab_stores_floor_tail(teacher, plain_args, tmp_path):
-    cache = TeacherCache.build(teacher, make_dataset(rows=2), tmp_path / "c", mode="topk", k=VOCAB_SIZE, progress=False)
+    cache = TeacherCache.build(
+        teacher, make_dataset(rows=2), tmp_path / "c", mode="topk", k=VOCAB_SIZE, progress=False
+    )
     assert torch.all(full_batch(cache, plain_args)["teacher_tail_logprob"] == LOGPROB_FLOOR)
 
 
@@ -204,7 +214,14 @@ def test_sampled_stores_distinct_ids_with_counts_that_follow_the_teacher(plain_a
     assert (probs - probs.roll(1, dims=0)).abs().max() > 0.1, "positions differ, so the check above has teeth"
 
     rebuilt = TeacherCache.build(
-        teacher, dataset, tmp_path / "b", mode="sampled", k=draws, temperature=temperature, batch_size=3, progress=False
+        teacher,
+        dataset,
+        tmp_path / "b",
+        mode="sampled",
+        k=draws,
+        temperature=temperature,
+        batch_size=3,
+        progress=False,
     )
     again = full_batch(rebuilt, plain_args)
     assert torch.equal(again["teacher_sample_ids"], ids) and torch.equal(again["teacher_sample_counts"], counts)
@@ -421,7 +438,9 @@ def test_messages_with_assistant_only_loss_store_only_assistant_positions(tmp_pa
     )  # fmt: skip
     batch = cache.collator(make_collator(tokenizer, args))(cache.rows().__getitems__(range(len(cache))))
     start = tokenizer.convert_tokens_to_ids("<|im_start|>")
-    assert cache.real_vocab_size == CHAT_VOCAB_SIZE and cache.manifest["vocabulary_fingerprint"] == vocabulary_fingerprint(tokenizer)
+    assert cache.real_vocab_size == CHAT_VOCAB_SIZE and cache.manifest[
+        "vocabulary_fingerprint"
+    ] == vocabulary_fingerprint(tokenizer)
     assert batch["teacher_logprobs"].shape == (labelled(batch), CHAT_VOCAB_SIZE)
     assert cache.manifest["num_positions"] == labelled(batch) < cache.manifest["num_tokens"] / 2
     assert torch.all(batch["labels"][batch["input_ids"] == start] == -100), "prompt tokens cost nothing"
@@ -433,7 +452,10 @@ def test_packed_rows_keep_documents_apart(tmp_path):
     that document alone, and positions predicting the next document's first token store nothing."""
     tokenizer, teacher = chat_tokenizer(), tiny_qwen2(1024).eval()
     words = TINY_TEXT.split()
-    texts = [" ".join(words[i : i + n]) for i, n in zip(range(0, 300, 13), [5, 9, 3, 12, 7, 4, 10, 6, 8, 11, 5, 9])]
+    texts = [
+        " ".join(words[i : i + n])
+        for i, n in zip(range(0, 300, 13), [5, 9, 3, 12, 7, 4, 10, 6, 8, 11, 5, 9], strict=False)
+    ]
     args = config(packing=True, max_length=24)
     cache = TeacherCache.build(
         teacher, Dataset.from_dict({"text": texts}), tmp_path / "c", tokenizer=tokenizer, args=args, mode="topk",
@@ -444,7 +466,9 @@ def test_packed_rows_keep_documents_apart(tmp_path):
     assert cache.manifest["padding_free"] and batch["input_ids"].shape[0] == 1 and "position_ids" in batch
     assert documents > len(cache) and labelled(batch) == cache.manifest["num_tokens"] - documents
     expected = expected_logprobs(teacher, cache)
-    torch.testing.assert_close(batch["teacher_topk_logprobs"], expected.sort(-1, descending=True).values, atol=2e-2, rtol=0)
+    torch.testing.assert_close(
+        batch["teacher_topk_logprobs"], expected.sort(-1, descending=True).values, atol=2e-2, rtol=0
+    )
 
 
 def test_collating_with_other_masking_than_the_build_is_refused(tmp_path):
@@ -452,7 +476,13 @@ def test_collating_with_other_masking_than_the_build_is_refused(tmp_path):
     texts = [" ".join(TINY_TEXT.split()[i : i + 9]) for i in range(0, 90, 9)]
     args = config(packing=True, max_length=24)
     cache = TeacherCache.build(
-        teacher, Dataset.from_dict({"text": texts}), tmp_path / "c", tokenizer=tokenizer, args=args, k=4, progress=False
+        teacher,
+        Dataset.from_dict({"text": texts}),
+        tmp_path / "c",
+        tokenizer=tokenizer,
+        args=args,
+        k=4,
+        progress=False,
     )
     padded = cache.collator(make_collator(tokenizer, config()))
     with pytest.raises(ArtifactError, match="padding_free=True"):
@@ -694,7 +724,10 @@ def test_two_rank_build_with_an_fsdp2_sharded_teacher_equals_single_process(tmp_
     # ~20 s; ranks whose forwards went out of step would hang until the timeout
     subprocess.run(command, cwd=REPO, env={**os.environ, "ACCELERATE_USE_CPU": "1"}, timeout=120, check=True)
 
-    one, sharded = TeacherCache.load(tmp_path / "one", verify=True), TeacherCache.load(tmp_path / "sharded", verify=True)
+    one, sharded = (
+        TeacherCache.load(tmp_path / "one", verify=True),
+        TeacherCache.load(tmp_path / "sharded", verify=True),
+    )
     assert len(one.manifest["shards"]) == 5
     assert shard_files(sharded.path) == shard_files(one.path)
     assert sharded.manifest["teacher_fingerprint"] == one.manifest["teacher_fingerprint"]
@@ -704,10 +737,20 @@ def test_shards_are_plain_arrow_streams_and_the_manifest_says_how_they_were_made
     cache = TeacherCache.build(teacher, dataset, tmp_path / "c", mode="sampled", k=16, progress=False)
     with pa.memory_map(str(cache.path / "shard-00000.arrow")) as source:
         table = pa.ipc.open_stream(source).read_all()
-    assert table.column_names == ["input_ids", "labels", "sample_id_gaps", "sample_sizes", "repeat_slots",
-                                  "repeat_counts", "repeat_sizes", "entropy"]
+    assert table.column_names == [
+        "input_ids",
+        "labels",
+        "sample_id_gaps",
+        "sample_sizes",
+        "repeat_slots",
+        "repeat_counts",
+        "repeat_sizes",
+        "entropy",
+    ]
     assert str(table.schema.field("repeat_counts").type) == "list<item: uint8>"
-    assert sum(s["bytes"] for s in cache.manifest["shards"]) == sum(p.stat().st_size for p in cache.path.glob("shard-*"))
+    assert sum(s["bytes"] for s in cache.manifest["shards"]) == sum(
+        p.stat().st_size for p in cache.path.glob("shard-*")
+    )
     m = cache.manifest
     assert (m["format_version"], m["mode"], m["draws"], m["sampler"], m["real_vocab_size"], m["teacher_dtype"]) == (
         4, "sampled", 16, "systematic", VOCAB_SIZE, "float32",
@@ -776,7 +819,10 @@ def test_a_longer_max_length_is_refused_when_truncation_cut_or_dropped_a_row_and
     never cut give the same rows at any longer max_length, None included, and any truncation_mode."""
     teacher = tiny_qwen2(CHAT_VOCAB_SIZE)
     prompts = Dataset.from_dict(
-        {"prompt": ["the cat sat on the mat . " * 3, "hello ", "what ? "], "completion": ["the dog", "a cat", "a bird"]}
+        {
+            "prompt": ["the cat sat on the mat . " * 3, "hello ", "what ? "],
+            "completion": ["the dog", "a cat", "a bird"],
+        }
     )
     dropped = TeacherCache.build(teacher, prompts, tmp_path / "dropped", tokenizer=chat_tokenizer(),
                                  args=config(max_length=8), k=4, progress=False)  # fmt: skip

@@ -5,8 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from hf_capgap.cache.format import (
+    REPEAT_BYTES,
+    SAMPLED_POSITION_BYTES,
+    decode_id_gaps,
+    encode_id_gaps,
+    sampled_bytes_bound,
+)
 from hf_capgap.utils.artifacts import ArtifactError
-from hf_capgap.cache.format import REPEAT_BYTES, SAMPLED_POSITION_BYTES, decode_id_gaps, encode_id_gaps, sampled_bytes_bound
 
 
 def random_positions(vocab: int, positions: int, most: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

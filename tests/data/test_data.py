@@ -6,8 +6,8 @@ import datasets
 import pytest
 from transformers import AutoTokenizer
 
-from hf_capgap.utils.artifacts import ArtifactError, dataset_fingerprint, tokenizer_fingerprint
 from hf_capgap.data import default_tokenizer, load_corpus, tokenize_and_pack, train_tokenizer
+from hf_capgap.utils.artifacts import ArtifactError, dataset_fingerprint, tokenizer_fingerprint
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +27,8 @@ def test_corpus_splits_are_deterministic_and_disjoint_by_document(corpus):
         assert corpus[split]._fingerprint == again[split]._fingerprint
         assert corpus[split]["text"] == again[split]["text"]
         assert set(corpus[split].column_names) == {"text", "title", "source"}
-    train_docs = set(zip(corpus["train"]["source"], corpus["train"]["title"]))
-    validation_docs = set(zip(corpus["validation"]["source"], corpus["validation"]["title"]))
+    train_docs = set(zip(corpus["train"]["source"], corpus["train"]["title"], strict=True))
+    validation_docs = set(zip(corpus["validation"]["source"], corpus["validation"]["title"], strict=True))
     assert validation_docs and not train_docs & validation_docs
     assert {source for source, _ in validation_docs} == {source for source, _ in train_docs}
     assert len(corpus["validation"]) < len(corpus["train"])

@@ -67,9 +67,7 @@ def main() -> None:
     parser.add_argument("--mode", default="topk")
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--shard-tokens", type=int, default=3 * SEQ_LEN)
-    parser.add_argument(
-        "--delay", type=float, default=0.0, help="seconds of sleep before each teacher forward"
-    )
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds of sleep before each teacher forward")
     parser.add_argument("--rank-dir", help="each process writes rank-<index>.txt here (proves ranks ran)")
     parser.add_argument(
         "--bytes-per-token", type=float, nargs="+",

@@ -37,10 +37,22 @@ def train(out: Path, per_device_batch: int) -> tuple[torch.Tensor, torch.Tensor,
     teacher, student = tiny_qwen2(1024, hidden=32, seed=1), tiny_qwen2(1008, hidden=16, seed=2)
     before = student.lm_head.weight.detach().clone()
     args = DistillationConfig(
-        output_dir=str(out / "run"), per_device_train_batch_size=per_device_batch, max_steps=1, optim="sgd",
-        learning_rate=1.0, lr_scheduler_type="constant", max_grad_norm=0.0, train_sampling_strategy="sequential",
-        report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True, alpha=0.5, temperature=2.0,
-        max_length=None, logging_steps=1,
+        output_dir=str(out / "run"),
+        per_device_train_batch_size=per_device_batch,
+        max_steps=1,
+        optim="sgd",
+        learning_rate=1.0,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        train_sampling_strategy="sequential",
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        alpha=0.5,
+        temperature=2.0,
+        max_length=None,
+        logging_steps=1,
     )
     trainer = DistillationTrainer(
         model=student, teacher_model=teacher, args=args, train_dataset=dataset(), processing_class=chat_tokenizer()
@@ -73,20 +85,33 @@ def train_from_cache(out: Path) -> dict[str, int]:
     from hf_capgap import TeacherCache
 
     tokenizer, teacher = chat_tokenizer(), tiny_qwen2(1024, hidden=32, seed=1)
-    rows = Dataset.from_dict({"input_ids": torch.randint(10, VOCAB - 10, (12, 8), generator=torch.Generator().manual_seed(0)).tolist()})
-    args = DistillationConfig(
-        output_dir=str(out / "run-cache"), per_device_train_batch_size=2, num_train_epochs=2, report_to=[],
-        save_strategy="no", disable_tqdm=True, use_cpu=True, teacher_cache=str(out / "cache"),
+    rows = Dataset.from_dict(
+        {"input_ids": torch.randint(10, VOCAB - 10, (12, 8), generator=torch.Generator().manual_seed(0)).tolist()}
     )
-    cache = TeacherCache.build(teacher, rows, out / "cache", tokenizer=tokenizer, args=args, mode="topk", k=4,
-                               shard_tokens=16, progress=False)
+    args = DistillationConfig(
+        output_dir=str(out / "run-cache"),
+        per_device_train_batch_size=2,
+        num_train_epochs=2,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        teacher_cache=str(out / "cache"),
+    )
+    cache = TeacherCache.build(
+        teacher, rows, out / "cache", tokenizer=tokenizer, args=args, mode="topk", k=4, shard_tokens=16, progress=False
+    )
     trainer = AlignmentCheckingTrainer(
-        model=tiny_qwen2(1008, hidden=16, seed=2), args=args, train_dataset=rows, processing_class=tokenizer,
+        model=tiny_qwen2(1008, hidden=16, seed=2),
+        args=args,
+        train_dataset=rows,
+        processing_class=tokenizer,
         reference_teacher=teacher,
     )
     trainer.train()
     return {
-        "positions_seen": trainer.positions_seen, "positions_aligned": trainer.positions_aligned,
+        "positions_seen": trainer.positions_seen,
+        "positions_aligned": trainer.positions_aligned,
         "shards": len(cache.manifest["shards"]),
     }
 
@@ -112,12 +137,22 @@ def evaluate_uneven(out: Path, case: str = "padded") -> tuple[dict[str, float], 
     rows = Dataset.from_dict({"input_ids": [torch.randint(10, VOCAB - 10, (n,), generator=generator).tolist()
                                             for n in lengths]})  # fmt: skip
     args = DistillationConfig(
-        output_dir=str(out / "run-eval"), per_device_eval_batch_size=2, report_to=[], disable_tqdm=True,
-        use_cpu=True, alpha=0.5, temperature=2.0, **settings,
+        output_dir=str(out / "run-eval"),
+        per_device_eval_batch_size=2,
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=True,
+        alpha=0.5,
+        temperature=2.0,
+        **settings,
     )
     trainer = DistillationTrainer(
-        model=student, teacher_model=teacher, args=args, train_dataset=dataset(),
-        eval_dataset=rows.to_iterable_dataset() if iterable else rows, processing_class=chat_tokenizer(),
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=dataset(),
+        eval_dataset=rows.to_iterable_dataset() if iterable else rows,
+        processing_class=chat_tokenizer(),
     )
     metrics = trainer.evaluate()
     return {name: metrics[name] for name in EVAL_METRICS}, trainer

@@ -162,7 +162,9 @@ class FakeHub:
     def _tree(self, match, body, base):
         repo = self.repos[match["repo"]]
         tree = repo.branches[self._resolve_revision(repo, match["rev"])]
-        entries = [{"type": "file", "path": p, "size": len(d), "oid": git_blob_sha1(d)} for p, d in sorted(tree.items())]
+        entries = [
+            {"type": "file", "path": p, "size": len(d), "oid": git_blob_sha1(d)} for p, d in sorted(tree.items())
+        ]
         return 200, entries, {}
 
     def _resolve(self, match, body, base):
@@ -205,7 +207,9 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
         def _reply(self, status: int, payload: object, headers: dict) -> None:
             data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
             self.send_response(status)
-            self.send_header("Content-Type", "application/octet-stream" if isinstance(payload, bytes) else "application/json")
+            self.send_header(
+                "Content-Type", "application/octet-stream" if isinstance(payload, bytes) else "application/json"
+            )
             self.send_header("Content-Length", str(len(data)))
             for name, value in headers.items():
                 self.send_header(name, value)

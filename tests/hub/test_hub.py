@@ -10,13 +10,11 @@ import huggingface_hub
 import numpy as np
 import pytest
 import torch
-from tests.conftest import tiny_llama
 from huggingface_hub import ModelCard, constants, snapshot_download
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Trainer, TrainingArguments
 
 from hf_capgap import cli
-from hf_capgap.law import CapacityGapLaw
 from hf_capgap.hub import (
     PLOT_NAME,
     HubUploadError,
@@ -27,6 +25,8 @@ from hf_capgap.hub import (
     render_model_card,
     write_model_card,
 )
+from hf_capgap.law import CapacityGapLaw
+from tests.conftest import tiny_llama
 from tests.helpers.hub_server import FakeHub
 
 TOKEN = "hf_testtoken_0123456789abcdef"
@@ -47,7 +47,12 @@ def card_info(plot: Path | None = None, **overrides) -> dict:
         "teacher_params": 5_000,
         "student_params": 1_000,
         "law": CapacityGapLaw(
-            ratio=2.5, ratio_ci=(2.0, 3.0), source="fitted", slope_affine=7.77, intercept=333.0, r2=0.97,
+            ratio=2.5,
+            ratio_ci=(2.0, 3.0),
+            source="fitted",
+            slope_affine=7.77,
+            intercept=333.0,
+            r2=0.97,
             families=["llama"],
         ).to_dict(),
         "pruning": {
@@ -102,7 +107,9 @@ def hub(monkeypatch, tmp_path):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
     server = FakeHub(max_requests=100, lifetime_s=60).start()
     monkeypatch.setattr(constants, "ENDPOINT", server.url)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(
+        constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}"
+    )
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-login" / "token"))
     monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-login" / "stored_tokens"))
     for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
@@ -231,7 +238,9 @@ def test_push_to_a_new_branch(hub, exported_student):
 
 
 def test_failed_upload_keeps_folder_names_retry_and_hides_token(hub, exported_student, monkeypatch, caplog):
-    monkeypatch.setattr(huggingface_hub.utils._http, "time", type("NoSleep", (), {"sleep": staticmethod(lambda s: None)}))
+    monkeypatch.setattr(
+        huggingface_hub.utils._http, "time", type("NoSleep", (), {"sleep": staticmethod(lambda s: None)})
+    )
     hub.fail("commit", 500)
     before = folder_bytes(exported_student)
     with pytest.raises(HubUploadError) as caught:
@@ -334,7 +343,12 @@ def test_push_skips_pickles_under_any_name_by_their_content(hub, exported_studen
     (folder / "pytorch_model_fsdp_0").mkdir()
     (folder / "pytorch_model_fsdp_0" / ".metadata").write_bytes(pickle.dumps({"md": 1}, protocol=4))
     pickles = {
-        "training_args.BIN", "optimizer.PT", "checkpoint.pth.tar", "rng_state", "obj.npy", "objects.npz",
+        "training_args.BIN",
+        "optimizer.PT",
+        "checkpoint.pth.tar",
+        "rng_state",
+        "obj.npy",
+        "objects.npz",
         "pytorch_model_fsdp_0/.metadata",
     }
     assert all(is_pickle_file(folder / name) for name in pickles - {"training_args.BIN", "optimizer.PT"})
@@ -366,7 +380,9 @@ def test_push_refuses_a_file_holding_any_token_of_this_machine(hub, exported_stu
 def test_cli_push_with_a_newline_after_hf_token_sends_it_stripped_and_never_prints_it(
     hub, exported_student, tmp_path, monkeypatch, capsys
 ):
-    monkeypatch.setattr(huggingface_hub.utils._http, "time", type("NoSleep", (), {"sleep": staticmethod(lambda s: None)}))
+    monkeypatch.setattr(
+        huggingface_hub.utils._http, "time", type("NoSleep", (), {"sleep": staticmethod(lambda s: None)})
+    )
     folder = copy_student(exported_student, tmp_path / "cli-newline")
     monkeypatch.setenv("HF_TOKEN", TOKEN + "\n")
     assert cli.main(["push", str(folder), REPO, "--endpoint", hub.url]) == 0

@@ -11,7 +11,6 @@ import warnings
 import numpy as np
 import pytest
 
-from hf_capgap.utils.artifacts import ArtifactError
 from hf_capgap.cli import main
 from hf_capgap.law import (
     CITATION,
@@ -23,6 +22,7 @@ from hf_capgap.law import (
     parse_params,
     plot_measurements,
 )
+from hf_capgap.utils.artifacts import ArtifactError
 
 STUDENTS = (70e6, 160e6, 410e6, 1e9, 1.4e9, 2.8e9)
 LADDER = np.geomspace(5e7, 2e11, 19)
@@ -94,8 +94,7 @@ def test_noisy_sweep_recovers_the_ratio_and_the_interval_covers_it(noisy_law):
 
 def test_interval_covers_the_true_ratio_at_about_its_nominal_rate():
     laws = [
-        CapacityGapLaw.fit(sweep(proportional(3.1), noise=0.005, seed=seed), n_bootstrap=200)
-        for seed in range(40)
+        CapacityGapLaw.fit(sweep(proportional(3.1), noise=0.005, seed=seed), n_bootstrap=200) for seed in range(40)
     ]
     covered = sum(law.ratio_ci[0] < 3.1 < law.ratio_ci[1] for law in laws)
     assert covered >= 35  # nominal 95% is 38 of 40; the plain percentile interval covers 32 here
@@ -155,9 +154,7 @@ def test_predict_is_vectorised_and_brackets_the_point(noisy_law):
 
 @pytest.mark.parametrize("through_origin", [True, False])
 def test_student_for_inverts_predict(through_origin):
-    law = CapacityGapLaw.fit(
-        sweep(proportional(2.8), noise=0.002), through_origin=through_origin, n_bootstrap=200
-    )
+    law = CapacityGapLaw.fit(sweep(proportional(2.8), noise=0.002), through_origin=through_origin, n_bootstrap=200)
     students = np.array([1e8, 1e9, 5e9])
     teachers = law.predict(students)
     back = law.student_for(teachers.params)
@@ -279,7 +276,6 @@ def test_load_refuses_another_format_version_and_foreign_files(tmp_path):
         CapacityGapLaw.load(tmp_path / "missing.json")
 
 
-
 def _as_saved_by_method_1(law: CapacityGapLaw, path, **changes) -> dict:
     """``law`` as the previous hf_capgap saved it: no ``bootstrap.method``, every draw on the fitted line."""
     line = [law.ratio, 0.0] if law.through_origin else [law.slope_affine, law.intercept]
@@ -386,9 +382,7 @@ def test_edge_optimum_is_excluded_with_a_warning_naming_the_size():
 
 def test_too_few_interior_optima_raise_with_every_reason():
     records = (
-        _curve(1e8, (2e8, 3e8, 4e8), best=1)
-        + _curve(1e9, (2e9, 3e9, 4e9), best=0)
-        + _curve(2e9, (3e9, 4e9), best=1)
+        _curve(1e8, (2e8, 3e8, 4e8), best=1) + _curve(1e9, (2e9, 3e9, 4e9), best=0) + _curve(2e9, (3e9, 4e9), best=1)
     )
     with pytest.raises(ValueError) as caught:
         CapacityGapLaw.fit(records, n_bootstrap=200)
@@ -496,9 +490,7 @@ def test_cli_fit_writes_law_and_plot_then_suggest_reads_it(tmp_path, capsys):
     ledger = tmp_path / "sweep.jsonl"
     ledger.write_text("\n".join(json.dumps(r) for r in sweep(proportional(3.1), noise=0.002, seed=3)))
     out, plot = tmp_path / "law.json", tmp_path / "law.png"
-    assert (
-        main(["law", "fit", str(ledger), "--out", str(out), "--plot", str(plot), "--n-bootstrap", "200"]) == 0
-    )
+    assert main(["law", "fit", str(ledger), "--out", str(out), "--plot", str(plot), "--n-bootstrap", "200"]) == 0
     printed = capsys.readouterr().out
     law = CapacityGapLaw.load(out)
     assert f"t* = {law.ratio:.3g} x s" in printed and "95% CI" in printed and "R^2" in printed
@@ -591,7 +583,10 @@ def test_students_within_two_percent_are_one_size():
     """The same target pruned from different teachers gives slightly different exact counts."""
     records = [
         {"student_params": student * (1 + 0.004 * i), "teacher_params": teacher, "eval_loss": loss}
-        for student, curve in ((1e8, [(1.5e8, 3.2), (2.5e8, 3.0), (5e8, 3.1)]), (4e8, [(6e8, 2.9), (1e9, 2.7), (2e9, 2.8)]))
+        for student, curve in (
+            (1e8, [(1.5e8, 3.2), (2.5e8, 3.0), (5e8, 3.1)]),
+            (4e8, [(6e8, 2.9), (1e9, 2.7), (2e9, 2.8)]),
+        )
         for i, (teacher, loss) in enumerate(curve)
     ]
     law = CapacityGapLaw.fit(records, n_bootstrap=200)

@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hf_capgap.losses import DenseTeacher, FusedTeacher, LossSpec, distillation_loss
 from hf_capgap.losses import liger as liger_backend
 from hf_capgap.losses.liger import liger_distillation_loss, liger_unsupported, require_liger
-from hf_capgap.losses import DenseTeacher, FusedTeacher, LossSpec, distillation_loss
 
 
 def test_missing_liger_or_gpu_is_a_clear_error(monkeypatch):
@@ -64,7 +64,9 @@ def stand_in_liger() -> types.ModuleType:
             self.ignore_index, self.reduction = ignore_index, reduction
 
         def forward(self, lin_weight, _input, target):
-            return F.cross_entropy(_input @ lin_weight.t(), target, ignore_index=self.ignore_index, reduction=self.reduction)
+            return F.cross_entropy(
+                _input @ lin_weight.t(), target, ignore_index=self.ignore_index, reduction=self.reduction
+            )
 
     module = types.ModuleType("liger_kernel.transformers")
     module.LigerFusedLinearJSD = LigerFusedLinearJSD
@@ -72,9 +74,15 @@ def stand_in_liger() -> types.ModuleType:
     return module
 
 
-@pytest.mark.parametrize(("kind", "beta", "alpha", "temperature"), [
-    ("forward_kl", 0.5, 0.5, 1.0), ("reverse_kl", 0.5, 1.0, 2.0), ("jsd", 0.3, 0.7, 1.0), ("forward_kl", 0.5, 0.0, 1.0),
-])
+@pytest.mark.parametrize(
+    ("kind", "beta", "alpha", "temperature"),
+    [
+        ("forward_kl", 0.5, 0.5, 1.0),
+        ("reverse_kl", 0.5, 1.0, 2.0),
+        ("jsd", 0.3, 0.7, 1.0),
+        ("forward_kl", 0.5, 0.0, 1.0),
+    ],
+)
 def test_same_objective_and_normalisation_as_ours(monkeypatch, kind, beta, alpha, temperature):
     monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers", stand_in_liger())
@@ -91,7 +99,9 @@ def test_same_objective_and_normalisation_as_ours(monkeypatch, kind, beta, alpha
     torch.testing.assert_close(theirs.distill_sum, ours.distill_sum, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(theirs.ce_sum, ours.ce_sum, rtol=1e-5, atol=1e-5)
     for mine, reference in zip(
-        torch.autograd.grad(theirs.loss, (hidden, weight)), torch.autograd.grad(ours.loss, (hidden, weight)), strict=True
+        torch.autograd.grad(theirs.loss, (hidden, weight)),
+        torch.autograd.grad(ours.loss, (hidden, weight)),
+        strict=True,
     ):
         torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-6)
 
@@ -113,12 +123,23 @@ def test_trainer_says_liger_logs_no_entropy_or_accuracy(monkeypatch, tmp_path, t
         torch.manual_seed(0)
         teacher, student = tiny_llama(len(tiny_tokenizer)), tiny_llama(len(tiny_tokenizer))
         args = DistillationConfig(
-            output_dir=str(tmp_path / backend), loss_backend=backend, per_device_train_batch_size=4, max_steps=1,
-            logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, chunk_size=16,
+            output_dir=str(tmp_path / backend),
+            loss_backend=backend,
+            per_device_train_batch_size=4,
+            max_steps=1,
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            disable_tqdm=True,
+            chunk_size=16,
         )
         with CaptureLogger(hf_capgap.trainer.trainer.logger) as captured:
             trainer = DistillationTrainer(
-                model=student, teacher_model=teacher, args=args, train_dataset=tiny_text_dataset.select(range(4)),
+                model=student,
+                teacher_model=teacher,
+                args=args,
+                train_dataset=tiny_text_dataset.select(range(4)),
                 processing_class=tiny_tokenizer,
             )
         assert ("entropy and mean_token_accuracy are not logged" in captured.out) == (backend == "liger")

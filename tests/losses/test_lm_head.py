@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from accelerate.utils import DistributedType
-from tests.conftest import tiny_llama
 
 from hf_capgap.cache.encode import fusable_head
-from hf_capgap.losses.lm_head import base_model, choose_lm_head, head_sharding, lm_head_bypassed, parameter_sharding
 from hf_capgap.losses import LossSpec, distillation_loss
+from hf_capgap.losses.lm_head import base_model, choose_lm_head, head_sharding, lm_head_bypassed, parameter_sharding
+from tests.conftest import tiny_llama
 
 
 def fake_accelerator(distributed_type: DistributedType, zero_stage: int | None = None) -> SimpleNamespace:
@@ -109,17 +109,25 @@ def test_fused_step_on_a_compiled_student_equals_the_plain_logits_step():
 
 def test_trainer_with_always_fused_head_trains_a_compiled_student(tmp_path):
     """Trainer(torch_compile=True) wraps the student in torch.compile; 'always' would raise if it lost the head."""
-    from tests.conftest import chat_tokenizer
     from datasets import Dataset
 
     from hf_capgap import DistillationConfig, DistillationTrainer
+    from tests.conftest import chat_tokenizer
 
     tokenizer = chat_tokenizer()
     teacher, student = tiny_llama(1000, hidden=48, layers=2), tiny_llama(1000, hidden=24)
     dataset = Dataset.from_dict({"input_ids": torch.randint(6, 1000, (8, 12)).tolist()})
     args = DistillationConfig(
-        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, report_to=[], use_cpu=True,
-        save_strategy="no", disable_tqdm=True, torch_compile=True, torch_compile_backend="eager", fused_lm_head="always",
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        torch_compile=True,
+        torch_compile_backend="eager",
+        fused_lm_head="always",
     )
     trainer = DistillationTrainer(
         model=student, teacher_model=teacher, args=args, train_dataset=dataset, processing_class=tokenizer

@@ -18,8 +18,8 @@ from hf_capgap.losses import (
     LossSpec,
     SampledTeacher,
     TopKTeacher,
-    divergence,
     distillation_loss,
+    divergence,
 )
 
 BETA = {"forward_kl": 0.5, "reverse_kl": 0.5, "jsd": 0.3, "skew_kl": 0.1, "tvd": 0.5}
@@ -107,7 +107,9 @@ def test_fused_teacher_equals_dense_teacher_and_bias_grad():
         F.linear(hidden, weight, bias), teacher_hidden @ teacher_weight.t(), labels, "jsd", 0.4, 1.5, 0.5
     )
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
-    for a, b in zip(torch.autograd.grad(fused, (weight, bias)), torch.autograd.grad(plain, (weight, bias)), strict=True):
+    for a, b in zip(
+        torch.autograd.grad(fused, (weight, bias)), torch.autograd.grad(plain, (weight, bias)), strict=True
+    ):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -265,8 +267,13 @@ def test_evaluation_computes_values_only(kind, fused):
 
 @pytest.mark.parametrize(
     "field,kwargs",
-    [("kind", {"kind": "kl"}), ("temperature", {"temperature": 0.0}), ("alpha", {"alpha": 1.5}),
-     ("beta", {"kind": "jsd", "beta": 1.0}), ("beta", {"kind": "skew_kl", "beta": 1.0})],
+    [
+        ("kind", {"kind": "kl"}),
+        ("temperature", {"temperature": 0.0}),
+        ("alpha", {"alpha": 1.5}),
+        ("beta", {"kind": "jsd", "beta": 1.0}),
+        ("beta", {"kind": "skew_kl", "beta": 1.0}),
+    ],
 )
 def test_invalid_spec_names_the_field(field, kwargs):
     with pytest.raises(ValueError, match=field):
@@ -468,7 +475,9 @@ def test_automatic_chunks_equal_the_reference(n, hidden, vocab, device):
     plain = plain_objective(hidden_states @ weight.t(), teacher, labels, "forward_kl", 0.5, 1.0, 0.5)
     torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-6)
     for mine, reference in zip(
-        torch.autograd.grad(ours, (hidden_states, weight)), torch.autograd.grad(plain, (hidden_states, weight)), strict=True
+        torch.autograd.grad(ours, (hidden_states, weight)),
+        torch.autograd.grad(plain, (hidden_states, weight)),
+        strict=True,
     ):
         torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-6)
 
@@ -482,8 +491,13 @@ def test_low_precision_head_gradient_accumulates_in_its_dtype_only_over_few_chun
     spec = LossSpec(kind="forward_kl", alpha=0.5, chunk_size=chunk_size)
     with RecordedOps() as recorded:
         loss = distillation_loss(hidden, DenseTeacher(teacher), labels, spec, lm_head_weight=weight).loss
-    seen = [dtype for name, outputs in recorded.ops if name.startswith("aten.zeros") for shape, dtype in outputs
-            if shape == tuple(weight.shape)]
+    seen = [
+        dtype
+        for name, outputs in recorded.ops
+        if name.startswith("aten.zeros")
+        for shape, dtype in outputs
+        if shape == tuple(weight.shape)
+    ]
     assert seen == [accumulates_in]
     (grad,) = torch.autograd.grad(loss, weight)
     exact_weight = weight.detach().double().requires_grad_(True)
@@ -511,7 +525,9 @@ def test_logits_path_on_the_models_own_buffer_needs_no_shifted_copy():
     (grad,) = torch.autograd.grad(ours, weight)
 
     shifted = (states @ weight.t())[:, :-1].reshape(-1, vocab)
-    plain = plain_objective(shifted, teacher[:, :-1].reshape(-1, vocab), labels[:, 1:].reshape(-1), "forward_kl", 0.5, 1.0, 0.5)
+    plain = plain_objective(
+        shifted, teacher[:, :-1].reshape(-1, vocab), labels[:, 1:].reshape(-1), "forward_kl", 0.5, 1.0, 0.5
+    )
     torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad, torch.autograd.grad(plain, weight)[0], rtol=1e-5, atol=1e-6)
 
@@ -535,7 +551,9 @@ def test_entropy_and_accuracy_sums_equal_a_dense_computation(kind, path):
     spec = LossSpec(kind=kind, beta=BETA[kind], temperature=2.0, chunk_size=7, vocab_size=30)
     padded = F.pad(logits, (0, 6), value=50.0)  # padding columns would win every argmax
     if path == "fused":
-        output = distillation_loss(hidden, DenseTeacher(teacher), labels, spec, lm_head_weight=weight.requires_grad_(True))
+        output = distillation_loss(
+            hidden, DenseTeacher(teacher), labels, spec, lm_head_weight=weight.requires_grad_(True)
+        )
     elif path == "values_only":
         output = distillation_loss(padded, DenseTeacher(teacher), labels, spec)
     else:

@@ -14,32 +14,54 @@ from pathlib import Path
 
 import pytest
 
+from hf_capgap.law import CapacityGapLaw, format_params
+from hf_capgap.minima import MinimaConfig, build_config, make_plan, parse_minima_args, run_minima
 from hf_capgap.minima import data as minima_data
 from hf_capgap.minima import distill as minima_distill
 from hf_capgap.minima import dry_run as minima_dry_run
 from hf_capgap.minima import export as minima_export
 from hf_capgap.minima import prune as minima_prune
 from hf_capgap.minima import teacher as minima_teacher
-from hf_capgap.law import CapacityGapLaw, format_params
-from hf_capgap.minima import build_config, make_plan, parse_minima_args, run_minima
-from hf_capgap.minima import MinimaConfig
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "recipes" / "minima.py"
 LLAMA2_7B_CONFIG = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
-    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
-    "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "hidden_act": "silu", "bos_token_id": 1,
-    "eos_token_id": 2, "tie_word_embeddings": False, "torch_dtype": "float16",
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "vocab_size": 32000,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5,
+    "hidden_act": "silu",
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float16",
 }
 
 
 def micro_values(root: Path, **overrides) -> dict:
     """Seconds-long settings: the micro ladder's 86K teacher, two optimizer steps per student."""
     values = {
-        "run_name": "micro", "output_dir": str(root / "out"), "ladder": "micro", "ladder_dir": str(root / "ladder"),
-        "teacher": "llama-86K", "student_params": None, "seq_len": 64, "batch_size": 8, "train_tokens": 1024, "learning_rate": 0.01,
-        "eval_rows": 8, "eval_batch_size": 8, "save_steps": 1, "logging_steps": 1, "calibration_batches": 1,
+        "run_name": "micro",
+        "output_dir": str(root / "out"),
+        "ladder": "micro",
+        "ladder_dir": str(root / "ladder"),
+        "teacher": "llama-86K",
+        "student_params": None,
+        "seq_len": 64,
+        "batch_size": 8,
+        "train_tokens": 1024,
+        "learning_rate": 0.01,
+        "eval_rows": 8,
+        "eval_batch_size": 8,
+        "save_steps": 1,
+        "logging_steps": 1,
+        "calibration_batches": 1,
     }
     return {**values, **overrides}
 
@@ -58,9 +80,14 @@ def _refuse(*args, **kwargs):
 @pytest.fixture()
 def no_work(monkeypatch):
     """Fail loudly if a stage that loads or trains a model starts."""
-    for module, name in ((minima_teacher, "teacher_location"), (minima_teacher, "load_teacher"),
-                         (minima_data, "prepare_data"), (minima_prune, "prune_stage"),
-                         (minima_distill, "distill_stage"), (minima_distill, "scratch_stage")):
+    for module, name in (
+        (minima_teacher, "teacher_location"),
+        (minima_teacher, "load_teacher"),
+        (minima_data, "prepare_data"),
+        (minima_prune, "prune_stage"),
+        (minima_distill, "distill_stage"),
+        (minima_distill, "scratch_stage"),
+    ):
         monkeypatch.setattr(module, name, _refuse)
 
 
@@ -79,8 +106,16 @@ def test_export_is_a_loadable_student_with_card(finished):
 
     config, results = finished
     folder = config.run_dir
-    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
-                 "tokenizer_config.json", "README.md", "results.json", "capacity_gap_law.png"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "README.md",
+        "results.json",
+        "capacity_gap_law.png",
+    ):
         assert (folder / name).is_file(), name
     assert not list(folder.glob("*.bin"))
     model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True)
@@ -134,12 +169,19 @@ def test_lost_export_is_rebuilt_from_finished_stages_without_training(finished, 
 def test_killed_distillation_resumes_from_its_checkpoint(finished, tmp_path, monkeypatch):
     """A run killed after its first checkpoint continues from it instead of starting over."""
     config, _ = finished
-    config = build_config({**micro_values(Path(config.output_dir).parent), "run_name": "killed",
-                           "output_dir": str(tmp_path), "train_tokens": 1536})
+    config = build_config(
+        {
+            **micro_values(Path(config.output_dir).parent),
+            "run_name": "killed",
+            "output_dir": str(tmp_path),
+            "train_tokens": 1536,
+        }
+    )
     plan, data, teacher, teacher_id = stages(config)
     pruned_dir, _ = minima_prune.prune_stage(config, plan, teacher, data, teacher_id)
-    kill_after_first_checkpoint(monkeypatch, lambda: minima_distill.distill_stage(
-        config, plan, teacher, pruned_dir, data, teacher_id))
+    kill_after_first_checkpoint(
+        monkeypatch, lambda: minima_distill.distill_stage(config, plan, teacher, pruned_dir, data, teacher_id)
+    )
     assert list(config.work_dir.glob("distill-*/checkpoint-1")) and not list(config.work_dir.glob("distilled-*"))
 
     final = minima_distill.distill_stage(config, plan, teacher, pruned_dir, data, teacher_id)
@@ -160,8 +202,11 @@ def kill_after_first_checkpoint(monkeypatch, work):
             raise KeyboardInterrupt
 
     original = DistillationTrainer.__init__
-    monkeypatch.setattr(DistillationTrainer, "__init__",
-                        lambda self, *a, **kw: original(self, *a, **kw, callbacks=[KillAfterFirstCheckpoint()]))
+    monkeypatch.setattr(
+        DistillationTrainer,
+        "__init__",
+        lambda self, *a, **kw: original(self, *a, **kw, callbacks=[KillAfterFirstCheckpoint()]),
+    )
     with pytest.raises(KeyboardInterrupt):
         work()
     monkeypatch.setattr(DistillationTrainer, "__init__", original)
@@ -236,7 +281,9 @@ def test_tiny_preset_file_repeats_the_dataclass_defaults():
 def test_yaml_typed_overrides_and_sizes_with_suffixes(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("teacher: llama-86K\nladder: micro\nseq_len: 64\ntrain_tokens: 1024\nstudent_params: null\n")
-    config = parse_minima_args([str(path), "--train_tokens", "2K", "--bf16", "false", "--law", "null", "--alpha", "0.25"])
+    config = parse_minima_args(
+        [str(path), "--train_tokens", "2K", "--bf16", "false", "--law", "null", "--alpha", "0.25"]
+    )
     assert (config.train_token_count, config.bf16, config.law, config.alpha) == (2000, False, None, 0.25)
     assert config.teacher == "llama-86K" and config.seq_len == 64
     assert build_config({"student_params": "1.5B"}).student_param_count == 1_500_000_000
@@ -255,7 +302,9 @@ def test_help_lists_every_field(capsys):
     assert all(f"--{item.name}" in text for item in dataclasses.fields(MinimaConfig))
 
 
-@pytest.mark.parametrize(("argv", "key"), [(["--no_such_key", "1"], "no_such_key"), (["--teacher", "llama-9M"], "teacher")])
+@pytest.mark.parametrize(
+    ("argv", "key"), [(["--no_such_key", "1"], "no_such_key"), (["--teacher", "llama-9M"], "teacher")]
+)
 def test_recipe_reports_config_errors_without_a_traceback(no_work, argv, key, capsys):
     spec = importlib.util.spec_from_file_location("minima_recipe", RECIPE)
     recipe = importlib.util.module_from_spec(spec)
@@ -282,8 +331,12 @@ def test_gpu_presets_are_runnable_by_construction(preset):
 def test_llama2_preset_mirrors_the_published_3b_student():
     config = parse_minima_args([str(RECIPE.parent / "configs" / "minima_llama2_7b.yaml")])
     assert config.teacher == "meta-llama/Llama-2-7b-hf"
-    assert config.student_shape == {"hidden_size": 3072, "num_hidden_layers": 24, "num_attention_heads": 24,
-                                    "intermediate_size": 8192}
+    assert config.student_shape == {
+        "hidden_size": 3072,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 24,
+        "intermediate_size": 8192,
+    }
     assert (config.adam_beta1, config.adam_beta2, config.weight_decay, config.learning_rate) == (0.9, 0.95, 0.1, 3e-4)
     assert (config.warmup_ratio, config.max_grad_norm, config.seq_len) == (0.01, 1.0, 4096)
     assert config.lr_scheduler_type == "cosine" and config.layer_selection == "middle"
@@ -297,18 +350,28 @@ def llama2_7b_folder(root: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize(("launch", "strategy"), [("fsdp.yaml", "fsdp"), ("deepspeed_zero3.yaml", "zero3"),
-                                                  ("ddp.yaml", "ddp")])
+@pytest.mark.parametrize(
+    ("launch", "strategy"), [("fsdp.yaml", "fsdp"), ("deepspeed_zero3.yaml", "zero3"), ("ddp.yaml", "ddp")]
+)
 def test_dry_run_of_the_7b_preset_from_a_config_only_folder(tmp_path, monkeypatch, launch, strategy):
-    from hf_capgap.models import teacher_loading
     from hf_capgap.minima.dry_run import GIB
+    from hf_capgap.models import teacher_loading
 
     monkeypatch.setattr(teacher_loading, "load_frozen_teacher", _refuse)
     monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", _refuse)
     teacher = llama2_7b_folder(tmp_path)
-    config = parse_minima_args([str(RECIPE.parent / "configs" / "minima_llama2_7b.yaml"), "--teacher", str(teacher),
-                                "--output_dir", str(tmp_path / "out"), "--dry_run",
-                                "--accelerate_config", str(REPO / "recipes" / "accelerate" / launch)])
+    config = parse_minima_args(
+        [
+            str(RECIPE.parent / "configs" / "minima_llama2_7b.yaml"),
+            "--teacher",
+            str(teacher),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--dry_run",
+            "--accelerate_config",
+            str(REPO / "recipes" / "accelerate" / launch),
+        ]
+    )
     from hf_capgap.minima.dry_run import dry_run
 
     report = dry_run(config)
@@ -316,10 +379,16 @@ def test_dry_run_of_the_7b_preset_from_a_config_only_folder(tmp_path, monkeypatc
     assert report["teacher_params"] == 6_738_415_616
     assert 2.9e9 < report["student_params"] < 3.1e9
     student = report["student_config"]
-    assert (student.hidden_size, student.num_hidden_layers, student.num_attention_heads,
-            student.intermediate_size) == (3072, 24, 24, 8192)
+    assert (
+        student.hidden_size,
+        student.num_hidden_layers,
+        student.num_attention_heads,
+        student.intermediate_size,
+    ) == (3072, 24, 24, 8192)
     assert "hidden 3072, 24 layers, 24 heads (24 KV), MLP 8192" in out and "6,738,415,616 params" in out
-    assert "memory per GPU by stage, estimated from the shapes (not measured" in out and f"{strategy}, 8 process" in out
+    assert (
+        "memory per GPU by stage, estimated from the shapes (not measured" in out and f"{strategy}, 8 process" in out
+    )
     memory = report["memory"]
     assert report["precision"] == minima_dry_run.Precision("bfloat16", "bfloat16")
     assert list(memory) == ["teacher load", "prune (Taylor scores, one process)", "distill", "evaluation"]
@@ -342,45 +411,72 @@ def test_dry_run_of_the_7b_preset_from_a_config_only_folder(tmp_path, monkeypatc
 
 def test_dry_run_reports_the_cache_size(tmp_path, capsys):
     teacher = llama2_7b_folder(tmp_path)
-    config = parse_minima_args([str(RECIPE.parent / "configs" / "minima_llama2_7b.yaml"), "--teacher", str(teacher),
-                                "--dry_run", "--teacher_cache", "true", "--streaming", "false",
-                                "--train_tokens", "1B"])
+    config = parse_minima_args(
+        [
+            str(RECIPE.parent / "configs" / "minima_llama2_7b.yaml"),
+            "--teacher",
+            str(teacher),
+            "--dry_run",
+            "--teacher_cache",
+            "true",
+            "--streaming",
+            "false",
+            "--train_tokens",
+            "1B",
+        ]
+    )
     report = run_minima(config, show=print)
     assert report is None and "teacher cache (topk, k=64) on disk, estimated" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize(("launch", "bf16", "teacher_dtype", "expected"), [
-    ("cpu.yaml", False, "auto", ("float32", "float32")),  # auto is fp32 on a CPU; no mixed precision
-    ("ddp.yaml", False, "auto", ("bfloat16", "bfloat16")),  # a GPU launch with mixed_precision: bf16
-    ("cpu.yaml", True, "float16", ("float16", "bfloat16")),
-])
+@pytest.mark.parametrize(
+    ("launch", "bf16", "teacher_dtype", "expected"),
+    [
+        ("cpu.yaml", False, "auto", ("float32", "float32")),  # auto is fp32 on a CPU; no mixed precision
+        ("ddp.yaml", False, "auto", ("bfloat16", "bfloat16")),  # a GPU launch with mixed_precision: bf16
+        ("cpu.yaml", True, "float16", ("float16", "bfloat16")),
+    ],
+)
 def test_dry_run_uses_the_precision_that_runs(tmp_path, launch, bf16, teacher_dtype, expected):
-    config = build_config(micro_values(tmp_path, dry_run=True, bf16=bf16, teacher_dtype=teacher_dtype,
-                                       train_tokens=8192, accelerate_config=str(REPO / "recipes" / "accelerate" / launch)))
+    config = build_config(
+        micro_values(
+            tmp_path,
+            dry_run=True,
+            bf16=bf16,
+            teacher_dtype=teacher_dtype,
+            train_tokens=8192,
+            accelerate_config=str(REPO / "recipes" / "accelerate" / launch),
+        )
+    )
     report = minima_dry_run.dry_run(config)
     assert report["precision"] == minima_dry_run.Precision(*expected)
     cpu_launch = str(REPO / "recipes" / "accelerate" / "cpu.yaml")
-    fp32 = minima_dry_run.dry_run(dataclasses.replace(config, bf16=False, teacher_dtype="float32",
-                                                      accelerate_config=cpu_launch))
+    fp32 = minima_dry_run.dry_run(
+        dataclasses.replace(config, bf16=False, teacher_dtype="float32", accelerate_config=cpu_launch)
+    )
     scale = {"float32": 1, "bfloat16": 2, "float16": 2}
     assert fp32["memory"]["distill"]["student activations"] == (
-        scale[expected[1]] * report["memory"]["distill"]["student activations"])
+        scale[expected[1]] * report["memory"]["distill"]["student activations"]
+    )
     assert fp32["memory"]["teacher load"]["total"] == scale[expected[0]] * report["memory"]["teacher load"]["total"]
 
 
 def test_dry_run_places_the_teacher_with_the_affine_line_it_prints(tmp_path):
     law_file = tmp_path / "law.json"
-    CapacityGapLaw(ratio=3.0, ratio_ci=None, source="fitted", through_origin=False, slope_affine=4.5,
-                   intercept=-60_000.0).save(law_file)
+    CapacityGapLaw(
+        ratio=3.0, ratio_ci=None, source="fitted", through_origin=False, slope_affine=4.5, intercept=-60_000.0
+    ).save(law_file)
     report = minima_dry_run.dry_run(build_config(micro_values(tmp_path, dry_run=True, law=str(law_file))))
     expected = 4.5 * report["student_params"] - 60_000
     assert f"teacher for this student has {format_params(expected)} parameters" in report["summary"]
     assert report["law_teacher_params"] == pytest.approx(expected)
 
-    CapacityGapLaw(ratio=3.0, ratio_ci=None, source="fitted", through_origin=False, slope_affine=1.5,
-                   intercept=-20_000.0).save(law_file)
-    report = minima_dry_run.dry_run(build_config(micro_values(tmp_path, dry_run=True, law=str(law_file),
-                                                              student_params=30_000)))
+    CapacityGapLaw(
+        ratio=3.0, ratio_ci=None, source="fitted", through_origin=False, slope_affine=1.5, intercept=-20_000.0
+    ).save(law_file)
+    report = minima_dry_run.dry_run(
+        build_config(micro_values(tmp_path, dry_run=True, law=str(law_file), student_params=30_000))
+    )
     assert 1.5 * report["student_params"] - 20_000 <= report["student_params"]
     assert report["law_teacher_params"] is None
     assert "predicts no teacher larger than this" in report["summary"]
@@ -433,8 +529,14 @@ print(json.dumps(1024 * (kib("VmHWM") - resident)))
 def measured_stage_peak(values: dict, stage: str) -> int:
     """Bytes a stage adds to its process's peak resident memory (a fresh process, data already loaded)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_CAPGAP_CACHE": str(Path(values["output_dir"]).parent / "cache")}
-    result = subprocess.run([sys.executable, "-c", MEASURE_STAGE, json.dumps(values), stage], env=env,
-                            capture_output=True, text=True, timeout=300, cwd=REPO)
+    result = subprocess.run(
+        [sys.executable, "-c", MEASURE_STAGE, json.dumps(values), stage],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return int(result.stdout.strip().splitlines()[-1])
 
@@ -451,18 +553,40 @@ def test_dry_run_estimate_is_within_2x_of_each_measured_stage_peak(tmp_path):
     tokenizer = default_tokenizer(2048, cache_dir=tmp_path / "cache")
     teacher = tmp_path / "teacher"
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-        vocab_size=len(tokenizer), max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=256,
+            intermediate_size=1024,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=256,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
     model.save_pretrained(teacher)
     tokenizer.save_pretrained(teacher)
-    values = {"run_name": "memory", "output_dir": str(tmp_path / "out"), "teacher": str(teacher),
-              "student_params": str(sum(p.numel() for p in model.parameters()) // 2), "seq_len": 256,
-              "batch_size": 16, "eval_batch_size": 16, "train_tokens": 4096, "eval_rows": 8, "calibration_batches": 1,
-              "save_steps": 100, "logging_steps": 1}
+    values = {
+        "run_name": "memory",
+        "output_dir": str(tmp_path / "out"),
+        "teacher": str(teacher),
+        "student_params": str(sum(p.numel() for p in model.parameters()) // 2),
+        "seq_len": 256,
+        "batch_size": 16,
+        "eval_batch_size": 16,
+        "train_tokens": 4096,
+        "eval_rows": 8,
+        "calibration_batches": 1,
+        "save_steps": 100,
+        "logging_steps": 1,
+    }
     stages = {"prune (Taylor scores, one process)": values}
-    measured = {"prune (Taylor scores, one process)": measured_stage_peak(values, "prune (Taylor scores, one process)")}
+    measured = {
+        "prune (Taylor scores, one process)": measured_stage_peak(values, "prune (Taylor scores, one process)")
+    }
     (pruned,) = (tmp_path / "out" / ".work" / "memory").glob("pruned-*")
     from_pruned = {**values, "student_params": None, "student_init": str(pruned)}
     for stage in ("distill", "baseline (from scratch)"):
@@ -493,14 +617,22 @@ def test_streaming_from_local_text_files_resumes_and_never_holds_the_data(finish
 
     config, _ = finished
     texts = local_text_files(tmp_path)
-    values = {**micro_values(Path(config.output_dir).parent), "output_dir": str(tmp_path / "out"),
-              "run_name": "streamed", "dataset": str(texts / "*.txt"), "streaming": True, "baseline": False,
-              "train_tokens": 1536}
+    values = {
+        **micro_values(Path(config.output_dir).parent),
+        "output_dir": str(tmp_path / "out"),
+        "run_name": "streamed",
+        "dataset": str(texts / "*.txt"),
+        "streaming": True,
+        "baseline": False,
+        "train_tokens": 1536,
+    }
     streamed = build_config(values)
     plan, data, _, _ = stages(streamed)
     assert isinstance(data.train, datasets.IterableDataset)  # packed on the fly, never a table of all rows
     assert len(data.eval) == streamed.eval_rows and "rows_sha" not in data.identity
-    assert data.identity["data_files"] == [(f"part-{i}.txt", (texts / f"part-{i}.txt").stat().st_size) for i in range(4)]
+    assert data.identity["data_files"] == [
+        (f"part-{i}.txt", (texts / f"part-{i}.txt").stat().st_size) for i in range(4)
+    ]
 
     kill_after_first_checkpoint(monkeypatch, lambda: run_minima(streamed))
     assert list(streamed.work_dir.glob("distill-*/checkpoint-1"))
@@ -521,8 +653,16 @@ def test_streaming_from_local_text_files_resumes_and_never_holds_the_data(finish
 def launch_recipe(tmp_path: Path, overrides: dict, processes: int = 2) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_CAPGAP_CACHE": str(tmp_path / "cache")}
     launcher = ["--config_file", str(REPO / "recipes" / "accelerate" / "cpu.yaml")] if processes > 1 else ["--cpu"]
-    command = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--main_process_port", "0", str(RECIPE),
-               *(item for key, value in overrides.items() for item in (f"--{key}", str(value)))]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *launcher,
+        "--main_process_port",
+        "0",
+        str(RECIPE),
+        *(item for key, value in overrides.items() for item in (f"--{key}", str(value))),
+    ]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -537,8 +677,14 @@ def test_two_process_distillation_from_a_pruned_folder_matches_one_process(finis
     """Same global batch (2 x 4 rows vs 1 x 8), same steps: the loss curves agree within tolerance."""
     config, _ = finished
     (pruned,) = config.work_dir.glob("pruned-*")
-    common = {**micro_values(Path(config.output_dir).parent), "student_init": str(pruned), "baseline": "false",
-              "train_tokens": 2048, "save_steps": 100, "logging_steps": 1}
+    common = {
+        **micro_values(Path(config.output_dir).parent),
+        "student_init": str(pruned),
+        "baseline": "false",
+        "train_tokens": 2048,
+        "save_steps": 100,
+        "logging_steps": 1,
+    }
     curves = {}
     for processes, batch_size in ((1, 8), (2, 4)):
         out = tmp_path / f"out{processes}"
@@ -562,7 +708,9 @@ def test_push_to_hub_uploads_the_finished_export(finished, monkeypatch, tmp_path
     monkeypatch.setenv("HF_TOKEN", "hf_minima_test_token")
     server = FakeHub(max_requests=100, lifetime_s=60).start()
     try:
-        pushed = build_config({**dataclasses.asdict(config), "push_to_hub": "tester/micro", "hub_endpoint": server.url})
+        pushed = build_config(
+            {**dataclasses.asdict(config), "push_to_hub": "tester/micro", "hub_endpoint": server.url}
+        )
         assert run_minima(pushed, show=print) == results  # the same run: pushing is not part of its identity
         uploaded = server.files("tester/micro")
     finally:
@@ -599,8 +747,14 @@ def watch_teacher_during_training(monkeypatch) -> list[tuple[str, bool]]:
 def test_teacher_cache_mode_distils_from_the_cache(finished, tmp_path, monkeypatch):
     """The teacher is scored and freed once its cache is built: no student trains with it in memory."""
     config, online = finished
-    cached = build_config({**micro_values(Path(config.output_dir).parent), "output_dir": str(tmp_path),
-                           "teacher_cache": True, "cache_k": 8})
+    cached = build_config(
+        {
+            **micro_values(Path(config.output_dir).parent),
+            "output_dir": str(tmp_path),
+            "teacher_cache": True,
+            "cache_k": 8,
+        }
+    )
     seen = watch_teacher_during_training(monkeypatch)
     results = run_minima(cached)
     assert seen == [("DistillationTrainer", False), ("Trainer", False)]
@@ -633,8 +787,10 @@ def test_local_jsonl_text_field_and_chat_messages(finished, tmp_path):
     config, _ = finished
     texts = load_corpus()["train"].select(range(60))["text"]
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"body": text}) + "\n" for text in texts))
-    chats = [[{"role": "user", "content": a[:400]}, {"role": "assistant", "content": b[:400]}]
-             for a, b in zip(texts[::2], texts[1::2])]
+    chats = [
+        [{"role": "user", "content": a[:400]}, {"role": "assistant", "content": b[:400]}]
+        for a, b in zip(texts[::2], texts[1::2], strict=False)
+    ]
     (tmp_path / "chat.jsonl").write_text("".join(json.dumps({"messages": chat}) + "\n" for chat in chats))
     base = {**micro_values(Path(config.output_dir).parent), "output_dir": str(tmp_path / "out"), "train_tokens": 512}
 
@@ -671,8 +827,14 @@ def test_one_training_arguments_builder_sets_length_precision_and_checkpointing(
     from hf_capgap.trainer import DistillationConfig
     from hf_capgap.trainer.training_arguments import StudentTraining, student_training_arguments
 
-    training = StudentTraining(steps=10, batch_size=2, seq_len=4096, learning_rate=3e-4, gradient_accumulation_steps=8,
-                               gradient_checkpointing=True)
+    training = StudentTraining(
+        steps=10,
+        batch_size=2,
+        seq_len=4096,
+        learning_rate=3e-4,
+        gradient_accumulation_steps=8,
+        gradient_checkpointing=True,
+    )
     args = student_training_arguments(DistillationConfig, tmp_path, training, save_steps=None, logging_steps=1)
     assert args.max_length == 4096  # TRL would truncate packed rows to its 1024 default otherwise
     assert args.activation_checkpointing and args.gradient_accumulation_steps == 8
@@ -692,6 +854,7 @@ def test_card_names_a_local_teachers_hub_origin_and_license_never_its_path(tmp_p
     assert minima_export.teacher_license(config, plan) == "llama2"
     (folder / "config.json").write_text(json.dumps({**LLAMA2_7B_CONFIG, "_name_or_path": str(folder)}))
     assert teacher_hub_id(config, plan) is None  # a saved local path is not a Hub id
-    named = build_config({"teacher": str(folder), "student_params": "2B", "teacher_hub_id": "me/teacher",
-                          "license": "mit"})
+    named = build_config(
+        {"teacher": str(folder), "student_params": "2B", "teacher_hub_id": "me/teacher", "license": "mit"}
+    )
     assert teacher_hub_id(named, plan) == "me/teacher" and minima_export.teacher_license(named, plan) == "mit"

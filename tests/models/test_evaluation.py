@@ -65,7 +65,9 @@ def test_max_batches_limits_rows_and_restores_training_mode(tiny_model):
     result = evaluate_perplexity(tiny_model, dataset, batch_size=2, max_batches=1)
     assert tiny_model.training
     assert result["num_tokens"] == 2 * 11
-    assert result["eval_loss"] == pytest.approx(plain_torch_loss(tiny_model.eval(), dataset.select(range(2))), rel=1e-5)
+    assert result["eval_loss"] == pytest.approx(
+        plain_torch_loss(tiny_model.eval(), dataset.select(range(2))), rel=1e-5
+    )
 
 
 def test_empty_dataset_fails_before_loading_the_metric(tiny_model, monkeypatch):

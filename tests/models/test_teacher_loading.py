@@ -46,10 +46,17 @@ def test_teacher_in_dtype_converts_a_copy_and_keeps_ties():
 
     from hf_capgap.models import teacher_in_dtype
 
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, tie_word_embeddings=True,
-    ))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=40,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            tie_word_embeddings=True,
+        )
+    )
     assert teacher_in_dtype(model, torch.float32) is model
     converted = teacher_in_dtype(model, torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
@@ -154,8 +161,9 @@ def test_the_minima_recipe_refuses_a_config_only_teacher_folder_before_loading(t
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
     with pytest.raises(SystemExit) as info:
-        recipe.main(["--teacher", str(tmp_path / "teacher"), "--output_dir", str(tmp_path / "out"),
-                     "--student_params", "8K"])
+        recipe.main(
+            ["--teacher", str(tmp_path / "teacher"), "--output_dir", str(tmp_path / "out"), "--student_params", "8K"]
+        )
     assert str(info.value.code).startswith(f"minima: model folder {tmp_path / 'teacher'} is missing a tokenizer")
     assert "the weights (*.safetensors or model.safetensors.index.json) (it holds config.json)" in info.value.code
 

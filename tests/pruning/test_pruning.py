@@ -18,7 +18,6 @@ from transformers import (
 )
 
 from hf_capgap import cli
-from hf_capgap.utils.artifacts import MANIFEST_NAME, model_fingerprint, read_manifest
 from hf_capgap.pruning import (
     PruneSelection,
     PruneShape,
@@ -31,32 +30,65 @@ from hf_capgap.pruning import (
 )
 from hf_capgap.pruning.importance import magnitude_importance, taylor_importance
 from hf_capgap.pruning.layouts import meta_model, param_counter
+from hf_capgap.utils.artifacts import MANIFEST_NAME, model_fingerprint, read_manifest
 
 VOCAB = 64
 
 
 def llama_config(**overrides) -> LlamaConfig:
-    values = {"vocab_size": VOCAB, "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4,
-                  "num_key_value_heads": 2, "intermediate_size": 48}
+    values = {
+        "vocab_size": VOCAB,
+        "hidden_size": 32,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 48,
+    }
     return LlamaConfig(**(values | overrides))
 
 
 def gpt2_config(**overrides) -> GPT2Config:
-    values = {"vocab_size": VOCAB, "n_embd": 32, "n_layer": 3, "n_head": 4, "n_positions": 32, "bos_token_id": 0,
-              "eos_token_id": 1}
+    values = {
+        "vocab_size": VOCAB,
+        "n_embd": 32,
+        "n_layer": 3,
+        "n_head": 4,
+        "n_positions": 32,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+    }
     return GPT2Config(**(values | overrides))
 
 
 CONFIGS = {
     "llama_gqa": llama_config,
     "llama_mha_bias": lambda: llama_config(num_key_value_heads=4, attention_bias=True, mlp_bias=True),
-    "qwen2_gqa_tied": lambda: Qwen2Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                                          num_key_value_heads=2, intermediate_size=48, tie_word_embeddings=True),
-    "gpt_neox_parallel": lambda: GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3,
-                                               num_attention_heads=4, intermediate_size=48, rotary_pct=0.25),
-    "gpt_neox_sequential": lambda: GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3,
-                                                 num_attention_heads=4, intermediate_size=48, rotary_pct=0.5,
-                                                 use_parallel_residual=False),
+    "qwen2_gqa_tied": lambda: Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        tie_word_embeddings=True,
+    ),
+    "gpt_neox_parallel": lambda: GPTNeoXConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=48,
+        rotary_pct=0.25,
+    ),
+    "gpt_neox_sequential": lambda: GPTNeoXConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=48,
+        rotary_pct=0.5,
+        use_parallel_residual=False,
+    ),
     "gpt2_inner_default": lambda: gpt2_config(scale_attn_by_inverse_layer_idx=True),
 }
 
@@ -126,15 +158,25 @@ def test_target_params_within_two_percent_and_keeps_architecture(teacher):
     assert (student.lm_head.weight is student.get_input_embeddings().weight) == config.tie_word_embeddings
     shape = PruneShape.of(student.config)
     assert shape.num_attention_heads // shape.num_key_value_heads == (
-        config.num_attention_heads // PruneShape.of(config).num_key_value_heads)
-    assert student.config.hidden_size // student.config.num_attention_heads == config.hidden_size // config.num_attention_heads
+        config.num_attention_heads // PruneShape.of(config).num_key_value_heads
+    )
+    assert (
+        student.config.hidden_size // student.config.num_attention_heads
+        == config.hidden_size // config.num_attention_heads
+    )
     assert student.pruning_record.importance == "taylor"
     assert student(torch.randint(0, VOCAB, (1, 8))).logits.shape == (1, 8, VOCAB)
 
 
 def test_minima_3b_shape_from_llama2_7b_on_meta_device():
-    llama2_7b = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                            num_attention_heads=32, max_position_embeddings=4096)
+    llama2_7b = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        max_position_embeddings=4096,
+    )
     minima = PruneShape(hidden_size=3072, num_hidden_layers=24, num_attention_heads=24, intermediate_size=8192)
     teacher = meta_model(llama2_7b)
     student = meta_model(pruned_config(llama2_7b, minima))
@@ -155,7 +197,9 @@ def test_taylor_scores_drop_a_dead_neuron_and_magnitude_fallback_warns():
     student = prune_model(teacher, shape=shape, calibration=batches())
     kept_rows = {tuple(row.tolist()) for row in teacher.model.layers[0].mlp.up_proj.weight}
     removed = tuple(teacher.model.layers[0].mlp.up_proj.weight[5].tolist())
-    assert removed in kept_rows and removed not in {tuple(r.tolist()) for r in student.model.layers[0].mlp.up_proj.weight}
+    assert removed in kept_rows and removed not in {
+        tuple(r.tolist()) for r in student.model.layers[0].mlp.up_proj.weight
+    }
     with pytest.warns(UserWarning, match="weight magnitude"):
         fallback = prune_model(teacher, shape=shape)
     assert fallback.pruning_record.importance == "magnitude"
@@ -183,8 +227,7 @@ def test_padded_and_masked_calibration_scores_and_prunes_like_the_unpadded_rows(
 
     pads = torch.zeros(2, 4, dtype=torch.long)
     padded = [
-        {"input_ids": pad(ids, pads), "attention_mask": pad(torch.ones(2, 10, dtype=torch.long), pads)}
-        for ids in rows
+        {"input_ids": pad(ids, pads), "attention_mask": pad(torch.ones(2, 10, dtype=torch.long), pads)} for ids in rows
     ]
     unpadded = [{"input_ids": ids} for ids in rows]
     plain, masked = taylor_importance(teacher, unpadded), taylor_importance(teacher, padded)
@@ -199,8 +242,14 @@ def test_padded_and_masked_calibration_scores_and_prunes_like_the_unpadded_rows(
 
 
 def test_gpt2_config_keeps_every_setting_and_counts_the_hub_sizes():
-    teacher = gpt2_config(n_positions=48, activation_function="gelu", layer_norm_epsilon=1e-4, scale_attn_weights=False,
-                          scale_attn_by_inverse_layer_idx=True, reorder_and_upcast_attn=True)
+    teacher = gpt2_config(
+        n_positions=48,
+        activation_function="gelu",
+        layer_norm_epsilon=1e-4,
+        scale_attn_weights=False,
+        scale_attn_by_inverse_layer_idx=True,
+        reorder_and_upcast_attn=True,
+    )
     shape = PruneShape(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24)
     student = pruned_config(teacher, shape)
     resized = {"n_embd": 16, "n_layer": 2, "n_head": 2, "n_inner": 24}
@@ -229,7 +278,7 @@ def test_gpt2_scores_see_position_embeddings_and_all_three_attention_blocks():
 
     width = 8  # head_dim: q, k and v of head 2 sit at columns 16:24, 48:56 and 80:88 of c_attn
     with torch.no_grad():
-        teacher.transformer.h[0].attn.c_attn.weight[:, 64 + head * width:64 + (head + 1) * width] = 100.0
+        teacher.transformer.h[0].attn.c_attn.weight[:, 64 + head * width : 64 + (head + 1) * width] = 100.0
     with pytest.warns(UserWarning, match="weight magnitude"):
         scores = magnitude_importance(teacher)
     assert int(scores.heads[0].argmax()) == head
@@ -242,12 +291,23 @@ def test_student_keeps_dtype_and_per_layer_attention_types():
     assert {p.dtype for p in student.parameters()} == {torch.bfloat16} and student.config.dtype == torch.bfloat16
     assert student.config.head_dim == 8 and student.model.rotary_emb.inv_freq.shape == (4,)
 
-    sliding = Qwen2Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                          num_key_value_heads=2, intermediate_size=48, use_sliding_window=True, sliding_window=4,
-                          max_window_layers=1)
+    sliding = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        use_sliding_window=True,
+        sliding_window=4,
+        max_window_layers=1,
+    )
     assert sliding.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
-    config = pruned_config(sliding, PruneShape(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                               intermediate_size=48), kept_layers=[0, 2])
+    config = pruned_config(
+        sliding,
+        PruneShape(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48),
+        kept_layers=[0, 2],
+    )
     assert config.layer_types == ["full_attention", "sliding_attention"] and config.max_window_layers == 1
 
 
@@ -258,8 +318,9 @@ def test_layer_selection_middle_and_explicit():
         student = prune_model(teacher, shape=shape, calibration=batches(1), layer_selection=selection)
         assert student.pruning_record.kept["layers"] == kept
         for new, old in enumerate(kept):
-            assert torch.equal(student.model.layers[new].self_attn.q_proj.weight,
-                               teacher.model.layers[old].self_attn.q_proj.weight)
+            assert torch.equal(
+                student.model.layers[new].self_attn.q_proj.weight, teacher.model.layers[old].self_attn.q_proj.weight
+            )
 
 
 def _toy_sequences(count: int, seq: int, generator: torch.Generator) -> torch.Tensor:
@@ -315,8 +376,9 @@ def test_save_pruned_reloads_with_auto_class(tmp_path, name):
     ids = torch.randint(0, VOCAB, (1, 10))
     assert n_params(reloaded) == n_params(student) and abs(n_params(reloaded) - target) <= 0.02 * target
     torch.testing.assert_close(reloaded(ids).logits, student(ids).logits, atol=1e-6, rtol=0)
-    manifest = read_manifest(out, "pruned_student", 1, verify_files=True,
-                             expected={"teacher_fingerprint": model_fingerprint(teacher)})
+    manifest = read_manifest(
+        out, "pruned_student", 1, verify_files=True, expected={"teacher_fingerprint": model_fingerprint(teacher)}
+    )
     assert manifest["teacher_name"] == f"tiny-{name}"
     assert manifest["shape"] == PruneShape.of(student.config).to_dict()
     assert manifest["kept_fraction"] == pytest.approx(n_params(student) / n_params(teacher))
@@ -361,15 +423,31 @@ def test_save_pruned_failure_leaves_nothing(tmp_path):
     [
         ({"target_params": 10**9}, "larger than the teacher"),
         ({"target_params": 10}, "no shape"),
-        ({"shape": {"hidden_size": 30, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 8}},
-         "num_attention_heads=4 does not divide"),
-        ({"shape": {"hidden_size": 24, "num_hidden_layers": 2, "num_attention_heads": 3, "intermediate_size": 8}},
-         "num_key_value_heads"),
-        ({"shape": {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 8}},
-         "num_hidden_layers=4 exceeds"),
+        (
+            {"shape": {"hidden_size": 30, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 8}},
+            "num_attention_heads=4 does not divide",
+        ),
+        (
+            {"shape": {"hidden_size": 24, "num_hidden_layers": 2, "num_attention_heads": 3, "intermediate_size": 8}},
+            "num_key_value_heads",
+        ),
+        (
+            {"shape": {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 8}},
+            "num_hidden_layers=4 exceeds",
+        ),
         ({"shape": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4}}, "missing"),
-        ({"shape": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 8,
-                         "num_layers": 2}}, "unknown keys"),
+        (
+            {
+                "shape": {
+                    "hidden_size": 32,
+                    "num_hidden_layers": 2,
+                    "num_attention_heads": 4,
+                    "intermediate_size": 8,
+                    "num_layers": 2,
+                }
+            },
+            "unknown keys",
+        ),
         ({}, "exactly one"),
         ({"target_params": 5000, "layer_selection": "first"}, "layer_selection"),
         ({"target_params": 5000, "layer_selection": [2, 0]}, "increasing order"),
@@ -385,8 +463,16 @@ def test_invalid_requests_fail_with_named_field(kwargs, message):
 
 
 def test_unsupported_architecture_and_neox_head_size():
-    opt = AutoModelForCausalLM.from_config(OPTConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1,
-                                                     num_attention_heads=4, ffn_dim=48, word_embed_proj_dim=32))
+    opt = AutoModelForCausalLM.from_config(
+        OPTConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            ffn_dim=48,
+            word_embed_proj_dim=32,
+        )
+    )
     with pytest.raises(ValueError, match="opt.*supported model types are llama, mistral, qwen2, gpt_neox, gpt2"):
         prune_model(opt, target_params=1000)
     cross = AutoModelForCausalLM.from_config(gpt2_config(n_layer=1, add_cross_attention=True))
@@ -394,14 +480,45 @@ def test_unsupported_architecture_and_neox_head_size():
         prune_model(cross, target_params=1000)
     neox = build(CONFIGS["gpt_neox_parallel"]())
     with pytest.raises(ValueError, match="shape.hidden_size must be num_attention_heads x 8"):
-        prune_model(neox, shape={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 8})
+        prune_model(
+            neox, shape={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 8}
+        )
 
 
 def _save_teacher_with_tokenizer(directory) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    words = ["<unk>", "</s>", "the", "and", "of", "to", "I", "you", "a", "my", "in", "that", "is", "not", "And",
-             "me", "it", "with", "his", "be", "your", "for", "he", "this", "The", "shall", "have", "thou", "will"]
+    words = [
+        "<unk>",
+        "</s>",
+        "the",
+        "and",
+        "of",
+        "to",
+        "I",
+        "you",
+        "a",
+        "my",
+        "in",
+        "that",
+        "is",
+        "not",
+        "And",
+        "me",
+        "it",
+        "with",
+        "his",
+        "be",
+        "your",
+        "for",
+        "he",
+        "this",
+        "The",
+        "shall",
+        "have",
+        "thou",
+        "will",
+    ]
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>")
@@ -413,8 +530,20 @@ def test_cli_prunes_a_saved_teacher(tmp_path, capsys):
     _save_teacher_with_tokenizer(tmp_path / "teacher")
     teacher = AutoModelForCausalLM.from_pretrained(tmp_path / "teacher")
     target = n_params(teacher) // 2
-    argv = ["prune", str(tmp_path / "teacher"), "--target-params", str(target), "--out", str(tmp_path / "student"),
-            "--calibration-tokens", "64", "--seq-len", "16", "--batch-size", "2"]
+    argv = [
+        "prune",
+        str(tmp_path / "teacher"),
+        "--target-params",
+        str(target),
+        "--out",
+        str(tmp_path / "student"),
+        "--calibration-tokens",
+        "64",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "2",
+    ]
     assert cli.main(argv) == 0
     student = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
     assert abs(n_params(student) - target) <= 0.02 * target

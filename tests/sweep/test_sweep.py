@@ -4,8 +4,8 @@ that is SIGKILLed mid-way, restarted, and fits the law (or says clearly why it c
 from __future__ import annotations
 
 import dataclasses
-import json
 import importlib.util
+import json
 import math
 import shutil
 import signal
@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from hf_capgap.utils.artifacts import MANIFEST_NAME, ArtifactError
 from hf_capgap.sweep import (
     LAW_FAILURE_FILE,
     LAW_FILE,
@@ -26,11 +25,12 @@ from hf_capgap.sweep import (
     SweepConfig,
     append_record,
     family_teachers,
-    plan,
     finished_records,
+    plan,
     run_sweep,
     sweep_status,
 )
+from hf_capgap.utils.artifacts import MANIFEST_NAME, ArtifactError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -44,6 +44,8 @@ def _sweep_recipe():
         sys.modules[spec.name] = module
         spec.loader.exec_module(module)
     return sys.modules["sweep_recipe"]
+
+
 MICRO_YAML = REPO / "recipes" / "configs" / "sweep_micro.yaml"
 # Two optimiser steps per run and a small held-out set keep the whole micro sweep to seconds.
 FAST = {"tokens_per_run": "2048", "eval_rows": "16", "calibration_rows": "16", "student_sizes": "21K"}
@@ -106,8 +108,12 @@ def test_teacher_subset(tmp_path):
 
 def _record(run_id: str, loss: float) -> dict:
     return {
-        "run_id": run_id, "format_version": 1, "student_params": 21_000, "teacher_params": 86_208,
-        "eval_loss": loss, "settings_sha256": "abc",
+        "run_id": run_id,
+        "format_version": 1,
+        "student_params": 21_000,
+        "teacher_params": 86_208,
+        "eval_loss": loss,
+        "settings_sha256": "abc",
     }
 
 
@@ -158,8 +164,12 @@ def test_hub_family_unreachable_fails_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
     config = SweepConfig.from_dict(
-        {"family": "pythia", "student_sizes": ["70M"], "teachers": ["EleutherAI/pythia-160m"],
-         "output_dir": str(tmp_path / "s")}
+        {
+            "family": "pythia",
+            "student_sizes": ["70M"],
+            "teachers": ["EleutherAI/pythia-160m"],
+            "output_dir": str(tmp_path / "s"),
+        }
     )
     with pytest.raises(ValueError, match="cannot reach the Hugging Face Hub"):
         run_sweep(config, progress=False)
@@ -180,8 +190,13 @@ def killed_and_resumed(tmp_path_factory, ladder_dir):
     """A sweep subprocess SIGKILLed right after its first finished run, then run again to the end,
     distilling from sampled caches of independent draws (the default is systematic)."""
     out = tmp_path_factory.mktemp("micro") / "sweep"
-    overrides = {**FAST, "output_dir": str(out), "ladder_dir": str(ladder_dir), "cache_mode": "sampled",
-                 "cache_sampler": "multinomial"}
+    overrides = {
+        **FAST,
+        "output_dir": str(out),
+        "ladder_dir": str(ladder_dir),
+        "cache_mode": "sampled",
+        "cache_sampler": "multinomial",
+    }
     argv = [sys.executable, str(REPO / "recipes" / "sweep.py"), str(MICRO_YAML)]
     argv += [item for key, value in overrides.items() for item in (f"--{key}", value)]
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -266,10 +281,17 @@ def test_a_second_sweep_on_a_busy_folder_is_refused_and_leaves_its_scratch(kille
     live = out / ".run-live0001"
     live.mkdir()
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
-         "fcntl.flock(f, fcntl.LOCK_EX); f.truncate(0); f.write('4242'); f.flush(); print('held', flush=True); "
-         "time.sleep(60)",
-         str(out / LOCK_FILE)], stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+            "fcntl.flock(f, fcntl.LOCK_EX); f.truncate(0); f.write('4242'); f.flush(); print('held', flush=True); "
+            "time.sleep(60)",
+            str(out / LOCK_FILE),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(ValueError, match=r"another sweep \(process 4242\) is running in output_dir="):
@@ -286,8 +308,10 @@ def test_diverged_runs_are_kept_unless_redo_failed(killed_and_resumed, tmp_path,
     config = copy_of_finished_sweep(killed_and_resumed, tmp_path)
     good = finished_records(config.output_dir)
     diverged = good[0]["run_id"]
-    lines = [json.dumps({**record, "eval_loss": float("nan")} if record["run_id"] == diverged else record,
-                        sort_keys=True) for record in good]
+    lines = [
+        json.dumps({**record, "eval_loss": float("nan")} if record["run_id"] == diverged else record, sort_keys=True)
+        for record in good
+    ]
     (Path(config.output_dir) / LEDGER_FILE).write_text("\n".join(lines) + "\n")
 
     kept = _sweep_recipe().run_and_report(config)
@@ -313,8 +337,9 @@ def test_gpu_presets_train_in_bf16_with_accumulation_and_checkpointing(preset):
 def test_recipe_overrides_and_help(capsys):
     parse_config = _sweep_recipe().parse_config
 
-    config, _ = parse_config([str(MICRO_YAML), "--student_sizes", "21K", "50K", "--bf16", "true",
-                              "--redo_failed", "true"])
+    config, _ = parse_config(
+        [str(MICRO_YAML), "--student_sizes", "21K", "50K", "--bf16", "true", "--redo_failed", "true"]
+    )
     assert config.student_params == (21_000, 50_000) and config.bf16 and config.redo_failed
     with pytest.raises(ValueError, match="unknown config key"):
         parse_config([str(REPO / "recipes" / "configs" / "minima_tiny.yaml")])

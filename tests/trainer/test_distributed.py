@@ -20,9 +20,16 @@ def launch(out: Path, *script_args: str) -> None:
     ``tests.conftest`` import)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-        str(REPO / "recipes" / "accelerate" / "cpu.yaml"), "--main_process_port", "0",
-        str(REPO / "tests" / "helpers" / "ddp_train_script.py"), str(out), *script_args,
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "recipes" / "accelerate" / "cpu.yaml"),
+        "--main_process_port",
+        "0",
+        str(REPO / "tests" / "helpers" / "ddp_train_script.py"),
+        str(out),
+        *script_args,
     ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

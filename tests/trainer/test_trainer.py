@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.conftest import tiny_llama
 from transformers import AutoModelForCausalLM
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from hf_capgap import DistillationConfig, DistillationTrainer, divergence
-from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+from tests.conftest import tiny_llama
 
 
 def config(tmp_path, **overrides) -> DistillationConfig:
@@ -76,12 +76,16 @@ def test_student_kl_to_teacher_goes_down_and_saved_student_reloads(tmp_path, tin
     assert {"distill_loss", "ce_loss"} <= logged[0].keys()
     metrics = trainer.evaluate()
     assert {"eval_loss", "eval_distill_loss", "eval_ce_loss"} <= metrics.keys()
-    assert metrics["eval_loss"] == pytest.approx(0.9 * metrics["eval_distill_loss"] + 0.1 * metrics["eval_ce_loss"], rel=1e-3)
+    assert metrics["eval_loss"] == pytest.approx(
+        0.9 * metrics["eval_distill_loss"] + 0.1 * metrics["eval_ce_loss"], rel=1e-3
+    )
 
     trainer.save_model(str(tmp_path / "student"))
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
     batch = collator([tiny_text_dataset[0]])
-    torch.testing.assert_close(reloaded(input_ids=batch["input_ids"]).logits, student(input_ids=batch["input_ids"]).logits)
+    torch.testing.assert_close(
+        reloaded(input_ids=batch["input_ids"]).logits, student(input_ids=batch["input_ids"]).logits
+    )
     assert all(not p.requires_grad for p in teacher.parameters()) and not teacher.training
 
 
@@ -93,7 +97,11 @@ def test_loss_matches_reference_on_fused_and_logits_paths(tmp_path, tiny_tokeniz
     for mode in ("always", "never"):
         args = config(tmp_path, loss="jsd", beta=0.3, temperature=2.0, alpha=0.7, fused_lm_head=mode)
         trainer = DistillationTrainer(
-            model=student, teacher_model=teacher, args=args, train_dataset=tiny_text_dataset, processing_class=tiny_tokenizer
+            model=student,
+            teacher_model=teacher,
+            args=args,
+            train_dataset=tiny_text_dataset,
+            processing_class=tiny_tokenizer,
         )
         student.zero_grad()
         loss = trainer.compute_loss(student, dict(batch))
@@ -144,7 +152,11 @@ def test_resume_from_checkpoint_continues(tmp_path, tiny_tokenizer, tiny_text_da
     teacher, student = teacher_student(len(tiny_tokenizer))
     args = config(tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
     first = DistillationTrainer(
-        model=student, teacher_model=teacher, args=args, train_dataset=tiny_text_dataset, processing_class=tiny_tokenizer
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=tiny_text_dataset,
+        processing_class=tiny_tokenizer,
     )
     first.train()
     assert (tmp_path / "run" / "checkpoint-2").is_dir()
@@ -180,23 +192,33 @@ def test_peft_student_trains_only_adapters(tmp_path, tiny_tokenizer, tiny_text_d
     trainer.train()
     lora_b = [p for n, p in trainer.model.named_parameters() if "lora_B" in n]
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b)
-    torch.testing.assert_close(trainer.model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight, base_weight)
+    torch.testing.assert_close(
+        trainer.model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight, base_weight
+    )
 
 
 def test_vocab_checks(tmp_path, tiny_tokenizer, tiny_text_dataset):
     vocab = len(tiny_tokenizer)
     teacher, student = tiny_llama(vocab + 8), tiny_llama(vocab)
     with pytest.raises(ValueError, match="processing_class is required"):
-        DistillationTrainer(model=student, teacher_model=teacher, args=config(tmp_path), train_dataset=tiny_text_dataset)
+        DistillationTrainer(
+            model=student, teacher_model=teacher, args=config(tmp_path), train_dataset=tiny_text_dataset
+        )
     # Padding only: compared on the tokenizer's real vocabulary.
     trainer = DistillationTrainer(
-        model=student, teacher_model=teacher, args=config(tmp_path), train_dataset=tiny_text_dataset,
+        model=student,
+        teacher_model=teacher,
+        args=config(tmp_path),
+        train_dataset=tiny_text_dataset,
         processing_class=tiny_tokenizer,
     )
     assert trainer.loss_spec.vocab_size == vocab
     with pytest.raises(ValueError, match="tokenizer"):
         DistillationTrainer(
-            model=tiny_llama(vocab - 2), teacher_model=teacher, args=config(tmp_path), train_dataset=tiny_text_dataset,
+            model=tiny_llama(vocab - 2),
+            teacher_model=teacher,
+            args=config(tmp_path),
+            train_dataset=tiny_text_dataset,
             processing_class=tiny_tokenizer,
         )
 
@@ -204,7 +226,10 @@ def test_vocab_checks(tmp_path, tiny_tokenizer, tiny_text_dataset):
 def test_missing_labels_fail_clearly(tmp_path, tiny_tokenizer, tiny_text_dataset):
     teacher, student = teacher_student(len(tiny_tokenizer))
     trainer = DistillationTrainer(
-        model=student, teacher_model=teacher, args=config(tmp_path), train_dataset=tiny_text_dataset,
+        model=student,
+        teacher_model=teacher,
+        args=config(tmp_path),
+        train_dataset=tiny_text_dataset,
         processing_class=tiny_tokenizer,
     )
     with pytest.raises(ValueError, match="'labels'"):
@@ -220,7 +245,14 @@ def test_missing_teacher_and_wrong_args_fail_before_training(tmp_path, tiny_toke
 
 @pytest.mark.parametrize(
     "field,value",
-    [("loss", "kl"), ("temperature", 0.0), ("alpha", -0.1), ("beta", 1.0), ("chunk_size", 0), ("teacher_dtype", "int8")],
+    [
+        ("loss", "kl"),
+        ("temperature", 0.0),
+        ("alpha", -0.1),
+        ("beta", 1.0),
+        ("chunk_size", 0),
+        ("teacher_dtype", "int8"),
+    ],
 )
 def test_config_rejects_invalid_values_naming_the_field(tmp_path, field, value):
     overrides = {field: value}
@@ -233,8 +265,11 @@ def test_config_rejects_invalid_values_naming_the_field(tmp_path, field, value):
 def test_teacher_dtype_is_applied(tmp_path, tiny_tokenizer, tiny_text_dataset):
     teacher, student = teacher_student(len(tiny_tokenizer))
     trainer = DistillationTrainer(
-        model=student, teacher_model=teacher, args=config(tmp_path, teacher_dtype="bfloat16"),
-        train_dataset=tiny_text_dataset, processing_class=tiny_tokenizer,
+        model=student,
+        teacher_model=teacher,
+        args=config(tmp_path, teacher_dtype="bfloat16"),
+        train_dataset=tiny_text_dataset,
+        processing_class=tiny_tokenizer,
     )
     assert next(trainer.teacher.parameters()).dtype == torch.bfloat16
     assert next(student.parameters()).dtype == torch.float32

@@ -7,12 +7,12 @@ import re
 import numpy as np
 import pytest
 import torch
-from tests.conftest import CHAT_ROWS, CHAT_TEMPLATE, CHAT_VOCAB_SIZE, chat_tokenizer, tiny_llama, tiny_qwen2
 from datasets import Dataset
 
 from hf_capgap import DistillationConfig, DistillationTrainer, TeacherCache
-from hf_capgap.utils.artifacts import ArtifactError
 from hf_capgap.cache.format import decode_id_gaps
+from hf_capgap.utils.artifacts import ArtifactError
+from tests.conftest import CHAT_ROWS, CHAT_TEMPLATE, CHAT_VOCAB_SIZE, chat_tokenizer, tiny_llama, tiny_qwen2
 
 TEMPERATURE = 2.0
 
@@ -74,9 +74,11 @@ def test_cached_loss_equals_online_loss_on_a_padded_vocabulary_pair(tmp_path, ch
     batch = next(iter(cached.get_train_dataloader()))
     plain = {key: value for key, value in batch.items() if not key.startswith("teacher_")}
     assert cache.real_vocab_size == CHAT_VOCAB_SIZE
-    assert len(cache.teacher_signal(batch).ids if mode == "topk" else batch["teacher_logprobs"]) == int(
-        (batch["labels"][:, 1:] != -100).sum()
-    ) < batch["labels"][:, 1:].numel()
+    assert (
+        len(cache.teacher_signal(batch).ids if mode == "topk" else batch["teacher_logprobs"])
+        == int((batch["labels"][:, 1:] != -100).sum())
+        < batch["labels"][:, 1:].numel()
+    )
     loss_cached, grad_cached = student_gradient(cached, student, batch)
     loss_online, grad_online = student_gradient(online, student, plain)
     torch.testing.assert_close(loss_cached, loss_online, rtol=2e-3, atol=2e-3)  # fp16 storage
@@ -87,7 +89,11 @@ def test_training_from_a_cache_keeps_rows_and_signals_together(tmp_path, tokeniz
     """Shuffled, over two epochs: every batch's signal, split back per row, is that row's own signal."""
     # Distinct rows: each row draws its own samples, so equal rows would hold different signals.
     chats = Dataset.from_dict(
-        {"messages": [[{**turn, "content": f"w{i} {turn['content']}"} for turn in chat] for i, chat in enumerate(CHAT_ROWS)]}
+        {
+            "messages": [
+                [{**turn, "content": f"w{i} {turn['content']}"} for turn in chat] for i, chat in enumerate(CHAT_ROWS)
+            ]
+        }
     )
     path = tmp_path / "cache"
     cache = build(teacher, chats, tokenizer, path, tmp_path, mode="sampled", k=8)
@@ -99,7 +105,9 @@ def test_training_from_a_cache_keeps_rows_and_signals_together(tmp_path, tokeniz
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             ids, counts = inputs["teacher_sample_ids"], inputs["teacher_sample_counts"]
             per_row = (inputs["labels"][:, 1:] != -100).sum(dim=1).tolist()
-            for row, row_ids, row_counts in zip(inputs["input_ids"], ids.split(per_row), counts.split(per_row), strict=True):
+            for row, row_ids, row_counts in zip(
+                inputs["input_ids"], ids.split(per_row), counts.split(per_row), strict=True
+            ):
                 stored = by_ids[tuple(row[row != tokenizer.pad_token_id].tolist())]
                 seen.append(row_ids[row_counts > 0].tolist() == list(stored))
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -153,12 +161,15 @@ def test_uncached_eval_set_reports_cross_entropy(tmp_path, chats, tokenizer, tea
     assert "eval_distill_loss" not in metrics
 
 
-def test_a_chat_cache_trains_without_its_dataset_and_refuses_a_same_size_other_vocabulary(tmp_path, chats, tokenizer, teacher):
+def test_a_chat_cache_trains_without_its_dataset_and_refuses_a_same_size_other_vocabulary(
+    tmp_path, chats, tokenizer, teacher
+):
     """The cached rows carry their assistant masks: the cache alone is a training set."""
     path = tmp_path / "cache"
     build(teacher, chats, tokenizer, path, tmp_path, mode="topk", k=4)
     trainer = DistillationTrainer(
-        model=tiny_qwen2(1008, seed=5), args=args(tmp_path, teacher_cache=str(path), logging_steps=1),
+        model=tiny_qwen2(1008, seed=5),
+        args=args(tmp_path, teacher_cache=str(path), logging_steps=1),
         processing_class=tokenizer,
     )
     trainer.train()
@@ -166,7 +177,8 @@ def test_a_chat_cache_trains_without_its_dataset_and_refuses_a_same_size_other_v
     assert [entry["step"] for entry in trainer.state.log_history if "loss" in entry] == [1, 2]
     with pytest.raises(ValueError, match="same size but another token -> id map"):
         DistillationTrainer(
-            model=tiny_qwen2(1008, seed=5), args=args(tmp_path, teacher_cache=str(path)),
+            model=tiny_qwen2(1008, seed=5),
+            args=args(tmp_path, teacher_cache=str(path)),
             processing_class=chat_tokenizer(swap=(7, 8)),
         )
 
@@ -226,7 +238,9 @@ def test_a_cache_built_with_the_trainers_formatting_func_trains_with_it(tmp_path
         trainer(None)
 
 
-def test_a_cache_holds_the_rows_of_the_trainers_chat_template_path_and_refuses_another_template(tmp_path, chats, teacher):
+def test_a_cache_holds_the_rows_of_the_trainers_chat_template_path_and_refuses_another_template(
+    tmp_path, chats, teacher
+):
     """SFTTrainer gives its tokenizer the chat_template_path template before preparing: so does the build,
     which records the template's hash; a trainer rendering chats with another template is refused."""
     path_of_template = tmp_path / "system.jinja"

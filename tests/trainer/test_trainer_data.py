@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.conftest import CHAT_ROWS, CHAT_TEMPLATE, chat_tokenizer, tiny_qwen2
 from datasets import Dataset
 
 from hf_capgap import DistillationConfig, DistillationTrainer
 from hf_capgap.data import DatasetFormatError, prepare_dataset, rows_holding_positions
 from hf_capgap.models import VocabularyMismatchError
+from tests.conftest import CHAT_ROWS, CHAT_TEMPLATE, chat_tokenizer, tiny_qwen2
 
 TEACHER_ROWS, STUDENT_ROWS = 1024, 1008
 TEXTS = [
@@ -28,9 +28,18 @@ TEXTS = [
 
 def config(tmp_path, **overrides) -> DistillationConfig:
     settings = dict(
-        output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, per_device_eval_batch_size=4,
-        learning_rate=1e-3, max_steps=2, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-        disable_tqdm=True, seed=0, chunk_size=16,
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        learning_rate=1e-3,
+        max_steps=2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        chunk_size=16,
     )
     settings.update(overrides)
     return DistillationConfig(**settings)
@@ -44,7 +53,10 @@ def pair():
 def trainer_for(tmp_path, pair, dataset, tokenizer=None, **overrides) -> DistillationTrainer:
     teacher, student = pair
     return DistillationTrainer(
-        model=student, teacher_model=teacher, args=config(tmp_path, **overrides), train_dataset=dataset,
+        model=student,
+        teacher_model=teacher,
+        args=config(tmp_path, **overrides),
+        train_dataset=dataset,
         processing_class=tokenizer or chat_tokenizer(),
     )
 
@@ -55,10 +67,14 @@ def first_batch(trainer: DistillationTrainer) -> dict[str, torch.Tensor]:
 
 def test_messages_with_assistant_only_loss_mask_every_other_token_and_train(tmp_path, pair):
     tokenizer = chat_tokenizer()
-    trainer = trainer_for(tmp_path, pair, Dataset.from_dict({"messages": CHAT_ROWS}), tokenizer, assistant_only_loss=True)
+    trainer = trainer_for(
+        tmp_path, pair, Dataset.from_dict({"messages": CHAT_ROWS}), tokenizer, assistant_only_loss=True
+    )
     batch = first_batch(trainer)
     for row, messages in zip(range(4), CHAT_ROWS, strict=False):
-        expected = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        expected = tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
         length = len(expected["input_ids"])
         assert batch["input_ids"][row, :length].tolist() == expected["input_ids"]
         in_loss = batch["labels"][row, :length] != -100
@@ -97,7 +113,10 @@ def test_packed_batches_reach_the_teacher_with_their_positions(tmp_path, pair):
     batch = packed.data_collator([packed.train_dataset[0]])
     loss_packed = packed.compute_loss(pair[1], dict(batch))
     starts = [i for i, p in enumerate(batch["position_ids"][0].tolist()) if p == 0]
-    documents = [batch["input_ids"][0, s:e].tolist() for s, e in zip(starts, [*starts[1:], batch["input_ids"].shape[1]])]
+    documents = [
+        batch["input_ids"][0, s:e].tolist()
+        for s, e in zip(starts, [*starts[1:], batch["input_ids"].shape[1]], strict=True)
+    ]
     plain = trainer_for(tmp_path, pair, Dataset.from_dict({"input_ids": documents}), tokenizer)
     separate = plain.data_collator([{"input_ids": ids} for ids in documents])
     torch.testing.assert_close(loss_packed, plain.compute_loss(pair[1], dict(separate)), rtol=1e-4, atol=1e-5)
@@ -105,7 +124,10 @@ def test_packed_batches_reach_the_teacher_with_their_positions(tmp_path, pair):
 
 def test_prompt_completion_masks_the_prompt(tmp_path, pair):
     tokenizer = chat_tokenizer()
-    rows = {"prompt": ["the cat", "a bird and", "the dog ran to"], "completion": [" sat on the mat .", " a cat sang .", " the tree ."]}
+    rows = {
+        "prompt": ["the cat", "a bird and", "the dog ran to"],
+        "completion": [" sat on the mat .", " a cat sang .", " the tree ."],
+    }
     trainer = trainer_for(tmp_path, pair, Dataset.from_dict(rows), tokenizer, completion_only_loss=True)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
     for row, prompt in enumerate(rows["prompt"]):
@@ -122,13 +144,21 @@ def test_base_and_instruct_tokenizers_share_a_vocabulary_but_a_swapped_id_is_ref
     teacher, student = pair
     data = Dataset.from_dict({"text": TEXTS})
     DistillationTrainer(
-        model=student, teacher_model=teacher, args=config(tmp_path), train_dataset=data,
-        processing_class=student_tokenizer, teacher_processing_class=instruct,
+        model=student,
+        teacher_model=teacher,
+        args=config(tmp_path),
+        train_dataset=data,
+        processing_class=student_tokenizer,
+        teacher_processing_class=instruct,
     )
     with pytest.raises(VocabularyMismatchError, match=r"id 7: student .* vs teacher"):
         DistillationTrainer(
-            model=student, teacher_model=teacher, args=config(tmp_path), train_dataset=data,
-            processing_class=student_tokenizer, teacher_processing_class=chat_tokenizer(swap=(7, 8)),
+            model=student,
+            teacher_model=teacher,
+            args=config(tmp_path),
+            train_dataset=data,
+            processing_class=student_tokenizer,
+            teacher_processing_class=chat_tokenizer(swap=(7, 8)),
         )
 
 
@@ -143,8 +173,13 @@ def test_predict_returns_logits_and_evaluate_feeds_compute_metrics(tmp_path, pai
     teacher, student = pair
     data = Dataset.from_dict({"text": TEXTS})
     trainer = DistillationTrainer(
-        model=student, teacher_model=teacher, args=config(tmp_path), train_dataset=data, eval_dataset=data,
-        processing_class=tokenizer, compute_metrics=metrics,
+        model=student,
+        teacher_model=teacher,
+        args=config(tmp_path),
+        train_dataset=data,
+        eval_dataset=data,
+        processing_class=tokenizer,
+        compute_metrics=metrics,
     )
     prediction = trainer.predict(trainer.eval_dataset)
     longest = max(len(row["input_ids"]) for row in trainer.eval_dataset)
@@ -160,7 +195,9 @@ def test_a_fully_masked_micro_batch_gives_zero_loss_and_zero_gradients(tmp_path,
     student = pair[1]
     ids = torch.randint(10, 900, (2, 7))
     student.zero_grad()
-    loss = trainer.compute_loss(student, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.full_like(ids, -100)})
+    loss = trainer.compute_loss(
+        student, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.full_like(ids, -100)}
+    )
     loss.backward()
     assert float(loss.detach()) == 0.0
     grads = [p.grad for p in student.parameters()]
@@ -247,8 +284,13 @@ def test_a_formatting_func_makes_text_of_rows_without_a_text_column(tmp_path, pa
         return f"{row['q']} {row['a']}"
 
     trained = DistillationTrainer(
-        model=pair[1], teacher_model=pair[0], args=config(tmp_path, max_steps=1), train_dataset=rows,
-        eval_dataset={"qa": rows}, processing_class=tokenizer, formatting_func=formatting_func,
+        model=pair[1],
+        teacher_model=pair[0],
+        args=config(tmp_path, max_steps=1),
+        train_dataset=rows,
+        eval_dataset={"qa": rows},
+        processing_class=tokenizer,
+        formatting_func=formatting_func,
     )
     text = tokenizer(formatting_func(rows[0]))["input_ids"]
     assert trained.train_dataset[0]["input_ids"][: len(text)] == text

@@ -8,27 +8,47 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.conftest import tiny_llama
-from tests.trainer.test_trainer import config, pretrain, teacher_student
 from transformers import GPT2Config, GPT2LMHeadModel, MixtralConfig, MixtralForCausalLM
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from hf_capgap import DistillationConfig, DistillationTrainer, divergence
+from tests.conftest import tiny_llama
+from tests.trainer.test_trainer import config, pretrain, teacher_student
 
 
 def tiny_gpt2(vocab_size: int) -> GPT2LMHeadModel:
-    return GPT2LMHeadModel(GPT2Config(
-        vocab_size=vocab_size, n_embd=24, n_layer=1, n_head=2, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0, bos_token_id=None, eos_token_id=None,
-    ))
+    return GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=vocab_size,
+            n_embd=24,
+            n_layer=1,
+            n_head=2,
+            n_positions=64,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=None,
+            eos_token_id=None,
+        )
+    )
 
 
 def tiny_mixtral(vocab_size: int) -> MixtralForCausalLM:
-    return MixtralForCausalLM(MixtralConfig(
-        vocab_size=vocab_size, hidden_size=24, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.5,
-        max_position_embeddings=64, tie_word_embeddings=False,
-    ))
+    return MixtralForCausalLM(
+        MixtralConfig(
+            vocab_size=vocab_size,
+            hidden_size=24,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            router_aux_loss_coef=0.5,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+        )
+    )
 
 
 def dense_parts(student, teacher, batch, vocab: int) -> dict[str, torch.Tensor]:
@@ -38,7 +58,11 @@ def dense_parts(student, teacher, batch, vocab: int) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         teacher_logits = teacher(**inputs).logits[:, :-1, :vocab].reshape(-1, vocab)
     labels = batch["labels"][:, 1:].reshape(-1)
-    return {"distill": divergence(logits, teacher_logits, labels), "ce": F.cross_entropy(logits, labels), "logits": logits}
+    return {
+        "distill": divergence(logits, teacher_logits, labels),
+        "ce": F.cross_entropy(logits, labels),
+        "logits": logits,
+    }
 
 
 @pytest.mark.parametrize("architecture", ["gpt2", "llama"])
@@ -54,8 +78,15 @@ def test_logged_loss_and_step_equal_their_dense_parts_for_every_architecture(
     data = tiny_text_dataset.select(range(8))
     initial = copy.deepcopy(student)
     args = config(
-        tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=4, max_steps=1, logging_steps=1,
-        optim="sgd", learning_rate=1.0, lr_scheduler_type="constant", max_grad_norm=0.0,
+        tmp_path,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=4,
+        max_steps=1,
+        logging_steps=1,
+        optim="sgd",
+        learning_rate=1.0,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
     )
     trainer = DistillationTrainer(
         model=student, teacher_model=teacher, args=args, train_dataset=data, processing_class=tiny_tokenizer
@@ -84,11 +115,23 @@ def test_alpha_zero_trains_on_cross_entropy_without_running_the_teacher(tmp_path
     data = tiny_text_dataset.select(range(8))
     initial = copy.deepcopy(student)
     args = config(
-        tmp_path, alpha=0.0, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=1,
-        logging_steps=1, optim="sgd", learning_rate=1.0, lr_scheduler_type="constant", max_grad_norm=0.0,
+        tmp_path,
+        alpha=0.0,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_steps=1,
+        logging_steps=1,
+        optim="sgd",
+        learning_rate=1.0,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
     )
     trainer = DistillationTrainer(
-        model=student, teacher_model=teacher, args=args, train_dataset=data, eval_dataset=data,
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=data,
+        eval_dataset=data,
         processing_class=tiny_tokenizer,
     )
     trainer.train()
@@ -115,7 +158,10 @@ def test_moe_student_loss_adds_router_aux_loss(tmp_path, tiny_tokenizer, tiny_te
     torch.manual_seed(0)
     teacher, student = tiny_llama(vocab, hidden=24), tiny_mixtral(vocab)
     trainer = DistillationTrainer(
-        model=student, teacher_model=teacher, args=config(tmp_path, alpha=alpha), train_dataset=tiny_text_dataset,
+        model=student,
+        teacher_model=teacher,
+        args=config(tmp_path, alpha=alpha),
+        train_dataset=tiny_text_dataset,
         processing_class=tiny_tokenizer,
     )
     batch = DataCollatorForLanguageModeling(pad_token_id=tiny_tokenizer.pad_token_id)(
@@ -126,7 +172,9 @@ def test_moe_student_loss_adds_router_aux_loss(tmp_path, tiny_tokenizer, tiny_te
     grads = [p.grad.clone() for p in student.parameters()]
     student.zero_grad()
     parts = dense_parts(student, teacher, batch, vocab)
-    aux = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_router_logits=True).aux_loss
+    aux = student(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_router_logits=True
+    ).aux_loss
     reference = alpha * parts["distill"] + (1 - alpha) * parts["ce"] + 0.5 * aux
     reference.backward()
     assert float(aux) > 0
@@ -151,20 +199,28 @@ def test_sft_loss_variants_are_refused_naming_the_field(tmp_path, field, overrid
 def test_compute_loss_func_is_refused(tmp_path, tiny_tokenizer, tiny_text_dataset):
     with pytest.raises(ValueError, match="compute_loss_func"):
         DistillationTrainer(
-            model=tiny_llama(), teacher_model=tiny_llama(), args=config(tmp_path), train_dataset=tiny_text_dataset,
-            processing_class=tiny_tokenizer, compute_loss_func=lambda outputs, labels, num_items_in_batch: 0.0,
+            model=tiny_llama(),
+            teacher_model=tiny_llama(),
+            args=config(tmp_path),
+            train_dataset=tiny_text_dataset,
+            processing_class=tiny_tokenizer,
+            compute_loss_func=lambda outputs, labels, num_items_in_batch: 0.0,
         )
 
 
 def test_evaluate_is_the_same_after_predict_and_under_another_prefix(tmp_path, tiny_tokenizer, tiny_text_dataset):
     teacher, student = teacher_student(len(tiny_tokenizer))
     trainer = DistillationTrainer(
-        model=student, teacher_model=teacher, args=config(tmp_path), train_dataset=tiny_text_dataset,
-        eval_dataset=tiny_text_dataset.select(range(8)), processing_class=tiny_tokenizer,
+        model=student,
+        teacher_model=teacher,
+        args=config(tmp_path),
+        train_dataset=tiny_text_dataset,
+        eval_dataset=tiny_text_dataset.select(range(8)),
+        processing_class=tiny_tokenizer,
     )
 
     def without_timing(metrics: dict[str, float], prefix: str = "eval") -> dict[str, float]:
-        return {k[len(prefix) + 1:]: v for k, v in metrics.items() if "runtime" not in k and "per_second" not in k}
+        return {k[len(prefix) + 1 :]: v for k, v in metrics.items() if "runtime" not in k and "per_second" not in k}
 
     first = without_timing(trainer.evaluate())
     assert {"distill_loss", "ce_loss", "entropy", "mean_token_accuracy", "num_tokens"} <= first.keys()
@@ -179,7 +235,10 @@ def test_evaluate_is_the_same_after_predict_and_under_another_prefix(tmp_path, t
 def test_deep_copy_of_the_student_runs_its_own_weights(tmp_path, tiny_tokenizer, tiny_text_dataset):
     teacher, student = teacher_student(len(tiny_tokenizer))
     DistillationTrainer(
-        model=student, teacher_model=teacher, args=config(tmp_path), train_dataset=tiny_text_dataset,
+        model=student,
+        teacher_model=teacher,
+        args=config(tmp_path),
+        train_dataset=tiny_text_dataset,
         processing_class=tiny_tokenizer,
     )
     twin = copy.deepcopy(student)
@@ -199,11 +258,20 @@ def test_sft_metrics_equal_a_dense_computation_in_train_and_eval(tmp_path, tiny_
     data = tiny_text_dataset.select(range(8))
     pretrain(student, data, DataCollatorForLanguageModeling(pad_token_id=tiny_tokenizer.pad_token_id), steps=10)
     args = config(
-        tmp_path, per_device_train_batch_size=8, max_steps=2, logging_steps=1, learning_rate=0.0, chunk_size=8,
+        tmp_path,
+        per_device_train_batch_size=8,
+        max_steps=2,
+        logging_steps=1,
+        learning_rate=0.0,
+        chunk_size=8,
         temperature=2.0,
     )
     trainer = DistillationTrainer(
-        model=student, teacher_model=teacher, args=args, train_dataset=data, eval_dataset=data,
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=data,
+        eval_dataset=data,
         processing_class=tiny_tokenizer,
     )
     trainer.train()
@@ -232,12 +300,22 @@ def test_num_tokens_counts_every_micro_batch_as_sft_trainer(tmp_path, tiny_token
     between training logs sees the steps not logged yet, and none is counted twice."""
     teacher, student = teacher_student(len(tiny_tokenizer))
     args = config(
-        tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2, logging_steps=2,
-        eval_strategy="steps", eval_steps=1, train_sampling_strategy="sequential",
+        tmp_path,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=2,
+        logging_steps=2,
+        eval_strategy="steps",
+        eval_steps=1,
+        train_sampling_strategy="sequential",
     )
     trainer = DistillationTrainer(
-        model=student, teacher_model=teacher, args=args, train_dataset=tiny_text_dataset.select(range(8)),
-        eval_dataset=tiny_text_dataset.select(range(4)), processing_class=tiny_tokenizer,
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=tiny_text_dataset.select(range(8)),
+        eval_dataset=tiny_text_dataset.select(range(4)),
+        processing_class=tiny_tokenizer,
     )
     trainer.train()
     lengths = [len(trainer.train_dataset[i]["input_ids"]) for i in range(8)]
@@ -249,8 +327,11 @@ def test_num_tokens_counts_every_micro_batch_as_sft_trainer(tmp_path, tiny_token
 def test_teacher_dtype_leaves_the_callers_teacher_as_it_was(tmp_path, tiny_tokenizer, tiny_text_dataset):
     teacher, student = teacher_student(len(tiny_tokenizer))
     trainer = DistillationTrainer(
-        model=student, teacher_model=teacher, args=config(tmp_path, teacher_dtype="bfloat16"),
-        train_dataset=tiny_text_dataset, processing_class=tiny_tokenizer,
+        model=student,
+        teacher_model=teacher,
+        args=config(tmp_path, teacher_dtype="bfloat16"),
+        train_dataset=tiny_text_dataset,
+        processing_class=tiny_tokenizer,
     )
     assert next(trainer.teacher.parameters()).dtype == torch.bfloat16
     assert {p.dtype for p in teacher.parameters()} == {torch.float32}

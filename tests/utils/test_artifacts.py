@@ -8,10 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.conftest import tiny_llama
 
-from hf_capgap.utils.artifacts import MANIFEST_NAME, atomic_directory, atomic_write_bytes, atomic_write_json, write_manifest
 from hf_capgap.pruning import prune_model, save_pruned
+from hf_capgap.utils.artifacts import (
+    MANIFEST_NAME,
+    atomic_directory,
+    atomic_write_bytes,
+    atomic_write_json,
+    write_manifest,
+)
+from tests.conftest import tiny_llama
 
 
 @pytest.fixture
