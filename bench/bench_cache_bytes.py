@@ -65,9 +65,17 @@ def main() -> None:
     print("|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as workdir:
         for mode, k, sampler in SETTINGS:
-            cache = TeacherCache.build(teacher, eval_rows, Path(workdir) / f"{mode}-{k}-{sampler}", tokenizer=tokenizer,
-                                       mode=mode, k=k, sampler=sampler or "systematic", batch_size=16,
-                                       progress=False)  # fmt: skip
+            cache = TeacherCache.build(
+                teacher,
+                eval_rows,
+                Path(workdir) / f"{mode}-{k}-{sampler}",
+                tokenizer=tokenizer,
+                mode=mode,
+                k=k,
+                sampler=sampler or "systematic",
+                batch_size=16,
+                progress=False,
+            )
             file_bytes = sum(shard["bytes"] for shard in cache.manifest["shards"]) / cache.manifest["num_positions"]
             old = format1_bytes(mode, k)
             distinct, per_id, extra, once, format3 = "-", "-", "-", "-", f"{cache.bytes_per_token:.1f}"
@@ -80,8 +88,10 @@ def main() -> None:
                 once = f"{1 - repeated.sum() / sizes.sum():.0%}"
                 id_bytes = np.dtype(cache.manifest["id_dtype"]).itemsize
                 format3 = f"{cache.bytes_per_token + (id_bytes * sizes.sum() - len(gaps)) / len(sizes):.1f}"
-            print(f"| {mode} | {k} | {sampler or '-'} | {cache.bytes_per_token:.1f} | {file_bytes:.1f} | {format3} |"
-                  f" {old} | {cache.bytes_per_token / old:.2f} | {distinct} | {per_id} | {extra} | {once} |")  # fmt: skip
+            print(
+                f"| {mode} | {k} | {sampler or '-'} | {cache.bytes_per_token:.1f} | {file_bytes:.1f} | {format3} |"
+                f" {old} | {cache.bytes_per_token / old:.2f} | {distinct} | {per_id} | {extra} | {once} |"
+            )
         budget = TeacherCache.build(teacher, eval_rows, Path(workdir) / "budget", tokenizer=tokenizer, mode="sampled",
                                     bytes_per_token=BYTES_GOAL, batch_size=16, progress=False)  # fmt: skip
         print(

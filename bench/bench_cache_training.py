@@ -163,8 +163,13 @@ def bench_parser(description: str) -> argparse.ArgumentParser:
 def train_plain(model, rows, tokenizer, output_dir: str, steps: int, batch: int) -> StepClock:
     clock = StepClock()
     collator = make_collator(tokenizer, DistillationConfig(report_to=[]))
-    Trainer(model=model, args=training_args(output_dir, steps, batch=batch), train_dataset=rows, data_collator=collator,
-            callbacks=[clock]).train()  # fmt: skip
+    Trainer(
+        model=model,
+        args=training_args(output_dir, steps, batch=batch),
+        train_dataset=rows,
+        data_collator=collator,
+        callbacks=[clock],
+    ).train()
     return clock
 
 
@@ -288,7 +293,8 @@ def main() -> None:
     if args.study_only:
         print(
             f"teacher {sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M params, held-out CE {teacher_ce:.3f}, "
-            f"mean entropy {entropy:.2f} nats; students distilled {args.steps} steps (batch {args.student_batch} x seq "
+            f"mean entropy {entropy:.2f} nats; students distilled {args.steps} steps "
+            f"(batch {args.student_batch} x seq "
             f"{args.seq_len}, alpha=1 forward KL); held-out: {args.eval_rows} validation rows"
         )
         print_student_seed_study(args.student_seeds, args.study_signals, {}, teacher, student, student_rows, tokenizer,
@@ -330,7 +336,8 @@ def main() -> None:
     )
     print(
         f"student {sum(p.numel() for p in plain['model'].parameters()) / 1e6:.1f}M params distilled {args.steps} "
-        f"steps (batch {args.student_batch} x seq {args.seq_len}, alpha=1 forward KL); held-out: {args.eval_rows} validation rows"
+        f"steps (batch {args.student_batch} x seq {args.seq_len}, alpha=1 forward KL); "
+        f"held-out: {args.eval_rows} validation rows"
     )
     print("quality baseline: online teacher; training speed baseline: plain CE training of the same student\n")
     print(
@@ -389,7 +396,8 @@ def print_build_speed(teacher, rows, tokenizer, config, work, batch_size: int) -
     """Build tokens/s of each of BUILD_CACHES against a plain forward of ``teacher`` over ``rows``:
     best of two runs of each, alternating, so that a slow spell of a shared machine hits both sides."""
     print(
-        f"plain forward {len(rows) * len(rows[0]['input_ids'])} tokens, batch {batch_size}; best of 2 alternating runs each"
+        f"plain forward {len(rows) * len(rows[0]['input_ids'])} tokens, batch {batch_size}; "
+        "best of 2 alternating runs each"
     )
     print("| cache | build tokens/s / plain forward |")
     print("|---|---:|")
@@ -429,8 +437,19 @@ def print_draw_seed_spread(
             with tempfile.TemporaryDirectory(dir=work) as caches:
                 path = Path(caches) / "cache"
                 name = f"sampled k={k} {sampler} seed {seed}"
-                cache = TeacherCache.build(teacher, rows, path, tokenizer=tokenizer, args=config(name), mode="sampled",
-                                           k=k, sampler=sampler, seed=seed, batch_size=batch, progress=False)  # fmt: skip
+                cache = TeacherCache.build(
+                    teacher,
+                    rows,
+                    path,
+                    tokenizer=tokenizer,
+                    args=config(name),
+                    mode="sampled",
+                    k=k,
+                    sampler=sampler,
+                    seed=seed,
+                    batch_size=batch,
+                    progress=False,
+                )
                 model = student()
                 distill(model, rows, tokenizer, config(name, teacher_cache=str(path)))
             scores.append(held_out(model, teacher, eval_rows)[0])
@@ -462,8 +481,10 @@ def print_student_seed_study(
     first): tells a difference of teacher signal from one of training trajectory."""
     scores: dict[str, list[float]] = {}
     signal_bytes = {name: r["bytes"] for name, r in results.items() if "bytes" in r}
-    settings = ["online"] + [(int(draws), sampler) for draws, sampler in
-                             (signal.split(":") for signal in dict.fromkeys(["64:multinomial", *signals]))]  # fmt: skip
+    settings = ["online"] + [
+        (int(draws), sampler)
+        for draws, sampler in (signal.split(":") for signal in dict.fromkeys(["64:multinomial", *signals]))
+    ]
     for setting in settings:
         name = "online" if setting == "online" else f"sampled k={setting[0]} {setting[1]}"
         scores[name] = [results[name]["ce"]] if name in results else []

@@ -197,7 +197,8 @@ def main() -> None:
         print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for (variant, chunk), result in results.items():
             print(
-                f"| {variant} | {chunk or '-'} | {result['seconds'] * 1e3:.0f} | {result['seconds'] / base['seconds']:.2f}x"
+                f"| {variant} | {chunk or '-'} | {result['seconds'] * 1e3:.0f}"
+                f" | {result['seconds'] / base['seconds']:.2f}x"
                 f" | {result['peak_extra_bytes'] / 2**20:.0f} | {result['grad_bytes'] / 2**20:.0f}"
                 f" | {result['peak_extra_bytes'] / base['peak_extra_bytes']:.3f}x | {result['loss']:.5f}"
                 f" | {result['grad_weight_norm']:.5f} |"
@@ -210,7 +211,8 @@ def main() -> None:
                 speed = default["seconds"] / base["seconds"]
                 met = memory <= memory_goal and speed <= time_goal
                 goals.append(
-                    f"goal at V={vocab}, {variant} chunk {DEFAULT_CHUNK} (the default): memory <= {memory_goal}x naive "
+                    f"goal at V={vocab}, {variant} chunk {DEFAULT_CHUNK} (the default): "
+                    f"memory <= {memory_goal}x naive "
                     f"and time <= {time_goal}x naive: {memory:.3f}x, {speed:.2f}x ({'met' if met else 'NOT met'})"
                 )
     print("\n".join(goals))

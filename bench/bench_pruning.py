@@ -145,7 +145,8 @@ def main() -> None:
         "training step (fwd+bwd+AdamW) of the teacher on one batch; 1 thread"
     )
     print(
-        f"{'teacher':>10} {'student':>10} {'step s':>8} {'prune s':>8} {'prune/step':>11} {'peak extra / teacher bytes':>27}"
+        f"{'teacher':>10} {'student':>10} {'step s':>8} {'prune s':>8} {'prune/step':>11} "
+        f"{'peak extra / teacher bytes':>27}"
     )
     for size in (int(s) for s in args.sizes.split(",")):
         queue = context.Queue()

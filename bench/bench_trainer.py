@@ -239,7 +239,8 @@ def main() -> None:
     for variant, result in [(v, results[v]) for v in VARIANTS]:
         print(
             f"| {variant} | {result['tokens_per_s']:.0f} | {result['tokens_per_s'] / base['tokens_per_s']:.2f}x"
-            f" | {result['peak_extra_bytes'] / 2**20:.0f} | {result['peak_extra_bytes'] / base['peak_extra_bytes']:.2f}x"
+            f" | {result['peak_extra_bytes'] / 2**20:.0f}"
+            f" | {result['peak_extra_bytes'] / base['peak_extra_bytes']:.2f}x"
             f" | {result['train_loss']:.4f} |"
         )
     gkd_chat, ours_chat = (results[v] for v in MESSAGES_VARIANTS)

@@ -243,7 +243,8 @@ def loss_section(plan: Plan) -> list[str]:
                 result = time_loss(LOSSES[variant], x, chunk, plan.device)
             except Exception as error:  # a baseline that cannot run here is a row, not a crash
                 lines.append(
-                    f"| {n} | {hidden} | {vocab} | {variant} | {shown} | failed: {type(error).__name__}: {error} | | | | |"
+                    f"| {n} | {hidden} | {vocab} | {variant} | {shown} | "
+                    f"failed: {type(error).__name__}: {error} | | | | |"
                 )
                 continue
             base = base or result
@@ -446,7 +447,8 @@ def trainer_section(plan: Plan, smoke: bool) -> list[str]:
         )
         lines.insert(
             1,
-            f"student {base['student_params'] / 1e6:.2f}M params, teacher {base['teacher_params'] / 1e6:.2f}M params\n",
+            f"student {base['student_params'] / 1e6:.2f}M params, "
+            f"teacher {base['teacher_params'] / 1e6:.2f}M params\n",
         )
     lines += [
         "",

@@ -253,7 +253,8 @@ class TeacherCache:
 
         ``dataset_fingerprint`` is ``hf_capgap.utils.artifacts.dataset_fingerprint`` of the *prepared*
         rows, ``vocabulary_fingerprint`` is ``hf_capgap.models.vocabulary.vocabulary_fingerprint``; ``args``
-        (the trainer's config, with its ``tokenizer``) is held to the cache's data settings (:meth:`check_preparation`).
+        (the trainer's config, with its ``tokenizer``) is held to the cache's data settings
+        (:meth:`check_preparation`).
         Shards are checked cheaply (present, right size, right row count); ``verify=True`` also
         compares every shard's sha256 with the manifest. A cache of an older format is refused (rebuild it).
         """

@@ -95,7 +95,8 @@ def local_data_files(name: str) -> tuple[str, list[str]]:
         files = sorted(glob.glob(name, recursive=True))
     if not files:
         raise FileNotFoundError(
-            f"dataset={name!r} matches no {'/'.join(FILE_BUILDERS)} files; point it at a file, a glob or a folder of them."
+            f"dataset={name!r} matches no {'/'.join(FILE_BUILDERS)} files; "
+            "point it at a file, a glob or a folder of them."
         )
     builders = {FILE_BUILDERS.get(Path(file).suffix) for file in files}
     if None in builders or len(builders) != 1:

@@ -82,7 +82,10 @@ def make_plan(config: MinimaConfig, processes: int | None = None) -> Plan:
     if config.student_init is not None:
         student_params = count_model_parameters(student_skeleton(config.student_init))
         shape = None
-        choice = f"student initialised from {Path(config.student_init).name} ({format_params(student_params)}), not pruned here"
+        choice = (
+            f"student initialised from {Path(config.student_init).name} ({format_params(student_params)}), "
+            "not pruned here"
+        )
     elif shape is not None:
         from hf_capgap.pruning import PruneShape, shape_params
 
@@ -209,7 +212,8 @@ def require_hub(key: str, name: str, endpoint: str | None) -> None:
         socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=5).close()
     except OSError as err:
         raise ConfigError(
-            f"{key}={name!r} needs the Hub at {url.geturl()}, which is unreachable ({err}); connect, or use a local {key}."
+            f"{key}={name!r} needs the Hub at {url.geturl()}, which is unreachable ({err}); "
+            f"connect, or use a local {key}."
         ) from None
 
 

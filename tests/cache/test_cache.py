@@ -673,10 +673,26 @@ def test_two_process_accelerate_build_equals_single_process(tmp_path, reference)
     out, ranks = tmp_path / "multi", tmp_path / "ranks"
     ranks.mkdir()
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-        str(SCRIPT), "--out", str(out), "--rank-dir", str(ranks),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+        str(SCRIPT),
+        "--out",
+        str(out),
+        "--rank-dir",
+        str(ranks),
+    ]
     subprocess.run(command, cwd=REPO, env={**os.environ, "ACCELERATE_USE_CPU": "1"}, timeout=300, check=True)
 
     assert sorted(p.read_text().split()[0] for p in ranks.iterdir()) == ["2", "2"]
@@ -695,10 +711,29 @@ def test_ranks_that_measure_different_draws_for_a_budget_build_with_the_fewest(t
         subprocess.run([*script, "--out", str(tmp_path / budget), "--bytes-per-token", budget], cwd=REPO, timeout=300,
                        check=True)  # fmt: skip
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-        str(SCRIPT), "--mode", "sampled", "--out", str(tmp_path / "multi"), "--bytes-per-token", "20", "30",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+        str(SCRIPT),
+        "--mode",
+        "sampled",
+        "--out",
+        str(tmp_path / "multi"),
+        "--bytes-per-token",
+        "20",
+        "30",
+    ]
     subprocess.run(command, cwd=REPO, env={**os.environ, "ACCELERATE_USE_CPU": "1"}, timeout=300, check=True)
 
     fewer, more = (TeacherCache.load(tmp_path / budget, verify=True) for budget in ("20", "30"))
@@ -717,10 +752,26 @@ def test_two_rank_build_with_an_fsdp2_sharded_teacher_equals_single_process(tmp_
     subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "one"), *settings], cwd=REPO, timeout=300,
                    check=True)  # fmt: skip
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-        str(SCRIPT), "--out", str(tmp_path / "sharded"), "--fully-shard", *settings,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+        str(SCRIPT),
+        "--out",
+        str(tmp_path / "sharded"),
+        "--fully-shard",
+        *settings,
+    ]
     # ~20 s; ranks whose forwards went out of step would hang until the timeout
     subprocess.run(command, cwd=REPO, env={**os.environ, "ACCELERATE_USE_CPU": "1"}, timeout=120, check=True)
 
@@ -827,16 +878,19 @@ def test_a_longer_max_length_is_refused_when_truncation_cut_or_dropped_a_row_and
     dropped = TeacherCache.build(teacher, prompts, tmp_path / "dropped", tokenizer=chat_tokenizer(),
                                  args=config(max_length=8), k=4, progress=False)  # fmt: skip
     assert len(dropped) == 2
-    for other, named in (({"max_length": 64}, "max_length: cache 8, config 64"),
-                         ({"max_length": 8, "truncation_mode": "keep_end"}, "truncation_mode: cache 'keep_start'")):  # fmt: skip
+    for other, named in (
+        ({"max_length": 64}, "max_length: cache 8, config 64"),
+        ({"max_length": 8, "truncation_mode": "keep_end"}, "truncation_mode: cache 'keep_start'"),
+    ):
         with pytest.raises(ArtifactError, match=re.escape(named)):
             TeacherCache.load(dropped.path, args=config(**other), tokenizer=chat_tokenizer())
 
     tokenizer = chat_tokenizer()
     texts = Dataset.from_dict({"text": ["the cat sat on the mat .", "a bird sang ."]})
     longest = max(len(tokenizer(text + tokenizer.eos_token)["input_ids"]) for text in texts["text"])
-    uncut = TeacherCache.build(teacher, texts, tmp_path / "uncut", tokenizer=tokenizer, args=config(max_length=longest),
-                               k=4, progress=False)  # fmt: skip
+    uncut = TeacherCache.build(
+        teacher, texts, tmp_path / "uncut", tokenizer=tokenizer, args=config(max_length=longest), k=4, progress=False
+    )
     for other in ({"max_length": 64}, {"max_length": None}, {"max_length": longest, "truncation_mode": "keep_end"}):
         TeacherCache.load(uncut.path, args=config(**other), tokenizer=tokenizer)
 

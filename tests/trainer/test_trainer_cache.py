@@ -246,8 +246,16 @@ def test_a_cache_holds_the_rows_of_the_trainers_chat_template_path_and_refuses_a
     path_of_template = tmp_path / "system.jinja"
     path_of_template.write_text(CHAT_TEMPLATE.replace("message['role'] + '\\n'", "message['role'] + ' system\\n'"))
     settings = {"chat_template_path": str(path_of_template), "max_length": 64}
-    cache = TeacherCache.build(teacher, chats, tmp_path / "cache", tokenizer=chat_tokenizer(), args=args(tmp_path, **settings),
-                               temperature=TEMPERATURE, k=4, progress=False)  # fmt: skip
+    cache = TeacherCache.build(
+        teacher,
+        chats,
+        tmp_path / "cache",
+        tokenizer=chat_tokenizer(),
+        args=args(tmp_path, **settings),
+        temperature=TEMPERATURE,
+        k=4,
+        progress=False,
+    )
     assert "user system" in chat_tokenizer().decode(cache.dataset[0]["input_ids"])
 
     def trainer(**overrides):
@@ -268,8 +276,16 @@ def test_a_text_cache_refuses_a_trainer_whose_tokenizer_appends_another_eos(tmp_
     texts = Dataset.from_dict({"text": ["the cat sat on the mat .", "a bird sang ."] * 4})
     settings = {"assistant_only_loss": False}
     path = tmp_path / "cache"
-    TeacherCache.build(teacher, texts, path, tokenizer=chat_tokenizer(eos_token="</s>"), args=args(tmp_path, **settings),
-                       temperature=TEMPERATURE, k=4, progress=False)  # fmt: skip
+    TeacherCache.build(
+        teacher,
+        texts,
+        path,
+        tokenizer=chat_tokenizer(eos_token="</s>"),
+        args=args(tmp_path, **settings),
+        temperature=TEMPERATURE,
+        k=4,
+        progress=False,
+    )
     with pytest.raises(ArtifactError, match=re.escape("eos_token: cache '</s>', config '<|im_end|>'")):
         DistillationTrainer(model=tiny_qwen2(1008, seed=5), args=args(tmp_path, teacher_cache=str(path), **settings),
                             processing_class=chat_tokenizer(eos_token="<|im_end|>"))  # fmt: skip
