@@ -271,7 +271,7 @@ def _document_source(columns: list[str], text_field: str, tokenizer: PreTrainedT
             f"dataset has columns {columns}, neither the text column {text_field!r} nor chat 'messages'; set "
             "dataset_text_field to the column holding the text."
         )
-    from hf_capgap.data.sft import require_chat_template
+    from hf_capgap.data.formats import require_chat_template
 
     template = require_chat_template(tokenizer)
     return template if isinstance(template, str) else json_sha256(template)
