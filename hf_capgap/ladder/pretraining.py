@@ -35,6 +35,14 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import _re_checkpoint
 from transformers.utils import logging
 
+from hf_capgap.data import default_tokenizer, load_corpus, make_collator, tokenize_and_pack
+from hf_capgap.ladder.ladder import (
+    LADDERS,
+    LadderRung,
+    build_ladder,
+    count_parameters,
+    rung_name,
+)
 from hf_capgap.utils.artifacts import (
     ArtifactError,
     atomic_directory,
@@ -44,17 +52,8 @@ from hf_capgap.utils.artifacts import (
     tokenizer_fingerprint,
     write_manifest,
 )
-from hf_capgap.data import default_tokenizer, load_corpus, tokenize_and_pack
-from hf_capgap.ladder.ladder import (
-    LADDERS,
-    LadderRung,
-    build_ladder,
-    count_parameters,
-    rung_name,
-)
 from hf_capgap.utils.processes import process_state, use_cpu
 from hf_capgap.utils.recipe_args import field_help
-from hf_capgap.data import make_collator
 
 logger = logging.get_logger(__name__)
 
@@ -112,6 +111,20 @@ class _StopWhenAlreadyTrained(TrainerCallback):
             raise _AlreadyTrained
 
 
+def _end_untrained_run(trainer: Trainer) -> None:
+    """Close what ``train()`` opened before :class:`_StopWhenAlreadyTrained` left it, as its own end does.
+
+    The callbacks get ``on_train_end`` (the progress bar closes), the memory tracker leaves its "train"
+    stage (else later ``evaluate()`` calls report no memory metrics) and the trainer is no longer in train.
+    ``control.should_training_stop`` cannot do this instead: the Trainer runs a step of the epoch before
+    reading it.
+    """
+    trainer.control = trainer.callback_handler.on_train_end(trainer.args, trainer.state, trainer.control)
+    if not trainer._memory_tracker.skip_memory_metrics:
+        trainer._memory_tracker.stop("train")
+    trainer.is_in_train = False
+
+
 def train_from(trainer: Trainer, checkpoint: Checkpoint | None) -> None:
     """``trainer.train()`` resumed from ``checkpoint`` (None: from the start), training nothing when the
     checkpoint is the run's last (a run killed after its final save, before it published its model)."""
@@ -120,8 +133,10 @@ def train_from(trainer: Trainer, checkpoint: Checkpoint | None) -> None:
     try:
         trainer.train(resume_from_checkpoint=None if checkpoint is None else checkpoint.path)
     except _AlreadyTrained:
-        trainer.is_in_train = False  # as train() leaves it on return
-        logger.info(f"{checkpoint.path} holds all {trainer.state.max_steps} steps: finishing from it without training.")
+        _end_untrained_run(trainer)
+        logger.warning(
+            f"{checkpoint.path} holds all {trainer.state.max_steps} steps: finishing from it without training."
+        )
     finally:
         trainer.remove_callback(stop)
 

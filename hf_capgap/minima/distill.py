@@ -14,14 +14,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from hf_capgap.utils.artifacts import json_sha256, read_manifest
+from transformers.utils import logging
+
 from hf_capgap.minima.config import MinimaConfig
 from hf_capgap.minima.data import RunData, StreamPasses
 from hf_capgap.minima.plan import Plan, steps_for
 from hf_capgap.trainer.training_arguments import StudentTraining, student_training_arguments
+from hf_capgap.utils.artifacts import json_sha256, read_manifest
 
 STAGE_KIND = "minima_stage"
 FORMAT_VERSION = 1
+
+logger = logging.get_logger(__name__)
 
 
 def is_main() -> bool:
@@ -60,17 +64,21 @@ def _stream_passes_callback(passes: StreamPasses) -> Any:
 
     A rerun from the final checkpoint reads no pass of the stream, yet reports the distinct tokens the
     uninterrupted run does. Saved as an ``ExportableState`` in ``trainer_state.json``, which the Trainer
-    writes last, so every complete checkpoint holds it.
+    writes last, so every complete checkpoint holds it. ``unknown`` is set when the rerun starts from a final
+    checkpoint saved without it (by a version before the record): nothing then tells whether the stream ran out.
     """
     from transformers import TrainerCallback
     from transformers.trainer_callback import ExportableState
 
     class StreamPassesState(TrainerCallback, ExportableState):
+        unknown = False
+
         def state(self) -> dict[str, Any]:
             return {"args": {}, "attributes": {"rows_per_pass": passes.rows_per_pass}}
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             # setdefault: a checkpoint saved without this callback lacks the entry the Trainer's next save updates
+            self.unknown = type(self).__name__ not in state.stateful_callbacks and state.global_step >= state.max_steps
             recorded = state.stateful_callbacks.setdefault(type(self).__name__, self.state())
             if recorded["attributes"]["rows_per_pass"] is not None:
                 passes.ran_out(recorded["attributes"]["rows_per_pass"])
@@ -83,18 +91,28 @@ def _train_resumably(trainer: Any, checkpoints: Path, final: Path, data: RunData
     """Train from the last complete checkpoint in ``checkpoints``, then publish the model at ``final`` in one rename.
 
     The manifest records the tokens trained on and how many were distinct (fewer when a stream ran out
-    and was read again), which the results report.
+    and was read again), which the results report: None when a rerun from the final checkpoint of a run
+    saved before the record cannot know it. Learning it would mean reading the budget's rows of the stream
+    again (all of them when it did not run out, the common case) for one report field.
     """
-    from hf_capgap.utils.artifacts import write_manifest
     from hf_capgap.ladder.pretraining import last_complete_checkpoint, train_from
+    from hf_capgap.utils.artifacts import write_manifest
 
     last = last_complete_checkpoint(checkpoints)
-    if data.passes is not None:
-        trainer.add_callback(_stream_passes_callback(data.passes))
+    stream_state = None if data.passes is None else _stream_passes_callback(data.passes)
+    if stream_state is not None:
+        trainer.add_callback(stream_state)
     train_from(trainer, last)
     resumed_from = None if last is None else last.step
     rows = trainer.state.global_step * trainer.get_total_train_batch_size(trainer.args)
     distinct_rows = rows if data.passes is None else data.passes.distinct_rows(rows)
+    distinct_tokens = distinct_rows * seq_len
+    if stream_state is not None and stream_state.unknown:
+        distinct_tokens = None
+        logger.warning(
+            f"{last.path} was saved without the record of whether the training stream ran out: "
+            f"distinct_train_tokens is unknown (None). Delete {checkpoints} and rerun to measure it."
+        )
     staging = final.with_name(f".{final.name}.partial")
     if is_main():
         shutil.rmtree(staging, ignore_errors=True)
@@ -106,7 +124,7 @@ def _train_resumably(trainer: Any, checkpoints: Path, final: Path, data: RunData
         write_manifest(
             staging, STAGE_KIND, FORMAT_VERSION,
             {**fields, "steps": trainer.state.global_step, "resumed_from_step": resumed_from,
-             "train_tokens": rows * seq_len, "distinct_train_tokens": distinct_rows * seq_len,
+             "train_tokens": rows * seq_len, "distinct_train_tokens": distinct_tokens,
              "train_losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]},
         )
         os.replace(staging, final)
@@ -116,7 +134,7 @@ def _train_resumably(trainer: Any, checkpoints: Path, final: Path, data: RunData
 
 def distinct_train_tokens(stage: Path) -> int | None:
     """Distinct tokens a finished training stage trained on (its train_tokens unless a stream ran short);
-    None for a stage finished before the manifest recorded it."""
+    None for a stage finished before the manifest (or its last checkpoint) recorded it."""
     return read_manifest(stage, STAGE_KIND, FORMAT_VERSION).get("distinct_train_tokens")
 
 

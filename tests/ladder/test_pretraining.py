@@ -9,22 +9,21 @@ import torch
 from datasets import DatasetDict
 from transformers import LlamaForCausalLM, TrainerCallback
 
-from hf_capgap.utils.artifacts import ArtifactError, dataset_fingerprint, read_manifest
-from hf_capgap.data import load_corpus, tokenize_and_pack, train_tokenizer
-from hf_capgap.data import make_collator
-from hf_capgap.ladder import build_ladder
+from hf_capgap.data import load_corpus, make_collator, tokenize_and_pack, train_tokenizer
 from hf_capgap.ladder import (
     PRETRAIN_PRESETS,
-    PretrainSettings,
     TEACHER_FORMAT_VERSION,
     TEACHER_KIND,
     WORK_DIR_NAME,
     Checkpoint,
+    PretrainSettings,
+    build_ladder,
     ensure_ladder,
     last_complete_checkpoint,
     load_teacher,
     pretrain,
 )
+from hf_capgap.utils.artifacts import ArtifactError, dataset_fingerprint, read_manifest
 
 SEQ_LEN = 32
 RUN = dict(seq_len=SEQ_LEN, max_tokens=16 * 8 * SEQ_LEN, batch_size=8, learning_rate=1e-2, save_steps=8, logging_steps=8)
@@ -100,11 +99,21 @@ def test_rerun_reuses_finished_teacher_and_refuses_foreign_one(setup, trained):
         pretrain(rung, train, evaluation, output_dir, tokenizer=tokenizer, **{**RUN, "learning_rate": 5e-3})
 
 
+class _RecordTrainEnd(TrainerCallback):
+    ended = False
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.ended = True
+
+
 @pytest.mark.parametrize("killed_at", [RUN["save_steps"], 2 * RUN["save_steps"]])
 def test_killed_run_resumes_from_last_checkpoint(setup, trained, tmp_path, killed_at):
     """Killed after a checkpoint (the last one at max_steps, before the teacher was published): the rerun
-    ends as the uninterrupted run, not one step past it."""
+    ends as the uninterrupted run, not one step past it, and closes its callbacks either way."""
     from safetensors.torch import load_file
+    from transformers.testing_utils import CaptureLogger
+
+    from hf_capgap.ladder import pretraining
 
     rung, tokenizer, train, evaluation = setup
     with pytest.raises(KeyboardInterrupt):
@@ -112,7 +121,11 @@ def test_killed_run_resumes_from_last_checkpoint(setup, trained, tmp_path, kille
     assert not (tmp_path / rung.name).exists()
     checkpoints = list((tmp_path / WORK_DIR_NAME).glob("*/checkpoint-*"))
     assert [c.name for c in checkpoints] == [f"checkpoint-{killed_at}"]
-    path = pretrain(rung, train, evaluation, tmp_path, tokenizer=tokenizer, **RUN)
+    end = _RecordTrainEnd()
+    with CaptureLogger(pretraining.logger) as captured:  # warnings only, the library's default verbosity
+        path = pretrain(rung, train, evaluation, tmp_path, tokenizer=tokenizer, callbacks=[end], **RUN)
+    assert end.ended
+    assert ("finishing from it without training" in captured.out) == (killed_at == 2 * RUN["save_steps"])
     manifest = read_manifest(path, TEACHER_KIND, TEACHER_FORMAT_VERSION)
     assert manifest["resumed_from_step"] == killed_at
     assert manifest["tokens_seen"] == RUN["max_tokens"]

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from tests.conftest import TINY_TEXT, tiny_llama
 
 REPO = Path(__file__).resolve().parents[2]
@@ -99,9 +100,9 @@ def test_two_process_stream_with_no_training_row_fails_on_every_rank_with_the_ca
 
 def stages(values: dict):
     """Config, plan, data, teacher and its identity, as run_minima prepares them (one process)."""
+    from hf_capgap.minima import build_config, make_plan
     from hf_capgap.minima import data as minima_data
     from hf_capgap.minima import teacher as minima_teacher
-    from hf_capgap.minima import build_config, make_plan
 
     config = build_config(values)
     plan = make_plan(config)
@@ -135,8 +136,8 @@ def test_a_torn_last_checkpoint_is_skipped_on_resume(tmp_path, models, monkeypat
     resumes from checkpoint-1, says it skipped checkpoint-2, and finishes."""
     from transformers.testing_utils import CaptureLogger
 
-    from hf_capgap.minima import distill as minima_distill
     from hf_capgap.ladder import pretraining
+    from hf_capgap.minima import distill as minima_distill
 
     dataset = write_documents(tmp_path / "data", [40])
     values = recipe_values(tmp_path, models, dataset, streaming=False, train_tokens=3 * 2 * 16, save_steps=1)
@@ -195,3 +196,28 @@ def test_a_short_stream_is_reported_and_a_resume_in_its_second_pass_is_exact(tmp
     assert killed["train_losses"] == pytest.approx(uninterrupted["train_losses"], rel=1e-5)
     for key, tensor in weights.items():
         torch.testing.assert_close(resumed_weights[key], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_a_rerun_from_a_final_checkpoint_saved_before_the_stream_record_reports_distinct_tokens_unknown(
+        tmp_path, models, monkeypatch):
+    """A final checkpoint whose trainer_state.json lacks StreamPassesState (saved before it was recorded):
+    the rerun reads no row, so it writes distinct_train_tokens None and says why, not train_tokens."""
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging
+
+    from hf_capgap.minima import distill as minima_distill
+
+    values = recipe_values(tmp_path, models, write_documents(tmp_path / "data", [12]), eval_rows=2,
+                           train_tokens=8 * 2 * 16, save_steps=4)
+    config, plan, data, teacher, teacher_id = stages(values)
+    distil = lambda: minima_distill.distill_stage(  # noqa: E731
+        config, plan, teacher, Path(config.student_init), stages(values)[2], teacher_id)
+    distil_killed_at_step(monkeypatch, 8, distil)
+    (state_file,) = config.work_dir.glob("distill-*/checkpoint-8/trainer_state.json")
+    state = json.loads(state_file.read_text())
+    del state["stateful_callbacks"]["StreamPassesState"]
+    state_file.write_text(json.dumps(state))
+    with CaptureLogger(logging.get_logger(minima_distill.__name__)) as captured:
+        manifest = json.loads((distil() / "capgap_manifest.json").read_text())
+    assert (manifest["train_tokens"], manifest["distinct_train_tokens"]) == (16 * 16, None)
+    assert "distinct_train_tokens is unknown" in captured.out
