@@ -87,8 +87,10 @@ def last_complete_checkpoint(folder: str | os.PathLike) -> Checkpoint | None:
     for checkpoint in sorted(found, key=lambda candidate: (candidate.step, candidate.path), reverse=True):
         if Path(checkpoint.path, TRAINER_STATE_NAME).is_file():
             return checkpoint
-        logger.warning(f"skipping {checkpoint.path}: it has no {TRAINER_STATE_NAME} (its write was cut off); "
-                       "resuming from the newest complete checkpoint before it.")
+        logger.warning(
+            f"skipping {checkpoint.path}: it has no {TRAINER_STATE_NAME} (its write was cut off); "
+            "resuming from the newest complete checkpoint before it."
+        )
     return None
 
 
@@ -178,12 +180,24 @@ class LadderRun:
 
 PRETRAIN_PRESETS: dict[str, PretrainSettings] = {
     "micro": PretrainSettings(
-        vocab_size=512, seq_len=64, max_tokens=24_576, batch_size=16, learning_rate=1e-2,
-        eval_rows=64, save_steps=8, logging_steps=4,
+        vocab_size=512,
+        seq_len=64,
+        max_tokens=24_576,
+        batch_size=16,
+        learning_rate=1e-2,
+        eval_rows=64,
+        save_steps=8,
+        logging_steps=4,
     ),
     "tiny": PretrainSettings(
-        vocab_size=2048, seq_len=128, max_tokens=2_000_000, batch_size=16, learning_rate=3e-3,
-        eval_rows=512, save_steps=200, logging_steps=100,
+        vocab_size=2048,
+        seq_len=128,
+        max_tokens=2_000_000,
+        batch_size=16,
+        learning_rate=3e-3,
+        eval_rows=512,
+        save_steps=200,
+        logging_steps=100,
     ),
 }
 
@@ -236,8 +250,13 @@ def pretrain(
     # max_tokens is the whole run's budget: under N launched processes each step sees N batches.
     steps = max(1, max_tokens // (batch_size * seq_len * process_state().num_processes))
     settings = {
-        "max_tokens": max_tokens, "seq_len": seq_len, "batch_size": batch_size, "learning_rate": learning_rate,
-        "seed": seed, "warmup_ratio": warmup_ratio, "weight_decay": weight_decay,
+        "max_tokens": max_tokens,
+        "seq_len": seq_len,
+        "batch_size": batch_size,
+        "learning_rate": learning_rate,
+        "seed": seed,
+        "warmup_ratio": warmup_ratio,
+        "weight_decay": weight_decay,
     }
     expected = {
         "config_sha256": json_sha256(_config_dict(config)),
@@ -338,7 +357,10 @@ def load_teacher(path: str | os.PathLike, *, teacher_dtype: str = "auto") -> Lad
     manifest = read_manifest(path, TEACHER_KIND, TEACHER_FORMAT_VERSION, verify_files=True)
     tokenizer = AutoTokenizer.from_pretrained(path)
     read_manifest(
-        path, TEACHER_KIND, TEACHER_FORMAT_VERSION, expected={"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)}
+        path,
+        TEACHER_KIND,
+        TEACHER_FORMAT_VERSION,
+        expected={"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)},
     )
     return LadderTeacher(load_frozen_teacher(path, teacher_dtype=teacher_dtype), tokenizer, manifest)
 
@@ -379,16 +401,16 @@ def ensure_ladder(
                 f"{', '.join(rung.name for rung in rungs)} (the preset's vocabulary is {settings.vocab_size})."
             )
         rungs = [rung for rung in rungs if rung.name in only]
-    packed = tokenize_and_pack(load_corpus() if corpus is None else corpus, tokenizer, settings.seq_len, num_proc=num_proc)
+    packed = tokenize_and_pack(
+        load_corpus() if corpus is None else corpus, tokenizer, settings.seq_len, num_proc=num_proc
+    )
     eval_rows = packed["validation"].select(range(min(settings.eval_rows, len(packed["validation"]))))
     training = {
         item.name: getattr(settings, item.name)
         for item in dataclasses.fields(settings)
         if item.name not in ("vocab_size", "eval_rows")
     }
-    return [
-        pretrain(rung, packed["train"], eval_rows, root_dir, tokenizer=tokenizer, **training) for rung in rungs
-    ]
+    return [pretrain(rung, packed["train"], eval_rows, root_dir, tokenizer=tokenizer, **training) for rung in rungs]
 
 
 def _config_dict(config: LlamaConfig) -> dict[str, Any]:
@@ -428,6 +450,4 @@ def _check_inputs(
                 f"{name} rows hold {len(dataset[0]['input_ids'])} tokens but seq_len={seq_len}; pack with this seq_len."
             )
     if config.max_position_embeddings < seq_len:
-        raise ValueError(
-            f"seq_len={seq_len} exceeds config.max_position_embeddings={config.max_position_embeddings}."
-        )
+        raise ValueError(f"seq_len={seq_len} exceeds config.max_position_embeddings={config.max_position_embeddings}.")

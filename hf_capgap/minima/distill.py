@@ -43,11 +43,19 @@ def wait() -> None:
 def student_training(config: MinimaConfig, plan: Plan) -> StudentTraining:
     """The optimizer and precision settings both students share, so the comparison is like for like."""
     return StudentTraining(
-        steps=steps_for(config, plan), batch_size=config.batch_size, seq_len=plan.seq_len,
-        learning_rate=config.learning_rate, gradient_accumulation_steps=config.gradient_accumulation_steps,
-        lr_scheduler_type=config.lr_scheduler_type, warmup_ratio=config.warmup_ratio,
-        weight_decay=config.weight_decay, adam_beta1=config.adam_beta1, adam_beta2=config.adam_beta2,
-        max_grad_norm=config.max_grad_norm, bf16=config.bf16, gradient_checkpointing=config.gradient_checkpointing,
+        steps=steps_for(config, plan),
+        batch_size=config.batch_size,
+        seq_len=plan.seq_len,
+        learning_rate=config.learning_rate,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        lr_scheduler_type=config.lr_scheduler_type,
+        warmup_ratio=config.warmup_ratio,
+        weight_decay=config.weight_decay,
+        adam_beta1=config.adam_beta1,
+        adam_beta2=config.adam_beta2,
+        max_grad_norm=config.max_grad_norm,
+        bf16=config.bf16,
+        gradient_checkpointing=config.gradient_checkpointing,
         seed=config.seed,
     )
 
@@ -86,8 +94,9 @@ def _stream_passes_callback(passes: StreamPasses) -> Any:
     return StreamPassesState()
 
 
-def _train_resumably(trainer: Any, checkpoints: Path, final: Path, data: RunData, seq_len: int,
-                     fields: Mapping[str, Any]) -> None:
+def _train_resumably(
+    trainer: Any, checkpoints: Path, final: Path, data: RunData, seq_len: int, fields: Mapping[str, Any]
+) -> None:
     """Train from the last complete checkpoint in ``checkpoints``, then publish the model at ``final`` in one rename.
 
     The manifest records the tokens trained on and how many were distinct (fewer when a stream ran out
@@ -122,10 +131,17 @@ def _train_resumably(trainer: Any, checkpoints: Path, final: Path, data: RunData
         (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; the manifest records the settings
         data.tokenizer.save_pretrained(staging)
         write_manifest(
-            staging, STAGE_KIND, FORMAT_VERSION,
-            {**fields, "steps": trainer.state.global_step, "resumed_from_step": resumed_from,
-             "train_tokens": rows * seq_len, "distinct_train_tokens": distinct_tokens,
-             "train_losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]},
+            staging,
+            STAGE_KIND,
+            FORMAT_VERSION,
+            {
+                **fields,
+                "steps": trainer.state.global_step,
+                "resumed_from_step": resumed_from,
+                "train_tokens": rows * seq_len,
+                "distinct_train_tokens": distinct_tokens,
+                "train_losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
+            },
         )
         os.replace(staging, final)
         shutil.rmtree(checkpoints, ignore_errors=True)
@@ -147,8 +163,13 @@ def _teacher_cache_path(config: MinimaConfig, data: RunData, teacher_id: str) ->
 
 def _distill_names(config: MinimaConfig, student_dir: Path, data: RunData, teacher_id: str) -> tuple[dict, Path, Path]:
     """(inputs, final folder, checkpoint folder) of the distillation of ``student_dir``."""
-    inputs = {"stage": "distill", "student": student_dir.name, "teacher": teacher_id, "data": data.identity,
-              "settings": config.result_settings()}
+    inputs = {
+        "stage": "distill",
+        "student": student_dir.name,
+        "teacher": teacher_id,
+        "data": data.identity,
+        "settings": config.result_settings(),
+    }
     tag = json_sha256(inputs)[:12]
     return inputs, config.work_dir / f"distilled-{tag}", config.work_dir / f"distill-{tag}"
 
@@ -157,15 +178,22 @@ def _distill_arguments(config: MinimaConfig, plan: Plan, checkpoints: Path, cach
     from hf_capgap.trainer import DistillationConfig
 
     return student_training_arguments(
-        DistillationConfig, checkpoints, student_training(config, plan),
-        save_steps=config.save_steps, logging_steps=config.logging_steps,
-        loss=config.loss, alpha=config.alpha, temperature=config.temperature, teacher_dtype=config.teacher_dtype,
+        DistillationConfig,
+        checkpoints,
+        student_training(config, plan),
+        save_steps=config.save_steps,
+        logging_steps=config.logging_steps,
+        loss=config.loss,
+        alpha=config.alpha,
+        temperature=config.temperature,
+        teacher_dtype=config.teacher_dtype,
         teacher_cache=None if cache_path is None else str(cache_path),
     )
 
 
-def teacher_cache_stage(config: MinimaConfig, plan: Plan, teacher: Any, student_dir: Path, data: RunData,
-                        teacher_id: str) -> None:
+def teacher_cache_stage(
+    config: MinimaConfig, plan: Plan, teacher: Any, student_dir: Path, data: RunData, teacher_id: str
+) -> None:
     """Build (or finish) the TeacherCache the distillation of ``student_dir`` reads (``teacher_cache: true``).
 
     A stage of its own so the caller can free the teacher before any student trains; nothing runs
@@ -178,14 +206,23 @@ def teacher_cache_stage(config: MinimaConfig, plan: Plan, teacher: Any, student_
 
     cache_path = _teacher_cache_path(config, data, teacher_id)
     # Prepared with the trainer's own arguments, so the cached rows are the rows it trains on.
-    TeacherCache.build(teacher, data.train, cache_path, mode=config.cache_mode, k=config.cache_k,
-                       sampler=config.cache_sampler, temperature=config.temperature,
-                       batch_size=config.eval_batch_size, tokenizer=data.tokenizer,
-                       args=_distill_arguments(config, plan, checkpoints, cache_path))
+    TeacherCache.build(
+        teacher,
+        data.train,
+        cache_path,
+        mode=config.cache_mode,
+        k=config.cache_k,
+        sampler=config.cache_sampler,
+        temperature=config.temperature,
+        batch_size=config.eval_batch_size,
+        tokenizer=data.tokenizer,
+        args=_distill_arguments(config, plan, checkpoints, cache_path),
+    )
 
 
-def distill_stage(config: MinimaConfig, plan: Plan, teacher: Any | None, student_dir: Path, data: RunData,
-                  teacher_id: str) -> Path:
+def distill_stage(
+    config: MinimaConfig, plan: Plan, teacher: Any | None, student_dir: Path, data: RunData, teacher_id: str
+) -> Path:
     """Distil the student in ``student_dir`` (online teacher or a TeacherCache); resumable; returns its folder.
 
     With ``teacher_cache`` the teacher may be None once :func:`teacher_cache_stage` built the cache.
@@ -224,15 +261,24 @@ def scratch_stage(config: MinimaConfig, plan: Plan, student_dir: Path, data: Run
 
     from hf_capgap.data import make_collator
 
-    inputs = {"stage": "scratch", "student": student_dir.name, "data": data.identity,
-              "settings": config.result_settings()}
+    inputs = {
+        "stage": "scratch",
+        "student": student_dir.name,
+        "data": data.identity,
+        "settings": config.result_settings(),
+    }
     tag = json_sha256(inputs)[:12]
     final = config.work_dir / f"scratch-{tag}"
     if _finished(final, inputs):
         return final
     checkpoints = config.work_dir / f"scratch-checkpoints-{tag}"
-    args = student_training_arguments(TrainingArguments, checkpoints, student_training(config, plan),
-                                      save_steps=config.save_steps, logging_steps=config.logging_steps)
+    args = student_training_arguments(
+        TrainingArguments,
+        checkpoints,
+        student_training(config, plan),
+        save_steps=config.save_steps,
+        logging_steps=config.logging_steps,
+    )
     torch.manual_seed(config.seed)
     trainer = Trainer(
         model=AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(student_dir), dtype=torch.float32),

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import transformers
 
+from hf_capgap.minima import build_config, make_plan
 from hf_capgap.minima import data as minima_data
 from hf_capgap.minima import distill as minima_distill
 from hf_capgap.minima import teacher as minima_teacher
-from hf_capgap.minima import build_config, make_plan
 from hf_capgap.utils.processes import process_state
 
 SEEN: list[list[int]] = []

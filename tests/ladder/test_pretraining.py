@@ -26,7 +26,9 @@ from hf_capgap.ladder import (
 from hf_capgap.utils.artifacts import ArtifactError, dataset_fingerprint, read_manifest
 
 SEQ_LEN = 32
-RUN = dict(seq_len=SEQ_LEN, max_tokens=16 * 8 * SEQ_LEN, batch_size=8, learning_rate=1e-2, save_steps=8, logging_steps=8)
+RUN = dict(
+    seq_len=SEQ_LEN, max_tokens=16 * 8 * SEQ_LEN, batch_size=8, learning_rate=1e-2, save_steps=8, logging_steps=8
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -137,8 +139,16 @@ def test_killed_run_resumes_from_last_checkpoint(setup, trained, tmp_path, kille
 
 def test_only_folders_named_exactly_checkpoint_step_are_resumed_from(tmp_path):
     """Copies a user or tool leaves beside the checkpoints are neither resumed from nor outrank them."""
-    for name in ("checkpoint-2", "checkpoint-3", "checkpoint-3.bak", "checkpoint-3-copy", "checkpoint-3_old",
-                 "checkpoint-9-old", "old-checkpoint-9", "checkpoint-foo"):
+    for name in (
+        "checkpoint-2",
+        "checkpoint-3",
+        "checkpoint-3.bak",
+        "checkpoint-3-copy",
+        "checkpoint-3_old",
+        "checkpoint-9-old",
+        "old-checkpoint-9",
+        "checkpoint-foo",
+    ):
         (tmp_path / name).mkdir()
         (tmp_path / name / "trainer_state.json").write_text("{}")
     assert last_complete_checkpoint(tmp_path) == Checkpoint(str(tmp_path / "checkpoint-3"), 3)
@@ -190,7 +200,12 @@ def test_recipe_reads_the_preset_overrides_and_help(capsys):
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
     run, settings = recipe.parse_config([str(recipes / "configs" / "pretrain_tiny.yaml"), "--max_tokens", "4096"])
-    assert (run.preset, run.output_dir, settings.vocab_size, settings.max_tokens) == ("tiny", "outputs/ladder/tiny", 2048, 4096)
+    assert (run.preset, run.output_dir, settings.vocab_size, settings.max_tokens) == (
+        "tiny",
+        "outputs/ladder/tiny",
+        2048,
+        4096,
+    )
     with pytest.raises(ValueError, match="unknown config key"):
         recipe.parse_config([str(recipes / "configs" / "sweep_tiny.yaml")])
     with pytest.raises(SystemExit):

@@ -44,11 +44,25 @@ def recipe_values(root: Path, models, dataset: str, **overrides) -> dict:
     """Streamed, seconds-long settings: rows of 16 tokens, 2 rows per device, 4 steps of 2 processes."""
     teacher, student = models
     values = {
-        "run_name": "streamed", "output_dir": str(root / "out"), "ladder_dir": str(root / "ladder"),
-        "teacher": str(teacher), "student_init": str(student), "student_params": None, "dataset": dataset,
-        "streaming": True, "eval_split": None, "baseline": True, "seq_len": 16, "batch_size": 2,
-        "train_tokens": 4 * 2 * 2 * 16, "learning_rate": 0.01, "eval_rows": 4, "eval_batch_size": 4,
-        "save_steps": 100, "logging_steps": 1, "calibration_batches": 1,
+        "run_name": "streamed",
+        "output_dir": str(root / "out"),
+        "ladder_dir": str(root / "ladder"),
+        "teacher": str(teacher),
+        "student_init": str(student),
+        "student_params": None,
+        "dataset": dataset,
+        "streaming": True,
+        "eval_split": None,
+        "baseline": True,
+        "seq_len": 16,
+        "batch_size": 2,
+        "train_tokens": 4 * 2 * 2 * 16,
+        "learning_rate": 0.01,
+        "eval_rows": 4,
+        "eval_batch_size": 4,
+        "save_steps": 100,
+        "logging_steps": 1,
+        "calibration_batches": 1,
     }
     return {**values, **overrides}
 
@@ -59,12 +73,19 @@ def launch_two_processes(out: Path, values: dict, timeout: int = 240) -> subproc
     (out / "values.json").write_text(json.dumps(values))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"}
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-        str(REPO / "recipes" / "accelerate" / "cpu.yaml"), "--main_process_port", "0",
-        str(REPO / "tests" / "helpers" / "minima_streaming_script.py"), str(out),
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "recipes" / "accelerate" / "cpu.yaml"),
+        "--main_process_port",
+        "0",
+        str(REPO / "tests" / "helpers" / "minima_streaming_script.py"),
+        str(out),
     ]
-    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True) as launch:
+    with subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as launch:
         try:
             stdout, stderr = launch.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -125,8 +146,11 @@ def distil_killed_at_step(monkeypatch, step: int, run) -> None:
 
     original = DistillationTrainer.__init__
     with monkeypatch.context() as patch:
-        patch.setattr(DistillationTrainer, "__init__",
-                      lambda self, *a, **kw: original(self, *a, **kw, callbacks=[KillAfterSave()]))
+        patch.setattr(
+            DistillationTrainer,
+            "__init__",
+            lambda self, *a, **kw: original(self, *a, **kw, callbacks=[KillAfterSave()]),
+        )
         with pytest.raises(KeyboardInterrupt):
             run()
 
@@ -158,8 +182,7 @@ def test_a_torn_last_checkpoint_is_skipped_on_resume(tmp_path, models, monkeypat
 
 
 @pytest.mark.parametrize("killed_at", [5, 8])
-def test_a_short_stream_is_reported_and_a_resume_in_its_second_pass_is_exact(tmp_path, models, monkeypatch,
-                                                                             killed_at):
+def test_a_short_stream_is_reported_and_a_resume_in_its_second_pass_is_exact(tmp_path, models, monkeypatch, killed_at):
     """A stream of a few rows under a 16-row budget: a warning names its size, the manifest its distinct
     tokens, and a run killed in the second pass (at step 5, or after its final checkpoint at step 8, before
     the stage published) then rerun ends as the uninterrupted run does, without training a step more."""
@@ -173,8 +196,15 @@ def test_a_short_stream_is_reported_and_a_resume_in_its_second_pass_is_exact(tmp
     dataset = write_documents(tmp_path / "data", [12])
     finals = {}
     for name in ("uninterrupted", "killed"):
-        values = recipe_values(tmp_path, models, dataset, output_dir=str(tmp_path / name), eval_rows=2,
-                               train_tokens=8 * 2 * 16, save_steps=1)
+        values = recipe_values(
+            tmp_path,
+            models,
+            dataset,
+            output_dir=str(tmp_path / name),
+            eval_rows=2,
+            train_tokens=8 * 2 * 16,
+            save_steps=1,
+        )
         config, plan, data, teacher, teacher_id = stages(values)
         student = Path(config.student_init)
         distil = lambda: minima_distill.distill_stage(config, plan, teacher, student, data, teacher_id)  # noqa: E731
@@ -188,7 +218,10 @@ def test_a_short_stream_is_reported_and_a_resume_in_its_second_pass_is_exact(tmp
         assert 2 <= rows_per_pass < 8 and f"ran out after {rows_per_pass} rows" in captured.out
         manifest = json.loads((finals[name] / "capgap_manifest.json").read_text())
         assert (manifest["steps"], manifest["train_tokens"], manifest["distinct_train_tokens"]) == (
-            8, 16 * 16, rows_per_pass * 16)
+            8,
+            16 * 16,
+            rows_per_pass * 16,
+        )
         finals[name] = manifest, load_file(str(finals[name] / "model.safetensors"))
     (uninterrupted, weights), (killed, resumed_weights) = finals["uninterrupted"], finals["killed"]
     assert killed["resumed_from_step"] == killed_at and uninterrupted["resumed_from_step"] is None
@@ -199,7 +232,8 @@ def test_a_short_stream_is_reported_and_a_resume_in_its_second_pass_is_exact(tmp
 
 
 def test_a_rerun_from_a_final_checkpoint_saved_before_the_stream_record_reports_distinct_tokens_unknown(
-        tmp_path, models, monkeypatch):
+    tmp_path, models, monkeypatch
+):
     """A final checkpoint whose trainer_state.json lacks StreamPassesState (saved before it was recorded):
     the rerun reads no row, so it writes distinct_train_tokens None and says why, not train_tokens."""
     from transformers.testing_utils import CaptureLogger
@@ -207,11 +241,13 @@ def test_a_rerun_from_a_final_checkpoint_saved_before_the_stream_record_reports_
 
     from hf_capgap.minima import distill as minima_distill
 
-    values = recipe_values(tmp_path, models, write_documents(tmp_path / "data", [12]), eval_rows=2,
-                           train_tokens=8 * 2 * 16, save_steps=4)
+    values = recipe_values(
+        tmp_path, models, write_documents(tmp_path / "data", [12]), eval_rows=2, train_tokens=8 * 2 * 16, save_steps=4
+    )
     config, plan, data, teacher, teacher_id = stages(values)
     distil = lambda: minima_distill.distill_stage(  # noqa: E731
-        config, plan, teacher, Path(config.student_init), stages(values)[2], teacher_id)
+        config, plan, teacher, Path(config.student_init), stages(values)[2], teacher_id
+    )
     distil_killed_at_step(monkeypatch, 8, distil)
     (state_file,) = config.work_dir.glob("distill-*/checkpoint-8/trainer_state.json")
     state = json.loads(state_file.read_text())
