@@ -52,8 +52,9 @@ from hf_capgap.utils.artifacts import (
     tokenizer_fingerprint,
     write_manifest,
 )
-from hf_capgap.utils.processes import process_state, use_cpu
+from hf_capgap.utils.processes import process_state
 from hf_capgap.utils.recipe_args import field_help
+from hf_capgap.utils.training_arguments import StudentTraining, student_training_arguments
 
 logger = logging.get_logger(__name__)
 
@@ -241,9 +242,7 @@ def pretrain(
     ArtifactError), and an interrupted run resumes from its last checkpoint. Run one training job
     per ``output_dir`` at a time: two jobs on the same rung would share its checkpoint folder.
     """
-    config = copy.deepcopy(rung_or_config.config if isinstance(rung_or_config, LadderRung) else rung_or_config)
-    config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
-    config.pad_token_id = tokenizer.pad_token_id
+    config = _teacher_config(rung_or_config, tokenizer)
     params, non_embedding = count_parameters(config)
     name = rung_or_config.name if isinstance(rung_or_config, LadderRung) else rung_name(params)
     _check_inputs(config, tokenizer, train_dataset, eval_dataset, seq_len, max_tokens, batch_size, learning_rate)
@@ -258,42 +257,28 @@ def pretrain(
         "warmup_ratio": warmup_ratio,
         "weight_decay": weight_decay,
     }
-    expected = {
-        "config_sha256": json_sha256(_config_dict(config)),
-        "data_fingerprint": dataset_fingerprint(train_dataset),
-        "eval_data_fingerprint": dataset_fingerprint(eval_dataset),
-        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-        "settings": settings,
-    }
+    expected = _expected_manifest(config, train_dataset, eval_dataset, tokenizer, settings)
     teacher_dir = Path(output_dir) / name
     work_dir = Path(output_dir) / WORK_DIR_NAME / f"{name}-{json_sha256(expected)[:12]}"
     if teacher_dir.exists():
-        try:
-            read_manifest(teacher_dir, TEACHER_KIND, TEACHER_FORMAT_VERSION, expected=expected)
-        except ArtifactError as error:
-            raise ArtifactError(
-                f"{error} Delete {teacher_dir} to pretrain it again, or choose another folder (ladder_dir)."
-            ) from error
+        _check_finished_teacher(teacher_dir, expected)
         return teacher_dir
-    args = TrainingArguments(
-        output_dir=str(work_dir),
-        max_steps=steps,
-        per_device_train_batch_size=batch_size,
-        per_device_eval_batch_size=batch_size,
+    training = StudentTraining(
+        steps=steps,
+        batch_size=batch_size,
+        seq_len=seq_len,
         learning_rate=learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=int(warmup_ratio * steps),
+        warmup_ratio=warmup_ratio,
         weight_decay=weight_decay,
-        save_strategy="steps",
-        save_steps=save_steps,
-        save_total_limit=1,
-        logging_steps=logging_steps,
-        eval_strategy="no",
-        report_to="none",
         seed=seed,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        use_cpu=use_cpu(),
+    )
+    args = student_training_arguments(
+        TrainingArguments,
+        work_dir,
+        training,
+        save_steps=save_steps,
+        logging_steps=logging_steps,
+        per_device_eval_batch_size=batch_size,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
@@ -306,38 +291,86 @@ def pretrain(
         processing_class=tokenizer,
         callbacks=list(callbacks),
     )
+    checkpoint, wall_seconds, eval_loss = _train_and_evaluate(trainer, work_dir)
+    if trainer.is_world_process_zero():  # one writer, whatever the launch
+        _publish_teacher(
+            teacher_dir,
+            model,
+            tokenizer,
+            {
+                **expected,
+                "config": _config_dict(config),
+                "name": name,
+                "params": params,
+                "non_embedding_params": non_embedding,
+                "tokens_seen": trainer.state.global_step * batch_size * seq_len * args.world_size,
+                "final_validation_loss": eval_loss,
+                "resumed_from_step": None if checkpoint is None else checkpoint.step,
+                "wall_seconds": round(wall_seconds, 1),
+            },
+        )
+        shutil.rmtree(work_dir, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    return teacher_dir
+
+
+def _teacher_config(rung_or_config: LadderRung | LlamaConfig, tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
+    """A copy of the rung's config carrying the tokenizer's special tokens (the caller's config stays as it is)."""
+    config = copy.deepcopy(rung_or_config.config if isinstance(rung_or_config, LadderRung) else rung_or_config)
+    config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    return config
+
+
+def _expected_manifest(
+    config: LlamaConfig,
+    train_dataset: datasets.Dataset,
+    eval_dataset: datasets.Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    settings: dict[str, Any],
+) -> dict[str, Any]:
+    """What a finished teacher made from these inputs records: a rerun reuses it only when they match, and
+    their hash names the checkpoint folder, so a run with other inputs never resumes another's checkpoint."""
+    return {
+        "config_sha256": json_sha256(_config_dict(config)),
+        "data_fingerprint": dataset_fingerprint(train_dataset),
+        "eval_data_fingerprint": dataset_fingerprint(eval_dataset),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "settings": settings,
+    }
+
+
+def _train_and_evaluate(trainer: Trainer, work_dir: Path) -> tuple[Checkpoint | None, float, float]:
+    """Train from the last complete checkpoint in ``work_dir`` (if any); returns that checkpoint, the
+    training's wall seconds and the held-out loss."""
     checkpoint = last_complete_checkpoint(work_dir)
     started = time.perf_counter()
     train_from(trainer, checkpoint)
     wall_seconds = time.perf_counter() - started
-    eval_loss = trainer.evaluate()["eval_loss"]
+    return checkpoint, wall_seconds, trainer.evaluate()["eval_loss"]
 
+
+def _check_finished_teacher(teacher_dir: Path, expected: dict[str, Any]) -> None:
+    """Raise unless the teacher already in ``teacher_dir`` was made from the same inputs (then it is reused)."""
+    try:
+        read_manifest(teacher_dir, TEACHER_KIND, TEACHER_FORMAT_VERSION, expected=expected)
+    except ArtifactError as error:
+        raise ArtifactError(
+            f"{error} Delete {teacher_dir} to pretrain it again, or choose another folder (ladder_dir)."
+        ) from error
+
+
+def _publish_teacher(
+    teacher_dir: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, manifest: dict[str, Any]
+) -> None:
+    """Write the trained model, its tokenizer and ``manifest`` to ``teacher_dir`` at once (it appears complete)."""
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
-    if trainer.is_world_process_zero():  # one writer, whatever the launch
-        with atomic_directory(teacher_dir) as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            write_manifest(
-                tmp,
-                TEACHER_KIND,
-                TEACHER_FORMAT_VERSION,
-                {
-                    **expected,
-                    "config": _config_dict(config),
-                    "name": name,
-                    "params": params,
-                    "non_embedding_params": non_embedding,
-                    "tokens_seen": trainer.state.global_step * batch_size * seq_len * args.world_size,
-                    "final_validation_loss": eval_loss,
-                    "resumed_from_step": None if checkpoint is None else checkpoint.step,
-                    "wall_seconds": round(wall_seconds, 1),
-                },
-            )
-        shutil.rmtree(work_dir, ignore_errors=True)
-    trainer.accelerator.wait_for_everyone()
-    return teacher_dir
+    with atomic_directory(teacher_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_manifest(tmp, TEACHER_KIND, TEACHER_FORMAT_VERSION, manifest)
 
 
 class LadderTeacher(NamedTuple):
@@ -447,7 +480,8 @@ def _check_inputs(
             raise ValueError(f"{name} must be a non-empty packed dataset with input_ids (use tokenize_and_pack).")
         if len(dataset[0]["input_ids"]) != seq_len:
             raise ValueError(
-                f"{name} rows hold {len(dataset[0]['input_ids'])} tokens but seq_len={seq_len}; pack with this seq_len."
+                f"{name} rows hold {len(dataset[0]['input_ids'])} tokens but seq_len={seq_len}; "
+                "pack with this seq_len."
             )
     if config.max_position_embeddings < seq_len:
         raise ValueError(f"seq_len={seq_len} exceeds config.max_position_embeddings={config.max_position_embeddings}.")

@@ -19,8 +19,8 @@ from transformers.utils import logging
 from hf_capgap.minima.config import MinimaConfig
 from hf_capgap.minima.data import RunData, StreamPasses
 from hf_capgap.minima.plan import Plan, steps_for
-from hf_capgap.trainer.training_arguments import StudentTraining, student_training_arguments
 from hf_capgap.utils.artifacts import json_sha256, read_manifest
+from hf_capgap.utils.training_arguments import StudentTraining, student_training_arguments
 
 STAGE_KIND = "minima_stage"
 FORMAT_VERSION = 1

@@ -23,7 +23,7 @@ def held_out_score(config: MinimaConfig, model: Any, data: RunData, output_dir: 
     from transformers import PrinterCallback, Trainer
 
     from hf_capgap.data import make_collator
-    from hf_capgap.trainer.training_arguments import evaluation_arguments
+    from hf_capgap.utils.training_arguments import evaluation_arguments
 
     params = count_model_parameters(model)  # before ZeRO-3 partitions it
     trainer = Trainer(

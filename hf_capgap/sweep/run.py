@@ -232,7 +232,7 @@ def _build_cache(teacher: Any, train: Any, path: Path, config: SweepConfig, toke
     """One cache per teacher, of the rows exactly as every student's trainer prepares them."""
     from hf_capgap.cache import TeacherCache
     from hf_capgap.trainer import DistillationConfig
-    from hf_capgap.trainer.training_arguments import student_training_arguments
+    from hf_capgap.utils.training_arguments import student_training_arguments
 
     data_args = student_training_arguments(
         DistillationConfig,
@@ -260,7 +260,7 @@ def _build_cache(teacher: Any, train: Any, path: Path, config: SweepConfig, toke
 
 def _student_training(config: SweepConfig) -> Any:
     """How every student of the sweep trains (and how its rows are prepared)."""
-    from hf_capgap.trainer.training_arguments import StudentTraining
+    from hf_capgap.utils.training_arguments import StudentTraining
 
     return StudentTraining(
         steps=config.steps,
@@ -283,7 +283,7 @@ def _run_one(
 
     from hf_capgap.pruning import prune_model
     from hf_capgap.trainer import DistillationConfig, DistillationTrainer
-    from hf_capgap.trainer.training_arguments import student_training_arguments
+    from hf_capgap.utils.training_arguments import student_training_arguments
 
     started = time.perf_counter()
     torch.manual_seed(config.seed)

@@ -825,7 +825,7 @@ def test_reading_and_planning_build_no_training_arguments(tmp_path, monkeypatch)
 
 def test_one_training_arguments_builder_sets_length_precision_and_checkpointing(tmp_path):
     from hf_capgap.trainer import DistillationConfig
-    from hf_capgap.trainer.training_arguments import StudentTraining, student_training_arguments
+    from hf_capgap.utils.training_arguments import StudentTraining, student_training_arguments
 
     training = StudentTraining(
         steps=10,

@@ -1,9 +1,11 @@
-"""One builder for the ``TrainingArguments`` of every student hf_capgap trains (recipe, baseline, sweep).
+"""One builder for the ``TrainingArguments`` of every model hf_capgap trains (recipe, baseline, sweep,
+ladder teachers).
 
-Distilled student, from-scratch baseline and sweep runs share optimizer, precision, accumulation and
-checkpointing settings through :func:`student_training_arguments`, so comparisons are like for like
-and a GPU preset's bf16 / accumulation / activation checkpointing reach every trainer. Building
-arguments under an accelerate DeepSpeed ZeRO-3 launch registers ZeRO-3 for every model loaded
+Distilled student, from-scratch baseline, sweep runs and the ladder's pretraining share optimizer,
+precision, accumulation and checkpointing settings through :func:`student_training_arguments`, so
+comparisons are like for like and a GPU preset's bf16 / accumulation / activation checkpointing reach
+every trainer. It lives in ``utils`` so that ``ladder`` (below ``trainer``) builds its arguments here too.
+Building arguments under an accelerate DeepSpeed ZeRO-3 launch registers ZeRO-3 for every model loaded
 afterwards: callers load their frozen teacher first.
 """
 
