@@ -333,11 +333,23 @@ def _check_types(config: MinimaConfig) -> None:
 
 
 def check_values(config: MinimaConfig) -> None:
-    """Reject impossible settings by field name; nothing is loaded, built or trained here."""
-    from hf_capgap.cache.format import MODES
-    from hf_capgap.ladder import LADDERS
-    from hf_capgap.pruning import LAYER_SELECTIONS
+    """Reject impossible settings by field name; nothing is loaded, built or trained here.
 
+    The checks run in this order, so a config with several faults is told the first of them."""
+    _check_batches_and_tokens(config)
+    _check_learning_rate_schedule(config)
+    config.check_distillation_settings()
+    _check_ladder_and_layer_selection(config)
+    _check_teacher_signal(config)
+    _check_run_name(config)
+    _check_teacher_choice(config)
+    _check_student(config)
+    _check_hub_ids(config)
+    _check_files_exist(config)
+
+
+def _check_batches_and_tokens(config: MinimaConfig) -> None:
+    """Counts are positive, a row predicts something and the token budget holds one optimizer step."""
     positive = (
         "batch_size",
         "gradient_accumulation_steps",
@@ -358,28 +370,52 @@ def check_values(config: MinimaConfig) -> None:
             f"train_tokens={config.train_tokens} is less than one optimizer step "
             f"(batch_size*gradient_accumulation_steps*seq_len); raise train_tokens."
         )
+
+
+def _check_learning_rate_schedule(config: MinimaConfig) -> None:
     if not (config.learning_rate > 0 and math.isfinite(config.learning_rate)):
         raise ConfigError(f"learning_rate={config.learning_rate} must be a positive number.")
     if not 0 <= config.warmup_ratio < 1:
         raise ConfigError(f"warmup_ratio={config.warmup_ratio} must be in [0, 1).")
     if config.lr_scheduler_type not in LR_SCHEDULERS:
         raise ConfigError(f"lr_scheduler_type={config.lr_scheduler_type!r} must be one of {', '.join(LR_SCHEDULERS)}.")
-    config.check_distillation_settings()
+
+
+def _check_ladder_and_layer_selection(config: MinimaConfig) -> None:
+    from hf_capgap.ladder import LADDERS
+    from hf_capgap.pruning import LAYER_SELECTIONS
+
     if config.ladder not in LADDERS:
         raise ConfigError(f"ladder={config.ladder!r} is unknown; choose one of {sorted(LADDERS)}.")
     if config.layer_selection not in LAYER_SELECTIONS:
         raise ConfigError(f"layer_selection={config.layer_selection!r} must be one of {LAYER_SELECTIONS}.")
+
+
+def _check_teacher_signal(config: MinimaConfig) -> None:
+    """The cache mode is one the cache knows, and a cache gets the fixed rows it is built from."""
+    from hf_capgap.cache.format import MODES
+
     config.check_teacher_signal(config.cache_mode, MODES)
     if config.teacher_cache and config.streaming:
         raise ConfigError(
             "teacher_cache needs a fixed set of training rows; set streaming: false or teacher_cache: false."
         )
+
+
+def _check_run_name(config: MinimaConfig) -> None:
     if not config.run_name or "/" in config.run_name or config.run_name.startswith("."):
         raise ConfigError(f"run_name={config.run_name!r} must be a plain folder name such as 'minima-tiny'.")
+
+
+def _check_teacher_choice(config: MinimaConfig) -> None:
     if config.teacher is None and config.student_params is None:
         raise ConfigError(
             "set teacher (a ladder rung, folder or Hub id) or student_params (the law picks the teacher)."
         )
+
+
+def _check_student(config: MinimaConfig) -> None:
+    """The student is given one way (a size, a full shape or neither) and any folder it starts from exists."""
     config.student_param_count  # noqa: B018 - parses, raising on a bad count
     shape = [getattr(config, name) for name in STUDENT_SHAPE_FIELDS]
     if any(value is None for value in shape) and any(value is not None for value in shape):
@@ -393,10 +429,17 @@ def check_values(config: MinimaConfig) -> None:
             f"student_init={config.student_init} holds no config.json; point it at a saved student folder "
             "(e.g. written by `hf-capgap prune`)."
         )
+
+
+def _check_hub_ids(config: MinimaConfig) -> None:
     if config.push_to_hub is not None and "/" not in config.push_to_hub:
         raise ConfigError(f"push_to_hub={config.push_to_hub!r} must be 'namespace/name'.")
     if config.teacher_hub_id is not None and config.teacher_hub_id.count("/") != 1:
         raise ConfigError(f"teacher_hub_id={config.teacher_hub_id!r} must be a Hub id 'namespace/name'.")
+
+
+def _check_files_exist(config: MinimaConfig) -> None:
+    """The law and accelerate config files named exist (before anything runs)."""
     if config.law is not None and not Path(config.law).is_file():
         raise FileNotFoundError(
             f"law={config.law} does not exist; write one with `hf-capgap law fit` or set law: null."
