@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -207,13 +208,14 @@ def test_a_short_stream_is_reported_and_a_resume_in_its_second_pass_is_exact(tmp
         )
         config, plan, data, teacher, teacher_id = stages(values)
         student = Path(config.student_init)
-        distil = lambda: minima_distill.distill_stage(config, plan, teacher, student, data, teacher_id)  # noqa: E731
+        # data is passed at each call: the rerun after the kill reads a fresh one
+        distil = functools.partial(minima_distill.distill_stage, config, plan, teacher, student)
         if name == "killed":
-            distil_killed_at_step(monkeypatch, killed_at, distil)
+            distil_killed_at_step(monkeypatch, killed_at, functools.partial(distil, data, teacher_id))
             assert data.passes.rows_per_pass < 5 * 2  # steps 5 and on read rows of the second pass
             data = stages(values)[2]  # a fresh process: nothing learnt about the stream yet
         with CaptureLogger(minima_data.logger) as captured:
-            finals[name] = distil()
+            finals[name] = distil(data, teacher_id)
         rows_per_pass = data.passes.rows_per_pass
         assert 2 <= rows_per_pass < 8 and f"ran out after {rows_per_pass} rows" in captured.out
         manifest = json.loads((finals[name] / "capgap_manifest.json").read_text())
