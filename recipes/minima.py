@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import sys
 
+from hf_capgap.errors import HfCapgapError
 from hf_capgap.minima import parse_minima_args, run_minima
 from hf_capgap.utils.processes import end_processes
 
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("hf_capgap").setLevel(logging.INFO)
     try:
         run_minima(parse_minima_args(sys.argv[1:] if argv is None else argv), show=print)
-    except (ValueError, FileNotFoundError) as err:  # config errors, raised before any work starts
+    except (HfCapgapError, ValueError, FileNotFoundError) as err:  # bad config (before any work), a failed push
         sys.exit(f"minima: {err}")
     end_processes()  # only after success: a failed process must not wait in a barrier for the others
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import sys
 
+from hf_capgap.errors import HfCapgapError
 from hf_capgap.ladder import TEACHER_FORMAT_VERSION, TEACHER_KIND, LadderRun, PretrainSettings, ensure_ladder
 from hf_capgap.utils.artifacts import read_manifest
 from hf_capgap.utils.recipe_args import parse_with_preset, read_preset, split_preset
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("hf_capgap").setLevel(logging.INFO)
     try:
         run, settings = parse_config(sys.argv[1:] if argv is None else argv)
-    except (ValueError, FileNotFoundError) as err:
+    except (HfCapgapError, ValueError, FileNotFoundError) as err:
         sys.exit(f"pretrain: {err}")
     paths = ensure_ladder(
         run.preset, run.output_dir, settings=settings, cache_dir=run.cache_dir, num_proc=run.num_proc

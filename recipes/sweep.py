@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from hf_capgap.errors import HfCapgapError
 from hf_capgap.sweep import SweepConfig, format_status, run_sweep, sweep_report, sweep_status
 from hf_capgap.utils.recipe_args import parse_with_preset, read_preset, split_preset
 
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
             print(format_status(sweep_status(config)))
             return
         run_and_report(config)
-    except (ValueError, FileNotFoundError) as err:  # settings errors, raised before any work starts
+    except (HfCapgapError, ValueError, FileNotFoundError) as err:  # settings errors, raised before any work starts
         sys.exit(f"sweep: {err}")
 
 

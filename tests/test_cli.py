@@ -39,3 +39,16 @@ def test_other_exceptions_are_not_hidden(monkeypatch):
     monkeypatch.setattr(hf_capgap.hub, "push_student", _raising(KeyError("a bug")))
     with pytest.raises(KeyError):
         cli.main(["push", "out", "me/student"])
+
+
+def test_prune_and_cache_build_name_a_missing_tokenizer_before_anything_loads(tmp_path, capsys):
+    from tests.conftest import tiny_llama
+
+    folder = tmp_path / "teacher"
+    tiny_llama().save_pretrained(folder)  # weights and config, no tokenizer
+    assert cli.main(["prune", str(folder), "--target-params", "1K", "--out", str(tmp_path / "student")]) == 2
+    assert "is missing a tokenizer" in capsys.readouterr().err
+    (folder / "tokenizer_config.json").write_text("{}")  # tokenizer settings without a vocabulary
+    assert cli.main(["cache", "build", str(folder), "--dataset", str(tmp_path), "--out", str(tmp_path / "c")]) == 2
+    error = capsys.readouterr().err
+    assert "is missing a tokenizer" in error and "sentencepiece" not in error

@@ -141,7 +141,10 @@ def _build(args: argparse.Namespace) -> int:
     from hf_capgap.models import check_model_folder
 
     teacher_dir = Path(args.teacher)
-    check_model_folder(teacher_dir, tokenizer=False)  # token-id datasets need no tokenizer
+    # Token-id datasets need no tokenizer; the corpus does, and a folder that ships tokenizer files must
+    # ship a loadable one (its vocabulary), since the build then records the tokenizer's eos and template.
+    has_tokenizer = any((teacher_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+    check_model_folder(teacher_dir, tokenizer=bool(args.corpus) or has_tokenizer)
     if args.dataset and not Path(args.dataset).is_dir():
         raise FileNotFoundError(f"--dataset {args.dataset} is not a folder; pass a save_to_disk folder.")
 
@@ -155,7 +158,6 @@ def _build(args: argparse.Namespace) -> int:
     preparation = default_preparation_args(
         **{name: getattr(args, name) for name in PREPARATION_ARGUMENTS}, seed=args.data_seed
     )
-    has_tokenizer = any((teacher_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir) if has_tokenizer else None
     dataset = _load_dataset(args, tokenizer)
     teacher = load_frozen_teacher(teacher_dir, teacher_dtype=args.teacher_dtype, device=args.device)

@@ -76,7 +76,7 @@ def _prune(args: argparse.Namespace) -> int:
             "`hf-capgap prune ...` (no accelerate launch)."
         )
     teacher_dir, out = Path(args.teacher_dir), Path(args.out)
-    check_model_folder(teacher_dir, tokenizer=False)  # the tokenizer is looked for only when calibration needs it
+    check_model_folder(teacher_dir, tokenizer=args.calibration_tokens > 0)  # calibration text needs the tokenizer
     if out.exists() and not args.overwrite:
         raise ConfigError(f"--out {out} already exists; remove it or pass --overwrite.")
     for flag, value, least in (

@@ -14,7 +14,7 @@ from hf_capgap.errors import ConfigError
 from hf_capgap.utils.recipe_args import field_help
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DistillationSettings:
     """What the student learns from the teacher: the divergence, its weight and temperature, and the
     teacher's dtype. Call :meth:`check_distillation_settings` from the subclass's checks."""
@@ -57,7 +57,7 @@ class DistillationSettings:
             raise ConfigError(f"teacher_dtype={self.teacher_dtype!r} must be one of {choices}.")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TeacherCacheSettings(DistillationSettings):
     """The distillation settings plus what a TeacherCache keeps per position (SweepConfig, MinimaConfig).
 

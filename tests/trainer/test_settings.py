@@ -67,3 +67,12 @@ def test_every_config_shows_the_shared_fields_with_one_default_and_help():
         own = {item.name: item for item in dataclasses.fields(config)}
         for name, item in fields.items():
             assert own[name].default == item.default and own[name].metadata == item.metadata, (config, name)
+
+
+def test_shared_settings_are_keyword_only_so_each_config_keeps_its_positional_order():
+    from hf_capgap.sweep import SweepConfig
+
+    assert SweepConfig("tiny", ["110K"], "sweep-out").family == "tiny"
+    config = MinimaConfig("run", "outputs")
+    assert (config.run_name, config.output_dir) == ("run", "outputs")
+    assert DistillationConfig("out", report_to=[]).output_dir == "out"
