@@ -17,13 +17,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hf_capgap.errors import ConfigError
-from hf_capgap.losses.divergence import IGNORE_INDEX
-from hf_capgap.losses.signals import TeacherSignal, block_rows
+from hf_capgap.losses.divergence import IGNORE_INDEX, TAID, check_taid_t
+from hf_capgap.losses.signals import DenseTeacher, FusedTeacher, TeacherSignal, block_rows
 from hf_capgap.losses.spec import LossSpec
 
 # A bf16 / fp16 lm_head gradient summed over at most this many chunks stays in its dtype: measured on CPU
 # (bench/bench_losses.py), 8 bf16 additions give 2.1x the error of one bf16 rounding, 32 give 4.1x, 64 5.7x.
 LOW_PRECISION_MAX_CHUNKS = 8
+# Losses whose gradient w.r.t. the tempered student logits is q - target: computed in closed form, in place.
+CLOSED_FORM_KINDS = ("forward_kl", TAID)
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,8 @@ def _log_softmax_(logits: Tensor) -> Tensor:
 def _forward_kl_chunk(
     logits: Tensor, teacher: TeacherSignal | None, labels: Tensor, spec: LossSpec, owned: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Closed form of :func:`_chunk_loss_and_grad` for forward KL, for every kind of teacher signal.
+    """Closed form of :func:`_chunk_loss_and_grad` for forward KL, for every kind of teacher signal, and
+    for TAID (forward KL to the interpolated target, full-distribution teachers only).
 
     d(T^2 KL(p || softmax(z / T)))/dz = T (q - r) (r = p for a full teacher; see each signal's
     ``forward_kl_into_gradient_``) and d CE/dz = softmax(z) - onehot, computed in place so a chunk
@@ -88,7 +91,11 @@ def _forward_kl_chunk(
     # Otherwise the distillation part alpha T (q - r) is formed first and softmax(z) added after.
     scale = alpha if temperature == 1.0 else 1.0
     if teacher is not None and alpha > 0:
-        distill = teacher.forward_kl_into_gradient_(log_q, temperature, scale) * temperature**2
+        into_gradient = teacher.forward_kl_into_gradient_
+        if spec.kind == TAID:
+            distill = into_gradient(log_q, temperature, scale, taid_t=spec.taid_t) * temperature**2
+        else:
+            distill = into_gradient(log_q, temperature, scale) * temperature**2
         grad = log_q
     else:
         grad = log_q.exp_()
@@ -106,10 +113,10 @@ def _chunk_loss_and_grad(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(sum of T^2 * D, sum of CE, d(alpha * T^2 * D + (1 - alpha) * CE)/d logits) for one chunk.
 
-    ``teacher`` is None only when alpha == 0 (cross-entropy alone). Forward KL has a closed form;
-    the other divergences differentiate the readable formula with autograd, one chunk at a time.
+    ``teacher`` is None only when alpha == 0 (cross-entropy alone). Forward KL and TAID have a closed
+    form; the other divergences differentiate the readable formula with autograd, one chunk at a time.
     """
-    if teacher is None or spec.kind == "forward_kl":
+    if teacher is None or spec.kind in CLOSED_FORM_KINDS:
         return _forward_kl_chunk(logits, teacher, labels, spec, owned)
     logits = logits.detach().requires_grad_(True)
     with torch.enable_grad():
@@ -123,7 +130,7 @@ def _chunk_values(
     logits: Tensor, teacher: TeacherSignal | None, labels: Tensor, spec: LossSpec, owned: bool
 ) -> tuple[Tensor, Tensor]:
     """(sum of T^2 * D, sum of CE) for one chunk by the same formulas as training, without gradients."""
-    if teacher is None or spec.kind == "forward_kl":
+    if teacher is None or spec.kind in CLOSED_FORM_KINDS:
         distill, ce, _ = _forward_kl_chunk(logits, teacher, labels, spec, owned)
         return distill, ce
     zero = logits.new_zeros(())
@@ -389,6 +396,13 @@ def distillation_loss(
         )
     if teacher is None and spec.alpha > 0:
         raise ConfigError(f"no teacher signal was given but alpha={spec.alpha}: the distillation term needs one.")
+    if spec.kind == TAID and teacher is not None:
+        check_taid_t(spec.taid_t)
+        if not isinstance(teacher, DenseTeacher | FusedTeacher):
+            raise ConfigError(
+                f"loss='taid' interpolates the teacher's logits over the whole vocabulary; a {type(teacher).__name__} "
+                "(a top-k or sampled teacher cache) does not hold them. Use an online teacher or a dense cache."
+            )
     rows = _Rows.of(labels, None if teacher is None else teacher.num_rows)
     normalizer = max(float(num_items_in_batch) if num_items_in_batch is not None else float(rows.num_valid), 1.0)
     inputs = (student, lm_head_weight, lm_head_bias)

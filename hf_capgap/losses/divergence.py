@@ -1,4 +1,5 @@
-"""Divergences between teacher and student next-token distributions (forward / reverse KL, JSD, skew KL, TVD).
+"""Divergences between teacher and student next-token distributions (forward / reverse KL, JSD, skew KL, TVD),
+and TAID's forward KL to an interpolated target.
 
 All of them work on the last dimension of two log-distributions over the same support, so the top-k case
 of a teacher cache is the same formula applied to k + 1 buckets (the top-k tokens and the rest).
@@ -16,6 +17,10 @@ from torch import Tensor
 from hf_capgap.errors import ConfigError
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd")
+# TAID (Shing et al., ICLR 2025): KL(p_t || q) to a target that moves from the student towards the teacher.
+# It needs the teacher's whole distribution and the trainer's schedule of t, so it is offered apart.
+TAID = "taid"
+LOSSES = (*DIVERGENCES, TAID)
 IGNORE_INDEX = -100
 
 
@@ -25,6 +30,23 @@ def check_beta(kind: str, beta: float) -> None:
         raise ConfigError(f"beta must be in (0, 1) for loss='jsd' (teacher weight of the mixture), got {beta}.")
     if kind == "skew_kl" and not 0.0 <= beta < 1.0:
         raise ConfigError(f"beta must be in [0, 1) for loss='skew_kl' (skew of the mixture), got {beta}.")
+
+
+def check_taid_t(taid_t: float | None) -> float:
+    """``taid_t``, refused unless it is an interpolation weight in [0, 1]."""
+    if taid_t is None or not 0.0 <= taid_t <= 1.0:
+        raise ConfigError(f"loss='taid' needs its interpolation weight taid_t in [0, 1], got {taid_t}.")
+    return taid_t
+
+
+def taid_target(log_q: Tensor, log_p: Tensor, taid_t: float) -> Tensor:
+    """TAID's target log p_t = log_softmax((1 - t) * stopgrad(student logits) + t * teacher logits).
+
+    Log-probs differ from logits (at the same temperature) by one constant per row, which the softmax
+    drops, so the student and teacher log-probs interpolate exactly as their logits would. ``log_p`` (a
+    teacher buffer, no gradient) is overwritten.
+    """
+    return F.log_softmax(log_p.mul_(taid_t).add_(log_q.detach(), alpha=1.0 - taid_t), dim=-1)
 
 
 def kl_terms(log_a: Tensor, log_b: Tensor) -> Tensor:
@@ -64,12 +86,14 @@ def divergence(
     kind: str = "forward_kl",
     beta: float = 0.5,
     temperature: float = 1.0,
+    taid_t: float | None = None,
 ) -> Tensor:
     """Reference distillation divergence, scaled by T^2, averaged over positions whose label is not -100.
 
     ``labels`` are already aligned with the logits (position i of the logits predicts ``labels[i]``).
     Both logits are divided by ``temperature`` before the softmax; multiplying by T^2 keeps gradient
-    magnitudes comparable across temperatures (Hinton et al., 2015).
+    magnitudes comparable across temperatures (Hinton et al., 2015). ``kind="taid"`` is KL(p_t || q)
+    with p_t = softmax(((1 - t) * stopgrad(student logits) + t * teacher logits) / T), t = ``taid_t``.
     """
     check_beta(kind, beta)
     if student_logits.shape != teacher_logits.shape:
@@ -81,4 +105,8 @@ def divergence(
         raise ConfigError("every label is -100: there is no position to distill on.")
     log_q = F.log_softmax(student_logits[valid].float() / temperature, dim=-1)
     log_p = F.log_softmax(teacher_logits[valid].float() / temperature, dim=-1)
+    if kind == TAID:
+        student_tempered = student_logits[valid].float().detach() / temperature
+        target = (1.0 - check_taid_t(taid_t)) * student_tempered + taid_t * teacher_logits[valid].float() / temperature
+        return bucket_divergence(F.log_softmax(target, dim=-1), log_q, "forward_kl").mean() * temperature**2
     return bucket_divergence(log_p, log_q, kind, beta).mean() * temperature**2

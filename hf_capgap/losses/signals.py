@@ -1,7 +1,7 @@
 """Teacher signals: what the loss knows of the teacher at each student row. Each holds [N, ...] tensors
 aligned with the student rows and computes its divergence to a chunk of student logits: full logits
 (online teacher, dense cache), hidden states and lm_head (fused online teacher), top-k + tail buckets or
-samples (teacher caches).
+samples (teacher caches). Only the first two hold the whole distribution that TAID interpolates.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hf_capgap.errors import ConfigError
-from hf_capgap.losses.divergence import bucket_divergence, kl_terms
+from hf_capgap.losses.divergence import TAID, bucket_divergence, kl_terms, taid_target
 from hf_capgap.losses.spec import LossSpec
 
 SIGNAL_BLOCK_ELEMENTS = 1 << 21  # CPU: teacher log-probs formed per block of this many values (8 MiB fp32)
@@ -31,17 +31,24 @@ class _FullDistributionTeacher(abc.ABC):
     def divergence(self, student_logits: Tensor, spec: LossSpec) -> Tensor:
         vocab = student_logits.shape[-1]
         log_q = F.log_softmax(student_logits / spec.temperature, dim=-1)
-        return bucket_divergence(self.log_probs(vocab, spec.temperature), log_q, spec.kind, spec.beta)
+        log_p = self.log_probs(vocab, spec.temperature)
+        if spec.kind == TAID:
+            return bucket_divergence(taid_target(log_q, log_p, spec.taid_t), log_q, "forward_kl")
+        return bucket_divergence(log_p, log_q, spec.kind, spec.beta)
 
     @abc.abstractmethod
     def take(self, index: slice | Tensor) -> _FullDistributionTeacher:
         """The signal of the rows ``index``."""
 
-    def forward_kl_into_gradient_(self, log_q: Tensor, temperature: float, scale: float) -> Tensor:
+    def forward_kl_into_gradient_(
+        self, log_q: Tensor, temperature: float, scale: float, taid_t: float | None = None
+    ) -> Tensor:
         """Sum of KL(p || q) over rows; ``log_q`` is overwritten with ``q - scale * p``.
 
         The teacher side is formed a block of rows at a time (:func:`block_rows`), so on CPU its
         log-probs and probs add two small blocks to the chunk's memory, not two [chunk, vocab] buffers.
+        With ``taid_t``, p is TAID's target p_t (:func:`taid_target`): it carries no gradient, so
+        d KL(p_t || q) / d(tempered logits) is q - p_t, the forward-KL form with p_t for p.
         """
         rows, vocab = log_q.shape
         block = block_rows(log_q)
@@ -49,6 +56,8 @@ class _FullDistributionTeacher(abc.ABC):
         for start in range(0, rows, block):
             part = slice(start, start + block)
             log_p = (self if block >= rows else self.take(part)).log_probs(vocab, temperature)
+            if taid_t is not None:
+                log_p = taid_target(log_q[part], log_p, taid_t)
             p = log_p.exp()
             # Elementwise then a cascade sum: a BLAS dot of p.log_p minus p.log_q cancels badly in fp32.
             total += log_p.sub_(log_q[part]).mul_(p).sum()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from hf_capgap.errors import ConfigError
-from hf_capgap.losses.divergence import DIVERGENCES, check_beta
+from hf_capgap.losses.divergence import LOSSES, check_beta
 
 CHUNK_ELEMENTS = 1 << 22  # CPU: logits per automatic chunk, 16 MiB in fp32 (128 rows at a 32000 vocabulary)
 ACCELERATOR_CHUNK_ROWS = (256, 2048)  # accelerators: H / 4 rows per automatic chunk, within these bounds
@@ -15,7 +15,11 @@ ACCELERATOR_CHUNK_ROWS = (256, 2048)  # accelerators: H / 4 rows per automatic c
 
 @dataclass(frozen=True)
 class LossSpec:
-    """What :func:`distillation_loss` computes: alpha * T^2 * D(teacher, student) + (1 - alpha) * CE."""
+    """What :func:`distillation_loss` computes: alpha * T^2 * D(teacher, student) + (1 - alpha) * CE.
+
+    ``taid_t`` is TAID's interpolation weight for this call (``kind="taid"``): the trainer's schedule moves
+    it, so it is set per step with ``dataclasses.replace`` and checked when the loss runs.
+    """
 
     kind: str = "forward_kl"
     beta: float = 0.5
@@ -23,10 +27,11 @@ class LossSpec:
     alpha: float = 0.5
     chunk_size: int | None = None  # rows per chunk; None: automatic, by vocabulary, hidden size and device
     vocab_size: int | None = None  # real vocabulary: columns past it (padding) are ignored
+    taid_t: float | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in DIVERGENCES:
-            raise ConfigError(f"kind={self.kind!r} is not one of {', '.join(DIVERGENCES)}.")
+        if self.kind not in LOSSES:
+            raise ConfigError(f"kind={self.kind!r} is not one of {', '.join(LOSSES)}.")
         check_beta(self.kind, self.beta)
         if not self.temperature > 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}.")
