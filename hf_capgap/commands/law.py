@@ -1,4 +1,6 @@
-"""``hf-capgap law``: fit the law of capacity gap from a sweep ledger, or ask it for a teacher."""
+"""``hf-capgap law``: fit the law of capacity gap from a sweep ledger, ask it for a teacher, or plan the
+teacher assistants between a teacher too big and its student.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +27,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     suggest.add_argument("--teachers", help="comma-separated sizes you can use as teacher, e.g. 1B,3B,7B,13B")
     suggest.add_argument("--law", help="law JSON from `hf-capgap law fit` (default: the published law, k = 2.5)")
     suggest.set_defaults(handler=_suggest)
+
+    chain = actions.add_parser("chain", help="teacher-assistant sizes between a teacher too big and its student")
+    chain.add_argument("--student", required=True, help="student size, e.g. 1B")
+    chain.add_argument("--teacher", required=True, help="teacher size, e.g. 70B")
+    chain.add_argument("--law", help="law JSON from `hf-capgap law fit` (default: the published law, k = 2.5)")
+    chain.set_defaults(handler=_chain)
 
 
 def _fit(args: argparse.Namespace) -> int:
@@ -61,4 +69,12 @@ def _suggest(args: argparse.Namespace) -> int:
     if prediction.lo is not None:
         line += f" (interval {format_params(prediction.lo)}-{format_params(prediction.hi)})"
     print(f"{line}, by the {law.source} law {law.formula()}")
+    return 0
+
+
+def _chain(args: argparse.Namespace) -> int:
+    from hf_capgap.law import CapacityGapLaw
+
+    law = CapacityGapLaw.load(args.law) if args.law else CapacityGapLaw.paper()
+    print(law.chain(args.student, args.teacher).summary())
     return 0

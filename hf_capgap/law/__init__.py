@@ -1,10 +1,11 @@
 """The law of capacity gap: fit it from a sweep ledger, predict the best teacher for a student size,
-suggest one among available teachers, save/load/plot it. Numbers only: importing this package never
-loads torch.
+suggest one among available teachers, plan teacher assistants for a teacher too big, save/load/plot it.
+Numbers only: importing this package never loads torch.
 """
 
 from __future__ import annotations
 
+from hf_capgap.law.chain import MAX_STEPS, ChainPlan
 from hf_capgap.law.fit import (
     CONFIDENCE,
     FEW_STUDENTS,
@@ -47,6 +48,8 @@ __all__ = [
     "TeacherOption",
     "Suggestion",
     "CapacityGapLaw",
+    "ChainPlan",
+    "MAX_STEPS",
     "plot_measurements",
     "STUDENT_SIZE_TOLERANCE",
     "read_ledger",

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from hf_capgap.errors import ConfigError
+from hf_capgap.law.chain import ChainPlan, plan_chain
 from hf_capgap.law.fit import CONFIDENCE, INTERVAL_METHOD, Optimum, fit_fields
 from hf_capgap.law.paper import CITATION, PAPER_FAMILIES, PAPER_RATIO
 from hf_capgap.law.params import format_params, parse_params
@@ -63,7 +64,7 @@ class CapacityGapLaw:
     """t*(s): the teacher size that distils the best student of size s.
 
     Build it with :meth:`fit` (from a sweep) or :meth:`paper` (the published law as a prior);
-    query it with :meth:`predict`, :meth:`suggest` and :meth:`student_for`.
+    query it with :meth:`predict`, :meth:`suggest`, :meth:`student_for` and :meth:`chain`.
     """
 
     def __init__(
@@ -212,6 +213,16 @@ class CapacityGapLaw:
             excluded=excluded,
             reason=self._reason(student, optimum, choice, alternatives, excluded),
         )
+
+    def chain(self, student_params: float | str, teacher_params: float | str) -> ChainPlan:
+        """The teacher-assistant sizes from a teacher too big for the student down to it.
+
+        The fewest equal geometric steps, each teacher at most the upper end of the law's interval for
+        its student (the point estimate where the law has none, as for the paper prior); empty
+        ``assistants`` when the teacher is within reach. :func:`hf_capgap.law.chain.plan_chain` says
+        exactly how. Refuses a student not smaller than the teacher, and sizes that are not positive.
+        """
+        return plan_chain(self, student_params, teacher_params)
 
     # ------------------------------------------------------------------ persistence
 
