@@ -15,10 +15,10 @@ import torch
 from trl import SFTConfig
 
 from hf_capgap.errors import ConfigError
-from hf_capgap.losses import check_beta
+from hf_capgap.losses import LOSSES, check_beta
 from hf_capgap.losses.liger import LOSS_BACKENDS
 from hf_capgap.losses.lm_head import FUSED_LM_HEAD_MODES
-from hf_capgap.trainer.settings import DistillationSettings
+from hf_capgap.trainer.settings import DistillationSettings, TaidSettings
 
 
 def check_sft_loss_fields(args: SFTConfig) -> None:
@@ -36,14 +36,15 @@ def check_sft_loss_fields(args: SFTConfig) -> None:
 
 
 @dataclass
-class DistillationConfig(DistillationSettings, SFTConfig):
+class DistillationConfig(DistillationSettings, TaidSettings, SFTConfig):
     """Arguments for :class:`hf_capgap.DistillationTrainer`.
 
     The defaults are MiniMA's: 0.5 x LM cross-entropy + 0.5 x forward KL(teacher || student) at T = 1.
     Two SFTConfig defaults differ: ``bf16`` is on only where a GPU supports it (SFTConfig turns it on
     everywhere, CPUs included), and ``gradient_checkpointing`` is off (turn it on for large students).
     ``loss``, ``alpha``, ``temperature`` and ``teacher_dtype`` are :class:`DistillationSettings`, shared with
-    the sweep's and the MiniMA recipe's configs.
+    the sweep's and the MiniMA recipe's configs; ``loss='taid'`` and its schedule (:class:`TaidSettings`) are
+    the trainer's alone so far.
     """
 
     bf16: bool | None = field(
@@ -113,7 +114,8 @@ class DistillationConfig(DistillationSettings, SFTConfig):
                 "template adds tokens to the student only, so teacher and student would no longer share a "
                 "vocabulary. Pass a .jinja template file, or set the template on the shared tokenizer."
             )
-        self.check_distillation_settings()
+        self.check_distillation_settings(LOSSES)
+        self.check_taid_settings()
         check_beta(self.loss, self.beta)
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ConfigError(

@@ -25,7 +25,7 @@ class DistillationSettings:
             "Divergence between teacher and student next-token distributions: forward_kl "
             "(KL(teacher||student), MiniMA's), reverse_kl, jsd (generalized JSD with `beta`), skew_kl "
             "(DistiLLM's skewed forward KL with skew `beta`) or tvd (total variation). `beta` is 0.5 where the "
-            "config has no beta setting."
+            "config has no beta setting. DistillationConfig also offers taid (TAID's interpolated target, see taid_*)."
         ),
     )
     alpha: float = field(
@@ -44,17 +44,76 @@ class DistillationSettings:
         ),
     )
 
-    def check_distillation_settings(self) -> None:
-        """Refuse an unknown divergence or teacher dtype, and what :class:`~hf_capgap.losses.LossSpec` refuses."""
+    def check_distillation_settings(self, losses: tuple[str, ...] | None = None) -> None:
+        """Refuse a loss outside ``losses`` (default: the divergences, which every entry point offers), an
+        unknown teacher dtype, and what :class:`~hf_capgap.losses.LossSpec` refuses."""
         from hf_capgap.losses import DIVERGENCES, LossSpec
         from hf_capgap.models import TEACHER_DTYPE_CHOICES
 
-        if self.loss not in DIVERGENCES:
-            raise ConfigError(f"loss={self.loss!r} must be one of {', '.join(DIVERGENCES)}.")
+        losses = losses or DIVERGENCES
+        if self.loss not in losses:
+            raise ConfigError(f"loss={self.loss!r} must be one of {', '.join(losses)}.")
         LossSpec(kind=self.loss, alpha=self.alpha, temperature=self.temperature)
         if self.teacher_dtype not in TEACHER_DTYPE_CHOICES:
             choices = ", ".join(TEACHER_DTYPE_CHOICES)
             raise ConfigError(f"teacher_dtype={self.teacher_dtype!r} must be one of {choices}.")
+
+
+@dataclass(kw_only=True)
+class TaidSettings:
+    """The schedule of TAID's interpolation weight t (Shing et al., ICLR 2025, arXiv 2501.16937, Algorithm 1),
+    named after the paper's symbols, with its defaults. Used when ``loss='taid'``; call
+    :meth:`check_taid_settings` from the subclass's checks."""
+
+    taid_t_start: float = field(
+        default=0.4,
+        metadata=field_help("loss='taid': t at the first step (the target starts 40% of the way to the teacher)."),
+    )
+    taid_t_end: float = field(
+        default=1.0,
+        metadata=field_help("loss='taid': the largest t, where the linear ramp from taid_t_start ends with training."),
+    )
+    taid_alpha: float = field(
+        default=5e-4,
+        metadata=field_help(
+            "loss='taid': step size of the adaptive update, t += taid_alpha * sigmoid(momentum) * (1 - t) per "
+            "optimizer step, never below the linear ramp from taid_t_start to taid_t_end. 0: the linear ramp alone."
+        ),
+    )
+    taid_beta: float = field(
+        default=0.99,
+        metadata=field_help(
+            "loss='taid': momentum of the objective's relative change, m = taid_beta * m + (1 - taid_beta) * "
+            "(J_prev - J) / J_prev."
+        ),
+    )
+
+    def check_taid_settings(self) -> None:
+        """Refuse a schedule outside the ranges where TAID's update is defined (the paper's code asserts them)."""
+        if not 0.0 <= self.taid_t_start < 1.0:
+            raise ConfigError(f"taid_t_start={self.taid_t_start} must be in [0, 1).")
+        if not self.taid_t_start <= self.taid_t_end <= 1.0:
+            raise ConfigError(f"taid_t_end={self.taid_t_end} must be in [taid_t_start={self.taid_t_start}, 1].")
+        if not 0.0 <= self.taid_alpha <= 1.0:
+            raise ConfigError(f"taid_alpha={self.taid_alpha} must be in [0, 1].")
+        if not 0.0 <= self.taid_beta < 1.0:
+            raise ConfigError(f"taid_beta={self.taid_beta} must be in [0, 1).")
+
+
+def check_cache_serves_loss(loss: str, cache_mode: str) -> None:
+    """Refuse a teacher-cache mode that does not hold what ``loss`` reads, before any work.
+
+    dense serves every loss. topk keeps k tokens and the tail's total mass: enough for any divergence
+    over k + 1 buckets, but not for TAID, whose target softmax((1 - t) z_student + t z_teacher) needs
+    the teacher's logit of every token. sampled keeps draws from the teacher: an estimate of forward KL only.
+    """
+    if loss == "taid" and cache_mode in ("topk", "sampled"):
+        raise ConfigError(
+            f"loss='taid' interpolates the teacher's logits over the whole vocabulary, which cache_mode="
+            f"{cache_mode!r} does not keep; use cache_mode='dense' or an online teacher."
+        )
+    if cache_mode == "sampled" and loss != "forward_kl":
+        raise ConfigError(f"cache_mode='sampled' estimates forward_kl only; got loss={loss!r}.")
 
 
 @dataclass(kw_only=True)
@@ -73,14 +132,13 @@ class TeacherCacheSettings(DistillationSettings):
     )
 
     def check_teacher_signal(self, cache_mode: str, modes: tuple[str, ...]) -> None:
-        """Refuse a ``cache_mode`` outside ``modes``, a sampled cache with a loss other than forward_kl (its
-        draws estimate forward KL only), an unknown sampler and a ``cache_k`` below 1."""
+        """Refuse a ``cache_mode`` outside ``modes``, one that cannot serve the loss
+        (:func:`check_cache_serves_loss`), an unknown sampler and a ``cache_k`` below 1."""
         from hf_capgap.cache.format import SAMPLERS
 
         if cache_mode not in modes:
             raise ConfigError(f"cache_mode={cache_mode!r} must be one of {', '.join(modes)}.")
-        if cache_mode == "sampled" and self.loss != "forward_kl":
-            raise ConfigError(f"cache_mode='sampled' estimates forward_kl only; got loss={self.loss!r}.")
+        check_cache_serves_loss(self.loss, cache_mode)
         if self.cache_sampler not in SAMPLERS:
             raise ConfigError(f"cache_sampler={self.cache_sampler!r} must be one of {', '.join(SAMPLERS)}.")
         if self.cache_k < 1:

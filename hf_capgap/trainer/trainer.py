@@ -31,6 +31,7 @@ from hf_capgap.data import (
 )
 from hf_capgap.errors import ConfigError
 from hf_capgap.losses import (
+    TAID,
     DenseTeacher,
     FusedTeacher,
     LossSpec,
@@ -47,6 +48,8 @@ from hf_capgap.models import (
 )
 from hf_capgap.trainer.config import DistillationConfig, check_sft_loss_fields
 from hf_capgap.trainer.metrics import ExampleTokensCollator, MetricSums, repeated_positions
+from hf_capgap.trainer.settings import check_cache_serves_loss
+from hf_capgap.trainer.taid import TaidSchedule
 
 logger = logging.get_logger(__name__)
 
@@ -151,6 +154,8 @@ class DistillationTrainer(SFTTrainer):
         self.teacher = None if teacher_model is None else self._prepare_teacher(teacher_model)
         self._metric_sums = MetricSums()
         self._announced_paths: set[str] = set()
+        if args.loss == TAID:
+            self.add_callback(TaidSchedule())
 
     # ------------------------------------------------------------------ set-up steps
 
@@ -166,6 +171,8 @@ class DistillationTrainer(SFTTrainer):
                 "(DistillationConfig.loss / alpha / temperature). Subclass DistillationTrainer to change it."
             )
         if args.loss_backend == "liger":
+            if args.loss == TAID:
+                raise ConfigError("loss='taid' runs with loss_backend='hf_capgap' (Liger has no TAID loss).")
             from hf_capgap.losses.liger import require_liger
 
             require_liger()
@@ -187,6 +194,7 @@ class DistillationTrainer(SFTTrainer):
         self._cached_rows = None
         self.teacher_cache = self._open_cache(args, tokenizer) if args.teacher_cache is not None else None
         if self.teacher_cache is not None:
+            check_cache_serves_loss(args.loss, self.teacher_cache.mode)
             if teacher_model is not None:
                 raise ConfigError("pass either teacher_model or DistillationConfig.teacher_cache, not both.")
             self._cached_rows = self.teacher_cache.dataset
@@ -331,6 +339,12 @@ class DistillationTrainer(SFTTrainer):
 
     # ------------------------------------------------------------------ loss
 
+    @property
+    def taid_schedule(self) -> TaidSchedule | None:
+        """The schedule of TAID's t (loss='taid'); looked up each time, since resuming with
+        ``restore_callback_states_from_checkpoint`` replaces the callback by a restored copy."""
+        return next((cb for cb in self.callback_handler.callbacks if isinstance(cb, TaidSchedule)), None)
+
     def _head_choice(self, model: nn.Module, role: str) -> HeadChoice:
         """Which lm_head to fuse for ``role`` (student / teacher); says once, in the log, which path runs and why
         (as a warning when 'auto' had to fall back to full logits, which costs [tokens, vocab] memory)."""
@@ -410,6 +424,9 @@ class DistillationTrainer(SFTTrainer):
         rows = states.flatten(0, 1)
         # alpha = 0, or evaluating on rows that were never cached: only the LM cross-entropy is computed.
         spec = self.loss_spec if teacher is not None else replace(self.loss_spec, alpha=0.0)
+        schedule = self.taid_schedule if spec.kind == TAID else None
+        if schedule is not None:
+            spec = replace(spec, taid_t=schedule.current_t(self.args))
         if self.args.loss_backend == "liger":
             from hf_capgap.losses.liger import liger_loss_on_head
 
@@ -426,6 +443,8 @@ class DistillationTrainer(SFTTrainer):
                 inplace_grad=head is None and not return_outputs,  # the model's logits, read by nothing else
             )
         self._metric_sums.record("train" if self.model.training else "eval", output, spec, inputs, aux_loss, repeated)
+        if schedule is not None and self.model.training and spec.alpha > 0:
+            schedule.record(output.distill_sum, output.num_tokens)
         loss = output.loss
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # DDP averages gradients over processes while num_items_in_batch counts all of them.
@@ -491,9 +510,12 @@ class DistillationTrainer(SFTTrainer):
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Adds the training parts since the last log to a training-loss log (evaluation metrics come with
-        their own loop); the parts of steps after the last training log end with the training run."""
+        their own loop), and with loss='taid' the t the next step uses (``taid_t``); the parts of steps
+        after the last training log end with the training run."""
         if "loss" in logs:
             logs.update(self._part_metrics("train", ""))
+            if self.taid_schedule is not None:
+                logs["taid_t"] = round(self.taid_schedule.current_t(self.args), 6)
         elif "train_loss" in logs:
             self._part_metrics("train", "")  # counts the last steps' input tokens in num_tokens
         super().log(logs, *args, **kwargs)
