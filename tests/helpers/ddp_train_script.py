@@ -3,7 +3,8 @@
 The pair is Qwen2-like (GQA, tied and padded embeddings). With two ranks of two rows each, rank 1's
 micro-batch has no labelled token (as assistant-only loss often makes): it must still step, with zero
 gradients, and the result must equal one process over all four rows. Each rank saves the student's
-embedding change and its rank/world size into OUT.
+embedding change and its rank/world size into OUT. ``taid``: four steps of loss='taid', whose schedule of t
+must move alike on both ranks and as one process over the same batches.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from datasets import Dataset
@@ -33,15 +35,17 @@ def dataset() -> Dataset:
     return Dataset.from_dict({"input_ids": rows, "labels": labels})
 
 
-def train(out: Path, per_device_batch: int) -> tuple[torch.Tensor, torch.Tensor, DistillationTrainer]:
+def train(
+    out: Path, per_device_batch: int, max_steps: int = 1, learning_rate: float = 1.0, **settings: Any
+) -> tuple[torch.Tensor, torch.Tensor, DistillationTrainer]:
     teacher, student = tiny_qwen2(1024, hidden=32, seed=1), tiny_qwen2(1008, hidden=16, seed=2)
     before = student.lm_head.weight.detach().clone()
     args = DistillationConfig(
         output_dir=str(out / "run"),
         per_device_train_batch_size=per_device_batch,
-        max_steps=1,
+        max_steps=max_steps,
         optim="sgd",
-        learning_rate=1.0,
+        learning_rate=learning_rate,
         lr_scheduler_type="constant",
         max_grad_norm=0.0,
         train_sampling_strategy="sequential",
@@ -53,6 +57,7 @@ def train(out: Path, per_device_batch: int) -> tuple[torch.Tensor, torch.Tensor,
         temperature=2.0,
         max_length=None,
         logging_steps=1,
+        **settings,
     )
     trainer = DistillationTrainer(
         model=student, teacher_model=teacher, args=args, train_dataset=dataset(), processing_class=chat_tokenizer()
@@ -172,6 +177,27 @@ def main(out: Path) -> None:
     os._exit(0)
 
 
+# 2 ranks x 1 row x 2 accumulated micro-batches == 1 process x 2 rows x 2: the same 4 rows per optimizer step.
+TAID_SETTINGS = {
+    "loss": "taid", "max_steps": 4, "gradient_accumulation_steps": 2, "learning_rate": 0.1,
+    "taid_t_start": 0.4, "taid_alpha": 0.8, "taid_beta": 0.5,
+}  # fmt: skip
+
+
+def taid_t_logged(trainer: DistillationTrainer) -> list[float]:
+    return [entry["taid_t"] for entry in trainer.state.log_history if "taid_t" in entry]
+
+
+def main_taid(out: Path) -> None:
+    before, after, trainer = train(out, per_device_batch=1, **TAID_SETTINGS)
+    rank = trainer.args.process_index
+    save_file({"delta": (after - before).contiguous()}, str(out / f"taid{rank}.safetensors"))
+    report = {"world_size": trainer.args.world_size, "taid_t": taid_t_logged(trainer), "t": trainer.taid_schedule.t}
+    (out / f"taid{rank}.json").write_text(json.dumps(report))
+    trainer.accelerator.wait_for_everyone()
+    os._exit(0)
+
+
 def main_eval(out: Path, case: str) -> None:
     metrics, trainer = evaluate_uneven(out, case)
     (out / f"eval{trainer.args.process_index}.json").write_text(json.dumps(metrics))
@@ -182,5 +208,7 @@ def main_eval(out: Path, case: str) -> None:
 if __name__ == "__main__":
     if sys.argv[2:3] == ["eval"]:
         main_eval(Path(sys.argv[1]), sys.argv[3])
+    elif sys.argv[2:3] == ["taid"]:
+        main_taid(Path(sys.argv[1]))
     else:
         main(Path(sys.argv[1]))

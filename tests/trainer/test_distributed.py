@@ -75,3 +75,22 @@ def test_two_process_evaluation_does_not_count_the_rows_that_even_out_the_last_b
     # rank 0 dispatches from an IterableDataset (transformers' evaluation_loop), so only the token-weighted ones match.
     for name in EVAL_METRICS if case != "iterable" else set(EVAL_METRICS) - {"eval_loss"}:
         assert ranks[0][name] == pytest.approx(single[name], rel=1e-5, abs=1e-6), name
+
+
+def test_two_process_taid_moves_its_schedule_as_one_process(tmp_path):
+    """loss='taid': t is advanced from the objective of the whole batch (summed over ranks), so both ranks
+    log the same t at every step, equal to one process over the same rows, and train the same student."""
+    launch(tmp_path, "taid")
+    ranks = [json.loads((tmp_path / f"taid{r}.json").read_text()) for r in (0, 1)]
+    assert {r["world_size"] for r in ranks} == {2}
+    assert ranks[0]["t"] == ranks[1]["t"] and ranks[0]["taid_t"] == ranks[1]["taid_t"]
+    deltas = [load_file(str(tmp_path / f"taid{r}.safetensors"))["delta"] for r in (0, 1)]
+    torch.testing.assert_close(deltas[0], deltas[1])
+
+    from tests.helpers.ddp_train_script import TAID_SETTINGS, taid_t_logged, train
+
+    before, after, single = train(tmp_path / "single", per_device_batch=2, **TAID_SETTINGS)
+    assert len(taid_t_logged(single)) == 4 and taid_t_logged(single)[-1] > TAID_SETTINGS["taid_t_start"]
+    assert ranks[0]["taid_t"] == pytest.approx(taid_t_logged(single), abs=2e-6)  # logged to 6 places
+    assert ranks[0]["t"] == pytest.approx(single.taid_schedule.t, abs=1e-6)
+    torch.testing.assert_close(deltas[0], after - before, rtol=1e-4, atol=1e-6)
