@@ -8,19 +8,25 @@ the recipe's job.
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from hf_capgap.errors import ConfigError
+from hf_capgap.law.fit import CapacityGapWarning
 from hf_capgap.law.params import format_params, parse_params
 
 if TYPE_CHECKING:
     from hf_capgap.law.law import CapacityGapLaw
 
 MAX_STEPS = 64
-"""More equal steps than this means the law cannot bridge the pair (an affine law near the end of its range)."""
+"""More steps than this means the law cannot bridge the pair (an affine law past the end of its range)."""
+
+NEAR_ONE = 1.1
+"""An affine law allowing a step ratio below this is near the end of its range: the plan comes with a warning."""
 
 _TOLERANCE = 1e-9
 """Relative slack so that a ratio equal to the bound up to rounding (e.g. 6.25 = 2.5 x 2.5) counts as within it."""
@@ -30,8 +36,9 @@ _TOLERANCE = 1e-9
 class ChainPlan:
     """Sizes from the teacher down to the student, with each step's ratio and the law's bound for it.
 
-    ``sizes`` runs teacher -> assistants -> student; ``ratios[i]`` is ``sizes[i] / sizes[i + 1]`` (all
-    equal) and ``limits[i]`` the largest ratio the law allows for a student of ``sizes[i + 1]``.
+    ``sizes`` runs teacher -> assistants -> student; ``ratios[i]`` is ``sizes[i] / sizes[i + 1]`` (equal
+    unless an affine law's bound only admits unequal steps) and ``limits[i]`` the largest ratio the law
+    allows for a student of ``sizes[i + 1]``.
     ``within_reach`` means the teacher needs no assistant: ``sizes`` is (teacher, student).
     """
 
@@ -73,19 +80,21 @@ class ChainPlan:
 
 
 def plan_chain(law: CapacityGapLaw, student_params: float | str, teacher_params: float | str) -> ChainPlan:
-    """The fewest equal geometric steps from ``teacher_params`` down to ``student_params`` within ``law``.
+    """The fewest steps from ``teacher_params`` down to ``student_params`` within ``law``, equal where they fit.
 
-    With R = teacher / student, n steps have the common ratio r = R ** (1 / n) and step students
-    s_i = student * r**i (i = 0 .. n-1). A step is within reach when its teacher r * s_i is at most the
-    law's upper bound for s_i: the upper end of the interval ``law.predict(s_i)`` gives (``ratio_ci``'s
-    upper end times s_i for a through-origin law, the bootstrap band's upper end for an affine one), or
-    the point prediction where the law has no interval (the paper prior: k = 2.5, since the paper
-    reports no range). The plan is the smallest n for which every step is within reach; n = 1 means the
-    teacher is within reach and there is no assistant. For a through-origin law that is
-    n = ceil(log R / log k_hi). An affine law's bound varies with size, so each n is checked step by
-    step; a step student outside its valid range (no teacher larger than the student) is refused.
-    Ratios are equal by construction, so a pair that falls between k_hi**(n-1) and k_lo**n gets steps
-    below the interval's lower end rather than above its upper end.
+    A step is within reach when its teacher is at most the law's upper bound for its student s: the
+    larger of the point prediction and the upper end of its interval (``ratio_ci``'s upper end times s
+    for a through-origin law, the bootstrap band's upper end for an affine one; a percentile interval
+    need not contain its point estimate), or the point prediction where the law has no interval (the
+    paper prior: k = 2.5, since the paper reports no range). The chain is built greedily from the
+    student up, each assistant as large as the law allows: s_{i+1} = min(teacher, upper(s_i)). Where
+    upper(s) grows with s (a positive slope), no chain has fewer steps. With n such steps, equal ratios
+    r = R ** (1 / n) (R = teacher / student) are used instead when every one of them is within reach too: always for a
+    through-origin law (n = ceil(log R / log k_hi)), and for an affine law only where they fit, since
+    its allowed ratio varies with size. n = 1 means the teacher is within reach and there is no
+    assistant. A bound that is not a finite number above 1 is refused, as is a chain through student
+    sizes outside an affine law's valid range or longer than ``MAX_STEPS``; an affine chain through sizes
+    where the law allows ratios barely above 1 (near the end of the line's range) is returned with a warning.
     """
     student, teacher = parse_params(student_params), parse_params(teacher_params)
     if student >= teacher:
@@ -93,30 +102,73 @@ def plan_chain(law: CapacityGapLaw, student_params: float | str, teacher_params:
             f"the student ({format_params(student)}) must be smaller than the teacher ({format_params(teacher)}): "
             "a chain runs from a larger teacher down to the student."
         )
-    total = teacher / student
-    for steps in range(1, MAX_STEPS + 1):
-        ratio = total ** (1 / steps)
-        step_students = student * ratio ** np.arange(steps)
-        limits = _ratio_limits(law, step_students, student, teacher)
-        if np.all(ratio <= limits * (1 + _TOLERANCE)):
-            break
-    else:
-        tightest = int(np.argmin(limits / ratio))
-        raise ConfigError(
-            f"no chain of at most {MAX_STEPS} equal steps from {format_params(teacher)} down to "
-            f"{format_params(student)} stays within the law {law.formula()}: with {MAX_STEPS} steps of ratio "
-            f"{ratio:.3g}, it allows only {limits[tightest]:.3g} for the {format_params(step_students[tightest])} "
-            "student, so a longer chain of smaller steps would be needed."
+    _check_bound(law)
+    ascending = _greedy_sizes(law, student, teacher)
+    steps = len(ascending) - 1
+    ratio = (teacher / student) ** (1 / steps)
+    equal = _equal_steps_fit(law, student, teacher, ratio, steps)
+    if equal:
+        ascending = [student, *(student * ratio**i for i in range(1, steps)), teacher]
+    sizes = np.array(ascending, dtype=float)
+    ratios = np.full(steps, ratio) if equal else sizes[1:] / sizes[:-1]
+    limits = _ratio_limits(law, sizes[:-1], student, teacher)
+    if not law.through_origin and np.any(limits < NEAR_ONE):
+        warnings.warn(
+            f"the chain from {format_params(teacher)} down to {format_params(student)} has steps whose teacher "
+            f"the law allows to be only {limits.min():.3g} times its student: the affine law {law.formula()} is "
+            "near the end of its range there, so those assistants gain little.",
+            CapacityGapWarning,
+            stacklevel=3,
         )
-    ascending = [student, *(student * ratio**i for i in range(1, steps)), teacher]
     return ChainPlan(
-        sizes=tuple(float(size) for size in reversed(ascending)),
-        ratios=(float(ratio),) * steps,
+        sizes=tuple(float(size) for size in reversed(sizes)),
+        ratios=tuple(float(step_ratio) for step_ratio in reversed(ratios)),
         limits=tuple(float(limit) for limit in reversed(limits)),
         within_reach=steps == 1,
         law=f"{law.source}, {law.formula()}",
         bound=_bound(law),
     )
+
+
+def _greedy_sizes(law: CapacityGapLaw, student: float, teacher: float) -> list[float]:
+    """Student -> teacher, each step's teacher the largest the law allows for its student (the fewest steps)."""
+    sizes = [student]
+    while len(sizes) <= MAX_STEPS:
+        reach = sizes[-1] * float(_ratio_limits(law, np.array(sizes[-1:]), student, teacher)[0])
+        if teacher <= reach * (1 + _TOLERANCE):
+            return [*sizes, teacher]
+        if reach <= sizes[-1]:
+            break
+        sizes.append(reach)
+    _ratio_limits(law, np.array([teacher]), student, teacher)  # a teacher past the affine range: say so
+    raise ConfigError(
+        f"no chain of at most {MAX_STEPS} steps from {format_params(teacher)} down to {format_params(student)} "
+        f"stays within the law {law.formula()}: each step's teacher may be at most {_bound(law)}, and "
+        f"{MAX_STEPS} such steps reach only {format_params(sizes[-1])}."
+    )
+
+
+def _equal_steps_fit(law: CapacityGapLaw, student: float, teacher: float, ratio: float, steps: int) -> bool:
+    """Whether ``steps`` equal steps of ``ratio`` each stay within the law (an affine law may not allow them)."""
+    try:
+        limits = _ratio_limits(law, student * ratio ** np.arange(steps), student, teacher)
+    except ConfigError:
+        return False
+    return bool(np.all(ratio <= limits * (1 + _TOLERANCE)))
+
+
+def _check_bound(law: CapacityGapLaw) -> None:
+    """Refuse a through-origin law whose step bound is not a finite ratio above 1: no chain could use it."""
+    if not law.through_origin:
+        return
+    bound = law.ratio if law.ratio_ci is None else max(law.ratio, law.ratio_ci[1])
+    if not math.isfinite(bound) or bound <= 1:
+        low, high = law.ratio_ci or (None, None)
+        interval = "no interval" if law.ratio_ci is None else f"interval [{low:.3g}, {high:.3g}]"
+        raise ConfigError(
+            f"the law {law.formula()} (k = {law.ratio:.3g}, {interval}) allows a teacher/student ratio of at most "
+            f"{bound:.3g}; a chain needs a finite bound above 1. Refit the law."
+        )
 
 
 def _ratio_limits(law: CapacityGapLaw, step_students: np.ndarray, student: float, teacher: float) -> np.ndarray:
@@ -128,8 +180,14 @@ def _ratio_limits(law: CapacityGapLaw, step_students: np.ndarray, student: float
             f"cannot plan a chain from {format_params(teacher)} down to {format_params(student)} "
             f"with the law {law.formula()}: {error}"
         ) from error
-    upper = prediction.params if prediction.hi is None else prediction.hi
-    return np.asarray(upper, dtype=float) / step_students
+    upper = prediction.params if prediction.hi is None else np.maximum(prediction.params, prediction.hi)
+    limits = np.asarray(upper, dtype=float) / step_students
+    if not np.all(np.isfinite(limits)):
+        raise ConfigError(
+            f"cannot plan a chain from {format_params(teacher)} down to {format_params(student)}: the law "
+            f"{law.formula()} gives no finite upper bound for {_bound(law)}; refit the law."
+        )
+    return limits
 
 
 def _bound(law: CapacityGapLaw) -> str:
@@ -137,9 +195,11 @@ def _bound(law: CapacityGapLaw) -> str:
     if law.through_origin:
         if law.ratio_ci is not None:
             low, high = law.ratio_ci
+            if law.ratio > high:
+                return f"the point estimate k = {law.ratio:.3g}, above its interval [{low:.3g}, {high:.3g}]"
             return f"the upper end of k's interval [{low:.3g}, {high:.3g}]"
         reason = "the paper reports no interval" if law.source == "paper" else "the law carries no interval"
         return f"the point estimate k = {law.ratio:.3g} ({reason})"
     if law.band_draws is not None:
-        return "the upper end of the affine law's bootstrap band at each step's student"
+        return "the upper end of the affine law's bootstrap band (or its line, where higher) at each step's student"
     return "the affine line's prediction for each step's student (the law carries no band)"

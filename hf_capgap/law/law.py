@@ -91,6 +91,7 @@ class CapacityGapLaw:
             raise ConfigError("an affine law (through_origin=False) needs slope_affine and intercept.")
         self.ratio = float(ratio)
         self.ratio_ci = None if ratio_ci is None else (float(ratio_ci[0]), float(ratio_ci[1]))
+        _check_ratio(self.ratio, self.ratio_ci)
         self.source = source
         self.through_origin = through_origin
         self.slope_affine = slope_affine
@@ -217,8 +218,8 @@ class CapacityGapLaw:
     def chain(self, student_params: float | str, teacher_params: float | str) -> ChainPlan:
         """The teacher-assistant sizes from a teacher too big for the student down to it.
 
-        The fewest equal geometric steps, each teacher at most the upper end of the law's interval for
-        its student (the point estimate where the law has none, as for the paper prior); empty
+        The fewest steps (equal geometric ones where they fit), each teacher at most the upper end of the
+        law's interval for its student (the point estimate where the law has none, as for the paper prior); empty
         ``assistants`` when the teacher is within reach. :func:`hf_capgap.law.chain.plan_chain` says
         exactly how. Refuses a student not smaller than the teacher, and sizes that are not positive.
         """
@@ -258,8 +259,8 @@ class CapacityGapLaw:
         data = read_law_file(path)
         try:
             return cls._from_dict(data, str(path))
-        except ArtifactError as err:
-            raise ArtifactError(f"{path}: {err}") from err
+        except (ArtifactError, ConfigError) as err:
+            raise type(err)(f"{path}: {err}") from err
 
     # ------------------------------------------------------------------ reporting
 
@@ -361,6 +362,22 @@ class CapacityGapLaw:
     def __repr__(self) -> str:
         ci = "" if self.ratio_ci is None else f", ratio_ci=({self.ratio_ci[0]:.3g}, {self.ratio_ci[1]:.3g})"
         return f"CapacityGapLaw(ratio={self.ratio:.3g}{ci}, source={self.source!r})"
+
+
+def _check_ratio(ratio: float, ratio_ci: tuple[float, float] | None) -> None:
+    """Refuse a k or an interval that no query could use: not finite, or its ends swapped.
+
+    The point estimate may lie outside its interval (a percentile bootstrap can put it there): that is allowed.
+    """
+    if not math.isfinite(ratio):
+        raise ConfigError(f"the law's ratio k must be a finite number, got {ratio}; refit the law.")
+    if ratio_ci is None:
+        return
+    low, high = ratio_ci
+    if not (math.isfinite(low) and math.isfinite(high) and low <= high):
+        raise ConfigError(
+            f"the law's interval of k must be two finite numbers, low before high, got [{low}, {high}]; refit the law."
+        )
 
 
 def _positive_array(values: Any, name: str) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 
 from hf_capgap.cli import main
 from hf_capgap.errors import ConfigError
-from hf_capgap.law import CapacityGapLaw, ChainPlan
+from hf_capgap.law import CapacityGapLaw, CapacityGapWarning, ChainPlan
 
 
 def fitted(ratio=2.93, ratio_ci=(2.39, 3.59)):
@@ -99,8 +100,8 @@ def test_an_affine_law_with_a_band_uses_the_bands_upper_end():
     law = affine(0.61, 379e3, draws)
     plan = law.chain("110K", "600K")
     assert plan.assistants and "bootstrap band" in plan.bound
-    assert all(limit > ratio for limit, ratio in zip(plan.limits, plan.ratios, strict=True))
-    assert_fewest_equal_steps_within(law, plan)
+    assert all(limit >= ratio for limit, ratio in zip(plan.limits, plan.ratios, strict=True))
+    assert_fewest_steps_within(law, plan)
 
 
 def test_an_affine_law_refuses_sizes_outside_its_valid_range():
@@ -108,8 +109,78 @@ def test_an_affine_law_refuses_sizes_outside_its_valid_range():
         affine(3.0, -1e8).chain("40M", "1B")  # 3 x 40M - 100M = 20M: no teacher larger than the student
     with pytest.raises(ConfigError, match=r"chain from 70B down to 110K .* outside the range"):
         affine(0.61, 379e3).chain("110K", "70B")  # valid only below 379K / 0.39 = 972K
-    with pytest.raises(ConfigError, match="no chain of at most 64 equal steps"):
-        affine(0.61, 379e3).chain("110K", "963K")  # inside the range, but allowed ratios tend to 1 near its end
+    with pytest.raises(ConfigError, match="no chain of at most 64 steps"):
+        CapacityGapLaw.paper().chain(1, 1e27)  # 2.5 ** 64 = 3.4e25
+
+
+def test_an_affine_law_near_the_end_of_its_range_gets_unequal_steps_with_a_warning():
+    law = affine(0.61, 379e3)  # valid only below 379K / 0.39 = 972K; allowed ratios tend to 1 near there
+    with pytest.warns(CapacityGapWarning, match="near the end of its range"):
+        plan = law.chain("110K", "963K")
+    assert len(plan.ratios) == 10 and len(set(plan.ratios)) > 1
+    assert_fewest_steps_within(law, plan)
+
+
+def test_an_affine_law_takes_the_fewest_steps_when_equal_ones_need_more():
+    law = affine(1.2, 500e6)
+    plan = law.chain("100M", "70B")
+    assert len(plan.ratios) == 19  # equal steps would need 35
+    assert_fewest_steps_within(law, plan)
+
+
+def assert_fewest_steps_within(law, plan: ChainPlan):
+    """Sizes falling to the student, each step within the bound, and as few steps as a greedy climb takes."""
+    sizes = np.array(plan.sizes)
+    assert np.all(np.diff(sizes) < 0)
+    np.testing.assert_allclose(sizes[:-1] / sizes[1:], plan.ratios, rtol=1e-12)
+    assert np.all(sizes[:-1] <= upper_bound(law, sizes[1:]) * (1 + 1e-9))
+    np.testing.assert_allclose(plan.limits, upper_bound(law, sizes[1:]) / sizes[1:], rtol=1e-12)
+    size, steps = plan.student, 0
+    while size < plan.teacher * (1 - 1e-12):
+        size, steps = min(plan.teacher, float(upper_bound(law, [size])[0])), steps + 1
+    assert len(plan.ratios) == steps
+
+
+@pytest.mark.parametrize(
+    "ratio_ci", [(2.0, float("nan")), (float("-inf"), 3.0), (2.0, float("inf")), (3.5, 2.0)], ids=str
+)
+def test_an_interval_that_is_not_finite_or_swapped_is_refused_where_the_law_is_built(ratio_ci):
+    with pytest.raises(ConfigError, match=r"interval of k must be two finite numbers, low before high"):
+        fitted(ratio=2.5, ratio_ci=ratio_ci)
+
+
+def test_a_law_file_with_a_swapped_interval_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "law.json"
+    fitted().save(path)
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, "ratio_ci": [3.5, 2.0]}))
+    with pytest.raises(ConfigError, match=r"law\.json: the law's interval of k"):
+        CapacityGapLaw.load(path)
+
+
+def test_a_non_finite_k_is_refused():
+    with pytest.raises(ConfigError, match="ratio k must be a finite number"):
+        CapacityGapLaw(ratio=float("nan"), ratio_ci=None, source="fitted")
+
+
+@pytest.mark.parametrize(("ratio", "ratio_ci"), [(1.0, None), (0.8, (0.5, 0.9)), (0.9, (0.5, 1.0))])
+def test_a_step_bound_not_above_1_is_refused_naming_the_interval(ratio, ratio_ci):
+    interval = "no interval" if ratio_ci is None else rf"interval \[{ratio_ci[0]:.3g}, {ratio_ci[1]:.3g}\]"
+    with pytest.raises(ConfigError, match=rf"k = {ratio:.3g}, {interval}\) allows .* a finite bound above 1"):
+        fitted(ratio=ratio, ratio_ci=ratio_ci).chain("1B", "70B")
+
+
+def test_a_point_estimate_above_its_interval_bounds_the_steps():
+    law = fitted(ratio=2.5, ratio_ci=(1.5, 2.0))  # a percentile bootstrap interval can miss its estimate
+    plan = law.chain("1B", "70B")
+    assert len(plan.ratios) == 5 and plan.limits == (2.5,) * 5
+    assert "point estimate k = 2.5, above its interval [1.5, 2]" in plan.bound
+
+
+def test_a_band_that_is_not_finite_is_refused():
+    draws = np.array([[0.61, 379e3], [float("nan"), 379e3]] * 50)
+    with pytest.raises(ConfigError, match="no finite upper bound"):
+        affine(0.61, 379e3, draws).chain("110K", "600K")
 
 
 @pytest.mark.parametrize(
