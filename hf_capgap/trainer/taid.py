@@ -32,7 +32,8 @@ def next_t(
     """(t, momentum) after a step whose objective is ``objective``; ``settings`` holds the taid_* fields."""
     relative_change = (previous - objective) / (previous + RELATIVE_CHANGE_EPS)
     momentum = settings.taid_beta * momentum + (1.0 - settings.taid_beta) * relative_change
-    step = settings.taid_alpha * (1.0 / (1.0 + math.exp(-momentum))) * (1.0 - t)
+    sigmoid = 0.5 * (1.0 + math.tanh(0.5 * momentum))  # = 1 / (1 + e^-m), without overflow for |m| > 709
+    step = settings.taid_alpha * sigmoid * (1.0 - t)
     linear = settings.taid_t_start + (settings.taid_t_end - settings.taid_t_start) * progress
     return min(settings.taid_t_end, max(linear, t + step)), momentum
 
@@ -56,7 +57,7 @@ class TaidSchedule(TrainerCallback, ExportableState):
         return {"args": {}, "attributes": attributes}
 
     def current_t(self, args: Any) -> float:
-        """t for the next loss (taid_t_start before training, e.g. for an evaluation)."""
+        """t for the next training loss (taid_t_start before training)."""
         return args.taid_t_start if self.t is None else self.t
 
     def record(self, distill_sum: Tensor, num_tokens: int) -> None:
@@ -65,14 +66,14 @@ class TaidSchedule(TrainerCallback, ExportableState):
         self._step_sums = sums if self._step_sums is None else self._step_sums + sums
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        # From a checkpoint, trainer_state.json holds the schedule; a fresh run's state holds this callback's own.
-        recorded = state.stateful_callbacks.get(type(self).__name__)
+        # A run resumed from a checkpoint (global_step > 0) continues the schedule trainer_state.json holds;
+        # any other run starts it afresh, also a second train() whose state still holds the first run's.
+        recorded = state.stateful_callbacks.get(type(self).__name__) if state.global_step > 0 else None
         attributes = recorded.get("attributes", {}) if isinstance(recorded, dict) else {}
+        self.t, self.momentum, self.previous_objective = args.taid_t_start, 0.0, None
         if attributes.get("t") is not None:
             for name, value in attributes.items():
                 setattr(self, name, value)
-        if self.t is None:
-            self.t = args.taid_t_start
         self._step_sums = None
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

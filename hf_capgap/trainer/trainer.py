@@ -170,6 +170,10 @@ class DistillationTrainer(SFTTrainer):
                 "compute_loss_func is not supported: DistillationTrainer's loss is the distillation objective "
                 "(DistillationConfig.loss / alpha / temperature). Subclass DistillationTrainer to change it."
             )
+        if args.teacher_cache is not None:  # the cache's mode, from its manifest, before the student loads
+            from hf_capgap.cache import TeacherCache
+
+            check_cache_serves_loss(args.loss, TeacherCache.load(args.teacher_cache).mode)
         if args.loss_backend == "liger":
             if args.loss == TAID:
                 raise ConfigError("loss='taid' runs with loss_backend='hf_capgap' (Liger has no TAID loss).")
@@ -425,8 +429,8 @@ class DistillationTrainer(SFTTrainer):
         # alpha = 0, or evaluating on rows that were never cached: only the LM cross-entropy is computed.
         spec = self.loss_spec if teacher is not None else replace(self.loss_spec, alpha=0.0)
         schedule = self.taid_schedule if spec.kind == TAID else None
-        if schedule is not None:
-            spec = replace(spec, taid_t=schedule.current_t(self.args))
+        if schedule is not None:  # evaluation scores against the schedule's end target, comparable across a run
+            spec = replace(spec, taid_t=schedule.current_t(self.args) if model.training else self.args.taid_t_end)
         if self.args.loss_backend == "liger":
             from hf_capgap.losses.liger import liger_loss_on_head
 

@@ -126,6 +126,36 @@ def test_taid_is_refused_with_a_cache_that_lacks_the_teachers_full_distribution(
                 args=config(tmp_path, teacher_cache=str(path)),
                 processing_class=tiny_tokenizer,
             )
+        with pytest.raises(ConfigError, match=f"loss='taid'.*cache_mode='{mode}'"):  # before the student loads
+            DistillationTrainer(
+                model=str(tmp_path / "no-student-here"),
+                args=config(tmp_path, teacher_cache=str(path)),
+                processing_class=tiny_tokenizer,
+            )
+
+
+def test_the_update_survives_an_objective_that_jumps_from_almost_zero():
+    from types import SimpleNamespace
+
+    from hf_capgap.trainer.taid import next_t
+
+    settings = SimpleNamespace(taid_t_start=0.0, taid_t_end=1.0, taid_alpha=5e-4, taid_beta=0.99)
+    t, momentum = next_t(0.0, 0.0, previous=1e-9, objective=1e-3, progress=0.5, settings=settings)
+    assert t == 0.5 and momentum < -709  # the sigmoid of such a momentum is 0: only the linear ramp moves t
+
+
+def test_a_second_train_starts_the_schedule_afresh_and_evaluation_uses_its_end_target(
+    tmp_path, tiny_tokenizer, tiny_text_dataset
+):
+    trainer = trainer_for(config(tmp_path, max_steps=3), tiny_tokenizer, tiny_text_dataset)
+    evaluations = []
+    for _ in range(2):
+        trainer.train()
+        logged = [entry["taid_t"] for entry in trainer.state.log_history if "loss" in entry]
+        assert logged[0] == SCHEDULE["taid_t_start"]
+        evaluations.append(trainer.evaluate(tiny_text_dataset)["eval_loss"])
+        trainer.taid_schedule.t = SCHEDULE["taid_t_start"]  # another t mid-run: evaluation must not change
+        assert trainer.evaluate(tiny_text_dataset)["eval_loss"] == pytest.approx(evaluations[-1], abs=1e-7)
 
 
 @pytest.mark.parametrize(
