@@ -30,6 +30,11 @@ from tests.helpers.cache_build_script import SEQ_LEN, VOCAB_SIZE, make_dataset, 
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tests" / "helpers" / "cache_build_script.py"
+TWO_PROCESS_BUILD = [
+    *(sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"),
+    *("--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"),
+    str(SCRIPT),
+]  # the build script under two gloo processes (with ACCELERATE_USE_CPU=1)
 MASKED_PREFIX = SEQ_LEN // 4  # make_dataset(labels=True) masks the first SEQ_LEN // 4 labels of a row
 
 
@@ -673,21 +678,7 @@ def test_two_process_accelerate_build_equals_single_process(tmp_path, reference)
     out, ranks = tmp_path / "multi", tmp_path / "ranks"
     ranks.mkdir()
     command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "0",
-        str(SCRIPT),
+        *TWO_PROCESS_BUILD,
         "--out",
         str(out),
         "--rank-dir",
@@ -711,21 +702,7 @@ def test_ranks_that_measure_different_draws_for_a_budget_build_with_the_fewest(t
         subprocess.run([*script, "--out", str(tmp_path / budget), "--bytes-per-token", budget], cwd=REPO, timeout=300,
                        check=True)  # fmt: skip
     command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "0",
-        str(SCRIPT),
+        *TWO_PROCESS_BUILD,
         "--mode",
         "sampled",
         "--out",
@@ -752,21 +729,7 @@ def test_two_rank_build_with_an_fsdp2_sharded_teacher_equals_single_process(tmp_
     subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "one"), *settings], cwd=REPO, timeout=300,
                    check=True)  # fmt: skip
     command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "0",
-        str(SCRIPT),
+        *TWO_PROCESS_BUILD,
         "--out",
         str(tmp_path / "sharded"),
         "--fully-shard",
