@@ -181,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0,1,2", help="Seeds, comma-separated (the pairs).")
     parser.add_argument("--output-dir", default="outputs/bench/capacity_gap_remedies", help="runs.jsonl and scratch.")
     parser.add_argument("--ladder-dir", default=None, help="Ladder folder (default: sweep_tiny.yaml's).")
+    parser.add_argument(
+        "--alpha", type=float, default=None, help="Weight of the divergence in every arm (default: sweep_tiny's 0.5)."
+    )
     parser.add_argument("--smoke", action="store_true", help="Micro ladder, 1 student, 1 seed, 2 steps per run.")
     args = parser.parse_args(argv)
 
@@ -198,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         unknown = sorted(set(students) - set(best))
         if unknown:
             parser.error(f"students {unknown} have no best teacher on record; choose from {sorted(best)}.")
+    if args.alpha is not None:
+        base["alpha"] = args.alpha
     if args.ladder_dir:
         base["ladder_dir"] = args.ladder_dir
     started = time.perf_counter()
