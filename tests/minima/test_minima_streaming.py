@@ -9,12 +9,12 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import TINY_TEXT, tiny_llama
+from tests.helpers.launch import two_process_command, two_process_env
 
 REPO = Path(__file__).resolve().parents[2]
 WORDS = sorted(set(TINY_TEXT.split()))
@@ -72,20 +72,14 @@ def launch_two_processes(out: Path, values: dict, timeout: int = 240) -> subproc
     """Run tests/helpers/minima_streaming_script.py on 2 gloo processes; kill the whole launch if it hangs."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "values.json").write_text(json.dumps(values))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"}
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(REPO / "recipes" / "accelerate" / "cpu.yaml"),
-        "--main_process_port",
-        "0",
-        str(REPO / "tests" / "helpers" / "minima_streaming_script.py"),
-        str(out),
-    ]
+    command = two_process_command(REPO / "tests" / "helpers" / "minima_streaming_script.py", str(out))
     with subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        command,
+        env=two_process_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     ) as launch:
         try:
             stdout, stderr = launch.communicate(timeout=timeout)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from tests.helpers.launch import two_process_command, two_process_env
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -18,20 +18,8 @@ REPO = Path(__file__).resolve().parents[2]
 def launch(out: Path, *script_args: str) -> None:
     """Run tests/helpers/ddp_train_script.py on 2 gloo CPU processes (the repository on the path, for its
     ``tests.conftest`` import)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(REPO / "recipes" / "accelerate" / "cpu.yaml"),
-        "--main_process_port",
-        "0",
-        str(REPO / "tests" / "helpers" / "ddp_train_script.py"),
-        str(out),
-        *script_args,
-    ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    command = two_process_command(REPO / "tests" / "helpers" / "ddp_train_script.py", str(out), *script_args)
+    result = subprocess.run(command, env=two_process_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
