@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hf_capgap.errors import ConfigError
-from hf_capgap.law import format_params, parse_params
-from hf_capgap.trainer.settings import TeacherCacheSettings
+from hf_capgap.law import CapacityGapLaw, format_params, parse_params
+from hf_capgap.trainer.settings import TaidSettings, TeacherCacheSettings
 from hf_capgap.utils.recipe_args import field_help
 
 TEACHER_SIGNALS = ("topk", "sampled", "online")
@@ -38,12 +38,31 @@ HUB_FAMILIES: dict[str, dict[str, int]] = {
 HUB_MODEL_TYPES = {"pythia": "gpt_neox", "gpt2": "gpt2"}
 
 
+TAID_FIELDS = tuple(item.name for item in dataclasses.fields(TaidSettings))
+"""The taid_* schedule settings: part of a ledger's settings only when ``loss='taid'`` (so the settings hash of a
+ledger made before TAID existed is unchanged)."""
+
+PER_SWEEP_FIELDS = (
+    "student_sizes",
+    "teachers",
+    "output_dir",
+    "ladder_dir",
+    "gradient_checkpointing",
+    "redo_failed",
+    "assistants",
+    "assistant_tokens",
+)
+"""Fields left out of :meth:`SweepConfig.settings`: they choose which cells run, or change memory, not what a
+cell measures (a chained cell names its assistants and their tokens in its run id and record)."""
+
+
 @dataclass
-class SweepConfig(TeacherCacheSettings):
+class SweepConfig(TeacherCacheSettings, TaidSettings):
     """What a sweep measures; every field is a key of the recipe YAML and a ``--key value`` override.
 
     The distillation settings (loss, alpha, temperature, teacher_dtype, cache_k, cache_sampler) are
-    inherited from :class:`TeacherCacheSettings`, shared with DistillationConfig and MinimaConfig.
+    inherited from :class:`TeacherCacheSettings`, shared with DistillationConfig and MinimaConfig, and
+    TAID's schedule (taid_*, used with ``loss: taid``) from :class:`TaidSettings`.
     """
 
     family: str = field(
@@ -80,6 +99,17 @@ class SweepConfig(TeacherCacheSettings):
         default=None, metadata=field_help("Folder of the ladder teachers (ladder families).")
     )
     seed: int = field(default=0, metadata=field_help("Seed of initialisation and the cache's samples."))
+    assistants: list[str] = field(
+        default_factory=list,
+        metadata=field_help(
+            "Teacher assistants (issue 21): none (default), auto (the paper prior's chain, k = 2.5, for every "
+            "cell whose teacher is past reach) or sizes (those between a cell's student and teacher). Each "
+            "chained cell runs beside its direct cell on the same ledger."
+        ),
+    )
+    assistant_tokens: int | None = field(
+        default=None, metadata=field_help("Distillation tokens of every assistant; default: tokens_per_run.")
+    )
     redo_failed: bool = field(
         default=False,
         metadata=field_help(
@@ -103,6 +133,8 @@ class SweepConfig(TeacherCacheSettings):
                 parsed[name] = [str(item) for item in _as_list(value, name)]
             elif value is None or kind in (str, str | None):
                 parsed[name] = value
+            elif kind == int | None:
+                parsed[name] = int(value)
             elif kind is bool:
                 parsed[name] = value if isinstance(value, bool) else str(value).lower() in ("true", "1", "yes")
             else:
@@ -117,6 +149,9 @@ class SweepConfig(TeacherCacheSettings):
     def __post_init__(self) -> None:
         self.student_sizes = [str(size) for size in _as_list(self.student_sizes, "student_sizes")]
         self.teachers = [str(teacher) for teacher in _as_list(self.teachers, "teachers")]
+        self.assistants = [str(size) for size in _as_list(self.assistants, "assistants")]
+        if self.assistants in (["none"], ["None"]):
+            self.assistants = []
         if self.family not in family_names():
             raise ConfigError(f"family={self.family!r} is unknown; choose one of {family_names()}.")
         if not self.student_sizes:
@@ -145,8 +180,7 @@ class SweepConfig(TeacherCacheSettings):
                 f"tokens_per_run={self.tokens_per_run} is less than one optimizer step (batch_size*"
                 f"gradient_accumulation_steps*seq_len={self.tokens_per_step}); raise tokens_per_run."
             )
-        self.check_distillation_settings()
-        self.check_teacher_signal(self.cache_mode, TEACHER_SIGNALS)
+        self._check_loss()
         available = family_teachers(self.family)
         unknown = sorted(set(self.teachers) - set(available))
         if unknown:
@@ -160,6 +194,64 @@ class SweepConfig(TeacherCacheSettings):
                 f"student_sizes {too_big} are not smaller than any teacher (largest: {format_params(largest)}); "
                 "every student is pruned from a larger teacher."
             )
+        self._check_assistants()
+
+    def _check_loss(self) -> None:
+        """The divergences and TAID; TAID reads the teacher's whole distribution, so only an online teacher
+        serves it here (the sweep builds no dense caches)."""
+        from hf_capgap.losses import DIVERGENCES
+
+        self.check_distillation_settings((*DIVERGENCES, "taid"))
+        if self.loss == "taid" and self.cache_mode != "online":
+            raise ConfigError(
+                f"loss='taid' needs the teacher's logits over the whole vocabulary, which cache_mode="
+                f"{self.cache_mode!r} does not keep; the sweep serves TAID from cache_mode='online' only."
+            )
+        self.check_teacher_signal(self.cache_mode, TEACHER_SIGNALS)
+        self.check_taid_settings()
+
+    def _check_assistants(self) -> None:
+        if self.assistant_tokens is not None and self.assistant_tokens < self.tokens_per_step:
+            raise ConfigError(
+                f"assistant_tokens={self.assistant_tokens} is less than one optimizer step ({self.tokens_per_step} "
+                "tokens); raise it, or leave it unset for tokens_per_run."
+            )
+        if self.assistants == ["auto"]:
+            return
+        if "auto" in self.assistants or "none" in self.assistants:
+            raise ConfigError(f"assistants={self.assistants} mixes auto/none with sizes; write auto, none or sizes.")
+        sizes = []
+        for size in self.assistants:
+            try:
+                sizes.append(parse_params(size))
+            except ValueError:
+                raise ConfigError(f"assistants holds {size!r}; write auto, none or sizes like 418K, 1.5B.") from None
+        teachers = self.teacher_sizes().values()
+        pairs = [(student, teacher) for student in self.student_params for teacher in teachers]
+        useless = [
+            name for name, size in zip(self.assistants, sizes, strict=True) if not any(s < size < t for s, t in pairs)
+        ]
+        if useless:
+            raise ConfigError(
+                f"assistants {useless} lie between no student and larger teacher of this sweep; an assistant must be "
+                "smaller than a teacher and larger than a student."
+            )
+
+    def assistant_sizes(self, student_params: int, teacher_params: int) -> tuple[int, ...]:
+        """The assistants between a teacher and a student, largest first (empty: the cell is direct only).
+
+        ``auto``: the paper prior's chain (k = 2.5, :meth:`CapacityGapLaw.chain`); sizes: those strictly
+        between the two."""
+        if self.assistants == ["auto"]:
+            plan = CapacityGapLaw.paper().chain(student_params, teacher_params)
+            return tuple(int(round(size)) for size in plan.assistants)
+        sizes = (int(parse_params(size)) for size in self.assistants)
+        return tuple(sorted({size for size in sizes if student_params < size < teacher_params}, reverse=True))
+
+    @property
+    def assistant_token_budget(self) -> int:
+        """Distillation tokens of every assistant (``assistant_tokens``, else ``tokens_per_run``)."""
+        return self.tokens_per_run if self.assistant_tokens is None else self.assistant_tokens
 
     @property
     def tokens_per_step(self) -> int:
@@ -181,26 +273,24 @@ class SweepConfig(TeacherCacheSettings):
         Activation checkpointing changes memory, not results, so it may differ between sessions.
         """
         values = dataclasses.asdict(self)
-        for per_sweep in (
-            "student_sizes",
-            "teachers",
-            "output_dir",
-            "ladder_dir",
-            "gradient_checkpointing",
-            "redo_failed",
-        ):
+        for per_sweep in PER_SWEEP_FIELDS:
             values.pop(per_sweep)
+        if self.loss != "taid":
+            for name in TAID_FIELDS:
+                values.pop(name)
         return values
 
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One (student size, teacher) cell of the sweep grid."""
+    """One (student size, teacher) cell of the sweep grid; a chained cell distils the student from the last
+    of its ``assistants`` (sizes, largest first), each pruned from and distilled from the model above it."""
 
     run_id: str
     student_params: int
     teacher: str
     teacher_params: int
+    assistants: tuple[int, ...] = ()
 
 
 def _as_list(value: Any, name: str) -> list[Any]:
@@ -227,10 +317,25 @@ def family_teachers(family: str) -> dict[str, int]:
 
 
 def plan(config: SweepConfig) -> list[RunSpec]:
-    """Every (student, teacher) pair with teacher > student, grouped by teacher, smallest first."""
-    return [
-        RunSpec(f"{format_params(student)}-from-{teacher.rsplit('/', 1)[-1]}", student, teacher, params)
-        for teacher, params in sorted(config.teacher_sizes().items(), key=lambda item: item[1])
-        for student in sorted(config.student_params)
-        if params > student
-    ]
+    """Every (student, teacher) pair with teacher > student, grouped by teacher, smallest first; with
+    ``assistants``, each pair whose chain has assistants also as a chained cell, after the teacher's direct ones."""
+    specs = []
+    for teacher, params in sorted(config.teacher_sizes().items(), key=lambda item: item[1]):
+        students = [student for student in sorted(config.student_params) if params > student]
+        specs += [RunSpec(_run_id(config, student, teacher, ()), student, teacher, params) for student in students]
+        for student in students:
+            chain = config.assistant_sizes(student, params) if config.assistants else ()
+            if chain:
+                specs.append(RunSpec(_run_id(config, student, teacher, chain), student, teacher, params, chain))
+    return specs
+
+
+def _run_id(config: SweepConfig, student: int, teacher: str, assistants: tuple[int, ...]) -> str:
+    """``110K-from-llama-963K``; a chained cell adds ``-via-`` its assistants (and their tokens when they are
+    not tokens_per_run), so its record and its direct cell's live on one ledger."""
+    run_id = f"{format_params(student)}-from-{teacher.rsplit('/', 1)[-1]}"
+    if assistants:
+        run_id += "-via-" + "-".join(format_params(size) for size in assistants)
+        if config.assistant_token_budget != config.tokens_per_run:
+            run_id += f"-{config.assistant_token_budget}tok"
+    return run_id
