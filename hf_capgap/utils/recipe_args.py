@@ -20,8 +20,9 @@ from hf_capgap.errors import ConfigError
 
 
 def field_help(text: str) -> dict[str, Any]:
-    """The ``dataclasses.field`` metadata that ``HfArgumentParser`` shows as a setting's ``--help`` text."""
-    return {"help": text}
+    """The ``dataclasses.field`` metadata that ``HfArgumentParser`` shows as a setting's ``--help`` text
+    (argparse %-formats help strings, so a literal ``%`` is doubled)."""
+    return {"help": text.replace("%", "%%")}
 
 
 def read_preset(path: str | Path, dataclass_types: Sequence[type]) -> dict[str, Any]:
