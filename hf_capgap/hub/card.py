@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_capgap.errors import ConfigError
-from hf_capgap.law import CONFIDENCE, CapacityGapLaw
+from hf_capgap.law import CONFIDENCE, CapacityGapLaw, format_params
 from hf_capgap.utils.artifacts import atomic_write_bytes
 
 CARD_TEMPLATE = "student.md"
@@ -60,6 +60,18 @@ class HeldOutScore:
 
 
 @dataclasses.dataclass(frozen=True)
+class ChainStep:
+    """One model of a teacher-assistant chain: ``role`` is teacher, assistant or student; ``name`` how the card
+    names it (never a local path); ``loss`` its held-out loss; ``tokens`` what its distillation trained on."""
+
+    role: str
+    name: str
+    params: int
+    loss: float
+    tokens: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class StudentCardInfo:
     """Everything the student card says; ``law`` is ``CapacityGapLaw.to_dict()`` of the law that chose
     the teacher: the card places the pair with that law's own line (``predict``) and prints only its
@@ -69,7 +81,8 @@ class StudentCardInfo:
     becomes ``base_model`` and the link, and is left out when the teacher is not on the Hub.
     ``license`` None leaves the license for the author to fill in (a student inherits its teacher's
     terms, so no default is assumed). ``repo_id`` is the Hub repo "How to use" loads from.
-    ``scratch_eval`` None reports the from-scratch baseline as not run.
+    ``scratch_eval`` None reports the from-scratch baseline as not run. ``chain`` (teacher -> assistants ->
+    student) says the student was distilled through teacher assistants; empty when distilled from the teacher.
     """
 
     model_name: str
@@ -90,6 +103,7 @@ class StudentCardInfo:
     repo_id: str | None = None
     law_plot: str | None = None
     limitations: Sequence[str] = ()
+    chain: Sequence[ChainStep] = ()
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> StudentCardInfo:
@@ -119,6 +133,12 @@ class StudentCardInfo:
                     raise ConfigError(
                         f"card info field {name!r}: {err}; expected fields of {record.__name__}."
                     ) from err
+        try:
+            values["chain"] = [
+                step if isinstance(step, ChainStep) else ChainStep(**step) for step in values.get("chain", ())
+            ]
+        except TypeError as err:
+            raise ConfigError(f"card info field 'chain': {err}; expected fields of ChainStep.") from err
         return cls(**values)
 
     def validate(self) -> None:
@@ -142,6 +162,8 @@ class StudentCardInfo:
             value = getattr(self, name)
             if value is not None and (value.count("/") != 1 or value.startswith((".", "/", "~"))):
                 raise ConfigError(f"{name}={value!r} must be a Hub id 'namespace/name', not a local path.")
+        if self.chain and (len(self.chain) < 3 or self.chain[0].role != "teacher" or self.chain[-1].role != "student"):
+            raise ConfigError("chain must run teacher -> at least one assistant -> student, or be empty.")
         if self.law_plot is not None and not Path(self.law_plot).is_file():
             raise FileNotFoundError(f"law_plot {self.law_plot} does not exist; pass the PNG from CapacityGapLaw.plot.")
 
@@ -244,6 +266,8 @@ def render_model_card(info: StudentCardInfo | Mapping[str, Any]) -> Any:
         law_confidence=CONFIDENCE,
         position=law_position(info),
         results=rows,
+        chain_line=" -> ".join(format_params(step.params) for step in info.chain),
+        format_params=format_params,
         plot=PLOT_NAME if info.law_plot is not None else None,
         repo=info.repo_id or f"YOUR_NAMESPACE/{info.model_name}",
     )

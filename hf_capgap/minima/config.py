@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_capgap.errors import ConfigError
-from hf_capgap.trainer.settings import TeacherCacheSettings
+from hf_capgap.trainer.settings import TaidSettings, TeacherCacheSettings
 from hf_capgap.utils.recipe_args import field_help
 
 EMBEDDED_DATASET = "embedded"
@@ -37,6 +37,12 @@ NON_RESULT_FIELDS = (
     "teacher_hub_id",
     "license",
 )
+# Settings that exist only for a choice: dropped from the run's identity while that choice is off, so a run
+# without them keeps the identity (stage folders, results.json settings) it had before they were added.
+TAID_FIELDS = ("taid_t_start", "taid_t_end", "taid_alpha", "taid_beta")
+ASSISTANT_FIELDS = ("assistants", "assistant_tokens")
+NO_ASSISTANTS = "none"
+AUTO_ASSISTANTS = "auto"
 NULL_WORDS = ("null", "none", "")
 LR_SCHEDULERS = (
     "linear",
@@ -53,11 +59,12 @@ LR_SCHEDULERS = (
 
 
 @dataclass
-class MinimaConfig(TeacherCacheSettings):
+class MinimaConfig(TeacherCacheSettings, TaidSettings):
     """Everything a MiniMA run needs; YAML keys and ``--key value`` overrides use these names.
 
     The distillation settings (loss, alpha, temperature, teacher_dtype, cache_k, cache_sampler) are
-    inherited from :class:`TeacherCacheSettings`, shared with DistillationConfig and SweepConfig.
+    inherited from :class:`TeacherCacheSettings`, shared with DistillationConfig and SweepConfig; TAID's
+    schedule (taid_*, used with ``loss: taid``) from :class:`TaidSettings`.
     """
 
     run_name: str = field(default="minima-tiny", metadata=field_help("Folder name of the run under output_dir."))
@@ -102,6 +109,18 @@ class MinimaConfig(TeacherCacheSettings):
             "A folder holding an existing student (e.g. from `hf-capgap prune`): distillation starts from "
             "it and the prune stage is skipped. Required for multi-process launches."
         ),
+    )
+    assistants: str = field(
+        default=NO_ASSISTANTS,
+        metadata=field_help(
+            "Teacher assistants between teacher and student (TAKD): 'none' distils the student from the teacher; "
+            "'auto' plans them with the law (CapacityGapLaw.chain); or sizes, largest first (300K,150K or a YAML "
+            "list). Each is pruned from the model above it and distilled from it; the student from the last."
+        ),
+    )
+    assistant_tokens: str | None = field(
+        default=None,
+        metadata=field_help("Tokens each assistant is distilled on (like train_tokens); null: train_tokens."),
     )
     law: str | None = field(
         default=None, metadata=field_help("A law.json from `hf-capgap law fit`; null uses the paper's t* = 2.5 s.")
@@ -231,6 +250,10 @@ class MinimaConfig(TeacherCacheSettings):
     )
 
     def __post_init__(self) -> None:
+        if isinstance(self.assistants, list | tuple):  # a YAML list of sizes
+            self.assistants = ",".join(str(size) for size in self.assistants)
+        elif isinstance(self.assistants, int | float) and not isinstance(self.assistants, bool):
+            self.assistants = str(self.assistants)
         # HfArgumentParser rewrites field.type to the inner type of Optional fields: read the annotations.
         for name, hint in typing.get_type_hints(MinimaConfig).items():
             value = getattr(self, name)
@@ -254,6 +277,40 @@ class MinimaConfig(TeacherCacheSettings):
         return _count("train_tokens", self.train_tokens)
 
     @property
+    def assistant_token_count(self) -> int:
+        """Tokens each assistant is distilled on: ``assistant_tokens``, else the student's ``train_tokens``."""
+        if self.assistant_tokens is None:
+            return self.train_token_count
+        return _count("assistant_tokens", self.assistant_tokens)
+
+    @property
+    def assistant_sizes(self) -> tuple[float, ...] | None:
+        """The listed assistant sizes, largest first; None for 'none' or 'auto' (planned from the teacher)."""
+        word = self.assistants.strip().lower()
+        if word in (NO_ASSISTANTS, AUTO_ASSISTANTS):
+            return None
+        from hf_capgap.law import parse_params
+
+        sizes = []
+        for item in self.assistants.split(","):
+            try:
+                size = parse_params(item.strip())
+            except (TypeError, ValueError):
+                size = math.nan
+            if not (math.isfinite(size) and size >= 1):
+                raise ConfigError(
+                    f"assistants={self.assistants!r}: {item.strip()!r} is not a size; write 'none', 'auto' or "
+                    "sizes largest first such as 300K,150K."
+                )
+            sizes.append(float(size))
+        if any(later >= earlier for earlier, later in zip(sizes, sizes[1:], strict=False)):
+            raise ConfigError(
+                f"assistants={self.assistants!r} must list distinct sizes in decreasing order, from the teacher "
+                "down to the student (e.g. 300K,150K)."
+            )
+        return tuple(sizes)
+
+    @property
     def student_shape(self) -> dict[str, int] | None:
         values = [getattr(self, name) for name in STUDENT_SHAPE_FIELDS]
         if all(value is None for value in values):
@@ -268,9 +325,17 @@ class MinimaConfig(TeacherCacheSettings):
 
     def result_settings(self) -> dict[str, Any]:
         """The fields that decide the exported student (the run's identity), sizes as plain numbers."""
-        values = {k: v for k, v in dataclasses.asdict(self).items() if k not in NON_RESULT_FIELDS}
+        dropped = set(NON_RESULT_FIELDS)
+        if self.loss != "taid":
+            dropped.update(TAID_FIELDS)
+        if self.assistants.strip().lower() == NO_ASSISTANTS:
+            dropped.update(ASSISTANT_FIELDS)
+        values = {k: v for k, v in dataclasses.asdict(self).items() if k not in dropped}
         values["student_params"] = self.student_param_count
         values["train_tokens"] = self.train_token_count
+        if "assistants" in values:
+            values["assistants"] = self.assistants.strip().lower()
+            values["assistant_tokens"] = self.assistant_token_count
         return values
 
 
@@ -338,12 +403,13 @@ def check_values(config: MinimaConfig) -> None:
     The checks run in this order, so a config with several faults is told the first of them."""
     _check_batches_and_tokens(config)
     _check_learning_rate_schedule(config)
-    config.check_distillation_settings()
+    _check_loss(config)
     _check_ladder_and_layer_selection(config)
     _check_teacher_signal(config)
     _check_run_name(config)
     _check_teacher_choice(config)
     _check_student(config)
+    _check_assistants(config)
     _check_hub_ids(config)
     _check_files_exist(config)
 
@@ -381,6 +447,14 @@ def _check_learning_rate_schedule(config: MinimaConfig) -> None:
         raise ConfigError(f"lr_scheduler_type={config.lr_scheduler_type!r} must be one of {', '.join(LR_SCHEDULERS)}.")
 
 
+def _check_loss(config: MinimaConfig) -> None:
+    """The divergences every entry point offers, or TAID with a schedule it can run."""
+    from hf_capgap.losses import LOSSES
+
+    config.check_distillation_settings(LOSSES)
+    config.check_taid_settings()
+
+
 def _check_ladder_and_layer_selection(config: MinimaConfig) -> None:
     from hf_capgap.ladder import LADDERS
     from hf_capgap.pruning import LAYER_SELECTIONS
@@ -395,7 +469,12 @@ def _check_teacher_signal(config: MinimaConfig) -> None:
     """The cache mode is one the cache knows, and a cache gets the fixed rows it is built from."""
     from hf_capgap.cache.format import MODES
 
-    config.check_teacher_signal(config.cache_mode, MODES)
+    if config.teacher_cache or config.loss != "taid":
+        config.check_teacher_signal(config.cache_mode, MODES)
+    else:  # TAID from the online teacher, which holds every logit; the unused cache settings are still checked
+        if config.cache_mode not in MODES:
+            raise ConfigError(f"cache_mode={config.cache_mode!r} must be one of {', '.join(MODES)}.")
+        config.check_teacher_signal("dense", MODES)
     if config.teacher_cache and config.streaming:
         raise ConfigError(
             "teacher_cache needs a fixed set of training rows; set streaming: false or teacher_cache: false."
@@ -428,6 +507,20 @@ def _check_student(config: MinimaConfig) -> None:
         raise FileNotFoundError(
             f"student_init={config.student_init} holds no config.json; point it at a saved student folder "
             "(e.g. written by `hf-capgap prune`)."
+        )
+
+
+def _check_assistants(config: MinimaConfig) -> None:
+    """'none', 'auto' or decreasing sizes, a token budget of at least one step, and a run that prunes them."""
+    config.assistant_token_count  # noqa: B018 - parses, raising on a bad count
+    if config.assistants.strip().lower() == NO_ASSISTANTS:
+        return
+    config.assistant_sizes  # noqa: B018 - parses, raising on a bad list
+    if config.student_init is not None or config.prune_only:
+        field_name = "student_init" if config.student_init is not None else "prune_only"
+        raise ConfigError(
+            f"assistants={config.assistants!r} are pruned and distilled in this run, one after another, which "
+            f"{field_name} skips; set assistants: none, or unset {field_name}."
         )
 
 

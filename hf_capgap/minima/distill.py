@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from transformers.utils import logging
 
-from hf_capgap.minima.config import MinimaConfig
+from hf_capgap.minima.config import TAID_FIELDS, MinimaConfig
 from hf_capgap.minima.data import RunData, StreamPasses
 from hf_capgap.minima.plan import Plan, steps_for
 from hf_capgap.utils.artifacts import json_sha256, read_manifest
@@ -99,7 +100,8 @@ def _train_resumably(
 ) -> None:
     """Train from the last complete checkpoint in ``checkpoints``, then publish the model at ``final`` in one rename.
 
-    The manifest records the tokens trained on and how many were distinct (fewer when a stream ran out
+    The manifest records the wall seconds of the training call that finished the stage (a resumed stage
+    counts its last attempt only), the tokens trained on and how many were distinct (fewer when a stream ran out
     and was read again), which the results report: None when a rerun from the final checkpoint of a run
     saved before the record cannot know it. Learning it would mean reading the budget's rows of the stream
     again (all of them when it did not run out, the common case) for one report field.
@@ -111,7 +113,9 @@ def _train_resumably(
     stream_state = None if data.passes is None else _stream_passes_callback(data.passes)
     if stream_state is not None:
         trainer.add_callback(stream_state)
+    started = time.perf_counter()
     train_from(trainer, last)
+    wall_seconds = time.perf_counter() - started
     resumed_from = None if last is None else last.step
     rows = trainer.state.global_step * trainer.get_total_train_batch_size(trainer.args)
     distinct_rows = rows if data.passes is None else data.passes.distinct_rows(rows)
@@ -138,6 +142,7 @@ def _train_resumably(
                 **fields,
                 "steps": trainer.state.global_step,
                 "resumed_from_step": resumed_from,
+                "wall_seconds": wall_seconds,
                 "train_tokens": rows * seq_len,
                 "distinct_train_tokens": distinct_tokens,
                 "train_losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
@@ -146,6 +151,11 @@ def _train_resumably(
         os.replace(staging, final)
         shutil.rmtree(checkpoints, ignore_errors=True)
     wait()
+
+
+def stage_record(stage: Path) -> dict[str, Any]:
+    """What a finished training stage's manifest records (steps, train_tokens, wall_seconds, losses ...)."""
+    return read_manifest(stage, STAGE_KIND, FORMAT_VERSION)
 
 
 def distinct_train_tokens(stage: Path) -> int | None:
@@ -188,6 +198,7 @@ def _distill_arguments(config: MinimaConfig, plan: Plan, checkpoints: Path, cach
         temperature=config.temperature,
         teacher_dtype=config.teacher_dtype,
         teacher_cache=None if cache_path is None else str(cache_path),
+        **{name: getattr(config, name) for name in TAID_FIELDS},
     )
 
 

@@ -1,7 +1,8 @@
 """The export stage: the table a user reads, and the Hub-ready student folder with its model card.
 
 The folder ``<output_dir>/<run_name>/`` appears in one rename, complete: weights, tokenizer, card
-(``base_model`` only when the teacher has a Hub id, the license from the settings or the teacher),
+(``base_model`` only when the original teacher has a Hub id, never an assistant; the license from the settings
+or the teacher; the chain teacher -> assistants -> student when there is one),
 the law plot and ``results.json``. Nothing in it names a path on this machine.
 """
 
@@ -113,7 +114,7 @@ def export_run(config: MinimaConfig, plan: Plan, results: Mapping[str, Any], dis
     """Write the Hub-ready student folder (weights, tokenizer, card, law plot, results.json) in one rename."""
     from transformers import AutoConfig
 
-    from hf_capgap.hub import HeldOutScore, PruningShape, StudentCardInfo, TrainingSetup, write_model_card
+    from hf_capgap.hub import ChainStep, HeldOutScore, PruningShape, StudentCardInfo, TrainingSetup, write_model_card
 
     law = load_law(config)
     student_config = AutoConfig.from_pretrained(distilled_dir)
@@ -121,6 +122,8 @@ def export_run(config: MinimaConfig, plan: Plan, results: Mapping[str, Any], dis
         key: None if value is None else HeldOutScore(value["loss"], value["perplexity"])
         for key, value in results["eval"].items()
     }
+    chain = results.get("chain", ())
+    steps = [ChainStep(s["role"], s["name"], s["params"], s["loss"], s["train_tokens"]) for s in chain]
     with atomic_directory(config.run_dir, overwrite=True) as tmp:
         for item in distilled_dir.iterdir():
             if item.is_file() and item.name != MANIFEST_NAME:
@@ -160,6 +163,7 @@ def export_run(config: MinimaConfig, plan: Plan, results: Mapping[str, Any], dis
             scratch_eval=scores.get("scratch"),
             eval_dataset=dataset_name(config),
             law_plot=str(plot),
+            chain=steps if len(steps) > 2 else (),  # a planned chain without assistants is a direct distillation
         )
         write_model_card(tmp, info)
         atomic_write_json(tmp / "results.json", {**results, "settings": public_settings(results["settings"])})

@@ -8,6 +8,7 @@ multi-process launch that would have to prune) are refused here, by field name.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 from collections.abc import Mapping
@@ -28,7 +29,7 @@ class Plan:
     """What will be trained, decided before any expensive work."""
 
     teacher: str
-    teacher_kind: str  # "ladder", "local" or "hub"
+    teacher_kind: str  # "ladder", "local" or "hub"; "assistant" in a chain stage whose teacher is an assistant
     teacher_params: int
     student_params: int
     student_shape: dict[str, int] | None
@@ -36,6 +37,8 @@ class Plan:
     seq_len: int
     processes: int
     student_init: str | None = None
+    assistants: tuple[Any, ...] = ()  # minima.assistants.Assistant, largest first; () distils straight
+    stage_tokens: int | None = None  # this stage's token budget where it is not train_tokens (an assistant's)
 
 
 def tokens_per_step(config: MinimaConfig, plan: Plan) -> int:
@@ -44,8 +47,9 @@ def tokens_per_step(config: MinimaConfig, plan: Plan) -> int:
 
 
 def steps_for(config: MinimaConfig, plan: Plan) -> int:
-    """Optimizer steps that spend ``train_tokens`` (at least one)."""
-    return max(1, config.train_token_count // tokens_per_step(config, plan))
+    """Optimizer steps that spend the stage's tokens: ``train_tokens``, or an assistant's (at least one)."""
+    tokens = config.train_token_count if plan.stage_tokens is None else plan.stage_tokens
+    return max(1, tokens // tokens_per_step(config, plan))
 
 
 def make_plan(config: MinimaConfig, processes: int | None = None) -> Plan:
@@ -108,12 +112,20 @@ def make_plan(config: MinimaConfig, processes: int | None = None) -> Plan:
         )
     if config.push_to_hub is not None and not config.dry_run:
         require_hub("push_to_hub", config.push_to_hub, config.hub_endpoint)
+    from hf_capgap.minima.assistants import plan_assistants
+
+    assistants = plan_assistants(config, law, skeleton, student_params)
     plan = Plan(teacher, kind, teacher_params, student_params, shape, choice, seq_len, processes, config.student_init)
-    if config.train_token_count < tokens_per_step(config, plan):
-        raise ConfigError(
-            f"train_tokens={config.train_tokens} is less than one optimizer step ({tokens_per_step(config, plan):,} "
-            "tokens: batch_size x gradient_accumulation_steps x seq_len x processes); raise train_tokens."
-        )
+    plan = dataclasses.replace(plan, assistants=assistants)
+    budgets = [("train_tokens", config.train_tokens, config.train_token_count)]
+    if assistants:
+        budgets.append(("assistant_tokens", config.assistant_tokens, config.assistant_token_count))
+    for key, value, tokens in budgets:
+        if tokens < tokens_per_step(config, plan):
+            raise ConfigError(
+                f"{key}={value} is less than one optimizer step ({tokens_per_step(config, plan):,} tokens: "
+                f"batch_size x gradient_accumulation_steps x seq_len x processes); raise {key}."
+            )
     return plan
 
 

@@ -54,6 +54,13 @@ def load_teacher(config: MinimaConfig, plan: Plan, location: str) -> Any:
     )
 
 
+def load_assistant(config: MinimaConfig, folder: Path) -> Any:
+    """A finished assistant (a distilled stage folder) as the frozen teacher of the next stage of the chain."""
+    from hf_capgap.models import load_frozen_teacher
+
+    return load_frozen_teacher(folder, teacher_dtype=config.teacher_dtype)
+
+
 def teacher_identity(plan: Plan, location: str, teacher: Any) -> str:
     """A name for the teacher's weights: file checksums of a ladder rung, the Hub commit, or the
     folder's config and weight file sizes (reading 13 GB to hash a 7B teacher on every rank is not worth it)."""
