@@ -18,7 +18,7 @@ from hf_capgap.errors import ConfigError
 from hf_capgap.losses import LOSSES, check_beta
 from hf_capgap.losses.liger import LOSS_BACKENDS
 from hf_capgap.losses.lm_head import FUSED_LM_HEAD_MODES
-from hf_capgap.trainer.settings import DistillationSettings, TaidSettings
+from hf_capgap.trainer.settings import DistillationSettings, OnPolicySettings, TaidSettings
 
 
 def check_sft_loss_fields(args: SFTConfig) -> None:
@@ -35,8 +35,26 @@ def check_sft_loss_fields(args: SFTConfig) -> None:
         )
 
 
+def check_on_policy_fields(args: DistillationConfig) -> None:
+    """Refuse what cannot score generated completions: a teacher cache, and batches without prompt boundaries."""
+    if not args.generates:
+        return
+    what = f"lmbda={args.lmbda}" if args.lmbda > 0 else "seq_kd=True"
+    if args.teacher_cache is not None:
+        raise ConfigError(
+            f"{what} generates completions, which a teacher_cache cannot score (it holds the teacher's view of the "
+            "dataset's tokens only): pass teacher_model instead, or set lmbda=0 and seq_kd=False."
+        )
+    if args.packing or args.padding_free:
+        field_name = "packing" if args.packing else "padding_free"
+        raise ConfigError(
+            f"{what} with {field_name}=True: generation needs each row's prompt on its own, which packed or "
+            f"padding-free rows lose. Set {field_name}=False."
+        )
+
+
 @dataclass
-class DistillationConfig(DistillationSettings, TaidSettings, SFTConfig):
+class DistillationConfig(DistillationSettings, TaidSettings, OnPolicySettings, SFTConfig):
     """Arguments for :class:`hf_capgap.DistillationTrainer`.
 
     The defaults are MiniMA's: 0.5 x LM cross-entropy + 0.5 x forward KL(teacher || student) at T = 1.
@@ -44,7 +62,9 @@ class DistillationConfig(DistillationSettings, TaidSettings, SFTConfig):
     everywhere, CPUs included), and ``gradient_checkpointing`` is off (turn it on for large students).
     ``loss``, ``alpha``, ``temperature`` and ``teacher_dtype`` are :class:`DistillationSettings`, shared with
     the sweep's and the MiniMA recipe's configs; ``loss='taid'`` and its schedule (:class:`TaidSettings`) are
-    the trainer's alone so far.
+    the trainer's alone so far. ``lmbda``, ``seq_kd``, ``max_completion_length`` and the sampling settings
+    (:class:`OnPolicySettings`) sample completions from the student or the teacher; ``temperature`` stays the
+    loss's, ``sampling_temperature`` is generation's.
     """
 
     bf16: bool | None = field(
@@ -116,6 +136,8 @@ class DistillationConfig(DistillationSettings, TaidSettings, SFTConfig):
             )
         self.check_distillation_settings(LOSSES)
         self.check_taid_settings()
+        self.check_on_policy_settings()
+        check_on_policy_fields(self)
         check_beta(self.loss, self.beta)
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ConfigError(

@@ -20,6 +20,9 @@ from hf_capgap.losses import DistillationLossOutput, LossSpec
 PARTS = (
     "distill_sum", "distill_tokens", "ce_sum", "ce_tokens", "empty_micro_batches",
     "entropy_sum", "num_correct", "stat_tokens", "aux_sum", "aux_micro_batches",
+    # On-policy training only (lmbda > 0 or seq_kd), added by :meth:`MetricSums.add`.
+    "on_policy_micro_batches", "drawn_micro_batches", "completion_tokens", "completions",
+    "generation_seconds", "step_seconds",
 )  # fmt: skip
 
 # Metric name, then the part summed and the part it is averaged over.
@@ -27,6 +30,9 @@ _MEANS = (
     ("distill_loss", "distill_sum", "distill_tokens"), ("ce_loss", "ce_sum", "ce_tokens"),
     ("entropy", "entropy_sum", "stat_tokens"), ("mean_token_accuracy", "num_correct", "stat_tokens"),
     ("aux_loss", "aux_sum", "aux_micro_batches"),
+    ("on_policy_share", "on_policy_micro_batches", "drawn_micro_batches"),
+    ("completion_length", "completion_tokens", "completions"),
+    ("generation_time_share", "generation_seconds", "step_seconds"),
 )  # fmt: skip
 
 
@@ -124,8 +130,20 @@ class MetricSums:
             "aux_micro_batches": float(aux_loss is not None),
         }  # fmt: skip
         device = output.loss.device
-        step = torch.stack([torch.as_tensor(values[name], dtype=torch.float32, device=device) for name in PARTS])
-        self._parts[mode] = self._parts[mode] + step if mode in self._parts else step
+        step = torch.stack(
+            [torch.as_tensor(values.get(name, 0.0), dtype=torch.float32, device=device) for name in PARTS]
+        )
+        self._parts[mode] = self._parts[mode].to(device) + step if mode in self._parts else step
+
+    def add(self, mode: str, **values: float) -> None:
+        """Add ``values`` to the named parts of ``mode`` (the on-policy counts and times)."""
+        step = torch.tensor([float(values.pop(name, 0.0)) for name in PARTS])
+        if values:
+            raise KeyError(f"unknown metric parts: {sorted(values)}")
+        if mode in self._parts:
+            self._parts[mode] = self._parts[mode] + step.to(self._parts[mode].device)
+        else:
+            self._parts[mode] = step
 
     def discard(self, mode: str) -> None:
         """Forget ``mode``'s sums (an evaluation loop starts from none)."""

@@ -100,6 +100,73 @@ class TaidSettings:
             raise ConfigError(f"taid_beta={self.taid_beta} must be in [0, 1).")
 
 
+@dataclass(kw_only=True)
+class OnPolicySettings:
+    """GKD's on-policy knobs (Agarwal et al., ICLR 2024), with its names: how often a batch's completions are
+    sampled from the student (``lmbda``) or the teacher (``seq_kd``), and how they are sampled.
+
+    The sampling settings are generation's alone: ``DistillationSettings.temperature`` is the *loss's* softmax
+    temperature, ``sampling_temperature`` the one completions are sampled at (TRL's configs use one
+    ``temperature`` for both). Call :meth:`check_on_policy_settings` from the subclass's checks.
+    """
+
+    lmbda: float = field(
+        default=0.0,
+        metadata=field_help(
+            "Probability that a micro-batch's completions are sampled from the student (GKD's lambda): 0 trains on "
+            "the dataset's completions only (off-policy, as MiniMA), 1 on the student's own samples only. Drawn per "
+            "micro-batch from (seed, step, micro-step), so every rank and a resumed run draw alike."
+        ),
+    )
+    seq_kd: bool = field(
+        default=False,
+        metadata=field_help(
+            "Micro-batches not sampled from the student take completions sampled from the teacher instead of the "
+            "dataset's (GKD's sequence-level KD)."
+        ),
+    )
+    max_completion_length: int = field(
+        default=128,
+        metadata=field_help("Most tokens generated per completion (generation stops earlier at EOS)."),
+    )
+    sampling_temperature: float = field(
+        default=1.0,
+        metadata=field_help(
+            "Temperature completions are sampled at. Not the loss's: `temperature` divides the logits in the "
+            "divergence."
+        ),
+    )
+    top_k: int = field(
+        default=0, metadata=field_help("Sample completions from the k likeliest tokens only; 0 keeps every token.")
+    )
+    top_p: float = field(
+        default=1.0,
+        metadata=field_help(
+            "Sample completions from the smallest set of tokens whose mass reaches top_p; 1 keeps all."
+        ),
+    )
+
+    @property
+    def generates(self) -> bool:
+        """Whether any completion is generated (lmbda > 0 or seq_kd)."""
+        return self.lmbda > 0 or self.seq_kd
+
+    def check_on_policy_settings(self) -> None:
+        """Refuse values outside the ranges where sampling is defined."""
+        if not 0.0 <= self.lmbda <= 1.0:
+            raise ConfigError(f"lmbda={self.lmbda} must be in [0, 1] (the probability of on-policy micro-batches).")
+        if self.max_completion_length < 1:
+            raise ConfigError(f"max_completion_length={self.max_completion_length} must be >= 1 generated token.")
+        if not self.sampling_temperature > 0:
+            raise ConfigError(
+                f"sampling_temperature={self.sampling_temperature} must be > 0 (1.0 samples the model's distribution)."
+            )
+        if self.top_k < 0:
+            raise ConfigError(f"top_k={self.top_k} must be >= 0 (0 keeps every token).")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p={self.top_p} must be in (0, 1] (1 keeps every token).")
+
+
 def check_cache_serves_loss(loss: str, cache_mode: str) -> None:
     """Refuse a teacher-cache mode that does not hold what ``loss`` reads, before any work.
 

@@ -9,9 +9,9 @@ allows, so neither side's [tokens, vocab] logits need to exist in full.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,46 +38,21 @@ from hf_capgap.losses import (
     TeacherSignal,
     distillation_loss,
 )
-from hf_capgap.losses.lm_head import HeadChoice, base_model, choose_lm_head, head_sharding, lm_head_bypassed
+from hf_capgap.losses.lm_head import HeadChoice, choose_lm_head, head_sharding, lm_head_bypassed
 from hf_capgap.models import (
-    check_logits_cover,
     check_same_vocabulary,
     load_frozen_teacher,
     teacher_in_dtype,
-    vocabulary_fingerprint,
 )
 from hf_capgap.trainer.config import DistillationConfig, check_sft_loss_fields
 from hf_capgap.trainer.metrics import ExampleTokensCollator, MetricSums, repeated_positions
+from hf_capgap.trainer.on_policy import OnPolicyBatches
+from hf_capgap.trainer.on_policy_data import PromptLengthsCollator, prompt_rows
 from hf_capgap.trainer.settings import check_cache_serves_loss
+from hf_capgap.trainer.setup import load_student, real_vocabulary, tokenizer_for
 from hf_capgap.trainer.taid import TaidSchedule
 
 logger = logging.get_logger(__name__)
-
-
-def _load_student(model: PreTrainedModel | str | None, init_kwargs: dict[str, Any] | None) -> PreTrainedModel:
-    """The student as SFTTrainer loads one from a path (``model_init_kwargs``), checked before the teacher loads."""
-    if model is None:
-        raise ConfigError("model (the student) is required: pass a causal LM or a path.")
-    if isinstance(model, str):
-        from trl.trainer.utils import create_model_from_path
-
-        return create_model_from_path(model, **{"trust_remote_code": False, **(init_kwargs or {})})
-    return model
-
-
-def _tokenizer_for(model: PreTrainedModel, processing_class: Any) -> Any:
-    """The student's tokenizer: given, or saved next to the student's weights (as SFTTrainer loads it)."""
-    if processing_class is not None:
-        return processing_class
-    path = getattr(model, "name_or_path", "") or ""
-    if path and (Path(path) / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(path)
-    raise ConfigError(
-        "processing_class is required: pass the student's tokenizer (the teacher's, for a pruned student). It "
-        "tokenizes text / chat datasets, pads batches and names the real vocabulary both sides are compared on."
-    )
 
 
 class DistillationTrainer(SFTTrainer):
@@ -108,10 +83,12 @@ class DistillationTrainer(SFTTrainer):
         **kwargs: Any,
     ) -> None:
         self._check_arguments(args, kwargs)
-        model = _load_student(model, args.model_init_kwargs)
-        processing_class = _tokenizer_for(model, processing_class)
+        model = load_student(model, args.model_init_kwargs)
+        processing_class = tokenizer_for(model, processing_class)
         # Every check that needs no teacher weights runs before the teacher loads.
         train_dataset = self._choose_teacher_source(args, processing_class, teacher_model, train_dataset)
+        if args.generates:
+            train_dataset = prompt_rows(train_dataset, args, processing_class, formatting_func)
         self._check_datasets(args, processing_class, formatting_func, train_dataset, eval_dataset)
         if teacher_processing_class is not None:
             check_same_vocabulary(processing_class, teacher_processing_class)
@@ -119,7 +96,7 @@ class DistillationTrainer(SFTTrainer):
             teacher_model = load_frozen_teacher(
                 teacher_model, teacher_dtype=args.teacher_dtype, trust_remote_code=args.trust_remote_code
             )
-        vocab_size = self._real_vocabulary(model, teacher_model, processing_class)
+        vocab_size = real_vocabulary(model, teacher_model, processing_class, self.teacher_cache)
         self._set_up_sft(
             model=model,
             args=args,
@@ -154,6 +131,10 @@ class DistillationTrainer(SFTTrainer):
         self.teacher = None if teacher_model is None else self._prepare_teacher(teacher_model)
         self._metric_sums = MetricSums()
         self._announced_paths: set[str] = set()
+        self.on_policy = None
+        if args.generates:
+            self.on_policy = OnPolicyBatches(args, processing_class, model, vocab_size, self._metric_sums)
+            self.add_callback(self.on_policy)
         if args.loss == TAID:
             self.add_callback(TaidSchedule())
 
@@ -287,31 +268,6 @@ class DistillationTrainer(SFTTrainer):
         self.train_dataset = self.teacher_cache.rows()
         self.data_collator = self.teacher_cache.collator(self.data_collator)
 
-    def _real_vocabulary(self, student: nn.Module, teacher: nn.Module | None, tokenizer: Any) -> int:
-        """The real vocabulary both sides are compared on; raise on a true mismatch.
-
-        Models often pad their embedding matrix (e.g. 151936 rows for 151665 tokens): only the first
-        ``len(tokenizer)`` logits are real, so padding is not a mismatch, and the online teacher and
-        the teacher cache both normalise over exactly those.
-        """
-        real = check_logits_cover(base_model(student), tokenizer, "student")
-        if teacher is not None:
-            check_logits_cover(teacher, tokenizer, "the teacher")
-        if self.teacher_cache is not None:
-            cache = self.teacher_cache
-            if cache.real_vocab_size != real:
-                raise ConfigError(
-                    f"{cache.path}: the cache holds teacher distributions over {cache.real_vocab_size} tokens but the "
-                    f"student's tokenizer has {real}: it was built for another vocabulary. Rebuild it with the "
-                    "student's tokenizer."
-                )
-            if cache.manifest["vocabulary_fingerprint"] != vocabulary_fingerprint(tokenizer):
-                raise ConfigError(
-                    f"{cache.path}: the cache was built with a tokenizer of the same size but another token -> id map "
-                    "than the student's; its ids would name other tokens. Rebuild it with the student's tokenizer."
-                )
-        return real
-
     def _prepare_teacher(self, teacher: PreTrainedModel) -> nn.Module:
         """Frozen, eval mode, in its own dtype; sharded for inference under ZeRO-3 / FSDP, never trained."""
         teacher.requires_grad_(False)
@@ -340,6 +296,22 @@ class DistillationTrainer(SFTTrainer):
         if self.teacher_cache is not None:
             return data_collator
         return super()._get_collator_with_removed_columns(data_collator, description=description)
+
+    # ------------------------------------------------------------------ on-policy batches
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # Generating needs each row's prompt boundary: keep TRL's completion_mask where it is not in the labels.
+        super()._set_signature_columns_if_needed()
+        if self.args.generates and "completion_mask" not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, "completion_mask"]
+
+    def get_batch_samples(self, epoch_iterator: Iterator, num_batches: int, device: torch.device) -> tuple[list, Any]:
+        """The Trainer's micro-batches of one optimizer step, with their completions sampled first where
+        ``lmbda`` / ``seq_kd`` draw it, so ``num_items_in_batch`` counts the tokens the loss is taken on."""
+        if self.on_policy is None:
+            return super().get_batch_samples(epoch_iterator, num_batches, device)
+        batches = self.on_policy.replace(list(itertools.islice(epoch_iterator, num_batches)), self)
+        return batches, self._get_num_items_in_batch(batches, device)
 
     # ------------------------------------------------------------------ loss
 
@@ -483,13 +455,14 @@ class DistillationTrainer(SFTTrainer):
 
     def _get_dataloader(self, *args: Any, is_training: bool = False, **kwargs: Any) -> Any:
         """Trainer's dataloader; an evaluation one collates with :class:`ExampleTokensCollator`, so the rows
-        repeated to even out its last batch across ranks can be told apart in padding-free batches too."""
-        if is_training:
+        repeated to even out its last batch across ranks can be told apart in padding-free batches too; an
+        on-policy training one with :class:`PromptLengthsCollator`, so generation knows where prompts end."""
+        if is_training and self.on_policy is None:
             return super()._get_dataloader(*args, is_training=True, **kwargs)
         collator = self.data_collator
-        self.data_collator = ExampleTokensCollator(collator)
+        self.data_collator = PromptLengthsCollator(collator) if is_training else ExampleTokensCollator(collator)
         try:
-            return super()._get_dataloader(*args, **kwargs)
+            return super()._get_dataloader(*args, is_training=is_training, **kwargs)
         finally:
             self.data_collator = collator
 
