@@ -81,7 +81,8 @@ def read_records(records: Any) -> list[Mapping[str, Any]]:
 
 def validated_records(rows: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """The rows as dicts of numbers (student_params, teacher_params, eval_loss, family if a string); ValueError
-    naming the first bad one."""
+    naming the first bad one. A chained record (a non-empty ``assistants``: its student learnt from an assistant,
+    not from ``teacher_params``) is left out: the law is fitted from direct distillation only."""
     if not rows:
         raise ConfigError(
             "no sweep records: the law needs evaluated (student_params, teacher_params, eval_loss) records."
@@ -90,6 +91,8 @@ def validated_records(rows: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
     for index, row in enumerate(rows):
         if not isinstance(row, Mapping):
             raise ConfigError(f"record {index} is a {type(row).__name__}, not a dict of fields.")
+        if row.get("assistants"):
+            continue
         missing = [field for field in REQUIRED_FIELDS if field not in row or row[field] is None]
         if missing:
             raise ConfigError(
@@ -115,6 +118,8 @@ def validated_records(rows: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
         if isinstance(row.get("family"), str):
             record["family"] = row["family"]
         clean.append(record)
+    if not clean:
+        raise ConfigError("no direct sweep records: each one is chained (has assistants); the law fits direct ones.")
     return clean
 
 

@@ -2,11 +2,13 @@
 ledger that survives a crash, and fit the law from it.
 
 config.py says what a sweep measures (SweepConfig, the grid), ledger.py keeps its output folder (the
-ledger of finished runs, progress), teachers.py loads the teachers and data, run.py runs the grid.
+ledger of finished runs, progress), teachers.py loads the teachers and data, cell.py runs one cell (prune,
+distil, evaluate), assistants.py builds the teacher assistants of chained cells, run.py runs the grid.
 """
 
 from __future__ import annotations
 
+from hf_capgap.sweep.cell import evaluate_student
 from hf_capgap.sweep.config import (
     HUB_FAMILIES,
     HUB_MODEL_TYPES,
@@ -34,7 +36,7 @@ from hf_capgap.sweep.ledger import (
     is_failed,
     sweep_status,
 )
-from hf_capgap.sweep.run import evaluate_student, fit_and_save_law, run_sweep, sweep_report
+from hf_capgap.sweep.run import fit_and_save_law, run_cell, run_sweep, sweep_report
 from hf_capgap.sweep.teachers import check_hub_access
 
 __all__ = [
@@ -64,6 +66,7 @@ __all__ = [
     "sweep_report",
     "check_hub_access",
     "run_sweep",
+    "run_cell",
     "fit_and_save_law",
     "evaluate_student",
 ]

@@ -12,6 +12,8 @@ The output directory holds::
     .sweep.lock       held (flock) by the one sweep working in this folder, released when it ends or dies
     .run-*            the Trainer scratch folder of the run in progress
     caches/<teacher>  one TeacherCache per teacher, shared by all of its students
+    assistants/<key>  the teacher assistants of chained cells (``assistants: auto | [sizes]``), each built
+                      once and shared by the cells that use it (hf_capgap.sweep.assistants)
     law.json law.png  the fitted law, or law_failure.json saying why it could not be fitted
 
 A killed sweep restarts where it stopped: finished runs are read from the ledger and skipped, a
@@ -23,6 +25,11 @@ One sweep at a time works in an output directory: :func:`run_sweep` takes an exc
 the same folder is refused. Holding the lock, it removes every ``.run-*`` scratch folder it finds:
 only the lock holder creates them, so any found at start belong to a killed sweep.
 
+With ``assistants``, a chained cell ``110K-from-llama-963K-via-467K-227K`` runs beside each direct cell
+whose teacher is past the student's reach: its student is pruned from the last assistant and distilled from
+it, and its record lists the assistants (size, held-out loss, tokens, wall seconds) under ``assistants``; the
+law is fitted from the direct cells only.
+
 A run whose student diverged (a non-finite ``eval_loss``) is a finished record like any other;
 ``redo_failed: true`` drops those records and runs them again (with the same settings, so a
 divergence the settings cause comes back: change them in a new ``output_dir`` then).
@@ -30,12 +37,11 @@ divergence the settings cause comes back: change them in a new ``output_dir`` th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import shutil
-import tempfile
-import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -44,6 +50,8 @@ from typing import Any
 
 from hf_capgap.errors import ConfigError
 from hf_capgap.law import CapacityGapLaw
+from hf_capgap.sweep.assistants import ensure_assistants
+from hf_capgap.sweep.cell import build_cache, distill_cell, evaluate_loss
 from hf_capgap.sweep.config import HUB_FAMILIES, RunSpec, SweepConfig, plan
 from hf_capgap.sweep.ledger import (
     LAW_FAILURE_FILE,
@@ -64,7 +72,6 @@ from hf_capgap.sweep.ledger import (
 )
 from hf_capgap.sweep.teachers import TeacherSource, check_hub_access
 from hf_capgap.utils.artifacts import atomic_write_json, json_sha256
-from hf_capgap.utils.parameters import count_model_parameters
 
 # What transformers.utils.logging.get_logger returns for a name outside "transformers", without importing
 # transformers here (it would make `import hf_capgap.sweep` slow).
@@ -161,8 +168,9 @@ def _sweep_lock(output_dir: Path) -> Iterator[None]:
 
 
 def _remove_stale_scratch(output_dir: Path) -> None:
-    """Remove the ``.run-*`` scratch folders a killed sweep left (SIGKILL skips :func:`_scratch_dir`'s
-    cleanup). Call only under :func:`_sweep_lock`: its holder alone creates them, so all found are stale."""
+    """Remove the ``.run-*`` scratch folders a killed sweep left (SIGKILL skips the cleanup of
+    ``cell.scratch_dir``). Call only under :func:`_sweep_lock`: its holder alone creates them, so all found are
+    stale."""
     for path in sorted(output_dir.glob(f"{SCRATCH_PREFIX}*")):
         if path.is_dir():
             logger.warning(f"removing {path}, scratch of a sweep run that was killed")
@@ -192,6 +200,39 @@ def fit_and_save_law(records: Sequence[Mapping[str, Any]], output_dir: str | os.
     return law
 
 
+def run_cell(config: SweepConfig, student_size: str | int, teacher: str, seed: int | None = None) -> dict[str, Any]:
+    """Run one cell of ``config``'s grid and return its record, as the sweep's ledger would hold it (the ledger
+    is not written: the caller keeps the record).
+
+    The cell is direct when ``config.assistants`` is none, else the chained cell ``config`` plans for the pair
+    (a ConfigError when the teacher is within reach of the student); its assistants are built under
+    ``output_dir/assistants`` or reused from there. ``seed`` replaces ``config.seed``. Holds the sweep's lock on
+    ``output_dir`` while it runs.
+    """
+    size = str(student_size)
+    overrides = {"student_sizes": [size], "teachers": [teacher]}
+    config = dataclasses.replace(config, **overrides, **({} if seed is None else {"seed": seed}))
+    specs = [spec for spec in plan(config) if bool(spec.assistants) == bool(config.assistants)]
+    if not specs:
+        raise ConfigError(
+            f"assistants={config.assistants} plans no assistant between teacher {teacher} and student {size}; "
+            "the teacher is within reach: run the direct cell (assistants: none)."
+        )
+    if config.family in HUB_FAMILIES:
+        check_hub_access([teacher])
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with _sweep_lock(output_dir):
+        _remove_stale_scratch(output_dir)
+        source = TeacherSource(config, teacher)
+        data = source.data()
+        model, teacher_params = source.load(teacher)
+        teacher_eval = evaluate_loss(model, data["eval"], config.batch_size)
+        cache_path = _teacher_cache(config, model, teacher, data, source.tokenizer, progress=False)
+        record = _run_spec(specs[0], model, cache_path, data, source.tokenizer, config, progress=False)
+        return _ledger_record(record, config, teacher_params, teacher_eval, json_sha256(config.settings()))
+
+
 def _run_pending(config: SweepConfig, pending: list[RunSpec], settings_sha: str, progress: bool) -> None:
     from tqdm.auto import tqdm
 
@@ -201,152 +242,61 @@ def _run_pending(config: SweepConfig, pending: list[RunSpec], settings_sha: str,
     bar = tqdm(total=len(pending), desc="capacity-gap sweep", unit="run", disable=not progress)
     for teacher_name in dict.fromkeys(spec.teacher for spec in pending):
         teacher, teacher_params = source.load(teacher_name)
-        teacher_eval = _evaluate(teacher, data["eval"], config.batch_size)
-        cache_path = None
-        if config.cache_mode != "online":
-            cache_path = output_dir / "caches" / teacher_name.rsplit("/", 1)[-1]
-            _build_cache(teacher, data["train"], cache_path, config, source.tokenizer, progress)
+        teacher_eval = evaluate_loss(teacher, data["eval"], config.batch_size)
+        cache_path = _teacher_cache(config, teacher, teacher_name, data, source.tokenizer, progress)
         for spec in (spec for spec in pending if spec.teacher == teacher_name):
             bar.set_postfix_str(spec.run_id)
             atomic_write_json(output_dir / RUNNING_FILE, {"run_id": spec.run_id, "pid": os.getpid()})
-            record = _run_one(spec, teacher, cache_path, data, source.tokenizer, config)
-            append_record(
-                output_dir,
-                {
-                    **record,
-                    "family": config.family,
-                    "teacher_params": teacher_params,
-                    "teacher_eval_loss": teacher_eval,
-                    "settings": config.settings(),
-                    "settings_sha256": settings_sha,
-                    "format_version": LEDGER_FORMAT_VERSION,
-                },
-            )
+            record = _run_spec(spec, teacher, cache_path, data, source.tokenizer, config, progress)
+            append_record(output_dir, _ledger_record(record, config, teacher_params, teacher_eval, settings_sha))
             (output_dir / RUNNING_FILE).unlink(missing_ok=True)
             bar.update()
         del teacher
     bar.close()
 
 
-def _build_cache(teacher: Any, train: Any, path: Path, config: SweepConfig, tokenizer: Any, progress: bool) -> None:
-    """One cache per teacher, of the rows exactly as every student's trainer prepares them."""
-    from hf_capgap.cache import TeacherCache
-    from hf_capgap.trainer import DistillationConfig
-    from hf_capgap.utils.training_arguments import student_training_arguments
-
-    data_args = student_training_arguments(
-        DistillationConfig,
-        path,
-        _student_training(config),
-        save_steps=None,
-        logging_steps=1,
-        temperature=config.temperature,
-    )
-    TeacherCache.build(
-        teacher,
-        train,
-        path,
-        mode=config.cache_mode,
-        k=config.cache_k,
-        sampler=config.cache_sampler,
-        temperature=config.temperature,
-        batch_size=config.batch_size,
-        tokenizer=tokenizer,
-        args=data_args,
-        seed=config.seed,
-        progress=progress,
-    )
+def _teacher_cache(
+    config: SweepConfig, teacher: Any, name: str, data: dict[str, Any], tokenizer: Any, progress: bool
+) -> Path | None:
+    """The cache of ``teacher`` under ``output_dir/caches`` (built or resumed), or None for an online teacher."""
+    if config.cache_mode == "online":
+        return None
+    path = Path(config.output_dir) / "caches" / Path(name).name
+    build_cache(teacher, data["train"], path, config, tokenizer, progress)
+    return path
 
 
-def _student_training(config: SweepConfig) -> Any:
-    """How every student of the sweep trains (and how its rows are prepared)."""
-    from hf_capgap.utils.training_arguments import StudentTraining
-
-    return StudentTraining(
-        steps=config.steps,
-        batch_size=config.batch_size,
-        seq_len=config.seq_len,
-        learning_rate=config.learning_rate,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        warmup_ratio=config.warmup_ratio,
-        bf16=config.bf16,
-        gradient_checkpointing=config.gradient_checkpointing,
-        seed=config.seed,
-    )
-
-
-def _run_one(
-    spec: RunSpec, teacher: Any, cache_path: Path | None, data: dict[str, Any], tokenizer: Any, config: SweepConfig
+def _run_spec(
+    spec: RunSpec,
+    teacher: Any,
+    cache_path: Path | None,
+    data: dict[str, Any],
+    tokenizer: Any,
+    config: SweepConfig,
+    progress: bool,
 ) -> dict[str, Any]:
-    """Prune the teacher to the student size, distill on the shared token budget, evaluate."""
-    import torch
+    """One cell: direct from ``teacher``, or, for a chained cell, from the last of its assistants (built or
+    reused), whose entries the record lists under ``assistants``."""
+    chain: list[dict[str, Any]] = []
+    if spec.assistants:
+        teacher, chain = ensure_assistants(config, spec, teacher, data, tokenizer)
+        cache_path = _teacher_cache(config, teacher, chain[-1]["path"], data, tokenizer, progress)
+    _, record = distill_cell(spec.student_params, teacher, cache_path, data, tokenizer, config)
+    record = {"run_id": spec.run_id, "student_name": spec.run_id.split("-from-")[0], "teacher": spec.teacher, **record}
+    if chain:
+        record.update(assistants=chain, assistant_tokens=config.assistant_token_budget)
+    return record
 
-    from hf_capgap.pruning import prune_model
-    from hf_capgap.trainer import DistillationConfig, DistillationTrainer
-    from hf_capgap.utils.training_arguments import student_training_arguments
 
-    started = time.perf_counter()
-    torch.manual_seed(config.seed)
-    student = prune_model(
-        teacher,
-        target_params=spec.student_params,
-        calibration=data["calibration"],
-        checkpoint_layers=config.gradient_checkpointing,
-    )
-    student = student.float()  # fp32 master weights under bf16 mixed precision, whatever the teacher's dtype
-    pruned_eval = _evaluate(student, data["eval"], config.batch_size)
-    steps = config.steps
-    with _scratch_dir(Path(config.output_dir)) as work_dir:
-        args = student_training_arguments(
-            DistillationConfig,
-            work_dir,
-            _student_training(config),
-            save_steps=None,
-            logging_steps=max(1, steps // 4),
-            loss=config.loss,
-            alpha=config.alpha,
-            temperature=config.temperature,
-            teacher_cache=None if cache_path is None else str(cache_path),
-            disable_tqdm=True,
-        )
-        trainer = DistillationTrainer(
-            model=student,
-            teacher_model=None if cache_path is not None else teacher,
-            args=args,
-            train_dataset=data["train"],
-            processing_class=tokenizer,
-        )
-        trainer.train()
-    final = evaluate_student(student, data["eval"], config.batch_size)
+def _ledger_record(
+    record: dict[str, Any], config: SweepConfig, teacher_params: int, teacher_eval: float, settings_sha: str
+) -> dict[str, Any]:
     return {
-        "run_id": spec.run_id,
-        "student_name": spec.run_id.split("-from-")[0],
-        "student_target": spec.student_params,
-        "student_params": count_model_parameters(student),
-        "teacher": spec.teacher,
-        "tokens": steps * config.tokens_per_step,
-        "pruned_eval_loss": pruned_eval,
-        "eval_loss": final["eval_loss"],
-        "perplexity": final["perplexity"],
-        "wall_seconds": round(time.perf_counter() - started, 1),
+        **record,
+        "family": config.family,
+        "teacher_params": teacher_params,
+        "teacher_eval_loss": teacher_eval,
+        "settings": config.settings(),
+        "settings_sha256": settings_sha,
+        "format_version": LEDGER_FORMAT_VERSION,
     }
-
-
-def evaluate_student(model: Any, eval_rows: Any, batch_size: int) -> dict[str, float | int]:
-    from hf_capgap.models import evaluate_perplexity
-
-    return evaluate_perplexity(model, eval_rows, batch_size=batch_size)
-
-
-def _evaluate(model: Any, eval_rows: Any, batch_size: int) -> float:
-    return evaluate_student(model, eval_rows, batch_size)["eval_loss"]
-
-
-@contextmanager
-def _scratch_dir(output_dir: Path) -> Iterator[Path]:
-    """Trainer output for one run: nothing of it is kept, the ledger record is the result."""
-    path = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=output_dir))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)

@@ -72,24 +72,30 @@ class TeacherSource:
         return model.eval(), count_model_parameters(model)
 
     def data(self) -> dict[str, Any]:
-        """The shared token budget (first rows of train), held-out rows and calibration batches."""
+        """The shared token budget (first rows of train), the assistants' (first rows too), held-out rows and
+        calibration batches."""
         import torch
 
         from hf_capgap.data import load_corpus, tokenize_and_pack
 
         config = self.config
         packed = tokenize_and_pack(load_corpus(), self.tokenizer, config.seq_len)
-        train_rows = config.steps * config.batch_size * config.gradient_accumulation_steps
-        for split, needed in (("train", train_rows), ("validation", config.eval_rows)):
+        per_step = config.batch_size * config.gradient_accumulation_steps
+        train_rows = config.steps * per_step
+        assistant_steps = config.assistant_token_budget // config.tokens_per_step if config.assistants else 0
+        assistant_rows = assistant_steps * per_step
+        for split, needed in (("train", max(train_rows, assistant_rows)), ("validation", config.eval_rows)):
             if len(packed[split]) < needed:
                 raise ConfigError(
                     f"the corpus {split} split packs into {len(packed[split])} rows of {config.seq_len} tokens, "
-                    f"fewer than the {needed} the sweep needs; lower tokens_per_run / eval_rows or seq_len."
+                    f"fewer than the {needed} the sweep needs; lower tokens_per_run, assistant_tokens, eval_rows or "
+                    "seq_len."
                 )
         train = packed["train"].select(range(train_rows))
         calibration_ids = torch.tensor(train[: config.calibration_rows]["input_ids"], dtype=torch.long)
         return {
             "train": train,
+            "assistant_train": packed["train"].select(range(assistant_rows)),
             "eval": packed["validation"].select(range(config.eval_rows)),
             "calibration": [{"input_ids": batch} for batch in calibration_ids.split(config.batch_size)],
         }
