@@ -16,6 +16,7 @@ _EXPORTS = {
     "check_sft_loss_fields": "hf_capgap.trainer.config",
     "DistillationSettings": "hf_capgap.trainer.settings",
     "TeacherCacheSettings": "hf_capgap.trainer.settings",
+    "OnPolicySettings": "hf_capgap.trainer.settings",
 }
 
 __all__ = list(_EXPORTS)

@@ -1,0 +1,277 @@
+"""On-policy distillation (lmbda, seq_kd) in DistillationTrainer, on tiny Qwen2 models with padded embeddings."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+
+from hf_capgap import DistillationConfig, DistillationTrainer
+from hf_capgap.data import DatasetFormatError
+from hf_capgap.errors import ConfigError
+from hf_capgap.trainer.on_policy import draw_on_policy
+from tests.conftest import CHAT_ROWS, CHAT_VOCAB_SIZE, chat_tokenizer, tiny_qwen2
+
+PROMPTS = [{"prompt": messages[:-1]} for messages in CHAT_ROWS]
+ON_POLICY_LOGS = ("on_policy_share", "completion_length", "generation_time_share")
+
+
+def config(tmp_path, **overrides) -> DistillationConfig:
+    settings = dict(
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        max_steps=2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        max_completion_length=5,
+        train_sampling_strategy="sequential",
+    )
+    settings.update(overrides)
+    return DistillationConfig(**settings)
+
+
+def models():
+    return tiny_qwen2(1024, hidden=32, seed=1), tiny_qwen2(1008, hidden=16, seed=2)
+
+
+class Recording(DistillationTrainer):
+    """Keeps every training micro-batch the loss sees."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training:
+            self.seen = [*getattr(self, "seen", []), {k: v.clone() for k, v in inputs.items()}]
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+def count_generate(model, calls: list):
+    """Record, for each generate call on ``model``, whether it ran in training mode and with gradient checkpointing."""
+    generate = model.generate
+
+    def recorded(*args, **kwargs):
+        calls.append((model.training, model.is_gradient_checkpointing, torch.is_grad_enabled()))
+        return generate(*args, **kwargs)
+
+    model.generate = recorded
+
+
+def train_logs(trainer) -> list[dict]:
+    trainer.train()
+    return [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
+def test_lmbda_1_on_chat_prompts_samples_from_the_student_and_takes_loss_on_its_completions(tmp_path):
+    tokenizer = chat_tokenizer()
+    teacher, student = models()
+    student.config.attention_dropout = 0.1
+    student_calls, teacher_calls = [], []
+    count_generate(student, student_calls)
+    count_generate(teacher, teacher_calls)
+    args = config(tmp_path, lmbda=1.0, loss="reverse_kl", gradient_checkpointing=True)
+    trainer = Recording(
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=Dataset.from_list(PROMPTS),
+        processing_class=tokenizer,
+    )
+    logs = train_logs(trainer)
+    assert [entry["on_policy_share"] for entry in logs] == [1.0, 1.0]
+    assert all(0 < entry["completion_length"] <= 5 and 0 < entry["generation_time_share"] < 1 for entry in logs)
+    assert all(math.isfinite(entry["loss"]) for entry in logs)
+    # Sampled in eval mode (dropout off), without gradients or checkpointing; trained with both afterwards.
+    assert student_calls == [(False, False, False)] * 2 and teacher_calls == []
+    assert student.training and student.is_gradient_checkpointing
+    eos = tokenizer.eos_token_id
+    for micro, batch in enumerate(trainer.seen):
+        for row in range(4):
+            messages = PROMPTS[4 * micro + row]["prompt"]
+            prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+            ids, labels, mask = batch["input_ids"][row], batch["labels"][row], batch["attention_mask"][row]
+            n = len(prompt)
+            assert ids[:n].tolist() == prompt and (labels[:n] == -100).all()  # the prompt, outside the loss
+            completion = labels[n:][labels[n:] != -100]
+            assert 1 <= len(completion) <= 5 and completion.tolist() == ids[n : n + len(completion)].tolist()
+            assert int(mask.sum()) == n + len(completion)  # nothing after the completion is attended or scored
+            assert (completion < CHAT_VOCAB_SIZE).all()  # never a padded embedding row
+            assert eos not in completion[:-1].tolist()  # cut at the first EOS
+
+
+def test_seq_kd_samples_the_completions_from_the_teacher(tmp_path):
+    teacher, student = models()
+    student_calls, teacher_calls = [], []
+    count_generate(student, student_calls)
+    count_generate(teacher, teacher_calls)
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=config(tmp_path, seq_kd=True, max_steps=1),
+        train_dataset=Dataset.from_list(PROMPTS),
+        processing_class=chat_tokenizer(),
+    )
+    (log,) = train_logs(trainer)
+    assert log["on_policy_share"] == 0.0 and log["completion_length"] > 0
+    assert student_calls == [] and len(teacher_calls) == 1
+
+
+def test_lmbda_0_is_the_off_policy_trainer(tmp_path):
+    """No generation, no prompt lengths, no on-policy logs; the sampling settings change nothing."""
+    rows = [{"prompt": messages[:-1], "completion": messages[-1:]} for messages in CHAT_ROWS]
+    runs = []
+    for settings in ({}, {"max_completion_length": 3, "sampling_temperature": 0.5, "top_k": 2, "top_p": 0.5}):
+        teacher, student = models()
+        calls = []
+        count_generate(student, calls)
+        trainer = Recording(
+            model=student,
+            teacher_model=teacher,
+            args=config(tmp_path, **settings),
+            train_dataset=Dataset.from_list(rows),
+            processing_class=chat_tokenizer(),
+        )
+        logs = train_logs(trainer)
+        assert calls == [] and trainer.on_policy is None
+        assert not any(name in entry for entry in logs for name in ON_POLICY_LOGS)
+        assert all(set(batch) == {"input_ids", "attention_mask", "labels"} for batch in trainer.seen)
+        runs.append(([entry["loss"] for entry in logs], trainer.seen))
+    assert runs[0][0] == runs[1][0]
+    for first, second in zip(runs[0][1], runs[1][1], strict=True):
+        assert all(torch.equal(first[key], second[key]) for key in first)
+
+
+def test_lmbda_draws_are_seeded_by_step_and_micro_step_and_continue_on_resume(tmp_path):
+    """lmbda=0.5 over 4 steps of 2 micro-batches: the logged share is the seeded draws', and a run resumed from
+    step 2 draws and samples as the uninterrupted one (same shares, same losses)."""
+    rows = [{"prompt": messages[:-1], "completion": messages[-1:]} for messages in CHAT_ROWS]
+    settings = dict(lmbda=0.5, max_steps=4, per_device_train_batch_size=2, gradient_accumulation_steps=2)
+
+    def run(resume=None):
+        teacher, student = models()
+        args = config(tmp_path, save_strategy="steps", save_steps=2, **settings)
+        trainer = DistillationTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=chat_tokenizer(),
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return {entry["step"]: entry for entry in trainer.state.log_history if "loss" in entry}
+
+    whole = run()
+    draws = {step: [draw_on_policy(0, step - 1, micro, 0.5) for micro in (0, 1)] for step in whole}
+    assert {step: entry["on_policy_share"] for step, entry in whole.items()} == {
+        step: sum(drawn) / 2 for step, drawn in draws.items()
+    }
+    assert len({entry["on_policy_share"] for entry in whole.values()}) > 1  # both kinds occur
+    resumed = run(resume=str(tmp_path / "run" / "checkpoint-2"))
+    assert sorted(resumed) == [1, 2, 3, 4]  # steps 1 and 2 restored from the checkpoint's trainer state
+    for step in (3, 4):
+        assert resumed[step]["on_policy_share"] == whole[step]["on_policy_share"]
+        assert resumed[step]["loss"] == pytest.approx(whole[step]["loss"], rel=1e-5)
+
+
+def test_draws_are_independent_of_the_global_rng():
+    torch.manual_seed(1)
+    first = [draw_on_policy(3, step, micro, 0.3) for step in range(20) for micro in range(2)]
+    torch.manual_seed(2)
+    assert first == [draw_on_policy(3, step, micro, 0.3) for step in range(20) for micro in range(2)]
+    assert 0 < sum(first) < len(first)
+
+
+@pytest.mark.parametrize(
+    ("settings", "field"),
+    [
+        ({"lmbda": 1.5}, "lmbda"),
+        ({"lmbda": 0.5, "max_completion_length": 0}, "max_completion_length"),
+        ({"lmbda": 0.5, "sampling_temperature": 0.0}, "sampling_temperature"),
+        ({"lmbda": 0.5, "top_k": -1}, "top_k"),
+        ({"lmbda": 0.5, "top_p": 0.0}, "top_p"),
+        ({"lmbda": 0.5, "teacher_cache": "/nonexistent"}, "teacher_cache"),
+        ({"seq_kd": True, "teacher_cache": "/nonexistent"}, "teacher_cache"),
+        ({"lmbda": 1.0, "packing": True, "max_length": 32}, "packing"),
+        ({"lmbda": 1.0, "padding_free": True, "max_length": None}, "padding_free"),
+    ],
+)
+def test_config_refusals_name_the_field(tmp_path, settings, field):
+    with pytest.raises(ConfigError, match=field):
+        config(tmp_path, **settings)
+
+
+@pytest.mark.parametrize(
+    ("rows", "settings", "tokenizer_settings", "match"),
+    [
+        ([{"text": "the cat sat"}] * 4, {"lmbda": 1.0}, {}, "needs prompts"),
+        ([{"messages": CHAT_ROWS[0]}] * 4, {"lmbda": 0.5}, {}, "needs prompts"),
+        ([{"input_ids": [5, 6, 7]}] * 4, {"seq_kd": True}, {}, "completion_mask"),
+        (PROMPTS, {"lmbda": 0.5}, {}, "prompt-only rows with lmbda=0.5"),
+        (PROMPTS, {"lmbda": 1.0}, {"chat_template": None}, "no chat template"),
+        ([{"prompt": "the cat", "completion": "sat"}] * 4, {"lmbda": 1.0, "formatting_func": True}, {}, "formatting"),
+    ],
+)
+def test_dataset_refusals_fire_before_any_model_runs(tmp_path, rows, settings, tokenizer_settings, match):
+    teacher, student = models()
+    forwards = []
+    for model in (teacher, student):
+        model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    settings = dict(settings)
+    formatting_func = (lambda row: row["prompt"] + row["completion"]) if settings.pop("formatting_func", False) else None
+    with pytest.raises((ConfigError, DatasetFormatError), match=match):
+        DistillationTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=config(tmp_path, **settings),
+            train_dataset=Dataset.from_list(rows),
+            processing_class=chat_tokenizer(**tokenizer_settings),
+            formatting_func=formatting_func,
+        )
+    assert forwards == []
+
+
+def test_plain_prompts_with_lmbda_accept_what_lmbda_0_accepts(tmp_path):
+    """Plain prompt-completion rows with completion_only_loss=False (the prompt boundary comes from TRL's
+    completion_mask, kept for the collator) and pre-tokenized rows with a completion_mask both train on-policy."""
+    tokenizer = chat_tokenizer()
+    plain = [{"prompt": "the cat sat on ", "completion": "the mat ."}] * 4
+    tokenized = [{"input_ids": [20, 21, 22, 23, 24], "completion_mask": [0, 0, 0, 1, 1]}] * 4
+    for rows, settings in ((plain, {"completion_only_loss": False}), (tokenized, {})):
+        teacher, student = models()
+        trainer = Recording(
+            model=student,
+            teacher_model=teacher,
+            args=config(tmp_path, lmbda=1.0, max_steps=1, **settings),
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+        )
+        (log,) = train_logs(trainer)
+        assert log["on_policy_share"] == 1.0
+        prompt = tokenizer(plain[0]["prompt"])["input_ids"] if rows is plain else [20, 21, 22]
+        (batch,) = trainer.seen
+        assert batch["input_ids"][:, : len(prompt)].tolist() == [prompt] * 4
+        assert (batch["labels"][:, : len(prompt)] == -100).all() and (batch["labels"][:, len(prompt)] != -100).all()
+
+
+def test_a_peft_student_generates_and_trains_its_adapter(tmp_path):
+    peft = pytest.importorskip("peft")
+    teacher, student = models()
+    lora = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_alpha=8, task_type="CAUSAL_LM")
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=config(tmp_path, lmbda=1.0, max_steps=1, learning_rate=1e-2),
+        train_dataset=Dataset.from_list(PROMPTS),
+        processing_class=chat_tokenizer(),
+        peft_config=lora,
+    )
+    assert isinstance(trainer.model, peft.PeftModel)
+    adapters = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
+    (log,) = train_logs(trainer)
+    assert log["on_policy_share"] == 1.0 and math.isfinite(log["loss"])
+    changed = [not torch.equal(p, adapters[n]) for n, p in trainer.model.named_parameters() if n in adapters]
+    assert changed and all(changed)
