@@ -221,7 +221,8 @@ def test_dataset_refusals_fire_before_any_model_runs(tmp_path, rows, settings, t
     for model in (teacher, student):
         model.register_forward_pre_hook(lambda *_: forwards.append(1))
     settings = dict(settings)
-    formatting_func = (lambda row: row["prompt"] + row["completion"]) if settings.pop("formatting_func", False) else None
+    formatting = settings.pop("formatting_func", False)
+    formatting_func = (lambda row: row["prompt"] + row["completion"]) if formatting else None
     with pytest.raises((ConfigError, DatasetFormatError), match=match):
         DistillationTrainer(
             model=student,
