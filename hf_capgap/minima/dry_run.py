@@ -249,6 +249,73 @@ def student_skeleton(config: MinimaConfig, plan: Plan, teacher: Any) -> Any:
     return meta_model(pruned_config(teacher.config, shape))
 
 
+def chain_skeletons(config: MinimaConfig, plan: Plan, teacher: Any) -> list[tuple[Plan, Any, Any]]:
+    """(stage plan, its teacher, its student) on the meta device for each teacher -> student stage in run
+    order: each assistant cut from the model above it, then the student from the last one (one stage without
+    assistants)."""
+    from hf_capgap.minima.assistants import stage_plans
+
+    stages = []
+    for stage in stage_plans(plan):
+        student = student_skeleton(config, stage, teacher)
+        stages.append((stage, teacher, student))
+        teacher = student
+    return stages
+
+
+def chain_memory(
+    config: MinimaConfig, launch: Launch, chain: list[tuple[Plan, Any, Any]], precision: Precision
+) -> dict[str, dict[str, float]]:
+    """:func:`memory_estimate` per stage, each with its own teacher and student: the original teacher's load
+    and evaluation, each assistant's prune and distill (named after it), the student's stages as without
+    assistants (whose teacher is the last assistant, loaded with its stage's rows)."""
+    if len(chain) == 1:
+        return memory_estimate(config, chain[0][0], launch, chain[0][1], chain[0][2], precision)
+    memory = {}
+    last = len(chain) - 1
+    for index, (stage, teacher, student) in enumerate(chain):
+        prefix = "" if index == last else f"{stage_name(chain, index)}: "
+        for name, parts in memory_estimate(config, stage, launch, teacher, student, precision).items():
+            skip = (name == "teacher load" and index > 0) or (name == "evaluation" and index > 0)
+            if not skip and not (name.startswith("baseline") and index < last):
+                memory[name if name in ("teacher load", "evaluation") else prefix + name] = parts
+    memory["evaluation"] = memory.pop("evaluation")  # the original teacher's, scored last of all
+    return memory
+
+
+def stage_name(chain: list[tuple[Plan, Any, Any]], index: int) -> str:
+    return chain[index + 1][0].teacher if index + 1 < len(chain) else "student"
+
+
+def stage_tokens(config: MinimaConfig, stage: Plan) -> int:
+    return steps_for(config, stage) * tokens_per_step(config, stage)
+
+
+def chain_lines(
+    config: MinimaConfig, plan: Plan, chain: list[tuple[Plan, Any, Any]], memory: dict[str, dict[str, float]]
+) -> list[str]:
+    """The chain teacher -> assistants -> student, a line per stage: its teacher, student shape, tokens and
+    the per-GPU memory of its distillation; nothing without assistants."""
+    if len(chain) == 1:
+        return []
+    from hf_capgap.law import format_params
+
+    sizes = [plan.teacher_params] + [count_model_parameters(student) for _, _, student in chain]
+    lines = [
+        f"chain    {' -> '.join(format_params(size) for size in sizes)} ({config.assistants}; each step pruned "
+        "from the model above it and distilled from it)"
+    ]
+    for index, (stage, _, student) in enumerate(chain):
+        name = stage_name(chain, index)
+        distill = memory["distill" if name == "student" else f"{name}: distill"]["total"]
+        lines.append(
+            f"  {name:<12} from {stage.teacher} ({stage.teacher_params:,} params): {describe(student)}; "
+            f"{stage_tokens(config, stage):,} tokens in {steps_for(config, stage):,} steps; "
+            f"distill {distill / GIB:.2f} GiB per GPU"
+        )
+    return lines
+
+
 def describe(model: Any) -> str:
     config = model.config
     heads = config.num_attention_heads
@@ -281,11 +348,12 @@ def dry_run(config: MinimaConfig) -> dict[str, Any]:
     launch = launch_from_yaml(config.accelerate_config) if config.accelerate_config else launch_from_environment()
     plan = make_plan(config, processes=launch.processes)
     _, teacher = resolve_teacher(config, plan.teacher, ladder_rungs(config))
-    student = student_skeleton(config, plan, teacher)
+    chain = chain_skeletons(config, plan, teacher)
+    student = chain[-1][2]
     law = load_law(config)
     steps = steps_for(config, plan)
     precision = resolve_precision(config, launch)
-    memory = memory_estimate(config, plan, launch, teacher, student, precision)
+    memory = chain_memory(config, launch, chain, precision)
     peak_name, peak = peak_stage(memory)
     global_rows = config.batch_size * config.gradient_accumulation_steps * launch.processes
     ratio = plan.teacher_params / count_model_parameters(student)
@@ -303,6 +371,7 @@ def dry_run(config: MinimaConfig) -> dict[str, Any]:
         f"{precision.teacher} (teacher_dtype={config.teacher_dtype}), student activations in {precision.training} "
         f"(bf16={str(config.bf16).lower()}, launch mixed_precision={launch.mixed_precision}), "
         f"gradient_checkpointing={str(config.gradient_checkpointing).lower()}",
+        *chain_lines(config, plan, chain, memory),
         "memory per GPU by stage, estimated from the shapes (not measured; runtime and CUDA context not counted):",
     ]
     for stage, parts in memory.items():
@@ -332,6 +401,10 @@ def dry_run(config: MinimaConfig) -> dict[str, Any]:
         "student_params": count_model_parameters(student),
         "law_teacher_params": law_teacher,
         "student_config": student.config,
+        "chain": [
+            {"teacher": stage.teacher, "params": count_model_parameters(model), "tokens": stage_tokens(config, stage)}
+            for stage, _, model in chain
+        ],
     }
     if config.teacher_cache:
         report["cache_bytes"] = cache_bytes(config, plan, teacher.config.vocab_size)

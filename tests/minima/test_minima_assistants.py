@@ -1,0 +1,156 @@
+"""Teacher assistants in the MiniMA recipe at micro scale: the setting and its refusals, a run through one
+assistant (stage folders, results.json chain, card), resume after the assistant stage, the dry run's chain,
+and loss: taid."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from hf_capgap.errors import ConfigError
+from hf_capgap.minima import build_config, make_plan, parse_minima_args, run_minima
+from hf_capgap.minima.dry_run import dry_run
+from tests.minima.test_minima import micro_values
+
+# The micro ladder's 86K teacher (1 layer, 2 heads) prunes to few sizes: 60K and 22K are two of them.
+ONE_ASSISTANT = {"assistants": "60K", "student_params": "22K", "run_name": "chained"}
+
+
+@pytest.fixture(scope="module")
+def chained(tmp_path_factory):
+    config = build_config(micro_values(tmp_path_factory.mktemp("assistants"), **ONE_ASSISTANT))
+    return config, run_minima(config)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"assistants": "20K,60K"}, "assistants='20K,60K' must list distinct sizes in decreasing order"),
+        ({"assistants": "60K,60K"}, "distinct sizes in decreasing order"),
+        ({"assistants": "many"}, "'many' is not a size"),
+        ({"assistants": "100K"}, "100K is not strictly between the student (22K) and the teacher (86.2K)"),
+        ({"assistants": "20K"}, "20K is not strictly between"),
+        ({"assistants": "40K"}, "assistant 1 (40K) cannot be pruned from the model above it"),
+        ({"assistant_tokens": "10"}, "assistant_tokens=10 is less than one optimizer step"),
+        ({"assistant_tokens": "lots"}, "assistant_tokens='lots' is not a count"),
+        ({"prune_only": True}, "prune_only skips"),
+        ({"loss": "taid", "teacher_cache": True}, "cache_mode='topk' does not keep"),
+        ({"loss": "taid", "teacher_cache": True, "cache_mode": "sampled"}, "cache_mode='sampled' does not keep"),
+        ({"loss": "taid", "taid_t_start": 1.5}, "taid_t_start=1.5 must be in [0, 1)"),
+        ({"loss": "kl"}, "loss='kl' must be one of forward_kl, reverse_kl, jsd, skew_kl, tvd, taid"),
+    ],
+)
+def test_assistant_and_taid_settings_are_refused_before_any_work(tmp_path, overrides, message):
+    with pytest.raises(ConfigError) as info:
+        make_plan(build_config(micro_values(tmp_path, **{**ONE_ASSISTANT, **overrides})))
+    assert message in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_assistant_sizes_from_a_list_yaml_or_auto(tmp_path):
+    preset = tmp_path / "run.yaml"
+    preset.write_text("assistants: [300K, 1.5e5]\nassistant_tokens: 2048\n")
+    config = parse_minima_args([str(preset)])
+    assert config.assistant_sizes == (300_000.0, 150_000.0)
+    assert config.result_settings()["assistant_tokens"] == 2048
+    assert parse_minima_args(["--assistants", "300K,150K"]).assistant_sizes == (300_000.0, 150_000.0)
+    plan = make_plan(build_config(micro_values(tmp_path, **ONE_ASSISTANT)))
+    (assistant,) = plan.assistants
+    assert (assistant.name, assistant.target_params, assistant.params, assistant.tokens) == (
+        "assistant-1",
+        60_000.0,
+        60_096,  # the shape pruning picks from the teacher holds this many (within 2% of 60K)
+        1024,  # assistant_tokens defaults to the student's train_tokens
+    )
+    auto = make_plan(build_config({"teacher": "llama-963K", "student_params": "110K", "assistants": "auto"}))
+    assert [round(a.target_params) for a in auto.assistants] == [467_365, 226_738]  # CapacityGapLaw.paper().chain
+    assert all(abs(a.params - a.target_params) / a.target_params <= 0.02 for a in auto.assistants)
+    within_reach = make_plan(build_config({"teacher": "llama-418K", "student_params": "170K", "assistants": "auto"}))
+    assert within_reach.assistants == ()
+
+
+def test_none_keeps_the_settings_and_plan_of_a_run_without_assistants(tmp_path):
+    config = build_config(micro_values(tmp_path))
+    assert config.assistants == "none"
+    settings = config.result_settings()
+    assert not {"assistants", "assistant_tokens", "taid_t_start", "taid_alpha"} & set(settings)
+    assert make_plan(config).assistants == ()
+    taid = build_config(micro_values(tmp_path, loss="taid")).result_settings()
+    assert taid["taid_t_start"] == 0.4 and "assistants" not in taid
+
+
+def test_run_through_one_assistant(chained):
+    from huggingface_hub import ModelCard
+
+    config, results = chained
+    work = config.work_dir
+    assert len(list(work.glob("pruned-*"))) == 2 and len(list(work.glob("distilled-*"))) == 2
+    assert not list(work.glob("distill-*"))  # each stage's checkpoints went once it was published
+    teacher, assistant, student = results["chain"]
+    assert [step["role"] for step in results["chain"]] == ["teacher", "assistant", "student"]
+    assert (teacher["name"], teacher["params"], teacher["train_tokens"]) == ("llama-86K", 86_208, None)
+    assert teacher["loss"] == results["eval"]["teacher"]["loss"]
+    assert (assistant["params"], assistant["train_tokens"]) == (60_096, 1024)
+    assert assistant["wall_seconds"] > 0 and student["wall_seconds"] > 0
+    assert (student["params"], student["loss"]) == (
+        results["eval"]["distilled"]["params"],
+        results["eval"]["distilled"]["loss"],
+    )
+    assert abs(student["params"] - 22_000) / 22_000 <= 0.02
+    assert set(results) - {"chain"} == set(json.loads((config.run_dir / "results.json").read_text())) - {"chain"}
+    card = ModelCard.load(config.run_dir / "README.md")
+    assert "Distilled through assistants: 86.2K -> 60.1K -> 22.1K" in card.text
+    assert f"| assistant-1 | assistant | 60,096 | {assistant['loss']:.4f} | 1,024 |" in card.text
+    assert card.data.base_model is None  # the original teacher is a ladder rung (no Hub id), never an assistant
+    assert str(config.output_dir) not in card.text and ".work" not in card.text
+
+
+def test_rerun_after_the_assistant_stage_resumes_at_the_student(chained, monkeypatch):
+    """A run stopped after its assistant was distilled prunes and distils only the student on the rerun."""
+    from transformers import Trainer
+
+    config, results = chained
+    (student_pruned,) = [p for p in config.work_dir.glob("pruned-*") if _manifest(p)["teacher_name"] == "assistant-1"]
+    (student_distilled,) = [p for p in config.work_dir.glob("distilled-*") if _shape(p) == _shape(student_pruned)]
+    for folder in (config.run_dir, student_pruned, student_distilled):
+        shutil.rmtree(folder)
+    trained = []
+    original = Trainer.train
+
+    def train(self, *args, **kwargs):
+        trained.append(type(self).__name__)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train", train)
+    again = run_minima(config)
+    assert trained == ["DistillationTrainer"]  # the student only: the assistant and the baseline were finished
+    assert student_pruned.is_dir() and student_distilled.is_dir()  # the same inputs, so the same folders
+    assert again["chain"][:2] == results["chain"][:2]  # the assistant's record is read back, not retrained
+    assert again["chain"][2]["params"] == results["chain"][2]["params"]
+
+
+def _manifest(folder: Path) -> dict:
+    return json.loads((folder / "capgap_manifest.json").read_text())
+
+
+def _shape(folder: Path) -> tuple[int, int, int]:
+    saved = json.loads((folder / "config.json").read_text())
+    return saved["hidden_size"], saved["num_hidden_layers"], saved["intermediate_size"]
+
+
+def test_dry_run_lists_the_chain_with_each_stage(tmp_path):
+    config = build_config({"teacher": "llama-963K", "student_params": "110K", "assistants": "auto", "dry_run": True})
+    report = dry_run(config)
+    summary = report["summary"]
+    assert "chain    963K -> 466K -> 226K -> 110K" in summary
+    assert "assistant-1  from llama-963K (963,360 params): 466,304 params" in summary
+    assert "student      from assistant-2 (226,160 params): 109,968 params" in summary
+    assert {"assistant-1: distill", "assistant-2: prune (Taylor scores, one process)", "distill"} <= set(
+        report["memory"]
+    )
+    assert [stage["tokens"] for stage in report["chain"]] == [409_600] * 3
+    direct = dry_run(build_config({"teacher": "llama-963K", "student_params": "110K", "dry_run": True}))
+    assert "chain" not in direct["summary"] and len(direct["chain"]) == 1
