@@ -154,3 +154,19 @@ def test_dry_run_lists_the_chain_with_each_stage(tmp_path):
     assert [stage["tokens"] for stage in report["chain"]] == [409_600] * 3
     direct = dry_run(build_config({"teacher": "llama-963K", "student_params": "110K", "dry_run": True}))
     assert "chain" not in direct["summary"] and len(direct["chain"]) == 1
+
+
+def test_taid_settings_reach_the_distillation_config(tmp_path):
+    from hf_capgap.minima.distill import _distill_arguments
+
+    config = build_config(micro_values(tmp_path, loss="taid", taid_t_start=0.3, taid_alpha=0.0, taid_beta=0.9))
+    args = _distill_arguments(config, make_plan(config), tmp_path / "checkpoints", None)
+    assert (args.loss, args.taid_t_start, args.taid_t_end, args.taid_alpha, args.taid_beta) == (
+        "taid",
+        0.3,
+        1.0,
+        0.0,
+        0.9,
+    )
+    dense = build_config(micro_values(tmp_path, loss="taid", teacher_cache=True, cache_mode="dense"))
+    assert dense.result_settings()["loss"] == "taid"  # a dense cache serves TAID
