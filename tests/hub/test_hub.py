@@ -452,3 +452,27 @@ def test_a_failed_oidc_exchange_is_a_hub_upload_error_without_the_token(hub, exp
         push_student(exported_student, REPO, endpoint=hub.url)
     assert TOKEN not in str(caught.value)
     assert REPO not in hub.repos
+
+
+CHAIN = [
+    {"role": "teacher", "name": "tiny-teacher", "params": 5_000, "loss": 3.1},
+    {"role": "assistant", "name": "assistant-1", "params": 2_000, "loss": 3.4, "tokens": 4096},
+    {"role": "student", "name": "tiny-student", "params": 1_000, "loss": 3.6, "tokens": 8192},
+]
+
+
+def test_card_names_the_assistant_chain_and_keeps_the_teacher_as_base_model():
+    card = render_model_card(card_info(chain=CHAIN))
+    assert "Distilled through assistants: 5K -> 2K -> 1K" in card.text
+    assert "| assistant-1 | assistant | 2,000 | 3.4000 | 4,096 |" in card.text
+    assert "| tiny-teacher | teacher | 5,000 | 3.1000 | pretrained |" in card.text
+    assert "pruned from the model above it" in card.text and "of assistant-1, the last assistant" in card.text
+    assert card.data.base_model == "tester/tiny-teacher"
+    plain = render_model_card(card_info())
+    assert "Teacher assistants" not in plain.text and "of the teacher's parameters" in plain.text
+
+
+@pytest.mark.parametrize("chain", [CHAIN[::2], CHAIN[::-1], [{**CHAIN[0], "size": 1}, *CHAIN[1:]]])
+def test_card_refuses_a_chain_that_is_not_teacher_assistants_student(chain):
+    with pytest.raises(ValueError, match="chain"):
+        render_model_card(card_info(chain=chain))
