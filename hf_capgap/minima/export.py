@@ -51,6 +51,12 @@ def format_table(results: Mapping[str, Any]) -> str:
             lines.append(f"{label:<46}{NOT_RUN:>33}")
         else:
             lines.append(f"{label:<46}{score['params']:>14,}{score['loss']:>9.4f}{score['perplexity']:>10.2f}")
+    if len(results.get("chain", ())) > 2:
+        from hf_capgap.law import format_params
+
+        steps = " -> ".join(f"{format_params(step['params'])} ({step['loss']:.4f})" for step in results["chain"])
+        assistant_tokens = sum(step["train_tokens"] for step in results["chain"][1:-1])
+        lines.append(f"distilled through assistants: {steps}; the assistants trained on {assistant_tokens:,} tokens")
     scratch = results["eval"].get("scratch")
     tokens = f"{results['train_tokens']:,} tokens each"
     if scratch is None:

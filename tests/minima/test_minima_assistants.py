@@ -13,6 +13,7 @@ import pytest
 from hf_capgap.errors import ConfigError
 from hf_capgap.minima import build_config, make_plan, parse_minima_args, run_minima
 from hf_capgap.minima.dry_run import dry_run
+from hf_capgap.minima.export import format_table
 from tests.minima.test_minima import micro_values
 
 # The micro ladder's 86K teacher (1 layer, 2 heads) prunes to few sizes: 60K and 22K are two of them.
@@ -101,6 +102,9 @@ def test_run_through_one_assistant(chained):
     )
     assert abs(student["params"] - 22_000) / 22_000 <= 0.02
     assert set(results) - {"chain"} == set(json.loads((config.run_dir / "results.json").read_text())) - {"chain"}
+    table = format_table(results)
+    assert f"distilled through assistants: 86.2K ({teacher['loss']:.4f}) -> 60.1K ({assistant['loss']:.4f})" in table
+    assert "the assistants trained on 1,024 tokens" in table
     card = ModelCard.load(config.run_dir / "README.md")
     assert "Distilled through assistants: 86.2K -> 60.1K -> 22.1K" in card.text
     assert f"| assistant-1 | assistant | 60,096 | {assistant['loss']:.4f} | 1,024 |" in card.text
