@@ -180,12 +180,6 @@ def test_hub_family_unreachable_fails_before_any_work(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def ladder_dir(tmp_path_factory) -> Path:
-    """The micro ladder pretrains in seconds; a fresh one keeps the test independent of any cache."""
-    return tmp_path_factory.mktemp("ladder") / "micro"
-
-
-@pytest.fixture(scope="module")
 def killed_and_resumed(tmp_path_factory, ladder_dir):
     """A sweep subprocess SIGKILLed right after its first finished run, then run again to the end,
     distilling from sampled caches of independent draws (the default is systematic)."""
