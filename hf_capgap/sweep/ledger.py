@@ -72,11 +72,11 @@ def sweep_status(config: SweepConfig) -> list[dict[str, Any]]:
 
 def format_status(rows: Sequence[Mapping[str, Any]]) -> str:
     """A terminal table of :func:`sweep_status` rows and a one-line count."""
-    lines = [f"{'run':<36}{'student':>9}{'teacher':>10}  {'state':<8}{'eval loss':>10}"]
+    lines = [f"{'run':<44}{'student':>9}{'teacher':>10}  {'state':<8}{'eval loss':>10}"]
     for row in rows:
         loss = "" if row["eval_loss"] is None else f"{row['eval_loss']:.4f}"
         lines.append(
-            f"{row['run_id']:<36}{format_params(row['student_params']):>9}"
+            f"{row['run_id']:<44}{format_params(row['student_params']):>9}"
             f"{format_params(row['teacher_params']):>10}  {row['state']:<8}{loss:>10}"
         )
     counts = {state: sum(row["state"] == state for row in rows) for state in ("done", "running", "left")}
