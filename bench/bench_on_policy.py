@@ -33,7 +33,7 @@
                QUALITY_STUDENT, teacher QUALITY_TEACHER). Rows: prompt = the first PROMPT_TOKENS tokens of a
                corpus train row, completion = its next QUALITY_COMPLETION tokens (plain text); lmbda=0 trains
                on that completion, lmbda=1 replaces it with the student's sample. Same steps, batch and rows
-               per seed. Evaluation: 64 held-out prompts (validation rows), the student samples QUALITY_COMPLETION
+               per seed. Evaluation: 256 held-out prompts (validation rows), the student samples QUALITY_COMPLETION
                tokens (seeded, temperature 1), the metric is sum_v q(v) (log q(v) - log p(v)) per completion
                position (through the first EOS), averaged over completion tokens. The seed sets the data
                order, the sampling and the evaluation draws, not the student's weights (it starts from the
@@ -41,7 +41,7 @@
 
     python bench/bench_on_policy.py --correctness
     python bench/bench_on_policy.py [--steps 8 --warmup 2 --repeats 3 --completion 64]
-    python bench/bench_on_policy.py --quality [--seeds 0,1,2 --quality-steps 60]
+    python bench/bench_on_policy.py --quality [--seeds 0,1,2,3,4 --quality-steps 200]
     python bench/bench_on_policy.py --smoke   # every section, small, well under a minute of work
 """
 
@@ -74,7 +74,7 @@ CHATML = (
 LADDER = "outputs/ladder/tiny"
 QUALITY_STUDENT, QUALITY_TEACHER = "llama-126K", "llama-418K"
 QUALITY_COMPLETION = 48
-EVAL_PROMPTS = 64
+EVAL_PROMPTS = 256
 LENGTH_KEYS = ("completion_length", "completions/mean_length")  # ours / gkd (counted here), trl-distill
 
 
@@ -480,8 +480,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--completion", type=int, default=64)
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--quality-steps", type=int, default=60)
+    parser.add_argument("--seeds", default="0,1,2,3,4")
+    parser.add_argument("--quality-steps", type=int, default=200)
     parser.add_argument("--child", choices=(*ARMS, "quality"))
     parser.add_argument("--lmbda", type=float)
     parser.add_argument("--seed", type=int)
