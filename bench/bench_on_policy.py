@@ -40,9 +40,9 @@
                pretrained ladder student, the post-training setting GKD targets).
 
     python bench/bench_on_policy.py --correctness
-    python bench/bench_on_policy.py [--steps 8 --warmup 2 --repeats 3 --completion 64]
+    python bench/bench_on_policy.py [--steps 10 --warmup 2 --repeats 3 --completion 64]
     python bench/bench_on_policy.py --quality [--seeds 0,1,2,3,4 --quality-steps 200]
-    python bench/bench_on_policy.py --smoke   # every section, small, well under a minute of work
+    python bench/bench_on_policy.py --smoke   # every section at toy sizes in one process: checks it runs
 """
 
 from __future__ import annotations
@@ -75,10 +75,10 @@ LADDER = "outputs/ladder/tiny"
 QUALITY_STUDENT, QUALITY_TEACHER = "llama-126K", "llama-418K"
 QUALITY_COMPLETION = 48
 EVAL_PROMPTS = 256
+IN_PROCESS = False  # --smoke: arms run in this process (no fresh-process isolation; its numbers mean nothing)
 LENGTH_KEYS = ("completion_length", "completions/mean_length")  # ours / gkd (counted here), trl-distill
 
 
-# ---------------------------------------------------------------- correctness
 def correctness() -> float:
     """Print max |ours - T^2 * TRL| per case; return the largest."""
     import torch
@@ -123,7 +123,6 @@ def correctness() -> float:
     return worst
 
 
-# ---------------------------------------------------------------- speed and memory
 def rss_kib(field: str) -> int:
     with open("/proc/self/status") as status:
         return int(re.search(rf"^{field}:\s+(\d+)", status.read(), re.MULTILINE).group(1))
@@ -148,39 +147,23 @@ def speed_models():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     def llama(hidden: int, layers: int, heads: int) -> LlamaForCausalLM:
-        config = LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=hidden,
-            intermediate_size=8 * hidden // 3,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=heads,
-            max_position_embeddings=256,
-            tie_word_embeddings=False,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=3,
+        shape = {"hidden_size": hidden, "intermediate_size": 8 * hidden // 3, "num_hidden_layers": layers}
+        attention = {"num_attention_heads": heads, "num_key_value_heads": heads}
+        ids = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}  # the embedded tokenizer's
+        return LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=VOCAB, max_position_embeddings=256, tie_word_embeddings=False, **shape, **attention, **ids
+            )
         )
-        return LlamaForCausalLM(config)
 
     torch.manual_seed(0)
     return llama(hidden=256, layers=4, heads=4), llama(hidden=128, layers=2, heads=2)
 
 
 def common_args(output_dir: str, steps: int) -> dict:
-    return {
-        **LIKE_FOR_LIKE,
-        "output_dir": output_dir,
-        "max_steps": steps,
-        "learning_rate": 1e-4,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "report_to": [],
-        "disable_tqdm": True,
-        "dataloader_num_workers": 0,
-        "use_cpu": True,
-        "seed": 0,
-    }
+    run = {"output_dir": output_dir, "max_steps": steps, "learning_rate": 1e-4, "logging_steps": 1, "seed": 0}
+    quiet = {"save_strategy": "no", "report_to": [], "disable_tqdm": True, "dataloader_num_workers": 0}
+    return {**LIKE_FOR_LIKE, **run, **quiet, "use_cpu": True}
 
 
 def speed_trainer(arm: str, output_dir: str, steps: int, completion: int):
@@ -285,6 +268,9 @@ def speed_child(arm: str, steps: int, warmup: int, completion: int) -> dict:
 
 
 def child(section: str, *options: str) -> dict:
+    """Run one arm in a fresh subprocess (in this one for --smoke, which only checks that every path runs)."""
+    if IN_PROCESS:
+        return run_child(argument_parser().parse_args(["--child", section, *options]))
     command = [sys.executable, os.path.abspath(__file__), "--child", section, *options]
     env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false"}
     completed = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -306,10 +292,10 @@ def speed(arms: tuple[str, ...], steps: int, warmup: int, repeats: int, completi
         f"on-policy training, CPU, lmbda=1, reverse KL, batch {BATCH}, prompts {PROMPT_TOKENS} corpus tokens "
         f"(ChatML user turn), max completion {completion} tokens, {steps - warmup} timed steps after {warmup} "
         f"warm-up, teacher {first['teacher_params'] / 1e6:.2f}M / student {first['student_params'] / 1e6:.2f}M "
-        f"params (vocab {VOCAB}), {repeats} interleaved repeats per arm, one fresh process each, medians shown"
+        f"params (vocab {VOCAB}), {repeats} interleaved repeats per arm, "
+        f"{'in this process (smoke)' if IN_PROCESS else 'one fresh process each'}, medians shown"
     )
-    for arm in arms:
-        print(f"settings as {arm}'s trainer read them: {runs[arm][0]['settings']}")
+    print("settings as each trainer read them:", {arm: runs[arm][0]["settings"] for arm in arms})
     print(
         "peak extra RSS: VmHWM after train() - VmRSS just before it (peak counter reset via /proc/self/clear_refs)\n"
     )
@@ -348,7 +334,6 @@ def speed(arms: tuple[str, ...], steps: int, warmup: int, repeats: int, completi
             )
 
 
-# ---------------------------------------------------------------- quality
 def ladder_model(name: str):
     from transformers import AutoModelForCausalLM
 
@@ -421,7 +406,7 @@ def quality_child(lmbda: float, seed: int, steps: int, completion: int) -> dict:
             len(tokenizer(p + c)["input_ids"]) - len(tokenizer(p)["input_ids"])
             for p, c in zip(dataset["prompt"], dataset["completion"], strict=True)
         ]
-    student_tokens = (sum(tokens) * (1 if lmbda == 0 else BATCH)) if all(t is not None for t in tokens) else None
+    student_tokens = round(sum(tokens) * (1 if lmbda == 0 else BATCH)) if all(t is not None for t in tokens) else None
     return {"reverse_kl": after, "before": before, "student_tokens": student_tokens}
 
 
@@ -469,14 +454,13 @@ def quality(seeds: list[int], steps: int, completion: int) -> None:
     print(f"\npaired difference on - off: {mean:+.4f} +- {error:.4f} (standard error, {len(seeds)} seeds): {verdict}")
 
 
-# ---------------------------------------------------------------- main
-def main() -> None:
+def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--correctness", action="store_true")
     parser.add_argument("--quality", action="store_true")
-    parser.add_argument("--smoke", action="store_true", help="every section at toy sizes (checks it runs)")
+    parser.add_argument("--smoke", action="store_true", help="every section at toy sizes, in one process")
     parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ", ".join(ARMS))
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--completion", type=int, default=64)
@@ -485,15 +469,25 @@ def main() -> None:
     parser.add_argument("--child", choices=(*ARMS, "quality"))
     parser.add_argument("--lmbda", type=float)
     parser.add_argument("--seed", type=int)
-    args = parser.parse_args()
+    return parser
+
+
+def run_child(args: argparse.Namespace) -> dict:
     if args.child == "quality":
-        print(json.dumps(quality_child(args.lmbda, args.seed, args.steps, args.completion)))
-    elif args.child:
-        print(json.dumps(speed_child(args.child, args.steps, args.warmup, args.completion)))
+        return quality_child(args.lmbda, args.seed, args.steps, args.completion)
+    return speed_child(args.child, args.steps, args.warmup, args.completion)
+
+
+def main() -> None:
+    global IN_PROCESS, EVAL_PROMPTS
+    args = argument_parser().parse_args()
+    if args.child:
+        print(json.dumps(run_child(args)))
     elif args.smoke:
+        IN_PROCESS, EVAL_PROMPTS = True, 8
         correctness()
         speed(tuple(args.arms.split(",")), steps=2, warmup=1, repeats=1, completion=8)
-        quality([0, 1], steps=2, completion=8)
+        quality([0], steps=2, completion=8)
     elif args.correctness:
         correctness()
     elif args.quality:
