@@ -83,6 +83,8 @@ class StudentCardInfo:
     terms, so no default is assumed). ``repo_id`` is the Hub repo "How to use" loads from.
     ``scratch_eval`` None reports the from-scratch baseline as not run. ``chain`` (teacher -> assistants ->
     student) says the student was distilled through teacher assistants; empty when distilled from the teacher.
+    ``chain_planned_by_law`` says who chose the assistants (the law, or the user's list); the card checks each
+    step's ratio against ``law`` itself and says "within the law" only when every step is.
     """
 
     model_name: str
@@ -104,6 +106,7 @@ class StudentCardInfo:
     law_plot: str | None = None
     limitations: Sequence[str] = ()
     chain: Sequence[ChainStep] = ()
+    chain_planned_by_law: bool = False
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> StudentCardInfo:
@@ -211,6 +214,43 @@ def law_position(info: StudentCardInfo) -> dict[str, Any]:
     return position
 
 
+def chain_claim(info: StudentCardInfo) -> str:
+    """Who chose the assistants, each step's teacher/student ratio and the law's optimum for it, and whether
+    every step is within the law (its ratio at most the upper end of the law's interval for that step's student,
+    or the point prediction where the law has none: the bound ``CapacityGapLaw.chain`` plans with)."""
+    law = card_law(info.law)
+    sizes = [step.params for step in info.chain]
+    ratios = [above / below for above, below in zip(sizes, sizes[1:], strict=False)]
+    origin = "assistants planned by the law" if info.chain_planned_by_law else "assistants chosen by the user"
+    steps = f"{origin}; step ratios {', '.join(f'{ratio:.2f}x' for ratio in ratios)}"
+    try:
+        optimum = law.predict([float(size) for size in sizes[1:]])
+    except ValueError:
+        return f"{steps}; the law predicts no teacher for some of these students, so no step is claimed within it"
+    optima = [float(teacher) / size for teacher, size in zip(optimum.params, sizes[1:], strict=True)]
+    highs = (
+        optimum.params if optimum.hi is None else [max(p, h) for p, h in zip(optimum.params, optimum.hi, strict=True)]
+    )
+    limits = [float(high) / size for high, size in zip(highs, sizes[1:], strict=True)]
+    shown = (
+        f"{optima[0]:.3g}x"
+        if max(optima) - min(optima) < 1e-3 * max(optima)
+        else ", ".join(f"{r:.3g}x" for r in optima)
+    )
+    beyond = [
+        number
+        for number, (ratio, limit) in enumerate(zip(ratios, limits, strict=True), 1)
+        if ratio > limit * (1 + 1e-9)
+    ]
+    if not beyond:
+        return f"{steps} against the law's optimum of {shown}; every step within the law of capacity gap"
+    allowed = ", ".join(f"{limits[number - 1]:.3g}x" for number in beyond)
+    return (
+        f"{steps} against the law's optimum of {shown}; step {', '.join(map(str, beyond))} past the largest ratio "
+        f"the law allows ({allowed})"
+    )
+
+
 def _eval_results(info: StudentCardInfo) -> list[Any]:
     from huggingface_hub import EvalResult
 
@@ -267,6 +307,7 @@ def render_model_card(info: StudentCardInfo | Mapping[str, Any]) -> Any:
         position=law_position(info),
         results=rows,
         chain_line=" -> ".join(format_params(step.params) for step in info.chain),
+        chain_claim=chain_claim(info) if info.chain else "",
         format_params=format_params,
         plot=PLOT_NAME if info.law_plot is not None else None,
         repo=info.repo_id or f"YOUR_NAMESPACE/{info.model_name}",

@@ -476,3 +476,15 @@ def test_card_names_the_assistant_chain_and_keeps_the_teacher_as_base_model():
 def test_card_refuses_a_chain_that_is_not_teacher_assistants_student(chain):
     with pytest.raises(ValueError, match="chain"):
         render_model_card(card_info(chain=chain))
+
+
+def test_card_claims_the_law_only_for_a_chain_whose_every_step_is_within_it():
+    """A user's list past the law's bound gets its ratios and the law's optimum, never 'within the law'."""
+    paper = CapacityGapLaw.paper().to_dict()  # k = 2.5, no interval
+    listed = [{**CHAIN[0], "params": 86_208}, {**CHAIN[1], "params": 60_096}, {**CHAIN[2], "params": 22_112}]
+    text = render_model_card(card_info(chain=listed, law=paper, teacher_params=86_208, student_params=22_112)).text
+    assert "assistants chosen by the user; step ratios 1.43x, 2.72x against the law's optimum of 2.5x" in text
+    assert "step 2 past the largest ratio the law allows (2.5x)" in text and "within the law" not in text
+    planned = render_model_card(card_info(chain=CHAIN, chain_planned_by_law=True)).text  # 2.5x, 2x; k in [2, 3]
+    assert "assistants planned by the law; step ratios 2.50x, 2.00x against the law's optimum of 2.5x" in planned
+    assert "every step within the law of capacity gap" in planned
