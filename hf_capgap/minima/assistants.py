@@ -13,6 +13,7 @@ unchanged on it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,8 +35,11 @@ class Assistant:
 def plan_assistants(config: MinimaConfig, law: Any, teacher: Any, student_params: int) -> tuple[Assistant, ...]:
     """The assistants between ``teacher`` (a model on the meta device) and a student of ``student_params``.
 
-    'none' gives none; 'auto' the law's chain (none when the teacher is within the law's reach); a list
-    is refused unless every size lies strictly between the student and the teacher.
+    'none' gives none; 'auto' the law's chain (none when the teacher is within the law's reach), each size
+    that no shape holds snapped to the nearest prunable one that keeps both its steps within the law; a list
+    is refused unless every size lies strictly between the student and the teacher. Either way the chain must
+    shrink: each assistant's achieved size strictly below the model above it, and the student's pruned shape
+    strictly below the last assistant (else a step would keep every weight and distil a model into itself).
     """
     from hf_capgap.law import format_params
     from hf_capgap.utils.parameters import count_model_parameters
@@ -44,7 +48,8 @@ def plan_assistants(config: MinimaConfig, law: Any, teacher: Any, student_params
     if word == NO_ASSISTANTS:
         return ()
     teacher_params = count_model_parameters(teacher)
-    if word == AUTO_ASSISTANTS:
+    auto = word == AUTO_ASSISTANTS
+    if auto:
         sizes = law.chain(student_params, teacher_params).assistants
     else:
         sizes = config.assistant_sizes
@@ -56,28 +61,58 @@ def plan_assistants(config: MinimaConfig, law: Any, teacher: Any, student_params
                 f"({format_params(teacher_params)}); list sizes between them, largest first."
             )
     assistants = []
-    above = teacher
+    above, above_params = teacher, teacher_params
     for number, size in enumerate(sizes, start=1):
+        below = sizes[number] if number < len(sizes) else student_params
         try:
-            shape, above = _pruned_skeleton(above, size)
+            shape, model = _pruned_skeleton(above, size)
         except ConfigError as err:
-            raise ConfigError(
-                f"assistants={config.assistants!r}: assistant {number} ({format_params(size)}) cannot be pruned "
-                f"from the model above it: {err} Choose other assistant sizes."
-            ) from None
-        params = count_model_parameters(above)
-        if not student_params < params:
+            snapped = _snap_within_law(law, above, above_params, size, below) if auto else None
+            if snapped is None:
+                raise ConfigError(
+                    f"assistants={config.assistants!r}: assistant {number} ({format_params(size)}) cannot be pruned "
+                    f"from the model above it: {err}"
+                    + (" No prunable shape near it keeps both its steps within the law." if auto else "")
+                    + " Choose other assistant sizes."
+                ) from None
+            shape, model = snapped
+        params = count_model_parameters(model)
+        if not student_params < params < above_params:
             raise ConfigError(
                 f"assistants={config.assistants!r}: assistant {number} ({format_params(size)}) prunes to "
-                f"{params:,} parameters, not above the student's {student_params:,}; choose larger assistants."
+                f"{params:,} parameters, not strictly between the student ({student_params:,}) and the model above "
+                f"it ({above_params:,}); each assistant must shrink the chain: choose other assistant sizes."
             )
         assistants.append(Assistant(f"assistant-{number}", float(size), params, shape, config.assistant_token_count))
-    if assistants and config.student_shape is not None:  # the student is cut from the last assistant
-        from hf_capgap.pruning import PruneShape
-        from hf_capgap.pruning.layouts import validate_shape
-
-        validate_shape(above.config, PruneShape.from_value(config.student_shape))
+        above, above_params = model, params
+    if assistants:
+        _check_student_below(config, above, above_params, student_params)
     return tuple(assistants)
+
+
+def _check_student_below(config: MinimaConfig, last: Any, last_params: int, student_params: int) -> None:
+    """Refuse a student whose pruned shape (cut from the last assistant) is not smaller than that assistant."""
+    from hf_capgap.law import format_params
+    from hf_capgap.pruning import PruneShape, shape_for_target
+    from hf_capgap.pruning.layouts import shape_params, validate_shape
+
+    try:
+        if config.student_shape is not None:
+            shape = validate_shape(last.config, PruneShape.from_value(config.student_shape))
+        else:
+            shape = shape_for_target(last, student_params)
+    except ConfigError as err:
+        raise ConfigError(
+            f"assistants={config.assistants!r}: the student ({format_params(student_params)}) cannot be pruned from "
+            f"the last assistant ({last_params:,} parameters): {err} Choose other assistant sizes."
+        ) from None
+    params = shape_params(last, shape)
+    if not params < last_params:
+        raise ConfigError(
+            f"assistants={config.assistants!r}: the student prunes to {params:,} parameters from the last assistant "
+            f"({last_params:,}), which is not smaller: that step would keep every weight. Choose a last assistant "
+            "larger than the student, or assistants: none."
+        )
 
 
 def _pruned_skeleton(above: Any, size: float) -> tuple[dict[str, int], Any]:
@@ -87,6 +122,60 @@ def _pruned_skeleton(above: Any, size: float) -> tuple[dict[str, int], Any]:
 
     shape = shape_for_target(above, round(size))
     return dict(shape.to_dict()), meta_model(pruned_config(above.config, shape))
+
+
+def _snap_within_law(
+    law: Any, above: Any, above_params: int, size: float, below: float
+) -> tuple[dict[str, int], Any] | None:
+    """The prunable shape of ``above`` nearest ``size`` (in log size) whose two steps, from ``above`` and down to
+    ``below``, stay within the law's upper bound (the bound :meth:`CapacityGapLaw.chain` plans with); None if
+    none does. Heads move in whole KV groups with the hidden size, as in ``shape_for_target``; for each
+    (heads, layers) the count is linear in the MLP width, so the nearest width is solved for."""
+    from hf_capgap.pruning import PruneShape
+    from hf_capgap.pruning.layouts import meta_model, param_counter, pruned_config
+
+    def within(params: float) -> bool:
+        return above_params <= _upper(law, params) * (1 + 1e-9) and params <= _upper(law, below) * (1 + 1e-9)
+
+    count = param_counter(above)
+    teacher = PruneShape.of(above.config)
+    group = teacher.num_attention_heads // teacher.num_key_value_heads
+    per_head = teacher.hidden_size // teacher.num_attention_heads
+    best: tuple[float, PruneShape] | None = None
+    for heads in range(group, teacher.num_attention_heads + 1, group):
+        for layers in range(1, teacher.num_hidden_layers + 1):
+            base = PruneShape(
+                hidden_size=heads * per_head,
+                num_hidden_layers=layers,
+                num_attention_heads=heads,
+                num_key_value_heads=heads // group,
+                intermediate_size=1,
+            )
+            fixed = count(base)
+            per_neuron = count(dataclasses.replace(base, intermediate_size=2)) - fixed
+            exact = 1 + (size - fixed) / per_neuron
+            for neurons in {math.floor(exact), math.ceil(exact), 1, teacher.intermediate_size}:
+                neurons = min(max(neurons, 1), teacher.intermediate_size)
+                params = fixed + (neurons - 1) * per_neuron
+                if not (below < params < above_params and within(params)):
+                    continue
+                distance = abs(math.log(params / size))
+                if best is None or distance < best[0]:
+                    best = (distance, dataclasses.replace(base, intermediate_size=neurons))
+    if best is None:
+        return None
+    return dict(best[1].to_dict()), meta_model(pruned_config(above.config, best[1]))
+
+
+def _upper(law: Any, student: float) -> float:
+    """The largest teacher the law allows for ``student``: the upper end of its interval, or the point
+    prediction where it has none or that lies above it (as :func:`hf_capgap.law.chain.plan_chain` bounds steps)."""
+    try:
+        prediction = law.predict(float(student))
+    except ConfigError:
+        return 0.0  # outside an affine law's range: no teacher is within its reach
+    high = prediction.params if prediction.hi is None else max(prediction.params, prediction.hi)
+    return float(high)
 
 
 def stage_plans(plan: Any) -> list[Any]:

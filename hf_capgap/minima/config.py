@@ -323,18 +323,21 @@ class MinimaConfig(TeacherCacheSettings, TaidSettings):
             "intermediate_size": intermediate,
         }
 
-    def result_settings(self) -> dict[str, Any]:
-        """The fields that decide the exported student (the run's identity), sizes as plain numbers."""
-        dropped = set(NON_RESULT_FIELDS)
+    def result_settings(self, assistant_params: Sequence[int] = ()) -> dict[str, Any]:
+        """The fields that decide the exported student (the run's identity), sizes as plain numbers.
+
+        ``assistant_params`` is the planned chain (each assistant's achieved parameter count, largest first:
+        ``Plan.assistants``), not the ``assistants`` text: '60K' and '60000' plan one chain, and 'auto' with the
+        teacher within reach plans none, which is the identity of a run without assistants.
+        """
+        dropped = set(NON_RESULT_FIELDS) | set(ASSISTANT_FIELDS)
         if self.loss != "taid":
             dropped.update(TAID_FIELDS)
-        if self.assistants.strip().lower() == NO_ASSISTANTS:
-            dropped.update(ASSISTANT_FIELDS)
         values = {k: v for k, v in dataclasses.asdict(self).items() if k not in dropped}
         values["student_params"] = self.student_param_count
         values["train_tokens"] = self.train_token_count
-        if "assistants" in values:
-            values["assistants"] = self.assistants.strip().lower()
+        if assistant_params:
+            values["assistants"] = [int(params) for params in assistant_params]
             values["assistant_tokens"] = self.assistant_token_count
         return values
 

@@ -8,6 +8,7 @@ from their last Trainer checkpoint, and publish their model folder in one rename
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -19,7 +20,7 @@ from transformers.utils import logging
 
 from hf_capgap.minima.config import TAID_FIELDS, MinimaConfig
 from hf_capgap.minima.data import RunData, StreamPasses
-from hf_capgap.minima.plan import Plan, steps_for
+from hf_capgap.minima.plan import Plan, run_settings, steps_for
 from hf_capgap.utils.artifacts import json_sha256, read_manifest
 from hf_capgap.utils.training_arguments import StudentTraining, student_training_arguments
 
@@ -171,14 +172,16 @@ def _teacher_cache_path(config: MinimaConfig, data: RunData, teacher_id: str) ->
     return config.work_dir / f"cache-{json_sha256(inputs)[:12]}"
 
 
-def _distill_names(config: MinimaConfig, student_dir: Path, data: RunData, teacher_id: str) -> tuple[dict, Path, Path]:
+def _distill_names(
+    config: MinimaConfig, plan: Plan, student_dir: Path, data: RunData, teacher_id: str
+) -> tuple[dict, Path, Path]:
     """(inputs, final folder, checkpoint folder) of the distillation of ``student_dir``."""
     inputs = {
         "stage": "distill",
         "student": student_dir.name,
         "teacher": teacher_id,
         "data": data.identity,
-        "settings": config.result_settings(),
+        "settings": run_settings(config, plan),
     }
     tag = json_sha256(inputs)[:12]
     return inputs, config.work_dir / f"distilled-{tag}", config.work_dir / f"distill-{tag}"
@@ -210,7 +213,7 @@ def teacher_cache_stage(
     A stage of its own so the caller can free the teacher before any student trains; nothing runs
     when the distilled student is already finished (fingerprinting the teacher reads every weight).
     """
-    inputs, final, checkpoints = _distill_names(config, student_dir, data, teacher_id)
+    inputs, final, checkpoints = _distill_names(config, plan, student_dir, data, teacher_id)
     if not config.teacher_cache or _finished(final, inputs):
         return
     from hf_capgap.cache import TeacherCache
@@ -243,7 +246,7 @@ def distill_stage(
 
     from hf_capgap.trainer import DistillationTrainer
 
-    inputs, final, checkpoints = _distill_names(config, student_dir, data, teacher_id)
+    inputs, final, checkpoints = _distill_names(config, plan, student_dir, data, teacher_id)
     if _finished(final, inputs):
         return final
     cache_path = _teacher_cache_path(config, data, teacher_id) if config.teacher_cache else None
@@ -265,6 +268,16 @@ def distill_stage(
     return final
 
 
+def _scratch_student(plan: Plan, student_dir: Path) -> str:
+    """What the scratch baseline takes from the pruned student: its architecture. A direct run keeps naming the
+    pruned folder (the identity it always had); in a chain that folder's name hashes the assistants' training,
+    so the architecture alone (config.json without its provenance) names it."""
+    if not plan.assistants:
+        return student_dir.name
+    saved = json.loads((student_dir / "config.json").read_text())
+    return json_sha256({k: v for k, v in saved.items() if k not in ("_name_or_path", "transformers_version")})
+
+
 def scratch_stage(config: MinimaConfig, plan: Plan, student_dir: Path, data: RunData) -> Path:
     """The baseline: the student's architecture from random init, plain CE, same rows and optimizer."""
     import torch
@@ -274,9 +287,9 @@ def scratch_stage(config: MinimaConfig, plan: Plan, student_dir: Path, data: Run
 
     inputs = {
         "stage": "scratch",
-        "student": student_dir.name,
+        "student": _scratch_student(plan, student_dir),
         "data": data.identity,
-        "settings": config.result_settings(),
+        "settings": config.result_settings(),  # no assistant fields: the chain does not touch a random init
     }
     tag = json_sha256(inputs)[:12]
     final = config.work_dir / f"scratch-{tag}"

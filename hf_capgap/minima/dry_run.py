@@ -32,8 +32,17 @@ from typing import Any
 import yaml
 
 from hf_capgap.errors import ConfigError
-from hf_capgap.minima.config import MinimaConfig
-from hf_capgap.minima.plan import Plan, ladder_rungs, load_law, make_plan, resolve_teacher, steps_for, tokens_per_step
+from hf_capgap.minima.config import NO_ASSISTANTS, MinimaConfig
+from hf_capgap.minima.plan import (
+    SINGLE_PROCESS_ASSISTANTS,
+    Plan,
+    ladder_rungs,
+    load_law,
+    make_plan,
+    resolve_teacher,
+    steps_for,
+    tokens_per_step,
+)
 from hf_capgap.minima.plan import student_skeleton as init_skeleton
 from hf_capgap.utils.parameters import count_model_parameters
 
@@ -386,7 +395,9 @@ def dry_run(config: MinimaConfig) -> dict[str, Any]:
             f"  note: the teacher is loaded whole onto every GPU ({whole:.2f} GiB) before {launch.strategy} "
             "shards it for the distillation, so each GPU must hold it once."
         )
-    if launch.processes > 1 and plan.student_init is None:
+    if launch.processes > 1 and config.assistants.strip().lower() != NO_ASSISTANTS:
+        lines.append(f"note     {SINGLE_PROCESS_ASSISTANTS}.")
+    elif launch.processes > 1 and plan.student_init is None:
         lines.append(
             "note     pruning runs in one process: run with --prune_only first, then launch with --student_init."
         )

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from hf_capgap.errors import ConfigError
-from hf_capgap.minima.config import EMBEDDED_DATASET, MinimaConfig
+from hf_capgap.minima.config import AUTO_ASSISTANTS, EMBEDDED_DATASET, MinimaConfig
 from hf_capgap.minima.data import EMBEDDED_DATASET_NAME, is_local_dataset
-from hf_capgap.minima.plan import LADDER_LICENSE, Plan, load_law, teacher_hub_id
+from hf_capgap.minima.plan import LADDER_LICENSE, Plan, load_law, run_settings, teacher_hub_id
 from hf_capgap.utils.artifacts import (
     MANIFEST_NAME,
     ArtifactError,
@@ -170,6 +170,7 @@ def export_run(config: MinimaConfig, plan: Plan, results: Mapping[str, Any], dis
             eval_dataset=dataset_name(config),
             law_plot=str(plot),
             chain=steps if len(steps) > 2 else (),  # a planned chain without assistants is a direct distillation
+            chain_planned_by_law=config.assistants.strip().lower() == AUTO_ASSISTANTS,
         )
         write_model_card(tmp, info)
         atomic_write_json(tmp / "results.json", {**results, "settings": public_settings(results["settings"])})
@@ -177,11 +178,11 @@ def export_run(config: MinimaConfig, plan: Plan, results: Mapping[str, Any], dis
             tmp,
             RUN_KIND,
             FORMAT_VERSION,
-            {"settings_sha256": json_sha256(config.result_settings()), "repo_id": config.push_to_hub},
+            {"settings_sha256": json_sha256(run_settings(config, plan)), "repo_id": config.push_to_hub},
         )
 
 
-def finished_results(config: MinimaConfig) -> dict[str, Any] | None:
+def finished_results(config: MinimaConfig, plan: Plan) -> dict[str, Any] | None:
     """results.json of a complete export made from these settings; None if there is none yet, or if
     its card names another Hub repo than ``push_to_hub`` (the export is then rebuilt from the
     finished stages, without training)."""
@@ -192,7 +193,7 @@ def finished_results(config: MinimaConfig) -> dict[str, Any] | None:
             config.run_dir,
             RUN_KIND,
             FORMAT_VERSION,
-            expected={"settings_sha256": json_sha256(config.result_settings())},
+            expected={"settings_sha256": json_sha256(run_settings(config, plan))},
             verify_files=True,
         )
     except ArtifactError as err:

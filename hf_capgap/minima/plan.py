@@ -18,10 +18,14 @@ from typing import Any
 from urllib.parse import urlparse
 
 from hf_capgap.errors import ConfigError
-from hf_capgap.minima.config import EMBEDDED_DATASET, MinimaConfig
+from hf_capgap.minima.config import EMBEDDED_DATASET, NO_ASSISTANTS, MinimaConfig
 from hf_capgap.utils.parameters import count_model_parameters
 
 LADDER_LICENSE = "apache-2.0"  # ladder teachers are trained by hf_capgap (Apache-2.0) on public-domain text
+SINGLE_PROCESS_ASSISTANTS = (
+    "assistants need a single-process launch (each assistant is pruned in this run); launch with one process, "
+    "or set assistants: none"
+)
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,11 @@ class Plan:
     student_init: str | None = None
     assistants: tuple[Any, ...] = ()  # minima.assistants.Assistant, largest first; () distils straight
     stage_tokens: int | None = None  # this stage's token budget where it is not train_tokens (an assistant's)
+
+
+def run_settings(config: MinimaConfig, plan: Plan) -> dict[str, Any]:
+    """The run's identity: its settings with the planned chain (each assistant's achieved parameters)."""
+    return config.result_settings(tuple(assistant.params for assistant in plan.assistants))
 
 
 def tokens_per_step(config: MinimaConfig, plan: Plan) -> int:
@@ -61,6 +70,11 @@ def make_plan(config: MinimaConfig, processes: int | None = None) -> Plan:
     from hf_capgap.utils.processes import launched_processes
 
     processes = launched_processes() if processes is None else processes
+    if processes > 1 and config.assistants.strip().lower() != NO_ASSISTANTS and not config.dry_run:
+        # --prune_only and --student_init, the way around a multi-process prune, are refused with assistants.
+        raise ConfigError(
+            f"assistants={config.assistants!r}: {SINGLE_PROCESS_ASSISTANTS} (this launch runs {processes} processes)."
+        )
     if processes > 1 and config.student_init is None and not config.dry_run:
         raise ConfigError(
             f"this launch runs {processes} processes, but pruning is a one-process stage (it loads the whole teacher "

@@ -30,7 +30,7 @@ from typing import Any
 from transformers.utils import logging
 
 from hf_capgap.minima.config import MinimaConfig, build_config, parse_minima_args
-from hf_capgap.minima.plan import Plan, make_plan, steps_for, tokens_per_step
+from hf_capgap.minima.plan import Plan, make_plan, run_settings, steps_for, tokens_per_step
 
 __all__ = ["MinimaConfig", "Plan", "build_config", "make_plan", "parse_minima_args", "run_minima"]
 
@@ -52,7 +52,7 @@ def run_minima(config: MinimaConfig, show: Callable[[str], None] = logger.info) 
         show(dry_run(config)["summary"])
         return None
     plan = make_plan(config)
-    results = finished_results(config)
+    results = finished_results(config, plan)
     if results is None:
         results = _run_stages(config, plan, show)
         if results is None:
@@ -130,13 +130,13 @@ def _run_stages(config: MinimaConfig, plan: Plan, show: Callable[[str], None]) -
             "eval_rows": len(data.eval),
             "kept_fraction": kept_fraction,
             "eval": {key: scores.get(key) for key in ("teacher", "pruned", "distilled", "scratch")},
-            "settings": config.result_settings(),
+            "settings": run_settings(config, plan),
         }
-        if config.assistants.strip().lower() != "none":
+        if plan.assistants:  # 'auto' with the teacher within reach plans none: a direct run
             results["chain"] = _chain_record(results, plan, assistant_dirs, teacher_scores[1:], folders["distilled"])
         minima_export.export_run(config, plan, results, folders["distilled"])
     minima_distill.wait()
-    return minima_export.finished_results(config)
+    return minima_export.finished_results(config, plan)
 
 
 class _Teacher:

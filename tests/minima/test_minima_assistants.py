@@ -4,6 +4,7 @@ and loss: taid."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -35,6 +36,11 @@ def chained(tmp_path_factory):
         ({"assistants": "100K"}, "100K is not strictly between the student (22K) and the teacher (86.2K)"),
         ({"assistants": "20K"}, "20K is not strictly between"),
         ({"assistants": "40K"}, "assistant 1 (40K) cannot be pruned from the model above it"),
+        # the chain must shrink: no assistant of the teacher's (or the previous assistant's) achieved size, and no
+        # student cut from the last assistant at that assistant's own size
+        ({"assistants": "86K"}, "assistant 1 (86K) prunes to 86,208 parameters, not strictly between the student"),
+        ({"assistants": "60K,59.5K"}, "assistant 2 (59.5K) prunes to 60,096 parameters, not strictly between"),
+        ({"assistants": "22.1K"}, "the student prunes to 22,112 parameters from the last assistant (22,112)"),
         ({"assistant_tokens": "10"}, "assistant_tokens=10 is less than one optimizer step"),
         ({"assistant_tokens": "lots"}, "assistant_tokens='lots' is not a count"),
         ({"prune_only": True}, "prune_only skips"),
@@ -56,7 +62,9 @@ def test_assistant_sizes_from_a_list_yaml_or_auto(tmp_path):
     preset.write_text("assistants: [300K, 1.5e5]\nassistant_tokens: 2048\n")
     config = parse_minima_args([str(preset)])
     assert config.assistant_sizes == (300_000.0, 150_000.0)
-    assert config.result_settings()["assistant_tokens"] == 2048
+    assert config.assistant_token_count == 2048
+    assert "assistants" not in config.result_settings()  # the identity needs the planned chain (run_settings)
+    assert config.result_settings((300_000, 150_000))["assistant_tokens"] == 2048
     assert parse_minima_args(["--assistants", "300K,150K"]).assistant_sizes == (300_000.0, 150_000.0)
     plan = make_plan(build_config(micro_values(tmp_path, **ONE_ASSISTANT)))
     (assistant,) = plan.assistants
@@ -174,3 +182,92 @@ def test_taid_settings_reach_the_distillation_config(tmp_path):
     )
     dense = build_config(micro_values(tmp_path, loss="taid", teacher_cache=True, cache_mode="dense"))
     assert dense.result_settings()["loss"] == "taid"  # a dense cache serves TAID
+
+
+def test_a_multi_process_launch_with_assistants_is_refused_naming_the_single_process_constraint(tmp_path, monkeypatch):
+    """--prune_only and --student_init (the way around a multi-process prune) are refused with assistants, so the
+    refusal and the dry run's note name the real constraint instead."""
+    with pytest.raises(ConfigError) as info:
+        make_plan(build_config(micro_values(tmp_path, **ONE_ASSISTANT)), processes=2)
+    assert "assistants need a single-process launch (each assistant is pruned in this run)" in str(info.value)
+    assert "set assistants: none" in str(info.value) and "prune_only" not in str(info.value)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    summary = dry_run(build_config(micro_values(tmp_path, **ONE_ASSISTANT, dry_run=True)))["summary"]
+    assert "note     assistants need a single-process launch" in summary and "--prune_only" not in summary
+
+
+def test_the_run_identity_is_the_planned_chain_not_the_assistants_text(tmp_path):
+    from hf_capgap.minima.plan import run_settings
+
+    def identity(**values):
+        config = build_config(values)
+        return run_settings(config, make_plan(config))
+
+    one = identity(**micro_values(tmp_path, **ONE_ASSISTANT))
+    assert one["assistants"] == [60_096] and one["assistant_tokens"] == 1024
+    assert identity(**micro_values(tmp_path, **{**ONE_ASSISTANT, "assistants": "60000"})) == one
+    assert identity(**micro_values(tmp_path, **{**ONE_ASSISTANT, "assistants": [" 60K "]})) == one
+    big = {"teacher": "llama-963K", "student_params": "110K"}
+    spaced = identity(**big, assistants="300K, 150K")
+    assert spaced == identity(**big, assistants="300K,150K") and len(spaced["assistants"]) == 2
+    # 'auto' with the teacher within reach plans no assistant: the identity of a run without assistants
+    within = {"teacher": "llama-418K", "student_params": "170K"}
+    assert identity(**within, assistants="auto") == identity(**within)
+
+
+def test_auto_snaps_an_unprunable_planned_size_to_the_nearest_shape_within_the_law(tmp_path):
+    """The law plans 43.5K between the micro 86K teacher and a 22K student; no shape of the teacher holds it
+    (one head holds 20.7K-39.0K, two heads 49.5K-86.2K), so the nearest prunable size within the law is used."""
+    from hf_capgap.minima.plan import load_law
+
+    config = build_config(micro_values(tmp_path, assistants="auto", student_params="22K"))
+    plan = make_plan(config)
+    (assistant,) = plan.assistants
+    assert round(assistant.target_params) == 43_550 and assistant.params == 39_008
+    assert assistant.shape["num_attention_heads"] == 1
+    bound = load_law(config).ratio  # the paper prior: no interval, k = 2.5
+    assert plan.teacher_params / assistant.params <= bound and assistant.params / plan.student_params <= bound
+
+
+def test_auto_within_reach_reuses_a_finished_direct_run(chained, tmp_path, monkeypatch):
+    from transformers import Trainer
+
+    ladder = {"ladder_dir": chained[0].ladder_dir, "student_params": "49.9K", "run_name": "direct", "baseline": False}
+    direct = run_minima(build_config(micro_values(tmp_path, **ladder)))
+    auto = build_config(micro_values(tmp_path, **ladder, assistants="auto"))
+    assert make_plan(auto).assistants == ()
+    shutil.rmtree(auto.run_dir)  # only the export is redone: every stage folder has the direct run's identity
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(Trainer, "train", refuse)
+    again = run_minima(auto)
+    assert "chain" not in again and again == direct
+
+
+def test_a_chain_written_otherwise_is_the_same_run_and_new_assistant_tokens_retrain_the_chain_only(
+    chained, monkeypatch
+):
+    """Runs last in this file: it replaces the chained fixture's export."""
+    from transformers import Trainer
+
+    config, results = chained
+    trained = []
+    original = Trainer.train
+
+    def train(self, *args, **kwargs):
+        trained.append(type(self).__name__)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train", train)
+    same = build_config({**dataclasses.asdict(config), "assistants": "60000"})
+    exported = json.loads((config.run_dir / "results.json").read_text())
+    assert run_minima(same) == exported and trained == []  # the finished export is this run
+    more = build_config({**dataclasses.asdict(config), "assistant_tokens": 2048})
+    shutil.rmtree(more.run_dir)
+    retrained = run_minima(more)
+    # the assistant and the student again, not the from-scratch baseline (its architecture did not change)
+    assert trained == ["DistillationTrainer", "DistillationTrainer"]
+    assert retrained["chain"][1]["train_tokens"] == 2048 and retrained["settings"]["assistant_tokens"] == 2048
+    assert retrained["eval"]["scratch"] == results["eval"]["scratch"]
