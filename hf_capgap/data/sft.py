@@ -42,8 +42,13 @@ from hf_capgap.data.preparation_record import longest_and_unlabelled, settings_r
 TEACHER_KEY_PREFIX = "teacher_"
 # Each example's token count in an evaluation batch: where a padding-free batch's rows end (trainer metrics).
 EXAMPLE_TOKENS_KEY = "example_tokens"
-# Each row's prompt length in an on-policy training batch: where generation starts (trainer.on_policy_data).
+# Each row's prompt length and prompt tokens in an on-policy training batch, read from the row before the
+# collator pads it (on either side): what generation starts from (trainer.on_policy_data).
 PROMPT_LENGTHS_KEY = "prompt_lengths"
+PROMPT_IDS_KEY = "prompt_ids"
+# Set on a micro-batch whose completions the student sampled: its loss is the divergence alone (trainer.on_policy).
+STUDENT_SAMPLED_KEY = "sampled_by_student"
+_NOT_MODEL_INPUTS = ("labels", EXAMPLE_TOKENS_KEY, PROMPT_LENGTHS_KEY, PROMPT_IDS_KEY, STUDENT_SAMPLED_KEY)
 
 
 @dataclass
@@ -185,12 +190,12 @@ def make_collator(processing_class: Any, args: Any = None) -> Any:
 
 def forward_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
     """What a causal LM's forward gets from a collated batch: everything but the labels, the example
-    token counts, the prompt lengths and the cached teacher signal (``position_ids``, ``cu_seq_lens_*``
+    token counts, the on-policy keys and the cached teacher signal (``position_ids``, ``cu_seq_lens_*``
     ... of padding-free batches included)."""
     return {
         key: value
         for key, value in batch.items()
-        if key not in ("labels", EXAMPLE_TOKENS_KEY, PROMPT_LENGTHS_KEY) and not key.startswith(TEACHER_KEY_PREFIX)
+        if key not in _NOT_MODEL_INPUTS and not key.startswith(TEACHER_KEY_PREFIX)
     }
 
 

@@ -5,7 +5,13 @@ from the student (probability ``lmbda``) or, with ``seq_kd``, from the teacher, 
 Trainer fetches them (``get_batch_samples``), so the token count the loss is normalised by
 (``num_items_in_batch``) counts the generated tokens. A new micro-batch keeps the row's prompt, its
 completion is the sampled one up to and including the first EOS, and only the completion is labelled.
-The loss is then the off-policy path's, unchanged (chunked / fused, every divergence).
+The loss is then the off-policy path's (chunked / fused, every divergence), except that a micro-batch the
+student sampled is scored by the divergence alone (GKD has no cross-entropy term: on its own samples it
+would reinforce them); dataset and teacher-sampled micro-batches keep alpha * divergence + (1 - alpha) * CE.
+
+Sampling reads only our settings (``OnPolicySettings``): generate fills what a given config leaves unset
+from ``model.generation_config``, so while sampling that is replaced by ours, and a model's shipped
+defaults (repetition_penalty, suppress_tokens, num_return_sequences ...) never reach the samples.
 
 Reproducible by construction: whether a micro-batch is on-policy is drawn from (seed, step, micro-step),
 the same on every rank and in a resumed run; the sampling itself runs under a generator forked from
@@ -27,7 +33,8 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, TrainerCallback
 
 from hf_capgap.data import IGNORE_INDEX
-from hf_capgap.data.sft import PROMPT_LENGTHS_KEY
+from hf_capgap.data.sft import PROMPT_IDS_KEY, PROMPT_LENGTHS_KEY, STUDENT_SAMPLED_KEY
+from hf_capgap.errors import ConfigError
 
 _DRAW, _SAMPLE = 0, 1  # the two random streams derived from (seed, step, micro-step)
 
@@ -97,6 +104,52 @@ def completion_batch(prompts: list[Tensor], completions: list[Tensor], pad_id: i
     return batch
 
 
+def sampling_config(args: Any, pad_id: int, eos: list[int], max_new_tokens: int) -> GenerationConfig:
+    """Plain multinomial sampling with our settings alone: one sequence per prompt, no beams, KV cache on."""
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=True,
+        temperature=args.sampling_temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        num_beams=1,
+        num_return_sequences=1,
+        pad_token_id=pad_id,
+        eos_token_id=eos,
+        use_cache=True,
+    )
+
+
+@contextlib.contextmanager
+def _only_config(model: nn.Module, config: GenerationConfig) -> Iterator[None]:
+    """``config`` as the ``generation_config`` of every module of ``model`` that has one (a PEFT wrapper's base
+    model included), their own back after: transformers' generate fills every field a passed config leaves
+    unset from ``model.generation_config``."""
+    owners = [m for m in model.modules() if isinstance(vars(m).get("generation_config"), GenerationConfig)]
+    own = [m.generation_config for m in owners]
+    for module in owners:
+        module.generation_config = config
+    try:
+        yield
+    finally:
+        for module, saved in zip(owners, own, strict=True):
+            module.generation_config = saved
+
+
+def completion_budget(args: Any, prompts: list[Tensor]) -> int:
+    """Tokens to generate for a micro-batch: ``max_completion_length``, capped so that its longest prompt plus
+    the completion fit ``max_length`` (TRL has cut prompts to it already)."""
+    if args.max_length is None:
+        return args.max_completion_length
+    room = args.max_length - max(len(p) for p in prompts)
+    if room < 1:
+        raise ConfigError(
+            f"a prompt of {max(len(p) for p in prompts)} tokens leaves no room to generate within "
+            f"max_length={args.max_length}: raise max_length or shorten prompts."
+        )
+    return min(args.max_completion_length, room)
+
+
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
     """Dropout off while sampling (as inference runs), the previous mode back after."""
@@ -127,33 +180,24 @@ class OnPolicyBatches(TrainerCallback):
         self.args = args
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos = eos_ids(tokenizer, student)
-        self.generation_config = GenerationConfig(
-            max_new_tokens=args.max_completion_length,
-            do_sample=True,
-            temperature=args.sampling_temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            pad_token_id=self.pad_id,
-            eos_token_id=self.eos,
-            use_cache=True,
-        )
         self.processors = LogitsProcessorList([RealVocabulary(vocab_size)])
         self.metric_sums = metric_sums
         self._step_started: float | None = None
 
     def replace(self, batches: list[dict[str, Any]], trainer: Any) -> list[dict[str, Any]]:
-        """The step's micro-batches, each drawn on- or off-policy; the prompt lengths dropped from every one."""
+        """The step's micro-batches, each drawn on- or off-policy (a student-sampled one marked with
+        ``STUDENT_SAMPLED_KEY``); the prompts dropped from every one."""
         self._step_started = time.perf_counter()
         step, seconds, on_policy, tokens, completions = trainer.state.global_step, 0.0, 0, 0, 0
         replaced = []
         for micro_step, batch in enumerate(batches):
-            prompt_lengths = batch.pop(PROMPT_LENGTHS_KEY).tolist()
+            prompt_lengths, prompt_ids = batch.pop(PROMPT_LENGTHS_KEY).tolist(), batch.pop(PROMPT_IDS_KEY)
             from_student = draw_on_policy(self.args.seed, step, micro_step, self.args.lmbda)
             model = trainer.model_wrapped if from_student else trainer.teacher if self.args.seq_kd else None
             if model is None:
                 replaced.append(batch)
                 continue
-            prompts = [row[:length] for row, length in zip(batch["input_ids"], prompt_lengths, strict=True)]
+            prompts = [row[:length] for row, length in zip(prompt_ids, prompt_lengths, strict=True)]
             started = time.perf_counter()
             seed = _sampling_seed(self.args.seed, step, micro_step, trainer.accelerator.process_index)
             sampled = self.sample(model, prompts, trainer.accelerator, seed)
@@ -162,6 +206,8 @@ class OnPolicyBatches(TrainerCallback):
             tokens += sum(len(c) for c in sampled)
             completions += len(sampled)
             replaced.append(completion_batch(prompts, sampled, self.pad_id, batch))
+            if from_student:
+                replaced[-1][STUDENT_SAMPLED_KEY] = torch.tensor(True, device=batch["input_ids"].device)
         self.metric_sums.add(
             "train",
             on_policy_micro_batches=on_policy,
@@ -175,12 +221,13 @@ class OnPolicyBatches(TrainerCallback):
     def sample(self, model: nn.Module, prompts: list[Tensor], accelerator: Any, seed: int) -> list[Tensor]:
         """One completion per prompt from ``model`` (the student as trained, or the teacher): unwrapped from
         DDP / DeepSpeed with gradient checkpointing off (TRL's ``unwrap_model_for_generation``), FSDP1
-        parameters summoned, in eval mode, without gradients, KV cache on, prompts left-padded; each cut
-        after its first EOS."""
+        parameters summoned, in eval mode, without gradients, KV cache on, prompts left-padded, with
+        :func:`sampling_config` alone; each cut after its first EOS and at most :func:`completion_budget` long."""
         from trl.distributed import DistributedBackend
         from trl.models import unwrap_model_for_generation
 
         ids, mask = left_padded(prompts, self.pad_id)
+        config = sampling_config(self.args, self.pad_id, self.eos, completion_budget(self.args, prompts))
         device = accelerator.device
         with (
             unwrap_model_for_generation(
@@ -188,13 +235,14 @@ class OnPolicyBatches(TrainerCallback):
             ) as unwrapped,
             DistributedBackend(accelerator).summon_full_params(model, recurse=False),
             _eval_mode(unwrapped),
+            _only_config(unwrapped, config),
             torch.no_grad(),
             _seeded(seed, device),
         ):
             sequences = unwrapped.generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
-                generation_config=self.generation_config,
+                generation_config=config,
                 logits_processor=self.processors,
             )
         eos = torch.tensor(self.eos, device=sequences.device)

@@ -30,7 +30,12 @@ class DistillationSettings:
     )
     alpha: float = field(
         default=0.5,
-        metadata=field_help("Weight of the distillation term; (1 - alpha) weights the ordinary LM cross-entropy."),
+        metadata=field_help(
+            "Weight of the distillation term; (1 - alpha) weights the ordinary LM cross-entropy. On-policy "
+            "(lmbda > 0), micro-batches the student sampled are scored by the divergence alone (weight 1, no "
+            "cross-entropy: on its own samples it would reinforce them, and GKD has none); dataset and "
+            "teacher-sampled (seq_kd) micro-batches keep alpha."
+        ),
     )
     temperature: float = field(
         default=1.0,
@@ -107,7 +112,9 @@ class OnPolicySettings:
 
     The sampling settings are generation's alone: ``DistillationSettings.temperature`` is the *loss's* softmax
     temperature, ``sampling_temperature`` the one completions are sampled at (TRL's configs use one
-    ``temperature`` for both). Call :meth:`check_on_policy_settings` from the subclass's checks.
+    ``temperature`` for both), and nothing else reaches sampling (not the model's own generation_config).
+    The student's own samples are scored by the divergence alone, whatever ``alpha`` (see its help). Call
+    :meth:`check_on_policy_settings` from the subclass's checks.
     """
 
     lmbda: float = field(
@@ -127,7 +134,10 @@ class OnPolicySettings:
     )
     max_completion_length: int = field(
         default=128,
-        metadata=field_help("Most tokens generated per completion (generation stops earlier at EOS)."),
+        metadata=field_help(
+            "Most tokens generated per completion (generation stops earlier at EOS), capped per micro-batch so "
+            "that prompt + completion fit max_length (max_length minus the micro-batch's longest prompt)."
+        ),
     )
     sampling_temperature: float = field(
         default=1.0,

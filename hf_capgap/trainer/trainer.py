@@ -9,6 +9,7 @@ allows, so neither side's [tokens, vocab] logits need to exist in full.
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 from collections.abc import Iterator
 from dataclasses import replace
@@ -22,32 +23,16 @@ from transformers import PreTrainedModel
 from transformers.utils import logging
 from trl import SFTTrainer
 
-from hf_capgap.data import (
-    TEACHER_KEY_PREFIX,
-    check_dataset,
-    forward_inputs,
-    has_labelled_position,
-    next_token_labels,
-)
+import hf_capgap.trainer.on_policy_data as prompt_data
+from hf_capgap.data import TEACHER_KEY_PREFIX, check_dataset, forward_inputs, has_labelled_position, next_token_labels
+from hf_capgap.data.sft import STUDENT_SAMPLED_KEY
 from hf_capgap.errors import ConfigError
-from hf_capgap.losses import (
-    TAID,
-    DenseTeacher,
-    FusedTeacher,
-    LossSpec,
-    TeacherSignal,
-    distillation_loss,
-)
+from hf_capgap.losses import TAID, DenseTeacher, FusedTeacher, LossSpec, TeacherSignal, distillation_loss
 from hf_capgap.losses.lm_head import HeadChoice, choose_lm_head, head_sharding, lm_head_bypassed
-from hf_capgap.models import (
-    check_same_vocabulary,
-    load_frozen_teacher,
-    teacher_in_dtype,
-)
+from hf_capgap.models import check_same_vocabulary, load_frozen_teacher, teacher_in_dtype
 from hf_capgap.trainer.config import DistillationConfig, check_sft_loss_fields
 from hf_capgap.trainer.metrics import ExampleTokensCollator, MetricSums, repeated_positions
 from hf_capgap.trainer.on_policy import OnPolicyBatches
-from hf_capgap.trainer.on_policy_data import PromptLengthsCollator, prompt_rows
 from hf_capgap.trainer.settings import check_cache_serves_loss
 from hf_capgap.trainer.setup import load_student, real_vocabulary, tokenizer_for
 from hf_capgap.trainer.taid import TaidSchedule
@@ -87,8 +72,11 @@ class DistillationTrainer(SFTTrainer):
         processing_class = tokenizer_for(model, processing_class)
         # Every check that needs no teacher weights runs before the teacher loads.
         train_dataset = self._choose_teacher_source(args, processing_class, teacher_model, train_dataset)
+        self._prompt_only_rows, self._user_labels = None, False
         if args.generates:
-            train_dataset = prompt_rows(train_dataset, args, processing_class, formatting_func)
+            train_dataset, self._prompt_only_rows, self._user_labels = prompt_data.prompt_rows(
+                train_dataset, args, processing_class, formatting_func
+            )
         self._check_datasets(args, processing_class, formatting_func, train_dataset, eval_dataset)
         if teacher_processing_class is not None:
             check_same_vocabulary(processing_class, teacher_processing_class)
@@ -113,6 +101,8 @@ class DistillationTrainer(SFTTrainer):
                 "no row of train_dataset has a token to predict (every label is -100 after preparation): check "
                 "completion_only_loss / assistant_only_loss and the chat template's generation markers."
             )
+        if args.generates:
+            prompt_data.check_prompt_boundaries(self.train_dataset, args.max_length, one_span=self._user_labels)
         if self.teacher_cache is not None:
             self._use_cache_rows()
         # Our loss is normalised by num_items_in_batch, which makes gradient accumulation exact. It scores
@@ -200,6 +190,8 @@ class DistillationTrainer(SFTTrainer):
     ) -> None:
         """Check every dataset SFTTrainer will prepare (the cache's own rows were prepared before caching)."""
         evaluated = eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]
+        for dataset in evaluated:
+            prompt_data.check_eval_rows(dataset)
         for dataset in (train_dataset, *evaluated):
             if dataset is not None and dataset is not self._cached_rows:
                 check_dataset(dataset, tokenizer, args, formatting_func=formatting_func)
@@ -284,11 +276,18 @@ class DistillationTrainer(SFTTrainer):
             return prepare_fsdp(teacher, self.accelerator)
         return teacher.to(self.accelerator.device)
 
-    def _prepare_dataset(self, dataset: Any, *args: Any, **kwargs: Any) -> Any:
-        """TRL's preparation, except for the cache's own rows: they were prepared before they were cached."""
+    def _prepare_dataset(
+        self, dataset: Any, processing_class: Any, args: Any, packing: bool, formatting_func: Any, dataset_name: str
+    ) -> Any:
+        """TRL's preparation, except for the cache's own rows (prepared before caching), and prompt-only rows
+        without assistant_only_loss: their empty completion is replaced by a generated one, labelled whole, and
+        TRL refuses an empty turn that a template's generation span leaves without assistant tokens."""
         if dataset is self._cached_rows:
             return dataset
-        return super()._prepare_dataset(dataset, *args, **kwargs)
+        if dataset is self._prompt_only_rows and args.assistant_only_loss:
+            args = copy.copy(args)
+            args.assistant_only_loss = False
+        return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
 
     def _get_collator_with_removed_columns(self, data_collator: Any, description: str | None = None) -> Any:
         # Cache batches arrive as whole columns, and the cache's collator already keeps only the model
@@ -379,7 +378,8 @@ class DistillationTrainer(SFTTrainer):
         num_items_in_batch: Tensor | int | None = None,
     ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         """alpha * T^2 * D(teacher || student) + (1 - alpha) * CE over the labelled positions, plus an MoE
-        student's ``router_aux_loss_coef`` x ``aux_loss`` as SFTTrainer adds it.
+        student's ``router_aux_loss_coef`` x ``aux_loss`` as SFTTrainer adds it. A micro-batch the student
+        sampled (``lmbda``) is scored by T^2 * D alone, whatever alpha: CE on its own samples would reinforce them.
 
         A micro-batch with no labelled position (common with assistant-only loss) gives a zero loss and
         zero gradients, so every DDP rank still steps; it is counted as ``empty_micro_batches`` in the logs.
@@ -394,12 +394,13 @@ class DistillationTrainer(SFTTrainer):
         repeated = None if model.training else repeated_positions(inputs, self.accelerator)
         if repeated is not None:
             labels = labels.masked_fill(repeated, -100)
+        spec = replace(self.loss_spec, alpha=1.0) if STUDENT_SAMPLED_KEY in inputs else self.loss_spec
         # alpha weights the distillation term: at 0 the loss is the LM cross-entropy alone, with no teacher to run.
-        teacher = self._teacher_signal(inputs) if self.loss_spec.alpha > 0 else None
+        teacher = self._teacher_signal(inputs) if spec.alpha > 0 else None
         states, head, aux_loss = self._forward_states(model, inputs, "student")
         rows = states.flatten(0, 1)
         # alpha = 0, or evaluating on rows that were never cached: only the LM cross-entropy is computed.
-        spec = self.loss_spec if teacher is not None else replace(self.loss_spec, alpha=0.0)
+        spec = spec if teacher is not None else replace(spec, alpha=0.0)
         schedule = self.taid_schedule if spec.kind == TAID else None
         if schedule is not None:  # evaluation scores against the schedule's end target, comparable across a run
             spec = replace(spec, taid_t=schedule.current_t(self.args) if model.training else self.args.taid_t_end)
@@ -460,7 +461,8 @@ class DistillationTrainer(SFTTrainer):
         if is_training and self.on_policy is None:
             return super()._get_dataloader(*args, is_training=True, **kwargs)
         collator = self.data_collator
-        self.data_collator = PromptLengthsCollator(collator) if is_training else ExampleTokensCollator(collator)
+        on_policy = prompt_data.PromptLengthsCollator(collator, self._user_labels) if is_training else None
+        self.data_collator = on_policy or ExampleTokensCollator(collator)
         try:
             return super()._get_dataloader(*args, is_training=is_training, **kwargs)
         finally:

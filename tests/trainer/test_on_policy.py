@@ -276,3 +276,211 @@ def test_a_peft_student_generates_and_trains_its_adapter(tmp_path):
     assert log["on_policy_share"] == 1.0 and math.isfinite(log["loss"])
     changed = [not torch.equal(p, adapters[n]) for n, p in trainer.model.named_parameters() if n in adapters]
     assert changed and all(changed)
+
+
+def polluted(model):
+    """A generation_config as Hub models ship one: none of it may reach on-policy sampling."""
+    config = model.generation_config
+    config.suppress_tokens = list(range(6, 990))
+    config.repetition_penalty = 5.0
+    config.min_new_tokens = 4
+    config.bad_words_ids = [[7], [8]]
+    config.forced_eos_token_id = 3
+    config.num_return_sequences = 2
+    return model
+
+
+@pytest.mark.parametrize("settings", [{"lmbda": 1.0}, {"seq_kd": True}], ids=["student", "teacher"])
+def test_sampling_ignores_the_models_own_generation_config(tmp_path, settings):
+    """The samples are those of a model with a bare generation_config (the same seed draws the same tokens), and
+    the model's own config is back after sampling."""
+    seen = []
+    for pollute in (False, True):
+        teacher, student = models()
+        if pollute:
+            polluted(teacher if settings.get("seq_kd") else student)
+        trainer = Recording(
+            model=student,
+            teacher_model=teacher,
+            args=config(tmp_path, max_steps=1, **settings),
+            train_dataset=Dataset.from_list(PROMPTS),
+            processing_class=chat_tokenizer(),
+        )
+        trainer.train()
+        seen.append(trainer.seen[0])
+    assert all(torch.equal(seen[0][key], seen[1][key]) for key in ("input_ids", "labels", "attention_mask"))
+    sampler = teacher if settings.get("seq_kd") else student
+    assert sampler.generation_config.num_return_sequences == 2 and sampler.generation_config.min_new_tokens == 4
+
+
+def reference_reverse_kl(batch) -> tuple[float, float]:
+    """Dense reverse KL(student || teacher) over the labelled positions of ``batch``, per token, from fresh copies
+    of the models, and the norm of its gradient on the student's parameters."""
+    teacher, student = models()
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    log_q = torch.log_softmax(student(**inputs).logits[:, :-1, :CHAT_VOCAB_SIZE], dim=-1)
+    with torch.no_grad():
+        log_p = torch.log_softmax(teacher(**inputs).logits[:, :-1, :CHAT_VOCAB_SIZE], dim=-1)
+    scored = batch["labels"][:, 1:] != -100
+    loss = (log_q.exp() * (log_q - log_p)).sum(-1)[scored].sum() / scored.sum()
+    loss.backward()
+    norm = torch.sqrt(sum((p.grad**2).sum() for p in student.parameters() if p.grad is not None))
+    return loss.item(), norm.item()
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.0])
+def test_student_sampled_micro_batches_are_scored_by_the_divergence_alone(tmp_path, alpha):
+    """No cross-entropy on the student's own samples (GKD has none): whatever alpha, the loss and its gradient are
+    the dense reverse KL on the sampled completions, the teacher runs, and no ce_loss is logged."""
+    teacher, student = models()
+    teacher_forwards = []
+    teacher.register_forward_pre_hook(lambda *_: teacher_forwards.append(1))
+    trainer = Recording(
+        model=student,
+        teacher_model=teacher,
+        args=config(tmp_path, lmbda=1.0, loss="reverse_kl", alpha=alpha, max_steps=1, max_grad_norm=1e9),
+        train_dataset=Dataset.from_list(PROMPTS),
+        processing_class=chat_tokenizer(),
+    )
+    (log,) = train_logs(trainer)
+    loss, norm = reference_reverse_kl(trainer.seen[0])
+    assert log["loss"] == pytest.approx(loss, abs=1e-4) and log["grad_norm"] == pytest.approx(norm, rel=1e-4)
+    assert log["distill_loss"] == pytest.approx(loss, rel=1e-4) and "ce_loss" not in log
+    assert len(teacher_forwards) == 1
+
+
+def test_teacher_sampled_micro_batches_keep_alpha_and_cross_entropy(tmp_path):
+    teacher, student = models()
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=config(tmp_path, seq_kd=True, alpha=0.5, max_steps=1),
+        train_dataset=Dataset.from_list(PROMPTS),
+        processing_class=chat_tokenizer(),
+    )
+    (log,) = train_logs(trainer)
+    assert log["loss"] == pytest.approx(0.5 * log["distill_loss"] + 0.5 * log["ce_loss"], abs=2e-4)
+
+
+def test_prompts_are_read_from_the_rows_whatever_side_the_collator_pads(tmp_path):
+    from transformers import DataCollatorForSeq2Seq
+
+    tokenizer = chat_tokenizer()
+    tokenizer.padding_side = "left"
+    rows = [
+        {"input_ids": [20, 21, 22, 23, 24, 25, 26], "labels": [-100] * 5 + [25, 26]},
+        {"input_ids": [30, 31, 32], "labels": [-100, -100, 32]},
+    ] * 2
+    teacher, student = models()
+    trainer = Recording(
+        model=student,
+        teacher_model=teacher,
+        args=config(tmp_path, lmbda=1.0, max_steps=1),
+        data_collator=DataCollatorForSeq2Seq(tokenizer),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    (batch,) = trainer.seen
+    for row, prompt in enumerate([[20, 21, 22, 23, 24], [30, 31]] * 2):
+        assert batch["input_ids"][row, : len(prompt)].tolist() == prompt
+        assert (batch["labels"][row, : len(prompt)] == -100).all() and batch["labels"][row, len(prompt)] != -100
+
+
+@pytest.mark.parametrize(
+    ("rows", "settings", "match"),
+    [
+        (  # assistant-only labels of a multi-turn conversation: two labelled spans
+            [{"input_ids": [20, 21, 22, 23, 24, 25, 26], "labels": [-100, -100, 22, 23, -100, 25, 26]}] * 4,
+            {"lmbda": 1.0},
+            "row 0 .* more than one span.*prompt / completion rows",
+        ),
+        (  # one row without a prompt token, far into the dataset
+            [{"input_ids": [20, 21, 22, 23, 24], "completion_mask": [0, 0, 0, 1, 1]}] * 14
+            + [{"input_ids": [20, 21, 22, 23, 24], "completion_mask": [1, 1, 1, 1, 1]}],
+            {"lmbda": 0.01},
+            "row 14 has no prompt token",
+        ),
+        (  # a prompt that fills max_length: no room to generate
+            [{"prompt": "the cat sat on the mat and the dog"}] * 4,
+            {"lmbda": 1.0, "max_length": 5, "completion_only_loss": False},
+            "row 0 .* max_length=5.*Raise max_length or shorten",
+        ),
+    ],
+    ids=["multi_turn_labels", "prompt_less_row", "no_room"],
+)
+def test_rows_generation_cannot_use_are_refused_at_init(tmp_path, rows, settings, match):
+    teacher, student = models()
+    forwards = []
+    for model in (teacher, student):
+        model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    with pytest.raises(ConfigError, match=match):
+        DistillationTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=config(tmp_path, **settings),
+            train_dataset=Dataset.from_list(rows),
+            processing_class=chat_tokenizer(),
+        )
+    assert forwards == []
+
+
+def test_completions_are_capped_so_rows_fit_max_length(tmp_path):
+    """Each micro-batch generates at most max_length - its longest prompt tokens."""
+    words = "the cat sat on the mat and the dog ran to the tree".split()
+    rows = [{"prompt": " ".join(words[:n])} for n in (2, 5, 9, 10, 3, 1, 7, 4)]
+    teacher, student = models()
+    trainer = Recording(
+        model=student,
+        teacher_model=teacher,
+        args=config(tmp_path, lmbda=1.0, max_length=12, max_completion_length=6),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=chat_tokenizer(),
+    )
+    trainer.train()
+    for batch in trainer.seen:
+        prompts = (batch["labels"] == -100).long().argmin(dim=1)
+        assert int(batch["attention_mask"].sum(dim=1).max()) <= 12
+        assert int((batch["labels"] != -100).sum(dim=1).max()) <= min(6, 12 - int(prompts.max()))
+
+
+def test_assistant_only_loss_accepts_chat_prompts_whatever_the_generation_span_holds(tmp_path):
+    """A template whose {% generation %} span holds the content only (end of turn outside): prompt-only rows
+    train with assistant_only_loss, from their exact prompts (their completion is generated anyway)."""
+    from tests.conftest import CHAT_TEMPLATE
+
+    content_only = CHAT_TEMPLATE.replace(
+        "{{ message['content'] + '<|im_end|>' }}{% endgeneration %}",
+        "{{ message['content'] }}{% endgeneration %}{{ '<|im_end|>' }}",
+    )
+    assert content_only != CHAT_TEMPLATE
+    tokenizer = chat_tokenizer(chat_template=content_only)
+    teacher, student = models()
+    trainer = Recording(
+        model=student,
+        teacher_model=teacher,
+        args=config(tmp_path, lmbda=1.0, max_steps=1, assistant_only_loss=True),
+        train_dataset=Dataset.from_list(PROMPTS),
+        processing_class=tokenizer,
+    )
+    (log,) = train_logs(trainer)
+    assert log["on_policy_share"] == 1.0
+    (batch,) = trainer.seen
+    for row in range(4):
+        prompt = tokenizer.apply_chat_template(PROMPTS[row]["prompt"], add_generation_prompt=True, return_dict=True)
+        prompt = prompt["input_ids"]
+        assert batch["input_ids"][row, : len(prompt)].tolist() == prompt
+        assert (batch["labels"][row, : len(prompt)] == -100).all() and batch["labels"][row, len(prompt)] != -100
+
+
+def test_a_prompt_only_eval_dataset_is_told_evaluation_needs_completions(tmp_path):
+    teacher, student = models()
+    with pytest.raises(ConfigError, match="eval_dataset.*scores the dataset's completions.*'completion'"):
+        DistillationTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=config(tmp_path, lmbda=1.0),
+            train_dataset=Dataset.from_list(PROMPTS),
+            eval_dataset=Dataset.from_list(PROMPTS),
+            processing_class=chat_tokenizer(),
+        )
