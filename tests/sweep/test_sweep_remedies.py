@@ -1,0 +1,166 @@
+"""The sweep's capacity-gap remedies (issue 21): loss: taid with its schedule, chained cells through teacher
+assistants built once and reused, the settings hash of existing ledgers unchanged, the law fitted from direct
+cells only, and the public one-cell run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from hf_capgap.errors import ConfigError
+from hf_capgap.law import CapacityGapLaw
+from hf_capgap.law.records import validated_records
+from hf_capgap.sweep import SweepConfig, finished_records, plan, run_cell, run_sweep
+from hf_capgap.sweep.assistants import ASSISTANT_SEED, ASSISTANTS_DIR
+from hf_capgap.utils.artifacts import MANIFEST_NAME, json_sha256
+
+REPO = Path(__file__).resolve().parents[2]
+
+DEFAULT_SETTINGS_SHA256 = "36d426ccb716e73c73140ddfe4e7654b75d15071ccc19f36434f04b044eadc79"
+TINY_PRESET_SETTINGS_SHA256 = "88cb10eb9dc5434128ec95f17e33b411e2fe61cff718d65e6b358bac8d7d89bc"
+"""json_sha256(config.settings()) of SweepConfig() and of recipes/configs/sweep_tiny.yaml, computed at commit
+9da70c4 (before taid_* and assistants existed): a ledger made then must still be accepted."""
+
+FAST = {"tokens_per_run": 2048, "eval_rows": 16, "calibration_rows": 16, "seq_len": 64, "learning_rate": 0.01}
+
+
+def micro(tmp_path: Path, **overrides) -> SweepConfig:
+    values = {"family": "micro", "student_sizes": ["21K", "25K"], "output_dir": str(tmp_path / "sweep")}
+    return SweepConfig.from_dict({**values, **overrides})
+
+
+# ---------------------------------------------------------------------- config
+
+
+def test_settings_hash_of_existing_ledgers_is_unchanged():
+    import yaml
+
+    assert json_sha256(SweepConfig().settings()) == DEFAULT_SETTINGS_SHA256
+    preset = yaml.safe_load((REPO / "recipes" / "configs" / "sweep_tiny.yaml").read_text())
+    assert json_sha256(SweepConfig.from_dict(preset).settings()) == TINY_PRESET_SETTINGS_SHA256
+    chained = SweepConfig.from_dict({**preset, "assistants": "auto", "assistant_tokens": 1_228_800})
+    assert json_sha256(chained.settings()) == TINY_PRESET_SETTINGS_SHA256, "direct and chained cells share a ledger"
+
+
+def test_taid_is_accepted_online_with_its_schedule_in_the_settings(tmp_path):
+    config = micro(tmp_path, loss="taid", cache_mode="online", taid_t_start=0.1, taid_alpha=5e-3)
+    settings = config.settings()
+    assert (settings["loss"], settings["taid_t_start"], settings["taid_alpha"]) == ("taid", 0.1, 5e-3)
+    assert {"taid_t_end", "taid_beta"} <= set(settings)
+    assert not any(name.startswith("taid_") for name in micro(tmp_path, cache_mode="online").settings())
+    other = micro(tmp_path, loss="taid", cache_mode="online", taid_t_start=0.2, taid_alpha=5e-3)
+    assert json_sha256(other.settings()) != json_sha256(settings), "another schedule is another ledger"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"loss": "taid"}, "cache_mode='topk'"),
+        ({"loss": "taid", "cache_mode": "sampled"}, "cache_mode='sampled'"),
+        ({"loss": "taid", "cache_mode": "online", "taid_t_start": 1.0}, "taid_t_start"),
+        ({"loss": "taid", "cache_mode": "online", "taid_alpha": 2.0}, "taid_alpha"),
+        ({"assistants": ["auto", "60K"]}, "assistants"),
+        ({"assistants": ["lots"]}, "lots"),
+        ({"assistants": ["500K"]}, "500K"),
+        ({"assistants": ["60K"], "assistant_tokens": 10}, "assistant_tokens"),
+    ],
+)
+def test_bad_remedy_settings_are_refused_naming_the_field(tmp_path, overrides, named):
+    with pytest.raises(ConfigError, match=named):
+        micro(tmp_path, **overrides)
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_plan_adds_chained_cells_beside_the_direct_ones(tmp_path):
+    direct = [spec.run_id for spec in plan(micro(tmp_path))]
+    assert direct == [spec.run_id for spec in plan(micro(tmp_path, assistants="none"))]
+    listed = plan(micro(tmp_path, assistants=["60K"], teachers=["llama-30K", "llama-271K"]))
+    chained = [spec for spec in listed if spec.assistants]
+    assert [spec.run_id for spec in chained] == ["21K-from-llama-271K-via-60K", "25K-from-llama-271K-via-60K"]
+    assert all(spec.assistants == (60_000,) for spec in chained), "the 30K teacher is below the assistant"
+    auto = micro(tmp_path, assistants="auto", student_sizes=["21K"], assistant_tokens=4096, **FAST)
+    teacher = auto.teacher_sizes()["llama-271K"]
+    expected = tuple(round(size) for size in CapacityGapLaw.paper().chain(21_000, teacher).assistants)
+    spec = next(spec for spec in plan(auto) if spec.assistants and spec.teacher == "llama-271K")
+    assert spec.assistants == expected and len(expected) >= 1
+    assert spec.run_id.endswith("-4096tok"), "assistants on another budget are another cell"
+    assert not any(spec.assistants for spec in plan(auto) if spec.teacher == "llama-30K"), "within reach"
+
+
+# ---------------------------------------------------------------------- a micro sweep with an assistant
+
+
+@pytest.fixture(scope="module")
+def chained_sweep(tmp_path_factory, ladder_dir):
+    """Two direct and two chained cells of one teacher, both through one 60K assistant (topk caches, as the micro
+    preset's)."""
+    root = tmp_path_factory.mktemp("remedies")
+    config = SweepConfig.from_dict(
+        {
+            "family": "micro",
+            "student_sizes": ["21K", "25K"],
+            "teachers": ["llama-271K"],
+            "assistants": ["60K"],
+            "cache_k": 16,
+            "output_dir": str(root / "sweep"),
+            "ladder_dir": str(ladder_dir),
+            **FAST,
+        }
+    )
+    return config, run_sweep(config, progress=False)
+
+
+def test_chained_cells_share_one_assistant_per_teacher_and_record_it(chained_sweep):
+    config, records = chained_sweep
+    out = Path(config.output_dir)
+    assistants = sorted(path.name for path in (out / ASSISTANTS_DIR).iterdir())
+    assert len(assistants) == 1 and assistants[0].startswith("llama-271K-to-60K-"), assistants
+    assert sorted(path.name for path in (out / "caches").iterdir()) == sorted(["llama-271K", *assistants])
+    by_id = {record["run_id"]: record for record in records}
+    assert len(by_id) == 4
+    teacher = "llama-271K"
+    chained = [by_id[f"{student}-from-{teacher}-via-60K"] for student in ("21K", "25K")]
+    direct = [by_id[f"{student}-from-{teacher}"] for student in ("21K", "25K")]
+    first, second = (record["assistants"] for record in chained)
+    assert first == second, "the second cell reads the assistant back, wall seconds and all"
+    (entry,) = first
+    manifest = json.loads((Path(entry["path"]) / MANIFEST_NAME).read_text())
+    assert entry["eval_loss"] == manifest["eval_loss"] and entry["distilled_from"] == teacher
+    assert abs(entry["student_params"] - 60_000) <= 0.02 * 60_000 and entry["tokens"] == config.tokens_per_run
+    assert entry["wall_seconds"] > 0
+    for chain, plain in zip(chained, direct, strict=True):
+        assert chain["teacher_params"] == plain["teacher_params"] and chain["teacher"] == teacher
+        assert chain["settings_sha256"] == plain["settings_sha256"] and chain["assistant_tokens"] == 2048
+        assert "assistants" not in plain
+    assert len(finished_records(out)) == 4
+
+
+def test_law_fit_uses_the_direct_cells_only(chained_sweep):
+    _, records = chained_sweep
+    direct = [record for record in records if not record.get("assistants")]
+    assert validated_records(records) == validated_records(direct) and len(direct) == 2
+    with pytest.raises(ConfigError, match="chained"):
+        validated_records([record for record in records if record.get("assistants")])
+
+
+def test_run_cell_reproduces_the_sweep_and_reuses_assistants(chained_sweep):
+    config, records = chained_sweep
+    by_id = {record["run_id"]: record for record in records}
+    direct = run_cell(dataclasses.replace(config, assistants=[]), "21K", "llama-271K")
+    assert direct["run_id"] == "21K-from-llama-271K" and "assistants" not in direct
+    assert direct["eval_loss"] == pytest.approx(by_id["21K-from-llama-271K"]["eval_loss"], rel=1e-6)
+    assert direct["settings_sha256"] == by_id["21K-from-llama-271K"]["settings_sha256"]
+    manifests = {
+        path: path.read_bytes() for path in Path(config.output_dir).glob(f"{ASSISTANTS_DIR}/*/{MANIFEST_NAME}")
+    }
+    online = dataclasses.replace(config, cache_mode="online")  # the caches hold seed 0's signal; assistants: online
+    chained = run_cell(online, "25K", "llama-271K", seed=ASSISTANT_SEED + 1)
+    assert chained["run_id"] == "25K-from-llama-271K-via-60K" and chained["settings"]["seed"] == ASSISTANT_SEED + 1
+    assert chained["assistants"] == by_id["25K-from-llama-271K-via-60K"]["assistants"], "another seed, same assistant"
+    assert {path: path.read_bytes() for path in manifests} == manifests, "nothing rebuilt"
+    assert len(finished_records(config.output_dir)) == 4, "run_cell leaves the ledger alone"
+    with pytest.raises(ConfigError, match="assistants"):
+        run_cell(config, "21K", "llama-30K")
