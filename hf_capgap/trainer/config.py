@@ -61,10 +61,10 @@ class DistillationConfig(DistillationSettings, TaidSettings, OnPolicySettings, S
     Two SFTConfig defaults differ: ``bf16`` is on only where a GPU supports it (SFTConfig turns it on
     everywhere, CPUs included), and ``gradient_checkpointing`` is off (turn it on for large students).
     ``loss``, ``alpha``, ``temperature`` and ``teacher_dtype`` are :class:`DistillationSettings`, shared with
-    the sweep's and the MiniMA recipe's configs; ``loss='taid'`` and its schedule (:class:`TaidSettings`) are
-    the trainer's alone so far. ``lmbda``, ``seq_kd``, ``max_completion_length`` and the sampling settings
-    (:class:`OnPolicySettings`) sample completions from the student or the teacher; ``temperature`` stays the
-    loss's, ``sampling_temperature`` is generation's.
+    the sweep's and the MiniMA recipe's configs, as are TAID's schedule (:class:`TaidSettings`) and the
+    on-policy settings (:class:`OnPolicySettings`: ``lmbda``, ``seq_kd``, ``max_completion_length`` and the
+    sampling settings, which sample completions from the student or the teacher). ``temperature`` is the
+    loss's, ``sampling_temperature`` generation's.
     """
 
     bf16: bool | None = field(

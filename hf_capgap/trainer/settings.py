@@ -25,7 +25,8 @@ class DistillationSettings:
             "Divergence between teacher and student next-token distributions: forward_kl "
             "(KL(teacher||student), MiniMA's), reverse_kl, jsd (generalized JSD with `beta`), skew_kl "
             "(DistiLLM's skewed forward KL with skew `beta`) or tvd (total variation). `beta` is 0.5 where the "
-            "config has no beta setting. DistillationConfig also offers taid (TAID's interpolated target, see taid_*)."
+            "config has no beta setting. Or taid (TAID's interpolated target with the taid_* schedule; it needs the "
+            "teacher's whole distribution: an online teacher or a dense cache)."
         ),
     )
     alpha: float = field(
