@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from hf_capgap.sweep.config import TAID_FIELDS, SweepConfig
+from hf_capgap.sweep.config import ON_POLICY_TRAINER_FIELDS, TAID_FIELDS, SweepConfig
 from hf_capgap.sweep.ledger import SCRATCH_PREFIX
 from hf_capgap.utils.parameters import count_model_parameters
 
@@ -29,7 +29,11 @@ def distill_cell(
     config: SweepConfig,
 ) -> tuple[Any, dict[str, Any]]:
     """Prune ``teacher`` to ``student_params``, distil it from ``teacher`` (or its cache) on ``data['train']``
-    for ``config.steps`` steps, and evaluate it: the student and what was measured."""
+    for ``config.steps`` steps, and evaluate it: the student and what was measured.
+
+    On-policy (``config.generates``) the student trains on :func:`on_policy_rows` of ``data['train']`` from the
+    online teacher, and the record adds the mean generated ``completion_length``; the held-out loss is the
+    off-policy cells' (the same packed rows)."""
     import torch
 
     from hf_capgap.pruning import prune_model
@@ -48,6 +52,8 @@ def distill_cell(
     pruned_eval = evaluate_loss(student, data["eval"], config.batch_size)
     steps = config.steps
     taid = {name: getattr(config, name) for name in TAID_FIELDS} if config.loss == "taid" else {}
+    on_policy = {name: getattr(config, name) for name in ON_POLICY_TRAINER_FIELDS} if config.generates else {}
+    train = on_policy_rows(data["train"], config) if config.generates else data["train"]
     with scratch_dir(Path(config.output_dir)) as work_dir:
         args = student_training_arguments(
             DistillationConfig,
@@ -61,16 +67,18 @@ def distill_cell(
             teacher_cache=None if cache_path is None else str(cache_path),
             disable_tqdm=True,
             **taid,
+            **on_policy,
         )
         trainer = DistillationTrainer(
             model=student,
             teacher_model=None if cache_path is not None else teacher,
             args=args,
-            train_dataset=data["train"],
+            train_dataset=train,
             processing_class=tokenizer,
         )
         trainer.train()
     final = evaluate_student(student, data["eval"], config.batch_size)
+    generated = _mean_logged(trainer.state.log_history, "completion_length") if config.generates else None
     return student, {
         "student_target": student_params,
         "student_params": count_model_parameters(student),
@@ -79,7 +87,28 @@ def distill_cell(
         "eval_loss": final["eval_loss"],
         "perplexity": final["perplexity"],
         "wall_seconds": round(time.perf_counter() - started, 1),
+        **({} if generated is None else {"completion_length": generated}),
     }
+
+
+def on_policy_rows(rows: Any, config: SweepConfig) -> Any:
+    """The on-policy rows of the packed training ``rows`` (same rows, same order): each row's first
+    ``prompt_tokens`` tokens as its prompt, alone when every micro-batch generates (lmbda = 1: prompt-only rows),
+    else with the row's next ``max_completion_length`` tokens as the completion (pre-tokenized rows whose
+    ``completion_mask`` marks where the prompt ends)."""
+    prompt = config.prompt_tokens
+    completion = 0 if config.lmbda == 1 else config.max_completion_length
+
+    def cut(row: dict[str, Any]) -> dict[str, Any]:
+        mask = [0] * prompt + [1] * completion
+        return {"input_ids": row["input_ids"][: prompt + completion], "completion_mask": mask}
+
+    return rows.map(cut, remove_columns=rows.column_names)
+
+
+def _mean_logged(log_history: list[dict[str, Any]], key: str) -> float | None:
+    values = [entry[key] for entry in log_history if key in entry]
+    return round(sum(values) / len(values), 2) if values else None
 
 
 def build_cache(teacher: Any, train: Any, path: Path, config: SweepConfig, tokenizer: Any, progress: bool) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 from hf_capgap.errors import ConfigError
 from hf_capgap.law import CapacityGapLaw, format_params, parse_params
-from hf_capgap.trainer.settings import TaidSettings, TeacherCacheSettings
+from hf_capgap.trainer.settings import OnPolicySettings, TaidSettings, TeacherCacheSettings
 from hf_capgap.utils.recipe_args import field_help
 
 TEACHER_SIGNALS = ("topk", "sampled", "online")
@@ -42,6 +42,12 @@ TAID_FIELDS = tuple(item.name for item in dataclasses.fields(TaidSettings))
 """The taid_* schedule settings: part of a ledger's settings only when ``loss='taid'`` (so the settings hash of a
 ledger made before TAID existed is unchanged)."""
 
+ON_POLICY_TRAINER_FIELDS = tuple(item.name for item in dataclasses.fields(OnPolicySettings))
+"""The on-policy settings every cell passes on to its DistillationConfig."""
+ON_POLICY_FIELDS = (*ON_POLICY_TRAINER_FIELDS, "prompt_tokens")
+"""The on-policy settings: part of a ledger's settings only when the sweep generates (``lmbda > 0`` or ``seq_kd``),
+so an off-policy ledger keeps the settings hash it had before they existed."""
+
 PER_SWEEP_FIELDS = (
     "student_sizes",
     "teachers",
@@ -57,12 +63,16 @@ cell measures (a chained cell names its assistants and their tokens in its run i
 
 
 @dataclass
-class SweepConfig(TeacherCacheSettings, TaidSettings):
+class SweepConfig(TeacherCacheSettings, TaidSettings, OnPolicySettings):
     """What a sweep measures; every field is a key of the recipe YAML and a ``--key value`` override.
 
     The distillation settings (loss, alpha, temperature, teacher_dtype, cache_k, cache_sampler) are
     inherited from :class:`TeacherCacheSettings`, shared with DistillationConfig and MinimaConfig, and
-    TAID's schedule (taid_*, used with ``loss: taid``) from :class:`TaidSettings`.
+    TAID's schedule (taid_*, used with ``loss: taid``) from :class:`TaidSettings`, and GKD's on-policy settings
+    (lmbda, seq_kd, max_completion_length, sampling_*, top_k, top_p; online teacher only) from
+    :class:`OnPolicySettings`. On-policy, each training row is its first ``prompt_tokens`` tokens (prompt-only at
+    lmbda = 1, else with the row's next ``max_completion_length`` tokens as its completion), and a row counts
+    ``prompt_tokens + max_completion_length`` tokens of the budget (:attr:`row_tokens`).
     """
 
     family: str = field(
@@ -99,6 +109,14 @@ class SweepConfig(TeacherCacheSettings, TaidSettings):
         default=None, metadata=field_help("Folder of the ladder teachers (ladder families).")
     )
     seed: int = field(default=0, metadata=field_help("Seed of initialisation and the cache's samples."))
+    prompt_tokens: int = field(
+        default=32,
+        metadata=field_help(
+            "On-policy (lmbda > 0 or seq_kd): tokens of each training row kept as its prompt; the student (or "
+            "teacher) generates up to max_completion_length after it (prompt_tokens + max_completion_length <= "
+            "seq_len)."
+        ),
+    )
     assistants: list[str] = field(
         default_factory=list,
         metadata=field_help(
@@ -170,15 +188,18 @@ class SweepConfig(TeacherCacheSettings, TaidSettings):
             "gradient_accumulation_steps",
             "eval_rows",
             "calibration_rows",
+            "prompt_tokens",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be positive.")
         if not self.learning_rate > 0:
             raise ConfigError(f"learning_rate={self.learning_rate} must be positive.")
+        self._check_on_policy()
         if self.tokens_per_run < self.tokens_per_step:
+            row = "(prompt_tokens+max_completion_length)" if self.generates else "seq_len"
             raise ConfigError(
                 f"tokens_per_run={self.tokens_per_run} is less than one optimizer step (batch_size*"
-                f"gradient_accumulation_steps*seq_len={self.tokens_per_step}); raise tokens_per_run."
+                f"gradient_accumulation_steps*{row}={self.tokens_per_step}); raise tokens_per_run."
             )
         self._check_loss()
         available = family_teachers(self.family)
@@ -209,6 +230,26 @@ class SweepConfig(TeacherCacheSettings, TaidSettings):
             )
         self.check_teacher_signal(self.cache_mode, TEACHER_SIGNALS)
         self.check_taid_settings()
+
+    def _check_on_policy(self) -> None:
+        """Sampling settings in range; generated completions need the online teacher (a cache holds the teacher's
+        view of the corpus' tokens only) and rows of prompt + completion within seq_len."""
+        self.check_on_policy_settings()
+        if not self.generates:
+            return
+        what = f"lmbda={self.lmbda}" if self.lmbda > 0 else "seq_kd=true"
+        if self.cache_mode != "online":
+            raise ConfigError(
+                f"{what} generates completions, which cache_mode={self.cache_mode!r} cannot score (a teacher cache "
+                "holds the teacher's view of the corpus' tokens only); set cache_mode: online, or lmbda: 0 and "
+                "seq_kd: false."
+            )
+        if self.row_tokens > self.seq_len:
+            raise ConfigError(
+                f"prompt_tokens={self.prompt_tokens} + max_completion_length={self.max_completion_length} exceeds "
+                f"seq_len={self.seq_len} (prompts are cut from the corpus' rows of seq_len tokens); lower "
+                "prompt_tokens or max_completion_length."
+            )
 
     def _check_assistants(self) -> None:
         if self.assistant_tokens is not None and self.assistant_tokens < self.tokens_per_step:
@@ -254,8 +295,15 @@ class SweepConfig(TeacherCacheSettings, TaidSettings):
         return self.tokens_per_run if self.assistant_tokens is None else self.assistant_tokens
 
     @property
+    def row_tokens(self) -> int:
+        """Tokens one training row counts: seq_len off-policy; on-policy the student's tokens of the row, its
+        prompt and the most it generates (completions stopping at EOS count as if full: the budget is an upper
+        bound, and the record's ``completion_length`` says what was generated)."""
+        return self.prompt_tokens + self.max_completion_length if self.generates else self.seq_len
+
+    @property
     def tokens_per_step(self) -> int:
-        return self.batch_size * self.gradient_accumulation_steps * self.seq_len
+        return self.batch_size * self.gradient_accumulation_steps * self.row_tokens
 
     @property
     def steps(self) -> int:
@@ -277,6 +325,9 @@ class SweepConfig(TeacherCacheSettings, TaidSettings):
             values.pop(per_sweep)
         if self.loss != "taid":
             for name in TAID_FIELDS:
+                values.pop(name)
+        if not self.generates:
+            for name in ON_POLICY_FIELDS:
                 values.pop(name)
         return values
 
