@@ -16,6 +16,8 @@ on the ladder's 512 held-out rows. Per student size, the arms:
                            student size and shared by the seeds; the student pruned from the last assistant
     taid-963K-t0.1-a5e-3   TAID with taid_t_start 0.1 and taid_alpha 5e-3 (a target starting nearer the student,
                            a 10x faster adaptive step)
+    chain-963K-a4x         chain-963K with each assistant distilled on 4 x the student's tokens (assistant_tokens =
+                           4 x tokens_per_run); the student's own budget is unchanged
 
 All arms read their teacher online (cache_mode: online), not from the sweep's sampled-64 cache: TAID needs the
 teacher's whole distribution, which a sampled cache does not keep, and one teacher signal for every arm keeps the
@@ -63,8 +65,11 @@ ARM_SETTINGS: dict[str, dict[str, Any]] = {
     "direct-best": {},
     "chain-963K": {"assistants": "auto"},
     "taid-963K-t0.1-a5e-3": {"loss": "taid", "taid_t_start": 0.1, "taid_alpha": 5e-3},
+    "chain-963K-a4x": {"assistants": "auto"},
 }
 """Each arm's overrides of the sweep's settings; every arm but direct-best learns from the big teacher."""
+ASSISTANT_TOKEN_MULTIPLE = {"chain-963K-a4x": 4}
+"""Chain arms whose assistants train on this multiple of the student's tokens_per_run (others: 1x)."""
 ARMS = tuple(ARM_SETTINGS)
 BASELINES = ("direct-963K", "direct-best")
 REMEDIES = tuple(arm for arm in ARMS if arm not in BASELINES)
@@ -85,7 +90,10 @@ def sweep_config(base: dict[str, Any], arm: str, root: Path) -> Any:
     """The sweep's config of an arm, with an online teacher (grid fields are set by run_cell)."""
     from hf_capgap.sweep import SweepConfig
 
-    return SweepConfig.from_dict({**base, **ARM_SETTINGS[arm], "cache_mode": "online", "output_dir": str(root)})
+    settings = {**base, **ARM_SETTINGS[arm], "cache_mode": "online", "output_dir": str(root)}
+    if arm in ASSISTANT_TOKEN_MULTIPLE:
+        settings["assistant_tokens"] = ASSISTANT_TOKEN_MULTIPLE[arm] * int(base["tokens_per_run"])
+    return SweepConfig.from_dict(settings)
 
 
 def run_cells(
@@ -140,11 +148,17 @@ def report(
     """Markdown tables: loss per cell, each remedy's paired difference against direct-963K and the share of the gap
     it recovers, and the chain arm's assistants.
 
-    Per student, only the seeds whose arms all finished count (a cut run reports what it paired)."""
+    Per student, only the seeds whose run arms all finished count (a cut run reports what it paired); a remedy with
+    no run at all for a student (e.g. skipped for time) shows "not run" there instead of dropping the student."""
     loss = {key: record["eval_loss"] for key, record in records.items()}
-    paired = {
-        student: [seed for seed in seeds if all((student, arm, seed) in loss for arm in arms)] for student in students
+    ran = {
+        student: [arm for arm in arms if any((student, arm, seed) in loss for seed in seeds)] for student in students
     }
+    paired = {
+        student: [seed for seed in seeds if all((student, arm, seed) in loss for arm in ran[student])]
+        for student in students
+    }
+    students = [student for student in students if set(BASELINES) <= set(ran[student])]
     students = [student for student in students if paired[student]]
     lines = [
         "held-out loss, nats/token, mean +- standard error over seeds ("
@@ -158,6 +172,9 @@ def report(
         seeds = paired[student]
         cells = []
         for arm in arms:
+            if arm not in ran[student]:
+                cells.append("not run")
+                continue
             mean, se = mean_se([loss[(student, arm, seed)] for seed in seeds])
             wall = statistics.fmean(records[(student, arm, seed)]["wall_seconds"] for seed in seeds)
             cells.append(f"{mean:.4f} +- {se:.4f} ({wall:.0f})")
@@ -174,7 +191,7 @@ def report(
         seeds = paired[student]
         best = [loss[(student, "direct-best", seed)] - loss[(student, "direct-963K", seed)] for seed in seeds]
         best_mean, best_se = mean_se(best)
-        for arm in (arm for arm in arms if arm in REMEDIES):
+        for arm in (arm for arm in ran[student] if arm in REMEDIES):
             diff = [loss[(student, arm, seed)] - loss[(student, "direct-963K", seed)] for seed in seeds]
             mean, se = mean_se(diff)
             per_seed = ", ".join(f"{d / b:.0%}" if b else "nan" for d, b in zip(diff, best, strict=True))
@@ -182,21 +199,23 @@ def report(
                 f"| {student} | {arm} | {mean:+.4f} +- {se:.4f} | {best_mean:+.4f} +- {best_se:.4f} |"
                 f" {mean / best_mean if best_mean else math.nan:.0%} | {per_seed} |"
             )
-    if "chain-963K" in arms:
+    chains = [arm for arm in arms if ARM_SETTINGS[arm].get("assistants")]
+    if chains:
         lines += [
             "",
-            "chain-963K's assistants (each built once, seed 0, shared by the student seeds)",
+            "the chain arms' assistants (each built once, seed 0, shared by the student seeds)",
             "",
-            "| student | assistant (params) | distilled from | held-out loss | tokens | wall s |",
-            "|---|---|---|---:|---:|---:|",
+            "| student | arm | assistant (params) | distilled from | held-out loss | tokens | wall s |",
+            "|---|---|---|---|---:|---:|---:|",
         ]
         for student in students:
-            for assistant in records[(student, "chain-963K", paired[student][0])]["assistants"]:
-                source = Path(assistant["distilled_from"]).name
-                lines.append(
-                    f"| {student} | {assistant['student_params']:,} | {source} | {assistant['eval_loss']:.4f} |"
-                    f" {assistant['tokens']:,} | {assistant['wall_seconds']:.0f} |"
-                )
+            for arm in (arm for arm in chains if arm in ran[student]):
+                for assistant in records[(student, arm, paired[student][0])]["assistants"]:
+                    source = Path(assistant["distilled_from"]).name
+                    lines.append(
+                        f"| {student} | {arm} | {assistant['student_params']:,} | {source} |"
+                        f" {assistant['eval_loss']:.4f} | {assistant['tokens']:,} | {assistant['wall_seconds']:.0f} |"
+                    )
     return "\n".join(lines)
 
 
