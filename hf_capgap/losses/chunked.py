@@ -1,7 +1,8 @@
 """distillation_loss: alpha * T^2 * D(teacher, student) + (1 - alpha) * CE, what the trainer runs.
 
 The same values and gradients as :func:`hf_capgap.losses.divergence`, computed chunk by chunk inside one
-autograd Function so that no [tokens, vocab] intermediate outlives its chunk. Given last hidden states and
+autograd Function, with closed-form gradients written in place, so that no [tokens, vocab] intermediate
+outlives its chunk and a chunk holds a few [rows, vocab] buffers whatever the divergence. Given last hidden states and
 the lm_head weight it never materialises the student logits at all. The teacher side is any
 :data:`hf_capgap.losses.TeacherSignal` (online, or sparse from a teacher cache).
 """
@@ -18,14 +19,12 @@ from torch import Tensor
 
 from hf_capgap.errors import ConfigError
 from hf_capgap.losses.divergence import IGNORE_INDEX, TAID, check_taid_t
-from hf_capgap.losses.signals import DenseTeacher, FusedTeacher, TeacherSignal, block_rows
+from hf_capgap.losses.signals import DenseTeacher, FusedTeacher, SampledTeacher, TeacherSignal, block_rows
 from hf_capgap.losses.spec import LossSpec
 
 # A bf16 / fp16 lm_head gradient summed over at most this many chunks stays in its dtype: measured on CPU
 # (bench/bench_losses.py), 8 bf16 additions give 2.1x the error of one bf16 rounding, 32 give 4.1x, 64 5.7x.
 LOW_PRECISION_MAX_CHUNKS = 8
-# Losses whose gradient w.r.t. the tempered student logits is q - target: computed in closed form, in place.
-CLOSED_FORM_KINDS = ("forward_kl", TAID)
 
 
 @dataclass(frozen=True)
@@ -65,16 +64,19 @@ def _log_softmax_(logits: Tensor) -> Tensor:
     return F.log_softmax(logits, dim=-1)
 
 
-def _forward_kl_chunk(
+def _closed_form_chunk(
     logits: Tensor, teacher: TeacherSignal | None, labels: Tensor, spec: LossSpec, owned: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Closed form of :func:`_chunk_loss_and_grad` for forward KL, for every kind of teacher signal, and
-    for TAID (forward KL to the interpolated target, full-distribution teachers only).
+    """(sum of T^2 * D, sum of CE, d(alpha * T^2 * D + (1 - alpha) * CE)/d logits) for one chunk, every
+    divergence and teacher signal in closed form, in place.
 
-    d(T^2 KL(p || softmax(z / T)))/dz = T (q - r) (r = p for a full teacher; see each signal's
-    ``forward_kl_into_gradient_``) and d CE/dz = softmax(z) - onehot, computed in place so a chunk
-    needs one to three [chunk, vocab] buffers instead of the autograd graph's dozen. ``owned`` logits
-    (a buffer nothing else reads) are overwritten at T = 1.
+    With u = z / T and q = softmax(u), each signal overwrites the student log-probs with
+    scale * dD/du + (1 - scale) * q: q - r for forward KL (r = p for a full teacher, TAID's target for
+    TAID; see each signal's ``forward_kl_into_gradient_``), G - q * sum(G) with G = dD/d(log q) for the
+    others (:mod:`hf_capgap.losses.closed_form`). d(T^2 D)/dz = T dD/du and d CE/dz = softmax(z) - onehot
+    complete it, so a chunk needs one to three [chunk, vocab] buffers (plus block-sized teacher buffers on
+    CPU) instead of an autograd graph's dozen. ``owned`` logits (a buffer nothing else reads) are
+    overwritten at T = 1.
     """
     temperature, alpha = spec.temperature, spec.alpha
     zero = logits.new_zeros(())
@@ -87,15 +89,17 @@ def _forward_kl_chunk(
     if alpha < 1:
         ce = -log_q[rows, labels].sum() if temperature == 1.0 else F.cross_entropy(logits, labels, reduction="sum")
     distill = zero
-    # At T = 1, softmax(z) == q, so alpha (q - r) + (1 - alpha) (q - onehot) = q - alpha r - (1 - alpha) onehot.
-    # Otherwise the distillation part alpha T (q - r) is formed first and softmax(z) added after.
+    # At T = 1, softmax(z) == q, so alpha dD/du + (1 - alpha) (q - onehot) = [alpha dD/du + (1 - alpha) q] - (1 -
+    # alpha) onehot. Otherwise the distillation part alpha T dD/du is formed first and softmax(z) added after.
     scale = alpha if temperature == 1.0 else 1.0
     if teacher is not None and alpha > 0:
-        into_gradient = teacher.forward_kl_into_gradient_
         if spec.kind == TAID:
-            distill = into_gradient(log_q, temperature, scale, taid_t=spec.taid_t) * temperature**2
+            distill = teacher.forward_kl_into_gradient_(log_q, temperature, scale, taid_t=spec.taid_t)
+        elif spec.kind == "forward_kl":
+            distill = teacher.forward_kl_into_gradient_(log_q, temperature, scale)
         else:
-            distill = into_gradient(log_q, temperature, scale) * temperature**2
+            distill = teacher.divergence_into_gradient_(log_q, temperature, scale, spec)
+        distill = distill * temperature**2
         grad = log_q
     else:
         grad = log_q.exp_()
@@ -106,37 +110,6 @@ def _forward_kl_chunk(
     if alpha < 1:
         grad[rows, labels] -= 1.0 - alpha
     return distill, ce, grad
-
-
-def _chunk_loss_and_grad(
-    logits: Tensor, teacher: TeacherSignal | None, labels: Tensor, spec: LossSpec, owned: bool
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(sum of T^2 * D, sum of CE, d(alpha * T^2 * D + (1 - alpha) * CE)/d logits) for one chunk.
-
-    ``teacher`` is None only when alpha == 0 (cross-entropy alone). Forward KL and TAID have a closed
-    form; the other divergences differentiate the readable formula with autograd, one chunk at a time.
-    """
-    if teacher is None or spec.kind in CLOSED_FORM_KINDS:
-        return _forward_kl_chunk(logits, teacher, labels, spec, owned)
-    logits = logits.detach().requires_grad_(True)
-    with torch.enable_grad():
-        distill, ce = _chunk_values(logits, teacher, labels, spec, owned=False)
-        total = spec.alpha * distill + (1.0 - spec.alpha) * ce
-    (grad,) = torch.autograd.grad(total, logits)
-    return distill.detach(), ce.detach(), grad
-
-
-def _chunk_values(
-    logits: Tensor, teacher: TeacherSignal | None, labels: Tensor, spec: LossSpec, owned: bool
-) -> tuple[Tensor, Tensor]:
-    """(sum of T^2 * D, sum of CE) for one chunk by the same formulas as training, without gradients."""
-    if teacher is None or spec.kind in CLOSED_FORM_KINDS:
-        distill, ce, _ = _forward_kl_chunk(logits, teacher, labels, spec, owned)
-        return distill, ce
-    zero = logits.new_zeros(())
-    distill = teacher.divergence(logits, spec).sum() * spec.temperature**2 if spec.alpha > 0 else zero
-    ce = F.cross_entropy(logits, labels, reduction="sum") if spec.alpha < 1 else zero
-    return distill, ce
 
 
 @dataclass(frozen=True)
@@ -292,9 +265,9 @@ def _chunked_sums(
         entropy_sum += entropy
         num_correct += correct
         if grads is None:
-            distill, ce = _chunk_values(logits, chunk_teacher, chunk_labels, spec, owned)
+            distill, ce, _ = _closed_form_chunk(logits, chunk_teacher, chunk_labels, spec, owned)
         else:
-            distill, ce, grad = _chunk_loss_and_grad(logits, chunk_teacher, chunk_labels, spec, owned)
+            distill, ce, grad = _closed_form_chunk(logits, chunk_teacher, chunk_labels, spec, owned)
             if fused:
                 _add_head_gradients_(grads, grad, chunk, head_weight, student_rows, vocab)
             elif grads.student is not None:
@@ -403,6 +376,11 @@ def distillation_loss(
                 f"loss='taid' interpolates the teacher's logits over the whole vocabulary; a {type(teacher).__name__} "
                 "(a top-k or sampled teacher cache) does not hold them. Use an online teacher or a dense cache."
             )
+    if isinstance(teacher, SampledTeacher) and spec.kind != "forward_kl" and spec.alpha > 0:
+        raise ConfigError(
+            f"a sampled teacher cache estimates forward_kl only; got loss={spec.kind!r}. "
+            "Use loss='forward_kl', or build the cache with mode='topk' or 'dense'."
+        )
     rows = _Rows.of(labels, None if teacher is None else teacher.num_rows)
     normalizer = max(float(num_items_in_batch) if num_items_in_batch is not None else float(rows.num_valid), 1.0)
     inputs = (student, lm_head_weight, lm_head_bias)

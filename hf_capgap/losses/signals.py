@@ -1,5 +1,6 @@
 """Teacher signals: what the loss knows of the teacher at each student row. Each holds [N, ...] tensors
-aligned with the student rows and computes its divergence to a chunk of student logits: full logits
+aligned with the student rows and computes its divergence to a chunk of student logits, with the gradient
+written in place (closed forms, no autograd graph): full logits
 (online teacher, dense cache), hidden states and lm_head (fused online teacher), top-k + tail buckets or
 samples (teacher caches). Only the first two hold the whole distribution that TAID interpolates.
 """
@@ -14,7 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hf_capgap.errors import ConfigError
-from hf_capgap.losses.divergence import TAID, bucket_divergence, kl_terms, taid_target
+from hf_capgap.losses.closed_form import divergence_and_log_q_gradient, into_softmax_gradient_, spread_bucket_gradient_
+from hf_capgap.losses.divergence import kl_terms, taid_target
 from hf_capgap.losses.spec import LossSpec
 
 SIGNAL_BLOCK_ELEMENTS = 1 << 21  # CPU: teacher log-probs formed per block of this many values (8 MiB fp32)
@@ -27,14 +29,6 @@ class _FullDistributionTeacher(abc.ABC):
     def log_probs(self, vocab: int, temperature: float) -> Tensor:
         """Teacher log-probs at ``temperature`` over the first ``vocab`` tokens: a fresh [rows, vocab] fp32
         buffer that the caller may overwrite."""
-
-    def divergence(self, student_logits: Tensor, spec: LossSpec) -> Tensor:
-        vocab = student_logits.shape[-1]
-        log_q = F.log_softmax(student_logits / spec.temperature, dim=-1)
-        log_p = self.log_probs(vocab, spec.temperature)
-        if spec.kind == TAID:
-            return bucket_divergence(taid_target(log_q, log_p, spec.taid_t), log_q, "forward_kl")
-        return bucket_divergence(log_p, log_q, spec.kind, spec.beta)
 
     @abc.abstractmethod
     def take(self, index: slice | Tensor) -> _FullDistributionTeacher:
@@ -62,6 +56,24 @@ class _FullDistributionTeacher(abc.ABC):
             # Elementwise then a cascade sum: a BLAS dot of p.log_p minus p.log_q cancels badly in fp32.
             total += log_p.sub_(log_q[part]).mul_(p).sum()
             log_q[part].exp_().sub_(p, alpha=scale)
+        return total
+
+    def divergence_into_gradient_(self, log_q: Tensor, temperature: float, scale: float, spec: LossSpec) -> Tensor:
+        """Sum of ``spec``'s divergence (not forward KL) over rows; ``log_q`` is overwritten with
+        scale * dD/du + (1 - scale) * q (u = tempered logits), by :mod:`hf_capgap.losses.closed_form`.
+
+        Formed a block of rows at a time like :meth:`forward_kl_into_gradient_`: a few block-sized
+        teacher buffers on CPU, no [chunk, vocab] autograd graph.
+        """
+        rows, vocab = log_q.shape
+        block = block_rows(log_q)
+        total = log_q.new_zeros(())
+        for start in range(0, rows, block):
+            part = slice(start, start + block)
+            log_p = (self if block >= rows else self.take(part)).log_probs(vocab, temperature)
+            values, grad = divergence_and_log_q_gradient(log_p, log_q[part], spec.kind, spec.beta)
+            total += values.sum()
+            into_softmax_gradient_(log_q[part], grad, scale)
         return total
 
 
@@ -118,8 +130,8 @@ class TopKTeacher:
     """The teacher's k most likely tokens per position and the log of the remaining mass (tail).
 
     The divergence is taken over k + 1 buckets: each top-k token, and everything else. On the teacher
-    side the buckets are exact (no renormalisation); the student's tail bucket is the log-sum-exp of
-    its log-probs outside the teacher's top-k.
+    side the buckets are exact (no renormalisation); the student's tail bucket is the sum of its
+    probabilities outside the teacher's top-k.
     """
 
     ids: Tensor  # [N, k] long
@@ -132,16 +144,6 @@ class TopKTeacher:
 
     def take(self, index: slice | Tensor) -> TopKTeacher:
         return TopKTeacher(self.ids[index], self.logprobs[index], self.tail_logprob[index])
-
-    def divergence(self, student_logits: Tensor, spec: LossSpec) -> Tensor:
-        log_q = F.log_softmax(student_logits / spec.temperature, dim=-1)
-        log_q_top = log_q.gather(-1, self.ids)
-        # A huge finite fill instead of -inf keeps the tail (and its gradient) finite when the top-k
-        # covers the whole vocabulary.
-        outside = log_q.scatter(-1, self.ids, torch.finfo(log_q.dtype).min / 2)
-        log_q_tail = torch.logsumexp(outside, dim=-1, keepdim=True)
-        log_p = torch.cat([self.logprobs.float(), self.tail_logprob.float().unsqueeze(-1)], dim=-1)
-        return bucket_divergence(log_p, torch.cat([log_q_top, log_q_tail], dim=-1), spec.kind, spec.beta)
 
     def forward_kl_into_gradient_(self, log_q: Tensor, temperature: float, scale: float) -> Tensor:
         """Sum of the bucketed KL over rows; ``log_q`` is overwritten with ``q - scale * r``.
@@ -161,6 +163,21 @@ class TopKTeacher:
         q.mul_((1.0 - scale * tail_ratio).unsqueeze(-1))
         q.scatter_(-1, self.ids, log_q_top.exp() - scale * log_p_top.exp())
         return total
+
+    def divergence_into_gradient_(self, log_q: Tensor, temperature: float, scale: float, spec: LossSpec) -> Tensor:
+        """Sum of ``spec``'s bucketed divergence (not forward KL) over rows; ``log_q`` is overwritten with
+        scale * dD/du + (1 - scale) * q. The divergence and its G are formed over the k + 1 buckets only.
+        """
+        log_q_top = log_q.gather(-1, self.ids)
+        q = log_q.exp_().scatter_(-1, self.ids, 0.0)
+        # As in forward_kl_into_gradient_: the tail is the plain sum of the off-top-k entries, floored.
+        log_q_tail = q.sum(dim=-1, keepdim=True).clamp_(min=torch.finfo(q.dtype).tiny).log_()
+        log_p = torch.cat([self.logprobs.float(), self.tail_logprob.float().unsqueeze(-1)], dim=-1)
+        values, grad = divergence_and_log_q_gradient(
+            log_p, torch.cat([log_q_top, log_q_tail], dim=-1), spec.kind, spec.beta
+        )
+        spread_bucket_gradient_(q, self.ids, log_q_top, log_q_tail, grad, scale)
+        return values.sum()
 
 
 @dataclass(frozen=True)
@@ -200,16 +217,6 @@ class SampledTeacher:
             return torch.where(weights > 0, terms, torch.zeros_like(terms)).sum(dim=-1)
         cross = torch.where(weights > 0, weights * log_q_drawn, torch.zeros_like(log_q_drawn)).sum(dim=-1)
         return -self.entropy.float() - cross
-
-    def divergence(self, student_logits: Tensor, spec: LossSpec) -> Tensor:
-        if spec.kind != "forward_kl":
-            raise ConfigError(
-                f"a sampled teacher cache estimates forward_kl only; got loss={spec.kind!r}. "
-                "Use loss='forward_kl', or build the cache with mode='topk' or 'dense'."
-            )
-        log_q = F.log_softmax(student_logits / spec.temperature, dim=-1).gather(-1, self.ids)
-        counts = self.counts.float()
-        return self._kl_estimate(counts / counts.sum(dim=-1, keepdim=True), log_q)
 
     def forward_kl_into_gradient_(self, log_q: Tensor, temperature: float, scale: float) -> Tensor:
         """Sum of the Monte-Carlo KL over rows; ``log_q`` is overwritten with ``q - scale * p_hat``."""
