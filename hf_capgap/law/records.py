@@ -81,8 +81,11 @@ def read_records(records: Any) -> list[Mapping[str, Any]]:
 
 def validated_records(rows: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """The rows as dicts of numbers (student_params, teacher_params, eval_loss, family if a string); ValueError
-    naming the first bad one. A chained record (a non-empty ``assistants``: its student learnt from an assistant,
-    not from ``teacher_params``) is left out: the law is fitted from direct distillation only."""
+    naming the first bad one.
+
+    The law measures direct distillation from ``teacher_params``, so :func:`is_direct` leaves out a chained record
+    (its student learnt from an assistant) and a TAID record (its student learnt from an interpolation of itself and
+    the teacher): a sweep's ledger may hold them beside the direct cells."""
     if not rows:
         raise ConfigError(
             "no sweep records: the law needs evaluated (student_params, teacher_params, eval_loss) records."
@@ -91,7 +94,7 @@ def validated_records(rows: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
     for index, row in enumerate(rows):
         if not isinstance(row, Mapping):
             raise ConfigError(f"record {index} is a {type(row).__name__}, not a dict of fields.")
-        if row.get("assistants"):
+        if not is_direct(row):
             continue
         missing = [field for field in REQUIRED_FIELDS if field not in row or row[field] is None]
         if missing:
@@ -119,8 +122,21 @@ def validated_records(rows: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
             record["family"] = row["family"]
         clean.append(record)
     if not clean:
-        raise ConfigError("no direct sweep records: each one is chained (has assistants); the law fits direct ones.")
+        raise ConfigError(
+            "no direct sweep records: each one is chained (has assistants) or made with loss taid; the law is "
+            "fitted from direct distillation records."
+        )
     return clean
+
+
+def is_direct(row: Mapping[str, Any]) -> bool:
+    """A record of direct distillation: not chained (a non-empty list of ``assistants``; a DataFrame gives the direct
+    rows of a mixed ledger NaN there) and not made with ``loss: taid`` (its ``settings``)."""
+    assistants = row.get("assistants")
+    if isinstance(assistants, (list, tuple)) and len(assistants) > 0:
+        return False
+    settings = row.get("settings")
+    return not (isinstance(settings, Mapping) and settings.get("loss") == "taid")
 
 
 def _record_size(row: Mapping[str, Any], field: str, index: int) -> float:

@@ -1,4 +1,5 @@
-"""The one ledger reader: a torn last line is dropped with a warning, damage elsewhere is refused."""
+"""The one ledger reader: a torn last line is dropped with a warning, damage elsewhere is refused; the law keeps
+the direct records of a mixed ledger (chained and TAID cells beside them), from a path or a DataFrame."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import json
 
 import pytest
 
+from hf_capgap.errors import ConfigError
 from hf_capgap.law import CapacityGapLaw, read_ledger
+from hf_capgap.law.records import read_records, validated_records
 from hf_capgap.utils.artifacts import ArtifactError
 from tests.law.test_law import proportional, sweep
 
@@ -49,3 +52,35 @@ def test_required_fields_make_a_partial_object_a_non_record(tmp_path):
 def test_a_missing_ledger_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no sweep ledger"):
         read_ledger(tmp_path / "missing.jsonl")
+
+
+def _mixed_ledger():
+    """Direct records, each beside a chained and a TAID record of the same pair with a much lower loss."""
+    direct = [{**record, "settings": {"loss": "forward_kl"}} for record in sweep(proportional(2.5))]
+    chained = [{**record, "eval_loss": 0.0, "assistants": [{"student_params": 1.0}]} for record in direct]
+    taid = [{**record, "eval_loss": 0.0, "settings": {"loss": "taid"}} for record in direct]
+    return direct, [*direct, *chained, *taid]
+
+
+def test_the_law_fits_only_the_direct_records_of_a_mixed_ledger():
+
+    direct, mixed = _mixed_ledger()
+    assert validated_records(mixed) == validated_records(direct)
+    assert len(validated_records(direct)) == len(direct)
+    with pytest.raises(ConfigError, match="taid"):
+        validated_records(mixed[len(direct) :])
+
+
+def test_a_dataframe_of_a_mixed_ledger_keeps_its_direct_records(tmp_path):
+    pandas = pytest.importorskip("pandas")
+
+    direct, mixed = _mixed_ledger()
+    frame = pandas.DataFrame(mixed)  # a direct row's missing assistants reads back as NaN (truthy)
+    assert validated_records(read_records(frame)) == validated_records(direct)
+    ledger = _write(tmp_path / "ledger.jsonl", mixed)
+    kept = validated_records(read_records(pandas.read_json(ledger, lines=True)))
+    expected = validated_records(direct)
+    assert [(row["student_params"], row["teacher_params"]) for row in kept] == [
+        (row["student_params"], row["teacher_params"]) for row in expected
+    ]
+    assert [row["eval_loss"] for row in kept] == pytest.approx([row["eval_loss"] for row in expected], rel=1e-12)
