@@ -12,6 +12,7 @@ from typing import Any
 from hf_capgap.errors import ConfigError
 from hf_capgap.law import CapacityGapLaw, format_params, parse_params
 from hf_capgap.trainer.settings import OnPolicySettings, TaidSettings, TeacherCacheSettings
+from hf_capgap.utils.artifacts import json_sha256
 from hf_capgap.utils.recipe_args import field_help
 
 TEACHER_SIGNALS = ("topk", "sampled", "online")
@@ -41,6 +42,8 @@ HUB_MODEL_TYPES = {"pythia": "gpt_neox", "gpt2": "gpt2"}
 TAID_FIELDS = tuple(item.name for item in dataclasses.fields(TaidSettings))
 """The taid_* schedule settings: part of a ledger's settings only when ``loss='taid'`` (so the settings hash of a
 ledger made before TAID existed is unchanged)."""
+TAID_DEFAULTS = {item.name: item.default for item in dataclasses.fields(TaidSettings)}
+"""The default TAID schedule: a TAID cell's run id names a hash of its schedule when it differs from this."""
 
 ON_POLICY_TRAINER_FIELDS = tuple(item.name for item in dataclasses.fields(OnPolicySettings))
 """The on-policy settings every cell passes on to its DistillationConfig."""
@@ -73,6 +76,10 @@ class SweepConfig(TeacherCacheSettings, TaidSettings, OnPolicySettings):
     :class:`OnPolicySettings`. On-policy, each training row is its first ``prompt_tokens`` tokens (prompt-only at
     lmbda = 1, else with the row's next ``max_completion_length`` tokens as its completion), and a row counts
     ``prompt_tokens + max_completion_length`` tokens of the budget (:attr:`row_tokens`).
+
+    A ledger holds one set of :meth:`settings`: chained cells share their direct cells' ledger, but a ``loss: taid``
+    sweep differs in loss and cache_mode and needs its own output_dir (its run ids end in ``-taid``); the bench
+    measures direct, chained and TAID cells side by side through :func:`~hf_capgap.sweep.run_cell`.
     """
 
     family: str = field(
@@ -383,10 +390,14 @@ def plan(config: SweepConfig) -> list[RunSpec]:
 
 def _run_id(config: SweepConfig, student: int, teacher: str, assistants: tuple[int, ...]) -> str:
     """``110K-from-llama-963K``; a chained cell adds ``-via-`` its assistants (and their tokens when they are
-    not tokens_per_run), so its record and its direct cell's live on one ledger."""
+    not tokens_per_run), so its record and its direct cell's live on one ledger; a TAID cell adds ``-taid`` (and a
+    hash of its schedule when it is not the default), so its record is never taken for a direct cell's."""
     run_id = f"{format_params(student)}-from-{teacher.rsplit('/', 1)[-1]}"
     if assistants:
         run_id += "-via-" + "-".join(format_params(size) for size in assistants)
         if config.assistant_token_budget != config.tokens_per_run:
             run_id += f"-{config.assistant_token_budget}tok"
+    if config.loss == "taid":
+        schedule = {name: getattr(config, name) for name in TAID_FIELDS}
+        run_id += "-taid" if schedule == TAID_DEFAULTS else f"-taid-{json_sha256(schedule)[:6]}"
     return run_id

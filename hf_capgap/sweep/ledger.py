@@ -13,7 +13,7 @@ from typing import Any
 
 from hf_capgap.law import format_params, read_ledger
 from hf_capgap.sweep.config import SweepConfig, plan
-from hf_capgap.utils.artifacts import ArtifactError, atomic_write_bytes
+from hf_capgap.utils.artifacts import ArtifactError, atomic_write_bytes, json_sha256
 
 LEDGER_FILE = "ledger.jsonl"
 RUNNING_FILE = "running.json"
@@ -59,13 +59,19 @@ def is_failed(record: Mapping[str, Any]) -> bool:
 
 
 def sweep_status(config: SweepConfig) -> list[dict[str, Any]]:
-    """Each planned run with its state: ``done`` (in the ledger), ``running`` (a live process) or ``left``."""
+    """Each planned run with its state: ``done`` (in the ledger, made with ``config``'s settings), ``foreign`` (in
+    the ledger with other settings: another sweep's cell, which :func:`~hf_capgap.sweep.run_sweep` refuses),
+    ``running`` (a live process) or ``left``."""
+    settings_sha = json_sha256(config.settings())
     done = {record["run_id"]: record for record in finished_records(config.output_dir)}
     running = _live_running_run(Path(config.output_dir))
     rows = []
     for spec in plan(config):
         record = done.get(spec.run_id)
-        state = "done" if record else "running" if spec.run_id == running else "left"
+        if record and record["settings_sha256"] != settings_sha:
+            state, record = "foreign", None
+        else:
+            state = "done" if record else "running" if spec.run_id == running else "left"
         rows.append({**dataclasses.asdict(spec), "state": state, "eval_loss": record and record["eval_loss"]})
     return rows
 
@@ -81,6 +87,9 @@ def format_status(rows: Sequence[Mapping[str, Any]]) -> str:
         )
     counts = {state: sum(row["state"] == state for row in rows) for state in ("done", "running", "left")}
     lines.append(", ".join(f"{count} {state}" for state, count in counts.items()))
+    foreign = sum(row["state"] == "foreign" for row in rows)
+    if foreign:
+        lines[-1] += f", {foreign} foreign (made with other settings: this output_dir is another sweep's)"
     return "\n".join(lines)
 
 

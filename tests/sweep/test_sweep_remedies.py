@@ -90,6 +90,47 @@ def test_plan_adds_chained_cells_beside_the_direct_ones(tmp_path):
     assert not any(spec.assistants for spec in plan(auto) if spec.teacher == "llama-30K"), "within reach"
 
 
+def test_taid_cells_have_their_own_run_ids_and_direct_ones_keep_theirs(tmp_path):
+    direct = [spec.run_id for spec in plan(micro(tmp_path))]
+    assert direct[:2] == ["21K-from-llama-30K", "25K-from-llama-30K"]
+    taid = [spec.run_id for spec in plan(micro(tmp_path, loss="taid", cache_mode="online"))]
+    assert taid == [f"{run_id}-taid" for run_id in direct], "the default schedule: one readable suffix"
+    tuned = [spec.run_id for spec in plan(micro(tmp_path, loss="taid", cache_mode="online", taid_t_start=0.1))]
+    other = [spec.run_id for spec in plan(micro(tmp_path, loss="taid", cache_mode="online", taid_t_start=0.2))]
+    assert all(run_id.startswith(f"{plain}-taid-") for run_id, plain in zip(tuned, direct, strict=True))
+    assert not set(tuned) & set(other) and not set(tuned) & set(taid), "another schedule is another cell"
+    chained = micro(tmp_path, loss="taid", cache_mode="online", assistants=["60K"], teachers=["llama-271K"])
+    assert [spec.run_id for spec in plan(chained) if spec.assistants][0] == "21K-from-llama-271K-via-60K-taid"
+
+
+def test_status_never_shows_another_sweeps_cells_as_done(tmp_path):
+    from hf_capgap.sweep import sweep_status
+    from hf_capgap.sweep.ledger import LEDGER_FORMAT_VERSION, write_ledger
+
+    direct = micro(tmp_path, cache_mode="online")
+    sha = json_sha256(direct.settings())
+    records = [
+        {
+            "run_id": spec.run_id,
+            "format_version": LEDGER_FORMAT_VERSION,
+            "student_params": spec.student_params,
+            "teacher_params": spec.teacher_params,
+            "eval_loss": 5.0,
+            "settings_sha256": sha,
+        }
+        for spec in plan(direct)
+    ]
+    Path(direct.output_dir).mkdir(parents=True)
+    write_ledger(direct.output_dir, records)
+    assert {row["state"] for row in sweep_status(direct)} == {"done"}
+    assert {row["state"] for row in sweep_status(micro(tmp_path, loss="taid", cache_mode="online"))} == {"left"}
+    other = sweep_status(micro(tmp_path, cache_mode="online", learning_rate=0.5))
+    assert {row["state"] for row in other} == {"foreign"} and {row["eval_loss"] for row in other} == {None}
+    from hf_capgap.sweep import format_status
+
+    assert "foreign" in format_status(other).splitlines()[-1]
+
+
 # ---------------------------------------------------------------------- a micro sweep with an assistant
 
 
