@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hf_capgap.data.sft import EXAMPLE_TOKENS_KEY
+from hf_capgap.data.sft import EXAMPLE_TOKENS_KEY, STUDENT_SAMPLED_KEY
 from hf_capgap.errors import ConfigError
 from hf_capgap.losses import DistillationLossOutput, LossSpec
 
@@ -119,7 +119,9 @@ class MetricSums:
             pending = self._pending_train_tokens
             self._pending_train_tokens = tokens.long() if pending is None else pending + tokens
         tokens = float(output.num_tokens)
-        stats = output.entropy_sum is not None
+        # On the student's own samples, accuracy only says how often a sample was the argmax (it moves with
+        # sampling_temperature): entropy and accuracy are read on dataset and teacher-sampled rows only.
+        stats = output.entropy_sum is not None and STUDENT_SAMPLED_KEY not in inputs
         values = {
             "distill_sum": output.distill_sum, "distill_tokens": tokens if spec.alpha > 0 else 0.0,
             "ce_sum": output.ce_sum, "ce_tokens": tokens if spec.alpha < 1 else 0.0,

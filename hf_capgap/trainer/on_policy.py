@@ -67,8 +67,8 @@ class RealVocabulary(LogitsProcessor):
 
 
 def eos_ids(tokenizer: Any, model: nn.Module) -> list[int]:
-    """The tokens that end a completion: the tokenizer's EOS and any the student's generation config names
-    (a Llama 3 style end of turn)."""
+    """The tokens that end a completion: the tokenizer's EOS and any the sampling model's generation config
+    names (a Llama 3 style end of turn; an instruct teacher's under seq_kd)."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids.update(configured if isinstance(configured, list) else [] if configured is None else [configured])
@@ -151,6 +151,18 @@ def completion_budget(args: Any, prompts: list[Tensor]) -> int:
 
 
 @contextlib.contextmanager
+def _checkpointing_restored(model: nn.Module, kwargs: dict[str, Any] | None) -> Iterator[None]:
+    """Gradient checkpointing as it was, also after an exception inside generate (TRL's unwrap turns it off
+    and back on without a ``finally``: a caller that catches an OOM would train on without it)."""
+    was_on = bool(getattr(model, "is_gradient_checkpointing", False))
+    try:
+        yield
+    finally:
+        if was_on and not getattr(model, "is_gradient_checkpointing", False):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+@contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
     """Dropout off while sampling (as inference runs), the previous mode back after."""
     training = model.training
@@ -179,7 +191,7 @@ class OnPolicyBatches(TrainerCallback):
     def __init__(self, args: Any, tokenizer: Any, student: nn.Module, vocab_size: int, metric_sums: Any) -> None:
         self.args = args
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.eos = eos_ids(tokenizer, student)
+        self.tokenizer = tokenizer
         self.processors = LogitsProcessorList([RealVocabulary(vocab_size)])
         self.metric_sums = metric_sums
         self._step_started: float | None = None
@@ -227,9 +239,12 @@ class OnPolicyBatches(TrainerCallback):
         from trl.models import unwrap_model_for_generation
 
         ids, mask = left_padded(prompts, self.pad_id)
-        config = sampling_config(self.args, self.pad_id, self.eos, completion_budget(self.args, prompts))
+        sampler = accelerator.unwrap_model(model)
+        eos_list = eos_ids(self.tokenizer, sampler)  # read before its generation config is swapped out
+        config = sampling_config(self.args, self.pad_id, eos_list, completion_budget(self.args, prompts))
         device = accelerator.device
         with (
+            _checkpointing_restored(sampler, self.args.gradient_checkpointing_kwargs),
             unwrap_model_for_generation(
                 model, accelerator, gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
             ) as unwrapped,
@@ -245,7 +260,7 @@ class OnPolicyBatches(TrainerCallback):
                 generation_config=config,
                 logits_processor=self.processors,
             )
-        eos = torch.tensor(self.eos, device=sequences.device)
+        eos = torch.tensor(eos_list, device=sequences.device)
         return [cut_after_eos(row, eos) for row in sequences[:, ids.shape[1] :]]
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

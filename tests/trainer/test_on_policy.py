@@ -484,3 +484,69 @@ def test_a_prompt_only_eval_dataset_is_told_evaluation_needs_completions(tmp_pat
             eval_dataset=Dataset.from_list(PROMPTS),
             processing_class=chat_tokenizer(),
         )
+
+
+class ForceTokenAtSecondStep:
+    """A logits processor standing in for the sampling model choosing ``token`` as its second token."""
+
+    def __init__(self, token: int) -> None:
+        self.token, self.start = token, None
+
+    def __call__(self, input_ids, scores):
+        self.start = input_ids.shape[1] if self.start is None else self.start
+        if input_ids.shape[1] == self.start + 1:
+            scores[:] = -1e9
+            scores[:, self.token] = 0
+        return scores
+
+
+def test_seq_kd_samples_stop_at_the_teachers_own_end_of_turn(tmp_path):
+    teacher, student = models()
+    teacher.generation_config.eos_token_id = [4, 5]  # an instruct teacher's extra end-of-turn id (4)
+    trainer = Recording(
+        model=student,
+        teacher_model=teacher,
+        args=config(tmp_path, seq_kd=True, max_steps=1, max_completion_length=6),
+        train_dataset=Dataset.from_list(PROMPTS),
+        processing_class=chat_tokenizer(),
+    )
+    trainer.on_policy.processors.append(ForceTokenAtSecondStep(4))
+    trainer.train()
+    labels = trainer.seen[0]["labels"]
+    completions = [row[row != -100].tolist() for row in labels]
+    assert all(len(tokens) == 2 and tokens[1] == 4 for tokens in completions), completions
+    assert teacher.generation_config.eos_token_id == [4, 5]
+
+
+def test_accuracy_and_entropy_are_not_read_on_the_students_own_samples(tmp_path):
+    teacher, student = models()
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=config(tmp_path, lmbda=1.0, max_steps=1),
+        train_dataset=Dataset.from_list(PROMPTS),
+        processing_class=chat_tokenizer(),
+    )
+    (log,) = train_logs(trainer)
+    assert log["on_policy_share"] == 1.0 and math.isfinite(log["distill_loss"])
+    assert "mean_token_accuracy" not in log and "entropy" not in log
+
+
+def test_gradient_checkpointing_comes_back_after_an_exception_inside_generate(tmp_path):
+    teacher, student = models()
+
+    class OutOfMemory:
+        def __call__(self, input_ids, scores):
+            raise RuntimeError("out of memory (simulated)")
+
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=config(tmp_path, lmbda=1.0, max_steps=1, gradient_checkpointing=True),
+        train_dataset=Dataset.from_list(PROMPTS),
+        processing_class=chat_tokenizer(),
+    )
+    trainer.on_policy.processors.append(OutOfMemory())
+    with pytest.raises(RuntimeError, match="out of memory"):
+        trainer.train()
+    assert student.is_gradient_checkpointing
