@@ -18,8 +18,8 @@
                                 prompt-only conversational rows
                    ours         hf_capgap DistillationTrainer(lmbda=1), same prompt-only rows, the loss's
                                 automatic chunk size (512 rows at this vocabulary on CPU)
-                   ours-chunk64 the same with chunk_size=64: reverse KL has no closed-form gradient, so
-                                each chunk holds autograd's dozen [rows, vocab] buffers, not forward KL's three
+                   ours-chunk64 the same with chunk_size=64: what a smaller chunk still saves (each chunk
+                                holds a few [rows, vocab] buffers, closed-form gradients for every divergence)
 
                Each arm trains in its own subprocess; arms run interleaved (gkd, trl-distill, ours, gkd, ...)
                --repeats times and the table shows medians. completions/s = completions of the steps after
