@@ -7,8 +7,11 @@ from it, online, on ``assistant_tokens`` tokens (the first rows of the training 
 :data:`ASSISTANT_SEED` whatever the sweep's seed, so one assistant serves every cell and seed that shares it.
 
 It is saved once under ``<output_dir>/assistants/<key>`` (model, tokenizer and a manifest holding what it measured),
-atomically, so a killed build leaves nothing and the next run builds it again; the key names the teacher, the
-chain down to the assistant, and a hash of the settings it was trained with (its token budget included).
+atomically, so a killed build leaves nothing and the next run builds it again. The key reads
+``<teacher>-to-<chain down to the assistant>-<hash>``; the hash covers the settings it was trained with (its token
+budget included), the exact sizes of the chain (``60K`` may be 60,000 or 60,040) and the teacher's fingerprint (its
+config and weights: another ladder_dir or a retrained teacher is another assistant). The manifest holds all three
+and is checked when the assistant is read back; a mismatch is refused, naming the field.
 """
 
 from __future__ import annotations
@@ -20,11 +23,17 @@ from typing import Any
 from hf_capgap.law import format_params
 from hf_capgap.sweep.cell import distill_cell
 from hf_capgap.sweep.config import RunSpec, SweepConfig
-from hf_capgap.utils.artifacts import atomic_directory, json_sha256, read_manifest, write_manifest
+from hf_capgap.utils.artifacts import (
+    atomic_directory,
+    json_sha256,
+    model_fingerprint,
+    read_manifest,
+    write_manifest,
+)
 
 ASSISTANTS_DIR = "assistants"
 ASSISTANT_KIND = "sweep-assistant"
-ASSISTANT_FORMAT_VERSION = 1
+ASSISTANT_FORMAT_VERSION = 2
 ASSISTANT_SEED = 0
 """Every assistant trains with this seed: seeds vary the students of a chained cell, not its assistants."""
 ASSISTANT_FIELDS = ("student_target", "student_params", "tokens", "pruned_eval_loss", "eval_loss", "wall_seconds")
@@ -43,15 +52,26 @@ def assistant_config(config: SweepConfig) -> SweepConfig:
     )
 
 
-def assistant_dir(config: SweepConfig, teacher: str, sizes: tuple[int, ...]) -> Path:
-    """The folder of the assistant ``sizes[-1]`` of the chain teacher -> sizes[0] -> ... (cache settings do not
-    matter: assistants read their teacher online)."""
+def assistant_identity(config: SweepConfig, sizes: tuple[int, ...], teacher_fingerprint: str) -> dict[str, Any]:
+    """What makes the assistant ``sizes[-1]`` of the chain teacher -> sizes[0] -> ... what it is: the hash of its
+    training settings (cache settings do not matter: assistants read their teacher online), the chain's exact
+    sizes and the teacher's fingerprint."""
     settings = assistant_config(config).settings()
     for unused in ("cache_k", "cache_sampler"):
         settings.pop(unused)
+    return {
+        "settings_sha256": json_sha256(settings),
+        "chain": [int(size) for size in sizes],
+        "teacher_fingerprint": teacher_fingerprint,
+    }
+
+
+def assistant_dir(config: SweepConfig, teacher: str, sizes: tuple[int, ...], teacher_fingerprint: str) -> Path:
+    """The folder of the assistant ``sizes[-1]`` of the chain teacher -> sizes[0] -> ...: a readable prefix and a
+    hash of its :func:`assistant_identity`."""
     chain = "-to-".join(format_params(size) for size in sizes)
-    name = f"{teacher.rsplit('/', 1)[-1]}-to-{chain}-{json_sha256(settings)[:12]}"
-    return Path(config.output_dir) / ASSISTANTS_DIR / name
+    digest = json_sha256(assistant_identity(config, sizes, teacher_fingerprint))[:12]
+    return Path(config.output_dir) / ASSISTANTS_DIR / f"{teacher.rsplit('/', 1)[-1]}-to-{chain}-{digest}"
 
 
 def ensure_assistants(
@@ -63,20 +83,23 @@ def ensure_assistants(
 
     train_config = assistant_config(config)
     train_data = {**data, "train": data["assistant_train"]}
+    fingerprint = model_fingerprint(teacher)
     above, above_name, chain = teacher, spec.teacher, []
     for depth in range(1, len(spec.assistants) + 1):
-        folder = assistant_dir(config, spec.teacher, spec.assistants[:depth])
+        sizes = spec.assistants[:depth]
+        folder = assistant_dir(config, spec.teacher, sizes, fingerprint)
+        identity = assistant_identity(config, sizes, fingerprint)
         if not folder.is_dir():
             if above is None:
                 above = load_frozen_teacher(above_name, teacher_dtype=config.teacher_dtype)
-            model, record = distill_cell(spec.assistants[depth - 1], above, None, train_data, tokenizer, train_config)
+            model, record = distill_cell(sizes[-1], above, None, train_data, tokenizer, train_config)
             fields = {**{name: record[name] for name in ASSISTANT_FIELDS}, "distilled_from": str(above_name)}
             with atomic_directory(folder, overwrite=True) as tmp:
                 model.save_pretrained(tmp, safe_serialization=True)
                 tokenizer.save_pretrained(tmp)
-                write_manifest(tmp, ASSISTANT_KIND, ASSISTANT_FORMAT_VERSION, fields)
+                write_manifest(tmp, ASSISTANT_KIND, ASSISTANT_FORMAT_VERSION, {**fields, **identity})
             del model
-        manifest = read_manifest(folder, ASSISTANT_KIND, ASSISTANT_FORMAT_VERSION)
+        manifest = read_manifest(folder, ASSISTANT_KIND, ASSISTANT_FORMAT_VERSION, expected=identity)
         chain.append({**{name: manifest[name] for name in (*ASSISTANT_FIELDS, "distilled_from")}, "path": str(folder)})
         above, above_name = None, str(folder)
     return load_frozen_teacher(above_name, teacher_dtype=config.teacher_dtype), chain

@@ -390,14 +390,22 @@ def plan(config: SweepConfig) -> list[RunSpec]:
 
 def _run_id(config: SweepConfig, student: int, teacher: str, assistants: tuple[int, ...]) -> str:
     """``110K-from-llama-963K``; a chained cell adds ``-via-`` its assistants (and their tokens when they are
-    not tokens_per_run), so its record and its direct cell's live on one ledger; a TAID cell adds ``-taid`` (and a
+    not tokens_per_run), so its record and its direct cell's live on one ledger (an explicit size that ``60K`` would
+    round, like 60040, is written exactly: two such sizes are two cells); a TAID cell adds ``-taid`` (and a
     hash of its schedule when it is not the default), so its record is never taken for a direct cell's."""
     run_id = f"{format_params(student)}-from-{teacher.rsplit('/', 1)[-1]}"
     if assistants:
-        run_id += "-via-" + "-".join(format_params(size) for size in assistants)
+        run_id += "-via-" + "-".join(_size_label(config, size) for size in assistants)
         if config.assistant_token_budget != config.tokens_per_run:
             run_id += f"-{config.assistant_token_budget}tok"
     if config.loss == "taid":
         schedule = {name: getattr(config, name) for name in TAID_FIELDS}
         run_id += "-taid" if schedule == TAID_DEFAULTS else f"-taid-{json_sha256(schedule)[:6]}"
     return run_id
+
+
+def _size_label(config: SweepConfig, size: int) -> str:
+    """An assistant's size in a run id: readable, and exact for an explicit size the readable form rounds (``auto``
+    sizes follow from the pair, so their readable form names them)."""
+    label = format_params(size)
+    return label if config.assistants == ["auto"] or parse_params(label) == size else str(size)
