@@ -11,7 +11,8 @@ The output directory holds::
     running.json      the run in progress and its process id (absent between runs)
     .sweep.lock       held (flock) by the one sweep working in this folder, released when it ends or dies
     .run-*            the Trainer scratch folder of the run in progress
-    caches/<teacher>  one TeacherCache per teacher, shared by all of its students
+    caches/<teacher>  one TeacherCache per teacher, shared by all of its students (``run_cell`` with another
+                      seed: ``caches/<teacher>-seed<N>``)
     assistants/<key>  the teacher assistants of chained cells (``assistants: auto | [sizes]``), each built
                       once and shared by the cells that use it (hf_capgap.sweep.assistants)
     law.json law.png  the fitted law, or law_failure.json saying why it could not be fitted
@@ -49,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_capgap.errors import ConfigError
-from hf_capgap.law import CapacityGapLaw
+from hf_capgap.law import CapacityGapLaw, format_params, parse_params
 from hf_capgap.sweep.assistants import ensure_assistants
 from hf_capgap.sweep.cell import build_cache, distill_cell, evaluate_loss
 from hf_capgap.sweep.config import HUB_FAMILIES, RunSpec, SweepConfig, plan
@@ -95,6 +96,7 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> list[dict[str, A
         )
     output_dir = Path(config.output_dir)
     specs = plan(config)
+    _log_unchained_pairs(config, specs)
     if config.family in HUB_FAMILIES:
         check_hub_access(list(dict.fromkeys(spec.teacher for spec in specs)))
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -140,6 +142,20 @@ def sweep_report(config: SweepConfig) -> str:
             f"the law could not be fitted: {json.loads((output_dir / LAW_FAILURE_FILE).read_text())['error']}"
         )
     return "\n".join(lines)
+
+
+def _log_unchained_pairs(config: SweepConfig, specs: Sequence[RunSpec]) -> None:
+    """One line per pair that explicit ``assistants`` sizes leave without a chained cell (none lies between its
+    student and teacher): it runs direct only."""
+    if not config.assistants or config.assistants == ["auto"]:
+        return
+    chained = {(spec.student_params, spec.teacher) for spec in specs if spec.assistants}
+    for spec in specs:
+        if not spec.assistants and (spec.student_params, spec.teacher) not in chained:
+            logger.info(
+                f"assistants {config.assistants}: none lies between student {format_params(spec.student_params)} "
+                f"and teacher {spec.teacher}; {spec.run_id} runs direct only"
+            )
 
 
 @contextmanager
@@ -206,10 +222,13 @@ def run_cell(config: SweepConfig, student_size: str | int, teacher: str, seed: i
 
     The cell is direct when ``config.assistants`` is none, else the chained cell ``config`` plans for the pair
     (a ConfigError when the teacher is within reach of the student); its assistants are built under
-    ``output_dir/assistants`` or reused from there. ``seed`` replaces ``config.seed``. Holds the sweep's lock on
-    ``output_dir`` while it runs.
+    ``output_dir/assistants`` or reused from there. ``seed`` replaces ``config.seed``; a teacher cache of another
+    seed is kept apart from the sweep's, under ``caches/<teacher>-seed<seed>``. Holds the sweep's lock on
+    ``output_dir`` while it runs. A pair outside ``config``'s grid is refused before any work.
     """
     size = str(student_size)
+    _check_in_grid(config, size, teacher)
+    cache_suffix = "" if seed is None or seed == config.seed else f"-seed{seed}"
     overrides = {"student_sizes": [size], "teachers": [teacher]}
     config = dataclasses.replace(config, **overrides, **({} if seed is None else {"seed": seed}))
     specs = [spec for spec in plan(config) if bool(spec.assistants) == bool(config.assistants)]
@@ -228,9 +247,23 @@ def run_cell(config: SweepConfig, student_size: str | int, teacher: str, seed: i
         data = source.data()
         model, teacher_params = source.load(teacher)
         teacher_eval = evaluate_loss(model, data["eval"], config.batch_size)
-        cache_path = _teacher_cache(config, model, teacher, data, source.tokenizer, progress=False)
-        record = _run_spec(specs[0], model, cache_path, data, source.tokenizer, config, progress=False)
+        cache_path = _teacher_cache(config, model, teacher + cache_suffix, data, source.tokenizer, progress=False)
+        record = _run_spec(specs[0], model, cache_path, data, source.tokenizer, config, False, cache_suffix)
         return _ledger_record(record, config, teacher_params, teacher_eval, json_sha256(config.settings()))
+
+
+def _check_in_grid(config: SweepConfig, size: str, teacher: str) -> None:
+    """Refuse a (student, teacher) pair that is not a cell of ``config``'s grid, naming the grid's cells."""
+    try:
+        student = int(parse_params(size))
+    except ValueError:
+        student = None
+    cells = {(spec.student_params, spec.teacher): spec.run_id for spec in plan(config) if not spec.assistants}
+    if (student, teacher) not in cells:
+        raise ConfigError(
+            f"student_size={size!r} with teacher={teacher!r} is not a cell of this config's grid (student_sizes "
+            f"{config.student_sizes}, teachers {config.teachers or 'all'}); its cells: {', '.join(cells.values())}."
+        )
 
 
 def _run_pending(config: SweepConfig, pending: list[RunSpec], settings_sha: str, progress: bool) -> None:
@@ -274,13 +307,14 @@ def _run_spec(
     tokenizer: Any,
     config: SweepConfig,
     progress: bool,
+    cache_suffix: str = "",
 ) -> dict[str, Any]:
     """One cell: direct from ``teacher``, or, for a chained cell, from the last of its assistants (built or
-    reused), whose entries the record lists under ``assistants``."""
+    reused), whose entries the record lists under ``assistants`` (its cache folder ends in ``cache_suffix``)."""
     chain: list[dict[str, Any]] = []
     if spec.assistants:
         teacher, chain = ensure_assistants(config, spec, teacher, data, tokenizer)
-        cache_path = _teacher_cache(config, teacher, chain[-1]["path"], data, tokenizer, progress)
+        cache_path = _teacher_cache(config, teacher, chain[-1]["path"] + cache_suffix, data, tokenizer, progress)
     _, record = distill_cell(spec.student_params, teacher, cache_path, data, tokenizer, config)
     record = {"run_id": spec.run_id, "student_name": spec.run_id.split("-from-")[0], "teacher": spec.teacher, **record}
     if chain:

@@ -15,7 +15,7 @@ from hf_capgap.law import CapacityGapLaw
 from hf_capgap.law.records import validated_records
 from hf_capgap.sweep import SweepConfig, finished_records, plan, run_cell, run_sweep
 from hf_capgap.sweep.assistants import ASSISTANT_SEED, ASSISTANTS_DIR
-from hf_capgap.utils.artifacts import MANIFEST_NAME, json_sha256
+from hf_capgap.utils.artifacts import MANIFEST_NAME, ArtifactError, json_sha256
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -131,6 +131,39 @@ def test_status_never_shows_another_sweeps_cells_as_done(tmp_path):
     assert "foreign" in format_status(other).splitlines()[-1]
 
 
+def test_assistant_keys_and_run_ids_name_exact_sizes_and_the_teacher(tmp_path):
+    from hf_capgap.sweep.assistants import assistant_dir
+
+    config = micro(tmp_path, assistants=["60K"], teachers=["llama-271K"])
+    key = assistant_dir(config, "llama-271K", (60_000,), "weights-a")
+    assert key.name.startswith("llama-271K-to-60K-") and key.parent.name == ASSISTANTS_DIR
+    others = {
+        assistant_dir(config, "llama-271K", (60_040,), "weights-a"),
+        assistant_dir(config, "llama-271K", (60_000,), "weights-b"),
+        assistant_dir(dataclasses.replace(config, temperature=2.0), "llama-271K", (60_000,), "weights-a"),
+    }
+    assert key not in others and len(others) == 3
+    assert assistant_dir(dataclasses.replace(config, cache_k=8), "llama-271K", (60_000,), "weights-a") == key
+    assert [spec.run_id for spec in plan(config) if spec.assistants][0] == "21K-from-llama-271K-via-60K"
+    exact = micro(tmp_path, assistants=["60040"], teachers=["llama-271K"])
+    assert [spec.run_id for spec in plan(exact) if spec.assistants][0] == "21K-from-llama-271K-via-60040"
+
+
+def test_each_pair_explicit_assistants_skip_is_logged_once(tmp_path, caplog):
+    from hf_capgap.sweep.run import _log_unchained_pairs
+
+    config = micro(tmp_path, assistants=["60K"], teachers=["llama-30K", "llama-86K"])
+    with caplog.at_level("INFO", logger="hf_capgap.sweep.run"):
+        _log_unchained_pairs(config, plan(config))
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == 2 and all("llama-30K" in line and "60K" in line for line in lines), lines
+    caplog.clear()
+    auto = micro(tmp_path, assistants="auto")
+    with caplog.at_level("INFO", logger="hf_capgap.sweep.run"):
+        _log_unchained_pairs(auto, plan(auto))
+    assert not caplog.records, "auto plans no assistant where the teacher is within reach: nothing skipped"
+
+
 # ---------------------------------------------------------------------- a micro sweep with an assistant
 
 
@@ -172,6 +205,11 @@ def test_chained_cells_share_one_assistant_per_teacher_and_record_it(chained_swe
     assert entry["eval_loss"] == manifest["eval_loss"] and entry["distilled_from"] == teacher
     assert abs(entry["student_params"] - 60_000) <= 0.02 * 60_000 and entry["tokens"] == config.tokens_per_run
     assert entry["wall_seconds"] > 0
+    from hf_capgap.sweep.teachers import TeacherSource
+    from hf_capgap.utils.artifacts import model_fingerprint
+
+    model, _ = TeacherSource(config, teacher).load(teacher)
+    assert manifest["chain"] == [60_000] and manifest["teacher_fingerprint"] == model_fingerprint(model)
     for chain, plain in zip(chained, direct, strict=True):
         assert chain["teacher_params"] == plain["teacher_params"] and chain["teacher"] == teacher
         assert chain["settings_sha256"] == plain["settings_sha256"] and chain["assistant_tokens"] == 2048
@@ -197,11 +235,47 @@ def test_run_cell_reproduces_the_sweep_and_reuses_assistants(chained_sweep):
     manifests = {
         path: path.read_bytes() for path in Path(config.output_dir).glob(f"{ASSISTANTS_DIR}/*/{MANIFEST_NAME}")
     }
-    online = dataclasses.replace(config, cache_mode="online")  # the caches hold seed 0's signal; assistants: online
-    chained = run_cell(online, "25K", "llama-271K", seed=ASSISTANT_SEED + 1)
-    assert chained["run_id"] == "25K-from-llama-271K-via-60K" and chained["settings"]["seed"] == ASSISTANT_SEED + 1
+    caches = Path(config.output_dir) / "caches"
+    sweep_caches = {path: path.read_bytes() for path in caches.rglob("*") if path.is_file()}
+    seed = ASSISTANT_SEED + 1
+    chained = run_cell(config, "25K", "llama-271K", seed=seed)  # topk: the cache of another seed is its own
+    assert chained["run_id"] == "25K-from-llama-271K-via-60K" and chained["settings"]["seed"] == seed
     assert chained["assistants"] == by_id["25K-from-llama-271K-via-60K"]["assistants"], "another seed, same assistant"
     assert {path: path.read_bytes() for path in manifests} == manifests, "nothing rebuilt"
+    assert {path: path.read_bytes() for path in sweep_caches} == sweep_caches, "the sweep's caches are untouched"
+    (assistant,) = chained["assistants"]
+    assert (caches / f"{Path(assistant['path']).name}-seed{seed}").is_dir()
     assert len(finished_records(config.output_dir)) == 4, "run_cell leaves the ledger alone"
+    assert [record["run_id"] for record in run_sweep(config, progress=False)] == list(by_id)
+    within_reach = dataclasses.replace(config, teachers=[])
     with pytest.raises(ConfigError, match="assistants"):
-        run_cell(config, "21K", "llama-30K")
+        run_cell(within_reach, "21K", "llama-30K")
+    (path,) = manifests
+    stale = {**json.loads(manifests[path]), "teacher_fingerprint": "another teacher"}
+    path.write_text(json.dumps(stale))
+    try:
+        with pytest.raises(ArtifactError, match="teacher_fingerprint"):
+            run_cell(config, "21K", "llama-271K")
+    finally:
+        path.write_bytes(manifests[path])
+
+
+def test_run_cell_refuses_a_pair_outside_the_grid_before_any_work(tmp_path, monkeypatch):
+    import hf_capgap.sweep.run as run
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started")
+
+    monkeypatch.setattr(run, "TeacherSource", no_work)
+    config = micro(tmp_path, teachers=["llama-271K"], **FAST)
+    for student, teacher in (
+        ("23K", "llama-271K"),
+        ("21K", "llama-86K"),
+        ("21K", "llama-999K"),
+        ("lots", "llama-271K"),
+    ):
+        with pytest.raises(ConfigError, match="21K-from-llama-271K, 25K-from-llama-271K"):
+            run_cell(config, student, teacher)
+    assert not (tmp_path / "sweep").exists()
+    with pytest.raises(AssertionError, match="work started"):
+        run_cell(config, "21000", "llama-271K")  # the same size, written otherwise
