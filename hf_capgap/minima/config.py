@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_capgap.errors import ConfigError
-from hf_capgap.trainer.settings import TaidSettings, TeacherCacheSettings
+from hf_capgap.trainer.settings import OnPolicySettings, TaidSettings, TeacherCacheSettings
 from hf_capgap.utils.recipe_args import field_help
 
 EMBEDDED_DATASET = "embedded"
@@ -40,6 +40,8 @@ NON_RESULT_FIELDS = (
 # Settings that exist only for a choice: dropped from the run's identity while that choice is off, so a run
 # without them keeps the identity (stage folders, results.json settings) it had before they were added.
 TAID_FIELDS = ("taid_t_start", "taid_t_end", "taid_alpha", "taid_beta")
+ON_POLICY_TRAINER_FIELDS = tuple(item.name for item in dataclasses.fields(OnPolicySettings))  # DistillationConfig's
+ON_POLICY_FIELDS = (*ON_POLICY_TRAINER_FIELDS, "prompt_tokens")
 ASSISTANT_FIELDS = ("assistants", "assistant_tokens")
 NO_ASSISTANTS = "none"
 AUTO_ASSISTANTS = "auto"
@@ -59,12 +61,13 @@ LR_SCHEDULERS = (
 
 
 @dataclass
-class MinimaConfig(TeacherCacheSettings, TaidSettings):
+class MinimaConfig(TeacherCacheSettings, TaidSettings, OnPolicySettings):
     """Everything a MiniMA run needs; YAML keys and ``--key value`` overrides use these names.
 
     The distillation settings (loss, alpha, temperature, teacher_dtype, cache_k, cache_sampler) are
     inherited from :class:`TeacherCacheSettings`, shared with DistillationConfig and SweepConfig; TAID's
-    schedule (taid_*, used with ``loss: taid``) from :class:`TaidSettings`.
+    schedule (taid_*, used with ``loss: taid``) from :class:`TaidSettings`; GKD's on-policy settings (lmbda,
+    seq_kd, max_completion_length, sampling; online teacher, map-style data) from :class:`OnPolicySettings`.
     """
 
     run_name: str = field(default="minima-tiny", metadata=field_help("Folder name of the run under output_dir."))
@@ -201,6 +204,14 @@ class MinimaConfig(TeacherCacheSettings, TaidSettings):
     gradient_checkpointing: bool = field(
         default=False, metadata=field_help("Recompute activations in the backward pass (students and Taylor scoring).")
     )
+    prompt_tokens: int = field(
+        default=32,
+        metadata=field_help(
+            "On-policy (lmbda > 0 or seq_kd): each packed row's first prompt_tokens tokens are its prompt (alone at "
+            "lmbda 1, else with the row's next max_completion_length tokens as completion). Steps still follow "
+            "train_tokens in rows of seq_len; the stage records prompt + max_completion_length tokens per row."
+        ),
+    )
     teacher_cache: bool = field(
         default=False,
         metadata=field_help("Precompute the teacher's top-k signal once (TeacherCache) instead of running it online."),
@@ -333,6 +344,8 @@ class MinimaConfig(TeacherCacheSettings, TaidSettings):
         dropped = set(NON_RESULT_FIELDS) | set(ASSISTANT_FIELDS)
         if self.loss != "taid":
             dropped.update(TAID_FIELDS)
+        if not self.generates:
+            dropped.update(ON_POLICY_FIELDS)
         values = {k: v for k, v in dataclasses.asdict(self).items() if k not in dropped}
         values["student_params"] = self.student_param_count
         values["train_tokens"] = self.train_token_count
@@ -456,6 +469,22 @@ def _check_loss(config: MinimaConfig) -> None:
 
     config.check_distillation_settings(LOSSES)
     config.check_taid_settings()
+    config.check_on_policy_settings()
+    if not config.generates:
+        return
+    what = f"lmbda={config.lmbda}" if config.lmbda > 0 else "seq_kd=true"
+    for name, bad, fix in (
+        ("teacher_cache", config.teacher_cache, "a cache cannot score generated tokens; set teacher_cache: false"),
+        ("streaming", config.streaming, "prompts are cut from materialised rows; set streaming: false"),
+        ("prompt_tokens", config.prompt_tokens < 1, "give each prompt at least 1 token"),
+    ):
+        if bad:
+            raise ConfigError(f"{what} with {name}={getattr(config, name)}: {fix}, or lmbda: 0 and seq_kd: false.")
+    if config.seq_len is not None and config.prompt_tokens + config.max_completion_length > config.seq_len:
+        raise ConfigError(
+            f"prompt_tokens={config.prompt_tokens} + max_completion_length={config.max_completion_length} exceeds "
+            f"seq_len={config.seq_len}; lower prompt_tokens or max_completion_length."
+        )
 
 
 def _check_ladder_and_layer_selection(config: MinimaConfig) -> None:

@@ -18,8 +18,8 @@ from typing import Any
 
 from transformers.utils import logging
 
-from hf_capgap.minima.config import TAID_FIELDS, MinimaConfig
-from hf_capgap.minima.data import RunData, StreamPasses
+from hf_capgap.minima.config import ON_POLICY_TRAINER_FIELDS, TAID_FIELDS, MinimaConfig
+from hf_capgap.minima.data import RunData, StreamPasses, on_policy_rows
 from hf_capgap.minima.plan import Plan, run_settings, steps_for
 from hf_capgap.utils.artifacts import json_sha256, read_manifest
 from hf_capgap.utils.training_arguments import StudentTraining, student_training_arguments
@@ -202,6 +202,7 @@ def _distill_arguments(config: MinimaConfig, plan: Plan, checkpoints: Path, cach
         teacher_dtype=config.teacher_dtype,
         teacher_cache=None if cache_path is None else str(cache_path),
         **{name: getattr(config, name) for name in TAID_FIELDS},
+        **({name: getattr(config, name) for name in ON_POLICY_TRAINER_FIELDS} if config.generates else {}),
     )
 
 
@@ -260,11 +261,12 @@ def distill_stage(
         model=AutoModelForCausalLM.from_pretrained(student_dir, use_safetensors=True, dtype=torch.float32),
         teacher_model=None if cache_path else teacher,
         args=args,
-        train_dataset=data.train,
+        train_dataset=on_policy_rows(data.train, config) if config.generates else data.train,
         processing_class=data.tokenizer,
         teacher_processing_class=None if cache_path else data.tokenizer,
     )
-    _train_resumably(trainer, checkpoints, final, data, plan.seq_len, {"inputs_sha256": json_sha256(inputs)})
+    row_tokens = config.prompt_tokens + config.max_completion_length if config.generates else plan.seq_len
+    _train_resumably(trainer, checkpoints, final, data, row_tokens, {"inputs_sha256": json_sha256(inputs)})
     return final
 
 
