@@ -246,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         unknown = sorted(set(students) - set(best))
         if unknown:
             parser.error(f"students {unknown} have no best teacher on record; choose from {sorted(best)}.")
+    base["student_sizes"] = students  # run_cell refuses a cell outside its config's grid
     arms = tuple(arm.strip() for arm in args.arms.split(",") if arm.strip())
     if set(arms) - set(ARMS) or not set(BASELINES) <= set(arms):
         parser.error(f"--arms must name arms of {ARMS} and include {BASELINES}, got {arms}.")
