@@ -76,7 +76,8 @@ def _skew_kl(log_p: Tensor, log_q: Tensor, beta: float) -> tuple[Tensor, Tensor]
     log_m = _log_mixture(log_p, log_q, beta)
     p = log_p.exp()
     values = _teacher_kl_terms_(log_p, log_m)
-    return values, log_w.sub_(log_m).exp_().mul_(p).neg_()
+    # p == 0 gives 0, also where q == 0 too (exp(-inf - -inf) is NaN, and a NaN would reach the whole row).
+    return values, log_w.sub_(log_m).exp_().mul_(p).masked_fill_(p == 0, 0.0).neg_()
 
 
 def _tvd(log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:

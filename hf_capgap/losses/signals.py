@@ -53,8 +53,9 @@ class _FullDistributionTeacher(abc.ABC):
             if taid_t is not None:
                 log_p = taid_target(log_q[part], log_p, taid_t)
             p = log_p.exp()
-            # Elementwise then a cascade sum: a BLAS dot of p.log_p minus p.log_q cancels badly in fp32.
-            total += log_p.sub_(log_q[part]).mul_(p).sum()
+            # Elementwise then a cascade sum: a BLAS dot of p.log_p minus p.log_q cancels badly in fp32. A token
+            # the teacher rules out (p == 0, log p = -inf) adds 0, not the NaN of -inf * 0.
+            total += log_p.sub_(log_q[part]).mul_(p).masked_fill_(p == 0, 0.0).sum()
             log_q[part].exp_().sub_(p, alpha=scale)
         return total
 

@@ -94,6 +94,27 @@ def test_bf16_inputs_match_the_reference_on_the_same_values(kind, fused):
     torch.testing.assert_close(mine.float(), theirs.float(), rtol=2e-2, atol=2e-3)
 
 
+@pytest.mark.parametrize(
+    ("kind", "beta"),
+    [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3), ("skew_kl", 0.0), ("skew_kl", 0.3), ("tvd", 0.5)],
+)
+def test_a_token_both_sides_rule_out_adds_nothing(kind, beta):
+    """A column -inf in teacher and student (a vocabulary both mask) is 0 * log(0/0) = 0: finite loss and
+    gradient equal to the reference on clamped logits."""
+    _, _, teacher, labels = make_batch()
+    student = torch.randn_like(teacher)
+    student[:, 5] = teacher[:, 5] = -math.inf
+    spec = LossSpec(kind=kind, beta=beta, temperature=1.0, alpha=1.0, chunk_size=7)
+    masked = student.clone().requires_grad_(True)
+    ours = distillation_loss(masked, DenseTeacher(teacher), labels, spec).loss
+    finite = student.clamp(min=-1e4).requires_grad_(True)
+    reference = divergence(finite, teacher.clamp(min=-1e4), labels, kind, beta)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+    (mine,) = torch.autograd.grad(ours, masked)
+    assert torch.isfinite(mine).all()
+    torch.testing.assert_close(mine, torch.autograd.grad(reference, finite)[0], rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize(("kind", "beta"), [("reverse_kl", 0.5), ("jsd", 0.3), ("skew_kl", 0.3), ("tvd", 0.5)])
 def test_zero_probabilities_give_the_limits_not_nan(kind, beta):
     """-inf logits (masked tokens) give 0 * log 0 = 0 terms: the same loss and gradient as logits so low
