@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hf_capgap.errors import ConfigError
 from hf_capgap.minima.config import AUTO_ASSISTANTS, NO_ASSISTANTS, MinimaConfig
+
+if TYPE_CHECKING:
+    from hf_capgap.pruning.layouts import PruneShape
 
 
 @dataclass(frozen=True)
@@ -35,10 +39,10 @@ class Assistant:
 def plan_assistants(config: MinimaConfig, law: Any, teacher: Any, student_params: int) -> tuple[Assistant, ...]:
     """The assistants between ``teacher`` (a model on the meta device) and a student of ``student_params``.
 
-    'none' gives none; 'auto' the law's chain (none when the teacher is within the law's reach), each size
-    that no shape holds snapped to the nearest prunable one that keeps both its steps within the law; a list
-    is refused unless every size lies strictly between the student and the teacher. Either way the chain must
-    shrink: each assistant's achieved size strictly below the model above it, and the student's pruned shape
+    'none' gives none; 'auto' the law's chain (none when the teacher is within the law's reach), each assistant
+    a prunable shape near its planned size chosen so that the whole chain can be built (see :func:`_auto_chain`);
+    a list is refused unless every size lies strictly between the student and the teacher. Either way the chain
+    must shrink: each assistant's achieved size strictly below the model above it, and the student's pruned shape
     strictly below the last assistant (else a step would keep every weight and distil a model into itself).
     """
     from hf_capgap.law import format_params
@@ -48,34 +52,36 @@ def plan_assistants(config: MinimaConfig, law: Any, teacher: Any, student_params
     if word == NO_ASSISTANTS:
         return ()
     teacher_params = count_model_parameters(teacher)
-    auto = word == AUTO_ASSISTANTS
-    if auto:
-        sizes = law.chain(student_params, teacher_params).assistants
-    else:
-        sizes = config.assistant_sizes
-        outside = [size for size in sizes if not student_params < size < teacher_params]
-        if outside:
-            raise ConfigError(
-                f"assistants={config.assistants!r}: {', '.join(format_params(size) for size in outside)} is not "
-                f"strictly between the student ({format_params(student_params)}) and the teacher "
-                f"({format_params(teacher_params)}); list sizes between them, largest first."
-            )
+    tokens = config.assistant_token_count
+    if word == AUTO_ASSISTANTS:
+        plan = law.chain(student_params, teacher_params)
+        if not plan.assistants:
+            return ()
+        chain = _auto_chain(config, law, teacher, student_params, plan.assistants)
+        if chain is None:
+            raise ConfigError(_no_chain_message(config, law, teacher, student_params, plan.bound))
+        return tuple(
+            Assistant(f"assistant-{number}", float(size), params, shape.to_dict(), tokens)
+            for number, (size, (shape, _, params)) in enumerate(zip(plan.assistants, chain, strict=True), start=1)
+        )
+    sizes = config.assistant_sizes
+    outside = [size for size in sizes if not student_params < size < teacher_params]
+    if outside:
+        raise ConfigError(
+            f"assistants={config.assistants!r}: {', '.join(format_params(size) for size in outside)} is not "
+            f"strictly between the student ({format_params(student_params)}) and the teacher "
+            f"({format_params(teacher_params)}); list sizes between them, largest first."
+        )
     assistants = []
     above, above_params = teacher, teacher_params
     for number, size in enumerate(sizes, start=1):
-        below = sizes[number] if number < len(sizes) else student_params
         try:
             shape, model = _pruned_skeleton(above, size)
         except ConfigError as err:
-            snapped = _snap_within_law(law, above, above_params, size, below) if auto else None
-            if snapped is None:
-                raise ConfigError(
-                    f"assistants={config.assistants!r}: assistant {number} ({format_params(size)}) cannot be pruned "
-                    f"from the model above it: {err}"
-                    + (" No prunable shape near it keeps both its steps within the law." if auto else "")
-                    + " Choose other assistant sizes."
-                ) from None
-            shape, model = snapped
+            raise ConfigError(
+                f"assistants={config.assistants!r}: assistant {number} ({format_params(size)}) cannot be pruned "
+                f"from the model above it: {err} Choose other assistant sizes."
+            ) from None
         params = count_model_parameters(model)
         if not student_params < params < above_params:
             raise ConfigError(
@@ -83,10 +89,9 @@ def plan_assistants(config: MinimaConfig, law: Any, teacher: Any, student_params
                 f"{params:,} parameters, not strictly between the student ({student_params:,}) and the model above "
                 f"it ({above_params:,}); each assistant must shrink the chain: choose other assistant sizes."
             )
-        assistants.append(Assistant(f"assistant-{number}", float(size), params, shape, config.assistant_token_count))
+        assistants.append(Assistant(f"assistant-{number}", float(size), params, shape, tokens))
         above, above_params = model, params
-    if assistants:
-        _check_student_below(config, above, above_params, student_params)
+    _check_student_below(config, above, above_params, student_params)
     return tuple(assistants)
 
 
@@ -124,26 +129,144 @@ def _pruned_skeleton(above: Any, size: float) -> tuple[dict[str, int], Any]:
     return dict(shape.to_dict()), meta_model(pruned_config(above.config, shape))
 
 
-def _snap_within_law(
-    law: Any, above: Any, above_params: int, size: float, below: float
-) -> tuple[dict[str, int], Any] | None:
-    """The prunable shape of ``above`` nearest ``size`` (in log size) whose two steps, from ``above`` and down to
-    ``below``, stay within the law's upper bound (the bound :meth:`CapacityGapLaw.chain` plans with); None if
-    none does. Heads move in whole KV groups with the hidden size, as in ``shape_for_target``; for each
-    (heads, layers) the count is linear in the MLP width, so the nearest width is solved for."""
-    from hf_capgap.pruning import PruneShape
-    from hf_capgap.pruning.layouts import meta_model, param_counter, pruned_config
+CANDIDATES_PER_ASSISTANT = 8
+"""How many prunable shapes 'auto' tries for each assistant (the nearest its planned size) before giving up."""
 
-    def within(params: float) -> bool:
-        return above_params <= _upper(law, params) * (1 + 1e-9) and params <= _upper(law, below) * (1 + 1e-9)
+_TOLERANCE = 1e-9
+"""Relative slack so that a step equal to the law's bound up to rounding counts as within it (as in the law)."""
+
+_Link = tuple["PruneShape", Any, int]  # an assistant's shape, its meta-device model and its parameter count
+_Holds = Callable[["PruneShape"], bool]
+
+
+def _auto_chain(
+    config: MinimaConfig, law: Any, teacher: Any, student_params: int, sizes: Sequence[float]
+) -> list[_Link] | None:
+    """One prunable assistant per planned size, such that every step (the student's included, at the size its
+    pruned shape holds) is within the law's bound and the sizes strictly decrease; None if none is found.
+
+    Depth first over the chain: for each assistant, the shape pruning picks for its planned size first, then the
+    other prunable shapes of the model above it nearest that size in log size, at most
+    :data:`CANDIDATES_PER_ASSISTANT` of those that could hold the student (:func:`_candidates`); a shape from which
+    pruning cannot cut the student is skipped, since no assistant cut from it could give the student either. A
+    shape is judged once per position in the chain (its model and its subchain depend on it alone: every shape is
+    cut from the teacher's config, a cut of a cut counting as the same cut from the teacher), which bounds the
+    search by the number of distinct shapes.
+    """
+    from hf_capgap.pruning.layouts import meta_model, pruned_config
+
+    holds = _student_holder(config, teacher, student_params)
+    models: dict[PruneShape, Any] = {}
+    students: dict[PruneShape, int | None] = {}
+    failed: set[tuple[PruneShape, int]] = set()
+
+    def model_of(shape: PruneShape) -> Any:
+        if shape not in models:
+            models[shape] = meta_model(pruned_config(teacher.config, shape))
+        return models[shape]
+
+    def search(above: Any, above_params: int, level: int) -> list[_Link] | None:
+        last = level == len(sizes) - 1
+        steps = len(sizes) - level
+        for shape, params in _candidates(law, above, above_params, sizes[level], student_params, steps, holds):
+            if (shape, level) in failed:
+                continue
+            model = model_of(shape)
+            if shape not in students:
+                students[shape] = _student_size(config, model, student_params)
+            student = students[shape]
+            if student is not None and last:
+                if student < params <= _upper(law, student) * (1 + _TOLERANCE):
+                    return [(shape, model, params)]
+            elif student is not None:
+                rest = search(model, params, level + 1)
+                if rest is not None:
+                    return [(shape, model, params), *rest]
+            failed.add((shape, level))
+        return None
+
+    from hf_capgap.utils.parameters import count_model_parameters
+
+    return search(teacher, count_model_parameters(teacher), 0)
+
+
+def _student_size(config: MinimaConfig, model: Any, student_params: int) -> int | None:
+    """What the student pruned from ``model`` holds (the shape asked for, or the one pruning picks), or None
+    when ``model`` cannot hold it."""
+    from hf_capgap.pruning import shape_for_target
+    from hf_capgap.pruning.layouts import PruneShape, shape_params, validate_shape
+
+    try:
+        if config.student_shape is not None:
+            shape = validate_shape(model.config, PruneShape.from_value(config.student_shape))
+        else:
+            shape = shape_for_target(model, student_params)
+    except ConfigError:
+        return None
+    return shape_params(model, shape)
+
+
+def _candidates(
+    law: Any, above: Any, above_params: int, size: float, student_params: int, steps: int, holds: _Holds
+) -> list[tuple[PruneShape, int]]:
+    """Shapes of ``above`` for an assistant planned at ``size`` with ``steps`` steps left down to the student:
+    each below ``above`` and above the student, ``above`` within the law's reach of it, and it within ``steps``
+    reaches of a student up to pruning's tolerance above ``student_params``. Heads move in whole KV groups with the
+    hidden size, as in ``shape_for_target``; for each (heads, layers) the count is linear in the MLP width, so the
+    widths nearest ``size`` are solved for, with the narrowest and widest the bounds allow (the widest meeting the
+    reach of a student at the tolerance's low end, so that the step down to it can hold whatever it prunes to).
+    Only shapes that ``holds`` (could hold the student) count. The shape pruning picks for ``size`` comes first,
+    then the rest by log distance to ``size``."""
+    from hf_capgap.pruning import TARGET_TOLERANCE, shape_for_target
+    from hf_capgap.pruning.layouts import param_counter
+
+    def reach(student: float) -> float:
+        for _ in range(steps):
+            student = _upper(law, student)
+        return student
+
+    def fits(params: float) -> bool:
+        return (
+            student_params < params < above_params
+            and above_params <= _upper(law, params) * (1 + _TOLERANCE)
+            and params <= reach(student_params * (1 + TARGET_TOLERANCE)) * (1 + _TOLERANCE)
+        )
+
+    high = min(above_params - 1, reach(student_params * (1 - TARGET_TOLERANCE)))
+    low = _lowest_within_reach(law, above_params, student_params)
+    found: dict[PruneShape, int] = {}
+    for base, fixed, per_neuron, most in _widths(above):
+        exact, narrowest, widest = (1 + (params - fixed) / per_neuron for params in (size, low, high))
+        for neurons in {math.floor(exact), math.ceil(exact), math.ceil(narrowest), math.floor(widest)}:
+            shape = dataclasses.replace(base, intermediate_size=min(max(neurons, 1), most))
+            params = fixed + (shape.intermediate_size - 1) * per_neuron
+            if fits(params) and holds(shape):
+                found[shape] = params
+    try:
+        picked = shape_for_target(above, round(size))
+    except ConfigError:
+        picked = None
+    if picked is not None and fits(params := param_counter(above)(picked)) and holds(picked):
+        found[picked] = params
+    ranked = sorted(
+        found,
+        key=lambda shape: (shape != picked, abs(math.log(found[shape] / size)), dataclasses.astuple(shape)),
+    )
+    return [(shape, found[shape]) for shape in ranked[:CANDIDATES_PER_ASSISTANT]]
+
+
+def _widths(above: Any) -> Iterator[tuple[PruneShape, int, int, int]]:
+    """For each (heads, layers) of a shape cut from ``above``, as in ``shape_for_target`` (heads in whole KV
+    groups, the hidden size following them): that shape with one MLP neuron, its count, the count per neuron
+    (a count is linear in the MLP width) and the widest MLP ``above`` allows."""
+    from hf_capgap.pruning.layouts import PruneShape, param_counter
 
     count = param_counter(above)
-    teacher = PruneShape.of(above.config)
-    group = teacher.num_attention_heads // teacher.num_key_value_heads
-    per_head = teacher.hidden_size // teacher.num_attention_heads
-    best: tuple[float, PruneShape] | None = None
-    for heads in range(group, teacher.num_attention_heads + 1, group):
-        for layers in range(1, teacher.num_hidden_layers + 1):
+    limit = PruneShape.of(above.config)
+    group = limit.num_attention_heads // limit.num_key_value_heads
+    per_head = limit.hidden_size // limit.num_attention_heads
+    for heads in range(group, limit.num_attention_heads + 1, group):
+        for layers in range(1, limit.num_hidden_layers + 1):
             base = PruneShape(
                 hidden_size=heads * per_head,
                 num_hidden_layers=layers,
@@ -152,19 +275,86 @@ def _snap_within_law(
                 intermediate_size=1,
             )
             fixed = count(base)
-            per_neuron = count(dataclasses.replace(base, intermediate_size=2)) - fixed
-            exact = 1 + (size - fixed) / per_neuron
-            for neurons in {math.floor(exact), math.ceil(exact), 1, teacher.intermediate_size}:
-                neurons = min(max(neurons, 1), teacher.intermediate_size)
-                params = fixed + (neurons - 1) * per_neuron
-                if not (below < params < above_params and within(params)):
-                    continue
-                distance = abs(math.log(params / size))
-                if best is None or distance < best[0]:
-                    best = (distance, dataclasses.replace(base, intermediate_size=neurons))
-    if best is None:
-        return None
-    return dict(best[1].to_dict()), meta_model(pruned_config(above.config, best[1]))
+            yield base, fixed, count(dataclasses.replace(base, intermediate_size=2)) - fixed, limit.intermediate_size
+
+
+def _student_holder(config: MinimaConfig, teacher: Any, student_params: int) -> _Holds:
+    """Whether a shape contains one the student could be pruned to (its explicit shape, or for some (heads,
+    layers) the narrowest MLP within pruning's tolerance of ``student_params``): a model that does not cannot
+    give the student, nor can any assistant cut from it."""
+    from hf_capgap.pruning import TARGET_TOLERANCE
+    from hf_capgap.pruning.layouts import PruneShape, validate_shape
+
+    if config.student_shape is not None:
+        try:
+            smallest = [validate_shape(teacher.config, PruneShape.from_value(config.student_shape))]
+        except ConfigError:
+            smallest = []
+    else:
+        smallest = []
+        for base, fixed, per_neuron, most in _widths(teacher):
+            neurons = max(1, math.ceil(1 + (student_params * (1 - TARGET_TOLERANCE) - fixed) / per_neuron))
+            if neurons <= most and fixed + (neurons - 1) * per_neuron <= student_params * (1 + TARGET_TOLERANCE):
+                smallest.append(dataclasses.replace(base, intermediate_size=neurons))
+
+    def holds(shape: PruneShape) -> bool:
+        return any(
+            low.num_attention_heads <= shape.num_attention_heads
+            and low.num_hidden_layers <= shape.num_hidden_layers
+            and low.intermediate_size <= shape.intermediate_size
+            for low in smallest
+        )
+
+    return holds
+
+
+def _lowest_within_reach(law: Any, above_params: int, student_params: int) -> float:
+    """The smallest size (down to the student) from which ``above_params`` is within the law's reach, by
+    bisection (the law's bound grows with the student's size, as :func:`hf_capgap.law.chain.plan_chain` assumes)."""
+    low, high = float(student_params), float(above_params)
+    if above_params <= _upper(law, low) * (1 + _TOLERANCE):
+        return low
+    for _ in range(60):
+        middle = (low + high) / 2
+        if above_params <= _upper(law, middle) * (1 + _TOLERANCE):
+            high = middle
+        else:
+            low = middle
+    return high
+
+
+def _no_chain_message(config: MinimaConfig, law: Any, teacher: Any, student_params: int, bound: str) -> str:
+    """Why 'auto' found no chain, in its own terms, with the nearest student sizes for which it does."""
+    from hf_capgap.law import format_params
+    from hf_capgap.utils.parameters import count_model_parameters
+
+    teacher_params = count_model_parameters(teacher)
+    nearby = []
+    for factor in NEARBY_STUDENTS:
+        size = round(student_params * factor)
+        if size < teacher_params and _plans(config, law, teacher, size):
+            nearby.append(format_params(size))
+    suggestion = f"a nearby student size ({', '.join(nearby)})" if nearby else "another student size"
+    return (
+        f"assistants={config.assistants!r}: no chain of prunable assistants from the {format_params(teacher_params)} "
+        f"teacher to the {format_params(student_params)} student keeps every step within the law's bound "
+        f"({bound}); try {suggestion}, an explicit list (assistants: 300K,150K), or assistants: none."
+    )
+
+
+NEARBY_STUDENTS = (0.95, 1.05, 0.9, 1.1, 0.8, 1.2)
+"""The student sizes (relative to the refused one) a refusal of 'auto' tries, to name those that plan."""
+
+
+def _plans(config: MinimaConfig, law: Any, teacher: Any, student_params: int) -> bool:
+    """Whether 'auto' plans a chain of at least one assistant for a student of ``student_params``."""
+    from hf_capgap.utils.parameters import count_model_parameters
+
+    try:
+        sizes = law.chain(student_params, count_model_parameters(teacher)).assistants
+    except ConfigError:
+        return False
+    return bool(sizes) and _auto_chain(config, law, teacher, student_params, sizes) is not None
 
 
 def _upper(law: Any, student: float) -> float:
