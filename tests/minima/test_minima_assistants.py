@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -227,6 +228,68 @@ def test_auto_snaps_an_unprunable_planned_size_to_the_nearest_shape_within_the_l
     assert assistant.shape["num_attention_heads"] == 1
     bound = load_law(config).ratio  # the paper prior: no interval, k = 2.5
     assert plan.teacher_params / assistant.params <= bound and assistant.params / plan.student_params <= bound
+
+
+def _achieved_sizes(config, plan) -> list[int]:
+    """Teacher, assistants, and the student at the size pruning gives it from the last assistant (each assistant
+    cut from the one above it)."""
+    from hf_capgap.minima.plan import ladder_rungs, resolve_teacher
+    from hf_capgap.pruning import PruneShape, shape_for_target
+    from hf_capgap.pruning.layouts import meta_model, pruned_config, shape_params
+    from hf_capgap.utils.parameters import count_model_parameters
+
+    above = resolve_teacher(config, config.teacher, ladder_rungs(config))[1]
+    sizes = [count_model_parameters(above)]
+    for assistant in plan.assistants:
+        shape = PruneShape.from_value(assistant.shape)
+        assert shape_params(above, shape) == assistant.params  # prunable from the model above it
+        above = meta_model(pruned_config(above.config, shape))
+        sizes.append(count_model_parameters(above))
+    return [*sizes, shape_params(above, shape_for_target(above, plan.student_params))]
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        # the micro teacher's one-head shapes (20.7K-39.0K) hold these students, its two-head ones (49.5K-86.2K)
+        # cannot give them: the planned ~44K-51K assistant must be a one-head shape, not the nearest prunable size
+        {"teacher": "llama-86K", "student_params": "22.5K"},
+        {"teacher": "llama-86K", "student_params": "30K"},
+        # the embedded 963K teacher: students that its law-planned assistants could not give (review repros)
+        {"teacher": "llama-963K", "student_params": "60K"},
+        {"teacher": "llama-963K", "student_params": "100K"},
+    ],
+)
+def test_auto_plans_a_chain_whose_every_step_is_within_the_law(tmp_path, values):
+    from hf_capgap.minima.plan import load_law
+
+    values = {**values, "assistants": "auto"}
+    config = build_config(micro_values(tmp_path, **values) if values["teacher"] == "llama-86K" else values)
+    plan = make_plan(config)
+    assert len(plan.assistants) == len(load_law(config).chain(plan.student_params, plan.teacher_params).assistants)
+    sizes = _achieved_sizes(config, plan)
+    assert sizes[:-1] == [plan.teacher_params, *(a.params for a in plan.assistants)]
+    assert abs(sizes[-1] - plan.student_params) <= 0.02 * plan.student_params
+    assert all(above > below for above, below in pairwise(sizes))  # strictly decreasing
+    bound = load_law(config).ratio  # the paper prior: no interval, k = 2.5
+    assert max(above / below for above, below in pairwise(sizes)) <= bound * (1 + 1e-9)
+
+
+def test_auto_without_a_chain_is_refused_in_its_own_terms_with_student_sizes_that_plan():
+    """963K down to 65K takes two assistants by the law, and no two prunable shapes give a 65K student (its
+    shapes need two layers and a wide MLP, so every model above it must be wider than 2.5 x 65K allows)."""
+    with pytest.raises(ConfigError) as info:
+        make_plan(build_config({"teacher": "llama-963K", "student_params": "65K", "assistants": "auto"}))
+    message = str(info.value)
+    assert message.startswith(
+        "assistants='auto': no chain of prunable assistants from the 963K teacher to the 65K student keeps every "
+        "step within the law's bound (the point estimate k = 2.5 (the paper reports no interval)); try a nearby "
+        "student size (58.5K, 71.5K, 52K, 78K), an explicit list (assistants: 300K,150K), or assistants: none."
+    )
+    assert "Choose other assistant sizes" not in message
+    for size in ("58.5K", "71.5K"):  # the sizes it names do plan
+        plan = make_plan(build_config({"teacher": "llama-963K", "student_params": size, "assistants": "auto"}))
+        assert plan.assistants
 
 
 def test_auto_within_reach_reuses_a_finished_direct_run(chained, tmp_path, monkeypatch):
