@@ -130,10 +130,11 @@ def validated_records(rows: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 def is_direct(row: Mapping[str, Any]) -> bool:
-    """A record of direct distillation: not chained (a non-empty list of ``assistants``; a DataFrame gives the direct
-    rows of a mixed ledger NaN there) and not made with ``loss: taid`` (its ``settings``)."""
+    """A record of direct distillation: not chained (a non-empty sequence of ``assistants``: a list, or the array
+    a DataFrame read from parquet holds; a DataFrame gives the direct rows of a mixed ledger NaN there) and not
+    made with ``loss: taid`` (its ``settings``)."""
     assistants = row.get("assistants")
-    if isinstance(assistants, (list, tuple)) and len(assistants) > 0:
+    if not isinstance(assistants, (str, bytes, Mapping)) and hasattr(assistants, "__len__") and len(assistants) > 0:
         return False
     settings = row.get("settings")
     return not (isinstance(settings, Mapping) and settings.get("loss") == "taid")

@@ -399,9 +399,14 @@ def _run_id(config: SweepConfig, student: int, teacher: str, assistants: tuple[i
         if config.assistant_token_budget != config.tokens_per_run:
             run_id += f"-{config.assistant_token_budget}tok"
     if config.loss == "taid":
-        schedule = {name: getattr(config, name) for name in TAID_FIELDS}
-        run_id += "-taid" if schedule == TAID_DEFAULTS else f"-taid-{json_sha256(schedule)[:6]}"
+        run_id += taid_run_suffix({name: getattr(config, name) for name in TAID_FIELDS})
     return run_id
+
+
+def taid_run_suffix(schedule: Mapping[str, Any]) -> str:
+    """What a TAID cell's run id ends with: ``-taid``, plus a hash of its taid_* schedule when not the default."""
+    schedule = {name: schedule[name] for name in TAID_FIELDS}
+    return "-taid" if schedule == TAID_DEFAULTS else f"-taid-{json_sha256(schedule)[:6]}"
 
 
 def _size_label(config: SweepConfig, size: int) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_capgap.law import format_params, read_ledger
-from hf_capgap.sweep.config import SweepConfig, plan
+from hf_capgap.sweep.config import SweepConfig, plan, taid_run_suffix
 from hf_capgap.utils.artifacts import ArtifactError, atomic_write_bytes, json_sha256
 
 LEDGER_FILE = "ledger.jsonl"
@@ -33,12 +33,21 @@ def finished_records(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
     path = Path(output_dir) / LEDGER_FILE
     if not path.is_file():
         return []
-    records = read_ledger(path, required_fields=RECORD_FIELDS)
+    records = [_current_run_id(record) for record in read_ledger(path, required_fields=RECORD_FIELDS)]
     run_ids = [record["run_id"] for record in records]
     duplicated = sorted({run_id for run_id in run_ids if run_ids.count(run_id) > 1})
     if duplicated:
         raise ArtifactError(f"{path} holds runs {duplicated} more than once; keep one line per run.")
     return records
+
+
+def _current_run_id(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with today's run id: a TAID cell recorded before its ids ended in ``-taid`` gets the suffix (the
+    next write of the ledger stores it), so a resumed TAID sweep finds its finished cells instead of redoing them."""
+    settings = record.get("settings")
+    if not isinstance(settings, Mapping) or settings.get("loss") != "taid" or "-taid" in record["run_id"]:
+        return record
+    return {**record, "run_id": record["run_id"] + taid_run_suffix(settings)}
 
 
 def append_record(output_dir: str | os.PathLike, record: Mapping[str, Any]) -> None:

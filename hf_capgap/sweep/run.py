@@ -247,7 +247,13 @@ def run_cell(config: SweepConfig, student_size: str | int, teacher: str, seed: i
         data = source.data()
         model, teacher_params = source.load(teacher)
         teacher_eval = evaluate_loss(model, data["eval"], config.batch_size)
-        cache_path = _teacher_cache(config, model, teacher + cache_suffix, data, source.tokenizer, progress=False)
+        # A chained cell learns from its last assistant's cache: the big teacher's own is never read.
+        direct = not specs[0].assistants
+        cache_path = (
+            _teacher_cache(config, model, teacher + cache_suffix, data, source.tokenizer, progress=False)
+            if direct
+            else None
+        )
         record = _run_spec(specs[0], model, cache_path, data, source.tokenizer, config, False, cache_suffix)
         return _ledger_record(record, config, teacher_params, teacher_eval, json_sha256(config.settings()))
 

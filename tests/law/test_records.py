@@ -84,3 +84,14 @@ def test_a_dataframe_of_a_mixed_ledger_keeps_its_direct_records(tmp_path):
         (row["student_params"], row["teacher_params"]) for row in expected
     ]
     assert [row["eval_loss"] for row in kept] == pytest.approx([row["eval_loss"] for row in expected], rel=1e-12)
+
+
+def test_chained_records_whose_assistants_are_arrays_are_left_out():
+    """A ledger DataFrame saved to parquet and read back holds each ``assistants`` list as a numpy array."""
+    numpy = pytest.importorskip("numpy")
+    direct, mixed = _mixed_ledger()
+    as_arrays = [
+        {**row, "assistants": numpy.array(row["assistants"], dtype=object)} if row.get("assistants") else row
+        for row in mixed
+    ]
+    assert validated_records(as_arrays) == validated_records(direct)

@@ -131,6 +131,32 @@ def test_status_never_shows_another_sweeps_cells_as_done(tmp_path):
     assert "foreign" in format_status(other).splitlines()[-1]
 
 
+@pytest.mark.parametrize("schedule", [{}, {"taid_t_start": 0.1}], ids=["default", "tuned"])
+def test_taid_records_from_before_their_run_ids_ended_in_taid_are_found(tmp_path, schedule):
+    """A TAID sweep's ledger written when its cells were named like direct ones: resumed, its cells are done."""
+    from hf_capgap.sweep import sweep_status
+    from hf_capgap.sweep.ledger import LEDGER_FORMAT_VERSION, write_ledger
+
+    taid = micro(tmp_path, loss="taid", cache_mode="online", **schedule)
+    direct_ids = [spec.run_id for spec in plan(micro(tmp_path, cache_mode="online"))]
+    records = [
+        {
+            "run_id": run_id,
+            "format_version": LEDGER_FORMAT_VERSION,
+            "student_params": spec.student_params,
+            "teacher_params": spec.teacher_params,
+            "eval_loss": 5.0,
+            "settings_sha256": json_sha256(taid.settings()),
+            "settings": taid.settings(),
+        }
+        for run_id, spec in zip(direct_ids, plan(taid), strict=True)
+    ]
+    Path(taid.output_dir).mkdir(parents=True)
+    write_ledger(taid.output_dir, records)
+    assert [row["run_id"] for row in finished_records(taid.output_dir)] == [spec.run_id for spec in plan(taid)]
+    assert {row["state"] for row in sweep_status(taid)} == {"done"}
+
+
 def test_assistant_keys_and_run_ids_name_exact_sizes_and_the_teacher(tmp_path):
     from hf_capgap.sweep.assistants import assistant_dir
 
@@ -245,6 +271,7 @@ def test_run_cell_reproduces_the_sweep_and_reuses_assistants(chained_sweep):
     assert {path: path.read_bytes() for path in sweep_caches} == sweep_caches, "the sweep's caches are untouched"
     (assistant,) = chained["assistants"]
     assert (caches / f"{Path(assistant['path']).name}-seed{seed}").is_dir()
+    assert not (caches / f"llama-271K-seed{seed}").exists(), "a chained cell never reads the big teacher's cache"
     assert len(finished_records(config.output_dir)) == 4, "run_cell leaves the ledger alone"
     assert [record["run_id"] for record in run_sweep(config, progress=False)] == list(by_id)
     within_reach = dataclasses.replace(config, teachers=[])
