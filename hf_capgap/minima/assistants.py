@@ -1,9 +1,11 @@
 """Teacher assistants (TAKD) in the MiniMA recipe: the chain teacher -> assistants -> student, planned.
 
 ``assistants: auto`` asks the recipe's law for the sizes (:meth:`CapacityGapLaw.chain`); a list names them.
-Each planned size is an exact float; the run prunes each assistant from the model above it, so its shape
-is the one :func:`hf_capgap.pruning.shape_for_target` picks from that model's config, and its parameter
-count is what that shape holds (within pruning's 2% of the target). All of it on the meta device.
+Each planned size is an exact float; the run prunes each assistant from the model above it. A listed size
+gets the shape :func:`hf_capgap.pruning.shape_for_target` picks from that model's config (within pruning's
+2% of it); an 'auto' one gets that shape where the chain below it can be built from it, else a prunable
+shape near it from which it can (every step within the law's bound, down to the student's pruned shape).
+Its parameter count is what its shape holds. All of it on the meta device.
 
 Every stage of the chain is an ordinary teacher -> student stage of the recipe: :func:`stage_plans`
 gives each one a :class:`Plan` whose teacher is the model above it, so the prune and distill stages run
