@@ -54,7 +54,6 @@ def plan_assistants(config: MinimaConfig, law: Any, teacher: Any, student_params
     if word == NO_ASSISTANTS:
         return ()
     teacher_params = count_model_parameters(teacher)
-    tokens = config.assistant_token_count
     if word == AUTO_ASSISTANTS:
         plan = law.chain(student_params, teacher_params)
         if not plan.assistants:
@@ -62,6 +61,7 @@ def plan_assistants(config: MinimaConfig, law: Any, teacher: Any, student_params
         chain = _auto_chain(config, law, teacher, student_params, plan.assistants)
         if chain is None:
             raise ConfigError(_no_chain_message(config, law, teacher, student_params, plan.bound))
+        tokens = config.assistant_token_count
         return tuple(
             Assistant(f"assistant-{number}", float(size), params, shape.to_dict(), tokens)
             for number, (size, (shape, _, params)) in enumerate(zip(plan.assistants, chain, strict=True), start=1)
@@ -91,9 +91,10 @@ def plan_assistants(config: MinimaConfig, law: Any, teacher: Any, student_params
                 f"{params:,} parameters, not strictly between the student ({student_params:,}) and the model above "
                 f"it ({above_params:,}); each assistant must shrink the chain: choose other assistant sizes."
             )
-        assistants.append(Assistant(f"assistant-{number}", float(size), params, shape, tokens))
+        assistants.append(Assistant(f"assistant-{number}", float(size), params, shape, config.assistant_token_count))
         above, above_params = model, params
-    _check_student_below(config, above, above_params, student_params)
+    if assistants:
+        _check_student_below(config, above, above_params, student_params)
     return tuple(assistants)
 
 
