@@ -29,7 +29,8 @@ from typing import Any
 
 from transformers.utils import logging
 
-from hf_capgap.minima.config import MinimaConfig, build_config, parse_minima_args
+from hf_capgap.minima.arguments import build_config, parse_minima_args
+from hf_capgap.minima.config import MinimaConfig
 from hf_capgap.minima.plan import Plan, make_plan, run_settings, steps_for, tokens_per_step
 
 __all__ = ["MinimaConfig", "Plan", "build_config", "make_plan", "parse_minima_args", "run_minima"]
