@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -221,7 +221,8 @@ def _candidates(
     Only shapes that ``holds`` (could hold the student) count. The shape pruning picks for ``size`` comes first,
     then the rest by log distance to ``size``."""
     from hf_capgap.pruning import TARGET_TOLERANCE, shape_for_target
-    from hf_capgap.pruning.layouts import param_counter
+    from hf_capgap.pruning.layouts import PruneShape, param_counter
+    from hf_capgap.pruning.prune import shape_families
 
     def reach(student: float) -> float:
         for _ in range(steps):
@@ -238,7 +239,8 @@ def _candidates(
     high = min(above_params - 1, reach(student_params * (1 - TARGET_TOLERANCE)))
     low = _lowest_within_reach(law, above_params, student_params)
     found: dict[PruneShape, int] = {}
-    for base, fixed, per_neuron, most in _widths(above):
+    most = PruneShape.of(above.config).intermediate_size
+    for base, fixed, per_neuron in shape_families(above):
         exact, narrowest, widest = (1 + (params - fixed) / per_neuron for params in (size, low, high))
         for neurons in {math.floor(exact), math.ceil(exact), math.ceil(narrowest), math.floor(widest)}:
             shape = dataclasses.replace(base, intermediate_size=min(max(neurons, 1), most))
@@ -258,35 +260,13 @@ def _candidates(
     return [(shape, found[shape]) for shape in ranked[:CANDIDATES_PER_ASSISTANT]]
 
 
-def _widths(above: Any) -> Iterator[tuple[PruneShape, int, int, int]]:
-    """For each (heads, layers) of a shape cut from ``above``, as in ``shape_for_target`` (heads in whole KV
-    groups, the hidden size following them): that shape with one MLP neuron, its count, the count per neuron
-    (a count is linear in the MLP width) and the widest MLP ``above`` allows."""
-    from hf_capgap.pruning.layouts import PruneShape, param_counter
-
-    count = param_counter(above)
-    limit = PruneShape.of(above.config)
-    group = limit.num_attention_heads // limit.num_key_value_heads
-    per_head = limit.hidden_size // limit.num_attention_heads
-    for heads in range(group, limit.num_attention_heads + 1, group):
-        for layers in range(1, limit.num_hidden_layers + 1):
-            base = PruneShape(
-                hidden_size=heads * per_head,
-                num_hidden_layers=layers,
-                num_attention_heads=heads,
-                num_key_value_heads=heads // group,
-                intermediate_size=1,
-            )
-            fixed = count(base)
-            yield base, fixed, count(dataclasses.replace(base, intermediate_size=2)) - fixed, limit.intermediate_size
-
-
 def _student_holder(config: MinimaConfig, teacher: Any, student_params: int) -> _Holds:
     """Whether a shape contains one the student could be pruned to (its explicit shape, or for some (heads,
     layers) the narrowest MLP within pruning's tolerance of ``student_params``): a model that does not cannot
     give the student, nor can any assistant cut from it."""
     from hf_capgap.pruning import TARGET_TOLERANCE
     from hf_capgap.pruning.layouts import PruneShape, validate_shape
+    from hf_capgap.pruning.prune import shape_families
 
     if config.student_shape is not None:
         try:
@@ -295,7 +275,8 @@ def _student_holder(config: MinimaConfig, teacher: Any, student_params: int) -> 
             smallest = []
     else:
         smallest = []
-        for base, fixed, per_neuron, most in _widths(teacher):
+        most = PruneShape.of(teacher.config).intermediate_size
+        for base, fixed, per_neuron in shape_families(teacher):
             neurons = max(1, math.ceil(1 + (student_params * (1 - TARGET_TOLERANCE) - fixed) / per_neuron))
             if neurons <= most and fixed + (neurons - 1) * per_neuron <= student_params * (1 + TARGET_TOLERANCE):
                 smallest.append(dataclasses.replace(base, intermediate_size=neurons))

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -189,34 +189,23 @@ def shape_for_target(
         )
     group = teacher.num_attention_heads // teacher.num_key_value_heads
     per_head = teacher.hidden_size // teacher.num_attention_heads
-    depths = [num_hidden_layers] if num_hidden_layers else range(1, teacher.num_hidden_layers + 1)
     best: tuple[float, float, PruneShape] | None = None
-    for heads in range(group, teacher.num_attention_heads + 1, group):
-        for layers in depths:
-            base = PruneShape(
-                hidden_size=heads * per_head,
-                num_hidden_layers=layers,
-                num_attention_heads=heads,
-                num_key_value_heads=heads // group,
-                intermediate_size=1,
-            )
-            fixed = count(base)
-            per_neuron = count(replace(base, intermediate_size=2)) - fixed
-            exact = 1 + (target_params - fixed) / per_neuron
-            for neurons in (8 * round(exact / 8), round(exact)):
-                if not 1 <= neurons <= teacher.intermediate_size:
-                    continue
-                candidate = replace(base, intermediate_size=neurons)
-                error = abs(fixed + (neurons - 1) * per_neuron - target_params) / target_params
-                if error > TARGET_TOLERANCE:
-                    continue
-                width = math.log(heads / teacher.num_attention_heads)
-                depth = math.log(layers / teacher.num_hidden_layers)
-                mlp = math.log(neurons / teacher.intermediate_size)
-                key = (abs(width - depth) + abs(mlp - width), error)
-                if best is None or key < best[:2]:
-                    best = (*key, candidate)
-                break
+    for base, fixed, per_neuron in shape_families(model, num_hidden_layers=num_hidden_layers, count=count):
+        exact = 1 + (target_params - fixed) / per_neuron
+        for neurons in (8 * round(exact / 8), round(exact)):
+            if not 1 <= neurons <= teacher.intermediate_size:
+                continue
+            candidate = replace(base, intermediate_size=neurons)
+            error = abs(fixed + (neurons - 1) * per_neuron - target_params) / target_params
+            if error > TARGET_TOLERANCE:
+                continue
+            width = math.log(base.num_attention_heads / teacher.num_attention_heads)
+            depth = math.log(base.num_hidden_layers / teacher.num_hidden_layers)
+            mlp = math.log(neurons / teacher.intermediate_size)
+            key = (abs(width - depth) + abs(mlp - width), error)
+            if best is None or key < best[:2]:
+                best = (*key, candidate)
+            break
     if best is None:
         smallest = PruneShape(
             hidden_size=group * per_head, num_hidden_layers=1, num_attention_heads=group, intermediate_size=1
@@ -227,6 +216,34 @@ def shape_for_target(
             "another target_params or pass an explicit shape."
         )
     return validate_shape(config, best[2])
+
+
+def shape_families(
+    model: torch.nn.Module,
+    *,
+    num_hidden_layers: int | None = None,
+    count: Callable[[PruneShape], int] | None = None,
+) -> Iterator[tuple[PruneShape, int, int]]:
+    """Every (heads, layers) a shape cut from ``model`` can have (heads in whole KV groups, the hidden size
+    following them, so the head size is kept; ``num_hidden_layers`` fixes the depth), as that shape with a
+    one-neuron MLP, its parameter count and the count each further MLP neuron adds (a count is linear in the
+    MLP width): what :func:`shape_for_target` solves over. ``model`` may live on the meta device."""
+    teacher = PruneShape.of(model.config)
+    count = count or param_counter(model)
+    group = teacher.num_attention_heads // teacher.num_key_value_heads
+    per_head = teacher.hidden_size // teacher.num_attention_heads
+    depths = [num_hidden_layers] if num_hidden_layers else range(1, teacher.num_hidden_layers + 1)
+    for heads in range(group, teacher.num_attention_heads + 1, group):
+        for layers in depths:
+            base = PruneShape(
+                hidden_size=heads * per_head,
+                num_hidden_layers=layers,
+                num_attention_heads=heads,
+                num_key_value_heads=heads // group,
+                intermediate_size=1,
+            )
+            fixed = count(base)
+            yield base, fixed, count(replace(base, intermediate_size=2)) - fixed
 
 
 def select_units(scores: ImportanceScores, shape: PruneShape, layer_selection: str | Sequence[int]) -> PruneSelection:
