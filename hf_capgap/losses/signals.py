@@ -8,6 +8,7 @@ samples (teacher caches). Only the first two hold the whole distribution that TA
 from __future__ import annotations
 
 import abc
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import torch
@@ -44,12 +45,8 @@ class _FullDistributionTeacher(abc.ABC):
         With ``taid_t``, p is TAID's target p_t (:func:`taid_target`): it carries no gradient, so
         d KL(p_t || q) / d(tempered logits) is q - p_t, the forward-KL form with p_t for p.
         """
-        rows, vocab = log_q.shape
-        block = block_rows(log_q)
         total = log_q.new_zeros(())
-        for start in range(0, rows, block):
-            part = slice(start, start + block)
-            log_p = (self if block >= rows else self.take(part)).log_probs(vocab, temperature)
+        for part, log_p in self._log_prob_blocks(log_q, temperature):
             if taid_t is not None:
                 log_p = taid_target(log_q[part], log_p, taid_t)
             p = log_p.exp()
@@ -59,6 +56,14 @@ class _FullDistributionTeacher(abc.ABC):
             log_q[part].exp_().sub_(p, alpha=scale)
         return total
 
+    def _log_prob_blocks(self, log_q: Tensor, temperature: float) -> Iterator[tuple[slice, Tensor]]:
+        """The teacher's tempered log-probs over ``log_q``'s vocabulary, a block of rows at a time."""
+        rows, vocab = log_q.shape
+        block = block_rows(log_q)
+        for start in range(0, rows, block):
+            part = slice(start, start + block)
+            yield part, (self if block >= rows else self.take(part)).log_probs(vocab, temperature)
+
     def divergence_into_gradient_(self, log_q: Tensor, temperature: float, scale: float, spec: LossSpec) -> Tensor:
         """Sum of ``spec``'s divergence (not forward KL) over rows; ``log_q`` is overwritten with
         scale * dD/du + (1 - scale) * q (u = tempered logits), by :mod:`hf_capgap.losses.closed_form`.
@@ -66,12 +71,8 @@ class _FullDistributionTeacher(abc.ABC):
         Formed a block of rows at a time like :meth:`forward_kl_into_gradient_`: a few block-sized
         teacher buffers on CPU, no [chunk, vocab] autograd graph.
         """
-        rows, vocab = log_q.shape
-        block = block_rows(log_q)
         total = log_q.new_zeros(())
-        for start in range(0, rows, block):
-            part = slice(start, start + block)
-            log_p = (self if block >= rows else self.take(part)).log_probs(vocab, temperature)
+        for part, log_p in self._log_prob_blocks(log_q, temperature):
             values, grad = divergence_and_log_q_gradient(log_p, log_q[part], spec.kind, spec.beta)
             total += values.sum()
             into_softmax_gradient_(log_q[part], grad, scale)
@@ -164,6 +165,14 @@ class TopKTeacher:
         q.mul_((1.0 - scale * tail_ratio).unsqueeze(-1))
         q.scatter_(-1, self.ids, log_q_top.exp() - scale * log_p_top.exp())
         return total
+
+    def _log_prob_blocks(self, log_q: Tensor, temperature: float) -> Iterator[tuple[slice, Tensor]]:
+        """The teacher's tempered log-probs over ``log_q``'s vocabulary, a block of rows at a time."""
+        rows, vocab = log_q.shape
+        block = block_rows(log_q)
+        for start in range(0, rows, block):
+            part = slice(start, start + block)
+            yield part, (self if block >= rows else self.take(part)).log_probs(vocab, temperature)
 
     def divergence_into_gradient_(self, log_q: Tensor, temperature: float, scale: float, spec: LossSpec) -> Tensor:
         """Sum of ``spec``'s bucketed divergence (not forward KL) over rows; ``log_q`` is overwritten with
