@@ -49,6 +49,7 @@ class TrainingSetup:
     tokens: int
     batch_size: int
     seq_len: int
+    generation: str | None = None  # on-policy runs: how completions were sampled and scored, how tokens count
 
 
 @dataclasses.dataclass(frozen=True)

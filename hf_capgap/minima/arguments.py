@@ -93,10 +93,14 @@ def _check_batches_and_tokens(config: MinimaConfig) -> None:
     if config.seq_len is not None and config.seq_len < 2:
         raise ConfigError(f"seq_len={config.seq_len} must be >= 2 (a row predicts its next tokens).")
     tokens = config.train_token_count
-    if config.seq_len is not None and tokens < config.batch_size * config.gradient_accumulation_steps * config.seq_len:
+    if config.generates:  # rows of prompt + completion (minima.plan.row_tokens), whatever seq_len
+        row, row_name = config.prompt_tokens + config.max_completion_length, "(prompt_tokens+max_completion_length)"
+    else:
+        row, row_name = config.seq_len, "seq_len"
+    if row is not None and tokens < config.batch_size * config.gradient_accumulation_steps * row:
         raise ConfigError(
             f"train_tokens={config.train_tokens} is less than one optimizer step "
-            f"(batch_size*gradient_accumulation_steps*seq_len); raise train_tokens."
+            f"(batch_size*gradient_accumulation_steps*{row_name}); raise train_tokens."
         )
 
 

@@ -206,8 +206,8 @@ class MinimaConfig(TeacherCacheSettings, TaidSettings, OnPolicySettings):
         default=32,
         metadata=field_help(
             "On-policy (lmbda > 0 or seq_kd): each packed row's first prompt_tokens tokens are its prompt (alone at "
-            "lmbda 1, else with the row's next max_completion_length tokens as completion). Steps still follow "
-            "train_tokens in rows of seq_len; the stage records prompt + max_completion_length tokens per row."
+            "lmbda 1, else with the row's next max_completion_length tokens as completion). A row then counts "
+            "prompt_tokens + max_completion_length tokens of train_tokens (steps, results and card alike)."
         ),
     )
     teacher_cache: bool = field(

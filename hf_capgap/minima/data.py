@@ -287,3 +287,12 @@ def on_policy_rows(rows: Any, config: MinimaConfig) -> Any:
         return {PACKED_COLUMN: row[PACKED_COLUMN][: prompt + completion], "completion_mask": mask}
 
     return rows.map(cut, remove_columns=rows.column_names)
+
+
+def scratch_rows(rows: Any, config: MinimaConfig) -> Any:
+    """The from-scratch baseline's rows: the packed training ``rows``, or when the run generates each row's first
+    prompt_tokens + max_completion_length tokens, the distilled student's token count per row (same rows, order)."""
+    if not config.generates:
+        return rows
+    tokens = config.prompt_tokens + config.max_completion_length
+    return rows.map(lambda row: {PACKED_COLUMN: row[PACKED_COLUMN][:tokens]}, remove_columns=rows.column_names)

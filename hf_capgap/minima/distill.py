@@ -19,8 +19,8 @@ from typing import Any
 from transformers.utils import logging
 
 from hf_capgap.minima.config import ON_POLICY_TRAINER_FIELDS, TAID_FIELDS, MinimaConfig
-from hf_capgap.minima.data import RunData, StreamPasses, on_policy_rows
-from hf_capgap.minima.plan import Plan, run_settings, steps_for
+from hf_capgap.minima.data import RunData, StreamPasses, on_policy_rows, scratch_rows
+from hf_capgap.minima.plan import Plan, row_tokens, run_settings, steps_for
 from hf_capgap.utils.artifacts import json_sha256, read_manifest
 from hf_capgap.utils.training_arguments import StudentTraining, student_training_arguments
 
@@ -183,6 +183,8 @@ def _distill_names(
         "data": data.identity,
         "settings": run_settings(config, plan),
     }
+    if config.generates:  # rows of prompt + completion, counted so since issue 22's review (not rows of seq_len)
+        inputs["row_tokens"] = row_tokens(config, plan)
     tag = json_sha256(inputs)[:12]
     return inputs, config.work_dir / f"distilled-{tag}", config.work_dir / f"distill-{tag}"
 
@@ -202,8 +204,17 @@ def _distill_arguments(config: MinimaConfig, plan: Plan, checkpoints: Path, cach
         teacher_dtype=config.teacher_dtype,
         teacher_cache=None if cache_path is None else str(cache_path),
         **{name: getattr(config, name) for name in TAID_FIELDS},
-        **({name: getattr(config, name) for name in ON_POLICY_TRAINER_FIELDS} if config.generates else {}),
+        **(on_policy_arguments(config) if config.generates else {}),
     )
+
+
+def on_policy_arguments(config: MinimaConfig) -> dict[str, Any]:
+    """GKD's settings for the trainer, and loss on completion tokens only. Generated rows are labelled on their
+    completion by the trainer; rows that keep the dataset's completion (lmbda < 1) mark their prompt in
+    ``completion_mask``, which TRL applies only with completion_only_loss (at lmbda 1 the rows are prompts alone,
+    which it would drop as unlabelled)."""
+    fields = {name: getattr(config, name) for name in ON_POLICY_TRAINER_FIELDS}
+    return {**fields, "completion_only_loss": True} if config.lmbda < 1 else fields
 
 
 def teacher_cache_stage(
@@ -265,8 +276,8 @@ def distill_stage(
         processing_class=data.tokenizer,
         teacher_processing_class=None if cache_path else data.tokenizer,
     )
-    row_tokens = config.prompt_tokens + config.max_completion_length if config.generates else plan.seq_len
-    _train_resumably(trainer, checkpoints, final, data, row_tokens, {"inputs_sha256": json_sha256(inputs)})
+    tokens = row_tokens(config, plan)
+    _train_resumably(trainer, checkpoints, final, data, tokens, {"inputs_sha256": json_sha256(inputs)})
     return final
 
 
@@ -281,7 +292,9 @@ def _scratch_student(plan: Plan, student_dir: Path) -> str:
 
 
 def scratch_stage(config: MinimaConfig, plan: Plan, student_dir: Path, data: RunData) -> Path:
-    """The baseline: the student's architecture from random init, plain CE, same rows and optimizer."""
+    """The baseline: the student's architecture from random init, plain CE, same rows and optimizer; when the run
+    generates, each row cut to the distilled student's row tokens (prompt + max_completion_length of the corpus),
+    so both train on as many tokens."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainingArguments
 
@@ -293,6 +306,8 @@ def scratch_stage(config: MinimaConfig, plan: Plan, student_dir: Path, data: Run
         "data": data.identity,
         "settings": config.result_settings(),  # no assistant fields: the chain does not touch a random init
     }
+    if config.generates:
+        inputs["row_tokens"] = row_tokens(config, plan)
     tag = json_sha256(inputs)[:12]
     final = config.work_dir / f"scratch-{tag}"
     if _finished(final, inputs):
@@ -309,9 +324,10 @@ def scratch_stage(config: MinimaConfig, plan: Plan, student_dir: Path, data: Run
     trainer = Trainer(
         model=AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(student_dir), dtype=torch.float32),
         args=args,
-        train_dataset=data.train,
+        train_dataset=scratch_rows(data.train, config),
         data_collator=make_collator(data.tokenizer),
         processing_class=data.tokenizer,
     )
-    _train_resumably(trainer, checkpoints, final, data, plan.seq_len, {"inputs_sha256": json_sha256(inputs)})
+    tokens = row_tokens(config, plan)
+    _train_resumably(trainer, checkpoints, final, data, tokens, {"inputs_sha256": json_sha256(inputs)})
     return final

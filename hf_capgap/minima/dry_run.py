@@ -16,7 +16,11 @@ launch's device (``auto``: bf16 on a GPU, fp32 on a CPU) and activations in the 
   from-scratch baseline, evaluation): the logits, their fp32 log-softmax and fp32 gradient; the
   distillation loss is chunked and its logits are not counted;
 * the teacher is loaded whole onto every GPU before anything shards it, and freed after its last use
-  (the cache build with ``teacher_cache``, else the distillation).
+  (the cache build with ``teacher_cache``, else the distillation);
+* when the run generates (``lmbda > 0`` or ``seq_kd``), training rows of prompt_tokens + max_completion_length
+  tokens, and the KV cache of generation in the distill stage: ``2 x layers x kv_heads x head_dim x batch x
+  (prompt + completion) x bytes`` for the student (in the activations' precision), plus the teacher's (in its
+  dtype) with ``seq_kd``.
 
 Not counted: the CUDA context / framework runtime, allocator fragmentation, the data. They are not
 measurements; ``tests/minima/test_minima.py`` compares them with measured peaks of a small CPU run.
@@ -40,6 +44,7 @@ from hf_capgap.minima.plan import (
     load_law,
     make_plan,
     resolve_teacher,
+    row_tokens,
     steps_for,
     tokens_per_step,
 )
@@ -161,6 +166,33 @@ def logits_bytes(model: Any, tokens: int, dtype_bytes: int) -> float:
     return _shape(model)[3] * tokens * (dtype_bytes + 4 + 4)
 
 
+def kv_cache_bytes(model: Any, rows: int, tokens: int, dtype_bytes: int) -> float:
+    """Keys and values ``model.generate`` caches for ``rows`` sequences of ``tokens``: 2 x layers x kv_heads x
+    head_dim x rows x tokens x bytes (an estimate: the cache grows to this at the longest completion)."""
+    config = model.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * rows * tokens * dtype_bytes
+
+
+def generation_memory(
+    config: MinimaConfig, plan: Plan, teacher: Any, student: Any, precision: Precision
+) -> dict[str, float]:
+    """The distill stage's KV caches of generation (none when the run does not generate)."""
+    if not config.generates:
+        return {}
+    tokens = row_tokens(config, plan)
+    parts = {
+        "KV cache, student generation": kv_cache_bytes(student, config.batch_size, tokens, precision.activation_bytes)
+    }
+    if config.seq_kd:
+        parts["KV cache, teacher generation (seq_kd)"] = kv_cache_bytes(
+            teacher, config.batch_size, tokens, precision.teacher_bytes
+        )
+    return parts
+
+
 def memory_estimate(
     config: MinimaConfig, plan: Plan, launch: Launch, teacher: Any, student: Any, precision: Precision
 ) -> dict[str, dict[str, float]]:
@@ -171,14 +203,15 @@ def memory_estimate(
     whole_teacher = precision.teacher_bytes * plan.teacher_params
     act = precision.activation_bytes
     checkpointing = config.gradient_checkpointing
-    rows_tokens = config.batch_size * plan.seq_len  # one micro-batch (also one calibration batch)
+    rows_tokens = config.batch_size * plan.seq_len  # one calibration batch (one micro-batch off-policy)
+    train_tokens = config.batch_size * row_tokens(config, plan)  # one training micro-batch
     eval_tokens = config.eval_batch_size * plan.seq_len
     student_state = {
         "student weights (fp32)": 4 * params / weight_shards,
         "gradients (fp32)": 4 * params / optimizer_shards,
         "AdamW states (fp32 m, v)": 8 * params / optimizer_shards,
         f"autocast {precision.training} weight copies": 0.0 if act == 4 else act * params / weight_shards,
-        "student activations": activation_bytes(student, rows_tokens, act, checkpointing),
+        "student activations": activation_bytes(student, train_tokens, act, checkpointing),
     }
     stages: dict[str, dict[str, float]] = {
         "teacher load": {"teacher weights (whole, before any sharding)": whole_teacher},
@@ -199,11 +232,12 @@ def memory_estimate(
     stages["distill"] = {
         **student_state,
         "teacher weights": 0.0 if config.teacher_cache else whole_teacher / weight_shards,
+        **generation_memory(config, plan, teacher, student, precision),
     }
     if config.baseline:
         stages["baseline (from scratch)"] = {
             **student_state,
-            "full logits, log-softmax, gradient": logits_bytes(student, rows_tokens, act),
+            "full logits, log-softmax, gradient": logits_bytes(student, train_tokens, act),
         }
     stages["evaluation"] = {
         "largest model's weights": max(whole_teacher, 4 * params),
@@ -336,6 +370,22 @@ def describe(model: Any) -> str:
     )
 
 
+def generation_lines(config: MinimaConfig, plan: Plan, memory: dict[str, dict[str, float]]) -> list[str]:
+    """What generation adds when the run generates: tokens per row, GKD's settings and the KV-cache estimate."""
+    if not config.generates:
+        return []
+    kv = sum(value for name, value in memory["distill"].items() if name.startswith("KV cache"))
+    return [
+        f"generate {row_tokens(config, plan)} prompt + completion tokens per row (prompt_tokens="
+        f"{config.prompt_tokens} + max_completion_length={config.max_completion_length}; "
+        "completions stopping at EOS count as full); "
+        f"lmbda={config.lmbda:g}, seq_kd={str(config.seq_kd).lower()}, sampling_temperature="
+        f"{config.sampling_temperature:g}, top_k={config.top_k}, top_p={config.top_p:g}",
+        f"         KV cache of generation, estimated (not measured): {kv / 2**20:,.2f} MiB per GPU "
+        f"({'student and teacher' if config.seq_kd else 'student'}), counted in the distill stage below",
+    ]
+
+
 def law_optimal_teacher(law: Any, student_params: int) -> tuple[float | None, str]:
     """The teacher size the law predicts for this student (its own line: ratio, or slope and intercept),
     and how the dry run states it; None where an affine law predicts no teacher larger than the student."""
@@ -375,7 +425,8 @@ def dry_run(config: MinimaConfig) -> dict[str, Any]:
         f"law      {law.source}, {law.formula()}: this pair's teacher/student ratio is {ratio:.2f}; {law_line}",
         f"tokens   {steps * tokens_per_step(config, plan):,} in {steps:,} steps; global batch {global_rows:,} rows "
         f"({config.batch_size} per GPU x {config.gradient_accumulation_steps} accumulation x {launch.processes} "
-        f"processes) x {plan.seq_len} tokens = {tokens_per_step(config, plan):,} tokens per step",
+        f"processes) x {row_tokens(config, plan)} tokens = {tokens_per_step(config, plan):,} tokens per step",
+        *generation_lines(config, plan, memory),
         f"launch   {launch.strategy}, {launch.processes} process(es) on {launch.device} ({launch.source}); teacher in "
         f"{precision.teacher} (teacher_dtype={config.teacher_dtype}), student activations in {precision.training} "
         f"(bf16={str(config.bf16).lower()}, launch mixed_precision={launch.mixed_precision}), "

@@ -103,6 +103,46 @@ def dataset_name(config: MinimaConfig) -> str:
     return config.dataset
 
 
+def _other_source(config: MinimaConfig) -> str:
+    """Where the completions of micro-batches not sampled from the student come from."""
+    return "teacher-sampled" if config.seq_kd else "dataset"
+
+
+def loss_description(config: MinimaConfig) -> str:
+    """The card's loss: alpha x divergence + (1 - alpha) x CE, and when the run generates, the divergence alone on
+    the student's own samples (the trainer scores them so, whatever alpha)."""
+    mixed = f"{1 - config.alpha:g} x LM cross-entropy + {config.alpha:g} x {config.loss}"
+    if not config.generates:
+        return mixed
+    if config.lmbda == 1:
+        return f"{config.loss} alone (every micro-batch student-sampled)"
+    if config.lmbda == 0:
+        return f"{mixed} (teacher-sampled completions)"
+    return (
+        f"{config.loss} alone on student-sampled micro-batches (probability lmbda={config.lmbda:g}); {mixed} on "
+        f"{_other_source(config)} micro-batches"
+    )
+
+
+def generation_description(config: MinimaConfig) -> str | None:
+    """For a run that generates: GKD's settings, how each kind of micro-batch is scored and how tokens count."""
+    if not config.generates:
+        return None
+    row = config.prompt_tokens + config.max_completion_length
+    return (
+        f"On-policy distillation (GKD): lmbda={config.lmbda:g}, seq_kd={str(config.seq_kd).lower()}. With "
+        f"probability lmbda a micro-batch's completions are sampled from the student, else "
+        f"{'from the teacher' if config.seq_kd else 'taken from the dataset'}; each prompt is the first "
+        f"prompt_tokens={config.prompt_tokens} tokens of a packed training row, and completions are sampled up to "
+        f"max_completion_length={config.max_completion_length} tokens (stopping at EOS) at sampling_temperature="
+        f"{config.sampling_temperature:g}, top_k={config.top_k}, top_p={config.top_p:g} (the loss's temperature is "
+        f"separate). Student-sampled micro-batches are scored by the divergence alone; {_other_source(config)} ones "
+        f"by alpha x divergence + (1 - alpha) x cross-entropy; every loss is on completion tokens only. Tokens count "
+        f"prompt + completion tokens per row ({config.prompt_tokens} + {config.max_completion_length} = {row}; a "
+        "completion stopping at EOS counts as full, so they are an upper bound)."
+    )
+
+
 PATH_SETTINGS = ("output_dir", "ladder_dir", "student_init", "law", "teacher", "dataset")
 
 
@@ -154,7 +194,7 @@ def export_run(config: MinimaConfig, plan: Plan, results: Mapping[str, Any], dis
                 kept_fraction=results["kept_fraction"],
             ),
             training=TrainingSetup(
-                loss=f"{1 - config.alpha:g} x LM cross-entropy + {config.alpha:g} x {config.loss}",
+                loss=loss_description(config),
                 alpha=config.alpha,
                 temperature=config.temperature,
                 learning_rate=config.learning_rate,
@@ -162,6 +202,7 @@ def export_run(config: MinimaConfig, plan: Plan, results: Mapping[str, Any], dis
                 tokens=results["train_tokens"],
                 batch_size=config.batch_size,
                 seq_len=plan.seq_len,
+                generation=generation_description(config),
             ),
             teacher_eval=scores["teacher"],
             pruned_eval=scores["pruned"],

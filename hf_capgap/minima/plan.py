@@ -50,9 +50,21 @@ def run_settings(config: MinimaConfig, plan: Plan) -> dict[str, Any]:
     return config.result_settings(tuple(assistant.params for assistant in plan.assistants))
 
 
+def row_tokens(config: MinimaConfig, plan: Plan) -> int:
+    """Tokens one training row counts: seq_len off-policy; when the run generates, the student's tokens of the
+    row, its prompt and the most it generates (prompt_tokens + max_completion_length, as the sweep counts: a
+    completion stopping at EOS counts as full, so the budget is an upper bound)."""
+    return config.prompt_tokens + config.max_completion_length if config.generates else plan.seq_len
+
+
+def row_tokens_name(config: MinimaConfig) -> str:
+    """How a row's tokens are named in messages: the fields :func:`row_tokens` reads."""
+    return "(prompt_tokens + max_completion_length)" if config.generates else "seq_len"
+
+
 def tokens_per_step(config: MinimaConfig, plan: Plan) -> int:
-    """Tokens of one optimizer step over all processes."""
-    return config.batch_size * config.gradient_accumulation_steps * plan.seq_len * plan.processes
+    """Tokens of one optimizer step over all processes (rows of :func:`row_tokens`)."""
+    return config.batch_size * config.gradient_accumulation_steps * row_tokens(config, plan) * plan.processes
 
 
 def steps_for(config: MinimaConfig, plan: Plan) -> int:
@@ -95,6 +107,7 @@ def make_plan(config: MinimaConfig, processes: int | None = None) -> Plan:
     kind, skeleton = resolve_teacher(config, teacher, rungs)
     teacher_params = count_model_parameters(skeleton)
     seq_len = resolve_seq_len(config, kind, skeleton)
+    check_completion_fits(config, seq_len)
     check_dataset_access(config)
     shape = config.student_shape
     if config.student_init is not None:
@@ -138,7 +151,7 @@ def make_plan(config: MinimaConfig, processes: int | None = None) -> Plan:
         if tokens < tokens_per_step(config, plan):
             raise ConfigError(
                 f"{key}={value} is less than one optimizer step ({tokens_per_step(config, plan):,} tokens: "
-                f"batch_size x gradient_accumulation_steps x seq_len x processes); raise {key}."
+                f"batch_size x gradient_accumulation_steps x {row_tokens_name(config)} x processes); raise {key}."
             )
     return plan
 
@@ -210,6 +223,18 @@ def resolve_seq_len(config: MinimaConfig, kind: str, skeleton: Any) -> int:
     if limit is not None and config.seq_len > limit:
         raise ConfigError(f"seq_len={config.seq_len} exceeds {where} {limit}; set seq_len <= {limit}.")
     return config.seq_len
+
+
+def check_completion_fits(config: MinimaConfig, seq_len: int) -> None:
+    """When the run generates, each prompt and its completion are cut from / fit in one packed row of the planned
+    ``seq_len`` (the setting, or the teacher's context when it is null)."""
+    if config.generates and config.prompt_tokens + config.max_completion_length > seq_len:
+        source = f"seq_len={seq_len}" if config.seq_len is not None else f"seq_len={seq_len} (null: the teacher's)"
+        raise ConfigError(
+            f"prompt_tokens={config.prompt_tokens} + max_completion_length={config.max_completion_length} exceeds "
+            f"{source}: prompts are cut from packed rows of seq_len tokens; lower prompt_tokens or "
+            "max_completion_length."
+        )
 
 
 def check_dataset_access(config: MinimaConfig) -> None:
