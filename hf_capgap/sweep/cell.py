@@ -53,6 +53,8 @@ def distill_cell(
     steps = config.steps
     taid = {name: getattr(config, name) for name in TAID_FIELDS} if config.loss == "taid" else {}
     on_policy = {name: getattr(config, name) for name in ON_POLICY_TRAINER_FIELDS} if config.generates else {}
+    if config.generates and config.lmbda < 1:  # rows keeping a completion: loss on their completion_mask alone
+        on_policy["completion_only_loss"] = True  # (generated rows are labelled so by the trainer; lmbda 1: prompts)
     train = on_policy_rows(data["train"], config) if config.generates else data["train"]
     with scratch_dir(Path(config.output_dir)) as work_dir:
         args = student_training_arguments(

@@ -112,3 +112,21 @@ def test_a_micro_on_policy_sweep_samples_from_the_student_and_records_lmbda(tmp_
         assert record["settings"]["lmbda"] == 1.0 and record["settings"]["prompt_tokens"] == 16
         assert record["tokens"] == config.steps * 16 * 32, "prompt + completion per row"
         assert trainer.state.global_step == config.steps == 4
+
+
+def test_mixed_lmbda_cells_train_every_micro_batch_on_completion_tokens_only(tmp_path, ladder_dir, monkeypatch):
+    from hf_capgap.data.sft import STUDENT_SAMPLED_KEY
+
+    labelled = []
+
+    class Recording(hf_capgap.trainer.DistillationTrainer):
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            labelled.append((STUDENT_SAMPLED_KEY in inputs, inputs["labels"].clone()))
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(hf_capgap.trainer, "DistillationTrainer", Recording)
+    values = {**FAST, **ON_POLICY, "lmbda": 0.5, "student_sizes": ["21K"], "teachers": ["llama-86K"]}
+    run_sweep(micro(tmp_path, **values, ladder_dir=str(ladder_dir)), progress=False)
+    assert {sampled for sampled, _ in labelled} == {True, False}, "both kinds of micro-batch drawn"
+    for _, labels in labelled:  # dataset rows too: their prompt (completion_mask 0) is never a label
+        assert labels.shape[1] == 32 and (labels[:, :16] == -100).all() and (labels[:, 16:] != -100).any()
