@@ -90,7 +90,8 @@ def validated_records(rows: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
         raise ConfigError(
             "no sweep records: the law needs evaluated (student_params, teacher_params, eval_loss) records."
         )
-    clean = []
+    clean: list[dict[str, Any]] = []
+    settings: list[Any] = []
     for index, row in enumerate(rows):
         if not isinstance(row, Mapping):
             raise ConfigError(f"record {index} is a {type(row).__name__}, not a dict of fields.")
@@ -121,12 +122,42 @@ def validated_records(rows: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
         if isinstance(row.get("family"), str):
             record["family"] = row["family"]
         clean.append(record)
+        settings.append(row.get("settings"))
     if not clean:
         raise ConfigError(
             "no direct sweep records: each one is chained (has assistants) or made with loss taid; the law is "
             "fitted from direct distillation records."
         )
+    _check_one_regime(clean, settings)
     return clean
+
+
+def _check_one_regime(records: Sequence[Mapping[str, Any]], settings: Sequence[Any]) -> None:
+    """Refuse records of one (student, teacher) cell made with other settings than each other (``seed`` aside):
+    :func:`curves` averages a cell's records as repeats, which runs of another regime (on- and off-policy, another
+    loss) are not. Records without ``settings`` pass."""
+    group_of = _student_groups(record["student_params"] for record in records)
+    first: dict[tuple[float, float], tuple[int, Mapping[str, Any]]] = {}
+    for index, (record, values) in enumerate(zip(records, settings, strict=True)):
+        if not isinstance(values, Mapping):
+            continue
+        values = {key: value for key, value in values.items() if key != "seed"}
+        cell = (group_of[record["student_params"]], record["teacher_params"])
+        if cell not in first:
+            first[cell] = (index, values)
+            continue
+        _, seen = first[cell]
+        differing = sorted(key for key in set(seen) | set(values) if seen.get(key, _UNSET) != values.get(key, _UNSET))
+        if differing:
+            shown = ", ".join(f"{key} {seen.get(key, _UNSET)} vs {values.get(key, _UNSET)}" for key in differing)
+            raise ConfigError(
+                f"the ledger mixes runs made with other settings ({shown}) in the cell of student "
+                f"{format_params(cell[0])} and teacher {format_params(cell[1])}: fit one sweep's ledger at a time "
+                f"(differing keys: {', '.join(differing)})."
+            )
+
+
+_UNSET = "unset"
 
 
 def is_direct(row: Mapping[str, Any]) -> bool:

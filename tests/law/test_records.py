@@ -95,3 +95,19 @@ def test_chained_records_whose_assistants_are_arrays_are_left_out():
         for row in mixed
     ]
     assert validated_records(as_arrays) == validated_records(direct)
+
+
+def test_records_of_one_cell_made_with_other_settings_are_refused_naming_the_keys():
+    records = sweep(proportional(2.5))
+    off = [{**record, "settings": {"loss": "reverse_kl", "seed": 0}} for record in records]
+    seeds = [{**record, "settings": {"loss": "reverse_kl", "seed": 1}} for record in records]
+    law = CapacityGapLaw.fit(off + seeds, n_bootstrap=200)  # seeds of one sweep are repeats of its cells
+    assert law.ratio == pytest.approx(CapacityGapLaw.fit(off, n_bootstrap=200).ratio)
+    assert CapacityGapLaw.fit(off + records, n_bootstrap=200).ratio == pytest.approx(law.ratio), "no settings: pass"
+    on = [{**record, "settings": {"loss": "reverse_kl", "seed": 0, "lmbda": 1.0, "top_k": 5}} for record in records]
+    with pytest.raises(
+        ConfigError, match=r"mixes runs made with other settings \(lmbda unset vs 1.0, top_k unset vs 5\)"
+    ):
+        validated_records(off + on)
+    with pytest.raises(ConfigError, match="fit one sweep's ledger at a time"):
+        CapacityGapLaw.fit(off + on, n_bootstrap=200)
