@@ -104,11 +104,12 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> list[dict[str, A
         _remove_stale_scratch(output_dir)
         settings_sha = json_sha256(config.settings())
         finished = finished_records(output_dir)
-        foreign = [record["run_id"] for record in finished if record["settings_sha256"] != settings_sha]
+        foreign = [record for record in finished if record["settings_sha256"] != settings_sha]
         if foreign:
             raise ConfigError(
-                f"{output_dir / LEDGER_FILE} holds runs {foreign} made with other settings; use another output_dir "
-                "or the settings those runs used."
+                f"{output_dir / LEDGER_FILE} holds runs {[record['run_id'] for record in foreign]} made with other "
+                f"settings{_differing_settings(foreign[0], config.settings())}; use another output_dir or the "
+                "settings those runs used."
             )
         failed = [record["run_id"] for record in finished if is_failed(record)]
         if failed and config.redo_failed:
@@ -256,6 +257,19 @@ def run_cell(config: SweepConfig, student_size: str | int, teacher: str, seed: i
         )
         record = _run_spec(specs[0], model, cache_path, data, source.tokenizer, config, False, cache_suffix)
         return _ledger_record(record, config, teacher_params, teacher_eval, json_sha256(config.settings()))
+
+
+def _differing_settings(record: dict[str, Any], settings: dict[str, Any]) -> str:
+    """`` (lmbda: 1.0 there, unset here ...)``: the settings a ledger record was made with that differ from
+    ``settings``, or nothing for a record that does not carry its settings."""
+    theirs = record.get("settings")
+    if not isinstance(theirs, dict):
+        return ""
+    keys = sorted(key for key in {*theirs, *settings} if theirs.get(key) != settings.get(key))
+    shown = ", ".join(
+        f"{key}: {theirs.get(key, 'unset')!r} there, {settings.get(key, 'unset')!r} here" for key in keys[:6]
+    )
+    return f" ({shown}{', ...' if len(keys) > 6 else ''})" if keys else ""
 
 
 def _check_in_grid(config: SweepConfig, size: str, teacher: str) -> None:

@@ -130,3 +130,29 @@ def test_mixed_lmbda_cells_train_every_micro_batch_on_completion_tokens_only(tmp
     assert {sampled for sampled, _ in labelled} == {True, False}, "both kinds of micro-batch drawn"
     for _, labels in labelled:  # dataset rows too: their prompt (completion_mask 0) is never a label
         assert labels.shape[1] == 32 and (labels[:, :16] == -100).all() and (labels[:, 16:] != -100).any()
+
+
+def test_an_on_policy_sweep_on_an_off_policy_ledger_is_refused_naming_the_differing_settings(tmp_path, monkeypatch):
+    import hf_capgap.sweep.run as run
+    from hf_capgap.sweep.config import plan
+    from hf_capgap.sweep.ledger import LEDGER_FORMAT_VERSION, write_ledger
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started")
+
+    monkeypatch.setattr(run, "TeacherSource", no_work)
+    off_policy = micro(tmp_path, cache_mode="online")
+    spec = plan(off_policy)[0]
+    record = {
+        "run_id": spec.run_id,
+        "format_version": LEDGER_FORMAT_VERSION,
+        "student_params": spec.student_params,
+        "teacher_params": spec.teacher_params,
+        "eval_loss": 5.0,
+        "settings_sha256": json_sha256(off_policy.settings()),
+        "settings": off_policy.settings(),
+    }
+    Path(off_policy.output_dir).mkdir(parents=True)
+    write_ledger(off_policy.output_dir, [record])
+    with pytest.raises(ConfigError, match=r"other settings \(.*lmbda: 'unset' there, 1\.0 here"):
+        run_sweep(micro(tmp_path, **ON_POLICY), progress=False)
