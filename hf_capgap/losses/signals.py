@@ -147,6 +147,14 @@ class TopKTeacher:
     def take(self, index: slice | Tensor) -> TopKTeacher:
         return TopKTeacher(self.ids[index], self.logprobs[index], self.tail_logprob[index])
 
+    def _student_buckets_(self, log_q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The student's log-probs at the top-k ids, its probs with the top-k zeroed (``log_q`` overwritten), and
+        the log of its tail mass: a plain sum of the off-top-k entries, exact (no 1 - sum(top-k) cancellation)
+        with no extra [rows, vocab] buffer, floored so the log stays finite if the top-k hold all the mass."""
+        log_q_top = log_q.gather(-1, self.ids)
+        q = log_q.exp_().scatter_(-1, self.ids, 0.0)
+        return log_q_top, q, q.sum(dim=-1).clamp_(min=torch.finfo(q.dtype).tiny).log_()
+
     def forward_kl_into_gradient_(self, log_q: Tensor, temperature: float, scale: float) -> Tensor:
         """Sum of the bucketed KL over rows; ``log_q`` is overwritten with ``q - scale * r``.
 
@@ -154,11 +162,7 @@ class TopKTeacher:
         the top-k tokens and r = q * p_tail / q_tail elsewhere: the teacher's tail mass spread over
         the rest of the vocabulary in the student's own proportions.
         """
-        log_q_top = log_q.gather(-1, self.ids)
-        q = log_q.exp_().scatter_(-1, self.ids, 0.0)
-        # A plain sum of the off-top-k entries: exact (no 1 - sum(top-k) cancellation) and no extra
-        # [rows, vocab] buffer. The floor keeps the log finite if the top-k hold all the student's mass.
-        log_q_tail = q.sum(dim=-1).clamp_(min=torch.finfo(q.dtype).tiny).log_()
+        log_q_top, q, log_q_tail = self._student_buckets_(log_q)
         log_p_top, log_p_tail = self.logprobs.float(), self.tail_logprob.float()
         total = kl_terms(log_p_top, log_q_top).sum() + kl_terms(log_p_tail, log_q_tail).sum()
         tail_ratio = (log_p_tail - log_q_tail).exp().clamp_(max=1e30)  # finite, so 0 * ratio stays 0
@@ -166,22 +170,12 @@ class TopKTeacher:
         q.scatter_(-1, self.ids, log_q_top.exp() - scale * log_p_top.exp())
         return total
 
-    def _log_prob_blocks(self, log_q: Tensor, temperature: float) -> Iterator[tuple[slice, Tensor]]:
-        """The teacher's tempered log-probs over ``log_q``'s vocabulary, a block of rows at a time."""
-        rows, vocab = log_q.shape
-        block = block_rows(log_q)
-        for start in range(0, rows, block):
-            part = slice(start, start + block)
-            yield part, (self if block >= rows else self.take(part)).log_probs(vocab, temperature)
-
     def divergence_into_gradient_(self, log_q: Tensor, temperature: float, scale: float, spec: LossSpec) -> Tensor:
         """Sum of ``spec``'s bucketed divergence (not forward KL) over rows; ``log_q`` is overwritten with
         scale * dD/du + (1 - scale) * q. The divergence and its G are formed over the k + 1 buckets only.
         """
-        log_q_top = log_q.gather(-1, self.ids)
-        q = log_q.exp_().scatter_(-1, self.ids, 0.0)
-        # As in forward_kl_into_gradient_: the tail is the plain sum of the off-top-k entries, floored.
-        log_q_tail = q.sum(dim=-1, keepdim=True).clamp_(min=torch.finfo(q.dtype).tiny).log_()
+        log_q_top, q, log_q_tail = self._student_buckets_(log_q)
+        log_q_tail = log_q_tail.unsqueeze(-1)
         log_p = torch.cat([self.logprobs.float(), self.tail_logprob.float().unsqueeze(-1)], dim=-1)
         values, grad = divergence_and_log_q_gradient(
             log_p, torch.cat([log_q_top, log_q_tail], dim=-1), spec.kind, spec.beta
