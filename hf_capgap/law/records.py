@@ -147,9 +147,9 @@ def _check_one_regime(records: Sequence[Mapping[str, Any]], settings: Sequence[A
             first[cell] = (index, values)
             continue
         _, seen = first[cell]
-        differing = sorted(key for key in set(seen) | set(values) if seen.get(key, _UNSET) != values.get(key, _UNSET))
+        differing = differing_settings(seen, values)
         if differing:
-            shown = ", ".join(f"{key} {seen.get(key, _UNSET)} vs {values.get(key, _UNSET)}" for key in differing)
+            shown = ", ".join(f"{key} {first_value} vs {value}" for key, (first_value, value) in differing.items())
             raise ConfigError(
                 f"the ledger mixes runs made with other settings ({shown}) in the cell of student "
                 f"{format_params(cell[0])} and teacher {format_params(cell[1])}: fit one sweep's ledger at a time "
@@ -158,6 +158,13 @@ def _check_one_regime(records: Sequence[Mapping[str, Any]], settings: Sequence[A
 
 
 _UNSET = "unset"
+
+
+def differing_settings(first: Mapping[str, Any], second: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """The keys whose values differ between two records' settings, sorted, each with both values (``"unset"``
+    where one side lacks the key)."""
+    values = {key: (first.get(key, _UNSET), second.get(key, _UNSET)) for key in sorted({*first, *second})}
+    return {key: pair for key, pair in values.items() if pair[0] != pair[1]}
 
 
 def is_direct(row: Mapping[str, Any]) -> bool:

@@ -51,6 +51,7 @@ from typing import Any
 
 from hf_capgap.errors import ConfigError
 from hf_capgap.law import CapacityGapLaw, format_params, parse_params
+from hf_capgap.law.records import differing_settings
 from hf_capgap.sweep.assistants import ensure_assistants
 from hf_capgap.sweep.cell import build_cache, distill_cell, evaluate_loss
 from hf_capgap.sweep.config import HUB_FAMILIES, RunSpec, SweepConfig, plan
@@ -260,16 +261,14 @@ def run_cell(config: SweepConfig, student_size: str | int, teacher: str, seed: i
 
 
 def _differing_settings(record: dict[str, Any], settings: dict[str, Any]) -> str:
-    """`` (lmbda: 1.0 there, unset here ...)``: the settings a ledger record was made with that differ from
+    """`` (lmbda: 'unset' there, 1.0 here ...)``: the settings a ledger record was made with that differ from
     ``settings``, or nothing for a record that does not carry its settings."""
     theirs = record.get("settings")
     if not isinstance(theirs, dict):
         return ""
-    keys = sorted(key for key in {*theirs, *settings} if theirs.get(key) != settings.get(key))
-    shown = ", ".join(
-        f"{key}: {theirs.get(key, 'unset')!r} there, {settings.get(key, 'unset')!r} here" for key in keys[:6]
-    )
-    return f" ({shown}{', ...' if len(keys) > 6 else ''})" if keys else ""
+    differing = differing_settings(theirs, settings)
+    shown = ", ".join(f"{key}: {there!r} there, {here!r} here" for key, (there, here) in list(differing.items())[:6])
+    return f" ({shown}{', ...' if len(differing) > 6 else ''})" if differing else ""
 
 
 def _check_in_grid(config: SweepConfig, size: str, teacher: str) -> None:
