@@ -41,6 +41,7 @@ from hf_capgap.data.sft import (
     next_token_labels,
     prepare_and_record,
     prepare_dataset,
+    prompt_completion_rows,
     rows_holding_positions,
 )
 
@@ -65,6 +66,7 @@ __all__ = [
     "require_chat_template",
     "completion_only",
     "prepare_dataset",
+    "prompt_completion_rows",
     "prepare_and_record",
     "skips_preparation",
     "check_sft_config",

@@ -252,3 +252,15 @@ def _labelled_positions_per_row(dataset: Any, batch_rows: int) -> Iterator[Any]:
         labelled = np.ones(len(flat)) if column == TOKENIZED_COLUMN else np.asarray(pc.not_equal(flat, IGNORE_INDEX))
         parents = np.asarray(pc.list_parent_indices(following))
         yield np.bincount(parents, weights=labelled, minlength=len(following))
+
+
+def prompt_completion_rows(rows: Any, prompt_tokens: int, completion_tokens: int) -> Any:
+    """Packed token rows cut for on-policy training (same rows, same order): each row's first ``prompt_tokens``
+    as its prompt and its next ``completion_tokens`` (0: a prompt-only row) as the completion, pre-tokenized
+    with a ``completion_mask`` marking where the prompt ends."""
+    mask = [0] * prompt_tokens + [1] * completion_tokens
+
+    def cut(row: Mapping[str, Any]) -> dict[str, Any]:
+        return {"input_ids": row["input_ids"][: prompt_tokens + completion_tokens], "completion_mask": mask}
+
+    return rows.map(cut, remove_columns=rows.column_names)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import glob
 import itertools
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -279,14 +279,9 @@ def on_policy_rows(rows: Any, config: MinimaConfig) -> Any:
     """The packed training ``rows`` as on-policy rows (same rows, same order): each row's first ``prompt_tokens``
     as its prompt, alone at lmbda = 1 (every completion is generated), else with the row's next
     ``max_completion_length`` tokens as completion; pre-tokenized, with a ``completion_mask`` marking the prompt."""
-    prompt = config.prompt_tokens
-    completion = 0 if config.lmbda == 1 else config.max_completion_length
+    from hf_capgap.data import prompt_completion_rows
 
-    def cut(row: Mapping[str, Any]) -> dict[str, Any]:
-        mask = [0] * prompt + [1] * completion
-        return {PACKED_COLUMN: row[PACKED_COLUMN][: prompt + completion], "completion_mask": mask}
-
-    return rows.map(cut, remove_columns=rows.column_names)
+    return prompt_completion_rows(rows, config.prompt_tokens, config.dataset_completion_length)
 
 
 def scratch_rows(rows: Any, config: MinimaConfig) -> Any:

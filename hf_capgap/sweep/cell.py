@@ -98,14 +98,9 @@ def on_policy_rows(rows: Any, config: SweepConfig) -> Any:
     ``prompt_tokens`` tokens as its prompt, alone when every micro-batch generates (lmbda = 1: prompt-only rows),
     else with the row's next ``max_completion_length`` tokens as the completion (pre-tokenized rows whose
     ``completion_mask`` marks where the prompt ends)."""
-    prompt = config.prompt_tokens
-    completion = 0 if config.lmbda == 1 else config.max_completion_length
+    from hf_capgap.data import prompt_completion_rows
 
-    def cut(row: dict[str, Any]) -> dict[str, Any]:
-        mask = [0] * prompt + [1] * completion
-        return {"input_ids": row["input_ids"][: prompt + completion], "completion_mask": mask}
-
-    return rows.map(cut, remove_columns=rows.column_names)
+    return prompt_completion_rows(rows, config.prompt_tokens, config.dataset_completion_length)
 
 
 def _mean_logged(log_history: list[dict[str, Any]], key: str) -> float | None:

@@ -162,6 +162,12 @@ class OnPolicySettings:
         """Whether any completion is generated (lmbda > 0 or seq_kd)."""
         return self.lmbda > 0 or self.seq_kd
 
+    @property
+    def dataset_completion_length(self) -> int:
+        """Tokens of a row's own continuation kept as its dataset completion: none when every micro-batch is
+        sampled from the student (lmbda = 1: prompt-only rows), else ``max_completion_length``."""
+        return 0 if self.lmbda == 1 else self.max_completion_length
+
     def check_on_policy_settings(self) -> None:
         """Refuse values outside the ranges where sampling is defined."""
         if not 0.0 <= self.lmbda <= 1.0:
